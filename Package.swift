@@ -1,0 +1,86 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "Tally",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "tally", targets: ["tally"]),
+        .executable(name: "tally-ingest", targets: ["tally-ingest"]),
+        .executable(name: "tally-aggregator", targets: ["tally-aggregator"]),
+        .executable(name: "tally-rater", targets: ["tally-rater"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // C libraries: nothing but the module maps; each has exactly one Swift owner.
+        .systemLibrary(
+            name: "CRdKafka", pkgConfig: "rdkafka",
+            providers: [.apt(["librdkafka-dev"]), .brew(["librdkafka"])]),
+        .systemLibrary(
+            name: "CLibpq", pkgConfig: "libpq",
+            providers: [.apt(["libpq-dev"]), .brew(["libpq"])]),
+
+        // Pure logic: events, validation, windows. No I/O, no C imports.
+        .target(name: "TallyCore"),
+        // The only target that calls rd_kafka_*.
+        .target(
+            name: "TallyKafka",
+            dependencies: ["CRdKafka", .product(name: "Logging", package: "swift-log")]),
+        // The only target that calls PQ*; owns the migrations.
+        .target(
+            name: "TallyPostgres",
+            dependencies: ["CLibpq", .product(name: "Logging", package: "swift-log")],
+            resources: [.copy("Migrations")]),
+        // The consumer loops and their PostgreSQL stores.
+        .target(
+            name: "TallyPipeline",
+            dependencies: ["TallyCore", "TallyKafka", "TallyPostgres", .product(name: "Logging", package: "swift-log")]),
+        // Shared command-line settings (flags + environment) for the executables.
+        .target(
+            name: "TallyCLI",
+            dependencies: [
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
+        .executableTarget(
+            name: "tally",
+            dependencies: [
+                "TallyCore", "TallyKafka", "TallyPostgres", "TallyCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "tally-ingest",
+            dependencies: [
+                "TallyCore", "TallyKafka", "TallyCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "tally-aggregator",
+            dependencies: [
+                "TallyCore", "TallyKafka", "TallyPostgres", "TallyPipeline", "TallyCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "tally-rater",
+            dependencies: [
+                "TallyCore", "TallyKafka", "TallyPostgres", "TallyCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
+        // Micro-benchmarks run by scripts/bench (release build only).
+        .executableTarget(name: "tally-bench", dependencies: ["TallyCore"]),
+
+        .testTarget(name: "TallyCoreTests", dependencies: ["TallyCore"], resources: [.copy("Fixtures")]),
+        .testTarget(
+            name: "TallyIntegrationTests",
+            dependencies: ["TallyCore", "TallyKafka", "TallyPostgres"]),
+    ]
+)

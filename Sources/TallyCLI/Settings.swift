@@ -1,0 +1,80 @@
+import ArgumentParser
+import Foundation
+
+/// Reads a setting from the environment; flags win over it.
+public func environment(_ name: String) -> String? {
+    guard let value = ProcessInfo.processInfo.environment[name], !value.isEmpty else { return nil }
+    return value
+}
+
+/// Where Tally's PostgreSQL database is.
+public struct DatabaseOptions: ParsableArguments {
+    @Option(name: .customLong("database-url"),
+            help: "PostgreSQL connection: a postgresql:// URI or a key=value conninfo string. Env: TALLY_DATABASE_URL.")
+    var databaseURLFlag: String?
+
+    public init() {}
+
+    public var databaseURL: String {
+        get throws {
+            guard let url = databaseURLFlag ?? environment("TALLY_DATABASE_URL") else {
+                throw ValidationError("no database: pass --database-url or set TALLY_DATABASE_URL (scripts/stack env prints it for the local stack)")
+            }
+            return url
+        }
+    }
+}
+
+/// Where the Kafka cluster and Tally's topic are.
+public struct KafkaOptions: ParsableArguments {
+    @Option(name: .customLong("brokers"),
+            help: "Kafka bootstrap servers, comma-separated host:port. Env: TALLY_KAFKA_BROKERS.")
+    var brokersFlag: String?
+
+    @Option(name: .customLong("topic"), help: "The usage topic. Env: TALLY_TOPIC. Default: tally.usage.")
+    var topicFlag: String?
+
+    @Option(name: .customLong("kafka-property"), parsing: .singleValue,
+            help: ArgumentHelp("Extra librdkafka property, repeatable (e.g. security.protocol=SSL).", valueName: "key=value"))
+    var kafkaProperties: [String] = []
+
+    public init() {}
+
+    public var brokers: String {
+        get throws {
+            guard let brokers = brokersFlag ?? environment("TALLY_KAFKA_BROKERS") else {
+                throw ValidationError("no Kafka brokers: pass --brokers or set TALLY_KAFKA_BROKERS")
+            }
+            return brokers
+        }
+    }
+
+    public var topic: String { topicFlag ?? environment("TALLY_TOPIC") ?? "tally.usage" }
+
+    /// The dead-letter topic that goes with `topic`.
+    public var deadLetterTopic: String { topic + ".dlq" }
+
+    public var extraProperties: [String: String] {
+        get throws {
+            var properties: [String: String] = [:]
+            for entry in kafkaProperties {
+                guard let equals = entry.firstIndex(of: "="), equals != entry.startIndex else {
+                    throw ValidationError("--kafka-property \(entry): expected key=value")
+                }
+                properties[String(entry[..<equals])] = String(entry[entry.index(after: equals)...])
+            }
+            return properties
+        }
+    }
+}
+
+/// Logging settings shared by every executable.
+public struct LoggingOptions: ParsableArguments {
+    @Option(name: .customLong("log-level"),
+            help: "trace, debug, info, notice, warning, error or critical. Env: TALLY_LOG_LEVEL. Default: info.")
+    var logLevelFlag: String?
+
+    public init() {}
+
+    public var logLevel: String { logLevelFlag ?? environment("TALLY_LOG_LEVEL") ?? "info" }
+}

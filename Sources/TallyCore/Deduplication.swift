@@ -1,0 +1,142 @@
+/// The dedup key: a customer's event id (invariant 2). Independent of event time.
+public struct DedupKey: Hashable, Sendable, Comparable {
+    public let customerID: String
+    public let eventID: String
+
+    public init(customerID: String, eventID: String) {
+        self.customerID = customerID
+        self.eventID = eventID
+    }
+
+    public static func < (a: DedupKey, b: DedupKey) -> Bool { (a.customerID, a.eventID) < (b.customerID, b.eventID) }
+}
+
+/// Where a record sits in the log.
+public struct LogPosition: Hashable, Sendable, Comparable {
+    public let partition: Int32
+    public let offset: Int64
+
+    public init(partition: Int32, offset: Int64) {
+        self.partition = partition
+        self.offset = offset
+    }
+
+    public static func < (a: LogPosition, b: LogPosition) -> Bool { (a.partition, a.offset) < (b.partition, b.offset) }
+}
+
+/// A decoded usage event, where it came from, and the fingerprint of its content.
+public struct PositionedEvent: Sendable, Equatable {
+    public let event: UsageEvent
+    public let position: LogPosition
+    /// Fingerprint of the decoded content: equal for equal content whatever the JSON layout.
+    public let contentHash: UInt64
+
+    public init(event: UsageEvent, position: LogPosition) {
+        self.event = event
+        self.position = position
+        self.contentHash = ContentHash.of(event)
+    }
+
+    public var key: DedupKey { DedupKey(customerID: event.subject, eventID: event.id) }
+}
+
+/// An event id seen again with different content: the first (by offset) counts, this one is recorded.
+public struct EventConflict: Sendable, Equatable {
+    public let key: DedupKey
+    public let firstHash: UInt64
+    public let conflictingHash: UInt64
+    public let position: LogPosition
+}
+
+/// What to do with a batch's events after deduplication.
+public struct DedupDecision: Sendable, Equatable {
+    /// First sightings: counted, and their keys stored.
+    public var accepted: [PositionedEvent] = []
+    /// Exact re-sends of a counted event.
+    public var duplicates = 0
+    /// Same id, different content.
+    public var conflicts: [EventConflict] = []
+}
+
+/// Deduplicates one batch against the keys already stored (pure: no I/O).
+///
+/// Events are taken in log order per partition; a customer lives on one
+/// partition, so the outcome does not depend on how the log is cut into batches.
+public enum Deduplicator {
+    /// The keys whose stored fingerprints the decision needs.
+    public static func keys(of events: [PositionedEvent]) -> [DedupKey] {
+        Array(Set(events.map(\.key))).sorted()
+    }
+
+    /// - Parameter stored: fingerprints of keys already counted in earlier batches.
+    public static func decide(_ events: [PositionedEvent], stored: [DedupKey: UInt64]) -> DedupDecision {
+        var decision = DedupDecision()
+        var seen = stored
+        for positioned in events.sorted(by: { $0.position < $1.position }) {
+            let key = positioned.key
+            if let first = seen[key] {
+                if first == positioned.contentHash {
+                    decision.duplicates += 1
+                } else {
+                    decision.conflicts.append(EventConflict(key: key, firstHash: first, conflictingHash: positioned.contentHash,
+                                                            position: positioned.position))
+                }
+            } else {
+                seen[key] = positioned.contentHash
+                decision.accepted.append(positioned)
+            }
+        }
+        return decision
+    }
+}
+
+/// Deterministic 64-bit FNV-1a (Swift's `Hasher` is seeded per process, so it cannot be stored).
+public enum ContentHash {
+    public static func fnv1a(_ bytes: [UInt8]) -> UInt64 {
+        var hasher = FNV()
+        hasher.add(bytes)
+        return hasher.value
+    }
+
+    /// Fingerprint of every field of an event, in a fixed order with separators.
+    public static func of(_ event: UsageEvent) -> UInt64 {
+        var hasher = FNV()
+        for text in [event.id, event.source, event.subject, event.model, event.provider ?? "\u{0}", event.feature ?? "\u{0}",
+                     event.environment ?? "\u{0}"] {
+            hasher.add(text)
+        }
+        for number in [event.time.microseconds, event.inputTokens, event.outputTokens, event.cacheReadInputTokens,
+                       event.cacheWriteInputTokens, event.reasoningOutputTokens] {
+            hasher.add(number)
+        }
+        for (key, value) in event.properties.sorted(by: { $0.key < $1.key }) { hasher.add(key); hasher.add(value) }
+        hasher.add(UInt8(0x1e))
+        for (key, value) in event.extensions.sorted(by: { $0.key < $1.key }) { hasher.add(key); hasher.add(value) }
+        return hasher.value
+    }
+
+    private struct FNV {
+        var value: UInt64 = 0xcbf2_9ce4_8422_2325
+
+        mutating func add(_ byte: UInt8) {
+            value ^= UInt64(byte)
+            value = value &* 0x0000_0100_0000_01b3
+        }
+
+        mutating func add(_ bytes: [UInt8]) { for byte in bytes { add(byte) } }
+
+        /// Strings end with a 0x1f separator so ("ab","c") and ("a","bc") differ.
+        mutating func add(_ text: String) {
+            for byte in text.utf8 { add(byte) }
+            add(UInt8(0x1f))
+        }
+
+        mutating func add(_ number: Int64) {
+            var bits = UInt64(bitPattern: number)
+            for _ in 0..<8 { add(UInt8(truncatingIfNeeded: bits)); bits >>= 8 }
+        }
+    }
+
+    /// As a signed value, for a PostgreSQL bigint column.
+    public static func signed(_ hash: UInt64) -> Int64 { Int64(bitPattern: hash) }
+}

@@ -1,0 +1,300 @@
+/// Decodes and validates events (schema v1) from JSON bytes, without `Foundation`.
+///
+/// Enforces every rule of `schemas/usage-event.v1.json`, plus two the JSON
+/// Schema cannot express: cache read + cache write ≤ input, and reasoning ≤
+/// output; and it rejects duplicate keys, which JSON parsers resolve differently.
+public enum EventDecoder {
+    public static func decode(_ bytes: [UInt8]) -> Result<TallyEvent, EventDecodingError> {
+        bytes.withUnsafeBufferPointer { decode($0) }
+    }
+
+    public static func decode(_ text: String) -> Result<TallyEvent, EventDecodingError> {
+        decode(Array(text.utf8))
+    }
+
+    public static func decode(_ bytes: UnsafeBufferPointer<UInt8>) -> Result<TallyEvent, EventDecodingError> {
+        var reader = JSONReader(bytes)
+        do {
+            var state = EnvelopeState()
+            try decodeEnvelope(&reader, &state)
+            try reader.finish()
+            return state.finish(bytes: bytes)
+        } catch {
+            return .failure(.malformedJSON(error))
+        }
+    }
+
+    /// Decodes one JSON value from `reader` as an event; used for arrays of events.
+    static func decodeValue(_ reader: inout JSONReader) throws(JSONSyntaxError) -> Result<TallyEvent, EventDecodingError> {
+        var state = EnvelopeState()
+        try decodeEnvelope(&reader, &state)
+        return state.finish(bytes: reader.bytes)
+    }
+
+    private static func decodeEnvelope(_ reader: inout JSONReader, _ state: inout EnvelopeState) throws(JSONSyntaxError) {
+        guard try reader.peekKind() == .object else {
+            try reader.skipValue()
+            state.violations.append(FieldViolation("", "an event must be a JSON object"))
+            state.notAnObject = true
+            return
+        }
+        var seen = KeySet()
+        try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
+            switch key {
+            case "specversion":
+                state.sawSpecversion = true
+                if let value = try state.string(&reader, key, length: 1...16), value != "1.0" {
+                    state.violations.append(FieldViolation(key, "must be \"1.0\""))
+                }
+            case "id": state.id = try state.string(&reader, key, length: EventLimits.idLength, label: true)
+            case "source": state.source = try state.string(&reader, key, length: EventLimits.sourceLength, label: true)
+            case "subject": state.subject = try state.string(&reader, key, length: EventLimits.subjectLength, label: true)
+            case "type":
+                if let value = try state.string(&reader, key, length: 1...256) {
+                    if let type = EventType(rawValue: value) {
+                        state.type = type
+                    } else {
+                        let known = EventType.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", ")
+                        state.violations.append(FieldViolation(key, "unknown event type; expected one of \(known)"))
+                    }
+                }
+            case "time":
+                if let value = try state.string(&reader, key, length: 1...64) {
+                    if let time = EventTime(value) {
+                        state.time = time
+                    } else {
+                        state.violations.append(FieldViolation(key, "must be an RFC 3339 date-time with offset, e.g. 2026-01-01T12:00:00Z"))
+                    }
+                }
+            case "data":
+                state.sawData = true
+                if state.type == .usage {
+                    try state.usage.decode(&reader, &state.violations)
+                    state.dataDecoded = true
+                } else {
+                    // Type not known yet: keep the span, decode it once the envelope is read.
+                    state.dataRange = try reader.skipValue()
+                }
+            default:
+                let range = try reader.skipValue()
+                guard state.extensions[key] == nil else { throw reader.error("duplicate key \"\(key)\"") }
+                state.extensions[key] = String(decoding: UnsafeBufferPointer(rebasing: reader.bytes[range]), as: UTF8.self)
+                return
+            }
+            guard seen.insert(key) else { throw reader.error("duplicate key \"\(key)\"") }
+        }
+    }
+}
+
+/// What the envelope decoder has gathered so far.
+private struct EnvelopeState {
+    var violations: [FieldViolation] = []
+    var notAnObject = false
+    var sawSpecversion = false
+    var id: String?
+    var source: String?
+    var subject: String?
+    var type: EventType?
+    var time: EventTime?
+    var sawData = false
+    var dataDecoded = false
+    var dataRange: Range<Int>?
+    var usage = UsageDataState()
+    var extensions: [String: String] = [:]
+    var missing: [String] = []
+
+    mutating func string(_ reader: inout JSONReader, _ path: String, length: ClosedRange<Int>, label: Bool = false) throws(JSONSyntaxError) -> String? {
+        try readString(&reader, path, length: length, forbidControl: label, violations: &violations)
+    }
+
+    mutating func finish(bytes: UnsafeBufferPointer<UInt8>) -> Result<TallyEvent, EventDecodingError> {
+        if notAnObject { return .failure(.invalid(violations)) }
+        if let dataRange, type == .usage {
+            var reader = JSONReader(UnsafeBufferPointer(rebasing: bytes[..<dataRange.upperBound]))
+            reader.index = dataRange.lowerBound
+            // The span was already read once, so it is well-formed.
+            try? usage.decode(&reader, &violations)
+            dataDecoded = true
+        }
+        if !(sawSpecversion && id != nil && source != nil && type != nil && subject != nil && time != nil && sawData) {
+            for (name, present) in [("specversion", sawSpecversion), ("id", id != nil), ("source", source != nil), ("type", type != nil),
+                                    ("subject", subject != nil), ("time", time != nil), ("data", sawData)] where !present {
+                // A present but invalid field has its own violation already.
+                if !violations.contains(where: { $0.path == name }) {
+                    violations.append(FieldViolation(name, "is required"))
+                }
+            }
+        }
+        if dataDecoded { usage.finish(&violations) }
+        guard violations.isEmpty, let id, let source, let subject, let time, type == .usage,
+              let model = usage.model, let input = usage.inputTokens, let output = usage.outputTokens
+        else { return .failure(.invalid(violations)) }
+        return .success(.usage(UsageEvent(
+            id: id, source: source, subject: subject, time: time, model: model,
+            provider: usage.provider, feature: usage.feature, environment: usage.environment,
+            inputTokens: input, outputTokens: output,
+            cacheReadInputTokens: usage.cacheRead ?? 0, cacheWriteInputTokens: usage.cacheWrite ?? 0,
+            reasoningOutputTokens: usage.reasoning ?? 0, properties: usage.properties, extensions: extensions)))
+    }
+}
+
+/// The `data` object of an `llm.usage` event.
+private struct UsageDataState {
+    var model: String?
+    var provider: String?
+    var feature: String?
+    var environment: String?
+    var inputTokens: Int64?
+    var outputTokens: Int64?
+    var cacheRead: Int64?
+    var cacheWrite: Int64?
+    var reasoning: Int64?
+    var properties: [String: String] = [:]
+    var isObject = false
+
+    mutating func decode(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
+        guard try reader.peekKind() == .object else {
+            violations.append(FieldViolation("data", "must be an object, found \(try reader.peekKind().name)"))
+            try reader.skipValue()
+            return
+        }
+        isObject = true
+        var seen = KeySet()
+        try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
+            guard seen.insert(key) else { throw reader.error("duplicate key \"\(key)\"") }
+            // Built only when a violation needs it: most events have none.
+            let path = { "data." + key }
+            switch key {
+            case "model": model = try readString(&reader, path(), length: EventLimits.modelLength, forbidControl: true, violations: &violations)
+            case "provider": provider = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
+            case "feature": feature = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
+            case "environment": environment = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
+            case "input_tokens": inputTokens = try readTokens(&reader, path(), &violations)
+            case "output_tokens": outputTokens = try readTokens(&reader, path(), &violations)
+            case "cache_read_input_tokens": cacheRead = try readTokens(&reader, path(), &violations)
+            case "cache_write_input_tokens": cacheWrite = try readTokens(&reader, path(), &violations)
+            case "reasoning_output_tokens": reasoning = try readTokens(&reader, path(), &violations)
+            case "properties": try readProperties(&reader, &violations)
+            default:
+                try reader.skipValue()
+                violations.append(FieldViolation(path(), "is not a field of llm.usage data"))
+            }
+        }
+    }
+
+    private mutating func readProperties(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
+        let kind = try reader.peekKind()
+        guard kind == .object else {
+            try reader.skipValue()
+            violations.append(FieldViolation("data.properties", "must be an object of strings, found \(kind.name)"))
+            return
+        }
+        var count = 0
+        try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
+            count += 1
+            let path = "data.properties." + key
+            if properties[key] != nil { throw reader.error("duplicate key \"\(key)\"") }
+            let keyLength = key.unicodeScalars.count
+            if !EventLimits.propertyKeyLength.contains(keyLength) {
+                violations.append(FieldViolation(path, "property names must be 1 to \(EventLimits.propertyKeyLength.upperBound) characters"))
+            } else if containsControl(key) {
+                violations.append(FieldViolation(path, "property names must not contain control characters"))
+            }
+            if let value = try readString(&reader, path, length: 0...EventLimits.maxPropertyValueLength, forbidControl: false, violations: &violations) {
+                if value.utf8.contains(0) {
+                    violations.append(FieldViolation(path, "must not contain NUL"))
+                } else {
+                    properties[key] = value
+                }
+            }
+        }
+        if count > EventLimits.maxProperties {
+            violations.append(FieldViolation("data.properties", "must have at most \(EventLimits.maxProperties) entries"))
+        }
+    }
+
+    func finish(_ violations: inout [FieldViolation]) {
+        guard isObject else { return }
+        if model == nil || inputTokens == nil || outputTokens == nil {
+            requireFields(&violations)
+        }
+        if let inputTokens, (cacheRead ?? 0) + (cacheWrite ?? 0) > inputTokens {
+            violations.append(FieldViolation("data.cache_read_input_tokens",
+                "cache_read_input_tokens + cache_write_input_tokens must not exceed input_tokens (input includes cached tokens)"))
+        }
+        if let outputTokens, let reasoning, reasoning > outputTokens {
+            violations.append(FieldViolation("data.reasoning_output_tokens",
+                "must not exceed output_tokens (output includes reasoning tokens)"))
+        }
+    }
+
+    private func requireFields(_ violations: inout [FieldViolation]) {
+        for (name, present) in [("model", model != nil), ("input_tokens", inputTokens != nil), ("output_tokens", outputTokens != nil)] where !present {
+            let path = "data." + name
+            if !violations.contains(where: { $0.path == path }) { violations.append(FieldViolation(path, "is required")) }
+        }
+    }
+}
+
+private func readString(_ reader: inout JSONReader, _ path: @autoclosure () -> String, length: ClosedRange<Int>, forbidControl: Bool,
+                        violations: inout [FieldViolation]) throws(JSONSyntaxError) -> String? {
+    let kind = try reader.peekKind()
+    guard kind == .string else {
+        try reader.skipValue()
+        violations.append(FieldViolation(path(), "must be a string, found \(kind.name)"))
+        return nil
+    }
+    let value = try reader.readString()
+    // Count Unicode scalars, as JSON Schema's maxLength does; utf8 count bounds it cheaply first.
+    let utf8Count = value.utf8.count
+    if utf8Count < length.lowerBound || utf8Count > length.upperBound {
+        let count = value.unicodeScalars.count
+        if !length.contains(count) {
+            violations.append(FieldViolation(path(), length.lowerBound == 0
+                ? "must be at most \(length.upperBound) characters"
+                : "must be \(length.lowerBound) to \(length.upperBound) characters"))
+            return nil
+        }
+    }
+    if forbidControl && containsControl(value) {
+        violations.append(FieldViolation(path(), "must not contain control characters"))
+        return nil
+    }
+    return value
+}
+
+private func containsControl(_ value: String) -> Bool {
+    value.utf8.contains { $0 < 0x20 || $0 == 0x7f }
+}
+
+private func readTokens(_ reader: inout JSONReader, _ path: @autoclosure () -> String, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) -> Int64? {
+    let kind = try reader.peekKind()
+    guard kind == .number else {
+        try reader.skipValue()
+        violations.append(FieldViolation(path(), "must be an integer ≥ 0, found \(kind.name)"))
+        return nil
+    }
+    switch try reader.readInteger() {
+    case .value(let value) where value >= 0:
+        return value
+    case .value, .outOfRange(negative: true):
+        violations.append(FieldViolation(path(), "must be an integer ≥ 0, found a negative number"))
+    case .fractional:
+        violations.append(FieldViolation(path(), "must be an integer ≥ 0, found a fraction"))
+    case .outOfRange(negative: false):
+        violations.append(FieldViolation(path(), "must be at most \(EventLimits.maxTokens)"))
+    }
+    return nil
+}
+
+/// The member names already seen in one object, for duplicate detection without hashing.
+private struct KeySet {
+    private var names: [String] = []
+
+    /// False when `key` was seen before.
+    mutating func insert(_ key: String) -> Bool {
+        for name in names where name == key { return false }
+        names.append(key)
+        return true
+    }
+}

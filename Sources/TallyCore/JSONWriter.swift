@@ -1,0 +1,73 @@
+/// Appends JSON text to a byte buffer; strings are escaped per RFC 8259.
+public struct JSONWriter {
+    public private(set) var bytes: [UInt8] = []
+
+    public init(capacity: Int = 512) {
+        bytes.reserveCapacity(capacity)
+    }
+
+    public mutating func raw(_ text: String) { bytes.append(contentsOf: text.utf8) }
+
+    public mutating func string(_ value: String) {
+        bytes.append(0x22)
+        for byte in value.utf8 {
+            switch byte {
+            case 0x22: bytes.append(contentsOf: [0x5c, 0x22])
+            case 0x5c: bytes.append(contentsOf: [0x5c, 0x5c])
+            case 0x0a: bytes.append(contentsOf: [0x5c, 0x6e])
+            case 0x0d: bytes.append(contentsOf: [0x5c, 0x72])
+            case 0x09: bytes.append(contentsOf: [0x5c, 0x74])
+            case 0..<0x20:
+                let hex = Array("0123456789abcdef".utf8)
+                bytes.append(contentsOf: [0x5c, 0x75, 0x30, 0x30, hex[Int(byte >> 4)], hex[Int(byte & 0xf)]])
+            default: bytes.append(byte)
+            }
+        }
+        bytes.append(0x22)
+    }
+
+    public mutating func integer(_ value: Int64) { raw(String(value)) }
+
+    /// Writes `"key":` with a leading comma unless `first`.
+    public mutating func key(_ name: String, first: Bool = false) {
+        if !first { bytes.append(0x2c) }
+        string(name)
+        bytes.append(0x3a)
+    }
+}
+
+/// Writes events as canonical CloudEvents JSON (schema v1).
+public enum EventEncoder {
+    public static func encode(_ event: UsageEvent) -> [UInt8] {
+        var json = JSONWriter()
+        json.raw("{")
+        json.key("specversion", first: true); json.string("1.0")
+        json.key("id"); json.string(event.id)
+        json.key("source"); json.string(event.source)
+        json.key("type"); json.string(EventType.usage.rawValue)
+        json.key("subject"); json.string(event.subject)
+        json.key("time"); json.string(event.time.text)
+        for (name, rawValue) in event.extensions.sorted(by: { $0.key < $1.key }) {
+            json.key(name); json.raw(rawValue)
+        }
+        json.key("data"); json.raw("{")
+        json.key("model", first: true); json.string(event.model)
+        if let provider = event.provider { json.key("provider"); json.string(provider) }
+        if let feature = event.feature { json.key("feature"); json.string(feature) }
+        if let environment = event.environment { json.key("environment"); json.string(environment) }
+        json.key("input_tokens"); json.integer(event.inputTokens)
+        json.key("output_tokens"); json.integer(event.outputTokens)
+        json.key("cache_read_input_tokens"); json.integer(event.cacheReadInputTokens)
+        json.key("cache_write_input_tokens"); json.integer(event.cacheWriteInputTokens)
+        json.key("reasoning_output_tokens"); json.integer(event.reasoningOutputTokens)
+        if !event.properties.isEmpty {
+            json.key("properties"); json.raw("{")
+            for (index, (name, value)) in event.properties.sorted(by: { $0.key < $1.key }).enumerated() {
+                json.key(name, first: index == 0); json.string(value)
+            }
+            json.raw("}")
+        }
+        json.raw("}}")
+        return json.bytes
+    }
+}

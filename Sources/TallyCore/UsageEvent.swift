@@ -1,0 +1,127 @@
+/// Event types Tally knows. Consumers handle theirs and skip the others;
+/// only a record that is no valid event of any known type is poison.
+public enum EventType: String, Sendable, CaseIterable {
+    case usage = "llm.usage"
+}
+
+/// One model call's token usage: schema v1 (`schemas/usage-event.v1.json`).
+///
+/// Token counts follow the OpenTelemetry GenAI convention: `inputTokens`
+/// includes the cache-read and cache-write subsets, `outputTokens` includes
+/// the reasoning subset.
+public struct UsageEvent: Hashable, Sendable {
+    public var id: String
+    public var source: String
+    /// The customer: the record key, the unit of partitioning and billing.
+    public var subject: String
+    public var time: EventTime
+    public var model: String
+    public var provider: String?
+    public var feature: String?
+    public var environment: String?
+    public var inputTokens: Int64
+    public var outputTokens: Int64
+    public var cacheReadInputTokens: Int64
+    public var cacheWriteInputTokens: Int64
+    public var reasoningOutputTokens: Int64
+    public var properties: [String: String]
+    /// CloudEvents attributes Tally does not interpret (extensions, `datacontenttype`,
+    /// `dataschema`), as their raw JSON text, so the event passes through losslessly.
+    public var extensions: [String: String]
+
+    public var customerID: String { subject }
+    public var totalTokens: Int64 { inputTokens + outputTokens }
+
+    public init(id: String, source: String, subject: String, time: EventTime, model: String,
+                provider: String? = nil, feature: String? = nil, environment: String? = nil,
+                inputTokens: Int64, outputTokens: Int64, cacheReadInputTokens: Int64 = 0,
+                cacheWriteInputTokens: Int64 = 0, reasoningOutputTokens: Int64 = 0,
+                properties: [String: String] = [:], extensions: [String: String] = [:]) {
+        self.id = id
+        self.source = source
+        self.subject = subject
+        self.time = time
+        self.model = model
+        self.provider = provider
+        self.feature = feature
+        self.environment = environment
+        self.inputTokens = inputTokens
+        self.outputTokens = outputTokens
+        self.cacheReadInputTokens = cacheReadInputTokens
+        self.cacheWriteInputTokens = cacheWriteInputTokens
+        self.reasoningOutputTokens = reasoningOutputTokens
+        self.properties = properties
+        self.extensions = extensions
+    }
+}
+
+/// A decoded event of any known type.
+public enum TallyEvent: Hashable, Sendable {
+    case usage(UsageEvent)
+
+    public var id: String {
+        switch self { case .usage(let event): event.id }
+    }
+
+    public var customerID: String {
+        switch self { case .usage(let event): event.subject }
+    }
+}
+
+/// One rule an event broke: where (`data.input_tokens`) and why.
+public struct FieldViolation: Hashable, Sendable, CustomStringConvertible {
+    /// Dotted path from the event root; empty for the event itself.
+    public let path: String
+    public let reason: String
+
+    public init(_ path: String, _ reason: String) {
+        self.path = path
+        self.reason = reason
+    }
+
+    public var description: String { path.isEmpty ? reason : "\(path): \(reason)" }
+}
+
+/// Why bytes are not a valid event.
+public enum EventDecodingError: Error, Hashable, Sendable, CustomStringConvertible {
+    case malformedJSON(JSONSyntaxError)
+    case invalid([FieldViolation])
+
+    public var description: String {
+        switch self {
+        case .malformedJSON(let error): error.description
+        case .invalid(let violations): violations.map(\.description).joined(separator: "; ")
+        }
+    }
+
+    /// Short machine-readable reason for DLQ headers and metrics labels.
+    public var reasonCode: String {
+        switch self {
+        case .malformedJSON: "malformed_json"
+        case .invalid(let violations):
+            violations.contains { $0.path == "type" } ? "unknown_type" : "schema_invalid"
+        }
+    }
+
+    public var violations: [FieldViolation] {
+        switch self {
+        case .malformedJSON(let error): [FieldViolation("", error.description)]
+        case .invalid(let violations): violations
+        }
+    }
+}
+
+/// The limits of schema v1, shared by the validator, the JSON Schema and the docs.
+public enum EventLimits {
+    public static let idLength = 1...128
+    public static let subjectLength = 1...256
+    public static let sourceLength = 1...1024
+    public static let modelLength = 1...256
+    public static let labelLength = 1...128
+    public static let maxProperties = 64
+    public static let propertyKeyLength = 1...128
+    public static let maxPropertyValueLength = 1024
+    public static let maxTokens = JSONReader.maxInteger
+    /// Larger records are poison for the consumers (the ingest API's body limit is separate).
+    public static let maxEventBytes = 64 * 1024
+}

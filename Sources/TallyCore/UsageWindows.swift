@@ -1,0 +1,133 @@
+/// Window sizes of the materialized usage tables. All windows are UTC.
+public enum Granularity: String, Sendable, CaseIterable {
+    case hour, day, month
+
+    /// Start of the window holding `microseconds`, in microseconds since the epoch.
+    public func windowStart(_ microseconds: Int64) -> Int64 {
+        let hour: Int64 = 3_600_000_000
+        let day: Int64 = 86_400_000_000
+        func floorDiv(_ a: Int64, _ b: Int64) -> Int64 { a >= 0 ? a / b : (a - b + 1) / b }
+        switch self {
+        case .hour: return floorDiv(microseconds, hour) * hour
+        case .day: return floorDiv(microseconds, day) * day
+        case .month:
+            let days = Int(floorDiv(microseconds, day))
+            let (year, month, _) = EventTime.civil(fromDays: days)
+            return Int64(EventTime.daysFromCivil(year: year, month: month, day: 1)) * day
+        }
+    }
+}
+
+/// What usage is grouped by. Missing optional labels are the empty string.
+public struct UsageDimensions: Hashable, Sendable, Comparable {
+    public var customerID: String
+    public var model: String
+    public var feature: String
+    public var provider: String
+    public var environment: String
+
+    public init(customerID: String, model: String, feature: String = "", provider: String = "", environment: String = "") {
+        self.customerID = customerID
+        self.model = model
+        self.feature = feature
+        self.provider = provider
+        self.environment = environment
+    }
+
+    public init(_ event: UsageEvent) {
+        self.init(customerID: event.subject, model: event.model, feature: event.feature ?? "",
+                  provider: event.provider ?? "", environment: event.environment ?? "")
+    }
+
+    public static func < (a: UsageDimensions, b: UsageDimensions) -> Bool {
+        (a.customerID, a.model, a.feature, a.provider, a.environment) < (b.customerID, b.model, b.feature, b.provider, b.environment)
+    }
+}
+
+/// Token sums of a window. Additive, so deltas from any batch split add up to the same totals.
+public struct UsageMeasures: Hashable, Sendable {
+    public var inputTokens: Int64 = 0
+    public var outputTokens: Int64 = 0
+    public var cacheReadInputTokens: Int64 = 0
+    public var cacheWriteInputTokens: Int64 = 0
+    public var reasoningOutputTokens: Int64 = 0
+    public var totalTokens: Int64 = 0
+    public var eventCount: Int64 = 0
+
+    public init() {}
+
+    public init(_ event: UsageEvent) {
+        inputTokens = event.inputTokens
+        outputTokens = event.outputTokens
+        cacheReadInputTokens = event.cacheReadInputTokens
+        cacheWriteInputTokens = event.cacheWriteInputTokens
+        reasoningOutputTokens = event.reasoningOutputTokens
+        totalTokens = event.inputTokens + event.outputTokens
+        eventCount = 1
+    }
+
+    public static func += (lhs: inout UsageMeasures, rhs: UsageMeasures) {
+        lhs.inputTokens += rhs.inputTokens
+        lhs.outputTokens += rhs.outputTokens
+        lhs.cacheReadInputTokens += rhs.cacheReadInputTokens
+        lhs.cacheWriteInputTokens += rhs.cacheWriteInputTokens
+        lhs.reasoningOutputTokens += rhs.reasoningOutputTokens
+        lhs.totalTokens += rhs.totalTokens
+        lhs.eventCount += rhs.eventCount
+    }
+}
+
+/// One window: its dimensions, size and start.
+public struct WindowKey: Hashable, Sendable, Comparable {
+    public var dimensions: UsageDimensions
+    public var granularity: Granularity
+    /// Microseconds since the epoch, UTC.
+    public var start: Int64
+
+    public init(dimensions: UsageDimensions, granularity: Granularity, start: Int64) {
+        self.dimensions = dimensions
+        self.granularity = granularity
+        self.start = start
+    }
+
+    public static func < (a: WindowKey, b: WindowKey) -> Bool {
+        (a.dimensions, a.start) < (b.dimensions, b.start)
+    }
+}
+
+/// Window deltas of a set of accepted events.
+///
+/// PostgreSQL stores hourly rows and derives days and months from them; the
+/// coarser granularities here serve tools and tests that roll up in memory.
+public struct WindowDeltas: Sendable, Equatable {
+    public private(set) var windows: [Granularity: [WindowKey: UsageMeasures]] = [:]
+    public let granularities: [Granularity]
+
+    public init(granularities: [Granularity] = Granularity.allCases) {
+        self.granularities = granularities
+    }
+
+    public mutating func add(_ event: UsageEvent) {
+        let dimensions = UsageDimensions(event)
+        let measures = UsageMeasures(event)
+        for granularity in granularities {
+            let key = WindowKey(dimensions: dimensions, granularity: granularity,
+                                start: granularity.windowStart(event.time.microseconds))
+            windows[granularity, default: [:]][key, default: UsageMeasures()] += measures
+        }
+    }
+
+    public mutating func merge(_ other: WindowDeltas) {
+        for (granularity, rows) in other.windows {
+            for (key, measures) in rows { windows[granularity, default: [:]][key, default: UsageMeasures()] += measures }
+        }
+    }
+
+    /// Rows of one granularity. Unordered: one customer's rows are written by one
+    /// instance at a time (invariant 3), so upserts cannot deadlock on row order.
+    public func rows(_ granularity: Granularity) -> [(key: WindowKey, measures: UsageMeasures)] {
+        (windows[granularity] ?? [:]).map { ($0.key, $0.value) }
+    }
+
+    public var isEmpty: Bool { windows.values.allSatisfy(\.isEmpty) }
+}

@@ -1,0 +1,164 @@
+import ArgumentParser
+import Foundation
+import Logging
+import TallyCLI
+import TallyCore
+import TallyKafka
+import TallyPostgres
+
+@main
+struct Tally: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tally",
+        abstract: "Tally's operator tool: migrations, topics, events and load generation.",
+        subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Usage.self])
+}
+
+func makeLogger(_ options: LoggingOptions, label: String) -> Logger {
+    JSONLogHandler.bootstrap(service: "tally", level: options.logLevel)
+    return Logger(label: label)
+}
+
+struct Migrate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Apply the bundled SQL migrations to schema tally (idempotent).")
+
+    @OptionGroup var database: DatabaseOptions
+    @OptionGroup var logging: LoggingOptions
+
+    func run() throws {
+        let logger = makeLogger(logging, label: "tally.migrate")
+        let connection = try PostgresConnection(url: try database.databaseURL, logger: logger)
+        let migrations = try Migrator.bundled()
+        let applied = try Migrator(connection: connection, logger: logger).migrate(migrations)
+        print(applied.isEmpty
+            ? "schema tally is up to date (\(migrations.count) migrations)"
+            : "applied migrations \(applied.map(String.init).joined(separator: ", ")) (\(migrations.count) in all)")
+    }
+}
+
+struct Topics: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Manage Tally's topics.", subcommands: [Create.self])
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create the usage topic and its dead-letter topic (existing topics are left as they are).")
+
+        @OptionGroup var kafka: KafkaOptions
+        @OptionGroup var logging: LoggingOptions
+
+        @Option(help: "Partitions of a new topic. Consumers scale up to this many instances.")
+        var partitions = 4
+
+        @Option(help: "Replication factor of a new topic (1 for a single broker).")
+        var replicationFactor = 1
+
+        func run() throws {
+            let logger = makeLogger(logging, label: "tally.topics")
+            let admin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
+            for topic in [kafka.topic, kafka.deadLetterTopic] {
+                let created = try admin.createTopic(topic, partitions: partitions, replicationFactor: replicationFactor)
+                let count = try admin.partitionCount(of: topic)
+                print("\(topic): \(created ? "created" : "exists"), \(count) partitions")
+            }
+        }
+    }
+}
+
+struct Events: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Work with usage events.", subcommands: [Validate.self])
+
+    struct Validate: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate events (one JSON event per line, or one event per file) against schema v1.",
+            discussion: "Prints one line per invalid event with the field path and reason; exits 1 if any is invalid.")
+
+        @Argument(help: "Files to check; - or none reads standard input.")
+        var files: [String] = []
+
+        @Flag(help: "Treat each file as one event instead of NDJSON.")
+        var wholeFile = false
+
+        func run() throws {
+            var invalid = 0
+            var total = 0
+            for name in files.isEmpty ? ["-"] : files {
+                let data = name == "-" ? FileHandle.standardInput.readDataToEndOfFile() : try Data(contentsOf: URL(fileURLWithPath: name))
+                let bytes = [UInt8](data)
+                let documents: [ArraySlice<UInt8>] = wholeFile ? [bytes[...]] : bytes.split(separator: 0x0a, omittingEmptySubsequences: true)
+                for (index, document) in documents.enumerated() {
+                    total += 1
+                    if case .failure(let error) = EventDecoder.decode(Array(document)) {
+                        invalid += 1
+                        print("\(name)\(wholeFile ? "" : ":\(index + 1)"): \(error)")
+                    }
+                }
+            }
+            print("\(total - invalid) valid, \(invalid) invalid")
+            if invalid > 0 { throw ExitCode(1) }
+        }
+    }
+}
+
+struct LoadGen: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "loadgen",
+        abstract: "Generate a realistic usage stream (NDJSON to stdout, or straight into the topic).",
+        discussion: "Deterministic for a seed: the same flags always give the same events.")
+
+    @Option(help: "Distinct events to generate (duplicates come on top).") var events = 10_000
+    @Option(help: "Customers; activity is skewed towards low customer numbers.") var customers = 100
+    @Option(help: "Share of extra records that re-send an earlier event (0...1).") var duplicateRate = 0.05
+    @Option(help: "Random seed.") var seed: UInt64 = 1
+    @Option(help: "Event time of the first event (RFC 3339).") var start = "2026-11-01T00:00:00Z"
+    @Option(help: "Milliseconds of event time between events.") var spacingMs: Int64 = 1000
+    @Option(help: "Prefix of event ids.") var idPrefix = "evt"
+    @Flag(help: "Publish to the topic with the Kafka producer instead of printing NDJSON.") var produce = false
+    @OptionGroup var kafka: KafkaOptions
+    @OptionGroup var logging: LoggingOptions
+
+    func run() async throws {
+        guard let startTime = EventTime(start) else { throw ValidationError("--start \(start) is not RFC 3339") }
+        var generator = LoadGenerator(seed: seed, customers: customers, duplicateRate: duplicateRate,
+                                      startMicroseconds: startTime.microseconds, spacingMicroseconds: spacingMs * 1000,
+                                      idPrefix: idPrefix)
+        var distinct = 0
+        var duplicates = 0
+        if !produce {
+            var out: [UInt8] = []
+            while distinct < events {
+                let (event, isDuplicate) = generator.next()
+                if isDuplicate { duplicates += 1 } else { distinct += 1 }
+                out.append(contentsOf: EventEncoder.encode(event))
+                out.append(0x0a)
+                if out.count > 1 << 20 { FileHandle.standardOutput.write(Data(out)); out.removeAll(keepingCapacity: true) }
+            }
+            FileHandle.standardOutput.write(Data(out))
+            return
+        }
+        let logger = makeLogger(logging, label: "tally.loadgen")
+        let producer = try KafkaProducer(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
+        let clock = ContinuousClock()
+        let began = clock.now
+        var failed = 0
+        while distinct < events {
+            var batch: [ProducerRecord] = []
+            batch.reserveCapacity(10_000)
+            while batch.count < 10_000 && distinct < events {
+                let (event, isDuplicate) = generator.next()
+                if isDuplicate { duplicates += 1 } else { distinct += 1 }
+                batch.append(ProducerRecord(topic: kafka.topic, key: Array(event.subject.utf8), value: EventEncoder.encode(event)))
+            }
+            for result in await producer.send(batch) {
+                if case .failure(let error) = result { failed += 1; logger.error("not written: \(error)") }
+            }
+        }
+        await producer.close()
+        let seconds = Double((clock.now - began).components.attoseconds) / 1e18 + Double((clock.now - began).components.seconds)
+        let written = distinct + duplicates - failed
+        FileHandle.standardError.write(Data("loadgen: \(distinct) events + \(duplicates) duplicates, \(written) acknowledged, \(failed) failed, \(Int(Double(written) / max(seconds, 0.001))) records/s\n".utf8))
+        if failed > 0 { throw ExitCode(1) }
+    }
+}

@@ -1,0 +1,108 @@
+import ArgumentParser
+import Foundation
+import TallyCLI
+import TallyCore
+import TallyPostgres
+
+struct Usage: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show usage from the materialized windows (views tally.usage_hourly/daily/monthly).")
+
+    enum Granularity: String, ExpressibleByArgument, CaseIterable { case hour, day, month }
+    enum Format: String, ExpressibleByArgument, CaseIterable { case table, json, csv }
+    static let dimensions = ["customer", "model", "feature", "provider", "environment"]
+
+    @OptionGroup var database: DatabaseOptions
+    @Option(help: "Only this customer (default: every customer, one row each).") var customer: String?
+    @Option(help: "Windows starting at or after this time (RFC 3339).") var from: String?
+    @Option(help: "Windows starting before this time (RFC 3339).") var to: String?
+    @Option(help: "Window size: hour, day or month.") var granularity: Granularity = .day
+    @Option(help: "Comma-separated dimensions to split by: model, feature, provider, environment.") var groupBy = ""
+    @Option(help: "table, json or csv.") var format: Format = .table
+
+    func parsedGroupBy() throws -> Set<String> {
+        let names = Set(groupBy.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+        for name in names where !Self.dimensions.dropFirst().contains(name) {
+            throw ValidationError("--group-by \(name): expected some of model, feature, provider, environment")
+        }
+        return names
+    }
+
+    func validate() throws {
+        _ = try parsedGroupBy()
+        for (flag, value) in [("--from", from), ("--to", to)] {
+            if let value, EventTime(value) == nil { throw ValidationError("\(flag) \(value) is not an RFC 3339 time with offset") }
+        }
+    }
+
+    func run() throws {
+        let split = try parsedGroupBy()
+        let connection = try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.usage"))
+        // The view is one of three fixed names; the grouping is switched by bound booleans.
+        let view = switch granularity {
+        case .hour: "tally.usage_hourly"
+        case .day: "tally.usage_daily"
+        case .month: "tally.usage_monthly"
+        }
+        let result = try connection.query("""
+            SELECT to_char(window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS window_start,
+                   CASE WHEN $4 THEN customer_id END AS customer,
+                   CASE WHEN $5 THEN model END AS model, CASE WHEN $6 THEN feature END AS feature,
+                   CASE WHEN $7 THEN provider END AS provider, CASE WHEN $8 THEN environment END AS environment,
+                   sum(input_tokens), sum(output_tokens), sum(cache_read_input_tokens), sum(cache_write_input_tokens),
+                   sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
+            FROM \(view)
+            WHERE ($1::text IS NULL OR customer_id = $1)
+              AND ($2::timestamptz IS NULL OR window_start >= $2) AND ($3::timestamptz IS NULL OR window_start < $3)
+            GROUP BY 1, 2, 3, 4, 5, 6
+            ORDER BY 2, 1, 3, 4, 5, 6
+            """, [customer, from, to, true, split.contains("model"), split.contains("feature"),
+                  split.contains("provider"), split.contains("environment")])
+        let shown = ["window_start"] + Self.dimensions.filter { $0 == "customer" || split.contains($0) }
+        let measures = ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens",
+                        "reasoning_output_tokens", "total_tokens", "event_count"]
+        let columnIndex = ["window_start": 0, "customer": 1, "model": 2, "feature": 3, "provider": 4, "environment": 5]
+        let header = shown + measures
+        let rows: [[String]] = (0..<result.rowCount).map { row in
+            shown.map { result.string(row, columnIndex[$0]!) ?? "" } + (6..<13).map { result.string(row, $0) ?? "0" }
+        }
+        print(TableRenderer.render(header: header, rows: rows, format: format.rawValue, numericFrom: shown.count), terminator: "")
+    }
+}
+
+/// Renders rows as an aligned table, JSON (array of objects) or CSV.
+enum TableRenderer {
+    static func render(header: [String], rows: [[String]], format: String, numericFrom: Int) -> String {
+        switch format {
+        case "json":
+            var json = JSONWriter()
+            json.raw("[")
+            for (index, row) in rows.enumerated() {
+                json.raw(index == 0 ? "\n  {" : ",\n  {")
+                for (column, name) in header.enumerated() {
+                    json.key(name, first: column == 0)
+                    if column >= numericFrom, Int64(row[column]) != nil { json.raw(row[column]) } else { json.string(row[column]) }
+                }
+                json.raw("}")
+            }
+            json.raw(rows.isEmpty ? "]\n" : "\n]\n")
+            return String(decoding: json.bytes, as: UTF8.self)
+        case "csv":
+            func field(_ text: String) -> String {
+                text.contains(where: { $0 == "," || $0 == "\"" || $0 == "\n" }) ? "\"" + text.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : text
+            }
+            return ([header] + rows).map { $0.map(field).joined(separator: ",") }.joined(separator: "\n") + "\n"
+        default:
+            let widths = header.indices.map { column in max(header[column].count, rows.map { $0[column].count }.max() ?? 0) }
+            func line(_ cells: [String]) -> String {
+                cells.enumerated().map { column, text in
+                    let pad = String(repeating: " ", count: widths[column] - text.count)
+                    return column >= numericFrom ? pad + text : text + pad
+                }.joined(separator: "  ")
+            }
+            var out = line(header) + "\n" + widths.map { String(repeating: "-", count: $0) }.joined(separator: "  ") + "\n"
+            for row in rows { out += line(row) + "\n" }
+            return out + "(\(rows.count) rows)\n"
+        }
+    }
+}

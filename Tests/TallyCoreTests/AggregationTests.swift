@@ -1,0 +1,135 @@
+import TallyCore
+import XCTest
+
+final class AggregationTests: XCTestCase {
+    func event(_ id: String, customer: String = "c", micros: Int64 = 0, input: Int64 = 10, output: Int64 = 5, model: String = "m") -> UsageEvent {
+        UsageEvent(id: id, source: "s", subject: customer, time: EventTime(microseconds: micros), model: model,
+                   inputTokens: input, outputTokens: output)
+    }
+
+    func testWindowsAreUTCHoursDaysAndCalendarMonths() {
+        let t = EventTime("2024-02-29T23:59:59.999999Z")!.microseconds
+        XCTAssertEqual(EventTime.format(microseconds: Granularity.hour.windowStart(t)), "2024-02-29T23:00:00Z")
+        XCTAssertEqual(EventTime.format(microseconds: Granularity.day.windowStart(t)), "2024-02-29T00:00:00Z")
+        XCTAssertEqual(EventTime.format(microseconds: Granularity.month.windowStart(t)), "2024-02-01T00:00:00Z")
+        let offset = EventTime("2024-03-01T00:30:00+01:00")!.microseconds
+        XCTAssertEqual(EventTime.format(microseconds: Granularity.month.windowStart(offset)), "2024-02-01T00:00:00Z", "by UTC, not local time")
+        XCTAssertEqual(EventTime.format(microseconds: Granularity.hour.windowStart(-1)), "1969-12-31T23:00:00Z")
+    }
+
+    func testFirstByOffsetCountsDuplicatesAndConflictsDoNot() {
+        let original = event("e1", input: 10)
+        let changed = event("e1", input: 11)
+        let batch = [
+            PositionedEvent(event: changed, position: LogPosition(partition: 0, offset: 7)),
+            PositionedEvent(event: original, position: LogPosition(partition: 0, offset: 3)),
+            PositionedEvent(event: original, position: LogPosition(partition: 0, offset: 9)),
+            PositionedEvent(event: event("e2"), position: LogPosition(partition: 0, offset: 10)),
+        ]
+        let decision = Deduplicator.decide(batch, stored: [:])
+        XCTAssertEqual(decision.accepted.map(\.position.offset), [3, 10])
+        XCTAssertEqual(decision.duplicates, 1)
+        XCTAssertEqual(decision.conflicts.map(\.position.offset), [7])
+        XCTAssertEqual(decision.conflicts.first?.firstHash, batch[1].contentHash)
+
+        // Against stored keys: e1 was counted in an earlier batch.
+        let later = Deduplicator.decide(batch, stored: [batch[1].key: batch[1].contentHash])
+        XCTAssertEqual(later.accepted.map(\.position.offset), [10])
+        XCTAssertEqual(later.duplicates, 2)
+        XCTAssertEqual(later.conflicts.count, 1)
+        XCTAssertEqual(Deduplicator.keys(of: batch), [DedupKey(customerID: "c", eventID: "e1"), DedupKey(customerID: "c", eventID: "e2")])
+    }
+
+    func testSameIdForDifferentCustomersIsNotADuplicate() {
+        let batch = [PositionedEvent(event: event("e1", customer: "a"), position: LogPosition(partition: 0, offset: 0)),
+                     PositionedEvent(event: event("e1", customer: "b"), position: LogPosition(partition: 1, offset: 0))]
+        XCTAssertEqual(Deduplicator.decide(batch, stored: [:]).accepted.count, 2)
+    }
+
+    /// Property: any split of the log into batches, and any interleaving of partitions,
+    /// yields the same windows as consuming everything at once.
+    func testWindowsDoNotDependOnBatchBoundariesOrInterleaving() {
+        var random = SeededGenerator(seed: 2024)
+        for trial in 0..<40 {
+            // A log of 4 partitions; customers are pinned to partitions (the record key).
+            var generator = LoadGenerator(seed: UInt64(trial), customers: 30, duplicateRate: 0.15,
+                                          startMicroseconds: 1_790_000_000_000_000, spacingMicroseconds: 600_000_000)
+            var partitions: [[PositionedEvent]] = Array(repeating: [], count: 4)
+            for index in 0..<600 {
+                var (event, _) = generator.next()
+                if index % 97 == 0, let previous = partitions.flatMap({ $0 }).last {
+                    // A conflict: a re-used id with other content.
+                    event = previous.event
+                    event.outputTokens += 1
+                }
+                let partition = Int(event.subject.utf8.reduce(0) { $0 &+ Int($1) } % 4)
+                partitions[partition].append(PositionedEvent(event: event, position: LogPosition(partition: Int32(partition), offset: Int64(partitions[partition].count))))
+            }
+            let reference = consume([partitions.flatMap { $0 }])
+
+            // Random interleaving preserving each partition's order, cut into random batches.
+            var cursors = [0, 0, 0, 0]
+            var interleaved: [PositionedEvent] = []
+            while interleaved.count < partitions.map(\.count).reduce(0, +) {
+                let p = Int.random(in: 0..<4, using: &random)
+                guard cursors[p] < partitions[p].count else { continue }
+                interleaved.append(partitions[p][cursors[p]])
+                cursors[p] += 1
+            }
+            var batches: [[PositionedEvent]] = []
+            var start = 0
+            while start < interleaved.count {
+                let size = Int.random(in: 1...120, using: &random)
+                batches.append(Array(interleaved[start..<min(start + size, interleaved.count)]))
+                start += size
+            }
+            let split = consume(batches)
+            XCTAssertEqual(split.deltas, reference.deltas, "trial \(trial): windows differ")
+            XCTAssertEqual(split.conflicts, reference.conflicts, "trial \(trial): conflicts differ")
+            XCTAssertEqual(split.duplicates, reference.duplicates, "trial \(trial): duplicates differ")
+        }
+    }
+
+    /// Consumes batches the way the store does: decide against keys stored so far, then store.
+    private func consume(_ batches: [[PositionedEvent]]) -> (deltas: WindowDeltas, conflicts: Int, duplicates: Int) {
+        var stored: [DedupKey: UInt64] = [:]
+        var deltas = WindowDeltas()
+        var conflicts = 0
+        var duplicates = 0
+        for batch in batches {
+            let relevant = Dictionary(uniqueKeysWithValues: Deduplicator.keys(of: batch).compactMap { key in stored[key].map { (key, $0) } })
+            let decision = Deduplicator.decide(batch, stored: relevant)
+            for accepted in decision.accepted {
+                stored[accepted.key] = accepted.contentHash
+                deltas.add(accepted.event)
+            }
+            conflicts += decision.conflicts.count
+            duplicates += decision.duplicates
+        }
+        return (deltas, conflicts, duplicates)
+    }
+
+    func testRollupsAgreeWithHourlyRows() {
+        var deltas = WindowDeltas()
+        var generator = LoadGenerator(seed: 5, customers: 10, duplicateRate: 0, startMicroseconds: 1_790_000_000_000_000, spacingMicroseconds: 3_000_000_000)
+        for _ in 0..<2000 { deltas.add(generator.next().event) }
+        for coarse in [Granularity.day, .month] {
+            var rolled: [WindowKey: UsageMeasures] = [:]
+            for (key, measures) in deltas.rows(.hour) {
+                rolled[WindowKey(dimensions: key.dimensions, granularity: coarse, start: coarse.windowStart(key.start)), default: UsageMeasures()] += measures
+            }
+            XCTAssertEqual(rolled, deltas.windows[coarse])
+        }
+        XCTAssertGreaterThan(deltas.rows(.day).count, deltas.rows(.month).count)
+    }
+
+    func testPoisonClassification() {
+        XCTAssertEqual(ClassifiedRecord.classify(nil), .poison(PoisonReason(code: "empty", detail: "record has no value")))
+        guard case .poison(let oversize) = ClassifiedRecord.classify(Array(repeating: 0x20, count: 70_000)) else { return XCTFail() }
+        XCTAssertEqual(oversize.code, "oversize")
+        guard case .poison(let malformed) = ClassifiedRecord.classify(Array("{".utf8)) else { return XCTFail() }
+        XCTAssertEqual(malformed.code, "malformed_json")
+        guard case .poison(let type) = ClassifiedRecord.classify(Array(#"{"specversion":"1.0","type":"x"}"#.utf8)) else { return XCTFail() }
+        XCTAssertEqual(type.code, "unknown_type")
+    }
+}

@@ -1,0 +1,92 @@
+import Foundation
+import TallyCore
+import XCTest
+
+/// The Swift validator and the JSON Schema must agree on every example of the corpus.
+final class EventCorpusTests: XCTestCase {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    static let corpus = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures/events")
+
+    func files(_ folder: String) throws -> [URL] {
+        try FileManager.default.contentsOfDirectory(at: Self.corpus.appendingPathComponent(folder), includingPropertiesForKeys: nil)
+            .filter { $0.pathExtension == "json" && $0.lastPathComponent != "expected.json" }
+            .sorted { $0.path < $1.path }
+    }
+
+    func expectedPaths(_ folder: String) throws -> [String: String] {
+        let data = try Data(contentsOf: Self.corpus.appendingPathComponent(folder).appendingPathComponent("expected.json"))
+        return try JSONDecoder().decode([String: String].self, from: data)
+    }
+
+    func swiftVerdict(_ url: URL) throws -> Result<TallyEvent, EventDecodingError> {
+        EventDecoder.decode([UInt8](try Data(contentsOf: url)))
+    }
+
+    func testValidExamplesAreAccepted() throws {
+        let valid = try files("valid")
+        XCTAssertGreaterThan(valid.count, 15)
+        for url in valid {
+            if case .failure(let error) = try swiftVerdict(url) {
+                XCTFail("\(url.lastPathComponent) rejected: \(error)")
+            }
+        }
+    }
+
+    func testInvalidExamplesAreRejectedAtTheExpectedPath() throws {
+        for folder in ["invalid", "beyond-schema"] {
+            let expected = try expectedPaths(folder)
+            let urls = try files(folder)
+            XCTAssertEqual(Set(urls.map(\.lastPathComponent)), Set(expected.keys), "expected.json lists every \(folder) file")
+            for url in urls {
+                switch try swiftVerdict(url) {
+                case .success:
+                    XCTFail("\(url.lastPathComponent) accepted")
+                case .failure(let error):
+                    let path = expected[url.lastPathComponent]!
+                    if path.isEmpty {
+                        // Malformed JSON or not an object: the error is about the document.
+                        XCTAssertTrue(error.violations.contains { $0.path == "" }, "\(url.lastPathComponent): \(error)")
+                    } else {
+                        XCTAssertTrue(error.violations.contains { $0.path == path },
+                                      "\(url.lastPathComponent): expected a violation at \(path), got \(error)")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the JSON Schema through Python's `jsonschema` over the same files and compares verdicts.
+    func testJSONSchemaAgreesWithSwiftValidator() throws {
+        let all = try files("valid") + files("invalid") + files("beyond-schema")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", Self.root.appendingPathComponent("scripts/schema-check").path,
+                             Self.root.appendingPathComponent("schemas/usage-event.v1.json").path] + all.map(\.path)
+        let output = Pipe()
+        let errors = Pipe()
+        process.standardOutput = output
+        process.standardError = errors
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        let errorText = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        XCTAssertEqual(process.terminationStatus, 0, "schema-check failed (is jsonschema installed? scripts/stack up installs it): \(errorText)")
+        struct Verdict: Decodable { let valid: Bool; let errors: [String] }
+        let verdicts = try JSONDecoder().decode([String: Verdict].self, from: data)
+        XCTAssertEqual(verdicts.count, all.count)
+        for url in all {
+            guard let schemaVerdict = verdicts[url.path] else { XCTFail("no verdict for \(url.path)"); continue }
+            let swiftValid = (try? swiftVerdict(url).get()) != nil
+            let folder = url.deletingLastPathComponent().lastPathComponent
+            if folder == "beyond-schema" {
+                // Rules JSON Schema cannot express: the schema accepts, Tally rejects.
+                XCTAssertTrue(schemaVerdict.valid, "\(url.lastPathComponent): \(schemaVerdict.errors)")
+                XCTAssertFalse(swiftValid, url.lastPathComponent)
+            } else {
+                XCTAssertEqual(schemaVerdict.valid, swiftValid,
+                               "\(folder)/\(url.lastPathComponent): schema says \(schemaVerdict.valid) \(schemaVerdict.errors), Swift says \(swiftValid)")
+                XCTAssertEqual(schemaVerdict.valid, folder == "valid", "\(folder)/\(url.lastPathComponent): \(schemaVerdict.errors)")
+            }
+        }
+    }
+}

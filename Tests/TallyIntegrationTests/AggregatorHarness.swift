@@ -1,0 +1,139 @@
+import Foundation
+import TallyCore
+import TallyKafka
+import TallyPostgres
+import XCTest
+
+/// A private database, topic pair and group for one aggregator test, and helpers to drive it.
+final class AggregatorHarness: @unchecked Sendable {
+    let databaseURL: String
+    let topic: String
+    let group: String
+    let connection: PostgresConnection
+    let brokers: String
+    private let producer: KafkaProducer
+    /// Log end per partition, from the producer's delivery reports (Tansu's queried end is wrong).
+    private(set) var logEnd: [Int32: Int64] = [:]
+    private var processes: [ChildProcess] = []
+
+    init(partitions: Int = 4) throws {
+        brokers = try TestStack.brokers
+        let base = try TestStack.databaseURL
+        let name = TestStack.unique("tally_test")
+        let admin = try PostgresConnection(url: base, logger: TestStack.logger)
+        // A generated identifier, never input; CREATE DATABASE cannot take a parameter.
+        try admin.query("CREATE DATABASE \(name)")
+        // postgresql://user@host:port/DATABASE[?options]: swap the database name.
+        let slash = try XCTUnwrap(base.lastIndex(of: "/"))
+        let query = base[slash...].firstIndex(of: "?").map { String(base[$0...]) } ?? ""
+        databaseURL = String(base[...slash]) + name + query
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"), ["migrate", "--database-url", databaseURL])
+        XCTAssertEqual(status, 0, output)
+        connection = try PostgresConnection(url: databaseURL, logger: TestStack.logger)
+        topic = TestStack.unique("test.usage")
+        group = TestStack.unique("aggregator")
+        let kafkaAdmin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: brokers), logger: TestStack.logger)
+        try kafkaAdmin.createTopic(topic, partitions: partitions)
+        try kafkaAdmin.createTopic(topic + ".dlq", partitions: partitions)
+        producer = try KafkaProducer(configuration: KafkaConfiguration(brokers: brokers), logger: TestStack.logger)
+    }
+
+    deinit {
+        for process in processes { process.signal(SIGKILL); process.wait() }
+    }
+
+    /// Publishes raw values keyed by customer and records the log end.
+    func publish(_ records: [(key: String, value: [UInt8])]) async throws {
+        let results = await producer.send(records.map { ProducerRecord(topic: topic, key: Array($0.key.utf8), value: $0.value) })
+        for result in results {
+            let report = try result.get()
+            logEnd[report.partition] = max(logEnd[report.partition] ?? 0, report.offset + 1)
+        }
+    }
+
+    func publish(_ events: [UsageEvent]) async throws {
+        try await publish(events.map { ($0.subject, EventEncoder.encode($0)) })
+    }
+
+    /// Starts an aggregator instance on this harness's topic, group and database.
+    @discardableResult
+    func startAggregator(_ extra: [String] = [], environment: [String: String] = [:]) throws -> ChildProcess {
+        let process = try ChildProcess(TestStack.executable("tally-aggregator"), [
+            "--database-url", databaseURL, "--topic", topic, "--group", group,
+            "--session-timeout-ms", "6000", "--stats-interval-seconds", "2", "--batch-size", "2000",
+        ] + extra, environment: environment)
+        processes.append(process)
+        return process
+    }
+
+    /// Stored next_offset per partition.
+    func storedOffsets() throws -> [Int32: Int64] {
+        let result = try connection.query("SELECT partition, next_offset FROM tally.consumer_offsets WHERE consumer_group = $1 AND topic = $2", [group, topic])
+        var offsets: [Int32: Int64] = [:]
+        for row in 0..<result.rowCount { offsets[Int32(try result.int64(row, 0)!)] = try result.int64(row, 1)! }
+        return offsets
+    }
+
+    /// Waits until every partition's stored offset reaches the log end.
+    func waitUntilConsumed(timeout: Duration = .seconds(120)) throws -> Bool {
+        try TestStack.eventually(timeout: timeout) {
+            let stored = try storedOffsets()
+            return logEnd.allSatisfy { stored[$0.key] == $0.value }
+        }
+    }
+
+    /// Per-customer totals from one of the views.
+    func totals(_ view: String = "tally.usage_hourly") throws -> [String: [Int64]] {
+        // `view` is one of the three fixed view names used by the tests.
+        let result = try connection.query("""
+            SELECT customer_id, sum(input_tokens), sum(output_tokens), sum(cache_read_input_tokens), sum(cache_write_input_tokens),
+                   sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
+            FROM \(view) GROUP BY customer_id
+            """)
+        var totals: [String: [Int64]] = [:]
+        for row in 0..<result.rowCount { totals[result.string(row, 0)!] = try (1...7).map { try result.int64(row, $0)! } }
+        return totals
+    }
+
+    /// The test's own recount of distinct events, written independently of the aggregator's code.
+    static func recount(_ events: [UsageEvent]) -> [String: [Int64]] {
+        var seen = Set<String>()
+        var totals: [String: [Int64]] = [:]
+        for event in events where seen.insert(event.subject + "\u{1}" + event.id).inserted {
+            var row = totals[event.subject] ?? Array(repeating: 0, count: 7)
+            row[0] += event.inputTokens
+            row[1] += event.outputTokens
+            row[2] += event.cacheReadInputTokens
+            row[3] += event.cacheWriteInputTokens
+            row[4] += event.reasoningOutputTokens
+            row[5] += event.inputTokens + event.outputTokens
+            row[6] += 1
+            totals[event.subject] = row
+        }
+        return totals
+    }
+
+    /// Checks every view against the recount, and the rollups against each other.
+    func assertTotals(equal expected: [String: [Int64]], file: StaticString = #filePath, line: UInt = #line) throws {
+        for view in ["tally.usage_hourly", "tally.usage_daily", "tally.usage_monthly"] {
+            let actual = try totals(view)
+            XCTAssertEqual(actual.count, expected.count, "\(view): customers", file: file, line: line)
+            for (customer, row) in expected where actual[customer] != row {
+                XCTFail("\(view) \(customer): expected \(row), got \(actual[customer] ?? [])", file: file, line: line)
+            }
+        }
+    }
+
+    static func events(count: Int, seed: UInt64, customers: Int = 40, prefix: String = "evt") -> [UsageEvent] {
+        var generator = LoadGenerator(seed: seed, customers: customers, duplicateRate: 0, startMicroseconds: 1_793_491_200_000_000,
+                                      spacingMicroseconds: 7_000_000, idPrefix: prefix)
+        return (0..<count).map { _ in generator.next().event }
+    }
+}
+
+extension TestStack {
+    /// A built executable of this package (the debug build scripts/test made).
+    static func executable(_ name: String) -> String {
+        root.appendingPathComponent(".build/debug/\(name)").path
+    }
+}

@@ -1,0 +1,172 @@
+import Foundation
+import TallyCore
+import TallyKafka
+import XCTest
+
+/// The real tally-aggregator against the real broker and PostgreSQL.
+final class AggregatorIntegrationTests: XCTestCase {
+    /// Duplicates in one batch, at later offsets and re-sent after a restart, plus conflicts:
+    /// windows equal a recount of the distinct events; conflicts are recorded, first by offset wins.
+    func testDuplicatesAndConflictsAreCountedOnce() async throws {
+        let harness = try AggregatorHarness()
+        let events = AggregatorHarness.events(count: 3000, seed: 11)
+        // Same batch: each of the first 200 events twice in a row; later offsets: 300 re-sent at the end.
+        var stream: [UsageEvent] = []
+        for (index, event) in events.enumerated() {
+            stream.append(event)
+            if index < 200 { stream.append(event) }
+        }
+        stream += events[1000..<1300]
+        // Conflicts: same ids as 50 counted events, other token counts.
+        let conflicting = events[2000..<2050].map { event -> UsageEvent in
+            var changed = event
+            changed.inputTokens += 1
+            return changed
+        }
+        try await harness.publish(stream + conflicting)
+        let first = try harness.startAggregator()
+        XCTAssertTrue(try harness.waitUntilConsumed(), "consumed to the log end\n\(first.log)")
+        first.signal(SIGTERM)
+        XCTAssertEqual(first.wait(timeout: .seconds(30)), 0, "SIGTERM exits 0\n\(first.log)")
+
+        // Re-sent after a restart: 500 old events again, plus 100 new ones.
+        let more = AggregatorHarness.events(count: 100, seed: 12, prefix: "late")
+        try await harness.publish(Array(events[0..<500]) + more)
+        let second = try harness.startAggregator()
+        XCTAssertTrue(try harness.waitUntilConsumed(), "consumed after restart\n\(second.log)")
+
+        try harness.assertTotals(equal: AggregatorHarness.recount(events + more))
+        let conflicts = try harness.connection.query("SELECT count(*), count(DISTINCT event_id) FROM tally.event_conflicts").rows[0]
+        XCTAssertEqual(conflicts, ["50", "50"])
+        let keys = try harness.connection.query("SELECT count(*) FROM tally.usage_event_keys").scalar
+        XCTAssertEqual(keys, String(events.count + more.count))
+        second.signal(SIGTERM)
+        XCTAssertEqual(second.wait(timeout: .seconds(30)), 0)
+        XCTAssertTrue(second.log.contains("duplicates="), "progress is logged")
+    }
+
+    /// kill -9 at random moments during a 100k-event stream, restarted each time: exact totals.
+    func testKillNineAtRandomMomentsKeepsTotalsExact() async throws {
+        let harness = try AggregatorHarness()
+        let events = AggregatorHarness.events(count: 100_000, seed: 21, customers: 200)
+        var random = SeededGenerator(seed: 99)
+        // 5% re-sends spread through the stream.
+        let resent = (0..<5000).map { _ in events[Int.random(in: 0..<events.count, using: &random)] }
+        var stream = events
+        for (index, event) in resent.enumerated() { stream.insert(event, at: min(stream.count, 20 * index + 7)) }
+        let producing = Task { try await harness.publish(stream) }
+        var kills = 0
+        for _ in 0..<4 {
+            let instance = try harness.startAggregator()
+            // Joining takes ~5 s on Tansu; kill somewhere inside the consuming phase.
+            try await Task.sleep(for: .seconds(Double.random(in: 6...9, using: &random)))
+            instance.signal(SIGKILL)
+            instance.wait()
+            kills += 1
+        }
+        try await producing.value
+        let final = try harness.startAggregator()
+        XCTAssertTrue(try harness.waitUntilConsumed(timeout: .seconds(180)), "consumed after \(kills) kills\n\(final.log)")
+        try harness.assertTotals(equal: AggregatorHarness.recount(events))
+        final.signal(SIGTERM)
+        XCTAssertEqual(final.wait(timeout: .seconds(30)), 0)
+    }
+
+    /// Two instances share the group; one is killed midway; the other takes over: exact totals.
+    func testTwoInstancesOneKilledMidway() async throws {
+        let harness = try AggregatorHarness()
+        let events = AggregatorHarness.events(count: 40_000, seed: 31, customers: 100)
+        let a = try harness.startAggregator()
+        let b = try harness.startAggregator()
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(60)) { a.log.contains("assigned partitions") && b.log.contains("assigned partitions") },
+                      "both instances own partitions\n\(a.log)\n\(b.log)")
+        try await harness.publish(Array(events[0..<20_000]))
+        try await Task.sleep(for: .seconds(1.5))
+        b.signal(SIGKILL)
+        b.wait()
+        try await harness.publish(Array(events[20_000...]))
+        XCTAssertTrue(try harness.waitUntilConsumed(timeout: .seconds(120)), "the survivor finishes\n\(a.log)")
+        try harness.assertTotals(equal: AggregatorHarness.recount(events))
+        a.signal(SIGTERM)
+        XCTAssertEqual(a.wait(timeout: .seconds(30)), 0)
+    }
+
+    /// A paused instance (SIGSTOP past its session timeout) loses its partitions; when resumed
+    /// (SIGCONT) its in-flight batch is fenced and never committed: totals stay exact.
+    func testZombieInstanceCannotCommit() async throws {
+        let harness = try AggregatorHarness()
+        let events = AggregatorHarness.events(count: 20_000, seed: 41, customers: 60)
+        // The zombie pauses 3 s between preparing and committing each batch, so the stop lands mid-batch.
+        let zombie = try harness.startAggregator(["--batch-size", "500"], environment: ["TALLY_FAULT_COMMIT_DELAY_MS": "3000"])
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(60)) { zombie.log.contains("assigned partitions") }, zombie.log)
+        try await harness.publish(Array(events[0..<10_000]))
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { zombie.log.contains("\"progress") || (try? harness.storedOffsets().values.reduce(0, +)) ?? 0 > 0 })
+        try await Task.sleep(for: .seconds(1))
+        zombie.signal(SIGSTOP)
+        let successor = try harness.startAggregator()
+        try await harness.publish(Array(events[10_000...]))
+        XCTAssertTrue(try harness.waitUntilConsumed(timeout: .seconds(120)), "the successor takes over\n\(successor.log)")
+        zombie.signal(SIGCONT)
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { zombie.log.contains("fenced on partitions") },
+                      "the resumed zombie's commit is refused\n\(zombie.log)")
+        // Let the group settle with both members, then check nothing moved wrongly.
+        try await Task.sleep(for: .seconds(8))
+        XCTAssertTrue(try harness.waitUntilConsumed(timeout: .seconds(60)))
+        try harness.assertTotals(equal: AggregatorHarness.recount(events))
+        let epochs = try harness.connection.query("SELECT min(owner_epoch) FROM tally.consumer_offsets").scalar
+        XCTAssertGreaterThanOrEqual(Int(epochs ?? "0") ?? 0, 2, "the successor's claim bumped every epoch")
+        for process in [zombie, successor] { process.signal(SIGTERM) }
+        XCTAssertEqual(successor.wait(timeout: .seconds(30)), 0)
+        XCTAssertEqual(zombie.wait(timeout: .seconds(30)), 0)
+    }
+
+    /// 1,000 poison records interleaved with valid events: all land in the DLQ topic and
+    /// tally.dead_letters with their reason; every valid event is counted.
+    func testPoisonRecordsGoToTheDeadLetterQueue() async throws {
+        let harness = try AggregatorHarness()
+        let events = AggregatorHarness.events(count: 5000, seed: 51)
+        let poisonKinds: [(String, [UInt8])] = [
+            ("malformed_json", Array("{not json".utf8)),
+            ("schema_invalid", Array(#"{"specversion":"1.0","id":"x","source":"s","type":"llm.usage","subject":"c","time":"2026-01-01T00:00:00Z","data":{"model":"m","input_tokens":-5,"output_tokens":1}}"#.utf8)),
+            ("unknown_type", Array(#"{"specversion":"1.0","id":"x","source":"s","type":"llm.other","subject":"c","time":"2026-01-01T00:00:00Z","data":{}}"#.utf8)),
+            ("oversize", Array(repeating: UInt8(ascii: "a"), count: 70_000)),
+            ("malformed_json", [0xff, 0xfe, 0x00, 0x22]),
+        ]
+        var records: [(key: String, value: [UInt8])] = []
+        var poisonCount: [String: Int] = [:]
+        for (index, event) in events.enumerated() {
+            records.append((event.subject, EventEncoder.encode(event)))
+            if index % 5 == 0 && index / 5 < 1000 {
+                let (code, value) = poisonKinds[(index / 5) % poisonKinds.count]
+                records.append((event.subject, value))
+                poisonCount[code, default: 0] += 1
+            }
+        }
+        try await harness.publish(records)
+        let aggregator = try harness.startAggregator()
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        try harness.assertTotals(equal: AggregatorHarness.recount(events))
+
+        let reasons = try harness.connection.query("SELECT reason_code, count(*) FROM tally.dead_letters GROUP BY 1").rows
+        var stored: [String: Int] = [:]
+        for row in reasons { stored[row[0]!] = Int(row[1]!)! }
+        XCTAssertEqual(stored, poisonCount)
+        XCTAssertEqual(stored.values.reduce(0, +), 1000)
+
+        // The DLQ topic holds each poison record once, with its origin in the headers.
+        let consumer = try KafkaConsumer(configuration: KafkaConfiguration(brokers: harness.brokers), groupID: nil, logger: TestStack.logger)
+        try consumer.assign(Dictionary(uniqueKeysWithValues: (0..<4).map { (TopicPartition(harness.topic + ".dlq", Int32($0)), KafkaOffset.beginning) }))
+        var dead: [ConsumerRecord] = []
+        _ = TestStack.eventually(timeout: .seconds(30)) {
+            dead += consumer.poll(maxRecords: 1000, timeout: .milliseconds(200))
+            return dead.count >= 1000
+        }
+        XCTAssertEqual(dead.count, 1000)
+        let origins = Set(dead.map { "\(String(decoding: $0.header("tally.source.partition") ?? [], as: UTF8.self))/\(String(decoding: $0.header("tally.source.offset") ?? [], as: UTF8.self))" })
+        XCTAssertEqual(origins.count, 1000, "one DLQ record per poison record")
+        XCTAssertTrue(dead.allSatisfy { $0.header("tally.source.topic").map { String(decoding: $0, as: UTF8.self) } == harness.topic })
+        consumer.close()
+        aggregator.signal(SIGTERM)
+        XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
+    }
+}
