@@ -13,6 +13,8 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C libraries: nothing but the module maps; each has exactly one Swift owner.
@@ -37,13 +39,19 @@ let package = Package(
         // The consumer loops and their PostgreSQL stores.
         .target(
             name: "TallyPipeline",
-            dependencies: ["TallyCore", "TallyKafka", "TallyPostgres", .product(name: "Logging", package: "swift-log")]),
+            dependencies: [
+                "TallyCore", "TallyKafka", "TallyPostgres",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]),
         // Shared command-line settings (flags + environment) for the executables.
         .target(
             name: "TallyCLI",
             dependencies: [
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ]),
 
         .executableTarget(

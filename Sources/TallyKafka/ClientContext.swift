@@ -53,6 +53,17 @@ public enum LogKey {
     public static let kafkaOffset = "kafka.offset"
 }
 
+/// Creates an `rd_kafka_t`; on failure destroys `conf` and throws librdkafka's reason.
+func makeClient(_ type: rd_kafka_type_t, conf: OpaquePointer) throws(KafkaError) -> OpaquePointer {
+    var errorText = [CChar](repeating: 0, count: 512)
+    guard let rk = rd_kafka_new(type, conf, &errorText, errorText.count) else {
+        rd_kafka_conf_destroy(conf)
+        let reason = errorText.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        throw KafkaError(code: .clientCreation, reason: reason, isRetryable: false)
+    }
+    return rk
+}
+
 /// Runs a blocking C call off Swift's cooperative thread pool.
 func runBlocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { continuation in

@@ -42,12 +42,7 @@ public final class KafkaAdmin: @unchecked Sendable {
         let conf = try configuration.makeConf()
         context = ClientContext(logger: logger)
         context.install(on: conf)
-        var errorText = [CChar](repeating: 0, count: 512)
-        guard let rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, &errorText, errorText.count) else {
-            rd_kafka_conf_destroy(conf)
-            let reason = errorText.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-            throw KafkaError(code: .clientCreation, reason: reason, isRetryable: false)
-        }
+        let rk = try makeClient(RD_KAFKA_PRODUCER, conf: conf)
         handle = KafkaHandle(pointer: rk)
     }
 

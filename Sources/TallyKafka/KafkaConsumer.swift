@@ -85,12 +85,7 @@ public final class KafkaConsumer: @unchecked Sendable {
                 KafkaConsumer.handleRebalance(rk: rk, err: err, partitions: partitions)
             }
         }
-        var errorText = [CChar](repeating: 0, count: 512)
-        guard let rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, &errorText, errorText.count) else {
-            rd_kafka_conf_destroy(conf)
-            let reason = errorText.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-            throw KafkaError(code: .clientCreation, reason: reason, isRetryable: false)
-        }
+        let rk = try makeClient(RD_KAFKA_CONSUMER, conf: conf)
         // Serve rebalance and error callbacks from the consumer queue, i.e. inside poll.
         rd_kafka_poll_set_consumer(rk)
         handle = KafkaHandle(pointer: rk)

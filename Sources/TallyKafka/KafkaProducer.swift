@@ -107,12 +107,7 @@ public final class KafkaProducer: @unchecked Sendable {
                 ticket.batch.complete(ticket.index, .failure(error))
             }
         }
-        var errorText = [CChar](repeating: 0, count: 512)
-        guard let rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, &errorText, errorText.count) else {
-            rd_kafka_conf_destroy(conf)
-            let reason = errorText.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-            throw KafkaError(code: .clientCreation, reason: reason, isRetryable: false)
-        }
+        let rk = try makeClient(RD_KAFKA_PRODUCER, conf: conf)
         let handle = KafkaHandle(pointer: rk)
         self.handle = handle
         pollThread = PollThread(name: "tally.kafka.producer.poll") { _ = rd_kafka_poll(handle.pointer, 100) }

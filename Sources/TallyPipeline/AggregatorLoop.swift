@@ -4,15 +4,15 @@ import TallyCore
 import TallyKafka
 import TallyPostgres
 
-/// A flag set from a signal handler and read by the consumer thread.
-public final class StopFlag: @unchecked Sendable {
+/// A boolean shared between threads: a stop request from a signal handler, readiness for the ops endpoint.
+public final class SharedFlag: @unchecked Sendable {
     private let lock = NSLock()
-    private var stopped = false
+    private var value = false
 
     public init() {}
 
-    public func stop() { lock.withLock { stopped = true } }
-    public var isStopped: Bool { lock.withLock { stopped } }
+    public func set(_ newValue: Bool = true) { lock.withLock { value = newValue } }
+    public var isSet: Bool { lock.withLock { value } }
 }
 
 /// Settings of the aggregator's consumer loop.
@@ -52,21 +52,52 @@ public struct AggregatorStats: Sendable, CustomStringConvertible {
     }
 }
 
+/// The outcome of committing one batch, applied on the consumer thread.
+struct BatchOutcome: Sendable {
+    var committed: [Int32: Int64] = [:]
+    var summary = DedupSummary()
+    var fenced = Set<Int32>()
+    var resync: [Int32: Int64] = [:]
+    var commitTime = Duration.zero
+    /// Stopped before the batch was written (database or broker still away).
+    var abandoned = false
+}
+
 /// The dedup/aggregation consumer: poll a batch, write its effect and its offsets in one
 /// PostgreSQL transaction, repeat. Runs on the calling thread until `stop` is set.
+///
+/// Two stages overlap: while one batch commits on the commit queue, the consumer
+/// thread polls and decodes the next. At most one batch is in flight; it is
+/// finished (committed or abandoned) before the next is handed over and before
+/// any rebalance is acted on, so a revoked partition never has work in flight.
 public final class AggregatorLoop: @unchecked Sendable {
     private let settings: AggregatorSettings
     private let store: AggregatorStore
     private let deadLetterProducer: KafkaProducer
     private let logger: Logger
-    private let stopFlag: StopFlag
+    private let stopFlag: SharedFlag
     private var consumer: KafkaConsumer!
     /// Partitions this instance owns, with the epoch it claimed and its committed position.
     private var owned: [Int32: PartitionClaim] = [:]
+    /// Where the next prepared batch starts per partition: ahead of `owned` while a batch is in flight.
+    private var readPosition: [Int32: Int64] = [:]
+    private let commitQueue = DispatchQueue(label: "tally.aggregator.commit")
+    private var inFlight: (batch: PreparedBatch, done: DispatchSemaphore, outcome: OutcomeBox)?
+    /// A non-retryable failure seen inside a rebalance callback, rethrown by the loop.
+    private var deferredError: Error?
     public private(set) var stats = AggregatorStats()
+    private let metrics = AggregatorMetrics()
+    private let readiness = SharedFlag()
+
+    /// True once partitions were claimed and while commits succeed; false while PostgreSQL is away.
+    public var isReady: Bool { readiness.isSet }
+
+    private final class OutcomeBox: @unchecked Sendable {
+        var result: Result<BatchOutcome, Error> = .success(BatchOutcome())
+    }
 
     public init(kafka: KafkaConfiguration, store: AggregatorStore, settings: AggregatorSettings,
-                logger: Logger, stop: StopFlag) throws {
+                logger: Logger, stop: SharedFlag) throws {
         self.settings = settings
         self.store = store
         self.logger = logger
@@ -83,6 +114,8 @@ public final class AggregatorLoop: @unchecked Sendable {
     }
 
     private func rebalanced(_ event: RebalanceEvent) -> [TopicPartition: Int64] {
+        // Finish the batch in flight first: its partitions may be the ones changing hands.
+        do { _ = try awaitInFlight() } catch { deferredError = error }
         switch event {
         case .assigned(let partitions):
             let numbers = partitions.map(\.partition)
@@ -90,10 +123,14 @@ public final class AggregatorLoop: @unchecked Sendable {
             while true {
                 do {
                     let claims = try store.claim(numbers)
-                    for (partition, claim) in claims { owned[partition] = claim }
+                    readiness.set(true)
+                    for (partition, claim) in claims {
+                        owned[partition] = claim
+                        readPosition[partition] = claim.nextOffset
+                    }
                     logger.info("assigned partitions \(numbers.sorted()) at offsets \(claims.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.nextOffset)" })")
                     return Dictionary(uniqueKeysWithValues: claims.map { (TopicPartition(settings.topic, $0.key), $0.value.nextOffset) })
-                } catch let error as PostgresError where error.isRetryable && !stopFlag.isStopped {
+                } catch let error as PostgresError where error.isRetryable && !stopFlag.isSet {
                     logger.warning("claiming partitions failed, retrying: \(error)")
                     Thread.sleep(forTimeInterval: 0.5)
                 } catch {
@@ -103,7 +140,10 @@ public final class AggregatorLoop: @unchecked Sendable {
                 }
             }
         case .revoked(let partitions, let lost):
-            for partition in partitions { owned.removeValue(forKey: partition.partition) }
+            for partition in partitions {
+                owned.removeValue(forKey: partition.partition)
+                readPosition.removeValue(forKey: partition.partition)
+            }
             logger.info("\(lost ? "lost" : "revoked") partitions \(partitions.map(\.partition).sorted())")
             return [:]
         }
@@ -114,43 +154,49 @@ public final class AggregatorLoop: @unchecked Sendable {
         try consumer.subscribe([settings.topic])
         var lastStats = ContinuousClock.now
         defer {
+            // Whatever happens, nothing is left in flight when the group is left.
+            _ = try? awaitInFlight()
             consumer.close()
             logger.info("stopped: \(stats)")
         }
-        while !stopFlag.isStopped {
+        while !stopFlag.isSet {
             let records = consumer.poll(maxRecords: settings.batchSize, timeout: settings.batchTimeout)
+            if let error = deferredError { throw error }
             if !records.isEmpty {
                 let started = ContinuousClock.now
-                let batch = prepare(records)
+                var batch = prepare(records)
                 stats.prepareTime += ContinuousClock.now - started
-                if !batch.moves.isEmpty {
-                    if let delay = settings.faultCommitDelay { Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18) }
-                    guard publishDeadLetters(batch.deadLetters) else { return }
-                    let committing = ContinuousClock.now
-                    defer { stats.commitTime += ContinuousClock.now - committing }
-                    guard try commit(batch) else { return }
-                }
+                // The previous batch must be settled before this one can go: it moves the
+                // offsets this one starts from.
+                let previous = try awaitInFlight()
+                if previous.abandoned { return }
+                batch = batch.removing(previous.fenced.union(previous.resync.keys))
+                if !batch.moves.isEmpty { submit(batch) }
+            } else if inFlight != nil {
+                // Idle poll: settle the batch in flight so progress and caught-up checks are current.
+                if try awaitInFlight().abandoned { return }
             }
             if ContinuousClock.now - lastStats >= settings.statsInterval {
                 lastStats = ContinuousClock.now
                 logger.info("progress: \(stats) lag=\(lag())")
                 warnAboutPositionsPastTheLogEnd()
             }
-            if settings.exitWhenCaughtUp && records.isEmpty && isCaughtUp() {
+            if settings.exitWhenCaughtUp && records.isEmpty && inFlight == nil && isCaughtUp() {
                 logger.info("caught up with the log end of partitions \(owned.keys.sorted())")
                 return
             }
         }
     }
 
-    /// Turns polled records into a batch: only owned partitions, only offsets not yet committed.
+    /// Turns polled records into a batch: only owned partitions, only offsets not yet read.
     private func prepare(_ records: [ConsumerRecord]) -> PreparedBatch {
         var batch = PreparedBatch()
         for record in records {
-            guard let claim = owned[record.partition] else { continue }
-            let position = batch.moves[record.partition]?.next ?? claim.nextOffset
+            guard let claim = owned[record.partition], let start = readPosition[record.partition] else { continue }
+            let position = batch.moves[record.partition]?.next ?? start
             guard record.offset >= position else { continue }
             stats.records += 1
+            metrics.records.increment()
             let logPosition = LogPosition(partition: record.partition, offset: record.offset)
             switch ClassifiedRecord.classify(record.value) {
             case .event(.usage(let event)):
@@ -158,9 +204,116 @@ public final class AggregatorLoop: @unchecked Sendable {
             case .poison(let reason):
                 batch.deadLetters.append(DeadLetter(position: logPosition, reason: reason, key: record.key, value: record.value))
             }
-            batch.moves[record.partition] = (expected: claim.nextOffset, next: record.offset + 1, epoch: claim.epoch)
+            batch.moves[record.partition] = (expected: start, next: record.offset + 1, epoch: claim.epoch)
         }
+        for (partition, move) in batch.moves { readPosition[partition] = move.next }
         return batch
+    }
+
+    /// Hands a batch to the commit queue.
+    private func submit(_ batch: PreparedBatch) {
+        let box = OutcomeBox()
+        let done = DispatchSemaphore(value: 0)
+        commitQueue.async { [self] in
+            box.result = Result { try write(batch) }
+            done.signal()
+        }
+        inFlight = (batch, done, box)
+    }
+
+    /// Waits for the batch in flight and applies its outcome on the consumer thread.
+    private func awaitInFlight() throws -> BatchOutcome {
+        guard let flight = inFlight else { return BatchOutcome() }
+        inFlight = nil
+        flight.done.wait()
+        let outcome = try flight.outcome.result.get()
+        stats.commitTime += outcome.commitTime
+        if outcome.abandoned {
+            // Not written: read these partitions again from their committed offsets.
+            for partition in flight.batch.moves.keys { readPosition[partition] = owned[partition]?.nextOffset }
+            return outcome
+        }
+        if !outcome.committed.isEmpty {
+            for (partition, next) in outcome.committed { owned[partition]?.nextOffset = next }
+            stats.batches += 1
+            stats.accepted += outcome.summary.accepted
+            stats.duplicates += outcome.summary.duplicates
+            stats.conflicts += outcome.summary.conflicts
+            stats.deadLetters += outcome.summary.deadLetters
+            metrics.accepted.increment(by: outcome.summary.accepted)
+            metrics.duplicates.increment(by: outcome.summary.duplicates)
+            metrics.conflicts.increment(by: outcome.summary.conflicts)
+            metrics.deadLetters.increment(by: outcome.summary.deadLetters)
+            metrics.batchRecords.record(flight.batch.events.count + flight.batch.deadLetters.count)
+            metrics.transactionSeconds.recordNanoseconds(outcome.commitTime.components.seconds * 1_000_000_000 + outcome.commitTime.components.attoseconds / 1_000_000_000)
+            for (partition, next) in outcome.committed {
+                if let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high {
+                    metrics.lag(partition: partition).record(max(0, high - next))
+                }
+            }
+            // For lag monitoring only; we never resume from Kafka's offsets.
+            consumer.commitForMonitoring(Dictionary(uniqueKeysWithValues: outcome.committed.map { (TopicPartition(settings.topic, $0.key), $0.value) }))
+        }
+        if !outcome.fenced.isEmpty {
+            stats.fencedBatches += 1
+            metrics.fencedBatches.increment()
+            logger.warning("fenced on partitions \(outcome.fenced.sorted()): another instance owns them now; dropping their records")
+            for partition in outcome.fenced {
+                owned.removeValue(forKey: partition)
+                readPosition.removeValue(forKey: partition)
+            }
+        }
+        if !outcome.resync.isEmpty {
+            logger.warning("stored offsets moved under our own epoch (an earlier commit landed); resuming from \(outcome.resync)")
+            for (partition, offset) in outcome.resync {
+                owned[partition]?.nextOffset = offset
+                readPosition[partition] = offset
+            }
+            try? consumer.seek(Dictionary(uniqueKeysWithValues: outcome.resync.map { (TopicPartition(settings.topic, $0.key), $0.value) }))
+        }
+        return outcome
+    }
+
+    /// Runs on the commit queue: dead letters to their topic, then the transaction,
+    /// retried through database outages until it lands or the loop stops.
+    private func write(_ batch: PreparedBatch) throws -> BatchOutcome {
+        var outcome = BatchOutcome()
+        if let delay = settings.faultCommitDelay {
+            Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18)
+        }
+        guard publishDeadLetters(batch.deadLetters) else {
+            outcome.abandoned = true
+            return outcome
+        }
+        let started = ContinuousClock.now
+        defer { outcome.commitTime = ContinuousClock.now - started }
+        var pending = batch
+        while !pending.moves.isEmpty {
+            do {
+                switch try store.commit(pending) {
+                case .committed(let summary):
+                    readiness.set(true)
+                    for (partition, move) in pending.moves { outcome.committed[partition] = move.next }
+                    outcome.summary = summary
+                    return outcome
+                case .fenced(let partitions):
+                    outcome.fenced.formUnion(partitions)
+                    pending = pending.removing(partitions)
+                case .resync(let offsets):
+                    outcome.resync.merge(offsets) { $1 }
+                    pending = pending.removing(Set(offsets.keys))
+                }
+            } catch let error as PostgresError where error.isRetryable {
+                if stopFlag.isSet {
+                    outcome.abandoned = true
+                    return outcome
+                }
+                readiness.set(false)
+                logger.warning("commit failed, retrying the batch: \(error)")
+                Thread.sleep(forTimeInterval: 0.5)
+            }
+        }
+        return outcome
     }
 
     /// Publishes poison records to the dead-letter topic before their offsets move.
@@ -186,7 +339,7 @@ public final class AggregatorLoop: @unchecked Sendable {
             }
             if failures.isEmpty { return true }
             logger.warning("dead-letter publish failed (\(failures.count) records), retrying: \(failures[0])")
-            if stopFlag.isStopped { return false }
+            if stopFlag.isSet { return false }
             Thread.sleep(forTimeInterval: 0.5)
         }
     }
@@ -202,46 +355,6 @@ public final class AggregatorLoop: @unchecked Sendable {
         }
         done.wait()
         return box.results
-    }
-
-    /// Commits a batch, retrying through database outages; returns false when stopped first.
-    private func commit(_ batch: PreparedBatch) throws -> Bool {
-        var pending = batch
-        while !pending.moves.isEmpty {
-            do {
-                switch try store.commit(pending) {
-                case .committed(let summary):
-                    var positions: [TopicPartition: Int64] = [:]
-                    for (partition, move) in pending.moves {
-                        owned[partition]?.nextOffset = move.next
-                        positions[TopicPartition(settings.topic, partition)] = move.next
-                    }
-                    stats.batches += 1
-                    stats.accepted += summary.accepted
-                    stats.duplicates += summary.duplicates
-                    stats.conflicts += summary.conflicts
-                    stats.deadLetters += summary.deadLetters
-                    // For lag monitoring only; we never resume from Kafka's offsets.
-                    consumer.commitForMonitoring(positions)
-                    return true
-                case .fenced(let partitions):
-                    stats.fencedBatches += 1
-                    logger.warning("fenced on partitions \(partitions.sorted()): another instance owns them now; dropping their records")
-                    for partition in partitions { owned.removeValue(forKey: partition) }
-                    pending = pending.removing(partitions)
-                case .resync(let offsets):
-                    logger.warning("stored offsets moved under our own epoch (an earlier commit landed); resuming from \(offsets)")
-                    for (partition, offset) in offsets { owned[partition]?.nextOffset = offset }
-                    try consumer.seek(Dictionary(uniqueKeysWithValues: offsets.map { (TopicPartition(settings.topic, $0.key), $0.value) }))
-                    pending = pending.removing(Set(offsets.keys))
-                }
-            } catch let error as PostgresError where error.isRetryable {
-                if stopFlag.isStopped { return false }
-                logger.warning("commit failed, retrying the batch: \(error)")
-                Thread.sleep(forTimeInterval: 0.5)
-            }
-        }
-        return true
     }
 
     private func isCaughtUp() -> Bool {

@@ -22,6 +22,7 @@ struct TallyAggregator: ParsableCommand {
     @OptionGroup var database: DatabaseOptions
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var ops: OpsOptions
 
     @Option(help: "Consumer group. Env: TALLY_AGGREGATOR_GROUP. Default: tally-aggregator.")
     var group: String?
@@ -47,6 +48,7 @@ struct TallyAggregator: ParsableCommand {
 
     func run() throws {
         JSONLogHandler.bootstrap(service: "tally-aggregator", level: logging.logLevel)
+        let registry = OpsOptions.bootstrapMetrics()
         let logger = Logger(label: "tally.aggregator")
         var settings = AggregatorSettings()
         settings.group = group ?? environment("TALLY_AGGREGATOR_GROUP") ?? "tally-aggregator"
@@ -65,13 +67,13 @@ struct TallyAggregator: ParsableCommand {
         let instanceID = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
         let store = AggregatorStore(connection: connection, group: settings.group, topic: settings.topic,
                                     instanceID: instanceID, logger: logger)
-        let stop = StopFlag()
+        let stop = SharedFlag()
         let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
             source.setEventHandler {
                 logger.info("signal \(number): finishing the batch and leaving the group")
-                stop.stop()
+                stop.set()
             }
             source.resume()
             return source
@@ -79,6 +81,8 @@ struct TallyAggregator: ParsableCommand {
         defer { signals.forEach { $0.cancel() } }
         logger.info("starting", metadata: ["group": "\(settings.group)", "topic": "\(settings.topic)", "instance": "\(instanceID)"])
         let loop = try AggregatorLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: stop)
+        let opsServer = try ops.start(registry: registry, logger: logger, ready: { loop.isReady })
         try loop.run()
+        _ = opsServer
     }
 }

@@ -61,6 +61,7 @@ final class AggregatorHarness: @unchecked Sendable {
         let process = try ChildProcess(TestStack.executable("tally-aggregator"), [
             "--database-url", databaseURL, "--topic", topic, "--group", group,
             "--session-timeout-ms", "6000", "--stats-interval-seconds", "2", "--batch-size", "2000",
+            "--ops-address", "127.0.0.1:0",
         ] + extra, environment: environment)
         processes.append(process)
         return process
@@ -68,7 +69,8 @@ final class AggregatorHarness: @unchecked Sendable {
 
     /// Stored next_offset per partition.
     func storedOffsets() throws -> [Int32: Int64] {
-        let result = try connection.query("SELECT partition, next_offset FROM tally.consumer_offsets WHERE consumer_group = $1 AND topic = $2", [group, topic])
+        // Retrying: some tests restart PostgreSQL under the harness too.
+        let result = try connection.retrying { try $0.query("SELECT partition, next_offset FROM tally.consumer_offsets WHERE consumer_group = $1 AND topic = $2", [group, topic]) }
         var offsets: [Int32: Int64] = [:]
         for row in 0..<result.rowCount { offsets[Int32(try result.int64(row, 0)!)] = try result.int64(row, 1)! }
         return offsets
@@ -129,6 +131,29 @@ final class AggregatorHarness: @unchecked Sendable {
                                       spacingMicroseconds: 7_000_000, idPrefix: prefix)
         return (0..<count).map { _ in generator.next().event }
     }
+}
+
+extension ChildProcess {
+    /// The port the process's ops endpoint bound, from its "ops endpoint on http://…" log line.
+    var opsPort: Int? {
+        guard let range = log.range(of: #"ops endpoint on http://[0-9.]+:([0-9]+)"#, options: .regularExpression) else { return nil }
+        return Int(log[range].split(separator: ":").last ?? "")
+    }
+}
+
+/// GETs a URL on the loopback interface; returns status and body.
+func httpGet(_ url: String) throws -> (status: Int, body: String) {
+    let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", """
+        import sys, urllib.request, urllib.error
+        try:
+            r = urllib.request.urlopen(sys.argv[1], timeout=5); print(r.status); print(r.read().decode())
+        except urllib.error.HTTPError as e:
+            print(e.code); print(e.read().decode())
+        """, url])
+    guard status == 0, let newline = output.firstIndex(of: "\n"), let code = Int(output[..<newline]) else {
+        throw NSError(domain: "httpGet", code: Int(status), userInfo: [NSLocalizedDescriptionKey: output])
+    }
+    return (code, String(output[output.index(after: newline)...]))
 }
 
 extension TestStack {

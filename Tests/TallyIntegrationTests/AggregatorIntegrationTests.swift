@@ -36,6 +36,20 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertTrue(try harness.waitUntilConsumed(), "consumed after restart\n\(second.log)")
 
         try harness.assertTotals(equal: AggregatorHarness.recount(events + more))
+
+        // The ops endpoint: live, ready, and Prometheus metrics that match what happened.
+        let port = try XCTUnwrap(second.opsPort, second.log)
+        XCTAssertEqual(try httpGet("http://127.0.0.1:\(port)/livez").status, 200)
+        XCTAssertEqual(try httpGet("http://127.0.0.1:\(port)/readyz").status, 200)
+        let metrics = try httpGet("http://127.0.0.1:\(port)/metrics").body
+        func sample(_ name: String) -> Double? {
+            metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+        }
+        XCTAssertEqual(sample("tally_aggregator_events_accepted_total"), 100, "the restarted instance counted the 100 new events\n\(metrics)")
+        XCTAssertEqual(sample("tally_aggregator_duplicates_total"), 500)
+        XCTAssertTrue(metrics.contains("tally_aggregator_lag_records{partition="), metrics)
+        XCTAssertTrue(metrics.contains("tally_aggregator_transaction_seconds_bucket"), metrics)
+        XCTAssertFalse(metrics.contains("cust-"), "no customer id in any label")
         let conflicts = try harness.connection.query("SELECT count(*), count(DISTINCT event_id) FROM tally.event_conflicts").rows[0]
         XCTAssertEqual(conflicts, ["50", "50"])
         let keys = try harness.connection.query("SELECT count(*) FROM tally.usage_event_keys").scalar
@@ -70,6 +84,27 @@ final class AggregatorIntegrationTests: XCTestCase {
         try harness.assertTotals(equal: AggregatorHarness.recount(events))
         final.signal(SIGTERM)
         XCTAssertEqual(final.wait(timeout: .seconds(30)), 0)
+    }
+
+    /// PostgreSQL stopped (immediate) mid-stream and started again: the aggregator waits,
+    /// reconnects, and finishes with exact totals.
+    func testSurvivesAPostgresRestartMidStream() async throws {
+        let harness = try AggregatorHarness()
+        let events = AggregatorHarness.events(count: 30_000, seed: 61, customers: 80)
+        let aggregator = try harness.startAggregator()
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(60)) { aggregator.log.contains("assigned partitions") }, aggregator.log)
+        try await harness.publish(Array(events[0..<15_000]))
+        try await Task.sleep(for: .seconds(1))
+        try TestStack.stack("pg-stop")
+        try await harness.publish(Array(events[15_000...]))
+        try await Task.sleep(for: .seconds(3))
+        XCTAssertNil(aggregator.wait(timeout: .milliseconds(10)), "still running while the database is away")
+        try TestStack.stack("pg-start")
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        try harness.assertTotals(equal: AggregatorHarness.recount(events))
+        XCTAssertTrue(aggregator.log.contains("retrying"), "it noticed the outage")
+        aggregator.signal(SIGTERM)
+        XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
     }
 
     /// Two instances share the group; one is killed midway; the other takes over: exact totals.

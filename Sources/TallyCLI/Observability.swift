@@ -1,0 +1,34 @@
+import ArgumentParser
+import Logging
+import Metrics
+import Prometheus
+
+/// Where a service serves `/livez`, `/readyz` and `/metrics`.
+public struct OpsOptions: ParsableArguments {
+    @Option(name: .customLong("ops-address"),
+            help: "host:port for /livez, /readyz and /metrics (port 0 picks a free one; 'off' disables). Env: TALLY_OPS_ADDRESS. Default: 0.0.0.0:9464.")
+    var opsAddressFlag: String?
+
+    public init() {}
+
+    /// Installs the Prometheus metrics backend. Call it before creating anything that
+    /// makes metrics: those made earlier report to nowhere.
+    public static func bootstrapMetrics() -> PrometheusCollectorRegistry {
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        return registry
+    }
+
+    /// Starts the ops endpoint serving `registry`; nil when disabled.
+    public func start(registry: PrometheusCollectorRegistry, logger: Logger, ready: @escaping @Sendable () -> Bool) throws -> OpsServer? {
+        let address = opsAddressFlag ?? environment("TALLY_OPS_ADDRESS") ?? "0.0.0.0:9464"
+        if address == "off" { return nil }
+        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]), (0...65535).contains(port) else {
+            throw ValidationError("--ops-address \(address): expected host:port")
+        }
+        let server = try OpsServer(host: String(address[..<colon]), port: port, logger: logger, ready: ready,
+                                   metrics: { registry.emitToString() })
+        logger.info("ops endpoint on http://\(address[..<colon]):\(server.port) (/livez /readyz /metrics)")
+        return server
+    }
+}
