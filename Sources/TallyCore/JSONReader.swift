@@ -23,7 +23,7 @@ enum JSONKind: Equatable {
 
 /// A JSON number read exactly, with no floating point: either a whole number that
 /// fits the range Tally accepts, or the reason it is not one.
-enum JSONInteger: Equatable {
+public enum JSONInteger: Equatable, Sendable {
     case value(Int64)
     /// Has a non-zero fractional part.
     case fractional

@@ -73,6 +73,12 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
         KafkaError(code: .closed, reason: "the client is closed", isRetryable: false, file: file, line: line)
     }
 
+    /// The client can no longer be used and must be recreated.
+    public var requiresNewClient: Bool {
+        rdKafkaCode == RD_KAFKA_RESP_ERR__FATAL.rawValue || rdKafkaCode == RD_KAFKA_RESP_ERR_PRODUCER_FENCED.rawValue
+            || rdKafkaCode == RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH.rawValue
+    }
+
     /// Errors a broker outage or a slow broker produces; the write may succeed when retried.
     static func isTransient(_ err: rd_kafka_resp_err_t) -> Bool {
         switch err {

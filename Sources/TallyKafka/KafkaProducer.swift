@@ -193,6 +193,12 @@ public final class KafkaProducer: @unchecked Sendable {
         }
     }
 
+    /// The producer hit a fatal error (e.g. fenced after an idempotence epoch bump): it
+    /// fails every send from now on, and the owner must replace it with a new one.
+    public var hasFatalError: Bool {
+        rd_kafka_fatal_error(handle.pointer, nil, 0) != RD_KAFKA_RESP_ERR_NO_ERROR
+    }
+
     /// Records still waiting for an acknowledgement.
     public var outstandingCount: Int {
         Int(rd_kafka_outq_len(handle.pointer))

@@ -73,7 +73,9 @@ struct BatchOutcome: Sendable {
 public final class AggregatorLoop: @unchecked Sendable {
     private let settings: AggregatorSettings
     private let store: AggregatorStore
-    private let deadLetterProducer: KafkaProducer
+    /// Used on the commit queue only; replaced when it hits a fatal error.
+    private var deadLetterProducer: KafkaProducer
+    private let kafkaConfiguration: KafkaConfiguration
     private let logger: Logger
     private let stopFlag: SharedFlag
     private var consumer: KafkaConsumer!
@@ -102,6 +104,7 @@ public final class AggregatorLoop: @unchecked Sendable {
         self.store = store
         self.logger = logger
         self.stopFlag = stop
+        kafkaConfiguration = kafka
         deadLetterProducer = try KafkaProducer(configuration: kafka, logger: logger)
         // The handler runs inside poll on this loop's thread; `self` outlives the consumer.
         let handler = RebalanceHandler()
@@ -339,6 +342,10 @@ public final class AggregatorLoop: @unchecked Sendable {
             }
             if failures.isEmpty { return true }
             logger.warning("dead-letter publish failed (\(failures.count) records), retrying: \(failures[0])")
+            if deadLetterProducer.hasFatalError || failures.contains(where: \.requiresNewClient) {
+                // A fenced or fatally failed idempotent producer fails every later send.
+                if let fresh = try? KafkaProducer(configuration: kafkaConfiguration, logger: logger) { deadLetterProducer = fresh }
+            }
             if stopFlag.isSet { return false }
             Thread.sleep(forTimeInterval: 0.5)
         }

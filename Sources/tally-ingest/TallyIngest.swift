@@ -1,26 +1,64 @@
 import ArgumentParser
+import Foundation
+import Hummingbird
 import Logging
+import Metrics
+import NIOCore
 import TallyCLI
+import TallyCore
 import TallyKafka
 
-/// The producer shim. Its HTTP API (issue #3) is not built yet; today it checks its
-/// settings and that the broker answers, so deployments can wire it up.
 @main
 struct TallyIngest: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tally-ingest",
         abstract: "Tally's ingest API: validates usage events and publishes them to the usage topic.",
-        discussion: "Not built yet: this version only checks its settings and the broker, then exits 2.")
+        discussion: """
+            POST /v1/events takes one event, a JSON array, or NDJSON; POST /v1/usage/{provider} takes a \
+            provider-native usage object (openai, openai-responses, anthropic, gemini, bedrock). An event is \
+            answered accepted only after the broker acknowledged it (acks=all, idempotent producer). \
+            GET /livez, /readyz and /metrics serve operations. SIGTERM stops accepting, finishes requests \
+            in flight, flushes the producer and exits 0.
+            """)
 
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var logging: LoggingOptions
 
+    @Option(help: "Address to listen on. Env: TALLY_INGEST_HOST. Default: 0.0.0.0.") var host: String?
+    @Option(help: "Port to listen on (0 picks a free one, logged at start). Env: TALLY_INGEST_PORT. Default: 8080.") var port: Int?
+    @Option(help: "Largest request body in bytes; larger bodies get 413 before parsing.") var maxBodyBytes = 1 << 20
+    @Option(help: "Most events in one request; more get 413.") var maxBatchEvents = 10_000
+    @Option(help: "Oldest accepted event time, in days before now.") var maxEventAgeDays = 35
+    @Option(help: "Latest accepted event time, in minutes after now.") var maxEventFutureMinutes = 5
+    @Option(help: "How long the broker may take to acknowledge before events are answered not written (503).") var deliveryTimeoutMs = 10_000
+
     func run() async throws {
         JSONLogHandler.bootstrap(service: "tally-ingest", level: logging.logLevel)
+        let registry = OpsOptions.bootstrapMetrics()
         let logger = Logger(label: "tally.ingest")
-        let admin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
-        let partitions = try admin.partitionCount(of: kafka.topic)
-        logger.error("the HTTP ingest API is not built yet; broker reachable, \(kafka.topic) has \(partitions) partitions")
-        throw ExitCode(2)
+        var properties = try kafka.extraProperties
+        properties["message.timeout.ms"] = properties["message.timeout.ms"] ?? String(deliveryTimeoutMs)
+        let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: properties)
+        let admin = try KafkaAdmin(configuration: kafkaConfiguration, logger: logger)
+        let parser = IngestBatchParser(maxEvents: maxBatchEvents,
+                                       maxAgeMicroseconds: Int64(maxEventAgeDays) * 86_400_000_000,
+                                       maxFutureMicroseconds: Int64(maxEventFutureMinutes) * 60_000_000)
+        let service = try IngestService(kafkaConfiguration: kafkaConfiguration, admin: admin, topic: kafka.topic, parser: parser,
+                                        maxBodyBytes: maxBodyBytes, logger: logger)
+        let router = Router()
+        service.register(on: router, metrics: { registry.emitToString() })
+        let listenHost = host ?? environment("TALLY_INGEST_HOST") ?? "0.0.0.0"
+        let listenPort = port ?? environment("TALLY_INGEST_PORT").flatMap(Int.init) ?? 8080
+        let app = Application(
+            router: router,
+            configuration: .init(address: .hostname(listenHost, port: listenPort), serverName: "tally-ingest"),
+            onServerRunning: { channel in
+                logger.info("listening on http://\(listenHost):\(channel.localAddress?.port ?? listenPort)")
+            },
+            logger: logger)
+        // Stops accepting on SIGTERM/SIGINT and returns once requests in flight are answered.
+        try await app.runService(gracefulShutdownSignals: [.sigterm, .sigint])
+        await service.producer.close(flushTimeout: .seconds(30))
+        logger.info("stopped; producer flushed")
     }
 }

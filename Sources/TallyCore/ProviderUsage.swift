@@ -1,0 +1,176 @@
+/// Provider-native usage objects, mapped losslessly onto Tally's token counts.
+///
+/// Tally counts like OpenTelemetry GenAI: input includes cache reads and writes,
+/// output includes reasoning. Providers differ, and each mapping says how:
+/// - `openai` (Chat Completions `usage`): `prompt_tokens` includes
+///   `prompt_tokens_details.cached_tokens`; `completion_tokens` includes
+///   `completion_tokens_details.reasoning_tokens`. OpenAI bills no cache writes.
+/// - `openai-responses` (Responses `usage`): `input_tokens` includes
+///   `input_tokens_details.cached_tokens`; `output_tokens` includes
+///   `output_tokens_details.reasoning_tokens`.
+/// - `anthropic` (Messages `usage`): `input_tokens` excludes
+///   `cache_read_input_tokens` and `cache_creation_input_tokens`, so input is
+///   their sum; thinking is inside `output_tokens` and not reported apart.
+/// - `gemini` (`usageMetadata`): `promptTokenCount` includes
+///   `cachedContentTokenCount`; `toolUsePromptTokenCount` is further input;
+///   `candidatesTokenCount` excludes `thoughtsTokenCount`, so output is their sum.
+/// - `bedrock` (Converse `usage`): `inputTokens` excludes `cacheReadInputTokens`
+///   and `cacheWriteInputTokens`, so input is their sum.
+public enum UsageProvider: String, Sendable, CaseIterable {
+    case openai
+    case openaiResponses = "openai-responses"
+    case anthropic
+    case gemini
+    case bedrock
+
+    /// The provider label written into the canonical event.
+    public var providerLabel: String {
+        switch self {
+        case .openai, .openaiResponses: "openai"
+        case .anthropic: "anthropic"
+        case .gemini: "google"
+        case .bedrock: "bedrock"
+        }
+    }
+}
+
+/// Canonical token counts.
+public struct TokenCounts: Equatable, Sendable {
+    public var input: Int64
+    public var output: Int64
+    public var cacheRead: Int64 = 0
+    public var cacheWrite: Int64 = 0
+    public var reasoning: Int64 = 0
+
+    public init(input: Int64, output: Int64, cacheRead: Int64 = 0, cacheWrite: Int64 = 0, reasoning: Int64 = 0) {
+        self.input = input
+        self.output = output
+        self.cacheRead = cacheRead
+        self.cacheWrite = cacheWrite
+        self.reasoning = reasoning
+    }
+}
+
+public enum ProviderUsageMapper {
+    /// Maps `usage` (the provider's object) to canonical counts; violations name paths under `path`.
+    public static func map(_ provider: UsageProvider, usage: JSONValue, path: String = "usage") -> Result<TokenCounts, EventDecodingError> {
+        var violations: [FieldViolation] = []
+        guard case .object = usage else { return .failure(.invalid([FieldViolation(path, "must be the provider's usage object")])) }
+        func count(_ keys: [String], required: Bool) -> Int64 {
+            var value: JSONValue? = usage
+            for key in keys { value = value?[key] }
+            let fieldPath = ([path] + keys).joined(separator: ".")
+            switch value {
+            case nil, .null?:
+                if required { violations.append(FieldViolation(fieldPath, "is required")) }
+                return 0
+            case .integer(.value(let number))? where number >= 0 && number <= EventLimits.maxTokens:
+                return number
+            default:
+                violations.append(FieldViolation(fieldPath, "must be an integer ≥ 0"))
+                return 0
+            }
+        }
+        let counts: TokenCounts
+        switch provider {
+        case .openai:
+            counts = TokenCounts(input: count(["prompt_tokens"], required: true), output: count(["completion_tokens"], required: true),
+                                 cacheRead: count(["prompt_tokens_details", "cached_tokens"], required: false),
+                                 reasoning: count(["completion_tokens_details", "reasoning_tokens"], required: false))
+        case .openaiResponses:
+            counts = TokenCounts(input: count(["input_tokens"], required: true), output: count(["output_tokens"], required: true),
+                                 cacheRead: count(["input_tokens_details", "cached_tokens"], required: false),
+                                 reasoning: count(["output_tokens_details", "reasoning_tokens"], required: false))
+        case .anthropic:
+            let uncached = count(["input_tokens"], required: true)
+            let read = count(["cache_read_input_tokens"], required: false)
+            let write = count(["cache_creation_input_tokens"], required: false)
+            counts = TokenCounts(input: uncached + read + write, output: count(["output_tokens"], required: true),
+                                 cacheRead: read, cacheWrite: write)
+        case .gemini:
+            let thoughts = count(["thoughtsTokenCount"], required: false)
+            counts = TokenCounts(input: count(["promptTokenCount"], required: true) + count(["toolUsePromptTokenCount"], required: false),
+                                 output: count(["candidatesTokenCount"], required: false) + thoughts,
+                                 cacheRead: count(["cachedContentTokenCount"], required: false), reasoning: thoughts)
+        case .bedrock:
+            let uncached = count(["inputTokens"], required: true)
+            let read = count(["cacheReadInputTokens"], required: false)
+            let write = count(["cacheWriteInputTokens"], required: false)
+            counts = TokenCounts(input: uncached + read + write, output: count(["outputTokens"], required: true),
+                                 cacheRead: read, cacheWrite: write)
+        }
+        if !violations.isEmpty { return .failure(.invalid(violations)) }
+        if counts.cacheRead + counts.cacheWrite > counts.input || counts.reasoning > counts.output
+            || counts.input > EventLimits.maxTokens || counts.output > EventLimits.maxTokens {
+            return .failure(.invalid([FieldViolation(path, "inconsistent counts: cached tokens exceed input or reasoning exceeds output")]))
+        }
+        return .success(counts)
+    }
+}
+
+/// Builds a canonical event from a provider-native request:
+/// `{"id", "customer", "model", "time", "usage": {…}}` plus optional `source`,
+/// `feature`, `environment` and `properties`.
+public enum ProviderEventBuilder {
+    public static func build(_ provider: UsageProvider, body: [UInt8]) -> Result<(event: UsageEvent, bytes: [UInt8]), EventDecodingError> {
+        let document: JSONValue
+        switch JSONValue.parse(body) {
+        case .failure(let error): return .failure(.malformedJSON(error))
+        case .success(let value): document = value
+        }
+        guard case .object(let members) = document else { return .failure(.invalid([FieldViolation("", "the body must be a JSON object")])) }
+        var violations: [FieldViolation] = []
+        func text(_ key: String, required: Bool) -> String? {
+            switch members[key] {
+            case .string(let value)?: return value
+            case nil, .null?:
+                if required { violations.append(FieldViolation(key, "is required")) }
+                return nil
+            default:
+                violations.append(FieldViolation(key, "must be a string"))
+                return nil
+            }
+        }
+        let id = text("id", required: true)
+        let customer = text("customer", required: true)
+        let model = text("model", required: true)
+        let timeText = text("time", required: true)
+        let source = text("source", required: false) ?? "tally://ingest/\(provider.rawValue)"
+        let feature = text("feature", required: false)
+        let environment = text("environment", required: false)
+        var properties: [String: String] = [:]
+        if let raw = members["properties"] {
+            if case .object(let entries) = raw {
+                for (key, value) in entries {
+                    if let string = value.string { properties[key] = string } else { violations.append(FieldViolation("properties.\(key)", "must be a string")) }
+                }
+            } else {
+                violations.append(FieldViolation("properties", "must be an object of strings"))
+            }
+        }
+        let time = timeText.flatMap(EventTime.init)
+        if timeText != nil && time == nil {
+            violations.append(FieldViolation("time", "must be an RFC 3339 date-time with offset, e.g. 2026-01-01T12:00:00Z"))
+        }
+        var counts: TokenCounts?
+        if let usage = members["usage"] {
+            switch ProviderUsageMapper.map(provider, usage: usage) {
+            case .success(let mapped): counts = mapped
+            case .failure(let problems): violations += problems.violations
+            }
+        } else {
+            violations.append(FieldViolation("usage", "is required"))
+        }
+        guard violations.isEmpty, let id, let customer, let model, let time, let counts else { return .failure(.invalid(violations)) }
+        let event = UsageEvent(id: id, source: source, subject: customer, time: time, model: model,
+                               provider: provider.providerLabel, feature: feature, environment: environment,
+                               inputTokens: counts.input, outputTokens: counts.output, cacheReadInputTokens: counts.cacheRead,
+                               cacheWriteInputTokens: counts.cacheWrite, reasoningOutputTokens: counts.reasoning, properties: properties)
+        let bytes = EventEncoder.encode(event)
+        // The canonical event passes the same validator as any other (lengths, limits).
+        switch EventDecoder.decode(bytes) {
+        case .failure(let error): return .failure(error)
+        case .success: return .success((event, bytes))
+        }
+    }
+}

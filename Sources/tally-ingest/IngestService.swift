@@ -1,0 +1,258 @@
+import Foundation
+import Hummingbird
+import Logging
+import Metrics
+import NIOCore
+import TallyCore
+import TallyKafka
+
+/// The HTTP handlers of the ingest API.
+final class IngestService: Sendable {
+    private let producerBox: ProducerBox
+    let kafkaConfiguration: KafkaConfiguration
+    let admin: KafkaAdmin
+    let topic: String
+    let parser: IngestBatchParser
+    let maxBodyBytes: Int
+    let logger: Logger
+
+    let requests = Counter(label: "tally_ingest_requests_total")
+    let accepted = Counter(label: "tally_ingest_events_accepted_total")
+    let duplicates = Counter(label: "tally_ingest_events_duplicate_in_request_total")
+    let notWritten = Counter(label: "tally_ingest_events_not_written_total")
+    let produceLatency = Metrics.Timer(label: "tally_ingest_produce_seconds")
+
+    /// The current producer; replaced when it hits a fatal error.
+    private final class ProducerBox: @unchecked Sendable {
+        let lock = NSLock()
+        var producer: KafkaProducer
+        init(_ producer: KafkaProducer) { self.producer = producer }
+    }
+
+    var producer: KafkaProducer { producerBox.lock.withLock { producerBox.producer } }
+
+    init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int, logger: Logger) throws {
+        self.kafkaConfiguration = kafkaConfiguration
+        producerBox = ProducerBox(try KafkaProducer(configuration: kafkaConfiguration, logger: logger))
+        self.admin = admin
+        self.topic = topic
+        self.parser = parser
+        self.maxBodyBytes = maxBodyBytes
+        self.logger = logger
+    }
+
+    func register(on router: Router<BasicRequestContext>, metrics: @escaping @Sendable () -> String) {
+        router.post("v1/events") { request, _ in try await self.events(request) }
+        router.post("v1/usage/:provider") { request, context in try await self.providerUsage(request, provider: context.parameters.get("provider") ?? "") }
+        router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
+        router.get("readyz") { _, _ in
+            // Ready when the broker answers for our topic.
+            let ready = (try? self.admin.partitionCount(of: self.topic, timeout: .seconds(2))) != nil
+            return Response(status: ready ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain"],
+                            body: .init(byteBuffer: ByteBuffer(string: ready ? "ready\n" : "broker unreachable\n")))
+        }
+        router.get("metrics") { _, _ in
+            Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                     body: .init(byteBuffer: ByteBuffer(string: metrics())))
+        }
+    }
+
+    private func rejectedCounter(_ reason: String) -> Counter {
+        Counter(label: "tally_ingest_events_rejected_total", dimensions: [("reason", reason)])
+    }
+
+    private func body(_ request: Request) async throws -> [UInt8]? {
+        do {
+            let buffer = try await request.body.collect(upTo: maxBodyBytes)
+            return Array(buffer.readableBytesView)
+        } catch let error as HTTPResponseError where error.status == .contentTooLarge {
+            return nil
+        }
+    }
+
+    func events(_ request: Request) async throws -> Response {
+        requests.increment()
+        guard let format = IngestBodyFormat(contentType: request.headers[.contentType] ?? "application/json") else {
+            return problem(.unsupportedMediaType, "unsupported content type",
+                           "use application/json, application/cloudevents+json, application/cloudevents-batch+json or application/x-ndjson")
+        }
+        guard let body = try await body(request) else {
+            rejectedCounter("body_too_large").increment()
+            return problem(.contentTooLarge, "request body too large", "the limit is \(maxBodyBytes) bytes")
+        }
+        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        switch parser.parse(body, format: format, nowMicroseconds: now) {
+        case .failure(.malformed(let error)):
+            rejectedCounter("malformed_json").increment()
+            return problem(.badRequest, "malformed JSON", error.description, extra: [("position", .number(Int64(error.offset)))])
+        case .failure(.tooManyEvents(let count, let limit)):
+            rejectedCounter("too_many_events").increment()
+            return problem(.contentTooLarge, "too many events", "\(count) events in one request; the limit is \(limit)")
+        case .failure(.empty):
+            return problem(.badRequest, "no events", "the request holds no event")
+        case .success(let outcomes):
+            let isSingle = format == .json && body.first(where: { ![0x20, 0x09, 0x0a, 0x0d].contains($0) }) != UInt8(ascii: "[")
+            return await publish(outcomes, single: isSingle)
+        }
+    }
+
+    func providerUsage(_ request: Request, provider name: String) async throws -> Response {
+        requests.increment()
+        guard let provider = UsageProvider(rawValue: name) else {
+            return problem(.notFound, "unknown provider", "providers: \(UsageProvider.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard let body = try await body(request) else {
+            return problem(.contentTooLarge, "request body too large", "the limit is \(maxBodyBytes) bytes")
+        }
+        switch ProviderEventBuilder.build(provider, body: body) {
+        case .failure(let error):
+            return await publish([.rejected(error.violations)], single: true)
+        case .success(let built):
+            let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+            // Same rules as /v1/events, including the time window.
+            switch parser.parse(built.bytes, format: .json, nowMicroseconds: now) {
+            case .success(let outcomes): return await publish(outcomes, single: true)
+            case .failure: return problem(.badRequest, "invalid event", "the canonical event could not be read back")
+            }
+        }
+    }
+
+    /// Publishes the valid events and answers per event, in request order.
+    private func publish(_ outcomes: [IngestOutcome], single: Bool) async -> Response {
+        var records: [ProducerRecord] = []
+        var recordIndex: [Int] = []
+        for (index, outcome) in outcomes.enumerated() {
+            if case .valid(let event, let bytes) = outcome {
+                records.append(ProducerRecord(topic: topic, key: Array(event.subject.utf8), value: bytes))
+                recordIndex.append(index)
+            }
+        }
+        let started = ContinuousClock.now
+        let usedProducer = producer
+        let deliveries = await usedProducer.send(records)
+        replaceIfBroken(usedProducer, after: deliveries)
+        let elapsed = ContinuousClock.now - started
+        if !records.isEmpty {
+            produceLatency.recordNanoseconds(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+        }
+        var delivery: [Int: Result<DeliveryReport, KafkaError>] = [:]
+        for (position, index) in recordIndex.enumerated() { delivery[index] = deliveries[position] }
+
+        var results: [JSONField] = []
+        var counts = (accepted: 0, rejected: 0, duplicate: 0, notWritten: 0)
+        var firstViolations: [FieldViolation] = []
+        for (index, outcome) in outcomes.enumerated() {
+            var fields: [(String, JSONField)] = [("index", .number(Int64(index)))]
+            switch outcome {
+            case .valid(let event, _):
+                fields.append(("id", .string(event.id)))
+                switch delivery[index]! {
+                case .success(let report):
+                    counts.accepted += 1
+                    fields += [("status", .string("accepted")), ("partition", .number(Int64(report.partition))), ("offset", .number(report.offset))]
+                case .failure(let error):
+                    counts.notWritten += 1
+                    fields += [("status", .string("not_written")), ("reason", .string(error.description))]
+                }
+            case .rejected(let violations):
+                counts.rejected += 1
+                if firstViolations.isEmpty { firstViolations = violations }
+                for violation in violations { rejectedCounter(violation.path == "" ? "malformed" : violation.path == "time" ? "time_window" : "invalid").increment() }
+                fields += [("status", .string("rejected")),
+                           ("errors", .array(violations.map { .object([("field", .string($0.path)), ("reason", .string($0.reason))]) }))]
+            case .duplicateInRequest(let first):
+                counts.duplicate += 1
+                fields += [("status", .string("duplicate_in_request")), ("first_index", .number(Int64(first)))]
+            }
+            results.append(.object(fields))
+        }
+        accepted.increment(by: counts.accepted)
+        duplicates.increment(by: counts.duplicate)
+        notWritten.increment(by: counts.notWritten)
+        if counts.notWritten > 0 {
+            logger.warning("broker did not acknowledge \(counts.notWritten) events")
+        }
+        let summary: [(String, JSONField)] = [
+            ("accepted", .number(Int64(counts.accepted))), ("rejected", .number(Int64(counts.rejected))),
+            ("duplicates", .number(Int64(counts.duplicate))), ("not_written", .number(Int64(counts.notWritten))),
+            ("results", .array(results)),
+        ]
+        if counts.notWritten > 0 {
+            var headers = HTTPFields()
+            headers[.retryAfter] = "5"
+            return problem(.serviceUnavailable, "broker unavailable",
+                           "\(counts.notWritten) events were not written; resend them (ids are idempotency keys)",
+                           extra: summary, headers: headers)
+        }
+        if counts.accepted == 0 && counts.duplicate == 0 {
+            let detail = single ? firstViolations.map(\.description).joined(separator: "; ") : "no event in the request is valid"
+            return problem(.badRequest, "invalid event", detail, extra: summary)
+        }
+        return json(.accepted, .object(summary))
+    }
+
+    /// An idempotent producer that timed out can come back fenced or fatally broken, failing
+    /// every later send; librdkafka's answer is a new producer. The failed events were
+    /// answered not written, and their ids make a resend safe.
+    private func replaceIfBroken(_ used: KafkaProducer, after deliveries: [Result<DeliveryReport, KafkaError>]) {
+        let broken = used.hasFatalError || deliveries.contains { result in
+            if case .failure(let error) = result { return error.requiresNewClient } else { return false }
+        }
+        guard broken else { return }
+        producerBox.lock.withLock {
+            guard producerBox.producer === used else { return }
+            do {
+                producerBox.producer = try KafkaProducer(configuration: kafkaConfiguration, logger: logger)
+                logger.warning("producer hit a fatal error; replaced it with a new one")
+            } catch {
+                logger.error("could not replace the broken producer: \(error)")
+            }
+        }
+        Task { await used.close(flushTimeout: .seconds(5)) }
+    }
+
+    private func json(_ status: HTTPResponse.Status, _ value: JSONField, contentType: String = "application/json", headers extra: HTTPFields = [:]) -> Response {
+        var writer = JSONWriter()
+        value.write(to: &writer)
+        var headers = extra
+        headers[.contentType] = contentType
+        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: writer.bytes)))
+    }
+
+    /// An `application/problem+json` answer (RFC 9457).
+    private func problem(_ status: HTTPResponse.Status, _ title: String, _ detail: String,
+                         extra: [(String, JSONField)] = [], headers: HTTPFields = [:]) -> Response {
+        json(status, .object([("type", .string("about:blank")), ("title", .string(title)), ("status", .number(Int64(status.code))),
+                              ("detail", .string(detail))] + extra),
+             contentType: "application/problem+json", headers: headers)
+    }
+}
+
+/// A JSON value to write, with object members in the given order.
+indirect enum JSONField: Sendable {
+    case string(String)
+    case number(Int64)
+    case array([JSONField])
+    case object([(String, JSONField)])
+
+    func write(to writer: inout JSONWriter) {
+        switch self {
+        case .string(let text): writer.string(text)
+        case .number(let value): writer.integer(value)
+        case .array(let elements):
+            writer.raw("[")
+            for (index, element) in elements.enumerated() {
+                if index > 0 { writer.raw(",") }
+                element.write(to: &writer)
+            }
+            writer.raw("]")
+        case .object(let members):
+            writer.raw("{")
+            for (index, (key, value)) in members.enumerated() {
+                writer.key(key, first: index == 0)
+                value.write(to: &writer)
+            }
+            writer.raw("}")
+        }
+    }
+}

@@ -1,0 +1,51 @@
+import TallyCore
+import XCTest
+
+final class IngestBatchTests: XCTestCase {
+    let now: Int64 = 1_800_000_000_000_000
+    let parser = IngestBatchParser(maxEvents: 3)
+
+    func event(_ id: String, offsetMinutes: Int64 = 0) -> String {
+        let time = EventTime(microseconds: now + offsetMinutes * 60_000_000).text
+        return #"{"specversion":"1.0","id":"\#(id)","source":"s","type":"llm.usage","subject":"c","time":"\#(time)","data":{"model":"m","input_tokens":1,"output_tokens":1}}"#
+    }
+
+    func parse(_ body: String, _ format: IngestBodyFormat) -> Result<[IngestOutcome], IngestRequestError> {
+        parser.parse(Array(body.utf8), format: format, nowMicroseconds: now)
+    }
+
+    func statuses(_ result: Result<[IngestOutcome], IngestRequestError>) -> [String] {
+        guard case .success(let outcomes) = result else { return ["failure"] }
+        return outcomes.map {
+            switch $0 {
+            case .valid: "valid"
+            case .rejected(let violations): "rejected:" + violations.map(\.path).joined(separator: ",")
+            case .duplicateInRequest(let first): "duplicate:\(first)"
+            }
+        }
+    }
+
+    func testFormatsAndPerEventOutcomes() {
+        XCTAssertEqual(statuses(parse(event("a"), .json)), ["valid"])
+        XCTAssertEqual(statuses(parse("[" + event("a") + "," + event("a") + ",{}]", .json)), ["valid", "duplicate:0", "rejected:specversion,id,source,type,subject,time,data"])
+        XCTAssertEqual(statuses(parse(event("a") + "\n\n{bad\r\n" + event("b") + "\n", .ndjson)), ["valid", "rejected:", "valid"])
+        XCTAssertEqual(IngestBodyFormat(contentType: "application/cloudevents-batch+json; charset=utf-8"), .batch)
+        XCTAssertNil(IngestBodyFormat(contentType: "text/plain"))
+        if case .failure(.malformed) = parse(event("a"), .batch) {} else { XCTFail("a batch must be an array") }
+    }
+
+    func testEventTimeWindow() {
+        XCTAssertEqual(statuses(parse(event("old", offsetMinutes: -35 * 24 * 60 - 1), .json)), ["rejected:time"])
+        XCTAssertEqual(statuses(parse(event("ok", offsetMinutes: -35 * 24 * 60 + 1), .json)), ["valid"])
+        XCTAssertEqual(statuses(parse(event("future", offsetMinutes: 6), .json)), ["rejected:time"])
+        XCTAssertEqual(statuses(parse(event("soon", offsetMinutes: 4), .json)), ["valid"])
+    }
+
+    func testRequestLevelErrors() {
+        XCTAssertEqual(parse("[" + [event("a"), event("b"), event("c"), event("d")].joined(separator: ",") + "]", .json),
+                       .failure(.tooManyEvents(count: 4, limit: 3)))
+        XCTAssertEqual(parse("[]", .json), .failure(.empty))
+        guard case .failure(.malformed(let error)) = parse("[" + event("a") + ",", .json) else { return XCTFail() }
+        XCTAssertEqual(error.offset, event("a").utf8.count + 2)
+    }
+}
