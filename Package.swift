@@ -65,7 +65,7 @@ let package = Package(
         .executableTarget(
             name: "tally-ingest",
             dependencies: [
-                "TallyCore", "TallyKafka", "TallyCLI",
+                "TallyCore", "TallyKafka", "TallyPostgres", "TallyCLI",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -5,6 +5,7 @@ import Metrics
 import NIOCore
 import TallyCore
 import TallyKafka
+import TallyPostgres
 
 /// The HTTP handlers of the ingest API.
 final class IngestService: Sendable {
@@ -15,6 +16,8 @@ final class IngestService: Sendable {
     let parser: IngestBatchParser
     let maxBodyBytes: Int
     let logger: Logger
+    /// nil only with --allow-anonymous (local development).
+    let authenticator: Authenticator?
 
     let requests = Counter(label: "tally_ingest_requests_total")
     let accepted = Counter(label: "tally_ingest_events_accepted_total")
@@ -31,8 +34,10 @@ final class IngestService: Sendable {
 
     var producer: KafkaProducer { producerBox.lock.withLock { producerBox.producer } }
 
-    init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int, logger: Logger) throws {
+    init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int,
+         authenticator: Authenticator?, logger: Logger) throws {
         self.kafkaConfiguration = kafkaConfiguration
+        self.authenticator = authenticator
         producerBox = ProducerBox(try KafkaProducer(configuration: kafkaConfiguration, logger: logger))
         self.admin = admin
         self.topic = topic
@@ -42,18 +47,43 @@ final class IngestService: Sendable {
     }
 
     func register(on router: Router<BasicRequestContext>, metrics: @escaping @Sendable () -> String) {
-        router.post("v1/events") { request, _ in try await self.events(request) }
-        router.post("v1/usage/:provider") { request, context in try await self.providerUsage(request, provider: context.parameters.get("provider") ?? "") }
+        router.post("v1/events") { request, _ in
+            try await self.authenticated(request) { key in try await self.events(request, key: key) }
+        }
+        router.post("v1/usage/:provider") { request, context in
+            try await self.authenticated(request) { key in
+                try await self.providerUsage(request, provider: context.parameters.get("provider") ?? "", key: key)
+            }
+        }
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
         router.get("readyz") { _, _ in
-            // Ready when the broker answers for our topic.
-            let ready = (try? self.admin.partitionCount(of: self.topic, timeout: .seconds(2))) != nil
-            return Response(status: ready ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain"],
-                            body: .init(byteBuffer: ByteBuffer(string: ready ? "ready\n" : "broker unreachable\n")))
+            // Ready when the broker answers for our topic and the key database answers.
+            let broker = (try? self.admin.partitionCount(of: self.topic, timeout: .seconds(2))) != nil
+            let database = await self.authenticator?.databaseReachable() ?? true
+            let text = broker && database ? "ready\n" : "not ready:\(broker ? "" : " broker unreachable")\(database ? "" : " database unreachable")\n"
+            return Response(status: broker && database ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain"],
+                            body: .init(byteBuffer: ByteBuffer(string: text)))
         }
         router.get("metrics") { _, _ in
             Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                      body: .init(byteBuffer: ByteBuffer(string: metrics())))
+        }
+    }
+
+    /// Runs `handler` for a request with a live API key (or any request with --allow-anonymous).
+    private func authenticated(_ request: Request, _ handler: (APIKeyRecord?) async throws -> Response) async throws -> Response {
+        guard let authenticator else { return try await handler(nil) }
+        switch await authenticator.check(authorization: request.headers[.authorization]) {
+        case .allowed(let key): return try await handler(key)
+        case .denied:
+            rejectedCounter("unauthorized").increment()
+            var headers = HTTPFields()
+            headers[.wwwAuthenticate] = "Bearer"
+            return problem(.unauthorized, "unauthorized", "send Authorization: Bearer <API key> (tally keys create)", headers: headers)
+        case .unavailable:
+            var headers = HTTPFields()
+            headers[.retryAfter] = "5"
+            return problem(.serviceUnavailable, "key database unavailable", "API keys cannot be checked right now", headers: headers)
         }
     }
 
@@ -70,7 +100,7 @@ final class IngestService: Sendable {
         }
     }
 
-    func events(_ request: Request) async throws -> Response {
+    func events(_ request: Request, key: APIKeyRecord?) async throws -> Response {
         requests.increment()
         guard let format = IngestBodyFormat(contentType: request.headers[.contentType] ?? "application/json") else {
             return problem(.unsupportedMediaType, "unsupported content type",
@@ -92,11 +122,11 @@ final class IngestService: Sendable {
             return problem(.badRequest, "no events", "the request holds no event")
         case .success(let outcomes):
             let isSingle = format == .json && body.first(where: { ![0x20, 0x09, 0x0a, 0x0d].contains($0) }) != UInt8(ascii: "[")
-            return await publish(outcomes, single: isSingle)
+            return await publish(limited(outcomes, to: key), single: isSingle)
         }
     }
 
-    func providerUsage(_ request: Request, provider name: String) async throws -> Response {
+    func providerUsage(_ request: Request, provider name: String, key: APIKeyRecord?) async throws -> Response {
         requests.increment()
         guard let provider = UsageProvider(rawValue: name) else {
             return problem(.notFound, "unknown provider", "providers: \(UsageProvider.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -111,9 +141,20 @@ final class IngestService: Sendable {
             let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
             // Same rules as /v1/events, including the time window.
             switch parser.parse(built.bytes, format: .json, nowMicroseconds: now) {
-            case .success(let outcomes): return await publish(outcomes, single: true)
+            case .success(let outcomes): return await publish(limited(outcomes, to: key), single: true)
             case .failure: return problem(.badRequest, "invalid event", "the canonical event could not be read back")
             }
+        }
+    }
+
+    /// A key limited to an environment may only send events of that environment.
+    private func limited(_ outcomes: [IngestOutcome], to key: APIKeyRecord?) -> [IngestOutcome] {
+        guard let allowed = key?.environment else { return outcomes }
+        return outcomes.map { outcome in
+            if case .valid(let event, _) = outcome, event.environment != allowed {
+                return .rejected([FieldViolation("data.environment", "this API key may only send events of environment \"\(allowed)\"")])
+            }
+            return outcome
         }
     }
 

@@ -7,6 +7,7 @@ import NIOCore
 import TallyCLI
 import TallyCore
 import TallyKafka
+import TallyPostgres
 
 @main
 struct TallyIngest: AsyncParsableCommand {
@@ -22,6 +23,7 @@ struct TallyIngest: AsyncParsableCommand {
             """)
 
     @OptionGroup var kafka: KafkaOptions
+    @OptionGroup var database: DatabaseOptions
     @OptionGroup var logging: LoggingOptions
 
     @Option(help: "Address to listen on. Env: TALLY_INGEST_HOST. Default: 0.0.0.0.") var host: String?
@@ -30,6 +32,7 @@ struct TallyIngest: AsyncParsableCommand {
     @Option(help: "Most events in one request; more get 413.") var maxBatchEvents = 10_000
     @Option(help: "Oldest accepted event time, in days before now.") var maxEventAgeDays = 35
     @Option(help: "Latest accepted event time, in minutes after now.") var maxEventFutureMinutes = 5
+    @Flag(help: "Accept requests without an API key. For local development only; never in production.") var allowAnonymous = false
     @Option(help: "How long the broker may take to acknowledge before events are answered not written (503).") var deliveryTimeoutMs = 10_000
 
     func run() async throws {
@@ -43,8 +46,11 @@ struct TallyIngest: AsyncParsableCommand {
         let parser = IngestBatchParser(maxEvents: maxBatchEvents,
                                        maxAgeMicroseconds: Int64(maxEventAgeDays) * 86_400_000_000,
                                        maxFutureMicroseconds: Int64(maxEventFutureMinutes) * 60_000_000)
+        let authenticator = allowAnonymous ? nil
+            : Authenticator(connection: try PostgresConnection(url: try database.databaseURL, logger: logger), logger: logger)
+        if allowAnonymous { logger.warning("--allow-anonymous: accepting requests without an API key") }
         let service = try IngestService(kafkaConfiguration: kafkaConfiguration, admin: admin, topic: kafka.topic, parser: parser,
-                                        maxBodyBytes: maxBodyBytes, logger: logger)
+                                        maxBodyBytes: maxBodyBytes, authenticator: authenticator, logger: logger)
         let router = Router()
         service.register(on: router, metrics: { registry.emitToString() })
         let listenHost = host ?? environment("TALLY_INGEST_HOST") ?? "0.0.0.0"

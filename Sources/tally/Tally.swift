@@ -11,7 +11,7 @@ struct Tally: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tally",
         abstract: "Tally's operator tool: migrations, topics, events and load generation.",
-        subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Usage.self])
+        subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Usage.self, Keys.self])
 }
 
 func makeLogger(_ options: LoggingOptions, label: String) -> Logger {

@@ -8,8 +8,17 @@ final class IngestIntegrationTests: XCTestCase {
     var topic: String!
     var ingest: ChildProcess!
     var base: String!
+    var key: String!
+
+    /// Creates an API key with the real CLI; returns the key.
+    func createKey(_ extra: [String] = []) throws -> String {
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"), ["keys", "create", "--name", "test"] + extra)
+        XCTAssertEqual(status, 0, output)
+        return try XCTUnwrap(output.split(separator: "\n").first { $0.hasPrefix("tally_") }.map(String.init), output)
+    }
 
     func start(_ extra: [String] = []) throws {
+        key = try createKey()
         topic = TestStack.unique("test.ingest")
         let admin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: try TestStack.brokers), logger: TestStack.logger)
         try admin.createTopic(topic, partitions: 4)
@@ -17,6 +26,12 @@ final class IngestIntegrationTests: XCTestCase {
         XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on") }, ingest.log)
         let range = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
         base = "http://127.0.0.1:" + (ingest.log[range].split(separator: ":").last.map(String.init) ?? "")
+    }
+
+    /// An authenticated request with this test's key.
+    func http(_ method: String, _ url: String, contentType: String = "application/json", body: String? = nil,
+          authorization: String? = nil) throws -> HTTPResponse {
+        try TallyIntegrationTests.http(method, url, contentType: contentType, body: body, authorization: "Bearer \(key!)")
     }
 
     override func tearDown() {
@@ -149,6 +164,31 @@ final class IngestIntegrationTests: XCTestCase {
         XCTAssertTrue(ids.contains("before") && ids.contains("after"), "\(ids)")
     }
 
+    func testAPIKeysAreRequiredAndEnvironmentLimitsHold() throws {
+        try start()
+        let body = text(event("auth-1"))
+        XCTAssertEqual(try TallyIntegrationTests.http("POST", base + "/v1/events", body: body).status, 401, "no key")
+        XCTAssertEqual(try TallyIntegrationTests.http("POST", base + "/v1/events", body: body, authorization: "Bearer tally_nope").status, 401)
+        let revoked = try createKey()
+        let keyID = String(revoked.split(separator: "_")[1])
+        XCTAssertEqual(try ChildProcess.run(TestStack.executable("tally"), ["keys", "revoke", keyID]).status, 0)
+        XCTAssertEqual(try TallyIntegrationTests.http("POST", base + "/v1/events", body: body, authorization: "Bearer \(revoked)").status, 401)
+        let list = try ChildProcess.run(TestStack.executable("tally"), ["keys", "list"]).output
+        XCTAssertTrue(list.contains(keyID) && !list.contains(revoked), "list shows ids, never keys")
+
+        let staging = try createKey(["--environment", "staging"])
+        var production = event("env-1")
+        production.environment = "production"
+        var stagingEvent = event("env-2")
+        stagingEvent.environment = "staging"
+        let response = try TallyIntegrationTests.http("POST", base + "/v1/events", body: "[" + text(production) + "," + text(stagingEvent) + "]",
+                                                      authorization: "Bearer \(staging)")
+        XCTAssertEqual(response.status, 202, response.body)
+        XCTAssertTrue(response.body.contains(#"{"index":0,"status":"rejected","errors":[{"field":"data.environment""#), response.body)
+        XCTAssertTrue(response.body.contains(#""accepted":1"#), response.body)
+        XCTAssertEqual(try http("POST", base + "/v1/events", body: body).status, 202, "a valid key works")
+    }
+
     func testOpsEndpointsAndSigtermDrain() throws {
         try start()
         XCTAssertEqual(try http("GET", base + "/livez").status, 200)
@@ -171,22 +211,26 @@ struct HTTPResponse {
 }
 
 /// One HTTP request over loopback (Python's urllib: no HTTP client in the test's dependencies).
-func http(_ method: String, _ url: String, contentType: String = "application/json", body: String? = nil) throws -> HTTPResponse {
+func http(_ method: String, _ url: String, contentType: String = "application/json", body: String? = nil,
+          authorization: String? = nil) throws -> HTTPResponse {
     let bodyFile = NSTemporaryDirectory() + "tally-http-\(UInt32.random(in: 0...UInt32.max))"
     try (body ?? "").write(toFile: bodyFile, atomically: true, encoding: .utf8)
     defer { try? FileManager.default.removeItem(atPath: bodyFile) }
     let script = """
         import sys, urllib.request, urllib.error
-        method, url, ctype, path, has_body = sys.argv[1:6]
+        method, url, ctype, path, has_body, auth = sys.argv[1:7]
         data = open(path, 'rb').read() if has_body == '1' else None
-        req = urllib.request.Request(url, data=data, method=method, headers={'Content-Type': ctype})
+        headers = {'Content-Type': ctype}
+        if auth:
+            headers['Authorization'] = auth
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             r = urllib.request.urlopen(req, timeout=30)
         except urllib.error.HTTPError as e:
             r = e
         print(r.status); print(r.headers.get('Content-Type', '')); print(r.headers.get('Retry-After', '')); sys.stdout.write(r.read().decode())
         """
-    let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", script, method, url, contentType, bodyFile, body == nil ? "0" : "1"])
+    let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", script, method, url, contentType, bodyFile, body == nil ? "0" : "1", authorization ?? ""])
     let lines = output.split(separator: "\n", maxSplits: 3, omittingEmptySubsequences: false).map(String.init)
     guard status == 0, lines.count >= 3, let code = Int(lines[0]) else {
         throw NSError(domain: "http", code: Int(status), userInfo: [NSLocalizedDescriptionKey: output])

@@ -1,0 +1,61 @@
+import Foundation
+
+/// An ingest API key as stored (never the key itself).
+public struct APIKeyRecord: Sendable, Equatable {
+    public let keyID: String
+    public let name: String
+    public let environment: String?
+    public let createdAt: String
+    public let revokedAt: String?
+}
+
+/// Ingest API keys in `tally.api_keys`: created, listed, revoked, and checked by hash.
+///
+/// Keys look like `tally_<id>_<secret>`; PostgreSQL's `sha256()` hashes them, so no
+/// key is ever stored or logged.
+public struct APIKeyStore {
+    private let connection: PostgresConnection
+
+    public init(connection: PostgresConnection) {
+        self.connection = connection
+    }
+
+    /// Creates a key and returns it; this is the only time it is visible.
+    public func create(name: String, environment: String?) throws -> (key: String, record: APIKeyRecord) {
+        var generator = SystemRandomNumberGenerator()
+        func hex(_ count: Int) -> String {
+            (0..<count).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
+        }
+        let keyID = hex(4)
+        let key = "tally_\(keyID)_\(hex(24))"
+        let result = try connection.query("""
+            INSERT INTO tally.api_keys (key_id, key_hash, name, environment) VALUES ($1, sha256(convert_to($2, 'UTF8')), $3, $4)
+            RETURNING key_id, name, environment, created_at::text, revoked_at::text
+            """, [keyID, key, name, environment])
+        return (key, Self.record(result, 0))
+    }
+
+    public func list() throws -> [APIKeyRecord] {
+        let result = try connection.query("SELECT key_id, name, environment, created_at::text, revoked_at::text FROM tally.api_keys ORDER BY created_at, key_id")
+        return (0..<result.rowCount).map { Self.record(result, $0) }
+    }
+
+    /// Revokes a key by id; false when there is no such live key.
+    public func revoke(keyID: String) throws -> Bool {
+        try connection.query("UPDATE tally.api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL", [keyID]).affectedRows == 1
+    }
+
+    /// The live key matching `key`, or nil.
+    public func authenticate(_ key: String) throws -> APIKeyRecord? {
+        let result = try connection.query("""
+            SELECT key_id, name, environment, created_at::text, revoked_at::text FROM tally.api_keys
+            WHERE key_hash = sha256(convert_to($1, 'UTF8')) AND revoked_at IS NULL
+            """, [key])
+        return result.rowCount == 1 ? Self.record(result, 0) : nil
+    }
+
+    private static func record(_ result: PostgresResult, _ row: Int) -> APIKeyRecord {
+        APIKeyRecord(keyID: result.string(row, 0) ?? "", name: result.string(row, 1) ?? "", environment: result.string(row, 2),
+                     createdAt: result.string(row, 3) ?? "", revokedAt: result.string(row, 4))
+    }
+}

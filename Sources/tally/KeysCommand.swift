@@ -1,0 +1,57 @@
+import ArgumentParser
+import Foundation
+import TallyCLI
+import TallyPostgres
+
+struct Keys: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Manage ingest API keys (stored hashed in tally.api_keys).",
+        subcommands: [Create.self, List.self, Revoke.self])
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a key and print it once.")
+        @OptionGroup var database: DatabaseOptions
+        @Option(help: "What the key is for.") var name: String
+        @Option(help: "Limit the key to events of this data.environment.") var environment: String?
+
+        func run() throws {
+            let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
+            let (key, record) = try store.create(name: name, environment: environment)
+            print(key)
+            print("key id \(record.keyID)\(record.environment.map { ", limited to environment \($0)" } ?? ""): store it now, it is not shown again", to: &standardError)
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List keys (ids and names, never the keys).")
+        @OptionGroup var database: DatabaseOptions
+
+        func run() throws {
+            let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
+            let rows = try store.list().map { [$0.keyID, $0.name, $0.environment ?? "", $0.createdAt, $0.revokedAt ?? ""] }
+            print(TableRenderer.render(header: ["key_id", "name", "environment", "created_at", "revoked_at"], rows: rows, format: "table", numericFrom: 5),
+                  terminator: "")
+        }
+    }
+
+    struct Revoke: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Revoke a key by its id; requests with it get 401 from then on.")
+        @OptionGroup var database: DatabaseOptions
+        @Argument(help: "The key id (see tally keys list).") var keyID: String
+
+        func run() throws {
+            let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
+            guard try store.revoke(keyID: keyID) else { throw ValidationError("no live key with id \(keyID)") }
+            print("revoked \(keyID)")
+        }
+    }
+}
+
+/// Standard error as a `TextOutputStream`, for messages beside printed results.
+nonisolated(unsafe) var standardError = StandardError()
+
+struct StandardError: TextOutputStream {
+    mutating func write(_ string: String) {
+        FileHandle.standardError.write(Data(string.utf8))
+    }
+}
