@@ -11,7 +11,7 @@ struct Tally: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tally",
         abstract: "Tally's operator tool: migrations, topics, events and load generation.",
-        subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Usage.self, Keys.self])
+        subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Emit.self, Usage.self, Keys.self])
 }
 
 func makeLogger(_ options: LoggingOptions, label: String) -> Logger {
@@ -112,20 +112,45 @@ struct LoadGen: AsyncParsableCommand {
     @Option(help: "Customers; activity is skewed towards low customer numbers.") var customers = 100
     @Option(help: "Share of extra records that re-send an earlier event (0...1).") var duplicateRate = 0.05
     @Option(help: "Random seed.") var seed: UInt64 = 1
-    @Option(help: "Event time of the first event (RFC 3339).") var start = "2026-11-01T00:00:00Z"
+    @Option(help: "Event time of the first event (RFC 3339). Default: so that the last event is now.") var start: String?
     @Option(help: "Milliseconds of event time between events.") var spacingMs: Int64 = 1000
     @Option(help: "Prefix of event ids.") var idPrefix = "evt"
     @Flag(help: "Publish to the topic with the Kafka producer instead of printing NDJSON.") var produce = false
+    @Flag(help: "Send to tally-ingest over HTTP (see --ingest-url, --api-key) instead of printing NDJSON.") var toIngest = false
+    @Option(help: "Events per HTTP request with --to-ingest.") var batchSize = 1000
+    @OptionGroup var target: IngestTarget
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var logging: LoggingOptions
 
     func run() async throws {
-        guard let startTime = EventTime(start) else { throw ValidationError("--start \(start) is not RFC 3339") }
+        let now = Int64(Date().timeIntervalSince1970) * 1_000_000
+        guard let startTime = start.map({ EventTime($0) }) ?? EventTime(microseconds: now - Int64(events) * spacingMs * 1000) else {
+            throw ValidationError("--start \(start ?? "") is not RFC 3339")
+        }
         var generator = LoadGenerator(seed: seed, customers: customers, duplicateRate: duplicateRate,
                                       startMicroseconds: startTime.microseconds, spacingMicroseconds: spacingMs * 1000,
                                       idPrefix: idPrefix)
         var distinct = 0
         var duplicates = 0
+        if toIngest {
+            var batches: [(bytes: [UInt8], count: Int)] = []
+            var current: [UInt8] = []
+            var inCurrent = 0
+            while distinct < events {
+                let (event, isDuplicate) = generator.next()
+                if isDuplicate { duplicates += 1 } else { distinct += 1 }
+                current += EventEncoder.encode(event)
+                current.append(0x0a)
+                inCurrent += 1
+                if inCurrent == batchSize { batches.append((current, inCurrent)); current = []; inCurrent = 0 }
+            }
+            if inCurrent > 0 { batches.append((current, inCurrent)) }
+            let client = try IngestClient(baseURL: target.ingestURL, apiKey: target.apiKey)
+            let summary = try await EmitRunner.run(batches: batches, total: distinct + duplicates, client: client, concurrency: 4)
+            EmitRunner.report(summary)
+            if summary.rejected + summary.notWritten + summary.failedRequests > 0 { throw ExitCode(1) }
+            return
+        }
         if !produce {
             var out: [UInt8] = []
             while distinct < events {

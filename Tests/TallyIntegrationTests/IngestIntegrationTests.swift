@@ -189,6 +189,19 @@ final class IngestIntegrationTests: XCTestCase {
         XCTAssertEqual(try http("POST", base + "/v1/events", body: body).status, 202, "a valid key works")
     }
 
+    func testEmitSendsAFileInBatchesAndSummarizes() throws {
+        try start()
+        let file = NSTemporaryDirectory() + "tally-emit-\(UInt32.random(in: 0...UInt32.max)).ndjson"
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        let lines = (0..<2500).map { text(event("emit-\($0)", customer: "cust-\($0 % 7)")) } + [#"{"specversion":"1.0"}"#]
+        try (lines.joined(separator: "\n") + "\n").write(toFile: file, atomically: true, encoding: .utf8)
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"), ["emit", file, "--ingest-url", base, "--api-key", key, "--batch-size", "400"])
+        XCTAssertEqual(status, 1, "a rejected event makes emit fail: \(output)")
+        XCTAssertTrue(output.contains("accepted 2500, rejected 1, duplicates in request 0, not written 0"), output)
+        XCTAssertTrue(output.contains("id: is required"), output)
+        XCTAssertEqual(try topicContents(expect: 2500).count, 2500)
+    }
+
     func testOpsEndpointsAndSigtermDrain() throws {
         try start()
         XCTAssertEqual(try http("GET", base + "/livez").status, 200)
