@@ -289,7 +289,6 @@ public final class AggregatorLoop: @unchecked Sendable {
             return outcome
         }
         let started = ContinuousClock.now
-        defer { outcome.commitTime = ContinuousClock.now - started }
         var pending = batch
         while !pending.moves.isEmpty {
             do {
@@ -298,6 +297,7 @@ public final class AggregatorLoop: @unchecked Sendable {
                     readiness.set(true)
                     for (partition, move) in pending.moves { outcome.committed[partition] = move.next }
                     outcome.summary = summary
+                    outcome.commitTime = ContinuousClock.now - started
                     return outcome
                 case .fenced(let partitions):
                     outcome.fenced.formUnion(partitions)
@@ -309,6 +309,7 @@ public final class AggregatorLoop: @unchecked Sendable {
             } catch let error as PostgresError where error.isRetryable {
                 if stopFlag.isSet {
                     outcome.abandoned = true
+                    outcome.commitTime = ContinuousClock.now - started
                     return outcome
                 }
                 readiness.set(false)
@@ -316,6 +317,7 @@ public final class AggregatorLoop: @unchecked Sendable {
                 Thread.sleep(forTimeInterval: 0.5)
             }
         }
+        outcome.commitTime = ContinuousClock.now - started
         return outcome
     }
 
