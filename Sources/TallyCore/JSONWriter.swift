@@ -7,6 +7,7 @@ public struct JSONWriter {
     }
 
     public mutating func raw(_ text: String) { bytes.append(contentsOf: text.utf8) }
+    public mutating func raw(_ json: [UInt8]) { bytes.append(contentsOf: json) }
 
     public mutating func string(_ value: String) {
         bytes.append(0x22)

@@ -179,34 +179,53 @@ final class IngestService: Sendable {
         var delivery: [Int: Result<DeliveryReport, KafkaError>] = [:]
         for (position, index) in recordIndex.enumerated() { delivery[index] = deliveries[position] }
 
-        var results: [JSONField] = []
+        // Results are written straight to JSON: a batch answers thousands of them.
+        var results = JSONWriter(capacity: outcomes.count * 96)
+        results.raw("[")
         var counts = (accepted: 0, rejected: 0, duplicate: 0, notWritten: 0)
         var firstViolations: [FieldViolation] = []
         for (index, outcome) in outcomes.enumerated() {
-            var fields: [(String, JSONField)] = [("index", .number(Int64(index)))]
+            results.raw(index == 0 ? "{" : ",{")
+            results.key("index", first: true)
+            results.integer(Int64(index))
             switch outcome {
             case .valid(let event, _):
-                fields.append(("id", .string(event.id)))
+                results.key("id")
+                results.string(event.id)
                 switch delivery[index]! {
                 case .success(let report):
                     counts.accepted += 1
-                    fields += [("status", .string("accepted")), ("partition", .number(Int64(report.partition))), ("offset", .number(report.offset))]
+                    results.raw(#","status":"accepted","partition":"#)
+                    results.integer(Int64(report.partition))
+                    results.key("offset")
+                    results.integer(report.offset)
                 case .failure(let error):
                     counts.notWritten += 1
-                    fields += [("status", .string("not_written")), ("reason", .string(error.description))]
+                    results.raw(#","status":"not_written","reason":"#)
+                    results.string(error.description)
                 }
             case .rejected(let violations):
                 counts.rejected += 1
                 if firstViolations.isEmpty { firstViolations = violations }
                 for violation in violations { rejectedCounter(violation.path == "" ? "malformed" : violation.path == "time" ? "time_window" : "invalid").increment() }
-                fields += [("status", .string("rejected")),
-                           ("errors", .array(violations.map { .object([("field", .string($0.path)), ("reason", .string($0.reason))]) }))]
+                results.raw(#","status":"rejected","errors":["#)
+                for (number, violation) in violations.enumerated() {
+                    results.raw(number == 0 ? "{" : ",{")
+                    results.key("field", first: true)
+                    results.string(violation.path)
+                    results.key("reason")
+                    results.string(violation.reason)
+                    results.raw("}")
+                }
+                results.raw("]")
             case .duplicateInRequest(let first):
                 counts.duplicate += 1
-                fields += [("status", .string("duplicate_in_request")), ("first_index", .number(Int64(first)))]
+                results.raw(#","status":"duplicate_in_request","first_index":"#)
+                results.integer(Int64(first))
             }
-            results.append(.object(fields))
+            results.raw("}")
         }
+        results.raw("]")
         accepted.increment(by: counts.accepted)
         duplicates.increment(by: counts.duplicate)
         notWritten.increment(by: counts.notWritten)
@@ -216,7 +235,7 @@ final class IngestService: Sendable {
         let summary: [(String, JSONField)] = [
             ("accepted", .number(Int64(counts.accepted))), ("rejected", .number(Int64(counts.rejected))),
             ("duplicates", .number(Int64(counts.duplicate))), ("not_written", .number(Int64(counts.notWritten))),
-            ("results", .array(results)),
+            ("results", .raw(results.bytes)),
         ]
         if counts.notWritten > 0 {
             var headers = HTTPFields()
@@ -275,9 +294,12 @@ indirect enum JSONField: Sendable {
     case number(Int64)
     case array([JSONField])
     case object([(String, JSONField)])
+    /// Already-rendered JSON.
+    case raw([UInt8])
 
     func write(to writer: inout JSONWriter) {
         switch self {
+        case .raw(let bytes): writer.raw(bytes)
         case .string(let text): writer.string(text)
         case .number(let value): writer.integer(value)
         case .array(let elements):

@@ -40,24 +40,29 @@ struct Emit: AsyncParsableCommand {
 
 enum EmitRunner {
     /// Sends batches with at most `concurrency` in flight, drawing a progress bar on stderr.
-    static func run(batches: [(bytes: [UInt8], count: Int)], total: Int, client: IngestClient, concurrency: Int) async throws -> IngestClient.Summary {
+    static func run(batches: [(bytes: [UInt8], count: Int)], total: Int, client: IngestClient, concurrency: Int,
+                    pacer: Pacer = Pacer(rate: 0)) async throws -> IngestClient.Summary {
         var summary = IngestClient.Summary()
+        var pacer = pacer
+        var launched = 0
         var sent = 0
         let started = ContinuousClock.now
         try await withThrowingTaskGroup(of: (IngestClient.Summary, Int).self) { group in
             var next = 0
-            func launch() {
+            func launch() async {
                 guard next < batches.count else { return }
                 let batch = batches[next]
                 next += 1
+                launched += batch.count
+                await pacer.wait(untilSent: launched)
                 group.addTask { (await client.send(batch.bytes, events: batch.count), batch.count) }
             }
-            for _ in 0..<max(1, concurrency) { launch() }
+            for _ in 0..<max(1, concurrency) { await launch() }
             while let (result, count) = try await group.next() {
                 summary.add(result)
                 sent += count
                 progress(sent: sent, total: total, started: started)
-                launch()
+                await launch()
             }
         }
         FileHandle.standardError.write(Data("\n".utf8))

@@ -65,6 +65,10 @@ final class IngestClient: @unchecked Sendable {
     }
 
     static func summarize(status: Int, body: [UInt8], events: Int) -> Summary {
+        // Fast path: the server leads with the counts; a clean batch needs no per-event look.
+        if status == 202, let counts = leadingCounts(body), counts.rejected == 0, counts.notWritten == 0 {
+            return Summary(accepted: counts.accepted, duplicates: counts.duplicates)
+        }
         var summary = Summary()
         guard case .success(let document) = JSONValue.parse(body), case .array(let results)? = document["results"] else {
             summary.failedRequests = 1
@@ -87,6 +91,20 @@ final class IngestClient: @unchecked Sendable {
             }
         }
         return summary
+    }
+}
+
+extension IngestClient {
+    /// Reads `{"accepted":A,"rejected":R,"duplicates":D,"not_written":N` from the start of a response.
+    static func leadingCounts(_ body: [UInt8]) -> (accepted: Int, rejected: Int, duplicates: Int, notWritten: Int)? {
+        let head = String(decoding: body.prefix(120), as: UTF8.self)
+        var numbers: [Int] = []
+        for name in ["accepted", "rejected", "duplicates", "not_written"] {
+            guard let range = head.range(of: "\"\(name)\":") else { return nil }
+            numbers.append(Int(head[range.upperBound...].prefix { $0.isNumber }) ?? -1)
+        }
+        guard numbers.allSatisfy({ $0 >= 0 }) else { return nil }
+        return (numbers[0], numbers[1], numbers[2], numbers[3])
     }
 }
 

@@ -114,6 +114,7 @@ struct LoadGen: AsyncParsableCommand {
     @Option(help: "Random seed.") var seed: UInt64 = 1
     @Option(help: "Event time of the first event (RFC 3339). Default: so that the last event is now.") var start: String?
     @Option(help: "Milliseconds of event time between events.") var spacingMs: Int64 = 1000
+    @Option(help: "Records per second to send (0: as fast as possible).") var rate = 0
     @Option(help: "Prefix of event ids.") var idPrefix = "evt"
     @Flag(help: "Publish to the topic with the Kafka producer instead of printing NDJSON.") var produce = false
     @Flag(help: "Send to tally-ingest over HTTP (see --ingest-url, --api-key) instead of printing NDJSON.") var toIngest = false
@@ -146,11 +147,13 @@ struct LoadGen: AsyncParsableCommand {
             }
             if inCurrent > 0 { batches.append((current, inCurrent)) }
             let client = try IngestClient(baseURL: target.ingestURL, apiKey: target.apiKey)
-            let summary = try await EmitRunner.run(batches: batches, total: distinct + duplicates, client: client, concurrency: 4)
+            let summary = try await EmitRunner.run(batches: batches, total: distinct + duplicates, client: client, concurrency: 4,
+                                                   pacer: Pacer(rate: rate))
             EmitRunner.report(summary)
             if summary.rejected + summary.notWritten + summary.failedRequests > 0 { throw ExitCode(1) }
             return
         }
+        var pacer = Pacer(rate: rate)
         if !produce {
             var out: [UInt8] = []
             while distinct < events {
@@ -158,7 +161,11 @@ struct LoadGen: AsyncParsableCommand {
                 if isDuplicate { duplicates += 1 } else { distinct += 1 }
                 out.append(contentsOf: EventEncoder.encode(event))
                 out.append(0x0a)
-                if out.count > 1 << 20 { FileHandle.standardOutput.write(Data(out)); out.removeAll(keepingCapacity: true) }
+                if out.count > 1 << 20 || rate > 0 {
+                    await pacer.wait(untilSent: distinct + duplicates)
+                    FileHandle.standardOutput.write(Data(out))
+                    out.removeAll(keepingCapacity: true)
+                }
             }
             FileHandle.standardOutput.write(Data(out))
             return
@@ -171,11 +178,13 @@ struct LoadGen: AsyncParsableCommand {
         while distinct < events {
             var batch: [ProducerRecord] = []
             batch.reserveCapacity(10_000)
-            while batch.count < 10_000 && distinct < events {
+            let batchLimit = rate > 0 ? max(1, min(10_000, rate / 20)) : 10_000
+            while batch.count < batchLimit && distinct < events {
                 let (event, isDuplicate) = generator.next()
                 if isDuplicate { duplicates += 1 } else { distinct += 1 }
                 batch.append(ProducerRecord(topic: kafka.topic, key: Array(event.subject.utf8), value: EventEncoder.encode(event)))
             }
+            await pacer.wait(untilSent: distinct + duplicates)
             for result in await producer.send(batch) {
                 if case .failure(let error) = result { failed += 1; logger.error("not written: \(error)") }
             }
@@ -185,5 +194,21 @@ struct LoadGen: AsyncParsableCommand {
         let written = distinct + duplicates - failed
         FileHandle.standardError.write(Data("loadgen: \(distinct) events + \(duplicates) duplicates, \(written) acknowledged, \(failed) failed, \(Int(Double(written) / max(seconds, 0.001))) records/s\n".utf8))
         if failed > 0 { throw ExitCode(1) }
+    }
+}
+
+/// Holds a sender to a rate: records sent so far may not run ahead of `rate` per second.
+struct Pacer {
+    let rate: Int
+    private var started: ContinuousClock.Instant?
+
+    init(rate: Int) { self.rate = rate }
+
+    mutating func wait(untilSent count: Int) async {
+        guard rate > 0 else { return }
+        let start = started ?? ContinuousClock.now
+        started = start
+        let due = start + .microseconds(Int64(count) * 1_000_000 / Int64(rate))
+        if due > ContinuousClock.now { try? await Task.sleep(until: due, clock: .continuous) }
     }
 }
