@@ -63,9 +63,9 @@ public struct DedupDecision: Sendable, Equatable {
 /// Events are taken in log order per partition; a customer lives on one
 /// partition, so the outcome does not depend on how the log is cut into batches.
 public enum Deduplicator {
-    /// The keys whose stored fingerprints the decision needs.
+    /// The keys whose stored fingerprints the decision needs, each once (unordered).
     public static func keys(of events: [PositionedEvent]) -> [DedupKey] {
-        Array(Set(events.map(\.key))).sorted()
+        Array(Set(events.map(\.key)))
     }
 
     /// - Parameter stored: fingerprints of keys already counted in earlier batches.

@@ -203,8 +203,9 @@ public final class AggregatorStore: @unchecked Sendable {
         try connection.query("""
             INSERT INTO usage_windows_hourly AS w (customer_id, window_start, model, feature, provider, environment, input_tokens, output_tokens,
                 cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count)
-            SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
-                $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[])
+            SELECT c, to_timestamp(w), m, f, p, e, i, o, cr, cw, r, t, n
+            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
+                $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[]) AS x(c, w, m, f, p, e, i, o, cr, cw, r, t, n)
             ON CONFLICT (customer_id, window_start, model, feature, provider, environment) DO UPDATE SET
                 input_tokens = w.input_tokens + EXCLUDED.input_tokens,
                 output_tokens = w.output_tokens + EXCLUDED.output_tokens,
@@ -215,7 +216,8 @@ public final class AggregatorStore: @unchecked Sendable {
                 event_count = w.event_count + EXCLUDED.event_count
             """, [
                 PostgresArray(rows.map(\.key.dimensions.customerID)),
-                PostgresArray(rows.map { EventTime.format(microseconds: $0.key.start) }),
+                // Window starts are whole hours: seconds since the epoch convert exactly.
+                PostgresArray(rows.map { $0.key.start / 1_000_000 }),
                 PostgresArray(rows.map(\.key.dimensions.model)),
                 PostgresArray(rows.map(\.key.dimensions.feature)),
                 PostgresArray(rows.map(\.key.dimensions.provider)),
