@@ -10,7 +10,7 @@ import TallyPostgres
 struct Tally: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tally",
-        abstract: "Tally's operator tool: migrations, topics, events and load generation.",
+        abstract: "Tally's operator tool: migrations, topics, API keys, events, load generation and usage queries.",
         subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Emit.self, Usage.self, Keys.self])
 }
 
