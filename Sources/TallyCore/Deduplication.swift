@@ -92,12 +92,6 @@ public enum Deduplicator {
 
 /// Deterministic 64-bit FNV-1a (Swift's `Hasher` is seeded per process, so it cannot be stored).
 public enum ContentHash {
-    public static func fnv1a(_ bytes: [UInt8]) -> UInt64 {
-        var hasher = FNV()
-        hasher.add(bytes)
-        return hasher.value
-    }
-
     /// Fingerprint of every field of an event, in a fixed order with separators.
     public static func of(_ event: UsageEvent) -> UInt64 {
         var hasher = FNV()
@@ -122,8 +116,6 @@ public enum ContentHash {
             value ^= UInt64(byte)
             value = value &* 0x0000_0100_0000_01b3
         }
-
-        mutating func add(_ bytes: [UInt8]) { for byte in bytes { add(byte) } }
 
         /// Strings end with a 0x1f separator so ("ab","c") and ("a","bc") differ.
         mutating func add(_ text: String) {

@@ -71,6 +71,13 @@ public enum ProviderUsageMapper {
                 return 0
             }
         }
+        // Anthropic and Bedrock report input without the cached tokens; Tally's input includes them.
+        func cachedApart(input: String, cacheRead: String, cacheWrite: String, output: String) -> TokenCounts {
+            let read = count([cacheRead], required: false)
+            let write = count([cacheWrite], required: false)
+            return TokenCounts(input: count([input], required: true) + read + write, output: count([output], required: true),
+                               cacheRead: read, cacheWrite: write)
+        }
         let counts: TokenCounts
         switch provider {
         case .openai:
@@ -82,22 +89,16 @@ public enum ProviderUsageMapper {
                                  cacheRead: count(["input_tokens_details", "cached_tokens"], required: false),
                                  reasoning: count(["output_tokens_details", "reasoning_tokens"], required: false))
         case .anthropic:
-            let uncached = count(["input_tokens"], required: true)
-            let read = count(["cache_read_input_tokens"], required: false)
-            let write = count(["cache_creation_input_tokens"], required: false)
-            counts = TokenCounts(input: uncached + read + write, output: count(["output_tokens"], required: true),
-                                 cacheRead: read, cacheWrite: write)
+            counts = cachedApart(input: "input_tokens", cacheRead: "cache_read_input_tokens",
+                                 cacheWrite: "cache_creation_input_tokens", output: "output_tokens")
         case .gemini:
             let thoughts = count(["thoughtsTokenCount"], required: false)
             counts = TokenCounts(input: count(["promptTokenCount"], required: true) + count(["toolUsePromptTokenCount"], required: false),
                                  output: count(["candidatesTokenCount"], required: false) + thoughts,
                                  cacheRead: count(["cachedContentTokenCount"], required: false), reasoning: thoughts)
         case .bedrock:
-            let uncached = count(["inputTokens"], required: true)
-            let read = count(["cacheReadInputTokens"], required: false)
-            let write = count(["cacheWriteInputTokens"], required: false)
-            counts = TokenCounts(input: uncached + read + write, output: count(["outputTokens"], required: true),
-                                 cacheRead: read, cacheWrite: write)
+            counts = cachedApart(input: "inputTokens", cacheRead: "cacheReadInputTokens",
+                                 cacheWrite: "cacheWriteInputTokens", output: "outputTokens")
         }
         if !violations.isEmpty { return .failure(.invalid(violations)) }
         if counts.cacheRead + counts.cacheWrite > counts.input || counts.reasoning > counts.output
@@ -111,8 +112,11 @@ public enum ProviderUsageMapper {
 /// Builds a canonical event from a provider-native request:
 /// `{"id", "customer", "model", "time", "usage": {…}}` plus optional `source`,
 /// `feature`, `environment` and `properties`.
+///
+/// - Important: the result is encoded, not yet validated against schema v1
+///   (lengths, limits): pass it through `IngestBatchParser` like any other event.
 public enum ProviderEventBuilder {
-    public static func build(_ provider: UsageProvider, body: [UInt8]) -> Result<(event: UsageEvent, bytes: [UInt8]), EventDecodingError> {
+    public static func build(_ provider: UsageProvider, body: [UInt8]) -> Result<[UInt8], EventDecodingError> {
         let document: JSONValue
         switch JSONValue.parse(body) {
         case .failure(let error): return .failure(.malformedJSON(error))
@@ -166,11 +170,6 @@ public enum ProviderEventBuilder {
                                provider: provider.providerLabel, feature: feature, environment: environment,
                                inputTokens: counts.input, outputTokens: counts.output, cacheReadInputTokens: counts.cacheRead,
                                cacheWriteInputTokens: counts.cacheWrite, reasoningOutputTokens: counts.reasoning, properties: properties)
-        let bytes = EventEncoder.encode(event)
-        // The canonical event passes the same validator as any other (lengths, limits).
-        switch EventDecoder.decode(bytes) {
-        case .failure(let error): return .failure(error)
-        case .success: return .success((event, bytes))
-        }
+        return .success(EventEncoder.encode(event))
     }
 }

@@ -94,6 +94,13 @@ public final class KafkaAdmin: @unchecked Sendable {
         try KafkaMetadata.partitionCount(handle, topic: topic, timeout: timeout)
     }
 
+    /// True when the broker answers metadata for `topic`; the wait runs off the caller's thread,
+    /// so an async server can ask from its event loop.
+    public func topicIsReachable(_ topic: String, timeout: Duration = .seconds(2)) async -> Bool {
+        let handle = self.handle
+        return (try? await runBlocking { try KafkaMetadata.partitionCount(handle, topic: topic, timeout: timeout) }) != nil
+    }
+
     /// Watermarks as the broker answers them (see `KafkaConsumer.queryWatermarks` on Tansu).
     public func queryWatermarks(_ partition: TopicPartition, timeout: Duration = .seconds(10)) throws(KafkaError) -> Watermarks {
         try KafkaMetadata.queryWatermarks(handle, partition, timeout: timeout)

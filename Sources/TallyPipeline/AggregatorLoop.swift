@@ -48,7 +48,7 @@ public struct AggregatorStats: Sendable, CustomStringConvertible {
     public var prepareTime = Duration.zero
 
     public var description: String {
-        "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.components.seconds * 1000 + commitTime.components.attoseconds / 1_000_000_000_000_000) prepare_ms=\(prepareTime.components.seconds * 1000 + prepareTime.components.attoseconds / 1_000_000_000_000_000)"
+        "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.totalMilliseconds) prepare_ms=\(prepareTime.totalMilliseconds)"
     }
 }
 
@@ -248,7 +248,7 @@ public final class AggregatorLoop: @unchecked Sendable {
             metrics.conflicts.increment(by: outcome.summary.conflicts)
             metrics.deadLetters.increment(by: outcome.summary.deadLetters)
             metrics.batchRecords.record(flight.batch.events.count + flight.batch.deadLetters.count)
-            metrics.transactionSeconds.recordNanoseconds(outcome.commitTime.components.seconds * 1_000_000_000 + outcome.commitTime.components.attoseconds / 1_000_000_000)
+            metrics.transactionSeconds.recordNanoseconds(outcome.commitTime.totalNanoseconds)
             for (partition, next) in outcome.committed {
                 if let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high {
                     metrics.lag(partition: partition).record(max(0, high - next))
@@ -282,7 +282,7 @@ public final class AggregatorLoop: @unchecked Sendable {
     private func write(_ batch: PreparedBatch) throws -> BatchOutcome {
         var outcome = BatchOutcome()
         if let delay = settings.faultCommitDelay {
-            Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18)
+            Thread.sleep(forTimeInterval: delay.totalSeconds)
         }
         guard publishDeadLetters(batch.deadLetters) else {
             outcome.abandoned = true

@@ -24,6 +24,15 @@ final class IngestService: Sendable {
     let duplicates = Counter(label: "tally_ingest_events_duplicate_in_request_total")
     let notWritten = Counter(label: "tally_ingest_events_not_written_total")
     let produceLatency = Metrics.Timer(label: "tally_ingest_produce_seconds")
+    /// One counter per rejection reason, made once.
+    private let rejected: [RejectionReason: Counter] = Dictionary(uniqueKeysWithValues: RejectionReason.allCases.map {
+        ($0, Counter(label: "tally_ingest_events_rejected_total", dimensions: [("reason", $0.rawValue)]))
+    })
+
+    enum RejectionReason: String, CaseIterable {
+        case unauthorized, bodyTooLarge = "body_too_large", malformedJSON = "malformed_json", tooManyEvents = "too_many_events"
+        case malformed, timeWindow = "time_window", invalid
+    }
 
     /// The current producer; replaced when it hits a fatal error.
     private final class ProducerBox: @unchecked Sendable {
@@ -58,7 +67,7 @@ final class IngestService: Sendable {
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
         router.get("readyz") { _, _ in
             // Ready when the broker answers for our topic and the key database answers.
-            let broker = (try? self.admin.partitionCount(of: self.topic, timeout: .seconds(2))) != nil
+            let broker = await self.admin.topicIsReachable(self.topic)
             let database = await self.authenticator?.databaseReachable() ?? true
             let text = broker && database ? "ready\n" : "not ready:\(broker ? "" : " broker unreachable")\(database ? "" : " database unreachable")\n"
             return Response(status: broker && database ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain"],
@@ -76,7 +85,7 @@ final class IngestService: Sendable {
         switch await authenticator.check(authorization: request.headers[.authorization]) {
         case .allowed(let key): return try await handler(key)
         case .denied:
-            rejectedCounter("unauthorized").increment()
+            rejectedCounter(.unauthorized).increment()
             var headers = HTTPFields()
             headers[.wwwAuthenticate] = "Bearer"
             return problem(.unauthorized, "unauthorized", "send Authorization: Bearer <API key> (tally keys create)", headers: headers)
@@ -87,8 +96,8 @@ final class IngestService: Sendable {
         }
     }
 
-    private func rejectedCounter(_ reason: String) -> Counter {
-        Counter(label: "tally_ingest_events_rejected_total", dimensions: [("reason", reason)])
+    private func rejectedCounter(_ reason: RejectionReason) -> Counter {
+        rejected[reason]!
     }
 
     private func body(_ request: Request) async throws -> [UInt8]? {
@@ -107,16 +116,16 @@ final class IngestService: Sendable {
                            "use application/json, application/cloudevents+json, application/cloudevents-batch+json or application/x-ndjson")
         }
         guard let body = try await body(request) else {
-            rejectedCounter("body_too_large").increment()
+            rejectedCounter(.bodyTooLarge).increment()
             return problem(.contentTooLarge, "request body too large", "the limit is \(maxBodyBytes) bytes")
         }
         let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
         switch parser.parse(body, format: format, nowMicroseconds: now) {
         case .failure(.malformed(let error)):
-            rejectedCounter("malformed_json").increment()
+            rejectedCounter(.malformedJSON).increment()
             return problem(.badRequest, "malformed JSON", error.description, extra: [("position", .number(Int64(error.offset)))])
         case .failure(.tooManyEvents(let count, let limit)):
-            rejectedCounter("too_many_events").increment()
+            rejectedCounter(.tooManyEvents).increment()
             return problem(.contentTooLarge, "too many events", "\(count) events in one request; the limit is \(limit)")
         case .failure(.empty):
             return problem(.badRequest, "no events", "the request holds no event")
@@ -137,10 +146,10 @@ final class IngestService: Sendable {
         switch ProviderEventBuilder.build(provider, body: body) {
         case .failure(let error):
             return await publish([.rejected(error.violations)], single: true)
-        case .success(let built):
+        case .success(let canonical):
             let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
-            // Same rules as /v1/events, including the time window.
-            switch parser.parse(built.bytes, format: .json, nowMicroseconds: now) {
+            // Validated by the same rules as /v1/events, the time window included.
+            switch parser.parse(canonical, format: .json, nowMicroseconds: now) {
             case .success(let outcomes): return await publish(limited(outcomes, to: key), single: true)
             case .failure: return problem(.badRequest, "invalid event", "the canonical event could not be read back")
             }
@@ -174,7 +183,7 @@ final class IngestService: Sendable {
         replaceIfBroken(usedProducer, after: deliveries)
         let elapsed = ContinuousClock.now - started
         if !records.isEmpty {
-            produceLatency.recordNanoseconds(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+            produceLatency.recordNanoseconds(elapsed.totalNanoseconds)
         }
         var delivery: [Int: Result<DeliveryReport, KafkaError>] = [:]
         for (position, index) in recordIndex.enumerated() { delivery[index] = deliveries[position] }
@@ -207,7 +216,7 @@ final class IngestService: Sendable {
             case .rejected(let violations):
                 counts.rejected += 1
                 if firstViolations.isEmpty { firstViolations = violations }
-                for violation in violations { rejectedCounter(violation.path == "" ? "malformed" : violation.path == "time" ? "time_window" : "invalid").increment() }
+                for violation in violations { rejectedCounter(violation.path == "" ? .malformed : violation.path == "time" ? .timeWindow : .invalid).increment() }
                 results.raw(#","status":"rejected","errors":["#)
                 for (number, violation) in violations.enumerated() {
                     results.raw(number == 0 ? "{" : ",{")

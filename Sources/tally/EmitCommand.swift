@@ -27,18 +27,24 @@ struct Emit: AsyncParsableCommand {
     func run() async throws {
         let data = (file ?? "-") == "-" ? FileHandle.standardInput.readDataToEndOfFile() : try Data(contentsOf: URL(fileURLWithPath: file!))
         let lines = [UInt8](data).split(separator: 0x0a, omittingEmptySubsequences: true)
+        try await EmitRunner.send(lines, batchSize: batchSize, target: target, concurrency: concurrency)
+    }
+}
+
+enum EmitRunner {
+    /// Sends NDJSON lines in batches, prints the summary, and exits 1 unless every event was accepted.
+    static func send<Line: Collection<UInt8>>(_ lines: [Line], batchSize: Int, target: IngestTarget, concurrency: Int,
+                                              pacer: Pacer = Pacer(rate: 0)) async throws {
         let client = try IngestClient(baseURL: target.ingestURL, apiKey: target.apiKey)
         let batches = stride(from: 0, to: lines.count, by: batchSize).map { start in
             let slice = lines[start..<min(start + batchSize, lines.count)]
             return (bytes: Array(slice.joined(separator: [0x0a])) + [0x0a], count: slice.count)
         }
-        let summary = try await EmitRunner.run(batches: batches, total: lines.count, client: client, concurrency: concurrency)
-        EmitRunner.report(summary)
+        let summary = try await run(batches: batches, total: lines.count, client: client, concurrency: concurrency, pacer: pacer)
+        report(summary)
         if summary.rejected + summary.notWritten + summary.failedRequests > 0 { throw ExitCode(1) }
     }
-}
 
-enum EmitRunner {
     /// Sends batches with at most `concurrency` in flight, drawing a progress bar on stderr.
     static func run(batches: [(bytes: [UInt8], count: Int)], total: Int, client: IngestClient, concurrency: Int,
                     pacer: Pacer = Pacer(rate: 0)) async throws -> IngestClient.Summary {
@@ -73,7 +79,7 @@ enum EmitRunner {
         let fraction = total == 0 ? 1 : Double(sent) / Double(total)
         let width = 30
         let filled = Int(fraction * Double(width))
-        let seconds = max(0.001, Double((ContinuousClock.now - started).components.seconds) + Double((ContinuousClock.now - started).components.attoseconds) / 1e18)
+        let seconds = max(0.001, (ContinuousClock.now - started).totalSeconds)
         let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
         FileHandle.standardError.write(Data("\r[\(bar)] \(sent)/\(total) events, \(Int(Double(sent) / seconds)) events/s".utf8))
     }

@@ -134,23 +134,13 @@ struct LoadGen: AsyncParsableCommand {
         var distinct = 0
         var duplicates = 0
         if toIngest {
-            var batches: [(bytes: [UInt8], count: Int)] = []
-            var current: [UInt8] = []
-            var inCurrent = 0
+            var lines: [[UInt8]] = []
             while distinct < events {
                 let (event, isDuplicate) = generator.next()
                 if isDuplicate { duplicates += 1 } else { distinct += 1 }
-                current += EventEncoder.encode(event)
-                current.append(0x0a)
-                inCurrent += 1
-                if inCurrent == batchSize { batches.append((current, inCurrent)); current = []; inCurrent = 0 }
+                lines.append(EventEncoder.encode(event))
             }
-            if inCurrent > 0 { batches.append((current, inCurrent)) }
-            let client = try IngestClient(baseURL: target.ingestURL, apiKey: target.apiKey)
-            let summary = try await EmitRunner.run(batches: batches, total: distinct + duplicates, client: client, concurrency: 4,
-                                                   pacer: Pacer(rate: rate))
-            EmitRunner.report(summary)
-            if summary.rejected + summary.notWritten + summary.failedRequests > 0 { throw ExitCode(1) }
+            try await EmitRunner.send(lines, batchSize: batchSize, target: target, concurrency: 4, pacer: Pacer(rate: rate))
             return
         }
         var pacer = Pacer(rate: rate)
@@ -190,7 +180,7 @@ struct LoadGen: AsyncParsableCommand {
             }
         }
         await producer.close()
-        let seconds = Double((clock.now - began).components.attoseconds) / 1e18 + Double((clock.now - began).components.seconds)
+        let seconds = (clock.now - began).totalSeconds
         let written = distinct + duplicates - failed
         FileHandle.standardError.write(Data("loadgen: \(distinct) events + \(duplicates) duplicates, \(written) acknowledged, \(failed) failed, \(Int(Double(written) / max(seconds, 0.001))) records/s\n".utf8))
         if failed > 0 { throw ExitCode(1) }
