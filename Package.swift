@@ -49,6 +49,7 @@ let package = Package(
         .target(
             name: "TallyCLI",
             dependencies: [
+                "TallyKafka", "TallyPostgres", "TallyPipeline",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -58,7 +59,7 @@ let package = Package(
         .executableTarget(
             name: "tally",
             dependencies: [
-                "TallyCore", "TallyKafka", "TallyPostgres", "TallyCLI",
+                "TallyCore", "TallyKafka", "TallyPostgres", "TallyPipeline", "TallyCLI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -81,7 +82,7 @@ let package = Package(
         .executableTarget(
             name: "tally-rater",
             dependencies: [
-                "TallyCore", "TallyKafka", "TallyPostgres", "TallyCLI",
+                "TallyCore", "TallyKafka", "TallyPostgres", "TallyPipeline", "TallyCLI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

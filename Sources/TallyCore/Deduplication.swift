@@ -24,8 +24,16 @@ public struct LogPosition: Hashable, Sendable, Comparable {
     public static func < (a: LogPosition, b: LogPosition) -> Bool { (a.partition, a.offset) < (b.partition, b.offset) }
 }
 
+/// Anything deduplicated by (customer, event id): where it sits in the log and what it contains.
+public protocol DedupCandidate: Sendable {
+    var key: DedupKey { get }
+    var position: LogPosition { get }
+    /// Fingerprint of the decoded content: equal for equal content whatever the JSON layout.
+    var contentHash: UInt64 { get }
+}
+
 /// A decoded usage event, where it came from, and the fingerprint of its content.
-public struct PositionedEvent: Sendable, Equatable {
+public struct PositionedEvent: DedupCandidate, Equatable {
     public let event: UsageEvent
     public let position: LogPosition
     /// Fingerprint of the decoded content: equal for equal content whatever the JSON layout.
@@ -40,6 +48,21 @@ public struct PositionedEvent: Sendable, Equatable {
     public var key: DedupKey { DedupKey(customerID: event.subject, eventID: event.id) }
 }
 
+/// A decoded wallet grant and where it came from.
+public struct PositionedGrant: DedupCandidate, Equatable {
+    public let grant: GrantEvent
+    public let position: LogPosition
+    public let contentHash: UInt64
+
+    public init(grant: GrantEvent, position: LogPosition) {
+        self.grant = grant
+        self.position = position
+        self.contentHash = ContentHash.of(grant)
+    }
+
+    public var key: DedupKey { DedupKey(customerID: grant.subject, eventID: grant.id) }
+}
+
 /// An event id seen again with different content: the first (by offset) counts, this one is recorded.
 public struct EventConflict: Sendable, Equatable {
     public let key: DedupKey
@@ -49,9 +72,9 @@ public struct EventConflict: Sendable, Equatable {
 }
 
 /// What to do with a batch's events after deduplication.
-public struct DedupDecision: Sendable, Equatable {
-    /// First sightings: counted, and their keys stored.
-    public var accepted: [PositionedEvent] = []
+public struct DedupDecision<Candidate: DedupCandidate>: Sendable {
+    /// First sightings, in log order: counted, and their keys stored.
+    public var accepted: [Candidate] = []
     /// Exact re-sends of a counted event.
     public var duplicates = 0
     /// Same id, different content.
@@ -64,13 +87,13 @@ public struct DedupDecision: Sendable, Equatable {
 /// partition, so the outcome does not depend on how the log is cut into batches.
 public enum Deduplicator {
     /// The keys whose stored fingerprints the decision needs, each once (unordered).
-    public static func keys(of events: [PositionedEvent]) -> [DedupKey] {
+    public static func keys<Candidate: DedupCandidate>(of events: [Candidate]) -> [DedupKey] {
         Array(Set(events.map(\.key)))
     }
 
     /// - Parameter stored: fingerprints of keys already counted in earlier batches.
-    public static func decide(_ events: [PositionedEvent], stored: [DedupKey: UInt64]) -> DedupDecision {
-        var decision = DedupDecision()
+    public static func decide<Candidate: DedupCandidate>(_ events: [Candidate], stored: [DedupKey: UInt64]) -> DedupDecision<Candidate> {
+        var decision = DedupDecision<Candidate>()
         var seen = stored
         for positioned in events.sorted(by: { $0.position < $1.position }) {
             let key = positioned.key
@@ -106,6 +129,20 @@ public enum ContentHash {
         for (key, value) in event.properties.sorted(by: { $0.key < $1.key }) { hasher.add(key); hasher.add(value) }
         hasher.add(UInt8(0x1e))
         for (key, value) in event.extensions.sorted(by: { $0.key < $1.key }) { hasher.add(key); hasher.add(value) }
+        return hasher.value
+    }
+
+    /// Fingerprint of a grant; the type byte keeps it apart from any usage event's.
+    public static func of(_ grant: GrantEvent) -> UInt64 {
+        var hasher = FNV()
+        hasher.add(UInt8(0x02))
+        for text in [grant.id, grant.source, grant.subject, grant.currency.code, grant.grantSource.rawValue, grant.expiresAt?.text ?? "\u{0}"] {
+            hasher.add(text)
+        }
+        for number in [grant.time.microseconds, grant.amountNanos, grant.priority, grant.expiresAt?.microseconds ?? Int64.min] {
+            hasher.add(number)
+        }
+        for (key, value) in grant.extensions.sorted(by: { $0.key < $1.key }) { hasher.add(key); hasher.add(value) }
         return hasher.value
     }
 

@@ -5,6 +5,8 @@ extension Duration {
     }
 
     /// Whole nanoseconds, truncated (what swift-metrics timers take).
+    public var totalMicroseconds: Int64 { totalNanoseconds / 1_000 }
+
     public var totalNanoseconds: Int64 {
         components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000
     }

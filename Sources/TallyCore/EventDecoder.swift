@@ -68,10 +68,14 @@ public enum EventDecoder {
                 }
             case "data":
                 state.sawData = true
-                if state.type == .usage {
+                switch state.type {
+                case .usage:
                     try state.usage.decode(&reader, &state.violations)
                     state.dataDecoded = true
-                } else {
+                case .walletGrant:
+                    try state.grant.decode(&reader, &state.violations)
+                    state.dataDecoded = true
+                case nil:
                     // Type not known yet: keep the span, decode it once the envelope is read.
                     state.dataRange = try reader.skipValue()
                 }
@@ -100,6 +104,7 @@ private struct EnvelopeState {
     var dataDecoded = false
     var dataRange: Range<Int>?
     var usage = UsageDataState()
+    var grant = GrantDataState()
     var extensions: [String: String] = [:]
     var missing: [String] = []
 
@@ -109,11 +114,14 @@ private struct EnvelopeState {
 
     mutating func finish(bytes: UnsafeBufferPointer<UInt8>) -> Result<TallyEvent, EventDecodingError> {
         if notAnObject { return .failure(.invalid(violations)) }
-        if let dataRange, type == .usage {
+        if let dataRange, let type {
             var reader = JSONReader(UnsafeBufferPointer(rebasing: bytes[..<dataRange.upperBound]))
             reader.index = dataRange.lowerBound
             // The span was already read once, so it is well-formed.
-            try? usage.decode(&reader, &violations)
+            switch type {
+            case .usage: try? usage.decode(&reader, &violations)
+            case .walletGrant: try? grant.decode(&reader, &violations)
+            }
             dataDecoded = true
         }
         if !(sawSpecversion && id != nil && source != nil && type != nil && subject != nil && time != nil && sawData) {
@@ -125,9 +133,24 @@ private struct EnvelopeState {
                 }
             }
         }
-        if dataDecoded { usage.finish(&violations) }
-        guard violations.isEmpty, let id, let source, let subject, let time, type == .usage,
-              let model = usage.model, let input = usage.inputTokens, let output = usage.outputTokens
+        if dataDecoded {
+            switch type {
+            case .usage: usage.finish(&violations)
+            case .walletGrant: grant.finish(&violations, eventTime: time)
+            case nil: break
+            }
+        }
+        guard violations.isEmpty, let id, let source, let subject, let time else { return .failure(.invalid(violations)) }
+        if type == .walletGrant {
+            guard let amount = grant.amountNanos, let currency = grant.currency, let grantSource = grant.source else {
+                return .failure(.invalid(violations))
+            }
+            return .success(.grant(GrantEvent(
+                id: id, source: source, subject: subject, time: time, amountNanos: amount, currency: currency,
+                priority: grant.priority ?? GrantEvent.defaultPriority, expiresAt: grant.expiresAt, grantSource: grantSource,
+                extensions: extensions)))
+        }
+        guard type == .usage, let model = usage.model, let input = usage.inputTokens, let output = usage.outputTokens
         else { return .failure(.invalid(violations)) }
         return .success(.usage(UsageEvent(
             id: id, source: source, subject: subject, time: time, model: model,
@@ -232,6 +255,75 @@ private struct UsageDataState {
         for (name, present) in [("model", model != nil), ("input_tokens", inputTokens != nil), ("output_tokens", outputTokens != nil)] where !present {
             let path = "data." + name
             if !violations.contains(where: { $0.path == path }) { violations.append(FieldViolation(path, "is required")) }
+        }
+    }
+}
+
+/// The `data` object of a `tally.wallet.grant` event.
+private struct GrantDataState {
+    var amountNanos: Int64?
+    var currency: Currency?
+    var priority: Int64?
+    var expiresAt: EventTime?
+    var source: GrantSource?
+    var isObject = false
+
+    mutating func decode(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
+        guard try reader.peekKind() == .object else {
+            violations.append(FieldViolation("data", "must be an object, found \(try reader.peekKind().name)"))
+            try reader.skipValue()
+            return
+        }
+        isObject = true
+        var seen = KeySet()
+        try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
+            guard seen.insert(key) else { throw reader.error("duplicate key \"\(key)\"") }
+            let path = "data." + key
+            switch key {
+            case "amount":
+                // A string, so no producer ever routes money through a float.
+                guard let text = try readString(&reader, path, length: 1...40, forbidControl: true, violations: &violations) else { return }
+                if let nanos = Money.nanos(text), nanos > 0, nanos <= GrantEvent.maxAmountNanos {
+                    amountNanos = nanos
+                } else {
+                    violations.append(FieldViolation(path, "must be a decimal string above 0 with at most 9 decimals, e.g. \"25.00\", at most 1000000000"))
+                }
+            case "currency":
+                guard let text = try readString(&reader, path, length: 1...16, forbidControl: true, violations: &violations) else { return }
+                if let code = Currency(text) { currency = code } else { violations.append(FieldViolation(path, "must be an ISO 4217 code such as \"USD\"")) }
+            case "priority":
+                let kind = try reader.peekKind()
+                guard kind == .number, case .value(let value) = try reader.readInteger(), GrantEvent.priorityRange.contains(value) else {
+                    if kind != .number { try reader.skipValue() }
+                    violations.append(FieldViolation(path, "must be an integer from \(GrantEvent.priorityRange.lowerBound) to \(GrantEvent.priorityRange.upperBound)"))
+                    return
+                }
+                priority = value
+            case "expires_at":
+                guard let text = try readString(&reader, path, length: 1...64, forbidControl: true, violations: &violations) else { return }
+                if let time = EventTime(text) { expiresAt = time } else { violations.append(FieldViolation(path, "must be an RFC 3339 date-time with offset")) }
+            case "source":
+                guard let text = try readString(&reader, path, length: 1...32, forbidControl: true, violations: &violations) else { return }
+                if let value = GrantSource(rawValue: text) {
+                    source = value
+                } else {
+                    violations.append(FieldViolation(path, "must be one of \(GrantSource.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", "))"))
+                }
+            default:
+                try reader.skipValue()
+                violations.append(FieldViolation(path, "is not a field of tally.wallet.grant data"))
+            }
+        }
+    }
+
+    func finish(_ violations: inout [FieldViolation], eventTime: EventTime?) {
+        guard isObject else { return }
+        for (name, present) in [("amount", amountNanos != nil), ("currency", currency != nil), ("source", source != nil)] where !present {
+            let path = "data." + name
+            if !violations.contains(where: { $0.path == path }) { violations.append(FieldViolation(path, "is required")) }
+        }
+        if let expiresAt, let eventTime, expiresAt <= eventTime {
+            violations.append(FieldViolation("data.expires_at", "must be after the event time"))
         }
     }
 }

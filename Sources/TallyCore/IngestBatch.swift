@@ -66,6 +66,9 @@ public struct IngestBatchParser: Sendable {
             switch EventDecoder.decode(bytes) {
             case .failure(let error):
                 return .rejected(error.violations)
+            case .success(.grant):
+                // Credit is granted through its own, separately authorized endpoint.
+                return .rejected([FieldViolation("type", "tally.wallet.grant events are posted to /v1/wallets/{customer}/grants")])
             case .success(.usage(let event)):
                 let time = event.time.microseconds
                 if time < nowMicroseconds - maxAgeMicroseconds {

@@ -2,6 +2,7 @@
 /// only a record that is no valid event of any known type is poison.
 public enum EventType: String, Sendable, CaseIterable {
     case usage = "llm.usage"
+    case walletGrant = "tally.wallet.grant"
 }
 
 /// One model call's token usage: schema v1 (`schemas/usage-event.v1.json`).
@@ -58,13 +59,20 @@ public struct UsageEvent: Hashable, Sendable {
 /// A decoded event of any known type.
 public enum TallyEvent: Hashable, Sendable {
     case usage(UsageEvent)
+    case grant(GrantEvent)
 
     public var id: String {
-        switch self { case .usage(let event): event.id }
+        switch self {
+        case .usage(let event): event.id
+        case .grant(let grant): grant.id
+        }
     }
 
     public var customerID: String {
-        switch self { case .usage(let event): event.subject }
+        switch self {
+        case .usage(let event): event.subject
+        case .grant(let grant): grant.subject
+        }
     }
 }
 

@@ -2,200 +2,35 @@ import Logging
 import TallyCore
 import TallyPostgres
 
-/// This instance's hold on a partition: the epoch it claimed and where it stands.
-public struct PartitionClaim: Sendable, Equatable {
-    public var epoch: Int64
-    public var nextOffset: Int64
-}
-
-/// A poison record on its way to the dead-letter table.
-public struct DeadLetter: Sendable {
-    public let position: LogPosition
-    public let reason: PoisonReason
-    public let key: [UInt8]?
-    public let value: [UInt8]?
-}
-
-/// Everything one batch changes, per partition: the events and dead letters it
-/// holds and the offset the partition moves to.
-public struct PreparedBatch: Sendable {
-    public var events: [PositionedEvent] = []
-    public var deadLetters: [DeadLetter] = []
-    /// partition → (expected current next_offset, new next_offset, claimed epoch)
-    public var moves: [Int32: (expected: Int64, next: Int64, epoch: Int64)] = [:]
-
-    public init() {}
-
-    /// The same batch without the given partitions.
-    public func removing(_ partitions: Set<Int32>) -> PreparedBatch {
-        var copy = self
-        copy.events.removeAll { partitions.contains($0.position.partition) }
-        copy.deadLetters.removeAll { partitions.contains($0.position.partition) }
-        for partition in partitions { copy.moves.removeValue(forKey: partition) }
-        return copy
-    }
-}
-
-/// How a commit ended.
-public enum CommitOutcome: Sendable, Equatable {
-    case committed(DedupSummary)
-    /// Another instance claimed these partitions since we did: nothing was written.
-    case fenced(Set<Int32>)
-    /// Our own epoch, but the stored offset moved (an earlier COMMIT whose reply was lost
-    /// succeeded after all): nothing was written; resume from the stored offsets.
-    case resync([Int32: Int64])
-}
-
-public struct DedupSummary: Sendable, Equatable {
-    public var accepted = 0
-    public var duplicates = 0
-    public var conflicts = 0
-    public var deadLetters = 0
-}
-
 /// The aggregator's state in PostgreSQL: offsets, dedup keys, windows, conflicts, dead letters.
-///
-/// Table names are unqualified and resolve through the connection's search path
-/// (`tally`, or a replay's shadow schema).
-public final class AggregatorStore: @unchecked Sendable {
-    public let connection: PostgresConnection
-    public let group: String
-    public let topic: String
-    public let instanceID: String
-    private let logger: Logger
+public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
+    public let tables: ConsumerTables
+    private var connection: PostgresConnection { tables.connection }
 
-    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String, logger: Logger) {
-        self.connection = connection
-        self.group = group
-        self.topic = topic
-        self.instanceID = instanceID
-        self.logger = logger
+    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String) {
+        tables = ConsumerTables(connection: connection, group: group, topic: topic, instanceID: instanceID)
     }
 
-    /// Takes ownership of partitions by bumping their epoch; returns where each resumes.
-    ///
-    /// From this commit on, an instance that claimed earlier cannot commit these partitions.
-    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
-        guard !partitions.isEmpty else { return [:] }
-        return try connection.transaction { connection in
-            let result = try connection.query("""
-                INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, owner_instance)
-                SELECT $1, $2, p, 0, 1, $3 FROM unnest($4::int[]) AS p
-                ON CONFLICT (consumer_group, topic, partition)
-                DO UPDATE SET owner_epoch = o.owner_epoch + 1, owner_instance = EXCLUDED.owner_instance
-                RETURNING partition, next_offset, owner_epoch
-                """, [group, topic, instanceID, PostgresArray(partitions.sorted())])
-            var claims: [Int32: PartitionClaim] = [:]
-            for row in 0..<result.rowCount {
-                claims[Int32(try result.int64(row, 0)!)] = PartitionClaim(epoch: try result.int64(row, 2)!, nextOffset: try result.int64(row, 1)!)
-            }
-            return claims
-        }
-    }
+    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { try tables.claim(partitions) }
 
-    /// Applies a batch in one transaction; see the numbered steps for what a crash at each point means.
+    /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
-        struct MoveFailed: Error { let partitions: Set<Int32> }
-        do {
-            return try apply(batch)
-        } catch let failure as MoveFailed {
-            return try diagnoseFailedMove(failure.partitions, batch: batch)
-        }
-
-        func apply(_ batch: PreparedBatch) throws -> CommitOutcome {
-        try connection.transaction { connection -> CommitOutcome in
-            // 1. Move the offsets, compare-and-set on (offset, epoch). This locks the offset
-            //    rows first, so a concurrent zombie commit waits here and then fails its CAS.
-            //    Crash from here to COMMIT: the server rolls everything back; the batch is
-            //    re-read from the old offsets.
-            let partitions = batch.moves.keys.sorted()
-            let moved = try connection.query("""
-                UPDATE consumer_offsets AS o SET next_offset = m.next, committed_at = now()
-                FROM unnest($3::int[], $4::bigint[], $5::bigint[], $6::bigint[]) AS m(partition, expected, next, epoch)
-                WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition
-                  AND o.next_offset = m.expected AND o.owner_epoch = m.epoch
-                RETURNING o.partition
-                """, [group, topic, PostgresArray(partitions), PostgresArray(partitions.map { batch.moves[$0]!.expected }),
-                      PostgresArray(partitions.map { batch.moves[$0]!.next }), PostgresArray(partitions.map { batch.moves[$0]!.epoch })])
-            var movedPartitions = Set<Int32>()
-            for row in 0..<moved.rowCount { movedPartitions.insert(Int32(try moved.int64(row, 0)!)) }
-            let missing = Set(partitions).subtracting(movedPartitions)
-            // Throwing rolls the transaction back before anything else was written.
-            if !missing.isEmpty { throw MoveFailed(partitions: missing) }
-
+        try tables.commit(batch) { _ in
             // 2. Dedup against stored keys, then decide (pure) which events count.
-            let keys = Deduplicator.keys(of: batch.events)
-            let stored = try storedHashes(keys)
+            let stored = try tables.storedHashes(Deduplicator.keys(of: batch.events), table: "usage_event_keys")
             let decision = Deduplicator.decide(batch.events, stored: stored)
-
-            // 3. Store the keys of the events that count (COPY: the fast path; none exist yet,
-            //    and a concurrent insert of the same key fails the transaction, which retries).
-            if !decision.accepted.isEmpty {
-                try connection.copyIn("COPY usage_event_keys (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN",
-                                      rows: decision.accepted.map {
-                                          [$0.event.subject, $0.event.id, String(ContentHash.signed($0.contentHash)),
-                                           String($0.position.partition), String($0.position.offset)]
-                                      })
-            }
-
+            // 3. Store the keys of the events that count.
+            try tables.storeKeys(decision.accepted, table: "usage_event_keys")
             // 4. Hourly window deltas (daily and monthly are views over them).
             var deltas = WindowDeltas(granularities: [.hour])
             for positioned in decision.accepted { deltas.add(positioned.event) }
             try upsertHourly(deltas.rows(.hour))
-
             // 5. Conflicts and dead letters, idempotent by position.
-            if !decision.conflicts.isEmpty {
-                let conflicts = decision.conflicts
-                try connection.query("""
-                    INSERT INTO event_conflicts (consumer_group, customer_id, event_id, first_hash, conflicting_hash, topic, partition, record_offset)
-                    SELECT $1, c, e, f, h, $2, p, o FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::int[], $8::bigint[]) AS x(c, e, f, h, p, o)
-                    ON CONFLICT DO NOTHING
-                    """, [group, topic, PostgresArray(conflicts.map(\.key.customerID)), PostgresArray(conflicts.map(\.key.eventID)),
-                          PostgresArray(conflicts.map { ContentHash.signed($0.firstHash) }),
-                          PostgresArray(conflicts.map { ContentHash.signed($0.conflictingHash) }),
-                          PostgresArray(conflicts.map(\.position.partition)), PostgresArray(conflicts.map(\.position.offset))])
-            }
-            try insertDeadLetters(batch.deadLetters)
-            // 6. COMMIT (by transaction()). A crash before the reply leaves the outcome
-            //    unknown to us; the next commit's CAS tells (see `.resync`).
-            return .committed(DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates,
-                                           conflicts: decision.conflicts.count, deadLetters: batch.deadLetters.count))
+            try tables.insertConflicts(decision.conflicts)
+            try tables.insertDeadLetters(batch.deadLetters)
+            return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates,
+                                conflicts: decision.conflicts.count, deadLetters: batch.deadLetters.count)
         }
-        }
-    }
-
-    private func diagnoseFailedMove(_ partitions: Set<Int32>, batch: PreparedBatch) throws -> CommitOutcome {
-        let result = try connection.query("""
-            SELECT partition, next_offset, owner_epoch FROM consumer_offsets
-            WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])
-            """, [group, topic, PostgresArray(partitions.sorted())])
-        var fenced = Set(partitions)
-        var resync: [Int32: Int64] = [:]
-        for row in 0..<result.rowCount {
-            let partition = Int32(try result.int64(row, 0)!)
-            let epoch = try result.int64(row, 2)!
-            if epoch == batch.moves[partition]?.epoch {
-                resync[partition] = try result.int64(row, 1)!
-                fenced.remove(partition)
-            }
-        }
-        if !fenced.isEmpty { return .fenced(fenced) }
-        return .resync(resync)
-    }
-
-    private func storedHashes(_ keys: [DedupKey]) throws -> [DedupKey: UInt64] {
-        guard !keys.isEmpty else { return [:] }
-        let result = try connection.query("""
-            SELECT k.customer_id, k.event_id, k.content_hash FROM usage_event_keys k
-            JOIN unnest($1::text[], $2::text[]) AS u(customer_id, event_id)
-              ON k.customer_id = u.customer_id AND k.event_id = u.event_id
-            """, [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.eventID))])
-        var stored: [DedupKey: UInt64] = [:]
-        for row in 0..<result.rowCount {
-            stored[DedupKey(customerID: result.string(row, 0)!, eventID: result.string(row, 1)!)] =
-                UInt64(bitPattern: try result.int64(row, 2)!)
-        }
-        return stored
     }
 
     private func upsertHourly(_ rows: [(key: WindowKey, measures: UsageMeasures)]) throws {
@@ -231,25 +66,4 @@ public final class AggregatorStore: @unchecked Sendable {
                 PostgresArray(rows.map(\.measures.eventCount)),
             ])
     }
-
-    private func insertDeadLetters(_ letters: [DeadLetter]) throws {
-        guard !letters.isEmpty else { return }
-        // The value is kept up to 64 KiB; record_size says how large it was.
-        try connection.query("""
-            INSERT INTO dead_letters (consumer_group, topic, partition, record_offset, reason_code, reason, record_key, record_value, record_size)
-            SELECT $1, $2, p, o, c, r, k, v, s FROM unnest($3::int[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::bytea[], $9::int[])
-                AS x(p, o, c, r, k, v, s)
-            ON CONFLICT DO NOTHING
-            """, [group, topic,
-                  PostgresArray(letters.map(\.position.partition)), PostgresArray(letters.map(\.position.offset)),
-                  PostgresArray(letters.map(\.reason.code)), PostgresArray(letters.map { sanitized($0.reason.detail) }),
-                  PostgresArray(letters.map { $0.key.map { PostgresBytes($0).postgresText } }),
-                  PostgresArray(letters.map { $0.value.map { PostgresBytes(Array($0.prefix(EventLimits.maxEventBytes))).postgresText } }),
-                  PostgresArray(letters.map { Int32($0.value?.count ?? 0) })])
-    }
-}
-
-/// PostgreSQL text cannot hold NUL; error details may quote one from a bad record.
-func sanitized(_ text: String) -> String {
-    String(String.UnicodeScalarView(text.prefix(2000).unicodeScalars.map { $0 == "\0" ? "\u{FFFD}" : $0 }))
 }

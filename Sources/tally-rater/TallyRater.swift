@@ -1,29 +1,61 @@
 import ArgumentParser
-import Logging
+import Dispatch
+import Foundation
 import TallyCLI
-import TallyKafka
+import TallyPipeline
 import TallyPostgres
 
-/// The rating/wallet consumer. Rating (issue #5) is not built yet; today it checks
-/// its settings, the broker and the database, then exits.
 @main
-struct TallyRater: AsyncParsableCommand {
+struct TallyRater: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tally-rater",
-        abstract: "Tally's rating consumer: prices usage, debits wallets, builds invoices.",
-        discussion: "Not built yet: this version only checks its settings, the broker and the database, then exits 2.")
+        abstract: "Tally's rating/wallet consumer: prices usage, debits prepaid wallets, raises alerts.",
+        discussion: """
+            Reads the usage topic in its own consumer group (tally-rater) with its own offsets and dedup keys. \
+            Usage is priced with the price book version in force at its event time (tally pricing apply); \
+            wallet grants (type tally.wallet.grant) credit wallets; charges debit them by grant priority, then \
+            earliest expiry. Every batch's ledger entries, rated totals and offsets commit in one PostgreSQL \
+            transaction. Low-balance alerts and top-up requests are published to the alerts topic after commit. \
+            Env: TALLY_RATER_GROUP sets the group.
+            """)
 
+    @OptionGroup var consumer: ConsumerOptions
     @OptionGroup var database: DatabaseOptions
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var ops: OpsOptions
 
-    func run() async throws {
-        JSONLogHandler.bootstrap(service: "tally-rater", level: logging.logLevel)
-        let logger = Logger(label: "tally.rater")
-        _ = try PostgresConnection(url: try database.databaseURL, logger: logger)
-        let admin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
-        _ = try admin.partitionCount(of: kafka.topic)
-        logger.error("rating is not built yet; broker and database reachable")
-        throw ExitCode(2)
+    @Option(help: "Topic for low-balance alerts and top-up requests ('off' keeps them in PostgreSQL only). Default: tally.alerts.")
+    var alertsTopic = "tally.alerts"
+
+    func run() throws {
+        let description = ConsumerDescription(service: "tally-rater", defaultGroup: "tally-rater",
+                                              groupEnvironment: "TALLY_RATER_GROUP", metricsPrefix: "tally_rater")
+        var relayStop: SharedFlag?
+        let relayDone = DispatchSemaphore(value: 0)
+        try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
+            if alertsTopic != "off" {
+                // The relay has its own connection: it must not share the batch transaction's.
+                let relay = AlertRelay(connection: try PostgresConnection(url: try database.databaseURL, logger: context.logger,
+                                                                          connectTimeout: .seconds(60), searchPath: "tally"),
+                                       producer: try BlockingProducer(configuration: context.kafka, logger: context.logger),
+                                       topic: alertsTopic, logger: context.logger)
+                let stop = context.stop
+                let thread = Thread {
+                    relay.run(stop: stop)
+                    relayDone.signal()
+                }
+                thread.name = "tally.alert-relay"
+                thread.start()
+                relayStop = stop
+            }
+            return RaterStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
+                              instanceID: context.instanceID, logger: context.logger)
+        }
+        // The loop ended (signal or caught up): let the relay publish what the last batches committed.
+        if let relayStop {
+            relayStop.set()
+            _ = relayDone.wait(timeout: .now() + 30)
+        }
     }
 }

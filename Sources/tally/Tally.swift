@@ -10,8 +10,9 @@ import TallyPostgres
 struct Tally: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tally",
-        abstract: "Tally's operator tool: migrations, topics, API keys, events, load generation and usage queries.",
-        subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Emit.self, Usage.self, Keys.self])
+        abstract: "Tally's operator tool: migrations, topics, API keys, events, load generation, usage, pricing, wallets and invoices.",
+        subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Emit.self, Usage.self, Keys.self,
+                      Pricing.self, Customers.self, Grant.self, Balance.self, Invoices.self])
 }
 
 func makeLogger(_ options: LoggingOptions, label: String) -> Logger {
@@ -43,7 +44,7 @@ struct Topics: ParsableCommand {
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Create the usage topic and its dead-letter topic (existing topics are left as they are).")
+            abstract: "Create the usage topic, its dead-letter topic and tally.alerts (existing topics are left as they are).")
 
         @OptionGroup var kafka: KafkaOptions
         @OptionGroup var logging: LoggingOptions
@@ -57,7 +58,8 @@ struct Topics: ParsableCommand {
         func run() throws {
             let logger = makeLogger(logging, label: "tally.topics")
             let admin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
-            for topic in [kafka.topic, kafka.deadLetterTopic] {
+            // The alerts topic carries the rater's low-balance alerts and top-up requests.
+            for topic in [kafka.topic, kafka.deadLetterTopic, "tally.alerts"] {
                 let created = try admin.createTopic(topic, partitions: partitions, replicationFactor: replicationFactor)
                 let count = try admin.partitionCount(of: topic)
                 print("\(topic): \(created ? "created" : "exists"), \(count) partitions")

@@ -130,6 +130,13 @@ final class AggregationTests: XCTestCase {
         guard case .poison(let malformed) = ClassifiedRecord.classify(Array("{".utf8)) else { return XCTFail() }
         XCTAssertEqual(malformed.code, "malformed_json")
         guard case .poison(let type) = ClassifiedRecord.classify(Array(#"{"specversion":"1.0","type":"x"}"#.utf8)) else { return XCTFail() }
+        let valid = EventEncoder.encode(UsageEvent(id: "e", source: "s", subject: "acme", time: EventTime("2026-01-01T00:00:00Z")!, model: "m",
+                                                   inputTokens: 1, outputTokens: 1))
+        guard case .event = ClassifiedRecord.classify(valid, key: .some(Array("acme".utf8))) else { return XCTFail("keyed by its customer") }
+        guard case .poison(let misKeyed) = ClassifiedRecord.classify(valid, key: .some(Array("other".utf8))) else { return XCTFail() }
+        XCTAssertEqual(misKeyed.code, "key_mismatch")
+        guard case .poison(let unkeyed) = ClassifiedRecord.classify(valid, key: .some(nil)) else { return XCTFail() }
+        XCTAssertEqual(unkeyed.code, "key_mismatch")
         XCTAssertEqual(type.code, "unknown_type")
     }
 }

@@ -4,7 +4,7 @@ import TallyKafka
 import TallyPostgres
 import XCTest
 
-/// A private database, topic pair and group for one aggregator test, and helpers to drive it.
+/// A private database, topic pair and group for one consumer test, and helpers to drive it.
 final class AggregatorHarness: @unchecked Sendable {
     let databaseURL: String
     let topic: String
@@ -16,7 +16,9 @@ final class AggregatorHarness: @unchecked Sendable {
     private(set) var logEnd: [Int32: Int64] = [:]
     private var processes: [ChildProcess] = []
 
-    init(partitions: Int = 4) throws {
+    /// - Parameter sharedTopic: use an existing topic (another harness's) instead of creating one,
+    ///   so two databases can consume the same log.
+    init(partitions: Int = 4, sharedTopic: String? = nil) throws {
         brokers = try TestStack.brokers
         let base = try TestStack.databaseURL
         let name = TestStack.unique("tally_test")
@@ -30,11 +32,13 @@ final class AggregatorHarness: @unchecked Sendable {
         let (status, output) = try ChildProcess.run(TestStack.executable("tally"), ["migrate", "--database-url", databaseURL])
         XCTAssertEqual(status, 0, output)
         connection = try PostgresConnection(url: databaseURL, logger: TestStack.logger)
-        topic = TestStack.unique("test.usage")
-        group = TestStack.unique("aggregator")
-        let kafkaAdmin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: brokers), logger: TestStack.logger)
-        try kafkaAdmin.createTopic(topic, partitions: partitions)
-        try kafkaAdmin.createTopic(topic + ".dlq", partitions: partitions)
+        topic = sharedTopic ?? TestStack.unique("test.usage")
+        group = TestStack.unique("consumer")
+        if sharedTopic == nil {
+            let kafkaAdmin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: brokers), logger: TestStack.logger)
+            try kafkaAdmin.createTopic(topic, partitions: partitions)
+            try kafkaAdmin.createTopic(topic + ".dlq", partitions: partitions)
+        }
         producer = try KafkaProducer(configuration: KafkaConfiguration(brokers: brokers), logger: TestStack.logger)
     }
 
@@ -55,10 +59,31 @@ final class AggregatorHarness: @unchecked Sendable {
         try await publish(events.map { ($0.subject, EventEncoder.encode($0)) })
     }
 
+    /// Records the log end of a topic another harness published to.
+    func adoptLogEnd(of other: AggregatorHarness) { logEnd = other.logEnd }
+
+    /// Runs the `tally` CLI against this harness's database; fails the test when it exits non-zero.
+    @discardableResult
+    func tally(_ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"), arguments + ["--database-url", databaseURL])
+        XCTAssertEqual(status, 0, "tally \(arguments.joined(separator: " ")): \(output)", file: file, line: line)
+        return output
+    }
+
     /// Starts an aggregator instance on this harness's topic, group and database.
     @discardableResult
     func startAggregator(_ extra: [String] = [], environment: [String: String] = [:]) throws -> ChildProcess {
-        let process = try ChildProcess(TestStack.executable("tally-aggregator"), [
+        try startConsumer("tally-aggregator", extra, environment: environment)
+    }
+
+    /// Starts a rater instance on this harness's topic, group and database.
+    @discardableResult
+    func startRater(_ extra: [String] = [], environment: [String: String] = [:]) throws -> ChildProcess {
+        try startConsumer("tally-rater", extra, environment: environment)
+    }
+
+    private func startConsumer(_ executable: String, _ extra: [String], environment: [String: String]) throws -> ChildProcess {
+        let process = try ChildProcess(TestStack.executable(executable), [
             "--database-url", databaseURL, "--topic", topic, "--group", group,
             "--session-timeout-ms", "6000", "--stats-interval-seconds", "2", "--batch-size", "2000",
             "--ops-address", "127.0.0.1:0",

@@ -166,6 +166,8 @@ final class AggregatorIntegrationTests: XCTestCase {
             ("unknown_type", Array(#"{"specversion":"1.0","id":"x","source":"s","type":"llm.other","subject":"c","time":"2026-01-01T00:00:00Z","data":{}}"#.utf8)),
             ("oversize", Array(repeating: UInt8(ascii: "a"), count: 70_000)),
             ("malformed_json", [0xff, 0xfe, 0x00, 0x22]),
+            // A valid event under another customer's key: it would sit in the wrong partition.
+            ("key_mismatch", Array(#"{"specversion":"1.0","id":"x","source":"s","type":"llm.usage","subject":"not-the-key","time":"2026-01-01T00:00:00Z","data":{"model":"m","input_tokens":1,"output_tokens":1}}"#.utf8)),
         ]
         var records: [(key: String, value: [UInt8])] = []
         var poisonCount: [String: Int] = [:]

@@ -15,9 +15,11 @@ public final class SharedFlag: @unchecked Sendable {
     public var isSet: Bool { lock.withLock { value } }
 }
 
-/// Settings of the aggregator's consumer loop.
-public struct AggregatorSettings: Sendable {
-    public var group = "tally-aggregator"
+/// Settings of a consumer loop (the aggregator's and the rater's).
+public struct ConsumerSettings: Sendable {
+    public var group: String
+    /// `tally_aggregator` or `tally_rater`: the prefix of the loop's metric names.
+    public var metricsPrefix: String
     public var topic = "tally.usage"
     public var deadLetterTopic = "tally.usage.dlq"
     /// A batch ends at this many records…
@@ -31,16 +33,21 @@ public struct AggregatorSettings: Sendable {
     /// so a SIGSTOP lands while a batch is in flight (env TALLY_FAULT_COMMIT_DELAY_MS).
     public var faultCommitDelay: Duration?
 
-    public init() {}
+    public init(group: String, metricsPrefix: String) {
+        self.group = group
+        self.metricsPrefix = metricsPrefix
+    }
 }
 
 /// Running totals, logged periodically and at exit.
-public struct AggregatorStats: Sendable, CustomStringConvertible {
+public struct ConsumerStats: Sendable, CustomStringConvertible {
     public var records = 0
     public var accepted = 0
     public var duplicates = 0
     public var conflicts = 0
     public var deadLetters = 0
+    public var grants = 0
+    public var unpriced = 0
     public var batches = 0
     public var fencedBatches = 0
     /// Time spent in PostgreSQL transactions and in preparing batches (decode, dedup input).
@@ -48,7 +55,7 @@ public struct AggregatorStats: Sendable, CustomStringConvertible {
     public var prepareTime = Duration.zero
 
     public var description: String {
-        "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.totalMilliseconds) prepare_ms=\(prepareTime.totalMilliseconds)"
+        "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) grants=\(grants) unpriced=\(unpriced) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.totalMilliseconds) prepare_ms=\(prepareTime.totalMilliseconds)"
     }
 }
 
@@ -63,19 +70,18 @@ struct BatchOutcome: Sendable {
     var abandoned = false
 }
 
-/// The dedup/aggregation consumer: poll a batch, write its effect and its offsets in one
-/// PostgreSQL transaction, repeat. Runs on the calling thread until `stop` is set.
+/// A consumer (aggregator or rater): poll a batch, write its effect and its offsets in one
+/// PostgreSQL transaction through its `ConsumerStore`, repeat. Runs on the calling thread until `stop` is set.
 ///
 /// Two stages overlap: while one batch commits on the commit queue, the consumer
 /// thread polls and decodes the next. At most one batch is in flight; it is
 /// finished (committed or abandoned) before the next is handed over and before
 /// any rebalance is acted on, so a revoked partition never has work in flight.
-public final class AggregatorLoop: @unchecked Sendable {
-    private let settings: AggregatorSettings
-    private let store: AggregatorStore
-    /// Used on the commit queue only; replaced when it hits a fatal error.
-    private var deadLetterProducer: KafkaProducer
-    private let kafkaConfiguration: KafkaConfiguration
+public final class ConsumerLoop: @unchecked Sendable {
+    private let settings: ConsumerSettings
+    private let store: any ConsumerStore
+    /// Used on the commit queue only.
+    private let deadLetterProducer: BlockingProducer
     private let logger: Logger
     private let stopFlag: SharedFlag
     private var consumer: KafkaConsumer!
@@ -83,12 +89,12 @@ public final class AggregatorLoop: @unchecked Sendable {
     private var owned: [Int32: PartitionClaim] = [:]
     /// Where the next prepared batch starts per partition: ahead of `owned` while a batch is in flight.
     private var readPosition: [Int32: Int64] = [:]
-    private let commitQueue = DispatchQueue(label: "tally.aggregator.commit")
+    private let commitQueue = DispatchQueue(label: "tally.consumer.commit")
     private var inFlight: (batch: PreparedBatch, done: DispatchSemaphore, outcome: OutcomeBox)?
     /// A non-retryable failure seen inside a rebalance callback, rethrown by the loop.
     private var deferredError: Error?
-    public private(set) var stats = AggregatorStats()
-    private let metrics = AggregatorMetrics()
+    public private(set) var stats = ConsumerStats()
+    private let metrics: ConsumerMetrics
     private let readiness = SharedFlag()
 
     /// True once partitions were claimed and while commits succeed; false while PostgreSQL is away.
@@ -98,14 +104,14 @@ public final class AggregatorLoop: @unchecked Sendable {
         var result: Result<BatchOutcome, Error> = .success(BatchOutcome())
     }
 
-    public init(kafka: KafkaConfiguration, store: AggregatorStore, settings: AggregatorSettings,
+    public init(kafka: KafkaConfiguration, store: any ConsumerStore, settings: ConsumerSettings,
                 logger: Logger, stop: SharedFlag) throws {
         self.settings = settings
+        self.metrics = ConsumerMetrics(prefix: settings.metricsPrefix)
         self.store = store
         self.logger = logger
         self.stopFlag = stop
-        kafkaConfiguration = kafka
-        deadLetterProducer = try KafkaProducer(configuration: kafka, logger: logger)
+        deadLetterProducer = try BlockingProducer(configuration: kafka, logger: logger)
         // The handler runs inside poll on this loop's thread; `self` outlives the consumer.
         let handler = RebalanceHandler()
         consumer = try KafkaConsumer(configuration: kafka, groupID: settings.group, logger: logger) { handler.loop?.rebalanced($0) ?? [:] }
@@ -113,7 +119,7 @@ public final class AggregatorLoop: @unchecked Sendable {
     }
 
     private final class RebalanceHandler: @unchecked Sendable {
-        weak var loop: AggregatorLoop?
+        weak var loop: ConsumerLoop?
     }
 
     private func rebalanced(_ event: RebalanceEvent) -> [TopicPartition: Int64] {
@@ -201,9 +207,11 @@ public final class AggregatorLoop: @unchecked Sendable {
             stats.records += 1
             metrics.records.increment()
             let logPosition = LogPosition(partition: record.partition, offset: record.offset)
-            switch ClassifiedRecord.classify(record.value) {
+            switch ClassifiedRecord.classify(record.value, key: .some(record.key)) {
             case .event(.usage(let event)):
                 batch.events.append(PositionedEvent(event: event, position: logPosition))
+            case .event(.grant(let grant)):
+                batch.grants.append(PositionedGrant(grant: grant, position: logPosition))
             case .poison(let reason):
                 batch.deadLetters.append(DeadLetter(position: logPosition, reason: reason, key: record.key, value: record.value))
             }
@@ -243,11 +251,15 @@ public final class AggregatorLoop: @unchecked Sendable {
             stats.duplicates += outcome.summary.duplicates
             stats.conflicts += outcome.summary.conflicts
             stats.deadLetters += outcome.summary.deadLetters
+            stats.grants += outcome.summary.grants
+            stats.unpriced += outcome.summary.unpriced
             metrics.accepted.increment(by: outcome.summary.accepted)
             metrics.duplicates.increment(by: outcome.summary.duplicates)
             metrics.conflicts.increment(by: outcome.summary.conflicts)
             metrics.deadLetters.increment(by: outcome.summary.deadLetters)
-            metrics.batchRecords.record(flight.batch.events.count + flight.batch.deadLetters.count)
+            metrics.grants.increment(by: outcome.summary.grants)
+            metrics.unpriced.increment(by: outcome.summary.unpriced)
+            metrics.batchRecords.record(flight.batch.events.count + flight.batch.grants.count + flight.batch.deadLetters.count)
             metrics.transactionSeconds.recordNanoseconds(outcome.commitTime.totalNanoseconds)
             for (partition, next) in outcome.committed {
                 if let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high {
@@ -338,32 +350,7 @@ public final class AggregatorLoop: @unchecked Sendable {
                 KafkaHeader("tally.consumer.group", string: settings.group),
             ])
         }
-        while true {
-            let failures = blockingSend(records).compactMap { result -> KafkaError? in
-                if case .failure(let error) = result { return error } else { return nil }
-            }
-            if failures.isEmpty { return true }
-            logger.warning("dead-letter publish failed (\(failures.count) records), retrying: \(failures[0])")
-            if deadLetterProducer.hasFatalError || failures.contains(where: \.requiresNewClient) {
-                // A fenced or fatally failed idempotent producer fails every later send.
-                if let fresh = try? KafkaProducer(configuration: kafkaConfiguration, logger: logger) { deadLetterProducer = fresh }
-            }
-            if stopFlag.isSet { return false }
-            Thread.sleep(forTimeInterval: 0.5)
-        }
-    }
-
-    private func blockingSend(_ records: [ProducerRecord]) -> [Result<DeliveryReport, KafkaError>] {
-        final class Box: @unchecked Sendable { var results: [Result<DeliveryReport, KafkaError>] = [] }
-        let box = Box()
-        let done = DispatchSemaphore(value: 0)
-        let producer = deadLetterProducer
-        Task {
-            box.results = await producer.send(records)
-            done.signal()
-        }
-        done.wait()
-        return box.results
+        return deadLetterProducer.sendAll(records, what: "dead-letter publish", shouldStop: { stopFlag.isSet })
     }
 
     private func isCaughtUp() -> Bool {

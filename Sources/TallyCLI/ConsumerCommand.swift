@@ -1,0 +1,104 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Logging
+import TallyKafka
+import TallyPipeline
+import TallyPostgres
+
+/// The flags every consumer executable (aggregator, rater) shares.
+public struct ConsumerOptions: ParsableArguments {
+    @Option(help: "Consumer group. Default: the executable's own group.")
+    var group: String?
+
+    @Option(help: "Largest batch, in records.")
+    var batchSize = 20_000
+
+    @Option(help: "Longest wait for a batch to fill, in milliseconds.")
+    var batchTimeoutMs = 250
+
+    @Option(help: "Kafka session timeout in milliseconds: how long a silent instance keeps its partitions.")
+    var sessionTimeoutMs = 10_000
+
+    @Option(help: "Seconds between progress log lines.")
+    var statsIntervalSeconds = 10
+
+    @Flag(help: "Exit 0 once every assigned partition is consumed to its log end.")
+    var exitWhenCaughtUp = false
+
+    public init() {}
+
+    public func validate() throws {
+        guard batchSize > 0, batchTimeoutMs > 0 else { throw ValidationError("--batch-size and --batch-timeout-ms must be positive") }
+    }
+}
+
+/// What differs between the consumer executables.
+public struct ConsumerDescription: Sendable {
+    public let service: String
+    public let defaultGroup: String
+    /// Environment variable that overrides the group (flags win).
+    public let groupEnvironment: String
+    public let metricsPrefix: String
+
+    public init(service: String, defaultGroup: String, groupEnvironment: String, metricsPrefix: String) {
+        self.service = service
+        self.defaultGroup = defaultGroup
+        self.groupEnvironment = groupEnvironment
+        self.metricsPrefix = metricsPrefix
+    }
+}
+
+/// Everything a consumer's store and helpers need to be built.
+public struct ConsumerContext {
+    public let connection: PostgresConnection
+    public let kafka: KafkaConfiguration
+    public let settings: ConsumerSettings
+    public let instanceID: String
+    public let logger: Logger
+    public let stop: SharedFlag
+}
+
+/// Runs a consumer loop until SIGTERM/SIGINT (or caught up): settings from flags and the
+/// environment, metrics and the ops endpoint, a PostgreSQL connection, signal handling.
+public func runConsumer(_ description: ConsumerDescription, options: ConsumerOptions, database: DatabaseOptions, kafka: KafkaOptions,
+                        logging: LoggingOptions, ops: OpsOptions, makeStore: (ConsumerContext) throws -> any ConsumerStore) throws {
+    JSONLogHandler.bootstrap(service: description.service, level: logging.logLevel)
+    let registry = OpsOptions.bootstrapMetrics()
+    let logger = Logger(label: "tally.\(description.service)")
+    var settings = ConsumerSettings(group: options.group ?? environment(description.groupEnvironment) ?? description.defaultGroup,
+                                    metricsPrefix: description.metricsPrefix)
+    settings.topic = kafka.topic
+    settings.deadLetterTopic = kafka.deadLetterTopic
+    settings.batchSize = options.batchSize
+    settings.batchTimeout = .milliseconds(options.batchTimeoutMs)
+    settings.statsInterval = .seconds(options.statsIntervalSeconds)
+    settings.exitWhenCaughtUp = options.exitWhenCaughtUp
+    if let delay = environment("TALLY_FAULT_COMMIT_DELAY_MS").flatMap(Int.init) { settings.faultCommitDelay = .milliseconds(delay) }
+
+    var properties = try kafka.extraProperties
+    properties["session.timeout.ms"] = properties["session.timeout.ms"] ?? String(options.sessionTimeoutMs)
+    let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: properties)
+    let connection = try PostgresConnection(url: try database.databaseURL, logger: logger, connectTimeout: .seconds(60), searchPath: "tally")
+    let instanceID = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
+    let stop = SharedFlag()
+    let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
+        signal(number, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+        source.setEventHandler {
+            logger.info("signal \(number): finishing the batch and leaving the group")
+            stop.set()
+        }
+        source.resume()
+        return source
+    }
+    defer { signals.forEach { $0.cancel() } }
+    let context = ConsumerContext(connection: connection, kafka: kafkaConfiguration, settings: settings, instanceID: instanceID,
+                                  logger: logger, stop: stop)
+    let store = try makeStore(context)
+    logger.info("starting", metadata: ["group": "\(settings.group)", "topic": "\(settings.topic)", "instance": "\(instanceID)"])
+    let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: stop)
+    let opsServer = try ops.start(registry: registry, logger: logger, ready: { loop.isReady })
+    try loop.run()
+    _ = opsServer
+}

@@ -1,0 +1,238 @@
+public enum InvoiceLineKind: String, Sendable {
+    case usage, adjustment, subscription, minimum, credits
+}
+
+/// One invoice line. `exactNanos` is the unrounded amount it accounts for; `amountNanos` is
+/// that rounded to the currency's minor unit, and the invoice total is the sum of those.
+public struct InvoiceLine: Hashable, Sendable {
+    public let kind: InvoiceLineKind
+    public let description: String
+    /// The billing period the line accounts for (earlier than the invoice's for adjustments).
+    public let coversPeriodStart: Int64
+    public let item: PriceItem?
+    public let quantity: Int64?
+    public let unitPrice: String?
+    public let exactNanos: Int64
+    public let amountNanos: Int64
+
+    public init(kind: InvoiceLineKind, description: String, coversPeriodStart: Int64, item: PriceItem?, quantity: Int64?,
+                unitPrice: String?, exactNanos: Int64, amountNanos: Int64) {
+        self.kind = kind
+        self.description = description
+        self.coversPeriodStart = coversPeriodStart
+        self.item = item
+        self.quantity = quantity
+        self.unitPrice = unitPrice
+        self.exactNanos = exactNanos
+        self.amountNanos = amountNanos
+    }
+}
+
+/// Rated usage of one price item in one period, as stored.
+public struct RatedCharge: Hashable, Sendable {
+    public let periodStart: Int64
+    public let item: PriceItem
+    public let quantity: Int64
+    public let amountNanos: Int64
+    public let pricing: String
+
+    public init(periodStart: Int64, item: PriceItem, quantity: Int64, amountNanos: Int64, pricing: String) {
+        self.periodStart = periodStart
+        self.item = item
+        self.quantity = quantity
+        self.amountNanos = amountNanos
+        self.pricing = pricing
+    }
+}
+
+/// What is already on earlier invoices for one price item of one period.
+public struct InvoicedCharge: Hashable, Sendable {
+    public let periodStart: Int64
+    public let item: PriceItem
+    public let quantity: Int64
+    public let exactNanos: Int64
+
+    public init(periodStart: Int64, item: PriceItem, quantity: Int64, exactNanos: Int64) {
+        self.periodStart = periodStart
+        self.item = item
+        self.quantity = quantity
+        self.exactNanos = exactNanos
+    }
+}
+
+/// Everything closing one customer's period needs, read from PostgreSQL.
+public struct InvoiceInputs: Sendable {
+    public var customerID: String
+    public var period: BillingPeriod
+    public var currency: Currency
+    public var subscriptionFeeNanos: Int64 = 0
+    public var minimumNanos: Int64?
+    /// Rated usage of this period and of earlier periods that already have an invoice.
+    public var charges: [RatedCharge] = []
+    /// Usage lines and adjustments on earlier invoices, per period and item.
+    public var invoiced: [InvoicedCharge] = []
+    /// Wallet credit drawn per period (grant-funded debits), and what earlier invoices applied.
+    public var creditsDrawn: [Int64: Int64] = [:]
+    public var creditsInvoiced: [Int64: Int64] = [:]
+
+    public init(customerID: String, period: BillingPeriod, currency: Currency) {
+        self.customerID = customerID
+        self.period = period
+        self.currency = currency
+    }
+}
+
+public struct Invoice: Sendable {
+    public let invoiceID: String
+    public let customerID: String
+    public let period: BillingPeriod
+    public let currency: Currency
+    public let lines: [InvoiceLine]
+
+    public init(invoiceID: String, customerID: String, period: BillingPeriod, currency: Currency, lines: [InvoiceLine]) {
+        self.invoiceID = invoiceID
+        self.customerID = customerID
+        self.period = period
+        self.currency = currency
+        self.lines = lines
+    }
+
+    public var totalDueNanos: Int64 { lines.reduce(0) { $0 + $1.amountNanos } }
+    public var isEmpty: Bool { lines.isEmpty }
+}
+
+/// Builds an invoice: usage lines, adjustments for usage that arrived after an earlier period
+/// was closed, the subscription fee, the minimum, and credits applied from the wallet.
+public enum InvoiceBuilder {
+    public static func build(_ inputs: InvoiceInputs) -> Invoice {
+        let currency = inputs.currency
+        var lines: [InvoiceLine] = []
+        func line(_ kind: InvoiceLineKind, _ description: String, covers: Int64, item: PriceItem? = nil, quantity: Int64? = nil,
+                  unitPrice: String? = nil, exact: Int64) {
+            lines.append(InvoiceLine(kind: kind, description: description, coversPeriodStart: covers, item: item, quantity: quantity,
+                                     unitPrice: unitPrice, exactNanos: exact, amountNanos: currency.roundToMinorUnit(exact)))
+        }
+        let current = inputs.charges.filter { $0.periodStart == inputs.period.start }.sorted { $0.item < $1.item }
+        for charge in current {
+            line(.usage, "\(charge.item.model) \(label(charge.item.tokenType)) tokens", covers: charge.periodStart, item: charge.item,
+                 quantity: charge.quantity, unitPrice: charge.pricing, exact: charge.amountNanos)
+        }
+        // Late usage for closed periods: what is rated now minus what was invoiced.
+        var invoiced: [String: (quantity: Int64, exact: Int64)] = [:]
+        func key(_ period: Int64, _ item: PriceItem) -> String {
+            "\(period)|\(item.bookName)|\(item.bookCustomer)|\(item.bookVersion)|\(item.model)|\(item.tokenType.rawValue)"
+        }
+        for entry in inputs.invoiced {
+            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].quantity += entry.quantity
+            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].exact += entry.exactNanos
+        }
+        let earlier = inputs.charges.filter { $0.periodStart < inputs.period.start }
+            .sorted { ($0.periodStart, $0.item) < ($1.periodStart, $1.item) }
+        for charge in earlier {
+            let already = invoiced[key(charge.periodStart, charge.item)] ?? (0, 0)
+            let quantity = charge.quantity - already.quantity
+            let exact = charge.amountNanos - already.exact
+            guard quantity != 0 || exact != 0 else { continue }
+            let periodLabel = BillingPeriod(start: charge.periodStart, end: charge.periodStart).label
+            line(.adjustment, "Late usage for \(periodLabel): \(charge.item.model) \(label(charge.item.tokenType)) tokens",
+                 covers: charge.periodStart, item: charge.item, quantity: quantity, unitPrice: charge.pricing, exact: exact)
+        }
+        if inputs.subscriptionFeeNanos > 0 {
+            line(.subscription, "Subscription", covers: inputs.period.start, exact: inputs.subscriptionFeeNanos)
+        }
+        let usage = current.reduce(0) { $0 + $1.amountNanos }
+        if let minimum = inputs.minimumNanos, usage < minimum {
+            line(.minimum, "Minimum charge for the period (\(Money.format(nanos: minimum)) \(currency)) less usage", covers: inputs.period.start,
+                 exact: minimum - usage)
+        }
+        for period in Set(inputs.creditsDrawn.keys).union(inputs.creditsInvoiced.keys).sorted() where period <= inputs.period.start {
+            let credit = (inputs.creditsDrawn[period] ?? 0) - (inputs.creditsInvoiced[period] ?? 0)
+            guard credit != 0 else { continue }
+            let suffix = period == inputs.period.start ? "" : " (usage of \(BillingPeriod(start: period, end: period).label))"
+            line(.credits, "Prepaid credits applied\(suffix)", covers: period, exact: -credit)
+        }
+        let id = "INV-\(inputs.period.label)-\(inputs.customerID)-\(currency.code)"
+        return Invoice(invoiceID: id, customerID: inputs.customerID, period: inputs.period, currency: currency, lines: lines)
+    }
+
+    static func label(_ type: TokenType) -> String {
+        switch type {
+        case .input: "input"
+        case .output: "output"
+        case .cacheRead: "cache read"
+        case .cacheWrite: "cache write"
+        case .reasoning: "reasoning"
+        }
+    }
+
+    /// The invoice as JSON: amounts as exact decimal strings in the currency's minor unit.
+    public static func json(_ invoice: Invoice) -> String {
+        let currency = invoice.currency
+        var json = JSONWriter()
+        json.raw("{")
+        json.key("invoice_id", first: true); json.string(invoice.invoiceID)
+        json.key("customer_id"); json.string(invoice.customerID)
+        json.key("period"); json.string(invoice.period.label)
+        json.key("period_start"); json.string(EventTime.format(microseconds: invoice.period.start))
+        json.key("period_end"); json.string(EventTime.format(microseconds: invoice.period.end))
+        json.key("currency"); json.string(currency.code)
+        json.key("lines"); json.raw("[")
+        for (index, line) in invoice.lines.enumerated() {
+            json.raw(index == 0 ? "\n  {" : ",\n  {")
+            json.key("kind", first: true); json.string(line.kind.rawValue)
+            json.key("description"); json.string(line.description)
+            if let item = line.item {
+                json.key("model"); json.string(item.model)
+                json.key("token_type"); json.string(item.tokenType.rawValue)
+                json.key("price_book"); json.string(item.bookCustomer.isEmpty ? "\(item.bookName) v\(item.bookVersion)" : "\(item.bookName) (\(item.bookCustomer)) v\(item.bookVersion)")
+            }
+            if let quantity = line.quantity { json.key("quantity"); json.integer(quantity) }
+            if let unitPrice = line.unitPrice { json.key("unit_price"); json.string(unitPrice) }
+            json.key("amount"); json.string(currency.format(line.amountNanos))
+            json.raw("}")
+        }
+        json.raw(invoice.lines.isEmpty ? "]" : "\n]")
+        json.key("total_due"); json.string(currency.format(invoice.totalDueNanos))
+        json.raw("}\n")
+        return String(decoding: json.bytes, as: UTF8.self)
+    }
+
+    /// The invoice as a standalone, printable HTML document.
+    public static func html(_ invoice: Invoice) -> String {
+        let currency = invoice.currency
+        func escape(_ text: String) -> String {
+            var out = ""
+            for c in text {
+                switch c {
+                case "&": out += "&amp;"
+                case "<": out += "&lt;"
+                case ">": out += "&gt;"
+                case "\"": out += "&quot;"
+                default: out.append(c)
+                }
+            }
+            return out
+        }
+        var rows = ""
+        for line in invoice.lines {
+            rows += "<tr class=\"\(line.kind.rawValue)\"><td>\(escape(line.description))</td><td class=\"n\">\(line.quantity.map(String.init) ?? "")</td>"
+                + "<td>\(escape(line.unitPrice ?? ""))</td><td class=\"n\">\(currency.format(line.amountNanos))</td></tr>\n"
+        }
+        return """
+            <!DOCTYPE html>
+            <html lang="en"><head><meta charset="utf-8"><title>Invoice \(escape(invoice.invoiceID))</title>
+            <style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;width:100%}
+            td,th{border-bottom:1px solid #ccc;padding:.4em;text-align:left}.n{text-align:right;font-variant-numeric:tabular-nums}
+            tr.credits td{color:#060}tr.adjustment td{font-style:italic}tfoot td{font-weight:bold}</style></head>
+            <body><h1>Invoice \(escape(invoice.invoiceID))</h1>
+            <p>Customer <strong>\(escape(invoice.customerID))</strong><br>Billing period \(invoice.period.label): \
+            \(EventTime.format(microseconds: invoice.period.start)) to \(EventTime.format(microseconds: invoice.period.end))<br>Currency \(currency)</p>
+            <table><thead><tr><th>Item</th><th class="n">Quantity</th><th>Unit price</th><th class="n">Amount</th></tr></thead>
+            <tbody>
+            \(rows)</tbody>
+            <tfoot><tr><td colspan="3">Total due</td><td class="n">\(currency.format(invoice.totalDueNanos)) \(currency)</td></tr></tfoot></table>
+            </body></html>
+
+            """
+    }
+}

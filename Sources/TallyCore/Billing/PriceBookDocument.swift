@@ -1,0 +1,299 @@
+/// Price book files (YAML or JSON) to `PriceBook`s and back to canonical JSON.
+///
+/// ```yaml
+/// book: default                 # plan name; "default" unless given
+/// customer: acme                # optional: an override for one customer
+/// effective_from: 2026-01-01T00:00:00Z
+/// currency: USD
+/// unit: per_1m_tokens           # or per_token
+/// minimum_per_period: "20.00"   # optional
+/// models:
+///   - model: gpt-4o
+///     aliases: [gpt-4o-2024-08-06, "openai/gpt-4o-*"]
+///     input: "2.50"
+///     output: "10.00"
+///     cache_read: "1.25"
+///   - model: big-model
+///     input: { graduated: [{ up_to: 1000000, price: "3.00" }, { price: "2.50" }] }
+///     output: { package: { size: 1000, price: "0.02" } }
+/// ```
+public enum PriceBookDocument {
+    public static func parse(_ text: String) throws(ConfigError) -> PriceBook {
+        try parse(ConfigNode.parse(text))
+    }
+
+    public static func parse(_ root: ConfigNode) throws(ConfigError) -> PriceBook {
+        var fields = Fields(root, path: "")
+        try fields.requireMap()
+        let name = try fields.optionalLabel("book") ?? "default"
+        let customerID = try fields.optionalLabel("customer")
+        let effectiveFrom = try fields.time("effective_from")
+        let currency = try fields.currency("currency")
+        let unit = try fields.unit("unit") ?? .perMillion
+        let minimum = try fields.optionalMoney("minimum_per_period")
+        guard let modelsNode = fields.take("models"), case .list(let modelNodes) = modelsNode.value, !modelNodes.isEmpty else {
+            throw ConfigError(line: root["models"]?.line ?? root.line, path: "models", message: "a non-empty list of models is required")
+        }
+        try fields.rejectUnknown()
+        var models: [ModelPrices] = []
+        var names = Set<String>()
+        for (index, node) in modelNodes.enumerated() {
+            let model = try parseModel(node, path: "models[\(index)]", unit: unit)
+            for name in [model.model] + model.aliases {
+                guard names.insert(name).inserted else {
+                    throw ConfigError(line: node.line, path: "models[\(index)]", message: "\"\(name)\" is named twice in this book")
+                }
+            }
+            models.append(model)
+        }
+        return PriceBook(name: name, customerID: customerID, effectiveFrom: effectiveFrom, currency: currency,
+                         minimumPerPeriodNanos: minimum, models: models)
+    }
+
+    private static func parseModel(_ node: ConfigNode, path: String, unit: PriceUnit) throws(ConfigError) -> ModelPrices {
+        var fields = Fields(node, path: path)
+        try fields.requireMap()
+        guard let model = try fields.optionalLabel("model") else { throw fields.error(at: node, "model", "is required") }
+        var aliases: [String] = []
+        if let aliasNode = fields.take("aliases") {
+            guard case .list(let items) = aliasNode.value else { throw fields.error(at: aliasNode, "aliases", "must be a list of model ids") }
+            for (index, item) in items.enumerated() {
+                guard case .scalar(let alias) = item.value, !alias.isEmpty else {
+                    throw fields.error(at: item, "aliases[\(index)]", "must be a model id")
+                }
+                aliases.append(alias)
+            }
+        }
+        let modelUnit = try fields.unit("unit") ?? unit
+        var prices: [TokenType: PricingModel] = [:]
+        for type in TokenType.allCases {
+            if let priceNode = fields.take(type.rawValue) {
+                prices[type] = try parsePrice(priceNode, path: "\(path).\(type.rawValue)", unit: modelUnit)
+            }
+        }
+        try fields.rejectUnknown()
+        for required in [TokenType.input, .output] where prices[required] == nil {
+            throw ConfigError(line: node.line, path: "\(path).\(required.rawValue)", message: "is required (a price per token type)")
+        }
+        return ModelPrices(model: model, aliases: aliases, prices: prices)
+    }
+
+    private static func parsePrice(_ node: ConfigNode, path: String, unit: PriceUnit) throws(ConfigError) -> PricingModel {
+        if case .scalar(let text) = node.value {
+            return .perUnit(try rate(text, node: node, path: path, unit: unit))
+        }
+        var fields = Fields(node, path: path)
+        try fields.requireMap()
+        guard fields.remaining.count == 1, let kind = fields.remaining.first else {
+            throw ConfigError(line: node.line, path: path, message: "must be a price, or one of per_unit, package, graduated, volume")
+        }
+        let body = fields.take(kind)!
+        switch kind {
+        case "per_unit":
+            guard case .scalar(let text) = body.value else { throw ConfigError(line: body.line, path: "\(path).per_unit", message: "must be a decimal price") }
+            return .perUnit(try rate(text, node: body, path: "\(path).per_unit", unit: unit))
+        case "package":
+            var package = Fields(body, path: "\(path).package")
+            try package.requireMap()
+            let size = try package.positiveInteger("size")
+            guard let price = try package.optionalMoney("price") else { throw package.error(at: body, "price", "is required") }
+            try package.rejectUnknown()
+            return .package(size: size, priceNanos: price)
+        case "graduated", "volume":
+            let tiers = try parseTiers(body, path: "\(path).\(kind)", unit: unit)
+            return kind == "graduated" ? .graduated(tiers) : .volume(tiers)
+        default:
+            throw ConfigError(line: body.line, path: "\(path).\(kind)", message: "unknown pricing model; use per_unit, package, graduated or volume")
+        }
+    }
+
+    private static func parseTiers(_ node: ConfigNode, path: String, unit: PriceUnit) throws(ConfigError) -> [PriceTier] {
+        guard case .list(let items) = node.value, !items.isEmpty else {
+            throw ConfigError(line: node.line, path: path, message: "must be a non-empty list of tiers")
+        }
+        var tiers: [PriceTier] = []
+        for (index, item) in items.enumerated() {
+            let tierPath = "\(path)[\(index)]"
+            var fields = Fields(item, path: tierPath)
+            try fields.requireMap()
+            let isLast = index == items.count - 1
+            var upTo: Int64?
+            if fields.has("up_to") {
+                upTo = try fields.positiveInteger("up_to")
+                if isLast { throw ConfigError(line: item.line, path: "\(tierPath).up_to", message: "the last tier has no upper bound") }
+                if let previous = tiers.last?.upTo, upTo! <= previous {
+                    throw ConfigError(line: item.line, path: "\(tierPath).up_to", message: "must be above the previous tier's \(previous)")
+                }
+            } else if !isLast {
+                throw ConfigError(line: item.line, path: "\(tierPath).up_to", message: "is required on every tier but the last")
+            }
+            guard let priceNode = fields.take("price"), case .scalar(let text) = priceNode.value else {
+                throw ConfigError(line: item.line, path: "\(tierPath).price", message: "is required")
+            }
+            let tierRate = try rate(text, node: priceNode, path: "\(tierPath).price", unit: unit)
+            try fields.rejectUnknown()
+            tiers.append(PriceTier(upTo: upTo, rate: tierRate))
+        }
+        return tiers
+    }
+
+    private static func rate(_ text: String, node: ConfigNode, path: String, unit: PriceUnit) throws(ConfigError) -> TokenRate {
+        guard let rate = TokenRate.parse(text, perTokens: unit) else {
+            throw ConfigError(line: node.line, path: path, message: "\"\(text)\" is not a price: a non-negative decimal with at most \(unit == .perToken ? 15 : 9) decimals per \(unit == .perToken ? "token" : "1M tokens")")
+        }
+        return rate
+    }
+
+    /// Canonical JSON of a book (prices per 1M tokens, exact), as stored and shown.
+    public static func canonicalJSON(_ book: PriceBook) -> String {
+        var json = JSONWriter()
+        json.raw("{")
+        json.key("book", first: true); json.string(book.name)
+        if let customer = book.customerID { json.key("customer"); json.string(customer) }
+        json.key("effective_from"); json.string(book.effectiveFrom.text)
+        json.key("currency"); json.string(book.currency.code)
+        json.key("unit"); json.string(PriceUnit.perMillion.rawValue)
+        if let minimum = book.minimumPerPeriodNanos { json.key("minimum_per_period"); json.string(Money.format(nanos: minimum)) }
+        json.key("models"); json.raw("[")
+        for (index, model) in book.models.enumerated() {
+            json.raw(index == 0 ? "\n  {" : ",\n  {")
+            json.key("model", first: true); json.string(model.model)
+            if !model.aliases.isEmpty {
+                json.key("aliases"); json.raw("[")
+                for (i, alias) in model.aliases.enumerated() { if i > 0 { json.raw(",") }; json.string(alias) }
+                json.raw("]")
+            }
+            for type in TokenType.allCases {
+                guard let price = model.prices[type] else { continue }
+                json.key(type.rawValue)
+                write(price, to: &json)
+            }
+            json.raw("}")
+        }
+        json.raw("\n]}\n")
+        return String(decoding: json.bytes, as: UTF8.self)
+    }
+
+    private static func write(_ price: PricingModel, to json: inout JSONWriter) {
+        func tiers(_ list: [PriceTier]) {
+            json.raw("[")
+            for (index, tier) in list.enumerated() {
+                json.raw(index == 0 ? "{" : ",{")
+                if let upTo = tier.upTo { json.key("up_to", first: true); json.integer(upTo); json.key("price") } else { json.key("price", first: true) }
+                json.string(tier.rate.perMillionText)
+                json.raw("}")
+            }
+            json.raw("]")
+        }
+        switch price {
+        case .perUnit(let rate): json.string(rate.perMillionText)
+        case .package(let size, let nanos):
+            json.raw("{\"package\":{\"size\":\(size),\"price\":"); json.string(Money.format(nanos: nanos)); json.raw("}}")
+        case .graduated(let list): json.raw("{\"graduated\":"); tiers(list); json.raw("}")
+        case .volume(let list): json.raw("{\"volume\":"); tiers(list); json.raw("}")
+        }
+    }
+
+    /// Turns LiteLLM's `model_prices_and_context_window.json` into a price book: every entry with
+    /// per-token input and output costs, parsed exactly from their JSON text (e.g. `3e-06`).
+    public static func importLiteLLM(_ text: String, name: String, effectiveFrom: EventTime, currency: Currency) throws(ConfigError) -> (book: PriceBook, skipped: [String]) {
+        let root = try ConfigNode.parseJSON(text)
+        guard case .map(let entries) = root.value else { throw ConfigError(line: root.line, path: "", message: "expected an object of models") }
+        var models: [ModelPrices] = []
+        var skipped: [String] = []
+        let fields: [(String, TokenType)] = [("input_cost_per_token", .input), ("output_cost_per_token", .output),
+                                             ("cache_read_input_token_cost", .cacheRead), ("cache_creation_input_token_cost", .cacheWrite),
+                                             ("output_cost_per_reasoning_token", .reasoning)]
+        for (model, entry) in entries.sorted(by: { $0.key < $1.key }) where model != "sample_spec" {
+            var prices: [TokenType: PricingModel] = [:]
+            for (field, type) in fields {
+                guard let node = entry[field] else { continue }
+                guard case .scalar(let value) = node.value, let rate = TokenRate.parse(value, perTokens: .perToken) else {
+                    throw ConfigError(line: node.line, path: "\(model).\(field)", message: "is not an exact non-negative per-token price")
+                }
+                prices[type] = .perUnit(rate)
+            }
+            guard prices[.input] != nil, prices[.output] != nil else { skipped.append(model); continue }
+            models.append(ModelPrices(model: model, prices: prices))
+        }
+        guard !models.isEmpty else { throw ConfigError(line: root.line, path: "", message: "no model has input and output per-token costs") }
+        return (PriceBook(name: name, effectiveFrom: effectiveFrom, currency: currency, models: models), skipped)
+    }
+}
+
+/// Reads the members of one map, remembering which were used so unknown ones are reported.
+private struct Fields {
+    let node: ConfigNode
+    let path: String
+    private(set) var remaining: [String]
+
+    init(_ node: ConfigNode, path: String) {
+        self.node = node
+        self.path = path
+        remaining = node.keys
+    }
+
+    func requireMap() throws(ConfigError) {
+        guard case .map = node.value else { throw ConfigError(line: node.line, path: path, message: "must be a map of fields") }
+    }
+
+    func has(_ key: String) -> Bool { node[key] != nil }
+
+    mutating func take(_ key: String) -> ConfigNode? {
+        remaining.removeAll { $0 == key }
+        return node[key]
+    }
+
+    func error(at node: ConfigNode, _ key: String, _ message: String) -> ConfigError {
+        ConfigError(line: node.line, path: path.isEmpty ? key : "\(path).\(key)", message: message)
+    }
+
+    func rejectUnknown() throws(ConfigError) {
+        if let unknown = remaining.first { throw error(at: node[unknown]!, unknown, "unknown field") }
+    }
+
+    mutating func scalar(_ key: String) throws(ConfigError) -> (String, ConfigNode)? {
+        guard let value = take(key) else { return nil }
+        if case .null = value.value { return nil }
+        guard case .scalar(let text) = value.value else { throw error(at: value, key, "must be a single value") }
+        return (text, value)
+    }
+
+    mutating func optionalLabel(_ key: String) throws(ConfigError) -> String? {
+        guard let (text, node) = try scalar(key) else { return nil }
+        guard !text.isEmpty, text.utf8.count <= 256, !text.utf8.contains(where: { $0 < 0x20 }) else {
+            throw error(at: node, key, "must be 1 to 256 characters without control characters")
+        }
+        return text
+    }
+
+    mutating func time(_ key: String) throws(ConfigError) -> EventTime {
+        guard let (text, node) = try scalar(key) else { throw error(at: self.node, key, "is required (RFC 3339, e.g. 2026-01-01T00:00:00Z)") }
+        guard let time = EventTime(text) else { throw error(at: node, key, "must be an RFC 3339 time with offset, e.g. 2026-01-01T00:00:00Z") }
+        return time
+    }
+
+    mutating func currency(_ key: String) throws(ConfigError) -> Currency {
+        guard let (text, node) = try scalar(key) else { throw error(at: self.node, key, "is required (ISO 4217 code, e.g. USD)") }
+        guard let currency = Currency(text) else { throw error(at: node, key, "must be an ISO 4217 code such as USD") }
+        return currency
+    }
+
+    mutating func unit(_ key: String) throws(ConfigError) -> PriceUnit? {
+        guard let (text, node) = try scalar(key) else { return nil }
+        guard let unit = PriceUnit(rawValue: text) else { throw error(at: node, key, "must be per_1m_tokens or per_token") }
+        return unit
+    }
+
+    mutating func optionalMoney(_ key: String) throws(ConfigError) -> Int64? {
+        guard let (text, node) = try scalar(key) else { return nil }
+        guard let nanos = Money.nanos(text), nanos >= 0 else { throw error(at: node, key, "\"\(text)\" is not an amount: a non-negative decimal with at most 9 decimals") }
+        return nanos
+    }
+
+    mutating func positiveInteger(_ key: String) throws(ConfigError) -> Int64 {
+        guard let (text, node) = try scalar(key) else { throw error(at: self.node, key, "is required") }
+        guard let value = Int64(text), value > 0 else { throw error(at: node, key, "must be a whole number above 0") }
+        return value
+    }
+}

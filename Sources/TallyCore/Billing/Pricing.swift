@@ -1,0 +1,231 @@
+/// The token types a model call is billed by. Input and output here are the parts not
+/// billed separately: input without cached tokens, output without reasoning tokens.
+public enum TokenType: String, Sendable, CaseIterable, Comparable {
+    case input, output
+    case cacheRead = "cache_read"
+    case cacheWrite = "cache_write"
+    case reasoning
+
+    public static func < (a: TokenType, b: TokenType) -> Bool {
+        allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
+    }
+}
+
+/// A per-token price in femto-units (10^-15 of the currency): exact for any price with
+/// up to 9 decimals per 1M tokens (or 15 per token), such as LiteLLM's `3.75e-08`.
+public struct TokenRate: Hashable, Sendable, Comparable {
+    public let femtosPerToken: Int128
+
+    public init(femtosPerToken: Int128) { self.femtosPerToken = femtosPerToken }
+
+    public static func < (a: TokenRate, b: TokenRate) -> Bool { a.femtosPerToken < b.femtosPerToken }
+
+    /// Parses a price per `unit` tokens; nil when it is negative or finer than a femto-unit per token.
+    public static func parse(_ text: String, perTokens unit: PriceUnit) -> TokenRate? {
+        guard let decimal = ExactDecimal(text), !decimal.isNegative,
+              let femtos = decimal.scaled(unit == .perToken ? 15 : 9) else { return nil }
+        return TokenRate(femtosPerToken: femtos)
+    }
+
+    /// The price per 1M tokens as decimal text ("2.50").
+    public var perMillionText: String {
+        trimmedMoney(Money.format(femtosPerToken, scale: 9))
+    }
+
+    /// Exact cost of `tokens` tokens in femto-units.
+    func femtos(_ tokens: Int64) -> Int128 { Int128(tokens) * femtosPerToken }
+}
+
+private func trimmedMoney(_ text: String) -> String {
+    var text = Substring(text)
+    guard text.contains(".") else { return String(text) }
+    while text.last == "0" { text = text.dropLast() }
+    if text.last == "." { text = text.dropLast() }
+    // Keep at least two decimals, as prices are usually written.
+    let decimals = text.firstIndex(of: ".").map { text.distance(from: $0, to: text.endIndex) - 1 } ?? -1
+    if decimals < 0 { return text + ".00" }
+    if decimals < 2 { return text + String(repeating: "0", count: 2 - decimals) }
+    return String(text)
+}
+
+public enum PriceUnit: String, Sendable {
+    case perMillion = "per_1m_tokens"
+    case perToken = "per_token"
+}
+
+/// One band of a tiered price: tokens up to and including `upTo` (nil: no upper bound).
+public struct PriceTier: Hashable, Sendable {
+    public let upTo: Int64?
+    public let rate: TokenRate
+
+    public init(upTo: Int64?, rate: TokenRate) {
+        self.upTo = upTo
+        self.rate = rate
+    }
+}
+
+/// How a cumulative quantity turns into a charge. Charges are a function of the quantity
+/// for a whole billing period (invariant 5): a batch is charged `charge(q_new) - charge(q_old)`.
+public enum PricingModel: Hashable, Sendable {
+    /// Every token at one rate.
+    case perUnit(TokenRate)
+    /// A price per started block of `size` tokens (rounded up).
+    case package(size: Int64, priceNanos: Int64)
+    /// Each token at the rate of the tier it falls in.
+    case graduated([PriceTier])
+    /// All tokens at the rate of the tier the total falls in.
+    case volume([PriceTier])
+
+    /// The charge in nano-units for a billing period's cumulative `quantity`, rounded once
+    /// (half away from zero) from the exact value.
+    public func charge(_ quantity: Int64) -> Int64 {
+        precondition(quantity >= 0, "quantities are never negative")
+        switch self {
+        case .perUnit(let rate):
+            return Self.nanos(rate.femtos(quantity))
+        case .package(let size, let price):
+            let blocks = quantity / size + (quantity % size == 0 ? 0 : 1)
+            return Int64(Int128(blocks) * Int128(price))
+        case .graduated(let tiers):
+            var total: Int128 = 0
+            var lower: Int64 = 0
+            for tier in tiers where quantity > lower {
+                let upper = min(quantity, tier.upTo ?? Int64.max)
+                total += tier.rate.femtos(upper - lower)
+                lower = upper
+            }
+            return Self.nanos(total)
+        case .volume(let tiers):
+            let tier = tiers.first { $0.upTo.map { quantity <= $0 } ?? true } ?? tiers[tiers.count - 1]
+            return Self.nanos(tier.rate.femtos(quantity))
+        }
+    }
+
+    private static func nanos(_ femtos: Int128) -> Int64 { Int64(Money.divideRounded(femtos, by: 1_000_000)) }
+
+    /// How the price reads on an invoice line.
+    public func describe(_ currency: Currency) -> String {
+        func tiers(_ tiers: [PriceTier]) -> String {
+            tiers.map { tier in
+                "\(tier.rate.perMillionText)/1M" + (tier.upTo.map { " up to \($0)" } ?? " above")
+            }.joined(separator: ", ")
+        }
+        switch self {
+        case .perUnit(let rate): return "\(rate.perMillionText) \(currency) / 1M tokens"
+        case .package(let size, let price): return "\(Money.format(nanos: price)) \(currency) per \(size) tokens"
+        case .graduated(let list): return "graduated: \(tiers(list)) (\(currency))"
+        case .volume(let list): return "volume: \(tiers(list)) (\(currency))"
+        }
+    }
+}
+
+/// The prices of one model (and its aliases) in a price book.
+public struct ModelPrices: Hashable, Sendable {
+    public let model: String
+    public let aliases: [String]
+    public let prices: [TokenType: PricingModel]
+
+    public init(model: String, aliases: [String] = [], prices: [TokenType: PricingModel]) {
+        self.model = model
+        self.aliases = aliases
+        self.prices = prices
+    }
+
+    /// Billable quantities per token type of one event. Cached and reasoning tokens are
+    /// billed at their own price when the book has one, else as plain input/output.
+    public func quantities(_ event: UsageEvent) -> [(TokenType, Int64)] {
+        var input = event.inputTokens - event.cacheReadInputTokens - event.cacheWriteInputTokens
+        var output = event.outputTokens - event.reasoningOutputTokens
+        var result: [(TokenType, Int64)] = []
+        if prices[.cacheRead] != nil { result.append((.cacheRead, event.cacheReadInputTokens)) } else { input += event.cacheReadInputTokens }
+        if prices[.cacheWrite] != nil { result.append((.cacheWrite, event.cacheWriteInputTokens)) } else { input += event.cacheWriteInputTokens }
+        if prices[.reasoning] != nil { result.append((.reasoning, event.reasoningOutputTokens)) } else { output += event.reasoningOutputTokens }
+        result.append((.input, input))
+        result.append((.output, output))
+        return result.filter { $0.1 > 0 }.sorted { $0.0 < $1.0 }
+    }
+}
+
+/// One version of a price book: the default book (or a named plan), or a customer's override.
+public struct PriceBook: Hashable, Sendable {
+    /// The plan name ("default"); customers follow the "default" book unless set otherwise.
+    public let name: String
+    /// Set for a customer override: its prices win over the customer's plan for the models it lists.
+    public let customerID: String?
+    /// Assigned by the catalog store, increasing per (name, customer).
+    public var version: Int
+    public let effectiveFrom: EventTime
+    public let currency: Currency
+    /// Charged on the invoice when a period's usage comes to less.
+    public let minimumPerPeriodNanos: Int64?
+    public let models: [ModelPrices]
+
+    public init(name: String, customerID: String? = nil, version: Int = 0, effectiveFrom: EventTime, currency: Currency,
+                minimumPerPeriodNanos: Int64? = nil, models: [ModelPrices]) {
+        self.name = name
+        self.customerID = customerID
+        self.version = version
+        self.effectiveFrom = effectiveFrom
+        self.currency = currency
+        self.minimumPerPeriodNanos = minimumPerPeriodNanos
+        self.models = models
+    }
+
+    /// The model's prices: exact name or alias first, then aliases ending in `*` (longest prefix
+    /// wins), then the same without a `provider/` prefix.
+    public func prices(for model: String) -> ModelPrices? {
+        if let exact = models.first(where: { $0.model == model || $0.aliases.contains(model) }) { return exact }
+        var best: (length: Int, prices: ModelPrices)?
+        for prices in models {
+            for alias in prices.aliases where alias.hasSuffix("*") {
+                let prefix = alias.dropLast()
+                if model.hasPrefix(prefix), prefix.count > (best?.length ?? -1) { best = (prefix.count, prices) }
+            }
+        }
+        if let best { return best.prices }
+        if let slash = model.firstIndex(of: "/") { return prices(for: String(model[model.index(after: slash)...])) }
+        return nil
+    }
+}
+
+/// What an event's model is priced by, or nil when no book in force prices it.
+public struct PriceMatch: Sendable {
+    public let book: PriceBook
+    public let prices: ModelPrices
+}
+
+/// Every version of every price book; answers "which prices apply to this call".
+public struct PriceCatalog: Sendable {
+    public let books: [PriceBook]
+
+    public init(books: [PriceBook]) {
+        // Newest first, so the first book in force is the one that applies.
+        self.books = books.sorted { ($0.effectiveFrom, $0.version) > ($1.effectiveFrom, $1.version) }
+    }
+
+    /// The version of `name` (or of the customer's override when `customerID` is set) in force at `time`.
+    public func book(named name: String, customerID: String? = nil, at time: EventTime) -> PriceBook? {
+        books.first { $0.name == name && $0.customerID == customerID && $0.effectiveFrom <= time }
+    }
+
+    /// The customer's override in force at the event time wins when it prices the model;
+    /// then the customer's plan in force at that time.
+    public func match(customerID: String, plan: String, model: String, at time: EventTime) -> PriceMatch? {
+        if let override = books.first(where: { $0.customerID == customerID && $0.effectiveFrom <= time }),
+           let prices = override.prices(for: model) {
+            return PriceMatch(book: override, prices: prices)
+        }
+        if let book = book(named: plan, at: time), let prices = book.prices(for: model) {
+            return PriceMatch(book: book, prices: prices)
+        }
+        return nil
+    }
+
+    /// The book version and pricing a stored price item refers to.
+    public func pricing(of item: PriceItem) -> (book: PriceBook, pricing: PricingModel)? {
+        guard let book = books.first(where: {
+            $0.name == item.bookName && ($0.customerID ?? "") == item.bookCustomer && $0.version == item.bookVersion
+        }), let pricing = book.models.first(where: { $0.model == item.model })?.prices[item.tokenType] else { return nil }
+        return (book, pricing)
+    }
+}

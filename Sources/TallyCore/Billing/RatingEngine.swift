@@ -1,0 +1,364 @@
+/// A price item a customer accumulates quantity on: one token type of one model in one
+/// version of one price book.
+public struct PriceItem: Hashable, Sendable, Comparable {
+    public let bookName: String
+    /// The customer of an override book; empty for a plan.
+    public let bookCustomer: String
+    public let bookVersion: Int
+    public let model: String
+    public let tokenType: TokenType
+
+    public init(bookName: String, bookCustomer: String, bookVersion: Int, model: String, tokenType: TokenType) {
+        self.bookName = bookName
+        self.bookCustomer = bookCustomer
+        self.bookVersion = bookVersion
+        self.model = model
+        self.tokenType = tokenType
+    }
+
+    public static func < (a: PriceItem, b: PriceItem) -> Bool {
+        (a.bookName, a.bookCustomer, a.bookVersion, a.model, a.tokenType) < (b.bookName, b.bookCustomer, b.bookVersion, b.model, b.tokenType)
+    }
+}
+
+/// Where a customer's cumulative quantity for a price item lives: per billing period.
+public struct ChargeKey: Hashable, Sendable, Comparable {
+    public let customerID: String
+    public let periodStart: Int64
+    public let item: PriceItem
+
+    public init(customerID: String, periodStart: Int64, item: PriceItem) {
+        self.customerID = customerID
+        self.periodStart = periodStart
+        self.item = item
+    }
+
+    public static func < (a: ChargeKey, b: ChargeKey) -> Bool {
+        (a.customerID, a.periodStart) < (b.customerID, b.periodStart) || ((a.customerID, a.periodStart) == (b.customerID, b.periodStart) && a.item < b.item)
+    }
+}
+
+/// A period's cumulative quantity of one price item and the charge for it (`pricing.charge(quantity)`).
+public struct ChargeTotal: Hashable, Sendable {
+    public var quantity: Int64
+    public var amountNanos: Int64
+    public var currency: Currency
+
+    public init(quantity: Int64, amountNanos: Int64, currency: Currency) {
+        self.quantity = quantity
+        self.amountNanos = amountNanos
+        self.currency = currency
+    }
+}
+
+public struct WalletKey: Hashable, Sendable, Comparable {
+    public let customerID: String
+    public let currency: Currency
+
+    public init(customerID: String, currency: Currency) {
+        self.customerID = customerID
+        self.currency = currency
+    }
+
+    public static func < (a: WalletKey, b: WalletKey) -> Bool { (a.customerID, a.currency.code) < (b.customerID, b.currency.code) }
+}
+
+/// A grant and what is left of it.
+public struct GrantBalance: Hashable, Sendable {
+    public let grantID: String
+    public let amountNanos: Int64
+    public var remainingNanos: Int64
+    public let priority: Int64
+    public let expiresAt: Int64?
+    public let grantedAt: Int64
+    public let source: GrantSource
+
+    public init(grantID: String, amountNanos: Int64, remainingNanos: Int64, priority: Int64, expiresAt: Int64?, grantedAt: Int64, source: GrantSource) {
+        self.grantID = grantID
+        self.amountNanos = amountNanos
+        self.remainingNanos = remainingNanos
+        self.priority = priority
+        self.expiresAt = expiresAt
+        self.grantedAt = grantedAt
+        self.source = source
+    }
+
+    /// Drawing order: lowest priority number, then earliest expiry (never-expiring last).
+    static func drawsBefore(_ a: GrantBalance, _ b: GrantBalance) -> Bool {
+        (a.priority, a.expiresAt ?? Int64.max, a.grantedAt, a.grantID) < (b.priority, b.expiresAt ?? Int64.max, b.grantedAt, b.grantID)
+    }
+}
+
+/// One wallet's running state. The ledger is the truth; this is its sum, kept for speed.
+public struct WalletState: Hashable, Sendable {
+    public var balanceNanos: Int64 = 0
+    public var blocked = false
+    public var blockedSince: Int64?
+    /// Grants with credit left (and any touched in this batch).
+    public var grants: [GrantBalance] = []
+
+    public init(balanceNanos: Int64 = 0, blocked: Bool = false, blockedSince: Int64? = nil, grants: [GrantBalance] = []) {
+        self.balanceNanos = balanceNanos
+        self.blocked = blocked
+        self.blockedSince = blockedSince
+        self.grants = grants
+    }
+}
+
+public enum LedgerKind: String, Sendable {
+    case grant, usage, expiry
+}
+
+/// An append-only wallet ledger entry. (customer, partition, offset, seq) identifies it:
+/// the record it came from and its place among that record's entries.
+public struct LedgerEntry: Hashable, Sendable {
+    public let wallet: WalletKey
+    public let position: LogPosition
+    public let seq: Int32
+    public let kind: LedgerKind
+    public let amountNanos: Int64
+    /// The grant credited, drawn on or written off; nil for usage charged beyond all grants.
+    public let grantID: String?
+    /// The usage event charged, or the grant event.
+    public let eventID: String
+    /// Event time (expiry entries: the expiry time).
+    public let effectiveAt: Int64
+    /// Usage entries: the billing period of the usage.
+    public let periodStart: Int64?
+}
+
+public struct BalanceAlert: Hashable, Sendable {
+    public let wallet: WalletKey
+    public let thresholdNanos: Int64
+    public let balanceNanos: Int64
+    public let crossedAt: Int64
+    public let position: LogPosition
+    public let seq: Int32
+
+    /// Deterministic, so a re-processed batch cannot raise a second alert for the same crossing.
+    public var alertID: String { "\(wallet.customerID)/\(wallet.currency)/\(thresholdNanos)/\(position.partition)-\(position.offset)-\(seq)" }
+}
+
+public struct TopUpRequest: Hashable, Sendable {
+    public let wallet: WalletKey
+    public let rule: AutoTopUpRule
+    public let balanceNanos: Int64
+    public let requestedAt: Int64
+    public let position: LogPosition
+    public let seq: Int32
+
+    public var requestID: String { "\(wallet.customerID)/\(wallet.currency)/topup/\(position.partition)-\(position.offset)-\(seq)" }
+}
+
+/// A record the rater handles, in log order.
+public enum RaterRecord: DedupCandidate, Equatable {
+    case usage(PositionedEvent)
+    case grant(PositionedGrant)
+
+    public var key: DedupKey {
+        switch self {
+        case .usage(let event): event.key
+        case .grant(let grant): grant.key
+        }
+    }
+
+    public var position: LogPosition {
+        switch self {
+        case .usage(let event): event.position
+        case .grant(let grant): grant.position
+        }
+    }
+
+    public var contentHash: UInt64 {
+        switch self {
+        case .usage(let event): event.contentHash
+        case .grant(let grant): grant.contentHash
+        }
+    }
+
+    public var customerID: String { key.customerID }
+}
+
+/// The state a batch reads: loaded from PostgreSQL for the batch's customers and charge keys.
+public struct RatingState: Sendable {
+    public var charges: [ChargeKey: ChargeTotal] = [:]
+    public var wallets: [WalletKey: WalletState] = [:]
+    public var profiles: [String: BillingProfile] = [:]
+
+    public init() {}
+
+    public func profile(_ customerID: String) -> BillingProfile { profiles[customerID] ?? BillingProfile(customerID: customerID) }
+}
+
+/// Everything a batch appends or changes, besides the state itself.
+public struct RatingResult: Sendable {
+    public var ledger: [LedgerEntry] = []
+    public var alerts: [BalanceAlert] = []
+    public var topUps: [TopUpRequest] = []
+    public var unpriced: [PositionedEvent] = []
+    public var touchedCharges = Set<ChargeKey>()
+    public var touchedWallets = Set<WalletKey>()
+    public var grantsCredited = 0
+}
+
+/// Prices usage and keeps wallets: pure, deterministic, no I/O.
+///
+/// Records are applied in log order. Charges follow invariant 5: each usage event adds
+/// `charge(q_new) - charge(q_old)` per price item, so the sum of everything charged equals
+/// the rounded charge of the period's total quantity, however the log is cut into batches.
+public struct RatingEngine: Sendable {
+    public let catalog: PriceCatalog
+
+    public init(catalog: PriceCatalog) { self.catalog = catalog }
+
+    /// The charge keys the given usage touches (to load their cumulative totals first).
+    public func chargeKeys(_ records: [RaterRecord], profiles: [String: BillingProfile]) -> Set<ChargeKey> {
+        var keys = Set<ChargeKey>()
+        for case .usage(let positioned) in records {
+            let event = positioned.event
+            let profile = profiles[event.subject] ?? BillingProfile(customerID: event.subject)
+            guard let match = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time) else { continue }
+            let period = profile.period(containing: event.time.microseconds)
+            for (type, _) in match.prices.quantities(event) {
+                keys.insert(ChargeKey(customerID: event.subject, periodStart: period.start, item: item(match, type)))
+            }
+        }
+        return keys
+    }
+
+    private func item(_ match: PriceMatch, _ type: TokenType) -> PriceItem {
+        PriceItem(bookName: match.book.name, bookCustomer: match.book.customerID ?? "", bookVersion: match.book.version,
+                  model: match.prices.model, tokenType: type)
+    }
+
+    /// Applies records (deduplicated, in log order per partition) to `state`.
+    public func apply(_ records: [RaterRecord], to state: inout RatingState) -> RatingResult {
+        var result = RatingResult()
+        for record in records {
+            var seq: Int32 = 0
+            let time: EventTime
+            switch record {
+            case .usage(let positioned): time = positioned.event.time
+            case .grant(let positioned): time = positioned.grant.time
+            }
+            expireGrants(of: record.customerID, before: time.microseconds, position: record.position, seq: &seq, state: &state, result: &result)
+            switch record {
+            case .grant(let positioned): credit(positioned, seq: &seq, state: &state, result: &result)
+            case .usage(let positioned): charge(positioned, seq: &seq, state: &state, result: &result)
+            }
+        }
+        return result
+    }
+
+    /// Writes off what is left of grants that expired by `now` (event time), at their expiry time.
+    private func expireGrants(of customerID: String, before now: Int64, position: LogPosition, seq: inout Int32,
+                              state: inout RatingState, result: inout RatingResult) {
+        for key in state.wallets.keys.filter({ $0.customerID == customerID }).sorted() {
+            var wallet = state.wallets[key]!
+            let expired = wallet.grants.indices
+                .filter { wallet.grants[$0].remainingNanos > 0 && (wallet.grants[$0].expiresAt.map { $0 <= now } ?? false) }
+                .sorted { (wallet.grants[$0].expiresAt!, wallet.grants[$0].grantID) < (wallet.grants[$1].expiresAt!, wallet.grants[$1].grantID) }
+            guard !expired.isEmpty else { continue }
+            let before = wallet.balanceNanos
+            for index in expired {
+                let grant = wallet.grants[index]
+                result.ledger.append(LedgerEntry(wallet: key, position: position, seq: seq, kind: .expiry, amountNanos: -grant.remainingNanos,
+                                                 grantID: grant.grantID, eventID: grant.grantID, effectiveAt: grant.expiresAt!, periodStart: nil))
+                seq += 1
+                wallet.balanceNanos -= grant.remainingNanos
+                wallet.grants[index].remainingNanos = 0
+            }
+            state.wallets[key] = wallet
+            settle(key, from: before, at: now, position: position, seq: &seq, state: &state, result: &result)
+        }
+    }
+
+    private func credit(_ positioned: PositionedGrant, seq: inout Int32, state: inout RatingState, result: inout RatingResult) {
+        let grant = positioned.grant
+        let key = WalletKey(customerID: grant.subject, currency: grant.currency)
+        var wallet = state.wallets[key] ?? WalletState()
+        let before = wallet.balanceNanos
+        wallet.grants.append(GrantBalance(grantID: grant.id, amountNanos: grant.amountNanos, remainingNanos: grant.amountNanos,
+                                          priority: grant.priority, expiresAt: grant.expiresAt?.microseconds,
+                                          grantedAt: grant.time.microseconds, source: grant.grantSource))
+        wallet.balanceNanos += grant.amountNanos
+        state.wallets[key] = wallet
+        result.ledger.append(LedgerEntry(wallet: key, position: positioned.position, seq: seq, kind: .grant, amountNanos: grant.amountNanos,
+                                         grantID: grant.id, eventID: grant.id, effectiveAt: grant.time.microseconds, periodStart: nil))
+        seq += 1
+        result.grantsCredited += 1
+        settle(key, from: before, at: grant.time.microseconds, position: positioned.position, seq: &seq, state: &state, result: &result)
+    }
+
+    private func charge(_ positioned: PositionedEvent, seq: inout Int32, state: inout RatingState, result: inout RatingResult) {
+        let event = positioned.event
+        let profile = state.profile(event.subject)
+        guard let match = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time) else {
+            result.unpriced.append(positioned)
+            return
+        }
+        let period = profile.period(containing: event.time.microseconds)
+        var delta: Int64 = 0
+        for (type, quantity) in match.prices.quantities(event) {
+            let key = ChargeKey(customerID: event.subject, periodStart: period.start, item: item(match, type))
+            let pricing = match.prices.prices[type]!
+            var total = state.charges[key] ?? ChargeTotal(quantity: 0, amountNanos: 0, currency: match.book.currency)
+            total.quantity += quantity
+            let amount = pricing.charge(total.quantity)
+            delta += amount - total.amountNanos
+            total.amountNanos = amount
+            state.charges[key] = total
+            result.touchedCharges.insert(key)
+        }
+        guard delta != 0 else { return }
+        let key = WalletKey(customerID: event.subject, currency: match.book.currency)
+        var wallet = state.wallets[key] ?? WalletState()
+        let before = wallet.balanceNanos
+        func entry(_ amount: Int64, grant: String?) {
+            result.ledger.append(LedgerEntry(wallet: key, position: positioned.position, seq: seq, kind: .usage, amountNanos: amount,
+                                             grantID: grant, eventID: event.id, effectiveAt: event.time.microseconds, periodStart: period.start))
+            seq += 1
+        }
+        if delta > 0 {
+            var left = delta
+            for index in wallet.grants.indices.sorted(by: { GrantBalance.drawsBefore(wallet.grants[$0], wallet.grants[$1]) })
+            where left > 0 && wallet.grants[index].remainingNanos > 0 {
+                let take = min(left, wallet.grants[index].remainingNanos)
+                wallet.grants[index].remainingNanos -= take
+                left -= take
+                entry(-take, grant: wallet.grants[index].grantID)
+            }
+            if left > 0 { entry(-left, grant: nil) }
+        } else {
+            // A volume tier can lower the period's charge: credited back, not to any grant.
+            entry(-delta, grant: nil)
+        }
+        wallet.balanceNanos -= delta
+        state.wallets[key] = wallet
+        settle(key, from: before, at: event.time.microseconds, position: positioned.position, seq: &seq, state: &state, result: &result)
+    }
+
+    /// After a balance change: one alert per threshold crossed downwards, one top-up request
+    /// per crossing of the rule's threshold, and the refuse-calls flag.
+    private func settle(_ key: WalletKey, from before: Int64, at time: Int64, position: LogPosition, seq: inout Int32,
+                        state: inout RatingState, result: inout RatingResult) {
+        result.touchedWallets.insert(key)
+        let profile = state.profile(key.customerID)
+        var wallet = state.wallets[key]!
+        let after = wallet.balanceNanos
+        for threshold in profile.lowBalanceThresholdsNanos.sorted(by: >) where before >= threshold && after < threshold {
+            result.alerts.append(BalanceAlert(wallet: key, thresholdNanos: threshold, balanceNanos: after, crossedAt: time, position: position, seq: seq))
+            seq += 1
+        }
+        if let rule = profile.autoTopUp, before >= rule.belowNanos && after < rule.belowNanos {
+            result.topUps.append(TopUpRequest(wallet: key, rule: rule, balanceNanos: after, requestedAt: time, position: position, seq: seq))
+            seq += 1
+        }
+        let blocked = profile.overage.blocks(balanceNanos: after)
+        if blocked != wallet.blocked {
+            wallet.blocked = blocked
+            wallet.blockedSince = blocked ? time : nil
+        }
+        state.wallets[key] = wallet
+    }
+}

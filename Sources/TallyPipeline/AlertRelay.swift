@@ -1,0 +1,101 @@
+import Foundation
+import Logging
+import TallyCore
+import TallyKafka
+import TallyPostgres
+
+/// Publishes committed low-balance alerts and top-up requests to the alerts topic (an outbox):
+/// rows are written in the rater's batch transaction, published after commit, then marked.
+///
+/// A crash between publish and mark publishes a row again, with the same id in the event, so
+/// readers of the topic deduplicate by id; the tables hold each crossing exactly once.
+public final class AlertRelay: @unchecked Sendable {
+    private let connection: PostgresConnection
+    private let producer: BlockingProducer
+    private let topic: String
+    private let logger: Logger
+
+    public init(connection: PostgresConnection, producer: BlockingProducer, topic: String, logger: Logger) {
+        self.connection = connection
+        self.producer = producer
+        self.topic = topic
+        self.logger = logger
+    }
+
+    /// Relays every `interval` until `stop` is set, then makes one last pass so that what the
+    /// final batches committed is published before the process exits.
+    public func run(stop: SharedFlag, interval: Duration = .seconds(1)) {
+        while true {
+            let stopping = stop.isSet
+            do {
+                while try relayOnce(stop: stop) > 0 {}
+            } catch {
+                logger.warning("alert relay: \(error); retrying")
+            }
+            if stopping { return }
+            var waited = Duration.zero
+            while waited < interval && !stop.isSet {
+                Thread.sleep(forTimeInterval: 0.1)
+                waited += .milliseconds(100)
+            }
+        }
+    }
+
+    /// Publishes up to 500 unpublished rows of each table; returns how many.
+    @discardableResult
+    public func relayOnce(stop: SharedFlag) throws -> Int {
+        try connection.transaction { connection in
+            // SKIP LOCKED: several rater instances relay without publishing the same rows at once.
+            let alerts = try connection.query("""
+                SELECT alert_id, customer_id, currency, threshold_nanos, balance_nanos,
+                       to_char(crossed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+                FROM balance_alerts WHERE published_at IS NULL ORDER BY crossed_at, alert_id LIMIT 500 FOR UPDATE SKIP LOCKED
+                """)
+            let topUps = try connection.query("""
+                SELECT request_id, customer_id, currency, below_nanos, amount_nanos, balance_nanos,
+                       to_char(requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+                FROM topup_requests WHERE published_at IS NULL ORDER BY requested_at, request_id LIMIT 500 FOR UPDATE SKIP LOCKED
+                """)
+            var records: [ProducerRecord] = []
+            for row in 0..<alerts.rowCount {
+                records.append(record(type: "tally.wallet.low_balance", id: alerts.string(row, 0)!, customer: alerts.string(row, 1)!,
+                                      time: alerts.string(row, 5)!, fields: [
+                                          ("currency", alerts.string(row, 2)!),
+                                          ("threshold", Money.format(nanos: try alerts.int64(row, 3)!)),
+                                          ("balance", Money.format(nanos: try alerts.int64(row, 4)!)),
+                                      ]))
+            }
+            for row in 0..<topUps.rowCount {
+                records.append(record(type: "tally.wallet.topup_requested", id: topUps.string(row, 0)!, customer: topUps.string(row, 1)!,
+                                      time: topUps.string(row, 6)!, fields: [
+                                          ("currency", topUps.string(row, 2)!),
+                                          ("below", Money.format(nanos: try topUps.int64(row, 3)!)),
+                                          ("amount", Money.format(nanos: try topUps.int64(row, 4)!)),
+                                          ("balance", Money.format(nanos: try topUps.int64(row, 5)!)),
+                                      ]))
+            }
+            guard !records.isEmpty else { return 0 }
+            guard producer.sendAll(records, what: "alert publish", shouldStop: { stop.isSet }) else { return 0 }
+            try connection.query("UPDATE balance_alerts SET published_at = now() WHERE alert_id = ANY($1::text[])",
+                                 [PostgresArray((0..<alerts.rowCount).map { alerts.string($0, 0)! })])
+            try connection.query("UPDATE topup_requests SET published_at = now() WHERE request_id = ANY($1::text[])",
+                                 [PostgresArray((0..<topUps.rowCount).map { topUps.string($0, 0)! })])
+            return records.count
+        }
+    }
+
+    private func record(type: String, id: String, customer: String, time: String, fields: [(String, String)]) -> ProducerRecord {
+        var json = JSONWriter()
+        json.raw("{")
+        json.key("specversion", first: true); json.string("1.0")
+        json.key("id"); json.string(id)
+        json.key("source"); json.string("tally-rater")
+        json.key("type"); json.string(type)
+        json.key("subject"); json.string(customer)
+        json.key("time"); json.string(time)
+        json.key("data"); json.raw("{")
+        for (index, (name, value)) in fields.enumerated() { json.key(name, first: index == 0); json.string(value) }
+        json.raw("}}")
+        return ProducerRecord(topic: topic, key: Array(customer.utf8), value: json.bytes)
+    }
+}

@@ -1,0 +1,115 @@
+import TallyCore
+import TallyPostgres
+
+/// One row of `tally pricing list`.
+public struct PriceBookVersion: Sendable {
+    public let name: String
+    public let customerID: String?
+    public let version: Int
+    public let effectiveFrom: String
+    public let currency: String
+    public let appliedAt: String
+    public let document: String
+}
+
+/// Price books and customer billing settings in PostgreSQL.
+public struct BillingCatalogStore {
+    public let connection: PostgresConnection
+
+    public init(connection: PostgresConnection) { self.connection = connection }
+
+    /// Stores a book as the next version of its (name, customer); returns that version, or the
+    /// latest one when it is identical (applying the same file twice changes nothing).
+    public func apply(_ book: PriceBook) throws -> (version: Int, created: Bool) {
+        let document = PriceBookDocument.canonicalJSON(book)
+        return try connection.transaction { connection in
+            // Serializes concurrent applies of the same book (any constant prefix works).
+            try connection.query("SELECT pg_advisory_xact_lock(hashtext('tally.price_books/' || $1 || '/' || $2))", [book.name, book.customerID ?? ""])
+            let latest = try connection.query("""
+                SELECT version, document FROM price_books WHERE book_name = $1 AND book_customer = $2 ORDER BY version DESC LIMIT 1
+                """, [book.name, book.customerID ?? ""])
+            if latest.rowCount == 1, latest.string(0, 1) == document { return (Int(try latest.int64(0, 0)!), false) }
+            let version = latest.rowCount == 1 ? Int(try latest.int64(0, 0)!) + 1 : 1
+            try connection.query("""
+                INSERT INTO price_books (book_name, book_customer, version, effective_from, currency, document)
+                VALUES ($1, $2, $3, $4::timestamptz, $5, $6)
+                """, [book.name, book.customerID ?? "", version, book.effectiveFrom.text, book.currency.code, document])
+            return (version, true)
+        }
+    }
+
+    public func versions(name: String? = nil) throws -> [PriceBookVersion] {
+        let result = try connection.query("""
+            SELECT book_name, book_customer, version, to_char(effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                   currency, to_char(applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), document
+            FROM price_books WHERE $1::text IS NULL OR book_name = $1 OR book_customer = $1
+            ORDER BY book_customer, book_name, version
+            """, [name])
+        return try (0..<result.rowCount).map { row in
+            PriceBookVersion(name: result.string(row, 0)!, customerID: result.string(row, 1).flatMap { $0.isEmpty ? nil : $0 },
+                             version: Int(try result.int64(row, 2)!), effectiveFrom: result.string(row, 3)!, currency: result.string(row, 4)!,
+                             appliedAt: result.string(row, 5)!, document: result.string(row, 6)!)
+        }
+    }
+
+    /// Every version of every book, parsed back from the stored canonical JSON.
+    public func loadCatalog() throws -> PriceCatalog {
+        PriceCatalog(books: try versions().map { row in
+            var book = try PriceBookDocument.parse(row.document)
+            book.version = row.version
+            return book
+        })
+    }
+
+    /// Changes whenever a book is applied; the rater reloads its catalog when it does.
+    public func catalogStamp() throws -> String {
+        let result = try connection.query("SELECT count(*)::text || '/' || coalesce(max(applied_at)::text, '') FROM price_books")
+        return result.string(0, 0) ?? ""
+    }
+
+    // MARK: Customers
+
+    public func setProfile(_ profile: BillingProfile) throws {
+        let (policy, limit): (String, Int64?) = switch profile.overage {
+        case .allow(let limit): ("allow", limit)
+        case .stop: ("stop", nil)
+        }
+        try connection.query("""
+            INSERT INTO customers (customer_id, plan, currency, billing_anchor_day, subscription_fee_nanos, overage_policy,
+                overage_limit_nanos, low_balance_thresholds_nanos, auto_topup_below_nanos, auto_topup_amount_nanos, updated_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8::bigint[], $9, $10, now())
+            ON CONFLICT (customer_id) DO UPDATE SET plan = EXCLUDED.plan, currency = EXCLUDED.currency,
+                billing_anchor_day = EXCLUDED.billing_anchor_day, subscription_fee_nanos = EXCLUDED.subscription_fee_nanos,
+                overage_policy = EXCLUDED.overage_policy, overage_limit_nanos = EXCLUDED.overage_limit_nanos,
+                low_balance_thresholds_nanos = EXCLUDED.low_balance_thresholds_nanos,
+                auto_topup_below_nanos = EXCLUDED.auto_topup_below_nanos, auto_topup_amount_nanos = EXCLUDED.auto_topup_amount_nanos,
+                updated_at = now()
+            """, [profile.customerID, profile.plan, profile.currency.code, Int32(profile.anchorDay), profile.subscriptionFeeNanos, policy,
+                  limit, PostgresArray(profile.lowBalanceThresholdsNanos), profile.autoTopUp?.belowNanos, profile.autoTopUp?.amountNanos])
+    }
+
+    /// Stored settings of the given customers (customers without a row are absent).
+    public func profiles(_ customerIDs: [String]) throws -> [String: BillingProfile] {
+        guard !customerIDs.isEmpty else { return [:] }
+        let result = try connection.query("""
+            SELECT customer_id, plan, currency, billing_anchor_day, subscription_fee_nanos, overage_policy, overage_limit_nanos,
+                   array_to_string(low_balance_thresholds_nanos, ','), auto_topup_below_nanos, auto_topup_amount_nanos
+            FROM customers WHERE customer_id = ANY($1::text[])
+            """, [PostgresArray(customerIDs)])
+        var profiles: [String: BillingProfile] = [:]
+        for row in 0..<result.rowCount {
+            var profile = BillingProfile(customerID: result.string(row, 0)!)
+            profile.plan = result.string(row, 1)!
+            profile.currency = Currency(result.string(row, 2)!) ?? profile.currency
+            profile.anchorDay = Int(try result.int64(row, 3)!)
+            profile.subscriptionFeeNanos = try result.int64(row, 4)!
+            profile.overage = result.string(row, 5) == "stop" ? .stop : .allow(limitNanos: try result.int64(row, 6))
+            profile.lowBalanceThresholdsNanos = (result.string(row, 7) ?? "").split(separator: ",").compactMap { Int64($0) }
+            if let below = try result.int64(row, 8), let amount = try result.int64(row, 9) {
+                profile.autoTopUp = AutoTopUpRule(belowNanos: below, amountNanos: amount)
+            }
+            profiles[profile.customerID] = profile
+        }
+        return profiles
+    }
+}

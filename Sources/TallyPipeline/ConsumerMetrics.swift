@@ -1,0 +1,45 @@
+import Foundation
+import Metrics
+
+/// A consumer loop's metrics (`tally_aggregator_*` or `tally_rater_*`), created once.
+/// Labels are never customer ids.
+final class ConsumerMetrics: @unchecked Sendable {
+    let prefix: String
+    let records: Counter
+    let accepted: Counter
+    let duplicates: Counter
+    let conflicts: Counter
+    let deadLetters: Counter
+    let grants: Counter
+    /// Usage no price book prices: kept in `tally.unpriced_usage`, never billed at zero silently.
+    let unpriced: Counter
+    let fencedBatches: Counter
+    let batchRecords: Recorder
+    let transactionSeconds: Metrics.Timer
+    private let lock = NSLock()
+    private var lagGauges: [Int32: Gauge] = [:]
+
+    init(prefix: String) {
+        self.prefix = prefix
+        records = Counter(label: "\(prefix)_records_total")
+        accepted = Counter(label: "\(prefix)_events_accepted_total")
+        duplicates = Counter(label: "\(prefix)_duplicates_total")
+        conflicts = Counter(label: "\(prefix)_conflicts_total")
+        deadLetters = Counter(label: "\(prefix)_dead_letters_total")
+        grants = Counter(label: "\(prefix)_grants_total")
+        unpriced = Counter(label: "\(prefix)_unpriced_events_total")
+        fencedBatches = Counter(label: "\(prefix)_fenced_batches_total")
+        batchRecords = Recorder(label: "\(prefix)_batch_records")
+        transactionSeconds = Metrics.Timer(label: "\(prefix)_transaction_seconds")
+    }
+
+    /// Records between the committed offset and the log end, per partition.
+    func lag(partition: Int32) -> Gauge {
+        lock.withLock {
+            if let gauge = lagGauges[partition] { return gauge }
+            let gauge = Gauge(label: "\(prefix)_lag_records", dimensions: [("partition", String(partition))])
+            lagGauges[partition] = gauge
+            return gauge
+        }
+    }
+}

@@ -1,0 +1,201 @@
+import Logging
+import TallyCore
+import TallyPostgres
+
+public struct InvoiceError: Error, CustomStringConvertible {
+    public let message: String
+    public var description: String { message }
+}
+
+/// Closes billing periods into invoices and reads them back.
+public struct InvoiceStore {
+    public let connection: PostgresConnection
+    private var catalog: BillingCatalogStore { BillingCatalogStore(connection: connection) }
+
+    public init(connection: PostgresConnection) { self.connection = connection }
+
+    /// Closes the period labelled `YYYY-MM` (starting on each customer's anchor day) for every
+    /// customer with something to bill, or only `customerID`. Periods already closed are left alone.
+    public func close(periodLabel: String, customerID: String? = nil) throws -> [Invoice] {
+        let profiles = try catalog.profiles(try candidates(customerID))
+        let priceCatalog = try catalog.loadCatalog()
+        var closed: [Invoice] = []
+        for customer in try candidates(customerID).sorted() {
+            let profile = profiles[customer] ?? BillingProfile(customerID: customer)
+            guard let period = BillingPeriod.parse(periodLabel, anchorDay: profile.anchorDay) else {
+                throw InvoiceError(message: "period \(periodLabel) is not YYYY-MM")
+            }
+            closed += try close(customer: customer, profile: profile, period: period, catalog: priceCatalog)
+        }
+        return closed
+    }
+
+    /// Closes every period whose end plus `grace` lies before the latest event time the rater
+    /// has seen: periods close by event time, never by the wall clock (determinism).
+    public func closeDue(grace: Duration) throws -> [Invoice] {
+        let watermark = try connection.query("""
+            SELECT \(microseconds("greatest((SELECT max(effective_at) FROM wallet_ledger), (SELECT max(event_time) FROM unpriced_usage))"))
+            """)
+        guard let latest = try watermark.int64(0, 0) else { return [] }
+        let cutoff = latest - grace.totalMicroseconds
+        let open = try connection.query("""
+            SELECT DISTINCT r.customer_id, \(microseconds("r.period_start")) FROM rated_usage r
+            WHERE NOT EXISTS (SELECT 1 FROM invoices i WHERE i.customer_id = r.customer_id AND i.period_start = r.period_start)
+            ORDER BY 1, 2
+            """)
+        let customers = Array(Set((0..<open.rowCount).map { open.string($0, 0)! }))
+        let profiles = try catalog.profiles(customers)
+        let priceCatalog = try catalog.loadCatalog()
+        var closed: [Invoice] = []
+        for row in 0..<open.rowCount {
+            let customer = open.string(row, 0)!
+            let profile = profiles[customer] ?? BillingProfile(customerID: customer)
+            let period = profile.period(containing: try open.int64(row, 1)!)
+            guard period.end <= cutoff else { continue }
+            closed += try close(customer: customer, profile: profile, period: period, catalog: priceCatalog)
+        }
+        return closed
+    }
+
+    private func candidates(_ customerID: String?) throws -> [String] {
+        if let customerID { return [customerID] }
+        let result = try connection.query("""
+            SELECT customer_id FROM customers UNION SELECT DISTINCT customer_id FROM rated_usage
+            """)
+        return (0..<result.rowCount).map { result.string($0, 0)! }
+    }
+
+    private func close(customer: String, profile: BillingProfile, period: BillingPeriod, catalog: PriceCatalog) throws -> [Invoice] {
+        let currencies = try connection.query("""
+            SELECT DISTINCT currency FROM rated_usage WHERE customer_id = $1 AND period_start <= \(microsecondsToTimestamp) $2::bigint
+            """, [customer, period.start])
+        var codes = Set((0..<currencies.rowCount).map { currencies.string($0, 0)! })
+        codes.insert(profile.currency.code)
+        var invoices: [Invoice] = []
+        for code in codes.sorted() {
+            let currency = Currency(code)!
+            var inputs = InvoiceInputs(customerID: customer, period: period, currency: currency)
+            if currency == profile.currency { inputs.subscriptionFeeNanos = profile.subscriptionFeeNanos }
+            let time = EventTime(microseconds: period.start)
+            let book = catalog.books.first { $0.customerID == customer && $0.effectiveFrom <= time && $0.minimumPerPeriodNanos != nil }
+                ?? catalog.book(named: profile.plan, at: time)
+            if let book, book.currency == currency { inputs.minimumNanos = book.minimumPerPeriodNanos }
+            try load(&inputs)
+            let invoice = InvoiceBuilder.build(inputs)
+            if !invoice.isEmpty, try store(invoice) { invoices.append(invoice) }
+        }
+        return invoices
+    }
+
+    /// Usage and credits of the period, plus those of earlier periods already invoiced (for adjustments).
+    private func load(_ inputs: inout InvoiceInputs) throws {
+        let parameters: [(any PostgresEncodable)?] = [inputs.customerID, inputs.currency.code, inputs.period.start]
+        let periods = """
+            (period_start = \(microsecondsToTimestamp) $3::bigint OR period_start IN
+              (SELECT period_start FROM invoices WHERE customer_id = $1 AND currency = $2 AND period_start < \(microsecondsToTimestamp) $3::bigint))
+            """
+        let charges = try connection.query("""
+            SELECT \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, quantity, amount_nanos, pricing
+            FROM rated_usage WHERE customer_id = $1 AND currency = $2 AND \(periods)
+            """, parameters)
+        for row in 0..<charges.rowCount {
+            inputs.charges.append(RatedCharge(periodStart: try charges.int64(row, 0)!, item: try item(charges, row, from: 1),
+                                              quantity: try charges.int64(row, 6)!, amountNanos: try charges.int64(row, 7)!,
+                                              pricing: charges.string(row, 8)!))
+        }
+        let invoiced = try connection.query("""
+            SELECT \(microseconds("l.covers_period_start")), l.book_name, l.book_customer, l.book_version, l.model, l.token_type,
+                   sum(l.quantity), sum(l.exact_amount_nanos)
+            FROM invoice_lines l JOIN invoices i USING (invoice_id)
+            WHERE i.customer_id = $1 AND i.currency = $2 AND l.kind IN ('usage', 'adjustment')
+            GROUP BY 1, 2, 3, 4, 5, 6
+            """, [inputs.customerID, inputs.currency.code])
+        for row in 0..<invoiced.rowCount {
+            inputs.invoiced.append(InvoicedCharge(periodStart: try invoiced.int64(row, 0)!, item: try item(invoiced, row, from: 1),
+                                                  quantity: try invoiced.int64(row, 6)!, exactNanos: try invoiced.int64(row, 7)!))
+        }
+        let drawn = try connection.query("""
+            SELECT \(microseconds("period_start")), -sum(amount_nanos) FROM wallet_ledger
+            WHERE customer_id = $1 AND currency = $2 AND kind = 'usage' AND grant_id IS NOT NULL AND \(periods)
+            GROUP BY period_start
+            """, parameters)
+        for row in 0..<drawn.rowCount { inputs.creditsDrawn[try drawn.int64(row, 0)!] = try drawn.int64(row, 1)! }
+        let applied = try connection.query("""
+            SELECT \(microseconds("l.covers_period_start")), -sum(l.exact_amount_nanos)
+            FROM invoice_lines l JOIN invoices i USING (invoice_id)
+            WHERE i.customer_id = $1 AND i.currency = $2 AND l.kind = 'credits' GROUP BY 1
+            """, [inputs.customerID, inputs.currency.code])
+        for row in 0..<applied.rowCount { inputs.creditsInvoiced[try applied.int64(row, 0)!] = try applied.int64(row, 1)! }
+    }
+
+    private func item(_ result: PostgresResult, _ row: Int, from column: Int) throws -> PriceItem {
+        PriceItem(bookName: result.string(row, column)!, bookCustomer: result.string(row, column + 1)!,
+                  bookVersion: Int(try result.int64(row, column + 2)!), model: result.string(row, column + 3)!,
+                  tokenType: TokenType(rawValue: result.string(row, column + 4)!)!)
+    }
+
+    /// Stores the invoice and its lines; false when the period was closed concurrently.
+    private func store(_ invoice: Invoice) throws -> Bool {
+        try connection.transaction { connection in
+            let inserted = try connection.query("""
+                INSERT INTO invoices (invoice_id, customer_id, period_start, period_end, currency, total_due_nanos, document)
+                VALUES ($1, $2, \(microsecondsToTimestamp) $3::bigint, \(microsecondsToTimestamp) $4::bigint, $5, $6, $7)
+                ON CONFLICT DO NOTHING
+                """, [invoice.invoiceID, invoice.customerID, invoice.period.start, invoice.period.end, invoice.currency.code,
+                      invoice.totalDueNanos, InvoiceBuilder.json(invoice)])
+            guard inserted.affectedRows == 1 else { return false }
+            let lines = invoice.lines
+            try connection.query("""
+                INSERT INTO invoice_lines (invoice_id, line_no, kind, description, covers_period_start, book_name, book_customer, book_version,
+                    model, token_type, quantity, unit_price, exact_amount_nanos, amount_nanos)
+                SELECT $1, n, k, d, \(microsecondsToTimestamp) c, b, bc, v, m, t, q, u, e, a
+                FROM unnest($2::int[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::int[], $9::text[], $10::text[],
+                            $11::bigint[], $12::text[], $13::bigint[], $14::bigint[]) AS x(n, k, d, c, b, bc, v, m, t, q, u, e, a)
+                """, [invoice.invoiceID, PostgresArray(Array(1...lines.count)), PostgresArray(lines.map(\.kind.rawValue)),
+                      PostgresArray(lines.map(\.description)), PostgresArray(lines.map(\.coversPeriodStart)),
+                      PostgresArray(lines.map(\.item?.bookName)), PostgresArray(lines.map(\.item?.bookCustomer)),
+                      PostgresArray(lines.map { $0.item.map { String($0.bookVersion) } }), PostgresArray(lines.map(\.item?.model)),
+                      PostgresArray(lines.map(\.item?.tokenType.rawValue)), PostgresArray(lines.map { $0.quantity.map(String.init) }),
+                      PostgresArray(lines.map(\.unitPrice)), PostgresArray(lines.map(\.exactNanos)), PostgresArray(lines.map(\.amountNanos))])
+            return true
+        }
+    }
+
+    /// Stored invoices (newest period first), optionally of one customer and/or period label.
+    public func list(customerID: String? = nil) throws -> [(invoiceID: String, customerID: String, period: String, currency: String, totalDue: String, closedAt: String)] {
+        let result = try connection.query("""
+            SELECT invoice_id, customer_id, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM'), currency, total_due_nanos,
+                   to_char(closed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+            FROM invoices WHERE $1::text IS NULL OR customer_id = $1 ORDER BY period_start DESC, customer_id, currency
+            """, [customerID])
+        return try (0..<result.rowCount).map { row in
+            let currency = Currency(result.string(row, 3)!)!
+            return (result.string(row, 0)!, result.string(row, 1)!, result.string(row, 2)!, currency.code,
+                    currency.format(try result.int64(row, 4)!), result.string(row, 5)!)
+        }
+    }
+
+    /// The stored invoice of a customer's period, rebuilt from its lines.
+    public func invoice(customerID: String, periodLabel: String) throws -> Invoice? {
+        let header = try connection.query("""
+            SELECT invoice_id, \(microseconds("period_start")), \(microseconds("period_end")), currency FROM invoices
+            WHERE customer_id = $1 AND to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') = $2 ORDER BY currency LIMIT 1
+            """, [customerID, periodLabel])
+        guard header.rowCount == 1 else { return nil }
+        let invoiceID = header.string(0, 0)!
+        let lines = try connection.query("""
+            SELECT kind, description, \(microseconds("covers_period_start")), book_name, book_customer, book_version, model, token_type,
+                   quantity, unit_price, exact_amount_nanos, amount_nanos
+            FROM invoice_lines WHERE invoice_id = $1 ORDER BY line_no
+            """, [invoiceID])
+        let parsed = try (0..<lines.rowCount).map { row in
+            InvoiceLine(kind: InvoiceLineKind(rawValue: lines.string(row, 0)!)!, description: lines.string(row, 1)!,
+                        coversPeriodStart: try lines.int64(row, 2)!, item: lines.isNull(row, 3) ? nil : try item(lines, row, from: 3),
+                        quantity: try lines.int64(row, 8), unitPrice: lines.string(row, 9), exactNanos: try lines.int64(row, 10)!,
+                        amountNanos: try lines.int64(row, 11)!)
+        }
+        return Invoice(invoiceID: invoiceID, customerID: customerID,
+                       period: BillingPeriod(start: try header.int64(0, 1)!, end: try header.int64(0, 2)!),
+                       currency: Currency(header.string(0, 3)!)!, lines: parsed)
+    }
+}

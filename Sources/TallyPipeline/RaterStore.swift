@@ -1,0 +1,227 @@
+import Logging
+import TallyCore
+import TallyPostgres
+
+/// SQL for a bigint of microseconds since the epoch as an exact timestamptz.
+let microsecondsToTimestamp = "'epoch'::timestamptz + interval '1 microsecond' *"
+/// SQL for a timestamptz column as exact microseconds since the epoch.
+func microseconds(_ column: String) -> String { "(extract(epoch FROM \(column)) * 1000000)::bigint" }
+
+/// The rater's state in PostgreSQL: its dedup keys, rated usage, wallets and ledger, alerts.
+///
+/// Every batch reads the state of the customers it holds, rates in memory (`RatingEngine`,
+/// pure) and writes absolute values back, in the transaction that moves its offsets. One
+/// customer lives on one partition, so no other instance writes the same rows (invariant 3).
+public final class RaterStore: ConsumerStore, @unchecked Sendable {
+    public let tables: ConsumerTables
+    private let catalogStore: BillingCatalogStore
+    private let logger: Logger
+    private var catalogStamp: String?
+    private var engine = RatingEngine(catalog: PriceCatalog(books: []))
+
+    private var connection: PostgresConnection { tables.connection }
+
+    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String, logger: Logger) {
+        tables = ConsumerTables(connection: connection, group: group, topic: topic, instanceID: instanceID)
+        catalogStore = BillingCatalogStore(connection: connection)
+        self.logger = logger
+    }
+
+    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { try tables.claim(partitions) }
+
+    /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
+    public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
+        try reloadCatalogIfChanged()
+        return try tables.commit(batch) { _ in
+            // 2. Dedup usage and grants together, in log order.
+            let records = (batch.events.map(RaterRecord.usage) + batch.grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
+            let stored = try tables.storedHashes(Deduplicator.keys(of: records), table: "rater_event_keys")
+            let decision = Deduplicator.decide(records, stored: stored)
+            try tables.storeKeys(decision.accepted, table: "rater_event_keys")
+            // 3. Load the state these records touch, rate them (pure), write the state back.
+            var state = RatingState()
+            let customers = Array(Set(decision.accepted.map(\.customerID)))
+            state.profiles = try catalogStore.profiles(customers)
+            state.charges = try loadCharges(engine.chargeKeys(decision.accepted, profiles: state.profiles))
+            state.wallets = try loadWallets(customers)
+            let result = engine.apply(decision.accepted, to: &state)
+            try writeCharges(result.touchedCharges, state: state)
+            try appendLedger(result.ledger)
+            try writeWallets(result.touchedWallets, state: state)
+            // 4. Alerts, top-up requests and unpriced usage: ids derive from log positions,
+            //    so a batch that is re-applied after a lost COMMIT reply cannot add them twice.
+            try insertAlerts(result.alerts)
+            try insertTopUps(result.topUps)
+            try insertUnpriced(result.unpriced)
+            // 5. Conflicts and dead letters, idempotent by position.
+            try tables.insertConflicts(decision.conflicts)
+            try tables.insertDeadLetters(batch.deadLetters)
+            return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates, conflicts: decision.conflicts.count,
+                                deadLetters: batch.deadLetters.count, grants: result.grantsCredited, unpriced: result.unpriced.count)
+        }
+    }
+
+    /// Price books are read once and again whenever one is applied.
+    private func reloadCatalogIfChanged() throws {
+        let stamp = try catalogStore.catalogStamp()
+        guard stamp != catalogStamp else { return }
+        let catalog = try catalogStore.loadCatalog()
+        engine = RatingEngine(catalog: catalog)
+        catalogStamp = stamp
+        logger.info("price catalog loaded: \(catalog.books.count) book versions")
+    }
+
+    private func loadCharges(_ keys: Set<ChargeKey>) throws -> [ChargeKey: ChargeTotal] {
+        guard !keys.isEmpty else { return [:] }
+        let list = Array(keys)
+        let result = try connection.query("""
+            SELECT r.customer_id, \(microseconds("r.period_start")), r.book_name, r.book_customer, r.book_version, r.model, r.token_type,
+                   r.currency, r.quantity, r.amount_nanos
+            FROM rated_usage r
+            JOIN unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[]) AS k(c, p, b, bc, v, m, t)
+              ON r.customer_id = k.c AND r.period_start = \(microsecondsToTimestamp) k.p AND r.book_name = k.b
+             AND r.book_customer = k.bc AND r.book_version = k.v AND r.model = k.m AND r.token_type = k.t
+            """, chargeKeyArrays(list))
+        var charges: [ChargeKey: ChargeTotal] = [:]
+        for row in 0..<result.rowCount {
+            let item = PriceItem(bookName: result.string(row, 2)!, bookCustomer: result.string(row, 3)!, bookVersion: Int(try result.int64(row, 4)!),
+                                 model: result.string(row, 5)!, tokenType: TokenType(rawValue: result.string(row, 6)!)!)
+            let key = ChargeKey(customerID: result.string(row, 0)!, periodStart: try result.int64(row, 1)!, item: item)
+            charges[key] = ChargeTotal(quantity: try result.int64(row, 8)!, amountNanos: try result.int64(row, 9)!,
+                                       currency: Currency(result.string(row, 7)!)!)
+        }
+        return charges
+    }
+
+    private func chargeKeyArrays(_ keys: [ChargeKey]) -> [(any PostgresEncodable)?] {
+        [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.periodStart)), PostgresArray(keys.map(\.item.bookName)),
+         PostgresArray(keys.map(\.item.bookCustomer)), PostgresArray(keys.map(\.item.bookVersion)), PostgresArray(keys.map(\.item.model)),
+         PostgresArray(keys.map(\.item.tokenType.rawValue))]
+    }
+
+    private func writeCharges(_ touched: Set<ChargeKey>, state: RatingState) throws {
+        guard !touched.isEmpty else { return }
+        let keys = touched.sorted()
+        let totals = keys.map { state.charges[$0]! }
+        let pricing = keys.map { key in
+            engine.catalog.pricing(of: key.item).map { $0.pricing.describe($0.book.currency) } ?? ""
+        }
+        try connection.query("""
+            INSERT INTO rated_usage AS r (customer_id, period_start, book_name, book_customer, book_version, model, token_type,
+                currency, quantity, amount_nanos, pricing)
+            SELECT c, \(microsecondsToTimestamp) p, b, bc, v, m, t, cur, q, a, pr
+            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[],
+                        $8::text[], $9::bigint[], $10::bigint[], $11::text[]) AS x(c, p, b, bc, v, m, t, cur, q, a, pr)
+            ON CONFLICT (customer_id, period_start, book_name, book_customer, book_version, model, token_type)
+            DO UPDATE SET quantity = EXCLUDED.quantity, amount_nanos = EXCLUDED.amount_nanos
+            """, chargeKeyArrays(keys) + [PostgresArray(totals.map(\.currency.code)), PostgresArray(totals.map(\.quantity)),
+                                          PostgresArray(totals.map(\.amountNanos)), PostgresArray(pricing)])
+    }
+
+    private func loadWallets(_ customers: [String]) throws -> [WalletKey: WalletState] {
+        guard !customers.isEmpty else { return [:] }
+        var wallets: [WalletKey: WalletState] = [:]
+        let result = try connection.query("""
+            SELECT customer_id, currency, balance_nanos, blocked, \(microseconds("blocked_since"))
+            FROM wallets WHERE customer_id = ANY($1::text[])
+            """, [PostgresArray(customers)])
+        for row in 0..<result.rowCount {
+            let key = WalletKey(customerID: result.string(row, 0)!, currency: Currency(result.string(row, 1)!)!)
+            wallets[key] = WalletState(balanceNanos: try result.int64(row, 2)!, blocked: result.bool(row, 3)!, blockedSince: try result.int64(row, 4))
+        }
+        let grants = try connection.query("""
+            SELECT customer_id, currency, grant_id, amount_nanos, remaining_nanos, priority, \(microseconds("expires_at")),
+                   \(microseconds("granted_at")), source
+            FROM wallet_grants WHERE customer_id = ANY($1::text[]) AND remaining_nanos > 0
+            ORDER BY customer_id, grant_id
+            """, [PostgresArray(customers)])
+        for row in 0..<grants.rowCount {
+            let key = WalletKey(customerID: grants.string(row, 0)!, currency: Currency(grants.string(row, 1)!)!)
+            wallets[key, default: WalletState()].grants.append(GrantBalance(
+                grantID: grants.string(row, 2)!, amountNanos: try grants.int64(row, 3)!, remainingNanos: try grants.int64(row, 4)!,
+                priority: try grants.int64(row, 5)!, expiresAt: try grants.int64(row, 6), grantedAt: try grants.int64(row, 7)!,
+                source: GrantSource(rawValue: grants.string(row, 8)!) ?? .purchase))
+        }
+        return wallets
+    }
+
+    private func writeWallets(_ touched: Set<WalletKey>, state: RatingState) throws {
+        guard !touched.isEmpty else { return }
+        let keys = touched.sorted()
+        let wallets = keys.map { state.wallets[$0]! }
+        try connection.query("""
+            INSERT INTO wallets AS w (customer_id, currency, balance_nanos, blocked, blocked_since)
+            SELECT c, cur, b, bl, \(microsecondsToTimestamp) s FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bool[], $5::bigint[]) AS x(c, cur, b, bl, s)
+            ON CONFLICT (customer_id, currency) DO UPDATE SET balance_nanos = EXCLUDED.balance_nanos, blocked = EXCLUDED.blocked,
+                blocked_since = EXCLUDED.blocked_since
+            """, [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.currency.code)), PostgresArray(wallets.map(\.balanceNanos)),
+                  PostgresArray(wallets.map { $0.blocked ? "t" : "f" }), PostgresArray(wallets.map { $0.blockedSince.map(String.init) })])
+        let grants = keys.flatMap { key in state.wallets[key]!.grants.map { (key, $0) } }
+        guard !grants.isEmpty else { return }
+        try connection.query("""
+            INSERT INTO wallet_grants AS g (customer_id, grant_id, currency, amount_nanos, remaining_nanos, priority, expires_at, source, granted_at)
+            SELECT c, id, cur, a, r, p, \(microsecondsToTimestamp) e, s, \(microsecondsToTimestamp) t
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::bigint[])
+                AS x(c, id, cur, a, r, p, e, s, t)
+            ON CONFLICT (customer_id, grant_id) DO UPDATE SET remaining_nanos = EXCLUDED.remaining_nanos
+            """, [PostgresArray(grants.map(\.0.customerID)), PostgresArray(grants.map(\.1.grantID)), PostgresArray(grants.map(\.0.currency.code)),
+                  PostgresArray(grants.map(\.1.amountNanos)), PostgresArray(grants.map(\.1.remainingNanos)), PostgresArray(grants.map(\.1.priority)),
+                  PostgresArray(grants.map { $0.1.expiresAt.map(String.init) }), PostgresArray(grants.map(\.1.source.rawValue)),
+                  PostgresArray(grants.map(\.1.grantedAt))])
+    }
+
+    private func appendLedger(_ entries: [LedgerEntry]) throws {
+        guard !entries.isEmpty else { return }
+        // COPY: entries are new by construction (their positions were never committed).
+        try connection.copyIn("""
+            COPY wallet_ledger (customer_id, currency, partition, record_offset, seq, kind, amount_nanos, grant_id, event_id, effective_at, period_start) FROM STDIN
+            """, rows: entries.map { entry in
+                [entry.wallet.customerID, entry.wallet.currency.code, String(entry.position.partition), String(entry.position.offset),
+                 String(entry.seq), entry.kind.rawValue, String(entry.amountNanos), entry.grantID, entry.eventID,
+                 EventTime.format(microseconds: entry.effectiveAt), entry.periodStart.map { EventTime.format(microseconds: $0) }]
+            })
+    }
+
+    private func insertAlerts(_ alerts: [BalanceAlert]) throws {
+        guard !alerts.isEmpty else { return }
+        try connection.query("""
+            INSERT INTO balance_alerts (alert_id, customer_id, currency, threshold_nanos, balance_nanos, crossed_at, partition, record_offset)
+            SELECT id, c, cur, t, b, \(microsecondsToTimestamp) at, p, o
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::int[], $8::bigint[]) AS x(id, c, cur, t, b, at, p, o)
+            ON CONFLICT DO NOTHING
+            """, [PostgresArray(alerts.map(\.alertID)), PostgresArray(alerts.map(\.wallet.customerID)), PostgresArray(alerts.map(\.wallet.currency.code)),
+                  PostgresArray(alerts.map(\.thresholdNanos)), PostgresArray(alerts.map(\.balanceNanos)), PostgresArray(alerts.map(\.crossedAt)),
+                  PostgresArray(alerts.map(\.position.partition)), PostgresArray(alerts.map(\.position.offset))])
+    }
+
+    private func insertTopUps(_ requests: [TopUpRequest]) throws {
+        guard !requests.isEmpty else { return }
+        try connection.query("""
+            INSERT INTO topup_requests (request_id, customer_id, currency, below_nanos, amount_nanos, balance_nanos, requested_at, partition, record_offset)
+            SELECT id, c, cur, bl, a, b, \(microsecondsToTimestamp) at, p, o
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::int[], $9::bigint[])
+                AS x(id, c, cur, bl, a, b, at, p, o)
+            ON CONFLICT DO NOTHING
+            """, [PostgresArray(requests.map(\.requestID)), PostgresArray(requests.map(\.wallet.customerID)),
+                  PostgresArray(requests.map(\.wallet.currency.code)), PostgresArray(requests.map(\.rule.belowNanos)),
+                  PostgresArray(requests.map(\.rule.amountNanos)), PostgresArray(requests.map(\.balanceNanos)),
+                  PostgresArray(requests.map(\.requestedAt)), PostgresArray(requests.map(\.position.partition)),
+                  PostgresArray(requests.map(\.position.offset))])
+    }
+
+    private func insertUnpriced(_ events: [PositionedEvent]) throws {
+        guard !events.isEmpty else { return }
+        try connection.query("""
+            INSERT INTO unpriced_usage (customer_id, event_id, model, event_time, partition, record_offset, input_tokens, output_tokens,
+                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens)
+            SELECT c, e, m, \(microsecondsToTimestamp) t, p, o, i, out, cr, cw, r
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[], $8::bigint[],
+                        $9::bigint[], $10::bigint[], $11::bigint[]) AS x(c, e, m, t, p, o, i, out, cr, cw, r)
+            ON CONFLICT DO NOTHING
+            """, [PostgresArray(events.map(\.event.subject)), PostgresArray(events.map(\.event.id)), PostgresArray(events.map(\.event.model)),
+                  PostgresArray(events.map(\.event.time.microseconds)), PostgresArray(events.map(\.position.partition)),
+                  PostgresArray(events.map(\.position.offset)), PostgresArray(events.map(\.event.inputTokens)),
+                  PostgresArray(events.map(\.event.outputTokens)), PostgresArray(events.map(\.event.cacheReadInputTokens)),
+                  PostgresArray(events.map(\.event.cacheWriteInputTokens)), PostgresArray(events.map(\.event.reasoningOutputTokens))])
+    }
+}

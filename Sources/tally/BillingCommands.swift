@@ -1,0 +1,389 @@
+import ArgumentParser
+import Foundation
+import TallyCLI
+import TallyCore
+import TallyKafka
+import TallyPipeline
+import TallyPostgres
+
+func connect(_ database: DatabaseOptions, label: String) throws -> PostgresConnection {
+    try PostgresConnection(url: try database.databaseURL, logger: .init(label: label), searchPath: "tally")
+}
+
+func readText(_ path: String) throws -> String {
+    if path == "-" { return String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self) }
+    guard let data = FileManager.default.contents(atPath: path) else { throw ValidationError("cannot read \(path)") }
+    return String(decoding: data, as: UTF8.self)
+}
+
+/// Parses a decimal amount option into nano-units, with a clear error.
+func amountNanos(_ text: String, option: String, allowZero: Bool = false) throws -> Int64 {
+    guard let nanos = Money.nanos(text), allowZero ? nanos >= 0 : nanos > 0 else {
+        throw ValidationError("\(option) \(text): expected a decimal amount\(allowZero ? "" : " above 0") with at most 9 decimals, e.g. 25.00")
+    }
+    return nanos
+}
+
+struct Pricing: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Manage versioned price books (tally.price_books).",
+        subcommands: [Apply.self, List.self, Show.self, Diff.self, ImportLiteLLM.self])
+
+    struct Apply: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate a price book (YAML or JSON) and store it as the book's next version.",
+            discussion: "Errors name the line and field. Applying an unchanged book again stores nothing. Events are rated with the version in force at their event time; replay to re-rate past usage.")
+        @OptionGroup var database: DatabaseOptions
+        @Argument(help: "The price book file; - reads standard input.") var file: String
+        @Flag(help: "Only validate and print the canonical form.") var dryRun = false
+
+        func run() throws {
+            let book: PriceBook
+            do { book = try PriceBookDocument.parse(try readText(file)) } catch let error as ConfigError {
+                throw ValidationError("\(file): \(error)")
+            }
+            if dryRun { print(PriceBookDocument.canonicalJSON(book), terminator: ""); return }
+            let (version, created) = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).apply(book)
+            let owner = book.customerID.map { " (override for \($0))" } ?? ""
+            print(created ? "applied \(book.name)\(owner) version \(version): \(book.models.count) models, effective from \(book.effectiveFrom)"
+                          : "\(book.name)\(owner) version \(version) is identical; nothing stored")
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List every version of every price book.")
+        @OptionGroup var database: DatabaseOptions
+        @Option(help: "table, json or csv.") var format = "table"
+
+        func run() throws {
+            let rows = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).versions().map {
+                [$0.name, $0.customerID ?? "", String($0.version), $0.effectiveFrom, $0.currency, $0.appliedAt]
+            }
+            print(TableRenderer.render(header: ["book", "customer", "version", "effective_from", "currency", "applied_at"], rows: rows,
+                                       format: format, numericFrom: 6), terminator: "")
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print a stored price book version as canonical JSON.")
+        @OptionGroup var database: DatabaseOptions
+        @Argument(help: "Book name (or the customer id of an override).") var book: String
+        @Option(help: "Version; the latest when omitted.") var version: Int?
+
+        func run() throws {
+            let versions = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).versions(name: book)
+            guard let chosen = version.map({ wanted in versions.first { $0.version == wanted } }) ?? versions.last else {
+                throw ValidationError("no price book \(book)\(version.map { " version \($0)" } ?? "")")
+            }
+            print(chosen.document, terminator: "")
+        }
+    }
+
+    struct Diff: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show what changed between two versions of a price book, per model and token type.")
+        @OptionGroup var database: DatabaseOptions
+        @Argument(help: "Book name (or the customer id of an override).") var book: String
+        @Option(help: "The older version.") var from: Int
+        @Option(help: "The newer version; the latest when omitted.") var to: Int?
+
+        func run() throws {
+            let versions = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).versions(name: book)
+            guard let old = versions.first(where: { $0.version == from }),
+                  let new = to.map({ wanted in versions.first { $0.version == wanted } }) ?? versions.last else {
+                throw ValidationError("no such versions of \(book)")
+            }
+            let a = try PriceBookDocument.parse(old.document), b = try PriceBookDocument.parse(new.document)
+            print(PriceBookDiff.lines(from: a, to: b).joined(separator: "\n"))
+        }
+    }
+
+    struct ImportLiteLLM: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "import-litellm",
+            abstract: "Turn LiteLLM's model_prices_and_context_window.json into a price book (exact per-token prices).")
+        @OptionGroup var database: DatabaseOptions
+        @Argument(help: "The LiteLLM JSON file.") var file: String
+        @Option(help: "Book name.") var book = "default"
+        @Option(help: "Effective from (RFC 3339).") var effectiveFrom: String
+        @Option(help: "Currency of the prices.") var currency = "USD"
+        @Flag(help: "Store it as the book's next version (otherwise print the canonical book).") var apply = false
+
+        func run() throws {
+            guard let time = EventTime(effectiveFrom) else { throw ValidationError("--effective-from: expected RFC 3339, e.g. 2026-01-01T00:00:00Z") }
+            guard let code = Currency(currency) else { throw ValidationError("--currency: expected an ISO 4217 code") }
+            let imported: (book: PriceBook, skipped: [String])
+            do { imported = try PriceBookDocument.importLiteLLM(try readText(file), name: book, effectiveFrom: time, currency: code) } catch let error as ConfigError {
+                throw ValidationError("\(file): \(error)")
+            }
+            print("\(imported.book.models.count) models priced; \(imported.skipped.count) without per-token input and output costs skipped", to: &standardError)
+            if apply {
+                let (version, _) = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).apply(imported.book)
+                print("applied \(book) version \(version)")
+            } else {
+                print(PriceBookDocument.canonicalJSON(imported.book), terminator: "")
+            }
+        }
+    }
+}
+
+/// Per model and token type: added, removed, changed.
+enum PriceBookDiff {
+    static func lines(from a: PriceBook, to b: PriceBook) -> [String] {
+        var lines: [String] = []
+        if a.effectiveFrom != b.effectiveFrom { lines.append("effective_from: \(a.effectiveFrom) → \(b.effectiveFrom)") }
+        if a.currency != b.currency { lines.append("currency: \(a.currency) → \(b.currency)") }
+        if a.minimumPerPeriodNanos != b.minimumPerPeriodNanos {
+            lines.append("minimum_per_period: \(a.minimumPerPeriodNanos.map { Money.format(nanos: $0) } ?? "none") → \(b.minimumPerPeriodNanos.map { Money.format(nanos: $0) } ?? "none")")
+        }
+        let old = Dictionary(uniqueKeysWithValues: a.models.map { ($0.model, $0) })
+        let new = Dictionary(uniqueKeysWithValues: b.models.map { ($0.model, $0) })
+        for model in Set(old.keys).union(new.keys).sorted() {
+            switch (old[model], new[model]) {
+            case (nil, let added?): lines.append("+ \(model): \(describe(added, b.currency))")
+            case (let removed?, nil): lines.append("- \(model): \(describe(removed, a.currency))")
+            case (let before?, let after?):
+                for type in TokenType.allCases where before.prices[type] != after.prices[type] {
+                    lines.append("~ \(model) \(type.rawValue): \(before.prices[type]?.describe(a.currency) ?? "unset") → \(after.prices[type]?.describe(b.currency) ?? "unset")")
+                }
+                if before.aliases != after.aliases { lines.append("~ \(model) aliases: \(before.aliases) → \(after.aliases)") }
+            case (nil, nil): break
+            }
+        }
+        return lines.isEmpty ? ["no differences"] : lines
+    }
+
+    static func describe(_ model: ModelPrices, _ currency: Currency) -> String {
+        TokenType.allCases.compactMap { type in model.prices[type].map { "\(type.rawValue) \($0.describe(currency))" } }.joined(separator: "; ")
+    }
+}
+
+struct Customers: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Manage customers' billing settings (tally.customers).", subcommands: [Set.self, Show.self])
+
+    struct Set: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create or update a customer's billing settings; options not given keep their stored (or default) value.")
+        @OptionGroup var database: DatabaseOptions
+        @Argument(help: "Customer id (the events' subject).") var customer: String
+        @Option(help: "Price book (plan) name. Default: default.") var plan: String?
+        @Option(help: "Wallet and invoice currency. Default: USD.") var currency: String?
+        @Option(help: "Day of the month (1–28, UTC) billing periods start.") var anchorDay: Int?
+        @Option(help: "Subscription fee per period (hybrid subscription + usage), e.g. 49.00.") var subscriptionFee: String?
+        @Option(help: "allow (overage down to --overage-limit) or stop (refuse calls at zero balance).") var overage: String?
+        @Option(help: "With --overage allow: how far below zero before calls are refused ('none' for no limit).") var overageLimit: String?
+        @Option(help: "Low-balance alert thresholds, comma-separated ('none' to clear), e.g. 100,10.") var lowBalance: String?
+        @Option(help: "Auto top-up: request a top-up when the balance falls below this ('none' to clear).") var autoTopupBelow: String?
+        @Option(help: "Auto top-up: the amount to request.") var autoTopupAmount: String?
+
+        func run() throws {
+            let store = BillingCatalogStore(connection: try connect(database, label: "tally.customers"))
+            var profile = try store.profiles([customer])[customer] ?? BillingProfile(customerID: customer)
+            if let plan { profile.plan = plan }
+            if let currency {
+                guard let code = Currency(currency) else { throw ValidationError("--currency \(currency): expected an ISO 4217 code") }
+                profile.currency = code
+            }
+            if let anchorDay {
+                guard (1...28).contains(anchorDay) else { throw ValidationError("--anchor-day must be 1 to 28") }
+                profile.anchorDay = anchorDay
+            }
+            if let subscriptionFee { profile.subscriptionFeeNanos = try amountNanos(subscriptionFee, option: "--subscription-fee", allowZero: true) }
+            var limit: Int64?
+            if case .allow(let current) = profile.overage { limit = current }
+            if let overageLimit { limit = overageLimit == "none" ? nil : try amountNanos(overageLimit, option: "--overage-limit", allowZero: true) }
+            switch overage {
+            case nil: if case .allow = profile.overage { profile.overage = .allow(limitNanos: limit) }
+            case "allow": profile.overage = .allow(limitNanos: limit)
+            case "stop": profile.overage = .stop
+            case let other?: throw ValidationError("--overage \(other): expected allow or stop")
+            }
+            if let lowBalance {
+                profile.lowBalanceThresholdsNanos = lowBalance == "none" ? [] : try lowBalance.split(separator: ",").map {
+                    try amountNanos(String($0), option: "--low-balance", allowZero: true)
+                }
+            }
+            if autoTopupBelow == "none" {
+                profile.autoTopUp = nil
+            } else if autoTopupBelow != nil || autoTopupAmount != nil {
+                guard let below = autoTopupBelow ?? profile.autoTopUp.map({ Money.format(nanos: $0.belowNanos) }),
+                      let amount = autoTopupAmount ?? profile.autoTopUp.map({ Money.format(nanos: $0.amountNanos) }) else {
+                    throw ValidationError("auto top-up needs both --auto-topup-below and --auto-topup-amount")
+                }
+                profile.autoTopUp = AutoTopUpRule(belowNanos: try amountNanos(below, option: "--auto-topup-below", allowZero: true),
+                                                  amountNanos: try amountNanos(amount, option: "--auto-topup-amount"))
+            }
+            try store.setProfile(profile)
+            print(describe(profile))
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a customer's billing settings.")
+        @OptionGroup var database: DatabaseOptions
+        @Argument(help: "Customer id.") var customer: String
+
+        func run() throws {
+            let stored = try BillingCatalogStore(connection: try connect(database, label: "tally.customers")).profiles([customer])[customer]
+            print(describe(stored ?? BillingProfile(customerID: customer)) + (stored == nil ? "\n(no stored settings: defaults)" : ""))
+        }
+    }
+
+    static func describe(_ profile: BillingProfile) -> String {
+        let overage = switch profile.overage {
+        case .stop: "stop (calls refused at zero balance)"
+        case .allow(let limit?): "allow down to -\(Money.format(nanos: limit))"
+        case .allow(nil): "allow, no limit"
+        }
+        return """
+            customer        \(profile.customerID)
+            plan            \(profile.plan)
+            currency        \(profile.currency)
+            billing period  monthly from day \(profile.anchorDay) (UTC)
+            subscription    \(Money.format(nanos: profile.subscriptionFeeNanos))
+            overage         \(overage)
+            low balance     \(profile.lowBalanceThresholdsNanos.isEmpty ? "no alerts" : profile.lowBalanceThresholdsNanos.map { Money.format(nanos: $0) }.joined(separator: ", "))
+            auto top-up     \(profile.autoTopUp.map { "request \(Money.format(nanos: $0.amountNanos)) below \(Money.format(nanos: $0.belowNanos))" } ?? "off")
+            """
+    }
+}
+
+struct Grant: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Grant prepaid credit: publish a tally.wallet.grant event to the usage topic.",
+        discussion: "The grant id is its idempotency key: publishing the same grant again credits once. Prints the grant id.")
+    @OptionGroup var kafka: KafkaOptions
+    @OptionGroup var logging: LoggingOptions
+    @Option(help: "Customer id.") var customer: String
+    @Option(help: "Amount, e.g. 100.00.") var amount: String
+    @Option(help: "ISO 4217 currency.") var currency = "USD"
+    @Option(help: "Grants with the lowest number are drawn first.") var priority = GrantEvent.defaultPriority
+    @Option(help: "Expiry (RFC 3339); the remainder is written off then.") var expiresAt: String?
+    @Option(help: "purchase, promotion or top_up.") var source = "purchase"
+    @Option(help: "Grant id (idempotency key). Default: a new random id.") var id: String?
+    @Option(help: "Event time (RFC 3339). Default: now.") var time: String?
+
+    func run() async throws {
+        let logger = makeLogger(logging, label: "tally.grant")
+        guard let code = Currency(currency) else { throw ValidationError("--currency \(currency): expected an ISO 4217 code") }
+        guard let grantSource = GrantSource(rawValue: source) else { throw ValidationError("--source: purchase, promotion or top_up") }
+        let eventTime = try time.map { guard let t = EventTime($0) else { throw ValidationError("--time: expected RFC 3339") }; return t }
+            ?? EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000))
+        let expiry = try expiresAt.map { guard let t = EventTime($0) else { throw ValidationError("--expires-at: expected RFC 3339") }; return t }
+        let grant = GrantEvent(id: id ?? "grant-\(UUID().uuidString.lowercased())", source: "tally-cli", subject: customer, time: eventTime,
+                               amountNanos: try amountNanos(amount, option: "--amount"), currency: code, priority: priority,
+                               expiresAt: expiry, grantSource: grantSource)
+        // Validate exactly as the consumers will.
+        let bytes = EventEncoder.encode(grant)
+        if case .failure(let error) = EventDecoder.decode(bytes) { throw ValidationError("invalid grant: \(error)") }
+        let producer = try KafkaProducer(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
+        let report = try await producer.send(ProducerRecord(topic: kafka.topic, key: Array(customer.utf8), value: bytes))
+        await producer.close()
+        print(grant.id)
+        print("granted \(Money.format(nanos: grant.amountNanos)) \(code) to \(customer) (partition \(report.partition), offset \(report.offset))", to: &standardError)
+    }
+}
+
+struct Balance: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show a customer's wallet: balance, grants with what is left and their expiry, recent ledger entries.")
+    @OptionGroup var database: DatabaseOptions
+    @Option(help: "Customer id.") var customer: String
+    @Option(help: "Ledger entries to show.") var entries = 10
+
+    func run() throws {
+        let connection = try connect(database, label: "tally.balance")
+        let balances = try connection.query("""
+            SELECT b.currency, b.balance_nanos, b.blocked, (SELECT sum(amount_nanos) FROM wallet_ledger l WHERE l.customer_id = b.customer_id AND l.currency = b.currency)
+            FROM wallets b WHERE b.customer_id = $1 ORDER BY b.currency
+            """, [customer])
+        guard balances.rowCount > 0 else { print("\(customer): no wallet yet (no grant or priced usage rated)"); return }
+        for row in 0..<balances.rowCount {
+            let currency = Currency(balances.string(row, 0)!)!
+            let balance = try balances.int64(row, 1)!
+            print("\(customer) \(currency): balance \(Money.format(nanos: balance))\(balances.bool(row, 2)! ? "  (calls refused: credit exhausted)" : "")")
+            if try balances.int64(row, 3) != balance { print("  warning: ledger sum \(balances.string(row, 3) ?? "0") differs from the running balance") }
+        }
+        let grants = try connection.query("""
+            SELECT grant_id, source, priority, currency, amount_nanos, remaining_nanos,
+                   coalesce(to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), 'never')
+            FROM wallet_grants WHERE customer_id = $1 ORDER BY remaining_nanos = 0, priority, expires_at NULLS LAST, grant_id
+            """, [customer])
+        print("\ngrants:")
+        print(TableRenderer.render(header: ["grant", "source", "priority", "currency", "amount", "remaining", "expires_at"],
+                                   rows: try (0..<grants.rowCount).map { row in
+                                       [grants.string(row, 0)!, grants.string(row, 1)!, grants.string(row, 2)!, grants.string(row, 3)!,
+                                        Money.format(nanos: try grants.int64(row, 4)!), Money.format(nanos: try grants.int64(row, 5)!), grants.string(row, 6)!]
+                                   }, format: "table", numericFrom: 7), terminator: "")
+        let ledger = try connection.query("""
+            SELECT to_char(effective_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), kind, currency, amount_nanos, coalesce(grant_id, ''), event_id
+            FROM wallet_ledger WHERE customer_id = $1 ORDER BY partition DESC, record_offset DESC, seq DESC LIMIT $2
+            """, [customer, entries])
+        print("\nrecent ledger entries:")
+        print(TableRenderer.render(header: ["effective_at", "kind", "currency", "amount", "grant", "event"],
+                                   rows: try (0..<ledger.rowCount).map { row in
+                                       [ledger.string(row, 0)!, ledger.string(row, 1)!, ledger.string(row, 2)!,
+                                        Money.format(nanos: try ledger.int64(row, 3)!), ledger.string(row, 4)!, ledger.string(row, 5)!]
+                                   }, format: "table", numericFrom: 6), terminator: "")
+    }
+}
+
+struct Invoices: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Close billing periods into invoices and show them.", subcommands: [Close.self, List.self, Show.self])
+
+    struct Close: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Close a billing period: one invoice per customer (usage lines, adjustments for late usage, subscription, minimum, credits).",
+            discussion: "Usage that arrives later for a closed period appears as an adjustment line on the customer's next invoice.")
+        @OptionGroup var database: DatabaseOptions
+        @Option(help: "The period, YYYY-MM (starting on each customer's anchor day).") var period: String?
+        @Option(help: "Only this customer.") var customer: String?
+        @Option(help: "Instead of --period: close every period that ended this many hours (of event time) before the latest event rated.")
+        var dueAfterGraceHours: Int?
+
+        func validate() throws {
+            guard (period == nil) != (dueAfterGraceHours == nil) else { throw ValidationError("give --period or --due-after-grace-hours") }
+            if let period, BillingPeriod.parse(period, anchorDay: 1) == nil { throw ValidationError("--period \(period): expected YYYY-MM") }
+        }
+
+        func run() throws {
+            let store = InvoiceStore(connection: try connect(database, label: "tally.invoices"))
+            let invoices = try period.map { try store.close(periodLabel: $0, customerID: customer) }
+                ?? store.closeDue(grace: .seconds(Int64(dueAfterGraceHours!) * 3600))
+            for invoice in invoices {
+                print("\(invoice.invoiceID): \(invoice.lines.count) lines, total due \(invoice.currency.format(invoice.totalDueNanos)) \(invoice.currency)")
+            }
+            print("closed \(invoices.count) invoices")
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List invoices.")
+        @OptionGroup var database: DatabaseOptions
+        @Option(help: "Only this customer.") var customer: String?
+        @Option(help: "table, json or csv.") var format = "table"
+
+        func run() throws {
+            let rows = try InvoiceStore(connection: try connect(database, label: "tally.invoices")).list(customerID: customer)
+                .map { [$0.invoiceID, $0.customerID, $0.period, $0.currency, $0.totalDue, $0.closedAt] }
+            print(TableRenderer.render(header: ["invoice", "customer", "period", "currency", "total_due", "closed_at"], rows: rows,
+                                       format: format, numericFrom: 4), terminator: "")
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Render an invoice as JSON or as an HTML document.")
+        @OptionGroup var database: DatabaseOptions
+        @Option(help: "Customer id.") var customer: String
+        @Option(help: "The period, YYYY-MM.") var period: String
+        @Option(help: "json or html.") var format = "json"
+
+        func run() throws {
+            guard let invoice = try InvoiceStore(connection: try connect(database, label: "tally.invoices")).invoice(customerID: customer, periodLabel: period) else {
+                throw ValidationError("no invoice for \(customer) in \(period) (close the period first: tally invoices close --period \(period))")
+            }
+            print(format == "html" ? InvoiceBuilder.html(invoice) : InvoiceBuilder.json(invoice), terminator: "")
+        }
+    }
+}

@@ -1,0 +1,184 @@
+import TallyCore
+import XCTest
+
+final class RatingEngineTests: XCTestCase {
+    static let usd = Currency("USD")!
+
+    static func rate(_ text: String) -> TokenRate { TokenRate.parse(text, perTokens: .perMillion)! }
+
+    static let catalog = PriceCatalog(books: [PriceBook(name: "default", version: 1, effectiveFrom: EventTime("2026-01-01T00:00:00Z")!, currency: usd, models: [
+        ModelPrices(model: "cheap", prices: [.input: .perUnit(rate("0.0375")), .output: .perUnit(rate("0.15"))]),
+        ModelPrices(model: "tiered", prices: [
+            .input: .graduated([PriceTier(upTo: 10_000, rate: rate("3")), PriceTier(upTo: nil, rate: rate("1.7"))]),
+            .output: .package(size: 1_000, priceNanos: Money.nanos("0.013")!),
+            .reasoning: .volume([PriceTier(upTo: 5_000, rate: rate("9")), PriceTier(upTo: nil, rate: rate("7"))]),
+        ]),
+    ])])
+
+    func usage(_ id: String, customer: String = "acme", model: String = "cheap", input: Int64, output: Int64 = 0, reasoning: Int64 = 0,
+               time: String = "2026-03-10T00:00:00Z", offset: Int64) -> RaterRecord {
+        .usage(PositionedEvent(event: UsageEvent(id: id, source: "t", subject: customer, time: EventTime(time)!, model: model,
+                                                 inputTokens: input, outputTokens: output, reasoningOutputTokens: reasoning),
+                               position: LogPosition(partition: 0, offset: offset)))
+    }
+
+    func grant(_ id: String, customer: String = "acme", amount: String, priority: Int64 = 100, expires: String? = nil,
+               time: String = "2026-03-01T00:00:00Z", offset: Int64) -> RaterRecord {
+        .grant(PositionedGrant(grant: GrantEvent(id: id, source: "t", subject: customer, time: EventTime(time)!, amountNanos: Money.nanos(amount)!,
+                                                 currency: Self.usd, priority: priority, expiresAt: expires.map { EventTime($0)! }),
+                               position: LogPosition(partition: 0, offset: offset)))
+    }
+
+    /// Rates records in the given batches the way the store does: load, apply, keep.
+    func rate(_ batches: [[RaterRecord]], profiles: [String: BillingProfile] = [:]) -> (state: RatingState, ledger: [LedgerEntry], alerts: [BalanceAlert], topUps: [TopUpRequest], unpriced: Int) {
+        let engine = RatingEngine(catalog: Self.catalog)
+        var state = RatingState()
+        state.profiles = profiles
+        var ledger: [LedgerEntry] = [], alerts: [BalanceAlert] = [], topUps: [TopUpRequest] = [], unpriced = 0
+        for batch in batches {
+            let result = engine.apply(batch, to: &state)
+            ledger += result.ledger
+            alerts += result.alerts
+            topUps += result.topUps
+            unpriced += result.unpriced.count
+        }
+        return (state, ledger, alerts, topUps, unpriced)
+    }
+
+    /// Invariant 5: whatever the batch boundaries, the charges add up to the rounded charge of
+    /// each period's total quantity, and the ledger is the same entry for entry.
+    func testChargesNeverDriftWhateverTheBatchSplit() {
+        var generator = SeededGenerator(seed: 42)
+        var records: [RaterRecord] = [grant("g0", amount: "0.5", offset: 0)]
+        for offset in 1...600 {
+            let model = Bool.random(using: &generator) ? "cheap" : "tiered"
+            let output = Int64.random(in: 0...900, using: &generator)
+            records.append(usage("e\(offset)", model: model, input: Int64.random(in: 0...700, using: &generator), output: output,
+                                 reasoning: Int64.random(in: 0...output, using: &generator),
+                                 time: offset < 300 ? "2026-03-10T00:00:00Z" : "2026-04-02T00:00:00Z", offset: Int64(offset)))
+        }
+        let reference = rate([records])
+        // The charge of each period's total, computed independently of the engine.
+        var totals: [String: Int64] = [:]
+        for case .usage(let positioned) in records {
+            let event = positioned.event
+            let period = BillingPeriod.containing(event.time.microseconds, anchorDay: 1).label
+            let prices = Self.catalog.books[0].prices(for: event.model)!
+            for (type, quantity) in prices.quantities(event) { totals["\(period)/\(event.model)/\(type)", default: 0] += quantity }
+        }
+        var expected: Int64 = 0
+        for (key, quantity) in totals {
+            let parts = key.split(separator: "/")
+            let prices = Self.catalog.books[0].prices(for: String(parts[1]))!
+            expected += prices.prices[TokenType(rawValue: String(parts[2]))!]!.charge(quantity)
+        }
+        let charged = reference.ledger.filter { $0.kind == .usage }.reduce(0) { $0 - $1.amountNanos }
+        XCTAssertEqual(charged, expected)
+        XCTAssertEqual(reference.state.charges.values.reduce(0) { $0 + $1.amountNanos }, expected)
+        XCTAssertEqual(reference.state.wallets[WalletKey(customerID: "acme", currency: Self.usd)]?.balanceNanos,
+                       Money.nanos("0.5")! - expected)
+
+        for trial in 0..<25 {
+            var splits: [[RaterRecord]] = []
+            var rest = records[...]
+            while !rest.isEmpty {
+                let size = Int.random(in: 1...(trial % 2 == 0 ? 7 : 90), using: &generator)
+                splits.append(Array(rest.prefix(size)))
+                rest = rest.dropFirst(size)
+            }
+            let outcome = rate(splits)
+            XCTAssertEqual(outcome.ledger, reference.ledger, "trial \(trial)")
+            XCTAssertEqual(outcome.state.charges, reference.state.charges, "trial \(trial)")
+            XCTAssertEqual(outcome.state.wallets, reference.state.wallets, "trial \(trial)")
+        }
+    }
+
+    func testGrantsAreDrawnByPriorityThenExpiryAndOverageHasNoGrant() {
+        // 1M input tokens of "cheap" cost 0.0375.
+        let outcome = rate([[
+            grant("late-expiry", amount: "0.01", priority: 5, expires: "2026-12-01T00:00:00Z", offset: 0),
+            grant("no-expiry", amount: "0.01", priority: 5, offset: 1),
+            grant("early-expiry", amount: "0.01", priority: 5, expires: "2026-06-01T00:00:00Z", offset: 2),
+            grant("low-priority", amount: "1.00", priority: 50, offset: 3),
+            usage("u1", input: 1_000_000, offset: 4),
+            usage("u2", input: 40_000_000, offset: 5),
+        ]])
+        let debits = outcome.ledger.filter { $0.kind == .usage }
+        XCTAssertEqual(debits.map(\.grantID), ["early-expiry", "late-expiry", "no-expiry", "low-priority", "low-priority", nil])
+        XCTAssertEqual(debits.map(\.amountNanos), [-10_000_000, -10_000_000, -10_000_000, -7_500_000, -992_500_000, -507_500_000])
+        XCTAssertEqual(debits.map(\.eventID), ["u1", "u1", "u1", "u1", "u2", "u2"], "every debit references the usage it charges")
+        let wallet = outcome.state.wallets[WalletKey(customerID: "acme", currency: Self.usd)]!
+        XCTAssertEqual(wallet.balanceNanos, outcome.ledger.reduce(0) { $0 + $1.amountNanos }, "balance = sum of entries")
+        XCTAssertEqual(wallet.balanceNanos, -507_500_000)
+    }
+
+    func testExpiredRemainderIsWrittenOffAtTheExpiryTime() {
+        let outcome = rate([[
+            grant("promo", amount: "1.00", priority: 1, expires: "2026-03-05T00:00:00Z", offset: 0),
+            usage("u1", input: 1_000_000, time: "2026-03-02T00:00:00Z", offset: 1),
+            usage("u2", input: 1_000_000, time: "2026-03-06T00:00:00Z", offset: 2),
+        ]])
+        XCTAssertEqual(outcome.ledger.map(\.kind), [.grant, .usage, .expiry, .usage])
+        let expiry = outcome.ledger[2]
+        XCTAssertEqual(expiry.amountNanos, -962_500_000)
+        XCTAssertEqual(expiry.effectiveAt, EventTime("2026-03-05T00:00:00Z")!.microseconds)
+        XCTAssertNil(outcome.ledger[3].grantID, "after expiry the charge is overage")
+    }
+
+    func testOneAlertAndOneTopUpRequestPerCrossing() {
+        var profile = BillingProfile(customerID: "acme")
+        profile.lowBalanceThresholdsNanos = [Money.nanos("0.5")!, Money.nanos("0.1")!]
+        profile.autoTopUp = AutoTopUpRule(belowNanos: Money.nanos("0.5")!, amountNanos: Money.nanos("1")!)
+        profile.overage = .stop
+        // Each usage costs 0.15 (1M output tokens of "cheap").
+        var records: [RaterRecord] = [grant("g1", amount: "1.00", offset: 0)]
+        for i in 1...8 { records.append(usage("u\(i)", input: 0, output: 1_000_000, offset: Int64(i))) }
+        records.append(grant("topup", amount: "1.00", offset: 9))
+        for i in 10...14 { records.append(usage("u\(i)", input: 0, output: 1_000_000, offset: Int64(i))) }
+        let outcome = rate([records], profiles: ["acme": profile])
+        // 1.00 → 0.85 → 0.70 → 0.55 → 0.40 (crosses 0.5) → 0.25 → 0.10 → -0.05 (crosses 0.1) → -0.20;
+        // top-up → 0.80 → 0.65 → 0.50 (u11) → 0.35 (u12 crosses 0.5 again) → 0.20 → 0.05 (crosses 0.1 again).
+        XCTAssertEqual(outcome.alerts.map { Money.format(nanos: $0.thresholdNanos) }, ["0.50", "0.10", "0.50", "0.10"])
+        XCTAssertEqual(outcome.alerts.map(\.position.offset), [4, 7, 12, 14])
+        XCTAssertEqual(outcome.topUps.map(\.position.offset), [4, 12], "one request per crossing, never a loop")
+        XCTAssertEqual(Set(outcome.alerts.map(\.alertID)).count, 4)
+        let wallet = outcome.state.wallets[WalletKey(customerID: "acme", currency: Self.usd)]!
+        XCTAssertFalse(wallet.blocked, "balance is positive again")
+        let blockedAtSeven = rate([Array(records.prefix(8))], profiles: ["acme": profile]).state.wallets.first!.value
+        XCTAssertTrue(blockedAtSeven.blocked, "stop policy: refused once the balance is zero or below")
+    }
+
+    func testUnknownModelsAreKeptNotBilledAtZero() {
+        let outcome = rate([[usage("u1", model: "mystery", input: 5, offset: 0), usage("u2", input: 0, output: 0, offset: 1)]])
+        XCTAssertEqual(outcome.unpriced, 1)
+        XCTAssertTrue(outcome.ledger.isEmpty)
+    }
+
+    func testOverageLimitBlocksBelowTheLimit() {
+        XCTAssertFalse(OveragePolicy.allow(limitNanos: 100).blocks(balanceNanos: -100))
+        XCTAssertTrue(OveragePolicy.allow(limitNanos: 100).blocks(balanceNanos: -101))
+        XCTAssertFalse(OveragePolicy.allow(limitNanos: nil).blocks(balanceNanos: Int64.min / 2))
+        XCTAssertTrue(OveragePolicy.stop.blocks(balanceNanos: 0))
+    }
+
+    func testGrantEventsDecodeAndValidate() throws {
+        let text = #"{"specversion":"1.0","id":"g-1","source":"billing","type":"tally.wallet.grant","subject":"acme","time":"2026-03-01T00:00:00Z","data":{"amount":"25.50","currency":"USD","priority":10,"expires_at":"2027-03-01T00:00:00Z","source":"promotion"}}"#
+        guard case .grant(let grant) = try EventDecoder.decode(text).get() else { return XCTFail("not a grant") }
+        XCTAssertEqual(grant.amountNanos, 25_500_000_000)
+        XCTAssertEqual(grant.grantSource, .promotion)
+        XCTAssertEqual(grant.priority, 10)
+        guard case .grant(let again) = try EventDecoder.decode(EventEncoder.encode(grant)).get() else { return XCTFail() }
+        XCTAssertEqual(again, grant)
+        for (replacement, path) in [("\"25.50\"", "data.amount"), ("\"-1\"", "data.amount"), ("25.5", "data.amount")] {
+            let bad = text.replacingOccurrences(of: "\"25.50\"", with: replacement == "\"25.50\"" ? "\"0\"" : replacement)
+            guard case .failure(let error) = EventDecoder.decode(bad) else { return XCTFail(bad) }
+            XCTAssertTrue(error.violations.contains { $0.path == path }, "\(error)")
+        }
+        let expiredAlready = text.replacingOccurrences(of: "2027-03-01", with: "2026-02-01")
+        guard case .failure(let error) = EventDecoder.decode(expiredAlready) else { return XCTFail() }
+        XCTAssertEqual(error.violations.map(\.path), ["data.expires_at"])
+        let noCurrency = text.replacingOccurrences(of: #""currency":"USD","#, with: "")
+        guard case .failure(let missing) = EventDecoder.decode(noCurrency) else { return XCTFail() }
+        XCTAssertEqual(missing.violations.map(\.path), ["data.currency"])
+    }
+}

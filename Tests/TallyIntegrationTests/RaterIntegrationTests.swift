@@ -1,0 +1,316 @@
+import Foundation
+import TallyCore
+import TallyKafka
+import TallyPostgres
+import XCTest
+
+/// The real tally-rater (and tally CLI) against the real broker and PostgreSQL. Expected money is
+/// computed here from the events and the list below, independently of the rater's pricing code.
+final class RaterIntegrationTests: XCTestCase {
+    /// Nano-units per 1M tokens; amazon.nova-pro-v1 is deliberately left out (unpriced).
+    static let rates: [String: [String: Int128]] = [
+        "gpt-4o": ["input": 2_500_000_000, "output": 10_000_000_000, "cache_read": 1_250_000_000],
+        "gpt-4o-mini": ["input": 150_000_000, "output": 600_000_000],
+        "o3-mini": ["input": 1_100_000_000, "output": 4_400_000_000],
+        "claude-sonnet-4": ["input": 3_000_000_000, "output": 15_000_000_000, "cache_read": 300_000_000, "cache_write": 3_750_000_000],
+        "claude-haiku-3.5": ["input": 800_000_000, "output": 4_000_000_000],
+        "gemini-2.5-pro": ["input": 1_250_000_000, "output": 10_000_000_000],
+    ]
+
+    static let priceBook = """
+        book: default
+        effective_from: 2026-01-01T00:00:00Z
+        currency: USD
+        minimum_per_period: "5.00"
+        models:
+          - { model: gpt-4o, input: "2.50", output: "10.00", cache_read: "1.25" }
+          - { model: gpt-4o-mini, input: "0.15", output: "0.60" }
+          - { model: o3-mini, input: "1.10", output: "4.40" }
+          - { model: claude-sonnet-4, input: "3.00", output: "15.00", cache_read: "0.30", cache_write: "3.75" }
+          - { model: claude-haiku-3.5, input: "0.80", output: "4.00" }
+          - { model: gemini-2.5-pro, input: "1.25", output: "10.00" }
+        """
+
+    func applyPrices(_ harness: AggregatorHarness) throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("prices") + ".yaml")
+        try Self.priceBook.write(to: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: file) }
+        XCTAssertTrue(try harness.tally(["pricing", "apply", file.path]).contains("applied default version 1"))
+    }
+
+    /// Charge per customer and billing month (label) of the distinct events: quantities per
+    /// model and token type, each priced once, rounded half up to a nano-unit.
+    static func expectedCharges(_ events: [UsageEvent]) -> [String: [String: Int64]] {
+        var quantities: [String: Int128] = [:]
+        var seen = Set<String>()
+        for event in events where seen.insert(event.subject + "\u{1}" + event.id).inserted {
+            guard let rates = Self.rates[event.model] else { continue }
+            let month = String(event.time.text.prefix(7))
+            var input = Int128(event.inputTokens), output = Int128(event.outputTokens)
+            for (type, count) in [("cache_read", event.cacheReadInputTokens), ("cache_write", event.cacheWriteInputTokens)] {
+                if rates[type] != nil { quantities["\(event.subject)|\(month)|\(event.model)|\(type)", default: 0] += Int128(count); input -= Int128(count) }
+            }
+            quantities["\(event.subject)|\(month)|\(event.model)|input", default: 0] += input
+            quantities["\(event.subject)|\(month)|\(event.model)|output", default: 0] += output
+        }
+        var charges: [String: [String: Int64]] = [:]
+        for (key, quantity) in quantities {
+            let parts = key.split(separator: "|").map(String.init)
+            let exact = quantity * Self.rates[parts[2]]![parts[3]]!
+            charges[parts[0], default: [:]][parts[1], default: 0] += Int64((exact + 500_000) / 1_000_000)
+        }
+        return charges
+    }
+
+    static func grant(_ id: String, customer: String, amount: String, time: String = "2026-10-31T00:00:00Z", priority: Int64 = 100) -> (key: String, value: [UInt8]) {
+        (customer, EventEncoder.encode(GrantEvent(id: id, source: "test", subject: customer, time: EventTime(time)!,
+                                                  amountNanos: Money.nanos(amount)!, currency: Currency("USD")!, priority: priority)))
+    }
+
+    func int64(_ harness: AggregatorHarness, _ sql: String, _ parameters: [(any PostgresEncodable)?] = []) throws -> Int64 {
+        try harness.connection.query(sql, parameters).int64(0, 0) ?? 0
+    }
+
+    /// Usage and grants through the log: balances equal grants minus independently computed charges;
+    /// duplicated grants credit once; duplicated usage is charged once; unknown models are kept
+    /// unpriced; poison goes to the DLQ table.
+    func testBalancesEqualGrantsMinusCharges() async throws {
+        let harness = try AggregatorHarness()
+        try applyPrices(harness)
+        let customers = 30
+        let events = AggregatorHarness.events(count: 20_000, seed: 51, customers: customers)
+        let grants = (0..<customers).map { Self.grant("g-\($0)", customer: "cust-\($0)", amount: "\(10 + $0).25") }
+        var stream: [(key: String, value: [UInt8])] = grants
+        for (index, event) in events.enumerated() {
+            stream.append((event.subject, EventEncoder.encode(event)))
+            if index % 40 == 0 { stream.append((event.subject, EventEncoder.encode(event))) }
+            if index == 10_000 { stream += grants.prefix(10) }   // re-sent grants mid-stream
+        }
+        stream.append(("cust-1", Array("not json".utf8)))
+        stream.append(("cust-2", Array(#"{"specversion":"1.0","type":"tally.wallet.grant"}"#.utf8)))
+        try await harness.publish(stream)
+        let first = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), "consumed\n\(first.log)")
+        first.signal(SIGTERM)
+        XCTAssertEqual(first.wait(timeout: .seconds(30)), 0, first.log)
+
+        // After a restart: every grant again, 300 old events again, 100 new ones.
+        let more = AggregatorHarness.events(count: 100, seed: 52, customers: customers, prefix: "late")
+        try await harness.publish(grants + (events[0..<300] + more).map { ($0.subject, EventEncoder.encode($0)) })
+        let second = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), "consumed after restart\n\(second.log)")
+        second.signal(SIGTERM)
+        XCTAssertEqual(second.wait(timeout: .seconds(30)), 0, second.log)
+
+        let charges = Self.expectedCharges(events + more)
+        let balances = try harness.connection.query("SELECT customer_id, balance_nanos FROM tally.wallets WHERE currency = 'USD'")
+        XCTAssertEqual(balances.rowCount, customers)
+        for row in 0..<balances.rowCount {
+            let customer = balances.string(row, 0)!
+            let number = Int64(customer.dropFirst(5))!
+            let granted = Money.nanos("\(10 + number).25")!
+            let charged = charges[customer]?.values.reduce(0, +) ?? 0
+            XCTAssertEqual(try balances.int64(row, 1), granted - charged, "\(customer): grants minus charges")
+            // Balance = sum of entries, and the view says the same exactly.
+            XCTAssertEqual(try int64(harness, "SELECT sum(amount_nanos) FROM tally.wallet_ledger WHERE customer_id = $1", [customer]), granted - charged)
+            XCTAssertEqual(try harness.connection.query("SELECT balance = ($2::bigint)::numeric / 1000000000 FROM tally.wallet_balances WHERE customer_id = $1",
+                                                        [customer, granted - charged]).scalar, "t", "\(customer): wallet_balances view")
+        }
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.wallet_ledger WHERE kind = 'grant'"), Int64(customers), "each grant credited once")
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.wallet_ledger l WHERE kind = 'usage' AND NOT EXISTS (SELECT 1 FROM tally.rater_event_keys k WHERE k.customer_id = l.customer_id AND k.event_id = l.event_id)"), 0,
+                       "every debit references a counted usage event")
+        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE kind = 'usage'"),
+                       try int64(harness, "SELECT sum(amount_nanos) FROM tally.rated_usage"), "debits add up to the rated totals")
+        let unpriced = Set((events + more).filter { $0.model == "amazon.nova-pro-v1" }.map(\.id)).count
+        XCTAssertGreaterThan(unpriced, 0)
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.unpriced_usage WHERE model = 'amazon.nova-pro-v1'"), Int64(unpriced))
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.dead_letters WHERE consumer_group = $1", [harness.group]), 2)
+        XCTAssertTrue(second.log.contains("unpriced="), second.log)
+    }
+
+    /// kill -9 at random moments: the ledger, rated usage, grants, balances and invoices end up
+    /// identical to a run without crashes over the same log (in a second database).
+    func testKillNineChangesNothing() async throws {
+        let crashed = try AggregatorHarness()
+        let clean = try AggregatorHarness(sharedTopic: crashed.topic)
+        for harness in [crashed, clean] {
+            try applyPrices(harness)
+            try harness.tally(["customers", "set", "cust-0", "--low-balance", "30,10", "--auto-topup-below", "10", "--auto-topup-amount", "50"])
+        }
+        let events = AggregatorHarness.events(count: 60_000, seed: 61, customers: 50)
+        var stream: [(key: String, value: [UInt8])] = (0..<50).map { Self.grant("g-\($0)", customer: "cust-\($0)", amount: "40") }
+        var random = SeededGenerator(seed: 7)
+        for (index, event) in events.enumerated() {
+            stream.append((event.subject, EventEncoder.encode(event)))
+            if index % 25 == 0 {
+                let resent = events[Int.random(in: 0...index, using: &random)]
+                stream.append((resent.subject, EventEncoder.encode(resent)))
+            }
+            if index % 5000 == 0 { stream.append(Self.grant("top-\(index)", customer: "cust-0", amount: "7.5", time: event.time.text)) }
+        }
+        let producing = Task { try await crashed.publish(stream) }
+        for _ in 0..<3 {
+            let instance = try crashed.startRater(["--batch-size", "1500"])
+            try await Task.sleep(for: .seconds(Double.random(in: 6...8, using: &random)))
+            instance.signal(SIGKILL)
+            instance.wait()
+        }
+        try await producing.value
+        clean.adoptLogEnd(of: crashed)
+        let finisher = try crashed.startRater()
+        let reference = try clean.startRater(["--batch-size", "5000"])
+        XCTAssertTrue(try crashed.waitUntilConsumed(timeout: .seconds(180)), "crashed run consumed\n\(finisher.log)")
+        XCTAssertTrue(try clean.waitUntilConsumed(timeout: .seconds(180)), "clean run consumed\n\(reference.log)")
+        for table in ["wallet_ledger", "rated_usage", "wallet_grants", "wallets", "balance_alerts", "topup_requests", "unpriced_usage"] {
+            // Published-at stamps are wall-clock; everything else must match row for row.
+            let checksum = """
+                SELECT count(*)::text || ' ' || md5(coalesce(string_agg(row_text, '|' ORDER BY row_text), ''))
+                FROM (SELECT (to_jsonb(t) - 'published_at')::text AS row_text FROM tally.\(table) t) rows
+                """
+            let a = try crashed.connection.query(checksum).scalar, b = try clean.connection.query(checksum).scalar
+            XCTAssertEqual(a, b, "\(table) differs after kill -9")
+            XCTAssertFalse(a?.hasPrefix("0 ") ?? true, "\(table) has rows")
+        }
+        XCTAssertGreaterThan(try int64(crashed, "SELECT count(*) FROM tally.balance_alerts"), 0, "cust-0 crossed its thresholds")
+        XCTAssertEqual(try crashed.tally(["invoices", "close", "--period", "2026-11"]).components(separatedBy: "\n").filter { $0.hasPrefix("INV-") }.sorted(),
+                       try clean.tally(["invoices", "close", "--period", "2026-11"]).components(separatedBy: "\n").filter { $0.hasPrefix("INV-") }.sorted())
+        let documents = "SELECT md5(string_agg(document, '' ORDER BY invoice_id)) FROM tally.invoices"
+        XCTAssertEqual(try crashed.connection.query(documents).scalar, try clean.connection.query(documents).scalar)
+        finisher.signal(SIGTERM)
+        reference.signal(SIGTERM)
+        XCTAssertEqual(finisher.wait(timeout: .seconds(30)), 0)
+        XCTAssertEqual(reference.wait(timeout: .seconds(30)), 0)
+    }
+
+    /// 100k output tokens of gpt-4o cost exactly 1.00.
+    func dollar(_ id: String, customer: String, time: String) -> UsageEvent {
+        UsageEvent(id: id, source: "test", subject: customer, time: EventTime(time)!, model: "gpt-4o", inputTokens: 0, outputTokens: 100_000)
+    }
+
+    /// One alert per downward crossing of each threshold and one top-up request per crossing of
+    /// the rule; published once to the alerts topic; nothing new when the same log is re-sent.
+    func testLowBalanceAlertsFireOncePerCrossing() async throws {
+        let harness = try AggregatorHarness()
+        try applyPrices(harness)
+        try harness.tally(["customers", "set", "alice", "--low-balance", "5,1", "--auto-topup-below", "1", "--auto-topup-amount", "20", "--overage", "stop"])
+        let alertsTopic = TestStack.unique("test.alerts")
+        try KafkaAdmin(configuration: KafkaConfiguration(brokers: harness.brokers), logger: TestStack.logger).createTopic(alertsTopic, partitions: 1)
+        var stream = [Self.grant("g1", customer: "alice", amount: "10", time: "2026-11-01T00:00:00Z")]
+        // 10 → 0 in steps of 1.00: crosses 5 (5 → 4) and 1 (1 → 0); a 20.00 top-up → 20, down to 3: crosses 5 again (5 → 4).
+        for i in 1...10 { stream.append(("alice", EventEncoder.encode(dollar("u\(i)", customer: "alice", time: "2026-11-02T00:00:0\(i % 10)Z")))) }
+        stream.append(Self.grant("topup-1", customer: "alice", amount: "20", time: "2026-11-03T00:00:00Z"))
+        for i in 11...27 { stream.append(("alice", EventEncoder.encode(dollar("u\(i)", customer: "alice", time: "2026-11-04T00:00:\(i)Z")))) }
+        try await harness.publish(stream)
+        let rater = try harness.startRater(["--alerts-topic", alertsTopic])
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+        let alerts = try harness.connection.query("SELECT threshold_nanos / 1000000000, balance_nanos / 1000000000 FROM tally.balance_alerts ORDER BY partition, record_offset, alert_id").rows
+        XCTAssertEqual(alerts, [["5", "4"], ["1", "0"], ["5", "4"]])
+        XCTAssertEqual(try harness.connection.query("SELECT balance_nanos / 1000000000 FROM tally.topup_requests").rows, [["0"]],
+                       "one request at the crossing of 1.00; none again while below")
+        XCTAssertEqual(try harness.connection.query("SELECT blocked FROM tally.wallets WHERE customer_id = 'alice'").scalar, "f")
+
+        // Re-sending the whole log changes nothing.
+        try await harness.publish(stream)
+        let again = try harness.startRater(["--alerts-topic", alertsTopic])
+        XCTAssertTrue(try harness.waitUntilConsumed(), again.log)
+        again.signal(SIGTERM)
+        XCTAssertEqual(again.wait(timeout: .seconds(30)), 0)
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.balance_alerts"), 3)
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.balance_alerts WHERE published_at IS NULL"), 0)
+
+        // What reached the alerts topic: each alert and the request, once.
+        let consumer = try KafkaConsumer(configuration: KafkaConfiguration(brokers: harness.brokers), groupID: TestStack.unique("alerts-reader"), logger: TestStack.logger)
+        try consumer.assign([TopicPartition(alertsTopic, 0): 0])
+        var published: [String] = []
+        let deadline = ContinuousClock.now + .seconds(20)
+        while published.count < 4 && ContinuousClock.now < deadline {
+            for record in consumer.poll(maxRecords: 100, timeout: .milliseconds(500)) {
+                guard case .object(let event) = try JSONValue.parse(record.value ?? []).get() else { continue }
+                published.append("\(event["type"]!.string!) \(event["id"]!.string!)")
+            }
+        }
+        consumer.close()
+        XCTAssertEqual(published.count, 4, "\(published)")
+        XCTAssertEqual(published.filter { $0.hasPrefix("tally.wallet.low_balance ") }.count, 3)
+        XCTAssertEqual(published.filter { $0.hasPrefix("tally.wallet.topup_requested ") }.count, 1)
+    }
+
+    /// A closed period's invoice equals an independent calculation to the cent; usage that arrives
+    /// after the close appears as an adjustment line on the next invoice.
+    func testInvoicesAndLateUsageAdjustments() async throws {
+        let harness = try AggregatorHarness()
+        try applyPrices(harness)
+        try harness.tally(["customers", "set", "bob", "--subscription-fee", "20"])
+        func usage(_ id: String, _ time: String, input: Int64, output: Int64, model: String = "claude-sonnet-4") -> UsageEvent {
+            UsageEvent(id: id, source: "test", subject: "bob", time: EventTime(time)!, model: model, inputTokens: input, outputTokens: output,
+                       cacheReadInputTokens: input / 4, cacheWriteInputTokens: input / 8)
+        }
+        let october = [usage("o1", "2026-10-03T10:00:00Z", input: 1_234_567, output: 345_678),
+                       usage("o2", "2026-10-20T10:00:00Z", input: 777_777, output: 22_222, model: "gpt-4o")]
+        try await harness.publish([Self.grant("credit", customer: "bob", amount: "3.00", time: "2026-10-01T00:00:00Z")])
+        try await harness.publish(october)
+        var rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0)
+
+        XCTAssertTrue(try harness.tally(["invoices", "close", "--period", "2026-10"]).contains("closed 1 invoices"))
+        let usd = Currency("USD")!
+        // Independent: each usage line rounded to the cent, plus the fee, minus the credit drawn.
+        let octoberCharges = Self.expectedCharges(october)["bob"]!["2026-10"]!
+        let lineTotal = try int64(harness, "SELECT sum(amount_nanos) FROM tally.invoice_lines WHERE kind = 'usage'")
+        XCTAssertEqual(lineTotal, try independentUsageLines(october), "usage lines, each rounded to the cent")
+        let expectedOctober = try independentUsageLines(october) + 20_000_000_000 - usd.roundToMinorUnit(min(octoberCharges, 3_000_000_000))
+        XCTAssertEqual(try int64(harness, "SELECT total_due_nanos FROM tally.invoices WHERE invoice_id = 'INV-2026-10-bob-USD'"), expectedOctober)
+
+        // Late October usage, and November usage.
+        let late = [usage("o3", "2026-10-30T23:59:59Z", input: 500_000, output: 100_000)]
+        let november = [usage("n1", "2026-11-05T00:00:00Z", input: 10_000, output: 1_000, model: "gpt-4o-mini")]
+        try await harness.publish(late + november)
+        rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0)
+        XCTAssertTrue(try harness.tally(["invoices", "close", "--period", "2026-11"]).contains("closed 1 invoices"))
+        XCTAssertTrue(try harness.tally(["invoices", "close", "--period", "2026-11"]).contains("closed 0 invoices"), "closing twice adds nothing")
+
+        let lateCharge = Self.expectedCharges(october + late)["bob"]!["2026-10"]! - octoberCharges
+        let adjustments = try int64(harness, "SELECT sum(exact_amount_nanos) FROM tally.invoice_lines WHERE invoice_id = 'INV-2026-11-bob-USD' AND kind = 'adjustment'")
+        XCTAssertEqual(adjustments, lateCharge, "the late usage, exactly")
+        let novemberUsage = Self.expectedCharges(november)["bob"]!["2026-11"]!
+        let novemberLines = try harness.connection.query("SELECT kind, amount_nanos FROM tally.invoice_lines WHERE invoice_id = 'INV-2026-11-bob-USD' ORDER BY line_no").rows
+        XCTAssertEqual(novemberLines.map { $0[0]! }.filter { $0 != "usage" && $0 != "adjustment" }, ["subscription", "minimum"],
+                       "the credit was used up in October; November usage is under the 5.00 minimum")
+        let minimum = 5_000_000_000 - novemberUsage
+        let expectedNovember = try independentUsageLines(november) + (try int64(harness, "SELECT sum(amount_nanos) FROM tally.invoice_lines WHERE invoice_id = 'INV-2026-11-bob-USD' AND kind = 'adjustment'"))
+            + 20_000_000_000 + usd.roundToMinorUnit(minimum)
+        XCTAssertEqual(try int64(harness, "SELECT total_due_nanos FROM tally.invoices WHERE invoice_id = 'INV-2026-11-bob-USD'"), expectedNovember)
+        let html = try harness.tally(["invoices", "show", "--customer", "bob", "--period", "2026-11", "--format", "html"])
+        XCTAssertTrue(html.contains("Late usage for 2026-10"), html)
+        XCTAssertTrue(html.contains("<!DOCTYPE html>"))
+        let json = try harness.tally(["invoices", "show", "--customer", "bob", "--period", "2026-10"])
+        XCTAssertTrue(json.contains(#""total_due":"\#(usd.format(expectedOctober))""#), json)
+    }
+
+    /// The usage lines an invoice should carry for these events: each (model, token type) rounded to the cent.
+    func independentUsageLines(_ events: [UsageEvent]) throws -> Int64 {
+        var quantities: [String: Int128] = [:]
+        for event in events {
+            let rates = Self.rates[event.model]!
+            var input = Int128(event.inputTokens)
+            for (type, count) in [("cache_read", event.cacheReadInputTokens), ("cache_write", event.cacheWriteInputTokens)] where rates[type] != nil {
+                quantities["\(event.model)|\(type)", default: 0] += Int128(count)
+                input -= Int128(count)
+            }
+            quantities["\(event.model)|input", default: 0] += input
+            quantities["\(event.model)|output", default: 0] += Int128(event.outputTokens)
+        }
+        return quantities.reduce(0) { total, entry in
+            let parts = entry.key.split(separator: "|").map(String.init)
+            let nanos = Int64((entry.value * Self.rates[parts[0]]![parts[1]]! + 500_000) / 1_000_000)
+            return total + Currency("USD")!.roundToMinorUnit(nanos)
+        }
+    }
+}
