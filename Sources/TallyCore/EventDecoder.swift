@@ -283,10 +283,10 @@ private struct GrantDataState {
             case "amount":
                 // A string, so no producer ever routes money through a float.
                 guard let text = try readString(&reader, path, length: 1...40, forbidControl: true, violations: &violations) else { return }
-                if let nanos = Money.nanos(text), nanos > 0, nanos <= GrantEvent.maxAmountNanos {
+                if GrantEvent.isPlainDecimal(text), let nanos = Money.nanos(text), nanos > 0, nanos <= GrantEvent.maxAmountNanos {
                     amountNanos = nanos
                 } else {
-                    violations.append(FieldViolation(path, "must be a decimal string above 0 with at most 9 decimals, e.g. \"25.00\", at most 1000000000"))
+                    violations.append(FieldViolation(path, "must be a decimal string above 0 and below 1000000000 with at most 9 decimals, e.g. \"25.00\""))
                 }
             case "currency":
                 guard let text = try readString(&reader, path, length: 1...16, forbidControl: true, violations: &violations) else { return }

@@ -24,11 +24,13 @@ public final class AlertRelay: @unchecked Sendable {
 
     /// Relays every `interval` until `stop` is set, then makes one last pass so that what the
     /// final batches committed is published before the process exits.
-    public func run(stop: SharedFlag, interval: Duration = .seconds(1)) {
+    /// `eachPass` runs after every pass on this thread (the rater closes due invoices there).
+    public func run(stop: SharedFlag, interval: Duration = .seconds(1), eachPass: ((PostgresConnection) throws -> Void)? = nil) {
         while true {
             let stopping = stop.isSet
             do {
                 while try relayOnce(stop: stop) > 0 {}
+                try eachPass?(connection)
             } catch {
                 logger.warning("alert relay: \(error); retrying")
             }

@@ -64,6 +64,11 @@ final class IngestService: Sendable {
                 try await self.providerUsage(request, provider: context.parameters.get("provider") ?? "", key: key)
             }
         }
+        router.post("v1/wallets/:customer/grants") { request, context in
+            try await self.authenticated(request) { key in
+                try await self.grant(request, customer: context.parameters.get("customer") ?? "", key: key)
+            }
+        }
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
         router.get("readyz") { _, _ in
             // Ready when the broker answers for our topic and the key database answers.
@@ -152,6 +157,39 @@ final class IngestService: Sendable {
             switch parser.parse(canonical, format: .json, nowMicroseconds: now) {
             case .success(let outcomes): return await publish(limited(outcomes, to: key), single: true)
             case .failure: return problem(.badRequest, "invalid event", "the canonical event could not be read back")
+            }
+        }
+    }
+
+    /// Publishes one wallet grant; answers 202 only once the broker acknowledged it.
+    func grant(_ request: Request, customer: String, key: APIKeyRecord?) async throws -> Response {
+        requests.increment()
+        if let key, !key.mayGrant {
+            return problem(.forbidden, "forbidden", "this API key may not grant credit; create one with: tally keys create --grants")
+        }
+        guard let body = try await body(request) else {
+            return problem(.contentTooLarge, "request body too large", "the limit is \(maxBodyBytes) bytes")
+        }
+        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        switch GrantRequest.event(customerID: customer, body: body, nowMicroseconds: now) {
+        case .failure(let error):
+            let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
+            return problem(.badRequest, "invalid grant", error.description, extra: [("errors", .array(errors))])
+        case .success(let (grant, bytes)):
+            let usedProducer = producer
+            let deliveries = await usedProducer.send([ProducerRecord(topic: topic, key: Array(customer.utf8), value: bytes)])
+            replaceIfBroken(usedProducer, after: deliveries)
+            switch deliveries[0] {
+            case .success(let report):
+                logger.info("grant \(grant.id) of \(Money.format(nanos: grant.amountNanos)) \(grant.currency) for \(customer) accepted")
+                return json(.accepted, .object([("id", .string(grant.id)), ("status", .string("accepted")),
+                                                 ("amount", .string(Money.format(nanos: grant.amountNanos))), ("currency", .string(grant.currency.code)),
+                                                 ("partition", .number(Int64(report.partition))), ("offset", .number(report.offset))]))
+            case .failure(let error):
+                var headers = HTTPFields()
+                headers[.retryAfter] = "5"
+                return problem(.serviceUnavailable, "broker unavailable",
+                               "the grant was not written (\(error)); resend it: its id makes that safe", headers: headers)
             }
         }
     }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import TallyCLI
+import TallyCore
 import TallyPipeline
 import TallyPostgres
 
@@ -28,6 +29,16 @@ struct TallyRater: ParsableCommand {
     @Option(help: "Topic for low-balance alerts and top-up requests ('off' keeps them in PostgreSQL only). Default: tally.alerts.")
     var alertsTopic = "tally.alerts"
 
+    @Option(help: "Close each customer's billing period into an invoice once the latest rated event time is this many hours past the period end (off when omitted; see tally invoices close).")
+    var closeInvoicesAfterGraceHours: Int?
+
+    func validate() throws {
+        if let hours = closeInvoicesAfterGraceHours, hours < 0 { throw ValidationError("--close-invoices-after-grace-hours must be 0 or more") }
+        if closeInvoicesAfterGraceHours != nil && alertsTopic == "off" {
+            throw ValidationError("--close-invoices-after-grace-hours runs beside the alert relay; it needs --alerts-topic")
+        }
+    }
+
     func run() throws {
         let description = ConsumerDescription(service: "tally-rater", defaultGroup: "tally-rater",
                                               groupEnvironment: "TALLY_RATER_GROUP", metricsPrefix: "tally_rater")
@@ -41,8 +52,16 @@ struct TallyRater: ParsableCommand {
                                        producer: try BlockingProducer(configuration: context.kafka, logger: context.logger),
                                        topic: alertsTopic, logger: context.logger)
                 let stop = context.stop
+                let grace = closeInvoicesAfterGraceHours.map { Duration.seconds(Int64($0) * 3600) }
+                let logger = context.logger
                 let thread = Thread {
-                    relay.run(stop: stop)
+                    relay.run(stop: stop, eachPass: grace.map { grace in
+                        { connection in
+                            for invoice in try InvoiceStore(connection: connection).closeDue(grace: grace) {
+                                logger.info("closed \(invoice.invoiceID): total due \(invoice.currency.format(invoice.totalDueNanos)) \(invoice.currency)")
+                            }
+                        }
+                    })
                     relayDone.signal()
                 }
                 thread.name = "tally.alert-relay"

@@ -13,12 +13,13 @@ struct Keys: ParsableCommand {
         @OptionGroup var database: DatabaseOptions
         @Option(help: "What the key is for.") var name: String
         @Option(help: "Limit the key to events of this data.environment.") var environment: String?
+        @Flag(help: "Allow the key to grant wallet credit (POST /v1/wallets/{customer}/grants).") var grants = false
 
         func run() throws {
             let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
-            let (key, record) = try store.create(name: name, environment: environment)
+            let (key, record) = try store.create(name: name, environment: environment, mayGrant: grants)
             print(key)
-            print("key id \(record.keyID)\(record.environment.map { ", limited to environment \($0)" } ?? ""): store it now, it is not shown again", to: &standardError)
+            print("key id \(record.keyID)\(record.environment.map { ", limited to environment \($0)" } ?? "")\(grants ? ", may grant credit" : ""): store it now, it is not shown again", to: &standardError)
         }
     }
 
@@ -28,8 +29,8 @@ struct Keys: ParsableCommand {
 
         func run() throws {
             let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
-            let rows = try store.list().map { [$0.keyID, $0.name, $0.environment ?? "", $0.createdAt, $0.revokedAt ?? ""] }
-            print(TableRenderer.render(header: ["key_id", "name", "environment", "created_at", "revoked_at"], rows: rows, format: "table", numericFrom: 5),
+            let rows = try store.list().map { [$0.keyID, $0.name, $0.environment ?? "", $0.mayGrant ? "yes" : "no", $0.createdAt, $0.revokedAt ?? ""] }
+            print(TableRenderer.render(header: ["key_id", "name", "environment", "grants", "created_at", "revoked_at"], rows: rows, format: "table", numericFrom: 6),
                   terminator: "")
         }
     }

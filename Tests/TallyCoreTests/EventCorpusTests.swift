@@ -5,16 +5,24 @@ import XCTest
 /// The Swift validator and the JSON Schema must agree on every example of the corpus.
 final class EventCorpusTests: XCTestCase {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    static let corpus = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures/events")
+    static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures")
+    /// Usage events (`Fixtures/events`, `schemas/usage-event.v1.json`) or wallet grants (`Fixtures/grants`, `schemas/wallet-grant.v1.json`).
+    var corpus = fixtures.appendingPathComponent("events")
+    var schema = "schemas/usage-event.v1.json"
+
+    func useGrantCorpus() {
+        corpus = Self.fixtures.appendingPathComponent("grants")
+        schema = "schemas/wallet-grant.v1.json"
+    }
 
     func files(_ folder: String) throws -> [URL] {
-        try FileManager.default.contentsOfDirectory(at: Self.corpus.appendingPathComponent(folder), includingPropertiesForKeys: nil)
+        try FileManager.default.contentsOfDirectory(at: corpus.appendingPathComponent(folder), includingPropertiesForKeys: nil)
             .filter { $0.pathExtension == "json" && $0.lastPathComponent != "expected.json" }
             .sorted { $0.path < $1.path }
     }
 
     func expectedPaths(_ folder: String) throws -> [String: String] {
-        let data = try Data(contentsOf: Self.corpus.appendingPathComponent(folder).appendingPathComponent("expected.json"))
+        let data = try Data(contentsOf: corpus.appendingPathComponent(folder).appendingPathComponent("expected.json"))
         return try JSONDecoder().decode([String: String].self, from: data)
     }
 
@@ -23,8 +31,27 @@ final class EventCorpusTests: XCTestCase {
     }
 
     func testValidExamplesAreAccepted() throws {
+        try checkValidExamplesAreAccepted(atLeast: 15)
+    }
+
+    func testInvalidExamplesAreRejectedAtTheExpectedPath() throws {
+        try checkInvalidExamplesAreRejectedAtTheExpectedPath()
+    }
+
+    func testJSONSchemaAgreesWithSwiftValidator() throws {
+        try checkJSONSchemaAgreesWithSwiftValidator()
+    }
+
+    func testGrantCorpus() throws {
+        useGrantCorpus()
+        try checkValidExamplesAreAccepted(atLeast: 5)
+        try checkInvalidExamplesAreRejectedAtTheExpectedPath()
+        try checkJSONSchemaAgreesWithSwiftValidator()
+    }
+
+    func checkValidExamplesAreAccepted(atLeast minimum: Int) throws {
         let valid = try files("valid")
-        XCTAssertGreaterThan(valid.count, 15)
+        XCTAssertGreaterThanOrEqual(valid.count, minimum)
         for url in valid {
             if case .failure(let error) = try swiftVerdict(url) {
                 XCTFail("\(url.lastPathComponent) rejected: \(error)")
@@ -32,7 +59,7 @@ final class EventCorpusTests: XCTestCase {
         }
     }
 
-    func testInvalidExamplesAreRejectedAtTheExpectedPath() throws {
+    func checkInvalidExamplesAreRejectedAtTheExpectedPath() throws {
         for folder in ["invalid", "beyond-schema"] {
             let expected = try expectedPaths(folder)
             let urls = try files(folder)
@@ -56,12 +83,12 @@ final class EventCorpusTests: XCTestCase {
     }
 
     /// Runs the JSON Schema through Python's `jsonschema` over the same files and compares verdicts.
-    func testJSONSchemaAgreesWithSwiftValidator() throws {
+    func checkJSONSchemaAgreesWithSwiftValidator() throws {
         let all = try files("valid") + files("invalid") + files("beyond-schema")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", Self.root.appendingPathComponent("scripts/schema-check").path,
-                             Self.root.appendingPathComponent("schemas/usage-event.v1.json").path] + all.map(\.path)
+                             Self.root.appendingPathComponent(schema).path] + all.map(\.path)
         let output = Pipe()
         let errors = Pipe()
         process.standardOutput = output

@@ -182,3 +182,56 @@ final class RatingEngineTests: XCTestCase {
         XCTAssertEqual(missing.violations.map(\.path), ["data.currency"])
     }
 }
+
+final class InvoiceBuilderTests: XCTestCase {
+    let usd = Currency("USD")!
+    let november = BillingPeriod.parse("2026-11", anchorDay: 1)!
+    let october = BillingPeriod.parse("2026-10", anchorDay: 1)!
+
+    func item(_ model: String, _ type: TokenType) -> PriceItem {
+        PriceItem(bookName: "default", bookCustomer: "", bookVersion: 1, model: model, tokenType: type)
+    }
+
+    func testLinesMinimumFeeAndCreditsRoundPerLine() {
+        var inputs = InvoiceInputs(customerID: "acme", period: november, currency: usd)
+        inputs.subscriptionFeeNanos = 20_000_000_000
+        inputs.minimumNanos = 5_000_000_000
+        inputs.charges = [
+            RatedCharge(periodStart: november.start, item: item("gpt-4o", .input), quantity: 1_000_001, amountNanos: 2_500_002_500, pricing: "2.50"),
+            RatedCharge(periodStart: november.start, item: item("gpt-4o", .output), quantity: 100_001, amountNanos: 1_000_010_000, pricing: "10.00"),
+        ]
+        inputs.creditsDrawn = [november.start: 1_234_567_891]
+        let invoice = InvoiceBuilder.build(inputs)
+        XCTAssertEqual(invoice.lines.map(\.kind), [.usage, .usage, .subscription, .minimum, .credits])
+        XCTAssertEqual(invoice.lines.map(\.amountNanos), [2_500_000_000, 1_000_000_000, 20_000_000_000, 1_500_000_000, -1_230_000_000])
+        // 2.50 + 1.00 + 20.00 + (5.00 - 3.5000125 = 1.4999875 → 1.50) - 1.23
+        XCTAssertEqual(usd.format(invoice.totalDueNanos), "23.77")
+        XCTAssertEqual(invoice.invoiceID, "INV-2026-11-acme-USD")
+        XCTAssertTrue(InvoiceBuilder.json(invoice).contains(#""total_due":"23.77""#))
+    }
+
+    func testLateUsageForAClosedPeriodBecomesAnAdjustment() {
+        var inputs = InvoiceInputs(customerID: "acme", period: november, currency: usd)
+        inputs.charges = [
+            RatedCharge(periodStart: october.start, item: item("gpt-4o", .input), quantity: 3_000_000, amountNanos: 7_500_000_000, pricing: "2.50"),
+            RatedCharge(periodStart: october.start, item: item("gpt-4o", .output), quantity: 10, amountNanos: 100_000, pricing: "10.00"),
+        ]
+        // October was invoiced with 2M input tokens; the output line did not exist yet.
+        inputs.invoiced = [InvoicedCharge(periodStart: october.start, item: item("gpt-4o", .input), quantity: 2_000_000, exactNanos: 5_000_000_000)]
+        inputs.creditsDrawn = [october.start: 6_000_000_000]
+        inputs.creditsInvoiced = [october.start: 5_000_000_000]
+        let invoice = InvoiceBuilder.build(inputs)
+        XCTAssertEqual(invoice.lines.map(\.kind), [.adjustment, .adjustment, .credits])
+        XCTAssertEqual(invoice.lines[0].quantity, 1_000_000)
+        XCTAssertEqual(invoice.lines[0].amountNanos, 2_500_000_000)
+        XCTAssertEqual(invoice.lines[0].description, "Late usage for 2026-10: gpt-4o input tokens")
+        XCTAssertEqual(invoice.lines[1].amountNanos, 0, "0.0001 rounds to 0.00 on the line; its exact amount is kept")
+        XCTAssertEqual(invoice.lines[1].exactNanos, 100_000)
+        XCTAssertEqual(invoice.lines[2].amountNanos, -1_000_000_000)
+        XCTAssertEqual(usd.format(invoice.totalDueNanos), "1.50")
+    }
+
+    func testNothingToBillGivesNoLines() {
+        XCTAssertTrue(InvoiceBuilder.build(InvoiceInputs(customerID: "idle", period: november, currency: usd)).isEmpty)
+    }
+}

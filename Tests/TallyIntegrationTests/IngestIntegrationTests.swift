@@ -189,6 +189,37 @@ final class IngestIntegrationTests: XCTestCase {
         XCTAssertEqual(try http("POST", base + "/v1/events", body: body).status, 202, "a valid key works")
     }
 
+    /// Credit is money: only a key made with --grants may post grants; the grant lands in the
+    /// topic keyed by the customer as a valid tally.wallet.grant event; usage endpoints refuse grants.
+    func testWalletGrantsNeedAGrantKeyAndLandInTheTopic() throws {
+        try start()
+        let grantKey = try createKey(["--grants"])
+        let body = #"{"id":"grant-1","amount":"25.50","currency":"USD","priority":10,"source":"promotion","expires_at":"2099-01-01T00:00:00Z"}"#
+        let forbidden = try http("POST", base + "/v1/wallets/acme/grants", body: body)
+        XCTAssertEqual(forbidden.status, 403, forbidden.body)
+        XCTAssertTrue(forbidden.body.contains("--grants"), forbidden.body)
+        let accepted = try TallyIntegrationTests.http("POST", base + "/v1/wallets/acme/grants", body: body, authorization: "Bearer \(grantKey)")
+        XCTAssertEqual(accepted.status, 202, accepted.body)
+        XCTAssertTrue(accepted.body.contains(#""id":"grant-1","status":"accepted","amount":"25.50","currency":"USD""#), accepted.body)
+        let invalid = try TallyIntegrationTests.http("POST", base + "/v1/wallets/acme/grants", body: #"{"id":"grant-2","amount":25.5,"currency":"usd","source":"gift"}"#,
+                                                     authorization: "Bearer \(grantKey)")
+        XCTAssertEqual(invalid.status, 400, invalid.body)
+        for field in ["amount", "currency", "source"] { XCTAssertTrue(invalid.body.contains(#""field":"\#(field)""#), invalid.body) }
+        // A grant sent as a usage event is refused at /v1/events.
+        let asUsage = try http("POST", base + "/v1/events", body: #"{"specversion":"1.0","id":"g","source":"s","type":"tally.wallet.grant","subject":"acme","time":"2026-01-01T00:00:00Z","data":{"amount":"1","currency":"USD","source":"purchase"}}"#)
+        XCTAssertEqual(asUsage.status, 400, asUsage.body)
+        XCTAssertTrue(asUsage.body.contains("/v1/wallets/{customer}/grants"), asUsage.body)
+
+        let records = try topicContents(expect: 1)
+        XCTAssertEqual(records.count, 1, "only the accepted grant was written")
+        XCTAssertEqual(records.first?.key, "acme")
+        guard case .grant(let grant)? = try? EventDecoder.decode(Array(records[0].value.utf8)).get() else { return XCTFail(records[0].value) }
+        XCTAssertEqual(grant.id, "grant-1")
+        XCTAssertEqual(grant.amountNanos, 25_500_000_000)
+        XCTAssertEqual(grant.grantSource, .promotion)
+        XCTAssertEqual(grant.priority, 10)
+    }
+
     func testEmitSendsAFileInBatchesAndSummarizes() throws {
         try start()
         let file = NSTemporaryDirectory() + "tally-emit-\(UInt32.random(in: 0...UInt32.max)).ndjson"

@@ -294,6 +294,30 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertTrue(json.contains(#""total_due":"\#(usd.format(expectedOctober))""#), json)
     }
 
+    /// With a grace, the rater closes a period by itself once rated event time is past its end plus
+    /// the grace; the period still open is left alone.
+    func testPeriodsCloseAutomaticallyAfterTheGrace() async throws {
+        let harness = try AggregatorHarness()
+        try applyPrices(harness)
+        try await harness.publish([dollar("oct-1", customer: "carol", time: "2026-10-10T00:00:00Z"),
+                                   dollar("oct-2", customer: "carol", time: "2026-10-31T23:00:00Z"),
+                                   dollar("nov-1", customer: "carol", time: "2026-11-03T23:59:59Z")])
+        let rater = try harness.startRater(["--close-invoices-after-grace-hours", "72"])
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        // 2026-11-03T23:59:59 is not yet 72 h past 2026-11-01: nothing is due.
+        try await Task.sleep(for: .seconds(2))
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.invoices"), 0, rater.log)
+        try await harness.publish([dollar("nov-2", customer: "carol", time: "2026-11-04T00:00:00Z")])
+        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(30)) {
+            try self.int64(harness, "SELECT count(*) FROM tally.invoices") == 1
+        }, rater.log)
+        XCTAssertEqual(try harness.connection.query("SELECT invoice_id, total_due_nanos FROM tally.invoices").rows,
+                       [["INV-2026-10-carol-USD", "5000000000"]], "two dollars of usage, raised to the 5.00 minimum")
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+        XCTAssertTrue(rater.log.contains("closed INV-2026-10-carol-USD"), rater.log)
+    }
+
     /// The usage lines an invoice should carry for these events: each (model, token type) rounded to the cent.
     func independentUsageLines(_ events: [UsageEvent]) throws -> Int64 {
         var quantities: [String: Int128] = [:]

@@ -24,8 +24,17 @@ public struct GrantEvent: Hashable, Sendable {
 
     public static let defaultPriority: Int64 = 100
     public static let priorityRange: ClosedRange<Int64> = 0...1_000_000
-    /// At most 1e9 currency units per grant, so sums of grants stay far inside Int64 nano-units.
-    public static let maxAmountNanos: Int64 = 1_000_000_000 * Money.nanosPerUnit
+    /// Below 1e9 currency units per grant, so sums of grants stay far inside Int64 nano-units.
+    public static let maxAmountNanos: Int64 = 1_000_000_000 * Money.nanosPerUnit - 1
+
+    /// `digits[.digits]` without sign, exponent or leading zeros: the schema's amount pattern.
+    public static func isPlainDecimal(_ text: String) -> Bool {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count <= 2, let whole = parts.first, !whole.isEmpty, whole.count <= 9,
+              whole.allSatisfy(\.isASCIIDigit), whole == "0" || whole.first != "0" else { return false }
+        guard parts.count == 2 else { return true }
+        return (1...9).contains(parts[1].count) && parts[1].allSatisfy(\.isASCIIDigit)
+    }
 
     public init(id: String, source: String, subject: String, time: EventTime, amountNanos: Int64, currency: Currency,
                 priority: Int64 = GrantEvent.defaultPriority, expiresAt: EventTime? = nil, grantSource: GrantSource = .purchase,
@@ -67,4 +76,65 @@ extension EventEncoder {
         json.raw("}}")
         return json.bytes
     }
+}
+
+/// The body of `POST /v1/wallets/{customer}/grants` turned into a `tally.wallet.grant` event:
+/// `{"id": "...", "amount": "25.00", "currency": "USD", "priority": 10, "expires_at": "...",
+/// "source": "purchase", "time": "..."}` (time defaults to now). Validated by the event decoder,
+/// so the API and the consumers apply the same rules; errors name the body's fields.
+public enum GrantRequest {
+    public static func event(customerID: String, body: [UInt8], nowMicroseconds: Int64) -> Result<(GrantEvent, [UInt8]), EventDecodingError> {
+        guard case .success(let root) = JSONValue.parse(body) else { return .failure(.invalid([FieldViolation("", "the body must be a JSON object")])) }
+        guard case .object(let fields) = root else { return .failure(.invalid([FieldViolation("", "the body must be a JSON object")])) }
+        var json = JSONWriter()
+        json.raw("{")
+        json.key("specversion", first: true); json.string("1.0")
+        json.key("source"); json.string("tally-ingest")
+        json.key("type"); json.string(EventType.walletGrant.rawValue)
+        json.key("subject"); json.string(customerID)
+        if fields["time"] == nil { json.key("time"); json.string(EventTime.format(microseconds: nowMicroseconds)) }
+        var data = JSONWriter()
+        data.raw("{")
+        var dataIsEmpty = true
+        var violations: [FieldViolation] = []
+        func write(_ value: JSONValue, _ name: String, to writer: inout JSONWriter) {
+            switch value {
+            case .string(let text): writer.string(text)
+            case .integer(.value(let number)): writer.integer(number)
+            default:
+                writer.raw("null")
+                violations.append(FieldViolation(name, "must be a string (amounts are decimal strings such as \"25.00\") or, for priority, an integer"))
+            }
+        }
+        for (name, value) in fields.sorted(by: { $0.key < $1.key }) {
+            if name == "id" || name == "time" {
+                json.key(name)
+                write(value, name, to: &json)
+            } else {
+                data.key(name, first: dataIsEmpty)
+                dataIsEmpty = false
+                write(value, name, to: &data)
+            }
+        }
+        data.raw("}")
+        json.key("data"); json.raw(data.bytes)
+        json.raw("}")
+        switch EventDecoder.decode(json.bytes) {
+        case .success(.grant(let grant)) where violations.isEmpty: return .success((grant, json.bytes))
+        case .success: break
+        case .failure(let error):
+            // The body's own field names ("amount", not "data.amount"); fields already reported keep the first reason.
+            for violation in error.violations {
+                let field = violation.path.hasPrefix("data.") ? String(violation.path.dropFirst(5)) : violation.path
+                if !violations.contains(where: { $0.path == field }) {
+                    violations.append(FieldViolation(field, field == "id" && fields["id"] == nil ? "is required: the grant's idempotency key" : violation.reason))
+                }
+            }
+        }
+        return .failure(.invalid(violations))
+    }
+}
+
+extension Character {
+    var isASCIIDigit: Bool { ("0"..."9").contains(self) }
 }
