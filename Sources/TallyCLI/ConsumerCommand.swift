@@ -11,8 +11,8 @@ public struct ConsumerOptions: ParsableArguments {
     @Option(help: "Consumer group. Default: the executable's own group.")
     var group: String?
 
-    @Option(help: "Largest batch, in records.")
-    var batchSize = 20_000
+    @Option(help: "Largest batch, in records. Default: 20000 for the aggregator, 50000 for the rater.")
+    var batchSize: Int?
 
     @Option(help: "Longest wait for a batch to fill, in milliseconds.")
     var batchTimeoutMs = 250
@@ -29,7 +29,7 @@ public struct ConsumerOptions: ParsableArguments {
     public init() {}
 
     public func validate() throws {
-        guard batchSize > 0, batchTimeoutMs > 0 else { throw ValidationError("--batch-size and --batch-timeout-ms must be positive") }
+        guard (batchSize ?? 1) > 0, batchTimeoutMs > 0 else { throw ValidationError("--batch-size and --batch-timeout-ms must be positive") }
     }
 }
 
@@ -40,8 +40,11 @@ public struct ConsumerDescription: Sendable {
     /// Environment variable that overrides the group (flags win).
     public let groupEnvironment: String
     public let metricsPrefix: String
+    /// Records per batch unless --batch-size says otherwise.
+    public let defaultBatchSize: Int
 
-    public init(service: String, defaultGroup: String, groupEnvironment: String, metricsPrefix: String) {
+    public init(service: String, defaultGroup: String, groupEnvironment: String, metricsPrefix: String, defaultBatchSize: Int = 20_000) {
+        self.defaultBatchSize = defaultBatchSize
         self.service = service
         self.defaultGroup = defaultGroup
         self.groupEnvironment = groupEnvironment
@@ -70,7 +73,7 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
                                     metricsPrefix: description.metricsPrefix)
     settings.topic = kafka.topic
     settings.deadLetterTopic = kafka.deadLetterTopic
-    settings.batchSize = options.batchSize
+    settings.batchSize = options.batchSize ?? description.defaultBatchSize
     settings.batchTimeout = .milliseconds(options.batchTimeoutMs)
     settings.statsInterval = .seconds(options.statsIntervalSeconds)
     settings.exitWhenCaughtUp = options.exitWhenCaughtUp

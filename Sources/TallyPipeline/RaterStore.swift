@@ -9,15 +9,29 @@ func microseconds(_ column: String) -> String { "(extract(epoch FROM \(column)) 
 
 /// The rater's state in PostgreSQL: its dedup keys, rated usage, wallets and ledger, alerts.
 ///
-/// Every batch reads the state of the customers it holds, rates in memory (`RatingEngine`,
-/// pure) and writes absolute values back, in the transaction that moves its offsets. One
-/// customer lives on one partition, so no other instance writes the same rows (invariant 3).
+/// Every batch rates in memory (`RatingEngine`, pure) and writes absolute values back, in the
+/// transaction that moves its offsets. One customer lives on one partition, so no other
+/// instance writes the same rows while this one owns the partition (invariant 3). That is
+/// what lets the state read from PostgreSQL stay cached between batches: it is dropped on
+/// every claim, fencing, resync or failed commit, and then read again.
 public final class RaterStore: ConsumerStore, @unchecked Sendable {
     public let tables: ConsumerTables
     private let catalogStore: BillingCatalogStore
     private let logger: Logger
     private var catalogStamp: String?
     private var engine = RatingEngine(catalog: PriceCatalog(books: []))
+    /// What this instance knows of its customers' charges, wallets and settings.
+    private var state = RatingState()
+    /// Charge totals that have a row in PostgreSQL (updated in place; the others are inserted).
+    private var storedCharges = Set<ChargeKey>()
+    /// Customers whose settings and wallets are in `state` (with or without a stored row).
+    private var cachedCustomers = Set<String>()
+    private var customersStamp: String?
+    /// Pricing descriptions and period texts, computed once each.
+    private var pricingText: [PriceItem: String] = [:]
+    private var periodText: [Int64: String] = [:]
+    /// Past this many cached charge totals the cache starts over (it refills from PostgreSQL).
+    private let maxCachedCharges = 2_000_000
 
     private var connection: PostgresConnection { tables.connection }
 
@@ -27,38 +41,76 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         self.logger = logger
     }
 
-    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { try tables.claim(partitions) }
+    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
+        // Rows of newly owned customers may have been written by their previous owner.
+        forgetState()
+        return try tables.claim(partitions)
+    }
+
+    private func forgetState() {
+        state = RatingState()
+        storedCharges.removeAll()
+        cachedCustomers.removeAll()
+    }
 
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
         try reloadCatalogIfChanged()
-        return try tables.commit(batch) { _ in
-            // 2. Dedup usage and grants together, in log order.
-            let records = (batch.events.map(RaterRecord.usage) + batch.grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
-            let stored = try tables.storedHashes(Deduplicator.keys(of: records), table: "rater_event_keys")
-            let decision = Deduplicator.decide(records, stored: stored)
-            try tables.storeKeys(decision.accepted, table: "rater_event_keys")
-            // 3. Load the state these records touch, rate them (pure), write the state back.
-            var state = RatingState()
-            let customers = Array(Set(decision.accepted.map(\.customerID)))
-            state.profiles = try catalogStore.profiles(customers)
-            state.charges = try loadCharges(engine.chargeKeys(decision.accepted, profiles: state.profiles))
-            state.wallets = try loadWallets(customers)
-            let result = engine.apply(decision.accepted, to: &state)
-            try writeCharges(result.touchedCharges, state: state)
-            try appendLedger(result.ledger)
-            try writeWallets(result.touchedWallets, state: state)
-            // 4. Alerts, top-up requests and unpriced usage: ids derive from log positions,
-            //    so a batch that is re-applied after a lost COMMIT reply cannot add them twice.
-            try insertAlerts(result.alerts)
-            try insertTopUps(result.topUps)
-            try insertUnpriced(result.unpriced)
-            // 5. Conflicts and dead letters, idempotent by position.
-            try tables.insertConflicts(decision.conflicts)
-            try tables.insertDeadLetters(batch.deadLetters)
-            return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates, conflicts: decision.conflicts.count,
-                                deadLetters: batch.deadLetters.count, grants: result.grantsCredited, unpriced: result.unpriced.count)
+        try forgetProfilesIfChanged()
+        if state.charges.count > maxCachedCharges { forgetState() }
+        do {
+            let outcome = try tables.commit(batch) { _ in try apply(batch) }
+            if case .committed = outcome {} else { forgetState() }
+            return outcome
+        } catch {
+            // The engine already changed `state` for a transaction that did not commit.
+            forgetState()
+            throw error
         }
+    }
+
+    private func apply(_ batch: PreparedBatch) throws -> DedupSummary {
+        // 2. Dedup usage and grants together, in log order.
+        let records = (batch.events.map(RaterRecord.usage) + batch.grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
+        let stored = try tables.storedHashes(Deduplicator.keys(of: records), table: "rater_event_keys")
+        let decision = Deduplicator.decide(records, stored: stored)
+        try tables.storeKeys(decision.accepted, table: "rater_event_keys")
+        // 3. Load what is not cached yet, rate (pure), write the changed state back.
+        try loadCustomers(Set(decision.accepted.map(\.customerID)).subtracting(cachedCustomers))
+        try loadCharges(engine.chargeKeys(decision.accepted, profiles: state.profiles).filter { state.charges[$0] == nil })
+        let result = engine.apply(decision.accepted, to: &state)
+        try writeCharges(result.touchedCharges)
+        try appendLedger(result.ledger)
+        try writeWallets(result.touchedWallets)
+        // 4. Alerts, top-up requests and unpriced usage: ids derive from log positions,
+        //    so a batch that is re-applied after a lost COMMIT reply cannot add them twice.
+        try insertAlerts(result.alerts)
+        try insertTopUps(result.topUps)
+        try insertUnpriced(result.unpriced)
+        // 5. Conflicts and dead letters, idempotent by position.
+        try tables.insertConflicts(decision.conflicts)
+        try tables.insertDeadLetters(batch.deadLetters)
+        return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates, conflicts: decision.conflicts.count,
+                            deadLetters: batch.deadLetters.count, grants: result.grantsCredited, unpriced: result.unpriced.count)
+    }
+
+    /// Settings changed by `tally customers set` apply from the next batch on.
+    private func forgetProfilesIfChanged() throws {
+        let stamp = try connection.query("SELECT count(*)::text || '/' || coalesce(max(updated_at)::text, '') FROM customers").scalar
+        if stamp != customersStamp {
+            state.profiles.removeAll()
+            cachedCustomers.removeAll()
+            customersStamp = stamp
+        }
+    }
+
+    private func loadCustomers(_ customers: Set<String>) throws {
+        guard !customers.isEmpty else { return }
+        let list = Array(customers)
+        for (customer, profile) in try catalogStore.profiles(list) { state.profiles[customer] = profile }
+        // Wallets already in the state are newer than the stored rows.
+        try loadWallets(list.filter { !state.hasWallets(of: $0) })
+        cachedCustomers.formUnion(customers)
     }
 
     /// Price books are read once and again whenever one is applied.
@@ -71,8 +123,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         logger.info("price catalog loaded: \(catalog.books.count) book versions")
     }
 
-    private func loadCharges(_ keys: Set<ChargeKey>) throws -> [ChargeKey: ChargeTotal] {
-        guard !keys.isEmpty else { return [:] }
+    private func loadCharges(_ keys: Set<ChargeKey>) throws {
+        guard !keys.isEmpty else { return }
         let list = Array(keys)
         let result = try connection.query("""
             SELECT r.customer_id, \(microseconds("r.period_start")), r.book_name, r.book_customer, r.book_version, r.model, r.token_type,
@@ -82,15 +134,14 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
               ON r.customer_id = k.c AND r.period_start = \(microsecondsToTimestamp) k.p AND r.book_name = k.b
              AND r.book_customer = k.bc AND r.book_version = k.v AND r.model = k.m AND r.token_type = k.t
             """, chargeKeyArrays(list))
-        var charges: [ChargeKey: ChargeTotal] = [:]
         for row in 0..<result.rowCount {
             let item = PriceItem(bookName: result.string(row, 2)!, bookCustomer: result.string(row, 3)!, bookVersion: Int(try result.int64(row, 4)!),
                                  model: result.string(row, 5)!, tokenType: TokenType(rawValue: result.string(row, 6)!)!)
             let key = ChargeKey(customerID: result.string(row, 0)!, periodStart: try result.int64(row, 1)!, item: item)
-            charges[key] = ChargeTotal(quantity: try result.int64(row, 8)!, amountNanos: try result.int64(row, 9)!,
-                                       currency: Currency(result.string(row, 7)!)!)
+            state.charges[key] = ChargeTotal(quantity: try result.int64(row, 8)!, amountNanos: try result.int64(row, 9)!,
+                                             currency: Currency(result.string(row, 7)!)!)
+            storedCharges.insert(key)
         }
-        return charges
     }
 
     private func chargeKeyArrays(_ keys: [ChargeKey]) -> [(any PostgresEncodable)?] {
@@ -99,27 +150,42 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
          PostgresArray(keys.map(\.item.tokenType.rawValue))]
     }
 
-    private func writeCharges(_ touched: Set<ChargeKey>, state: RatingState) throws {
-        guard !touched.isEmpty else { return }
-        let keys = touched.sorted()
-        let totals = keys.map { state.charges[$0]! }
-        let pricing = keys.map { key in
-            engine.catalog.pricing(of: key.item).map { $0.pricing.describe($0.book.currency) } ?? ""
+    private func writeCharges(_ touched: Set<ChargeKey>) throws {
+        // Most totals exist already: a plain UPDATE is much cheaper than an upsert's conflict path.
+        let existing = touched.filter { storedCharges.contains($0) }
+        if !existing.isEmpty {
+            let keys = Array(existing)
+            let totals = keys.map { state.charges[$0]! }
+            try connection.query("""
+                UPDATE rated_usage AS r SET quantity = x.q, amount_nanos = x.a
+                FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])
+                    AS x(c, p, b, bc, v, m, t, q, a)
+                WHERE r.customer_id = x.c AND r.period_start = \(microsecondsToTimestamp) x.p AND r.book_name = x.b
+                  AND r.book_customer = x.bc AND r.book_version = x.v AND r.model = x.m AND r.token_type = x.t
+                """, chargeKeyArrays(keys) + [PostgresArray(totals.map(\.quantity)), PostgresArray(totals.map(\.amountNanos))])
+        }
+        let new = Array(touched.subtracting(existing))
+        guard !new.isEmpty else { return }
+        let totals = new.map { state.charges[$0]! }
+        let pricing = new.map { key in
+            if let text = pricingText[key.item] { return text }
+            let text = engine.catalog.pricing(of: key.item).map { $0.pricing.describe($0.book.currency) } ?? ""
+            pricingText[key.item] = text
+            return text
         }
         try connection.query("""
-            INSERT INTO rated_usage AS r (customer_id, period_start, book_name, book_customer, book_version, model, token_type,
+            INSERT INTO rated_usage (customer_id, period_start, book_name, book_customer, book_version, model, token_type,
                 currency, quantity, amount_nanos, pricing)
             SELECT c, \(microsecondsToTimestamp) p, b, bc, v, m, t, cur, q, a, pr
             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[],
                         $8::text[], $9::bigint[], $10::bigint[], $11::text[]) AS x(c, p, b, bc, v, m, t, cur, q, a, pr)
-            ON CONFLICT (customer_id, period_start, book_name, book_customer, book_version, model, token_type)
-            DO UPDATE SET quantity = EXCLUDED.quantity, amount_nanos = EXCLUDED.amount_nanos
-            """, chargeKeyArrays(keys) + [PostgresArray(totals.map(\.currency.code)), PostgresArray(totals.map(\.quantity)),
-                                          PostgresArray(totals.map(\.amountNanos)), PostgresArray(pricing)])
+            """, chargeKeyArrays(new) + [PostgresArray(totals.map(\.currency.code)), PostgresArray(totals.map(\.quantity)),
+                                         PostgresArray(totals.map(\.amountNanos)), PostgresArray(pricing)])
+        storedCharges.formUnion(new)
     }
 
-    private func loadWallets(_ customers: [String]) throws -> [WalletKey: WalletState] {
-        guard !customers.isEmpty else { return [:] }
+    private func loadWallets(_ customers: [String]) throws {
+        guard !customers.isEmpty else { return }
         var wallets: [WalletKey: WalletState] = [:]
         let result = try connection.query("""
             SELECT customer_id, currency, balance_nanos, blocked, \(microseconds("blocked_since"))
@@ -142,13 +208,13 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                 priority: try grants.int64(row, 5)!, expiresAt: try grants.int64(row, 6), grantedAt: try grants.int64(row, 7)!,
                 source: GrantSource(rawValue: grants.string(row, 8)!) ?? .purchase))
         }
-        return wallets
+        for (key, wallet) in wallets { state[wallet: key] = wallet }
     }
 
-    private func writeWallets(_ touched: Set<WalletKey>, state: RatingState) throws {
+    private func writeWallets(_ touched: Set<WalletKey>) throws {
         guard !touched.isEmpty else { return }
         let keys = touched.sorted()
-        let wallets = keys.map { state.wallets[$0]! }
+        let wallets = keys.map { state[wallet: $0]! }
         try connection.query("""
             INSERT INTO wallets AS w (customer_id, currency, balance_nanos, blocked, blocked_since)
             SELECT c, cur, b, bl, \(microsecondsToTimestamp) s FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bool[], $5::bigint[]) AS x(c, cur, b, bl, s)
@@ -156,7 +222,9 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                 blocked_since = EXCLUDED.blocked_since
             """, [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.currency.code)), PostgresArray(wallets.map(\.balanceNanos)),
                   PostgresArray(wallets.map { $0.blocked ? "t" : "f" }), PostgresArray(wallets.map { $0.blockedSince.map(String.init) })])
-        let grants = keys.flatMap { key in state.wallets[key]!.grants.map { (key, $0) } }
+        let grants = keys.flatMap { key in state[wallet: key]!.grants.map { (key, $0) } }
+        // Used-up grants are written once more (remaining 0), then no longer carried.
+        for key in keys { state[wallet: key]!.grants.removeAll { $0.remainingNanos == 0 } }
         guard !grants.isEmpty else { return }
         try connection.query("""
             INSERT INTO wallet_grants AS g (customer_id, grant_id, currency, amount_nanos, remaining_nanos, priority, expires_at, source, granted_at)
@@ -178,8 +246,15 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             """, rows: entries.map { entry in
                 [entry.wallet.customerID, entry.wallet.currency.code, String(entry.position.partition), String(entry.position.offset),
                  String(entry.seq), entry.kind.rawValue, String(entry.amountNanos), entry.grantID, entry.eventID,
-                 EventTime.format(microseconds: entry.effectiveAt), entry.periodStart.map { EventTime.format(microseconds: $0) }]
+                 entry.effectiveAt.text, entry.periodStart.map(periodStartText)]
             })
+    }
+
+    private func periodStartText(_ start: Int64) -> String {
+        if let text = periodText[start] { return text }
+        let text = EventTime.format(microseconds: start)
+        periodText[start] = text
+        return text
     }
 
     private func insertAlerts(_ alerts: [BalanceAlert]) throws {

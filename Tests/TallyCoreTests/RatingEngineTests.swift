@@ -121,7 +121,7 @@ final class RatingEngineTests: XCTestCase {
         XCTAssertEqual(outcome.ledger.map(\.kind), [.grant, .usage, .expiry, .usage])
         let expiry = outcome.ledger[2]
         XCTAssertEqual(expiry.amountNanos, -962_500_000)
-        XCTAssertEqual(expiry.effectiveAt, EventTime("2026-03-05T00:00:00Z")!.microseconds)
+        XCTAssertEqual(expiry.effectiveAt.microseconds, EventTime("2026-03-05T00:00:00Z")!.microseconds)
         XCTAssertNil(outcome.ledger[3].grantID, "after expiry the charge is overage")
     }
 

@@ -121,8 +121,8 @@ public struct LedgerEntry: Hashable, Sendable {
     public let grantID: String?
     /// The usage event charged, or the grant event.
     public let eventID: String
-    /// Event time (expiry entries: the expiry time).
-    public let effectiveAt: Int64
+    /// Event time (expiry entries: the expiry time), kept as written so storing it needs no formatting.
+    public let effectiveAt: EventTime
     /// Usage entries: the billing period of the usage.
     public let periodStart: Int64?
 }
@@ -182,12 +182,30 @@ public enum RaterRecord: DedupCandidate, Equatable {
 /// The state a batch reads: loaded from PostgreSQL for the batch's customers and charge keys.
 public struct RatingState: Sendable {
     public var charges: [ChargeKey: ChargeTotal] = [:]
-    public var wallets: [WalletKey: WalletState] = [:]
+    public private(set) var wallets: [WalletKey: WalletState] = [:]
     public var profiles: [String: BillingProfile] = [:]
+    /// Each customer's wallet currencies, so a record finds its customer's wallets without a scan.
+    private var currencies: [String: [Currency]] = [:]
 
     public init() {}
 
     public func profile(_ customerID: String) -> BillingProfile { profiles[customerID] ?? BillingProfile(customerID: customerID) }
+
+    public subscript(wallet key: WalletKey) -> WalletState? {
+        get { wallets[key] }
+        set {
+            if wallets[key] == nil && newValue != nil { currencies[key.customerID, default: []].append(key.currency) }
+            if newValue == nil && wallets[key] != nil { currencies[key.customerID]?.removeAll { $0 == key.currency } }
+            wallets[key] = newValue
+        }
+    }
+
+    /// The customer's wallets, in currency order.
+    public func walletKeys(of customerID: String) -> [WalletKey] {
+        (currencies[customerID] ?? []).sorted { $0.code < $1.code }.map { WalletKey(customerID: customerID, currency: $0) }
+    }
+
+    public func hasWallets(of customerID: String) -> Bool { currencies[customerID] != nil }
 }
 
 /// Everything a batch appends or changes, besides the state itself.
@@ -253,8 +271,8 @@ public struct RatingEngine: Sendable {
     /// Writes off what is left of grants that expired by `now` (event time), at their expiry time.
     private func expireGrants(of customerID: String, before now: Int64, position: LogPosition, seq: inout Int32,
                               state: inout RatingState, result: inout RatingResult) {
-        for key in state.wallets.keys.filter({ $0.customerID == customerID }).sorted() {
-            var wallet = state.wallets[key]!
+        for key in state.walletKeys(of: customerID) {
+            var wallet = state[wallet: key]!
             let expired = wallet.grants.indices
                 .filter { wallet.grants[$0].remainingNanos > 0 && (wallet.grants[$0].expiresAt.map { $0 <= now } ?? false) }
                 .sorted { (wallet.grants[$0].expiresAt!, wallet.grants[$0].grantID) < (wallet.grants[$1].expiresAt!, wallet.grants[$1].grantID) }
@@ -263,12 +281,13 @@ public struct RatingEngine: Sendable {
             for index in expired {
                 let grant = wallet.grants[index]
                 result.ledger.append(LedgerEntry(wallet: key, position: position, seq: seq, kind: .expiry, amountNanos: -grant.remainingNanos,
-                                                 grantID: grant.grantID, eventID: grant.grantID, effectiveAt: grant.expiresAt!, periodStart: nil))
+                                                 grantID: grant.grantID, eventID: grant.grantID, effectiveAt: EventTime(microseconds: grant.expiresAt!),
+                                                 periodStart: nil))
                 seq += 1
                 wallet.balanceNanos -= grant.remainingNanos
                 wallet.grants[index].remainingNanos = 0
             }
-            state.wallets[key] = wallet
+            state[wallet: key] = wallet
             settle(key, from: before, at: now, position: position, seq: &seq, state: &state, result: &result)
         }
     }
@@ -276,15 +295,15 @@ public struct RatingEngine: Sendable {
     private func credit(_ positioned: PositionedGrant, seq: inout Int32, state: inout RatingState, result: inout RatingResult) {
         let grant = positioned.grant
         let key = WalletKey(customerID: grant.subject, currency: grant.currency)
-        var wallet = state.wallets[key] ?? WalletState()
+        var wallet = state[wallet: key] ?? WalletState()
         let before = wallet.balanceNanos
         wallet.grants.append(GrantBalance(grantID: grant.id, amountNanos: grant.amountNanos, remainingNanos: grant.amountNanos,
                                           priority: grant.priority, expiresAt: grant.expiresAt?.microseconds,
                                           grantedAt: grant.time.microseconds, source: grant.grantSource))
         wallet.balanceNanos += grant.amountNanos
-        state.wallets[key] = wallet
+        state[wallet: key] = wallet
         result.ledger.append(LedgerEntry(wallet: key, position: positioned.position, seq: seq, kind: .grant, amountNanos: grant.amountNanos,
-                                         grantID: grant.id, eventID: grant.id, effectiveAt: grant.time.microseconds, periodStart: nil))
+                                         grantID: grant.id, eventID: grant.id, effectiveAt: grant.time, periodStart: nil))
         seq += 1
         result.grantsCredited += 1
         settle(key, from: before, at: grant.time.microseconds, position: positioned.position, seq: &seq, state: &state, result: &result)
@@ -312,11 +331,11 @@ public struct RatingEngine: Sendable {
         }
         guard delta != 0 else { return }
         let key = WalletKey(customerID: event.subject, currency: match.book.currency)
-        var wallet = state.wallets[key] ?? WalletState()
+        var wallet = state[wallet: key] ?? WalletState()
         let before = wallet.balanceNanos
         func entry(_ amount: Int64, grant: String?) {
             result.ledger.append(LedgerEntry(wallet: key, position: positioned.position, seq: seq, kind: .usage, amountNanos: amount,
-                                             grantID: grant, eventID: event.id, effectiveAt: event.time.microseconds, periodStart: period.start))
+                                             grantID: grant, eventID: event.id, effectiveAt: event.time, periodStart: period.start))
             seq += 1
         }
         if delta > 0 {
@@ -334,7 +353,7 @@ public struct RatingEngine: Sendable {
             entry(-delta, grant: nil)
         }
         wallet.balanceNanos -= delta
-        state.wallets[key] = wallet
+        state[wallet: key] = wallet
         settle(key, from: before, at: event.time.microseconds, position: positioned.position, seq: &seq, state: &state, result: &result)
     }
 
@@ -344,7 +363,7 @@ public struct RatingEngine: Sendable {
                         state: inout RatingState, result: inout RatingResult) {
         result.touchedWallets.insert(key)
         let profile = state.profile(key.customerID)
-        var wallet = state.wallets[key]!
+        var wallet = state[wallet: key]!
         let after = wallet.balanceNanos
         for threshold in profile.lowBalanceThresholdsNanos.sorted(by: >) where before >= threshold && after < threshold {
             result.alerts.append(BalanceAlert(wallet: key, thresholdNanos: threshold, balanceNanos: after, crossedAt: time, position: position, seq: seq))
@@ -359,6 +378,6 @@ public struct RatingEngine: Sendable {
             wallet.blocked = blocked
             wallet.blockedSince = blocked ? time : nil
         }
-        state.wallets[key] = wallet
+        state[wallet: key] = wallet
     }
 }

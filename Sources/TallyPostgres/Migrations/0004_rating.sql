@@ -56,7 +56,7 @@ CREATE TABLE tally.rated_usage (
     amount_nanos bigint NOT NULL,
     pricing text NOT NULL,
     PRIMARY KEY (customer_id, period_start, book_name, book_customer, book_version, model, token_type)
-);
+) WITH (fillfactor = 70);  -- every batch rewrites its rows: room for HOT updates
 
 -- Usage no price book priced at its event time: never billed at zero silently;
 -- a replay after the price appears rates it.
@@ -93,7 +93,6 @@ CREATE TABLE tally.wallet_ledger (
     period_start timestamptz,
     PRIMARY KEY (customer_id, partition, record_offset, seq)
 );
-CREATE INDEX wallet_ledger_by_event ON tally.wallet_ledger (customer_id, event_id);
 
 -- Grants and what is left of them (derived from the ledger, kept for drawing order).
 CREATE TABLE tally.wallet_grants (
@@ -117,7 +116,7 @@ CREATE TABLE tally.wallets (
     blocked boolean NOT NULL DEFAULT false,
     blocked_since timestamptz,
     PRIMARY KEY (customer_id, currency)
-);
+) WITH (fillfactor = 70);
 
 -- Balance = sum of ledger entries, exact.
 CREATE VIEW tally.wallet_balances AS
