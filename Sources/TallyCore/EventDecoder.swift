@@ -176,15 +176,7 @@ private struct UsageDataState {
     var isObject = false
 
     mutating func decode(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
-        guard try reader.peekKind() == .object else {
-            violations.append(FieldViolation("data", "must be an object, found \(try reader.peekKind().name)"))
-            try reader.skipValue()
-            return
-        }
-        isObject = true
-        var seen = KeySet()
-        try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
-            guard seen.insert(key) else { throw reader.error("duplicate key \"\(key)\"") }
+        isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, key: String, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
             // Built only when a violation needs it: most events have none.
             let path = { "data." + key }
             switch key {
@@ -269,15 +261,7 @@ private struct GrantDataState {
     var isObject = false
 
     mutating func decode(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
-        guard try reader.peekKind() == .object else {
-            violations.append(FieldViolation("data", "must be an object, found \(try reader.peekKind().name)"))
-            try reader.skipValue()
-            return
-        }
-        isObject = true
-        var seen = KeySet()
-        try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
-            guard seen.insert(key) else { throw reader.error("duplicate key \"\(key)\"") }
+        isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, key: String, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
             let path = "data." + key
             switch key {
             case "amount":
@@ -326,6 +310,23 @@ private struct GrantDataState {
             violations.append(FieldViolation("data.expires_at", "must be after the event time"))
         }
     }
+}
+
+/// Reads `data` member by member, rejecting duplicate keys; anything but an object is one
+/// violation. Returns whether it was an object.
+private func readDataObject(_ reader: inout JSONReader, _ violations: inout [FieldViolation],
+                            _ member: (inout JSONReader, String, inout [FieldViolation]) throws(JSONSyntaxError) -> Void) throws(JSONSyntaxError) -> Bool {
+    guard try reader.peekKind() == .object else {
+        violations.append(FieldViolation("data", "must be an object, found \(try reader.peekKind().name)"))
+        try reader.skipValue()
+        return false
+    }
+    var seen = KeySet()
+    try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
+        guard seen.insert(key) else { throw reader.error("duplicate key \"\(key)\"") }
+        try member(&reader, key, &violations)
+    }
+    return true
 }
 
 private func readString(_ reader: inout JSONReader, _ path: @autoclosure () -> String, length: ClosedRange<Int>, forbidControl: Bool,

@@ -39,19 +39,28 @@ public struct JSONWriter {
 
 /// Writes events as canonical CloudEvents JSON (schema v1).
 public enum EventEncoder {
-    public static func encode(_ event: UsageEvent) -> [UInt8] {
-        var json = JSONWriter()
+    /// Opens a CloudEvents structured event up to (and including) `"data":`; the caller writes
+    /// the data value and the closing brace.
+    public static func writeEnvelope(_ json: inout JSONWriter, id: String, source: String, type: String, subject: String, time: String,
+                                     extensions: [String: String] = [:]) {
         json.raw("{")
         json.key("specversion", first: true); json.string("1.0")
-        json.key("id"); json.string(event.id)
-        json.key("source"); json.string(event.source)
-        json.key("type"); json.string(EventType.usage.rawValue)
-        json.key("subject"); json.string(event.subject)
-        json.key("time"); json.string(event.time.text)
-        for (name, rawValue) in event.extensions.sorted(by: { $0.key < $1.key }) {
+        json.key("id"); json.string(id)
+        json.key("source"); json.string(source)
+        json.key("type"); json.string(type)
+        json.key("subject"); json.string(subject)
+        json.key("time"); json.string(time)
+        for (name, rawValue) in extensions.sorted(by: { $0.key < $1.key }) {
             json.key(name); json.raw(rawValue)
         }
-        json.key("data"); json.raw("{")
+        json.key("data")
+    }
+
+    public static func encode(_ event: UsageEvent) -> [UInt8] {
+        var json = JSONWriter()
+        writeEnvelope(&json, id: event.id, source: event.source, type: EventType.usage.rawValue, subject: event.subject,
+                      time: event.time.text, extensions: event.extensions)
+        json.raw("{")
         json.key("model", first: true); json.string(event.model)
         if let provider = event.provider { json.key("provider"); json.string(provider) }
         if let feature = event.feature { json.key("feature"); json.string(feature) }

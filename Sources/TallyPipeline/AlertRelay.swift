@@ -88,14 +88,8 @@ public final class AlertRelay: @unchecked Sendable {
 
     private func record(type: String, id: String, customer: String, time: String, fields: [(String, String)]) -> ProducerRecord {
         var json = JSONWriter()
+        EventEncoder.writeEnvelope(&json, id: id, source: "tally-rater", type: type, subject: customer, time: time)
         json.raw("{")
-        json.key("specversion", first: true); json.string("1.0")
-        json.key("id"); json.string(id)
-        json.key("source"); json.string("tally-rater")
-        json.key("type"); json.string(type)
-        json.key("subject"); json.string(customer)
-        json.key("time"); json.string(time)
-        json.key("data"); json.raw("{")
         for (index, (name, value)) in fields.enumerated() { json.key(name, first: index == 0); json.string(value) }
         json.raw("}}")
         return ProducerRecord(topic: topic, key: Array(customer.utf8), value: json.bytes)

@@ -231,6 +231,31 @@ final class InvoiceBuilderTests: XCTestCase {
         XCTAssertEqual(usd.format(invoice.totalDueNanos), "1.50")
     }
 
+    /// Usage paid in full by credit nets to zero on the invoice, whatever the per-line rounding.
+    func testCreditCoveringAllUsageCancelsTheRoundedLines() {
+        var inputs = InvoiceInputs(customerID: "acme", period: november, currency: usd)
+        inputs.subscriptionFeeNanos = 49_000_000_000
+        // Two lines of x.xx4 each: rounded down on each line (0.01 less than the exact total).
+        inputs.charges = [
+            RatedCharge(periodStart: november.start, item: item("gpt-4o", .input), quantity: 1, amountNanos: 1_004_000_000, pricing: "p"),
+            RatedCharge(periodStart: november.start, item: item("gpt-4o", .output), quantity: 1, amountNanos: 2_004_000_000, pricing: "p"),
+        ]
+        inputs.creditsDrawn = [november.start: 3_008_000_000]
+        var invoice = InvoiceBuilder.build(inputs)
+        XCTAssertEqual(invoice.lines.last?.amountNanos, -3_000_000_000, "credit equals the usage shown, not the exact 3.008 rounded")
+        XCTAssertEqual(usd.format(invoice.totalDueNanos), "49.00")
+        XCTAssertEqual(invoice.lines.last?.exactNanos, -3_008_000_000, "the exact credit is kept for later invoices")
+        // Two lines of x.xx6: rounded up on each line; full coverage still nets to zero.
+        inputs.charges = inputs.charges.map { RatedCharge(periodStart: $0.periodStart, item: $0.item, quantity: 1, amountNanos: $0.amountNanos + 2_000_000, pricing: "p") }
+        inputs.creditsDrawn = [november.start: 3_012_000_000]
+        invoice = InvoiceBuilder.build(inputs)
+        XCTAssertEqual(usd.format(invoice.totalDueNanos), "49.00")
+        // Partly covered: the credit is its own rounded amount.
+        inputs.creditsDrawn = [november.start: 1_234_000_000]
+        invoice = InvoiceBuilder.build(inputs)
+        XCTAssertEqual(invoice.lines.last?.amountNanos, -1_230_000_000)
+    }
+
     func testNothingToBillGivesNoLines() {
         XCTAssertTrue(InvoiceBuilder.build(InvoiceInputs(customerID: "idle", period: november, currency: usd)).isEmpty)
     }

@@ -57,17 +57,9 @@ public struct GrantEvent: Hashable, Sendable {
 extension EventEncoder {
     public static func encode(_ grant: GrantEvent) -> [UInt8] {
         var json = JSONWriter()
+        writeEnvelope(&json, id: grant.id, source: grant.source, type: EventType.walletGrant.rawValue, subject: grant.subject,
+                      time: grant.time.text, extensions: grant.extensions)
         json.raw("{")
-        json.key("specversion", first: true); json.string("1.0")
-        json.key("id"); json.string(grant.id)
-        json.key("source"); json.string(grant.source)
-        json.key("type"); json.string(EventType.walletGrant.rawValue)
-        json.key("subject"); json.string(grant.subject)
-        json.key("time"); json.string(grant.time.text)
-        for (name, rawValue) in grant.extensions.sorted(by: { $0.key < $1.key }) {
-            json.key(name); json.raw(rawValue)
-        }
-        json.key("data"); json.raw("{")
         json.key("amount", first: true); json.string(Money.format(nanos: grant.amountNanos))
         json.key("currency"); json.string(grant.currency.code)
         json.key("priority"); json.integer(grant.priority)

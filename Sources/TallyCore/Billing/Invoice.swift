@@ -145,11 +145,26 @@ public enum InvoiceBuilder {
             line(.minimum, "Minimum charge for the period (\(Money.format(nanos: minimum)) \(currency)) less usage", covers: inputs.period.start,
                  exact: minimum - usage)
         }
+        let usageLines = lines.filter { $0.kind == .usage || $0.kind == .adjustment }
+        let usageRounded = usageLines.reduce(0) { $0 + $1.amountNanos }
+        let usageExact = usageLines.reduce(0) { $0 + $1.exactNanos }
+        var creditExact: Int64 = 0
         for period in Set(inputs.creditsDrawn.keys).union(inputs.creditsInvoiced.keys).sorted() where period <= inputs.period.start {
             let credit = (inputs.creditsDrawn[period] ?? 0) - (inputs.creditsInvoiced[period] ?? 0)
             guard credit != 0 else { continue }
+            creditExact += credit
             let suffix = period == inputs.period.start ? "" : " (usage of \(BillingPeriod(start: period, end: period).label))"
             line(.credits, "Prepaid credits applied\(suffix)", covers: period, exact: -credit)
+        }
+        // Credit pays for usage lines only, and usage paid in full nets to zero on the invoice:
+        // rounding each line must not leave a cent of usage due, nor credit a cent more than shown.
+        let creditRounded = -lines.filter { $0.kind == .credits }.reduce(0) { $0 + $1.amountNanos }
+        let target = creditExact >= usageExact ? usageRounded : min(creditRounded, usageRounded)
+        if let last = lines.lastIndex(where: { $0.kind == .credits }), target != creditRounded {
+            let old = lines[last]
+            lines[last] = InvoiceLine(kind: .credits, description: old.description, coversPeriodStart: old.coversPeriodStart, item: nil,
+                                      quantity: nil, unitPrice: nil, exactNanos: old.exactNanos,
+                                      amountNanos: old.amountNanos - (target - creditRounded))
         }
         let id = "INV-\(inputs.period.label)-\(inputs.customerID)-\(currency.code)"
         return Invoice(invoiceID: id, customerID: inputs.customerID, period: inputs.period, currency: currency, lines: lines)
