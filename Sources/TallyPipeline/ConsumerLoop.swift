@@ -33,6 +33,9 @@ public struct ConsumerSettings: Sendable {
     /// so a SIGSTOP lands while a batch is in flight (env TALLY_FAULT_COMMIT_DELAY_MS).
     public var faultCommitDelay: Duration?
 
+    /// Called on the consumer thread after each committed batch (replay shows its progress with it).
+    public var onProgress: (@Sendable (ConsumerProgress) -> Void)?
+
     public init(group: String, metricsPrefix: String) {
         self.group = group
         self.metricsPrefix = metricsPrefix
@@ -57,6 +60,13 @@ public struct ConsumerStats: Sendable, CustomStringConvertible {
     public var description: String {
         "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) grants=\(grants) unpriced=\(unpriced) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.totalMilliseconds) prepare_ms=\(prepareTime.totalMilliseconds)"
     }
+}
+
+/// Where a consumer stands: per owned partition, its committed position and the log end
+/// (from fetch responses; nil until the first fetch), plus its running totals.
+public struct ConsumerProgress: Sendable {
+    public let positions: [Int32: (next: Int64, end: Int64?)]
+    public let stats: ConsumerStats
 }
 
 /// The outcome of committing one batch, applied on the consumer thread.
@@ -204,6 +214,10 @@ public final class ConsumerLoop: @unchecked Sendable {
             guard let claim = owned[record.partition], let start = readPosition[record.partition] else { continue }
             let position = batch.moves[record.partition]?.next ?? start
             guard record.offset >= position else { continue }
+            if position == 0 && record.offset > 0 && batch.moves[record.partition] == nil {
+                // Reading from offset zero, but the log starts later (retention): say so plainly.
+                logger.warning("partition \(record.partition) starts at offset \(record.offset): records 0..<\(record.offset) are no longer retained, so they are not counted")
+            }
             stats.records += 1
             metrics.records.increment()
             let logPosition = LogPosition(partition: record.partition, offset: record.offset)
@@ -268,6 +282,11 @@ public final class ConsumerLoop: @unchecked Sendable {
             }
             // For lag monitoring only; we never resume from Kafka's offsets.
             consumer.commitForMonitoring(Dictionary(uniqueKeysWithValues: outcome.committed.map { (TopicPartition(settings.topic, $0.key), $0.value) }))
+            if let onProgress = settings.onProgress {
+                onProgress(ConsumerProgress(positions: Dictionary(uniqueKeysWithValues: owned.map { partition, claim in
+                    (partition, (claim.nextOffset, consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high))
+                }), stats: stats))
+            }
         }
         if !outcome.fenced.isEmpty {
             stats.fencedBatches += 1

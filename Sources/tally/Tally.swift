@@ -10,9 +10,9 @@ import TallyPostgres
 struct Tally: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tally",
-        abstract: "Tally's operator tool: migrations, topics, API keys, events, load generation, usage, pricing, wallets and invoices.",
+        abstract: "Tally's operator tool: migrations, topics, API keys, events, load generation, usage, pricing, wallets, invoices and replay.",
         subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Emit.self, Usage.self, Keys.self,
-                      Pricing.self, Customers.self, Grant.self, Balance.self, Invoices.self])
+                      Pricing.self, Customers.self, Grant.self, Balance.self, Invoices.self, Replay.self, Checksum.self, Reconcile.self])
 }
 
 func makeLogger(_ options: LoggingOptions, label: String) -> Logger {

@@ -62,6 +62,11 @@ final class AggregatorHarness: @unchecked Sendable {
     /// Records the log end of a topic another harness published to.
     func adoptLogEnd(of other: AggregatorHarness) { logEnd = other.logEnd }
 
+    /// Runs the `tally` CLI against this harness's database and topic; returns its exit status and output.
+    func tallyStatus(_ arguments: [String]) throws -> (status: Int32, output: String) {
+        try ChildProcess.run(TestStack.executable("tally"), arguments + ["--database-url", databaseURL])
+    }
+
     /// Runs the `tally` CLI against this harness's database; fails the test when it exits non-zero.
     @discardableResult
     func tally(_ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
@@ -92,19 +97,19 @@ final class AggregatorHarness: @unchecked Sendable {
         return process
     }
 
-    /// Stored next_offset per partition.
-    func storedOffsets() throws -> [Int32: Int64] {
+    /// Stored next_offset per partition (of this harness's group unless another is given).
+    func storedOffsets(group: String? = nil) throws -> [Int32: Int64] {
         // Retrying: some tests restart PostgreSQL under the harness too.
-        let result = try connection.retrying { try $0.query("SELECT partition, next_offset FROM tally.consumer_offsets WHERE consumer_group = $1 AND topic = $2", [group, topic]) }
+        let result = try connection.retrying { try $0.query("SELECT partition, next_offset FROM tally.consumer_offsets WHERE consumer_group = $1 AND topic = $2", [group ?? self.group, topic]) }
         var offsets: [Int32: Int64] = [:]
         for row in 0..<result.rowCount { offsets[Int32(try result.int64(row, 0)!)] = try result.int64(row, 1)! }
         return offsets
     }
 
     /// Waits until every partition's stored offset reaches the log end.
-    func waitUntilConsumed(timeout: Duration = .seconds(120)) throws -> Bool {
+    func waitUntilConsumed(timeout: Duration = .seconds(120), group: String? = nil) throws -> Bool {
         try TestStack.eventually(timeout: timeout) {
-            let stored = try storedOffsets()
+            let stored = try storedOffsets(group: group)
             return logEnd.allSatisfy { stored[$0.key] == $0.value }
         }
     }

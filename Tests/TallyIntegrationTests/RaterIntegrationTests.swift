@@ -31,7 +31,7 @@ final class RaterIntegrationTests: XCTestCase {
           - { model: gemini-2.5-pro, input: "1.25", output: "10.00" }
         """
 
-    func applyPrices(_ harness: AggregatorHarness) throws {
+    static func applyPrices(_ harness: AggregatorHarness) throws {
         let file = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("prices") + ".yaml")
         try Self.priceBook.write(to: file, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(at: file) }
@@ -76,7 +76,7 @@ final class RaterIntegrationTests: XCTestCase {
     /// unpriced; poison goes to the DLQ table.
     func testBalancesEqualGrantsMinusCharges() async throws {
         let harness = try AggregatorHarness()
-        try applyPrices(harness)
+        try Self.applyPrices(harness)
         let customers = 30
         let events = AggregatorHarness.events(count: 20_000, seed: 51, customers: customers)
         let grants = (0..<customers).map { Self.grant("g-\($0)", customer: "cust-\($0)", amount: "\(10 + $0).25") }
@@ -134,7 +134,7 @@ final class RaterIntegrationTests: XCTestCase {
         let crashed = try AggregatorHarness()
         let clean = try AggregatorHarness(sharedTopic: crashed.topic)
         for harness in [crashed, clean] {
-            try applyPrices(harness)
+            try Self.applyPrices(harness)
             try harness.tally(["customers", "set", "cust-0", "--low-balance", "30,10", "--auto-topup-below", "10", "--auto-topup-amount", "50"])
         }
         let events = AggregatorHarness.events(count: 60_000, seed: 61, customers: 50)
@@ -191,7 +191,7 @@ final class RaterIntegrationTests: XCTestCase {
     /// the rule; published once to the alerts topic; nothing new when the same log is re-sent.
     func testLowBalanceAlertsFireOncePerCrossing() async throws {
         let harness = try AggregatorHarness()
-        try applyPrices(harness)
+        try Self.applyPrices(harness)
         try harness.tally(["customers", "set", "alice", "--low-balance", "5,1", "--auto-topup-below", "1", "--auto-topup-amount", "20", "--overage", "stop"])
         let alertsTopic = TestStack.unique("test.alerts")
         try KafkaAdmin(configuration: KafkaConfiguration(brokers: harness.brokers), logger: TestStack.logger).createTopic(alertsTopic, partitions: 1)
@@ -241,7 +241,7 @@ final class RaterIntegrationTests: XCTestCase {
     /// after the close appears as an adjustment line on the next invoice.
     func testInvoicesAndLateUsageAdjustments() async throws {
         let harness = try AggregatorHarness()
-        try applyPrices(harness)
+        try Self.applyPrices(harness)
         try harness.tally(["customers", "set", "bob", "--subscription-fee", "20"])
         func usage(_ id: String, _ time: String, input: Int64, output: Int64, model: String = "claude-sonnet-4") -> UsageEvent {
             UsageEvent(id: id, source: "test", subject: "bob", time: EventTime(time)!, model: model, inputTokens: input, outputTokens: output,
@@ -298,7 +298,7 @@ final class RaterIntegrationTests: XCTestCase {
     /// the grace; the period still open is left alone.
     func testPeriodsCloseAutomaticallyAfterTheGrace() async throws {
         let harness = try AggregatorHarness()
-        try applyPrices(harness)
+        try Self.applyPrices(harness)
         try await harness.publish([dollar("oct-1", customer: "carol", time: "2026-10-10T00:00:00Z"),
                                    dollar("oct-2", customer: "carol", time: "2026-10-31T23:00:00Z"),
                                    dollar("nov-1", customer: "carol", time: "2026-11-03T23:59:59Z")])

@@ -1,0 +1,195 @@
+import Logging
+import TallyCore
+import TallyKafka
+import TallyPostgres
+
+/// One disagreement between a recount from the topic and a materialized table.
+public struct ReconcileMismatch: Sendable {
+    public let table: String
+    public let key: String
+    public let recounted: String
+    public let stored: String
+}
+
+public struct ReconcileResult: Sendable {
+    public var records = 0
+    public var windowsCompared = 0
+    public var chargesCompared = 0
+    public var mismatches: [ReconcileMismatch] = []
+}
+
+/// Recounts usage straight from the topic and compares it with the aggregator's windows and the
+/// rater's rated totals. Each consumer is recounted up to its own stored offsets, read in the same
+/// PostgreSQL snapshot as its tables, so the comparison is exact while the consumers keep running.
+public struct Reconciler {
+    public let connection: PostgresConnection
+    public let kafka: KafkaConfiguration
+    public let topic: String
+    public let aggregatorGroup: String
+    public let raterGroup: String
+    public let logger: Logger
+
+    public init(connection: PostgresConnection, kafka: KafkaConfiguration, topic: String, aggregatorGroup: String, raterGroup: String, logger: Logger) {
+        self.connection = connection
+        self.kafka = kafka
+        self.topic = topic
+        self.aggregatorGroup = aggregatorGroup
+        self.raterGroup = raterGroup
+        self.logger = logger
+    }
+
+    private struct Snapshot {
+        var aggregatorOffsets: [Int32: Int64] = [:]
+        var raterOffsets: [Int32: Int64] = [:]
+        /// Display key → (customer, measures).
+        var windows: [String: (customer: String, measures: [Int64])] = [:]
+        var charges: [ChargeKey: (quantity: Int64, amount: Int64)] = [:]
+        var profiles: [String: BillingProfile] = [:]
+        var catalog = PriceCatalog(books: [])
+    }
+
+    public func run(customerID: String?, partition: Int32?) throws -> ReconcileResult {
+        let snapshot = try readSnapshot(customerID: customerID)
+        let admin = try KafkaAdmin(configuration: kafka, logger: logger)
+        let partitions = (0..<Int32(try admin.partitionCount(of: topic))).filter { partition == nil || $0 == partition }
+        var targets: [Int32: Int64] = [:]
+        for partition in partitions {
+            targets[partition] = max(snapshot.aggregatorOffsets[partition] ?? 0, snapshot.raterOffsets[partition] ?? 0)
+        }
+        var usage: [PositionedEvent] = []
+        var raterRecords: [RaterRecord] = []
+        var result = ReconcileResult()
+        try read(targets) { record in
+            guard case .event(let event) = ClassifiedRecord.classify(record.value, key: .some(record.key)),
+                  customerID == nil || event.customerID == customerID else { return }
+            result.records += 1
+            let position = LogPosition(partition: record.partition, offset: record.offset)
+            switch event {
+            case .usage(let usageEvent):
+                let positioned = PositionedEvent(event: usageEvent, position: position)
+                if record.offset < snapshot.aggregatorOffsets[record.partition] ?? 0 { usage.append(positioned) }
+                if record.offset < snapshot.raterOffsets[record.partition] ?? 0 { raterRecords.append(.usage(positioned)) }
+            case .grant(let grant):
+                if record.offset < snapshot.raterOffsets[record.partition] ?? 0 {
+                    raterRecords.append(.grant(PositionedGrant(grant: grant, position: position)))
+                }
+            }
+        }
+        // With one partition, stored rows of customers it does not hold are not this run's business;
+        // otherwise every stored row must be explained by the log.
+        let onlyRecounted = partition != nil
+        compareWindows(Deduplicator.decide(usage, stored: [:]).accepted, snapshot: snapshot, onlyRecounted: onlyRecounted, result: &result)
+        compareCharges(Deduplicator.decide(raterRecords, stored: [:]).accepted, snapshot: snapshot, onlyRecounted: onlyRecounted, result: &result)
+        return result
+    }
+
+    /// Offsets and tables in one REPEATABLE READ snapshot.
+    private func readSnapshot(customerID: String?) throws -> Snapshot {
+        try connection.transaction { connection in
+            try connection.query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            var snapshot = Snapshot()
+            for (group, isAggregator) in [(aggregatorGroup, true), (raterGroup, false)] {
+                let result = try connection.query("SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2", [group, topic])
+                for row in 0..<result.rowCount {
+                    let partition = Int32(try result.int64(row, 0)!), offset = try result.int64(row, 1)!
+                    if isAggregator { snapshot.aggregatorOffsets[partition] = offset } else { snapshot.raterOffsets[partition] = offset }
+                }
+            }
+            let windows = try connection.query("""
+                SELECT customer_id, \(microseconds("window_start")), model, feature, provider, environment, input_tokens, output_tokens,
+                       cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count
+                FROM usage_windows_hourly WHERE $1::text IS NULL OR customer_id = $1
+                """, [customerID])
+            for row in 0..<windows.rowCount {
+                let key = Self.windowKey(windows.string(row, 0)!, try windows.int64(row, 1)!, windows.string(row, 2)!, windows.string(row, 3)!,
+                                         windows.string(row, 4)!, windows.string(row, 5)!)
+                snapshot.windows[key] = (windows.string(row, 0)!, try (6...12).map { try windows.int64(row, $0)! })
+            }
+            let charges = try connection.query("""
+                SELECT customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, quantity, amount_nanos
+                FROM rated_usage WHERE $1::text IS NULL OR customer_id = $1
+                """, [customerID])
+            for row in 0..<charges.rowCount {
+                let item = PriceItem(bookName: charges.string(row, 2)!, bookCustomer: charges.string(row, 3)!, bookVersion: Int(try charges.int64(row, 4)!),
+                                     model: charges.string(row, 5)!, tokenType: TokenType(rawValue: charges.string(row, 6)!)!)
+                snapshot.charges[ChargeKey(customerID: charges.string(row, 0)!, periodStart: try charges.int64(row, 1)!, item: item)] =
+                    (try charges.int64(row, 7)!, try charges.int64(row, 8)!)
+            }
+            let store = BillingCatalogStore(connection: connection)
+            snapshot.catalog = try store.loadCatalog()
+            let customers = try connection.query("SELECT customer_id FROM customers").rows.compactMap { $0[0] }
+            snapshot.profiles = try store.profiles(customers)
+            return snapshot
+        }
+    }
+
+    /// Reads each partition from offset zero up to its target.
+    private func read(_ targets: [Int32: Int64], _ handle: (ConsumerRecord) throws -> Void) throws {
+        let pending = targets.filter { $0.value > 0 }
+        guard !pending.isEmpty else { return }
+        let consumer = try KafkaConsumer(configuration: kafka, groupID: nil, logger: logger)
+        defer { consumer.close() }
+        try consumer.assign(Dictionary(uniqueKeysWithValues: pending.keys.map { (TopicPartition(topic, $0), KafkaOffset.beginning) }))
+        var positions: [Int32: Int64] = [:]
+        var idlePolls = 0
+        while pending.contains(where: { (positions[$0.key] ?? -1) + 1 < $0.value }) {
+            let records = consumer.poll(maxRecords: 10_000, timeout: .milliseconds(500))
+            idlePolls = records.isEmpty ? idlePolls + 1 : 0
+            if idlePolls > 60 { throw ReconcileError(message: "the topic stopped before the stored offsets \(pending) (read up to \(positions)): was it truncated or recreated?") }
+            for record in records where record.offset < pending[record.partition] ?? 0 {
+                positions[record.partition] = record.offset
+                try handle(record)
+            }
+        }
+    }
+
+    private static func windowKey(_ customer: String, _ start: Int64, _ model: String, _ feature: String, _ provider: String, _ environment: String) -> String {
+        "\(customer) \(EventTime.format(microseconds: start)) \(model) feature=\(feature) provider=\(provider) environment=\(environment)"
+    }
+
+    private func compareWindows(_ events: [PositionedEvent], snapshot: Snapshot, onlyRecounted: Bool, result: inout ReconcileResult) {
+        var deltas = WindowDeltas(granularities: [.hour])
+        for positioned in events { deltas.add(positioned.event) }
+        var recounted: [String: [Int64]] = [:]
+        for (key, measures) in deltas.rows(.hour) {
+            let dimensions = key.dimensions
+            recounted[Self.windowKey(dimensions.customerID, key.start, dimensions.model, dimensions.feature, dimensions.provider, dimensions.environment)] =
+                [measures.inputTokens, measures.outputTokens, measures.cacheReadInputTokens, measures.cacheWriteInputTokens,
+                 measures.reasoningOutputTokens, measures.totalTokens, measures.eventCount]
+        }
+        let customers = Set(events.map(\.event.subject))
+        let stored = snapshot.windows.filter { !onlyRecounted || customers.contains($0.value.customer) }.mapValues(\.measures)
+        for key in Set(recounted.keys).union(stored.keys).sorted() {
+            result.windowsCompared += 1
+            let expected = recounted[key], actual = stored[key]
+            if expected != actual {
+                result.mismatches.append(ReconcileMismatch(table: "usage_windows_hourly", key: key,
+                                                           recounted: expected.map { "\($0)" } ?? "no row", stored: actual.map { "\($0)" } ?? "no row"))
+            }
+        }
+    }
+
+    private func compareCharges(_ records: [RaterRecord], snapshot: Snapshot, onlyRecounted: Bool, result: inout ReconcileResult) {
+        var state = RatingState()
+        state.profiles = snapshot.profiles
+        _ = RatingEngine(catalog: snapshot.catalog).apply(records, to: &state)
+        let customers = Set(records.map(\.customerID))
+        let stored = snapshot.charges.filter { !onlyRecounted || customers.contains($0.key.customerID) }
+        for key in Set(state.charges.keys).union(stored.keys).sorted() {
+            result.chargesCompared += 1
+            let expected = state.charges[key].map { ($0.quantity, $0.amountNanos) }
+            let actual = stored[key]
+            if expected?.0 != actual?.quantity || expected?.1 != actual?.amount {
+                let name = "\(key.customerID) \(BillingPeriod(start: key.periodStart, end: key.periodStart).label) \(key.item.model) \(key.item.tokenType.rawValue) (\(key.item.bookName) v\(key.item.bookVersion))"
+                result.mismatches.append(ReconcileMismatch(table: "rated_usage", key: name,
+                                                           recounted: expected.map { "quantity \($0.0), amount \(Money.format(nanos: $0.1))" } ?? "no row",
+                                                           stored: actual.map { "quantity \($0.quantity), amount \(Money.format(nanos: $0.amount))" } ?? "no row"))
+            }
+        }
+    }
+}
+
+public struct ReconcileError: Error, CustomStringConvertible {
+    public let message: String
+    public var description: String { message }
+}

@@ -1,0 +1,209 @@
+import Logging
+import TallyCore
+import TallyPostgres
+
+/// A consumer whose state can be rebuilt from the log.
+public enum ReplayedConsumer: String, Sendable, CaseIterable {
+    case aggregator, rater
+
+    /// The live consumer group whose state this is.
+    public var liveGroup: String { "tally-\(rawValue)" }
+
+    /// Its dedup-key table: which customers a partition holds.
+    public var keysTable: String { self == .aggregator ? "usage_event_keys" : "rater_event_keys" }
+
+    /// The tables the consumer writes (its state), the shared bookkeeping ones included.
+    public var tables: [String] {
+        let shared = ["consumer_offsets", "dead_letters", "event_conflicts"]
+        switch self {
+        case .aggregator: return shared + ["usage_event_keys", "usage_windows_hourly"]
+        case .rater: return shared + ["rater_event_keys", "rated_usage", "unpriced_usage", "wallet_ledger", "wallet_grants", "wallets",
+                                      "balance_alerts", "topup_requests"]
+        }
+    }
+}
+
+/// A schema beside `tally` holding a replayed copy of one consumer's tables. Everything else
+/// (customers, price books unless replaced) resolves to `tally` through the search path.
+public struct ShadowSchema: Sendable {
+    public let name: String
+    public let consumer: ReplayedConsumer
+
+    public init(name: String, consumer: ReplayedConsumer) {
+        self.name = name
+        self.consumer = consumer
+    }
+
+    /// The search path a replay's connection uses.
+    public var searchPath: String { "\(name), tally" }
+
+    /// Creates the empty tables; with `pricing`, also a copy of the price books with that book
+    /// applied on top, so that only the replay sees it. Returns the version it got there.
+    public func create(on connection: PostgresConnection, databaseURL: String, pricing: PriceBook? = nil) throws -> Int? {
+        try connection.transaction { connection in
+            // The name is generated (letters, digits, underscores), never user text.
+            try connection.execute(script: "CREATE SCHEMA \(name)")
+            for table in consumer.tables {
+                try connection.execute(script: "CREATE TABLE \(name).\(table) (LIKE tally.\(table) INCLUDING ALL)")
+            }
+            if pricing != nil {
+                try connection.execute(script: """
+                    CREATE TABLE \(name).price_books (LIKE tally.price_books INCLUDING ALL);
+                    INSERT INTO \(name).price_books SELECT * FROM tally.price_books;
+                    """)
+            }
+        }
+        guard let pricing else { return nil }
+        let shadow = try PostgresConnection(url: databaseURL, logger: Logger(label: "tally.replay"), searchPath: searchPath)
+        return try BillingCatalogStore(connection: shadow).apply(pricing).version
+    }
+
+    public func drop(on connection: PostgresConnection) throws {
+        try connection.execute(script: "DROP SCHEMA IF EXISTS \(name) CASCADE")
+    }
+}
+
+/// Claims only some partitions: a replay of a partition subset leaves the others' records unread
+/// (they are fetched and skipped, never counted or committed).
+public final class PartitionSubsetStore: ConsumerStore, @unchecked Sendable {
+    private let inner: any ConsumerStore
+    private let partitions: Set<Int32>
+
+    public init(_ inner: any ConsumerStore, partitions: Set<Int32>) {
+        self.inner = inner
+        self.partitions = partitions
+    }
+
+    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
+        try inner.claim(partitions.filter { self.partitions.contains($0) })
+    }
+
+    public func commit(_ batch: PreparedBatch) throws -> CommitOutcome { try inner.commit(batch) }
+}
+
+/// One table's fingerprint: row count and an md5 over its rows in a fixed order, leaving out
+/// what differs between runs without being state (wall-clock stamps, instance ids, group names).
+public struct TableChecksum: Sendable, Equatable {
+    public let table: String
+    /// nil: the whole table (or the rows of the chosen partitions).
+    public let partition: Int32?
+    public let rows: Int64
+    public let md5: String
+}
+
+public enum StateChecksum {
+    static let volatileColumns = ["committed_at", "recorded_at", "published_at", "owner_epoch", "owner_instance", "consumer_group", "id"]
+
+    /// Checksums of a consumer's tables in `schema`, per table and, where a table has a
+    /// partition column, per partition. `group` selects the rows of shared tables.
+    public static func compute(_ connection: PostgresConnection, schema: String, consumer: ReplayedConsumer, group: String,
+                               partitions: Set<Int32>? = nil, perPartition: Bool = true) throws -> [TableChecksum] {
+        var sums: [TableChecksum] = []
+        for table in consumer.tables {
+            let columns = try connection.query("""
+                SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2
+                """, [schema, table]).rows.compactMap { $0[0] }
+            let hasPartition = columns.contains("partition")
+            var conditions: [String] = []
+            var parameters: [(any PostgresEncodable)?] = []
+            func bind(_ value: any PostgresEncodable) -> String {
+                parameters.append(value)
+                return "$\(parameters.count)"
+            }
+            if columns.contains("consumer_group") { conditions.append("consumer_group = \(bind(group))") }
+            if let partitions, hasPartition { conditions.append("partition = ANY(\(bind(PostgresArray(partitions.sorted())))::int[])") }
+            // Rows of tables keyed by customer only: the customers the chosen partitions hold.
+            if let partitions, !hasPartition, columns.contains("customer_id") {
+                conditions.append("customer_id IN (SELECT customer_id FROM \(schema).\(consumer.keysTable) WHERE partition = ANY(\(bind(PostgresArray(partitions.sorted())))::int[]))")
+            }
+            let filter = conditions.isEmpty ? "" : "WHERE " + conditions.joined(separator: " AND ")
+            let removed = volatileColumns.filter(columns.contains).map { "'\($0)'" }
+            let rowText = removed.isEmpty ? "to_jsonb(t)::text" : "(to_jsonb(t) - ARRAY[\(removed.joined(separator: ","))]::text[])::text"
+            let grouping = hasPartition && perPartition ? "partition" : "NULL::int"
+            let result = try connection.query("""
+                SELECT \(grouping), count(*), md5(coalesce(string_agg(row_text, '|' ORDER BY row_text), ''))
+                FROM (SELECT \(hasPartition ? "partition" : "NULL::int AS partition"), \(rowText) AS row_text FROM \(schema).\(table) t \(filter)) rows
+                GROUP BY 1 ORDER BY 1
+                """, parameters)
+            if result.rowCount == 0 { sums.append(TableChecksum(table: table, partition: nil, rows: 0, md5: "d41d8cd98f00b204e9800998ecf8427e")) }
+            for row in 0..<result.rowCount {
+                sums.append(TableChecksum(table: table, partition: try result.int64(row, 0).map(Int32.init), rows: try result.int64(row, 1)!,
+                                          md5: result.string(row, 2)!))
+            }
+        }
+        return sums
+    }
+}
+
+/// One line of a replay report: live versus replayed figures of one customer's line item.
+public struct ReplayDifference: Sendable {
+    public let customerID: String
+    /// "2026-11 gpt-4o output" (rater) or "gpt-4o" (aggregator).
+    public let item: String
+    public let measure: String
+    public let live: Int64
+    public let replayed: Int64
+    public var difference: Int64 { replayed - live }
+}
+
+public enum ReplayDiff {
+    /// Differences between `tally` and the shadow schema, per customer and line item, for the
+    /// customers the chosen partitions hold (all when nil).
+    public static func compute(_ connection: PostgresConnection, shadow: ShadowSchema, partitions: Set<Int32>?) throws -> [ReplayDifference] {
+        let consumer = shadow.consumer
+        // $1 empty: every customer.
+        let scope = """
+            (cardinality($1::int[]) = 0 OR customer_id IN
+               (SELECT customer_id FROM \(shadow.name).\(consumer.keysTable) WHERE partition = ANY($1::int[])
+                UNION SELECT customer_id FROM tally.\(consumer.keysTable) WHERE partition = ANY($1::int[])))
+            """
+        let parameters: [(any PostgresEncodable)?] = [PostgresArray((partitions ?? []).sorted())]
+        var differences: [ReplayDifference] = []
+        func collect(_ sql: String, measures: [String]) throws {
+            let result = try connection.query(sql, parameters)
+            for row in 0..<result.rowCount {
+                for (index, measure) in measures.enumerated() {
+                    let live = try result.int64(row, 2 + 2 * index) ?? 0
+                    let replayed = try result.int64(row, 3 + 2 * index) ?? 0
+                    if live != replayed {
+                        differences.append(ReplayDifference(customerID: result.string(row, 0)!, item: result.string(row, 1)!, measure: measure,
+                                                            live: live, replayed: replayed))
+                    }
+                }
+            }
+        }
+        switch consumer {
+        case .rater:
+            // Per line item across price book versions: a pricing change moves usage to the new version.
+            let items = { (schema: String) in """
+                SELECT customer_id, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') || ' ' || model || ' ' || token_type AS item,
+                       sum(quantity) AS quantity, sum(amount_nanos) AS amount
+                FROM \(schema).rated_usage WHERE \(scope) GROUP BY 1, 2
+                """ }
+            try collect("""
+                SELECT coalesce(l.customer_id, r.customer_id), coalesce(l.item, r.item), l.quantity, r.quantity, l.amount, r.amount
+                FROM (\(items("tally"))) l FULL OUTER JOIN (\(items(shadow.name))) r ON l.customer_id = r.customer_id AND l.item = r.item
+                ORDER BY 1, 2
+                """, measures: ["quantity", "amount_nanos"])
+            let balances = { (schema: String) in "SELECT customer_id, currency, balance_nanos FROM \(schema).wallets WHERE \(scope)" }
+            try collect("""
+                SELECT coalesce(l.customer_id, r.customer_id), 'wallet ' || coalesce(l.currency, r.currency), l.balance_nanos, r.balance_nanos
+                FROM (\(balances("tally"))) l FULL OUTER JOIN (\(balances(shadow.name))) r ON l.customer_id = r.customer_id AND l.currency = r.currency
+                ORDER BY 1, 2
+                """, measures: ["balance_nanos"])
+        case .aggregator:
+            let windows = { (schema: String) in """
+                SELECT customer_id, model AS item, sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cache_read_input_tokens) AS cr,
+                       sum(cache_write_input_tokens) AS cw, sum(reasoning_output_tokens) AS r, sum(event_count) AS n
+                FROM \(schema).usage_windows_hourly WHERE \(scope) GROUP BY 1, 2
+                """ }
+            try collect("""
+                SELECT coalesce(l.customer_id, r.customer_id), coalesce(l.item, r.item), l.i, r.i, l.o, r.o, l.cr, r.cr, l.cw, r.cw, l.r, r.r, l.n, r.n
+                FROM (\(windows("tally"))) l FULL OUTER JOIN (\(windows(shadow.name))) r ON l.customer_id = r.customer_id AND l.item = r.item
+                ORDER BY 1, 2
+                """, measures: ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens",
+                                "reasoning_output_tokens", "event_count"])
+        }
+        return differences
+    }
+}

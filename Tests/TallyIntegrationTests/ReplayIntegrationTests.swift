@@ -1,0 +1,131 @@
+import Foundation
+import TallyCore
+import TallyPostgres
+import XCTest
+
+/// `tally replay` and `tally checksum` with the real executables, broker and PostgreSQL.
+final class ReplayIntegrationTests: XCTestCase {
+    /// A rated and aggregated log: grants, usage with duplicates, a poison record.
+    func preparedHarness() async throws -> (AggregatorHarness, [UsageEvent]) {
+        let harness = try AggregatorHarness()
+        try RaterIntegrationTests.applyPrices(harness)
+        try harness.tally(["customers", "set", "cust-0", "--low-balance", "30,10"])
+        let events = AggregatorHarness.events(count: 12_000, seed: 71, customers: 40)
+        var stream: [(key: String, value: [UInt8])] = (0..<40).map { RaterIntegrationTests.grant("g-\($0)", customer: "cust-\($0)", amount: "20") }
+        for (index, event) in events.enumerated() {
+            stream.append((event.subject, EventEncoder.encode(event)))
+            if index % 30 == 0 { stream.append((event.subject, EventEncoder.encode(event))) }
+        }
+        stream.append(("cust-3", Array("not an event".utf8)))
+        try await harness.publish(stream)
+        // Each consumer in its own group, as in production (the harness's group is the rater's);
+        // they keep running while the tests replay.
+        let rater = try harness.startRater()
+        let aggregator = try harness.startAggregator(["--group", Self.aggregatorGroup(harness)])
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        XCTAssertTrue(try harness.waitUntilConsumed(group: Self.aggregatorGroup(harness)), aggregator.log)
+        return (harness, events)
+    }
+
+    static func aggregatorGroup(_ harness: AggregatorHarness) -> String { harness.group + "-aggregator" }
+
+    func replay(_ harness: AggregatorHarness, _ arguments: [String]) throws -> (status: Int32, output: String) {
+        let consumer = arguments[arguments.firstIndex(of: "--consumer")! + 1]
+        let live = consumer == "rater" ? harness.group : Self.aggregatorGroup(harness)
+        return try harness.tallyStatus(["replay", "--topic", harness.topic, "--live-group", live, "--dry-run"] + arguments)
+    }
+
+    /// Unchanged pricing: zero differences and equal checksums, for both consumers; exit 0.
+    func testReplayWithUnchangedPricingRebuildsTheSameState() async throws {
+        let (harness, _) = try await preparedHarness()
+        for consumer in ["rater", "aggregator"] {
+            let (status, output) = try replay(harness, ["--consumer", consumer])
+            XCTAssertEqual(status, 0, output)
+            XCTAssertTrue(output.contains("identical: the replay rebuilt the live state exactly"), output)
+            XCTAssertFalse(output.contains(" NO\n"), output)
+            XCTAssertTrue(output.contains("replayed "), "progress and a summary are shown\n\(output)")
+        }
+        // --dry-run dropped the shadow schemas.
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tally_replay_%'").scalar, "0")
+        let checksum = try harness.tally(["checksum", "--consumer", "rater", "--group", harness.group])
+        XCTAssertTrue(checksum.contains("wallet_ledger"), checksum)
+    }
+
+    /// One model's price changes for the replay only: the report shows exactly the changed charges,
+    /// equal to an independent calculation, and the live catalog and state are untouched; exit 1.
+    func testReplayAfterAPriceChangeShowsExactlyTheChangedCharges() async throws {
+        let (harness, events) = try await preparedHarness()
+        let liveBefore = try harness.tally(["checksum", "--consumer", "rater", "--group", harness.group])
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("new-prices") + ".yaml")
+        try RaterIntegrationTests.priceBook.replacingOccurrences(of: #"model: gpt-4o, input: "2.50", output: "10.00""#,
+                                                                 with: #"model: gpt-4o, input: "2.50", output: "12.00""#)
+            .write(to: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let (status, output) = try replay(harness, ["--consumer", "rater", "--pricing", file.path, "--format", "json"])
+        XCTAssertEqual(status, 1, "differences exit 1\n\(output)")
+        // Standard error follows the report in the output: the --dry-run line.
+        var json = String(output[output.range(of: "{\"shadow_schema\"")!.lowerBound...])
+        if let end = json.range(of: "\ndropped ") { json = String(json[..<end.lowerBound]) }
+        guard case .object(let report) = try JSONValue.parse(Array(json.utf8)).get(),
+              case .array(let differences) = report["differences"]! else { return XCTFail(json) }
+        // Independent: per customer, gpt-4o output tokens × 2.00 per 1M, each side rounded once.
+        var outputTokens: [String: Int64] = [:]
+        var seen = Set<String>()
+        for event in events where event.model == "gpt-4o" && seen.insert(event.subject + "/" + event.id).inserted {
+            outputTokens[event.subject, default: 0] += event.outputTokens
+        }
+        var amountChanges: [String: Int64] = [:]
+        for case .object(let difference) in differences {
+            guard difference["measure"]?.string == "amount_nanos" else { continue }
+            XCTAssertTrue(difference["item"]?.string?.hasSuffix(" gpt-4o output") ?? false, "only gpt-4o output changes: \(difference)")
+            guard case .integer(.value(let change)) = difference["difference"]! else { return XCTFail() }
+            amountChanges[difference["customer_id"]!.string!] = change
+        }
+        func charge(_ tokens: Int64, _ nanosPerMillion: Int64) -> Int64 { (tokens * nanosPerMillion + 500_000) / 1_000_000 }
+        let expected = outputTokens.filter { $0.value > 0 }.mapValues { charge($0, 12_000_000_000) - charge($0, 10_000_000_000) }
+        XCTAssertEqual(amountChanges, expected)
+        XCTAssertEqual(try harness.tally(["pricing", "list"]).components(separatedBy: "\n").filter { $0.hasPrefix("default") }.count, 1,
+                       "the live catalog keeps one version")
+        XCTAssertEqual(try harness.tally(["checksum", "--consumer", "rater", "--group", harness.group]), liveBefore, "live state untouched")
+    }
+
+    /// A partition subset: only the customers of that partition appear, in the report and in the shadow.
+    func testReplayOfOnePartitionTouchesOnlyItsCustomers() async throws {
+        let (harness, _) = try await preparedHarness()
+        let (status, output) = try harness.tallyStatus(["replay", "--topic", harness.topic, "--live-group", harness.group,
+                                                        "--consumer", "rater", "--partitions", "2"])
+        XCTAssertEqual(status, 0, output)
+        let schema = try XCTUnwrap(try harness.connection.query("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tally_replay_rater_%'").scalar)
+        let partitionCustomers = Set(try harness.connection.query("SELECT DISTINCT customer_id FROM tally.rater_event_keys WHERE partition = 2").rows.map { $0[0]! })
+        let shadowCustomers = Set(try harness.connection.query("SELECT DISTINCT customer_id FROM \(schema).wallets").rows.map { $0[0]! })
+        XCTAssertFalse(partitionCustomers.isEmpty)
+        XCTAssertEqual(shadowCustomers, partitionCustomers)
+        XCTAssertEqual(try harness.connection.query("SELECT array_agg(DISTINCT partition) FROM \(schema).wallet_ledger").scalar, "{2}")
+        XCTAssertEqual(try harness.connection.query("SELECT array_agg(partition) FROM \(schema).consumer_offsets").scalar, "{2}")
+    }
+
+    /// Reconcile recounts the topic: everything matches, until a window row and a rated total are changed by hand.
+    func testReconcileDetectsRowsChangedByHand() async throws {
+        let (harness, _) = try await preparedHarness()
+        let groups = ["--topic", harness.topic, "--aggregator-group", Self.aggregatorGroup(harness), "--rater-group", harness.group]
+        let clean = try harness.tallyStatus(["reconcile"] + groups)
+        XCTAssertEqual(clean.status, 0, clean.output)
+        XCTAssertTrue(clean.output.contains(", 0 mismatches"), clean.output)
+        let changed = try harness.connection.query("""
+            UPDATE tally.usage_windows_hourly SET output_tokens = output_tokens + 7
+            WHERE ctid = (SELECT ctid FROM tally.usage_windows_hourly WHERE customer_id = 'cust-5' ORDER BY window_start LIMIT 1)
+            RETURNING to_char(window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+            """).scalar
+        try harness.connection.query("""
+            UPDATE tally.rated_usage SET quantity = quantity - 1
+            WHERE ctid = (SELECT ctid FROM tally.rated_usage WHERE customer_id = 'cust-9' LIMIT 1)
+            """)
+        let broken = try harness.tallyStatus(["reconcile"] + groups)
+        XCTAssertEqual(broken.status, 1, broken.output)
+        XCTAssertTrue(broken.output.contains("usage_windows_hourly  cust-5 \(try XCTUnwrap(changed))"), broken.output)
+        XCTAssertTrue(broken.output.contains("rated_usage           cust-9 "), broken.output)
+        XCTAssertTrue(broken.output.contains(", 2 mismatches"), broken.output)
+        let other = try harness.tallyStatus(["reconcile", "--customer", "cust-12"] + groups)
+        XCTAssertEqual(other.status, 0, "other customers still match\n\(other.output)")
+    }
+}
