@@ -15,7 +15,8 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
 
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
-        try tables.commit(batch) { _ in
+        // Stateless between batches: a promoted state (replay) needs nothing here.
+        try tables.commit(batch) { _, _ in
             // 2. Dedup against stored keys, then decide (pure) which events count.
             let stored = try tables.storedHashes(Deduplicator.keys(of: batch.events), table: "usage_event_keys")
             let decision = Deduplicator.decide(batch.events, stored: stored)

@@ -105,7 +105,8 @@ public final class ConsumerTables: @unchecked Sendable {
 
     /// Runs `apply` in one transaction after moving the batch's offsets; see the numbered
     /// steps here and in `apply` for what a crash at each point means.
-    public func commit(_ batch: PreparedBatch, apply: (PostgresConnection) throws -> DedupSummary) throws -> CommitOutcome {
+    /// `apply` gets each moved partition's `state_version` (see migration 0006).
+    public func commit(_ batch: PreparedBatch, apply: (PostgresConnection, [Int32: Int64]) throws -> DedupSummary) throws -> CommitOutcome {
         struct MoveFailed: Error { let partitions: Set<Int32> }
         do {
             return try connection.transaction { connection -> CommitOutcome in
@@ -119,16 +120,21 @@ public final class ConsumerTables: @unchecked Sendable {
                     FROM unnest($3::int[], $4::bigint[], $5::bigint[], $6::bigint[]) AS m(partition, expected, next, epoch)
                     WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition
                       AND o.next_offset = m.expected AND o.owner_epoch = m.epoch
-                    RETURNING o.partition
+                    RETURNING o.partition, o.state_version
                     """, [group, topic, PostgresArray(partitions), PostgresArray(partitions.map { batch.moves[$0]!.expected }),
                           PostgresArray(partitions.map { batch.moves[$0]!.next }), PostgresArray(partitions.map { batch.moves[$0]!.epoch })])
                 var movedPartitions = Set<Int32>()
-                for row in 0..<moved.rowCount { movedPartitions.insert(Int32(try moved.int64(row, 0)!)) }
+                var stateVersions: [Int32: Int64] = [:]
+                for row in 0..<moved.rowCount {
+                    let partition = Int32(try moved.int64(row, 0)!)
+                    movedPartitions.insert(partition)
+                    stateVersions[partition] = try moved.int64(row, 1)!
+                }
                 let missing = Set(partitions).subtracting(movedPartitions)
                 // Throwing rolls the transaction back before anything else was written.
                 if !missing.isEmpty { throw MoveFailed(partitions: missing) }
                 // 2.–5. The consumer's own writes.
-                let summary = try apply(connection)
+                let summary = try apply(connection, stateVersions)
                 // 6. COMMIT (by transaction()). A crash before the reply leaves the outcome
                 //    unknown to us; the next commit's CAS tells (see `.resync`).
                 return .committed(summary)

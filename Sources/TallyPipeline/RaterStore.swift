@@ -22,6 +22,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     private var engine = RatingEngine(catalog: PriceCatalog(books: []))
     /// What this instance knows of its customers' charges, wallets and settings.
     private var state = RatingState()
+    /// The `state_version` of each partition the cached state was read under.
+    private var stateVersions: [Int32: Int64] = [:]
     /// Charge totals that have a row in PostgreSQL (updated in place; the others are inserted).
     private var storedCharges = Set<ChargeKey>()
     /// Customers whose settings and wallets are in `state` (with or without a stored row).
@@ -49,6 +51,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
 
     private func forgetState() {
         state = RatingState()
+        stateVersions.removeAll()
         storedCharges.removeAll()
         cachedCustomers.removeAll()
     }
@@ -59,7 +62,12 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         try forgetProfilesIfChanged()
         if state.charges.count > maxCachedCharges { forgetState() }
         do {
-            let outcome = try tables.commit(batch) { _ in try apply(batch) }
+            let outcome = try tables.commit(batch) { _, versions in
+                // A replay promoted new state under us: what is cached is stale.
+                if versions.contains(where: { partition, version in stateVersions[partition].map { $0 != version } ?? false }) { forgetState() }
+                stateVersions.merge(versions) { $1 }
+                return try apply(batch)
+            }
             if case .committed = outcome {} else { forgetState() }
             return outcome
         } catch {

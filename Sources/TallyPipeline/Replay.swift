@@ -92,7 +92,7 @@ public struct TableChecksum: Sendable, Equatable {
 }
 
 public enum StateChecksum {
-    static let volatileColumns = ["committed_at", "recorded_at", "published_at", "owner_epoch", "owner_instance", "consumer_group", "id"]
+    static let volatileColumns = ["committed_at", "recorded_at", "published_at", "owner_epoch", "owner_instance", "state_version", "consumer_group", "id"]
 
     /// Checksums of a consumer's tables in `schema`, per table and, where a table has a
     /// partition column, per partition. `group` selects the rows of shared tables.
@@ -205,5 +205,90 @@ public enum ReplayDiff {
                                 "reasoning_output_tokens", "event_count"])
         }
         return differences
+    }
+}
+
+public enum PromoteOutcome: Sendable, Equatable {
+    case promoted(customers: Int)
+    /// The live consumer moved past the replay on these partitions: replay further, then retry.
+    case liveAhead([Int32])
+}
+
+extension ShadowSchema {
+    /// Replaces the live state of the replayed partitions with the shadow's, in one transaction.
+    ///
+    /// Handover: the live group's offset rows are locked first, so a live commit waits (its
+    /// compare-and-set is the first statement of its transaction). If the live consumer stands
+    /// past the replay on any partition, nothing changes (`.liveAhead`). Otherwise the customers
+    /// of those partitions get the replayed rows, the live offsets become the replay's and their
+    /// `state_version` is bumped: a live consumer behind the replay fails its next compare-and-set
+    /// and resumes from the new offset; one level with it continues, and a consumer that caches
+    /// state (the rater) sees the new version and reads the promoted state first. Nothing that
+    /// arrived during the replay is lost or counted twice: it is in the replayed state exactly
+    /// up to the offsets handed over. Price books the replay applied are added to the live catalog.
+    public func promote(on connection: PostgresConnection, liveGroup: String, replayGroup: String, topic: String,
+                        partitions: Set<Int32>?) throws -> PromoteOutcome {
+        try connection.transaction { connection -> PromoteOutcome in
+            var replayed: [Int32: Int64] = [:]
+            let replay = try connection.query("SELECT partition, next_offset FROM \(name).consumer_offsets WHERE consumer_group = $1 AND topic = $2",
+                                              [replayGroup, topic])
+            for row in 0..<replay.rowCount { replayed[Int32(try replay.int64(row, 0)!)] = try replay.int64(row, 1)! }
+            let chosen = (partitions ?? Set(replayed.keys)).sorted()
+            let live = try connection.query("""
+                SELECT partition, next_offset FROM tally.consumer_offsets
+                WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[]) ORDER BY partition FOR UPDATE
+                """, [liveGroup, topic, PostgresArray(chosen)])
+            var ahead: [Int32] = []
+            for row in 0..<live.rowCount {
+                let partition = Int32(try live.int64(row, 0)!)
+                if try live.int64(row, 1)! > replayed[partition] ?? 0 { ahead.append(partition) }
+            }
+            if !ahead.isEmpty { return .liveAhead(ahead) }
+
+            let scope: [(any PostgresEncodable)?] = [PostgresArray(chosen)]
+            try connection.query("""
+                CREATE TEMPORARY TABLE promoted_customers ON COMMIT DROP AS
+                SELECT customer_id FROM \(name).\(consumer.keysTable) WHERE partition = ANY($1::int[])
+                UNION SELECT customer_id FROM tally.\(consumer.keysTable) WHERE partition = ANY($1::int[])
+                """, scope)
+            for table in consumer.tables where table != "consumer_offsets" {
+                let columns = try connection.query("""
+                    SELECT column_name FROM information_schema.columns WHERE table_schema = 'tally' AND table_name = $1 AND column_name <> 'id'
+                    ORDER BY ordinal_position
+                    """, [table]).rows.compactMap { $0[0] }
+                let list = columns.joined(separator: ", ")
+                if columns.contains("consumer_group") {
+                    // Shared tables: this consumer's rows of these partitions, under the live group's name.
+                    let selected = columns.map { $0 == "consumer_group" ? "$2::text" : $0 }.joined(separator: ", ")
+                    try connection.query("DELETE FROM tally.\(table) WHERE consumer_group = $2 AND partition = ANY($1::int[])", scope + [liveGroup])
+                    try connection.query("INSERT INTO tally.\(table) (\(list)) SELECT \(selected) FROM \(name).\(table) WHERE partition = ANY($1::int[])",
+                                         scope + [liveGroup])
+                } else if columns.contains("published_at"), let id = columns.first {
+                    // Alerts and top-up requests already published keep their stamp: same id, same crossing.
+                    try connection.query("""
+                        DELETE FROM tally.\(table) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)
+                          AND \(id) NOT IN (SELECT \(id) FROM \(name).\(table))
+                        """)
+                    try connection.query("""
+                        INSERT INTO tally.\(table) (\(list)) SELECT \(list) FROM \(name).\(table)
+                        WHERE customer_id IN (SELECT customer_id FROM promoted_customers) ON CONFLICT DO NOTHING
+                        """)
+                } else {
+                    try connection.query("DELETE FROM tally.\(table) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)")
+                    try connection.query("INSERT INTO tally.\(table) (\(list)) SELECT \(list) FROM \(name).\(table) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)")
+                }
+            }
+            if consumer == .rater, try connection.query("SELECT to_regclass($1)", ["\(name).price_books"]).scalar != nil {
+                try connection.query("INSERT INTO tally.price_books SELECT * FROM \(name).price_books ON CONFLICT DO NOTHING")
+            }
+            try connection.query("""
+                INSERT INTO tally.consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, state_version)
+                SELECT $1, $2, p, n, 0, 1 FROM unnest($3::int[], $4::bigint[]) AS x(p, n)
+                ON CONFLICT (consumer_group, topic, partition)
+                DO UPDATE SET next_offset = EXCLUDED.next_offset, state_version = o.state_version + 1
+                """, [liveGroup, topic, PostgresArray(chosen), PostgresArray(chosen.map { replayed[$0] ?? 0 })])
+            let customers = try connection.query("SELECT count(*) FROM promoted_customers").int64(0, 0) ?? 0
+            return .promoted(customers: Int(customers))
+        }
     }
 }

@@ -27,6 +27,8 @@ struct Replay: ParsableCommand {
     @Option(help: "Only these partitions, comma-separated (e.g. 0,3); their customers only.") var partitions: String?
     @Option(help: "A price book file to rate the replay with (applied in the shadow schema only; rater).") var pricing: String?
     @Flag(help: "Drop the shadow schema after the report.") var dryRun = false
+    @Flag(help: "After the report, replace the live state of the replayed partitions with the replayed one and hand over to the live consumer.")
+    var promote = false
     @Option(help: "The live consumer group to compare with. Default: tally-<consumer>.") var liveGroup: String?
     @Option(help: "table or json.") var format = "table"
     @Option(help: "Records per batch.") var batchSize = 50_000
@@ -34,6 +36,7 @@ struct Replay: ParsableCommand {
     func validate() throws {
         guard ReplayedConsumer(rawValue: consumer) != nil else { throw ValidationError("--consumer: aggregator or rater") }
         if pricing != nil && consumer != "rater" { throw ValidationError("--pricing applies to the rater") }
+        if promote && dryRun { throw ValidationError("--promote and --dry-run exclude each other") }
         _ = try partitionSet()
     }
 
@@ -80,14 +83,33 @@ struct Replay: ParsableCommand {
         let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: SharedFlag())
         try loop.run()
         meter.finish(loop.stats)
+        let live = liveGroup ?? replayed.liveGroup
 
-        let report = try ReplayReport.build(connection: connection, shadow: shadow, liveGroup: liveGroup ?? replayed.liveGroup,
+        let report = try ReplayReport.build(connection: connection, shadow: shadow, liveGroup: live,
                                             replayGroup: settings.group, topic: settings.topic, partitions: subset)
         // Written directly, unbuffered: the report is whole before anything else reaches standard error.
         FileHandle.standardOutput.write(Data((format == "json" ? report.json() : report.table()).utf8))
         if dryRun {
             try shadow.drop(on: connection)
             print("dropped \(shadow.name) (--dry-run)", to: &standardError)
+        }
+        if promote {
+            // The live consumer may have moved on during the replay: replay further until the
+            // handover finds it at or behind the replay.
+            for attempt in 1...20 {
+                switch try shadow.promote(on: connection, liveGroup: live, replayGroup: settings.group, topic: settings.topic, partitions: subset) {
+                case .promoted(let customers):
+                    print("promoted \(shadow.name) into tally: \(customers) customers\(subset.map { " of partitions \($0.sorted().map(String.init).joined(separator: ","))" } ?? ""); the live consumer continues from the replayed offsets",
+                          to: &standardError)
+                    return
+                case .liveAhead(let partitions):
+                    print("  handover \(attempt): the live consumer is ahead on partitions \(partitions); replaying the rest", to: &standardError)
+                    let more = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: SharedFlag())
+                    try more.run()
+                }
+            }
+            print("could not hand over: the live consumer kept moving ahead; the shadow schema \(shadow.name) is kept", to: &standardError)
+            throw ExitCode(2)
         }
         if !report.identical { throw ExitCode(1) }
     }

@@ -256,6 +256,18 @@ final class InvoiceBuilderTests: XCTestCase {
         XCTAssertEqual(invoice.lines.last?.amountNanos, -1_230_000_000)
     }
 
+    /// A closed period re-rated at a lower price (replay after a price change, promoted): the next
+    /// invoice carries a credit note for it; the closed invoice is not rewritten.
+    func testRepricingAClosedPeriodGivesACreditNote() {
+        var inputs = InvoiceInputs(customerID: "acme", period: november, currency: usd)
+        inputs.charges = [RatedCharge(periodStart: october.start, item: item("gpt-4o", .output), quantity: 1_000_000, amountNanos: 8_000_000_000, pricing: "8.00")]
+        inputs.invoiced = [InvoicedCharge(periodStart: october.start, item: item("gpt-4o", .output), quantity: 1_000_000, exactNanos: 10_000_000_000)]
+        let invoice = InvoiceBuilder.build(inputs)
+        XCTAssertEqual(invoice.lines.map(\.description), ["Credit note (repricing) for 2026-10: gpt-4o output tokens"])
+        XCTAssertEqual(invoice.lines.first?.quantity, 0)
+        XCTAssertEqual(usd.format(invoice.totalDueNanos), "-2.00")
+    }
+
     func testNothingToBillGivesNoLines() {
         XCTAssertTrue(InvoiceBuilder.build(InvoiceInputs(customerID: "idle", period: november, currency: usd)).isEmpty)
     }

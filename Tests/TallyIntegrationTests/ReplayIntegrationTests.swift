@@ -128,4 +128,59 @@ final class ReplayIntegrationTests: XCTestCase {
         let other = try harness.tallyStatus(["reconcile", "--customer", "cust-12"] + groups)
         XCTAssertEqual(other.status, 0, "other customers still match\n\(other.output)")
     }
+
+    /// Promote a replay with new prices while events keep arriving: afterwards the live state is
+    /// exact (reconcile recounts it from the topic at the new prices), a second replay finds nothing
+    /// to change, and the partitions not replayed keep their rows byte for byte.
+    func testPromoteWhileEventsKeepArrivingLeavesAnExactState() async throws {
+        let harness = try AggregatorHarness()
+        try RaterIntegrationTests.applyPrices(harness)
+        let events = AggregatorHarness.events(count: 6_000, seed: 81, customers: 30)
+        try await harness.publish((0..<30).map { RaterIntegrationTests.grant("g-\($0)", customer: "cust-\($0)", amount: "15") }
+                                  + events.map { ($0.subject, EventEncoder.encode($0)) })
+        let live = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), live.log)
+        // The rows that exist now on the other partitions (events keep arriving there too).
+        let bound = try harness.storedOffsets()
+        let otherPartitions = """
+            SELECT partition, count(*), md5(string_agg(to_jsonb(l)::text, '|' ORDER BY partition, record_offset, seq)) FROM tally.wallet_ledger l
+            WHERE partition <> 1 AND record_offset < (ARRAY[\((0..<4).map { String(bound[Int32($0)] ?? 0) }.joined(separator: ","))])[partition + 1]
+            GROUP BY 1 ORDER BY 1
+            """
+        let othersBefore = try harness.connection.query(otherPartitions).rows
+
+        // Events keep arriving during the replay and the handover.
+        let arriving = Task {
+            for round in 0..<30 {
+                try await harness.publish(AggregatorHarness.events(count: 100, seed: 900 + UInt64(round), customers: 30, prefix: "during-\(round)")
+                    .map { ($0.subject, EventEncoder.encode($0)) })
+                try await Task.sleep(for: .milliseconds(250))
+            }
+        }
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("new-prices") + ".yaml")
+        try RaterIntegrationTests.priceBook.replacingOccurrences(of: #"output: "10.00""#, with: #"output: "12.00""#)
+            .write(to: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let (status, output) = try harness.tallyStatus(["replay", "--consumer", "rater", "--topic", harness.topic, "--live-group", harness.group,
+                                                        "--partitions", "1", "--pricing", file.path, "--promote"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("promoted tally_replay_rater_"), output)
+        try await arriving.value
+        XCTAssertTrue(try harness.waitUntilConsumed(), live.log)
+
+        XCTAssertEqual(try harness.connection.query(otherPartitions).rows, othersBefore, "partitions not replayed keep their rows")
+        let onPartitionOne = "SELECT DISTINCT customer_id FROM tally.rater_event_keys WHERE partition = 1"
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.rated_usage WHERE book_version = 1 AND customer_id IN (\(onPartitionOne))").scalar, "0",
+                       "partition 1's customers are rated with the new version only")
+        XCTAssertGreaterThan(Int(try harness.connection.query("SELECT count(*) FROM tally.rated_usage WHERE book_version = 1").scalar ?? "0") ?? 0, 0,
+                             "the other partitions' customers keep the version they were rated with until they are replayed")
+        let reconcile = try harness.tallyStatus(["reconcile", "--topic", harness.topic, "--rater-group", harness.group, "--partition", "1",
+                                                 "--aggregator-group", "none"])
+        XCTAssertEqual(reconcile.status, 0, "partition 1 is exact at the new prices\n\(reconcile.output)\n\(live.log)")
+        let again = try harness.tallyStatus(["replay", "--consumer", "rater", "--topic", harness.topic, "--live-group", harness.group,
+                                             "--partitions", "1", "--dry-run"])
+        XCTAssertEqual(again.status, 0, "a second replay finds nothing to change\n\(again.output)")
+        live.signal(SIGTERM)
+        XCTAssertEqual(live.wait(timeout: .seconds(30)), 0, live.log)
+    }
 }

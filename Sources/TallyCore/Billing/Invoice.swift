@@ -134,7 +134,9 @@ public enum InvoiceBuilder {
             let exact = charge.amountNanos - already.exact
             guard quantity != 0 || exact != 0 else { continue }
             let periodLabel = BillingPeriod(start: charge.periodStart, end: charge.periodStart).label
-            line(.adjustment, "Late usage for \(periodLabel): \(charge.item.model) \(label(charge.item.tokenType)) tokens",
+            // Same quantity, other amount: the period was re-rated (a replay after a price change).
+            let reason = quantity == 0 ? (exact < 0 ? "Credit note" : "Debit note") + " (repricing)" : "Late usage"
+            line(.adjustment, "\(reason) for \(periodLabel): \(charge.item.model) \(label(charge.item.tokenType)) tokens",
                  covers: charge.periodStart, item: charge.item, quantity: quantity, unitPrice: charge.pricing, exact: exact)
         }
         if inputs.subscriptionFeeNanos > 0 {
