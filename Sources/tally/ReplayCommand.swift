@@ -15,8 +15,8 @@ struct Replay: ParsableCommand {
             retained offset, said plainly) in a consumer group of its own, into schema tally_replay_<consumer>_<id>, \
             with the price books in force (or --pricing FILE applied on top, for the replay only). It shows progress \
             per partition and ends with a report: per customer and line item, live versus replayed, and per table the \
-            checksums of both. Exit 0: nothing differs; 1: something does. The shadow schema is kept for inspection \
-            (dropped with --dry-run).
+            checksums of both. Exit 0: nothing differs (or --promote handed over); 1: something differs; 2: the handover \
+            did not succeed. The shadow schema is kept for inspection (dropped with --dry-run, or once promoted).
             """)
 
     @OptionGroup var database: DatabaseOptions
@@ -99,6 +99,7 @@ struct Replay: ParsableCommand {
             for attempt in 1...20 {
                 switch try shadow.promote(on: connection, liveGroup: live, replayGroup: settings.group, topic: settings.topic, partitions: subset) {
                 case .promoted(let customers):
+                    try shadow.drop(on: connection)
                     print("promoted \(shadow.name) into tally: \(customers) customers\(subset.map { " of partitions \($0.sorted().map(String.init).joined(separator: ","))" } ?? ""); the live consumer continues from the replayed offsets",
                           to: &standardError)
                     return
