@@ -1,0 +1,82 @@
+import ArgumentParser
+import Foundation
+import Logging
+import TallyCLI
+import TallyKafka
+import TallyPostgres
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Per consumer group and partition: stored offset, log end, lag, last commit and owning instance.",
+        discussion: "Positions are the ones stored in PostgreSQL (where consumers resume from). Exit 1 when a lag exceeds --max-lag.")
+    @OptionGroup var database: DatabaseOptions
+    @OptionGroup var kafka: KafkaOptions
+    @OptionGroup var logging: LoggingOptions
+    @Option(help: "Only this consumer group.") var group: String?
+    @Option(help: "Exit 1 when any partition lags by more records than this.") var maxLag: Int64?
+    @Flag(help: "Also list replay groups (tally-replay-*).") var includeReplays = false
+    @Option(help: "table, json or csv.") var format = "table"
+
+    func run() throws {
+        let logger = makeLogger(logging, label: "tally.status")
+        let connection = try connect(database, label: "tally.status")
+        let rows = try connection.query("""
+            SELECT consumer_group, partition, next_offset,
+                   coalesce(to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), ''), coalesce(owner_instance, '')
+            FROM consumer_offsets WHERE topic = $1 AND ($2::text IS NULL OR consumer_group = $2)
+              AND ($3 OR consumer_group NOT LIKE 'tally-replay-%')
+            ORDER BY consumer_group, partition
+            """, [kafka.topic, group, includeReplays])
+        var positions: [(group: String, partition: Int32, next: Int64, committed: String, owner: String)] = []
+        for row in 0..<rows.rowCount {
+            positions.append((rows.string(row, 0)!, Int32(try rows.int64(row, 1)!), try rows.int64(row, 2)!, rows.string(row, 3)!, rows.string(row, 4)!))
+        }
+        let ends = try logEnds(Set(positions.map(\.partition)), logger: logger)
+        var worst: Int64 = 0
+        let table = positions.map { position -> [String] in
+            let end = ends[position.partition]
+            let lag = end.map { max(0, $0 - position.next) }
+            worst = max(worst, lag ?? 0)
+            return [position.group, String(position.partition), String(position.next), end.map(String.init) ?? "?", lag.map(String.init) ?? "?",
+                    position.committed, position.owner]
+        }
+        print(TableRenderer.render(header: ["group", "partition", "stored_offset", "log_end", "lag", "last_commit", "owner"], rows: table,
+                                   format: format, numericFrom: 1), terminator: "")
+        if let maxLag, worst > maxLag {
+            print("lag \(worst) exceeds --max-lag \(maxLag)", to: &standardError)
+            throw ExitCode(1)
+        }
+    }
+
+    /// The log end of each partition: the larger of the queried end and the end carried by a
+    /// fetch (Tansu answers the query with the last batch's base offset + 1; Apache Kafka answers
+    /// it exactly, and a fetch never reports more than the true end).
+    func logEnds(_ partitions: Set<Int32>, logger: Logger) throws -> [Int32: Int64] {
+        guard !partitions.isEmpty else { return [:] }
+        let consumer = try KafkaConsumer(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties),
+                                         groupID: nil, logger: logger)
+        defer { consumer.close() }
+        var ends: [Int32: Int64] = [:]
+        var starts: [TopicPartition: Int64] = [:]
+        for partition in partitions {
+            let topicPartition = TopicPartition(kafka.topic, partition)
+            let queried = try consumer.queryWatermarks(topicPartition)
+            ends[partition] = queried.high
+            // Fetch the last record the query knows of: the response carries the true end.
+            starts[topicPartition] = max(queried.low, queried.high - 1)
+        }
+        try consumer.assign(starts)
+        let deadline = ContinuousClock.now + .seconds(5)
+        var seen = Set<Int32>()
+        while seen.count < partitions.count && ContinuousClock.now < deadline {
+            _ = consumer.poll(maxRecords: 1000, timeout: .milliseconds(200))
+            for partition in partitions {
+                if let cached = consumer.cachedWatermarks(TopicPartition(kafka.topic, partition)) {
+                    ends[partition] = max(ends[partition] ?? 0, cached.high)
+                    seen.insert(partition)
+                }
+            }
+        }
+        return ends
+    }
+}
