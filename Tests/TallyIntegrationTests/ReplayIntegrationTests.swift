@@ -3,7 +3,7 @@ import TallyCore
 import TallyPostgres
 import XCTest
 
-/// `tally replay` and `tally checksum` with the real executables, broker and PostgreSQL.
+/// `tally replay`, `checksum` and `reconcile`, and the dashboard views, with the real executables, broker and PostgreSQL.
 final class ReplayIntegrationTests: XCTestCase {
     /// A rated and aggregated log: grants, usage with duplicates, a poison record.
     func preparedHarness() async throws -> (AggregatorHarness, [UsageEvent]) {
@@ -182,5 +182,42 @@ final class ReplayIntegrationTests: XCTestCase {
         XCTAssertEqual(again.status, 0, "a second replay finds nothing to change\n\(again.output)")
         live.signal(SIGTERM)
         XCTAssertEqual(live.wait(timeout: .seconds(30)), 0, live.log)
+    }
+
+    /// The dashboard views over a known dataset, checked against the test's own recount.
+    func testDashboardViewsMatchTheDataset() async throws {
+        let (harness, events) = try await preparedHarness()
+        var seen = Set<String>()
+        let distinct = events.filter { seen.insert($0.subject + "/" + $0.id).inserted }
+        // Usage per customer, model and day.
+        var daily: [String: Int64] = [:]
+        for event in distinct { daily["\(event.subject)|\(event.model)|\(event.time.text.prefix(10))", default: 0] += event.inputTokens + event.outputTokens }
+        let usage = try harness.connection.query("SELECT customer_id, model, day::text, total_tokens FROM tally.dashboard_usage_daily")
+        var stored: [String: Int64] = [:]
+        for row in 0..<usage.rowCount { stored["\(usage.string(row, 0)!)|\(usage.string(row, 1)!)|\(usage.string(row, 2)!)"] = try usage.int64(row, 3)! }
+        XCTAssertEqual(stored, daily)
+        // Top customer by tokens.
+        var perCustomer: [String: Int64] = [:]
+        for event in distinct { perCustomer[event.subject, default: 0] += event.inputTokens + event.outputTokens }
+        let top = perCustomer.max { $0.value < $1.value }!
+        XCTAssertEqual(try harness.connection.query("SELECT customer_id, total_tokens FROM tally.dashboard_top_customers WHERE rank = 1").rows,
+                       [[top.key, String(top.value)]])
+        // Revenue per model: the independent charges, summed per model.
+        var revenue: [String: Int64] = [:]
+        for model in RaterIntegrationTests.rates.keys {
+            revenue[model] = RaterIntegrationTests.expectedCharges(distinct.filter { $0.model == model }).values.reduce(0) { $0 + $1.values.reduce(0, +) }
+        }
+        let models = try harness.connection.query("SELECT model, (revenue * 1000000000)::bigint FROM tally.dashboard_model_revenue")
+        var storedRevenue: [String: Int64] = [:]
+        for row in 0..<models.rowCount { storedRevenue[models.string(row, 0)!] = try models.int64(row, 1)! }
+        XCTAssertEqual(storedRevenue, revenue.filter { $0.value > 0 })
+        // cust-0: thresholds 30 and 10, a 20.00 grant: below its threshold.
+        XCTAssertEqual(try harness.connection.query("SELECT threshold::text, below_threshold FROM tally.dashboard_wallets WHERE customer_id = 'cust-0'").rows,
+                       [["30.0000000000000000", "t"]])
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.dashboard_wallets WHERE below_threshold AND customer_id <> 'cust-0'").scalar, "0",
+                       "customers without thresholds are never below one")
+        // The poison record, once per consumer group.
+        XCTAssertEqual(try harness.connection.query("SELECT sum(records) FROM tally.dashboard_rejections WHERE kind = 'dead_letter' AND reason = 'malformed_json'").scalar, "2")
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.dashboard_consumer_positions WHERE topic = $1 AND seconds_since_commit >= 0", [harness.topic]).scalar, "8")
     }
 }
