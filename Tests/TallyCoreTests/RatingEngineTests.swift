@@ -272,3 +272,24 @@ final class InvoiceBuilderTests: XCTestCase {
         XCTAssertTrue(InvoiceBuilder.build(InvoiceInputs(customerID: "idle", period: november, currency: usd)).isEmpty)
     }
 }
+
+final class UsageReportTests: XCTestCase {
+    func testReportRendersChartsAndEscapesText() {
+        let period = BillingPeriod.parse("2026-02", anchorDay: 1)!
+        let days = UsageReport.days(of: period)
+        XCTAssertEqual(days.count, 28)
+        XCTAssertEqual(days.first, "2026-02-01")
+        let report = UsageReport(customerID: "<acme & co>", period: period, currency: Currency("USD")!, days: days,
+                                 tokensByModel: ["gpt-4o": Array(repeating: 10, count: 28), "o3-mini": Array(repeating: 5, count: 28)],
+                                 spendNanos: Array(repeating: 250_000_000, count: 28), balanceNanos: (0..<28).map { 10_000_000_000 - Int64($0) * 250_000_000 },
+                                 eventCount: 56)
+        let html = UsageReportRenderer.html(report)
+        XCTAssertTrue(html.contains("Usage of &lt;acme &amp; co&gt;"))
+        XCTAssertFalse(html.contains("<acme"))
+        XCTAssertTrue(html.contains(#"id="total-tokens">420<"#))
+        XCTAssertTrue(html.contains(#"id="total-spend">7.00 USD<"#))
+        XCTAssertTrue(html.contains(#"id="closing-balance">3.25 USD<"#))
+        XCTAssertEqual(html.components(separatedBy: "<polyline").count - 1, 3, "two models and the balance")
+        XCTAssertEqual(html.components(separatedBy: "<rect").count - 1, 28, "a bar per day")
+    }
+}

@@ -220,4 +220,24 @@ final class ReplayIntegrationTests: XCTestCase {
         XCTAssertEqual(try harness.connection.query("SELECT sum(records) FROM tally.dashboard_rejections WHERE kind = 'dead_letter' AND reason = 'malformed_json'").scalar, "2")
         XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.dashboard_consumer_positions WHERE topic = $1 AND seconds_since_commit >= 0", [harness.topic]).scalar, "8")
     }
+
+    /// The HTML report of a customer's period carries the right totals: tokens and calls recounted
+    /// here, spend and closing balance from the independent charges.
+    func testUsageReportNumbers() async throws {
+        let (harness, events) = try await preparedHarness()
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("reports")).path
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let output = try harness.tally(["report", "--customer", "cust-1", "--period", "2026-11", "--output-dir", folder])
+        let html = try String(contentsOfFile: folder + "/report-cust-1-2026-11.html", encoding: .utf8)
+        var seen = Set<String>()
+        let mine = events.filter { $0.subject == "cust-1" && seen.insert($0.id).inserted }
+        let charges = RaterIntegrationTests.expectedCharges(mine)["cust-1"]!["2026-11"]!
+        let usd = Currency("USD")!
+        XCTAssertTrue(html.contains(#"id="total-tokens">\#(mine.reduce(0) { $0 + $1.totalTokens })<"#), output)
+        XCTAssertTrue(html.contains(#"id="total-events">\#(mine.count)<"#))
+        XCTAssertTrue(html.contains(#"id="total-spend">\#(usd.format(charges)) USD<"#), "spend")
+        XCTAssertTrue(html.contains(#"id="closing-balance">\#(usd.format(20_000_000_000 - charges)) USD<"#), "a 20.00 grant minus the charges")
+        XCTAssertEqual(html.components(separatedBy: "<svg").count - 1, 3, "three charts")
+        XCTAssertEqual(html.components(separatedBy: "<tr><td>2026-11-").count - 1, 30, "a row per day of the period")
+    }
 }

@@ -217,19 +217,7 @@ public enum InvoiceBuilder {
     /// The invoice as a standalone, printable HTML document.
     public static func html(_ invoice: Invoice) -> String {
         let currency = invoice.currency
-        func escape(_ text: String) -> String {
-            var out = ""
-            for c in text {
-                switch c {
-                case "&": out += "&amp;"
-                case "<": out += "&lt;"
-                case ">": out += "&gt;"
-                case "\"": out += "&quot;"
-                default: out.append(c)
-                }
-            }
-            return out
-        }
+        let escape = UsageReportRenderer.escape
         var rows = ""
         for line in invoice.lines {
             rows += "<tr class=\"\(line.kind.rawValue)\"><td>\(escape(line.description))</td><td class=\"n\">\(line.quantity.map(String.init) ?? "")</td>"
