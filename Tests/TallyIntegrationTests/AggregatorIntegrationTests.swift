@@ -41,9 +41,14 @@ final class AggregatorIntegrationTests: XCTestCase {
         let port = try XCTUnwrap(second.opsPort, second.log)
         XCTAssertEqual(try httpGet("http://127.0.0.1:\(port)/livez").status, 200)
         XCTAssertEqual(try httpGet("http://127.0.0.1:\(port)/readyz").status, 200)
-        let metrics = try httpGet("http://127.0.0.1:\(port)/metrics").body
+        var metrics = ""
         func sample(_ name: String) -> Double? {
             metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+        }
+        // The loop counts a batch once it settles it, just after the commit PostgreSQL already shows.
+        _ = try TestStack.eventually(timeout: .seconds(10)) {
+            metrics = try httpGet("http://127.0.0.1:\(port)/metrics").body
+            return sample("tally_aggregator_events_accepted_total") == 100
         }
         XCTAssertEqual(sample("tally_aggregator_events_accepted_total"), 100, "the restarted instance counted the 100 new events\n\(metrics)")
         XCTAssertEqual(sample("tally_aggregator_duplicates_total"), 500)
