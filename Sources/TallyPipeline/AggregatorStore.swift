@@ -29,6 +29,13 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             // 5. Conflicts and dead letters, idempotent by position.
             try tables.insertConflicts(decision.conflicts)
             try tables.insertDeadLetters(batch.deadLetters)
+            // Operational, not state: how long records took from ingest to their windows.
+            if let times = batch.recordTimes {
+                try connection.query("""
+                    INSERT INTO ingest_latency (consumer_group, records, oldest_record_at, newest_record_at)
+                    VALUES ($1, $2, to_timestamp($3::bigint / 1000.0), to_timestamp($4::bigint / 1000.0))
+                    """, [tables.group, batch.events.count + batch.grants.count + batch.deadLetters.count, times.oldest, times.newest])
+            }
             return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates,
                                 conflicts: decision.conflicts.count, deadLetters: batch.deadLetters.count)
         }

@@ -221,6 +221,9 @@ public final class ConsumerLoop: @unchecked Sendable {
             stats.records += 1
             metrics.records.increment()
             let logPosition = LogPosition(partition: record.partition, offset: record.offset)
+            if let time = record.timestampMilliseconds {
+                batch.recordTimes = (min(batch.recordTimes?.oldest ?? time, time), max(batch.recordTimes?.newest ?? time, time))
+            }
             switch ClassifiedRecord.classify(record.value, key: .some(record.key)) {
             case .event(.usage(let event)):
                 batch.events.append(PositionedEvent(event: event, position: logPosition))

@@ -23,6 +23,8 @@ public struct PreparedBatch: Sendable {
     public var deadLetters: [DeadLetter] = []
     /// Wallet grants: the rater credits them; the aggregator only moves past them.
     public var grants: [PositionedGrant] = []
+    /// Producer timestamps (ms) of the batch's oldest and newest records: when tally-ingest wrote them.
+    public var recordTimes: (oldest: Int64, newest: Int64)?
     /// partition → (expected current next_offset, new next_offset, claimed epoch)
     public var moves: [Int32: (expected: Int64, next: Int64, epoch: Int64)] = [:]
 

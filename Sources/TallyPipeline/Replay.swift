@@ -43,7 +43,8 @@ public struct ShadowSchema: Sendable {
         try connection.transaction { connection in
             // The name is generated (letters, digits, underscores), never user text.
             try connection.execute(script: "CREATE SCHEMA \(name)")
-            for table in consumer.tables {
+            // Operational tables too, so a replay's rows vanish with its schema.
+            for table in consumer.tables + (consumer == .aggregator ? ["ingest_latency"] : []) {
                 try connection.execute(script: "CREATE TABLE \(name).\(table) (LIKE tally.\(table) INCLUDING ALL)")
             }
             if pricing != nil {

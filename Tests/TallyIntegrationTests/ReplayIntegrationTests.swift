@@ -219,6 +219,12 @@ final class ReplayIntegrationTests: XCTestCase {
         // The poison record, once per consumer group.
         XCTAssertEqual(try harness.connection.query("SELECT sum(records) FROM tally.dashboard_rejections WHERE kind = 'dead_letter' AND reason = 'malformed_json'").scalar, "2")
         XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.dashboard_consumer_positions WHERE topic = $1 AND seconds_since_commit >= 0", [harness.topic]).scalar, "8")
+        // Ingest-to-window latency: every record the aggregator committed, with a non-negative latency.
+        let latency = try harness.connection.query("""
+            SELECT sum(records), bool_and(min_latency_seconds >= 0 AND max_latency_seconds >= min_latency_seconds)
+            FROM tally.dashboard_ingest_latency WHERE consumer_group = $1
+            """, [Self.aggregatorGroup(harness)]).rows
+        XCTAssertEqual(latency, [[String(harness.logEnd.values.reduce(0, +)), "t"]])
     }
 
     /// The HTML report of a customer's period carries the right totals: tokens and calls recounted
