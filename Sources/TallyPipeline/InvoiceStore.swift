@@ -17,10 +17,11 @@ public struct InvoiceStore {
     /// Closes the period labelled `YYYY-MM` (starting on each customer's anchor day) for every
     /// customer with something to bill, or only `customerID`. Periods already closed are left alone.
     public func close(periodLabel: String, customerID: String? = nil) throws -> [Invoice] {
-        let profiles = try catalog.profiles(try candidates(customerID))
+        let customers = try candidates(customerID)
+        let profiles = try catalog.profiles(customers)
         let priceCatalog = try catalog.loadCatalog()
         var closed: [Invoice] = []
-        for customer in try candidates(customerID).sorted() {
+        for customer in customers.sorted() {
             let profile = profiles[customer] ?? BillingProfile(customerID: customer)
             guard let period = BillingPeriod.parse(periodLabel, anchorDay: profile.anchorDay) else {
                 throw InvoiceError(message: "period \(periodLabel) is not YYYY-MM")

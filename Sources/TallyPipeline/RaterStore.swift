@@ -85,8 +85,9 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         try tables.storeKeys(decision.accepted, table: "rater_event_keys")
         // 3. Load what is not cached yet, rate (pure), write the changed state back.
         try loadCustomers(Set(decision.accepted.map(\.customerID)).subtracting(cachedCustomers))
-        try loadCharges(engine.chargeKeys(decision.accepted, profiles: state.profiles).filter { state.charges[$0] == nil })
-        let result = engine.apply(decision.accepted, to: &state)
+        let priced = engine.price(decision.accepted, profiles: state.profiles)
+        try loadCharges(engine.chargeKeys(priced).filter { state.charges[$0] == nil })
+        let result = engine.apply(priced, to: &state)
         try writeCharges(result.touchedCharges)
         try appendLedger(result.ledger)
         try writeWallets(result.touchedWallets)

@@ -38,9 +38,9 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertTrue(try harness.tally(["pricing", "apply", file.path]).contains("applied default version 1"))
     }
 
-    /// Charge per customer and billing month (label) of the distinct events: quantities per
-    /// model and token type, each priced once, rounded half up to a nano-unit.
-    static func expectedCharges(_ events: [UsageEvent]) -> [String: [String: Int64]] {
+    /// The charge of each line item of the distinct events, keyed customer, month, model and
+    /// token type: quantities summed per item, each priced once, rounded half up to a nano-unit.
+    static func expectedLineCharges(_ events: [UsageEvent]) -> [(customer: String, month: String, nanos: Int64)] {
         var quantities: [String: Int128] = [:]
         var seen = Set<String>()
         for event in events where seen.insert(event.subject + "\u{1}" + event.id).inserted {
@@ -53,12 +53,16 @@ final class RaterIntegrationTests: XCTestCase {
             quantities["\(event.subject)|\(month)|\(event.model)|input", default: 0] += input
             quantities["\(event.subject)|\(month)|\(event.model)|output", default: 0] += output
         }
-        var charges: [String: [String: Int64]] = [:]
-        for (key, quantity) in quantities {
+        return quantities.map { key, quantity in
             let parts = key.split(separator: "|").map(String.init)
-            let exact = quantity * Self.rates[parts[2]]![parts[3]]!
-            charges[parts[0], default: [:]][parts[1], default: 0] += Int64((exact + 500_000) / 1_000_000)
+            return (parts[0], parts[1], Int64((quantity * Self.rates[parts[2]]![parts[3]]! + 500_000) / 1_000_000))
         }
+    }
+
+    /// Charge per customer and billing month (label) of the distinct events.
+    static func expectedCharges(_ events: [UsageEvent]) -> [String: [String: Int64]] {
+        var charges: [String: [String: Int64]] = [:]
+        for line in expectedLineCharges(events) { charges[line.customer, default: [:]][line.month, default: 0] += line.nanos }
         return charges
     }
 
@@ -339,21 +343,6 @@ final class RaterIntegrationTests: XCTestCase {
 
     /// The usage lines an invoice should carry for these events: each (model, token type) rounded to the cent.
     func independentUsageLines(_ events: [UsageEvent]) throws -> Int64 {
-        var quantities: [String: Int128] = [:]
-        for event in events {
-            let rates = Self.rates[event.model]!
-            var input = Int128(event.inputTokens)
-            for (type, count) in [("cache_read", event.cacheReadInputTokens), ("cache_write", event.cacheWriteInputTokens)] where rates[type] != nil {
-                quantities["\(event.model)|\(type)", default: 0] += Int128(count)
-                input -= Int128(count)
-            }
-            quantities["\(event.model)|input", default: 0] += input
-            quantities["\(event.model)|output", default: 0] += Int128(event.outputTokens)
-        }
-        return quantities.reduce(0) { total, entry in
-            let parts = entry.key.split(separator: "|").map(String.init)
-            let nanos = Int64((entry.value * Self.rates[parts[0]]![parts[1]]! + 500_000) / 1_000_000)
-            return total + Currency("USD")!.roundToMinorUnit(nanos)
-        }
+        Self.expectedLineCharges(events).reduce(0) { $0 + Currency("USD")!.roundToMinorUnit($1.nanos) }
     }
 }

@@ -89,8 +89,12 @@ public enum Money {
 
     /// Nano-units as a decimal text with trailing zeros trimmed, at least `minimumFractionDigits`.
     public static func format(nanos: Int64, minimumFractionDigits: Int = 2) -> String {
-        let text = format(Int128(nanos), scale: nanoScale)
-        return padded(trimmed(text), minimumFractionDigits)
+        format(Int128(nanos), scale: nanoScale, minimumFractionDigits: minimumFractionDigits)
+    }
+
+    /// A whole number of 10^-scale units with trailing zeros trimmed, at least `minimumFractionDigits`.
+    static func format(_ value: Int128, scale: Int, minimumFractionDigits: Int) -> String {
+        padded(trimmed(format(value, scale: scale)), minimumFractionDigits)
     }
 
     /// A whole number of 10^-scale units as decimal text (`format(250, scale: 2)` = "2.50").

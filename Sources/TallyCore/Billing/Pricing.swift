@@ -27,25 +27,13 @@ public struct TokenRate: Hashable, Sendable, Comparable {
         return TokenRate(femtosPerToken: femtos)
     }
 
-    /// The price per 1M tokens as decimal text ("2.50").
+    /// The price per 1M tokens as decimal text, at least two decimals as prices are written ("2.50").
     public var perMillionText: String {
-        trimmedMoney(Money.format(femtosPerToken, scale: 9))
+        Money.format(femtosPerToken, scale: 9, minimumFractionDigits: 2)
     }
 
     /// Exact cost of `tokens` tokens in femto-units.
     func femtos(_ tokens: Int64) -> Int128 { Int128(tokens) * femtosPerToken }
-}
-
-private func trimmedMoney(_ text: String) -> String {
-    var text = Substring(text)
-    guard text.contains(".") else { return String(text) }
-    while text.last == "0" { text = text.dropLast() }
-    if text.last == "." { text = text.dropLast() }
-    // Keep at least two decimals, as prices are usually written.
-    let decimals = text.firstIndex(of: ".").map { text.distance(from: $0, to: text.endIndex) - 1 } ?? -1
-    if decimals < 0 { return text + ".00" }
-    if decimals < 2 { return text + String(repeating: "0", count: 2 - decimals) }
-    return String(text)
 }
 
 public enum PriceUnit: String, Sendable {

@@ -179,6 +179,19 @@ public enum RaterRecord: DedupCandidate, Equatable {
     public var customerID: String { key.customerID }
 }
 
+/// What a priced usage event adds: quantity per price item, charged in one currency.
+public struct UsageCharge: Sendable {
+    public let currency: Currency
+    public let periodStart: Int64
+    public let items: [(key: ChargeKey, quantity: Int64, pricing: PricingModel)]
+}
+
+/// A record with its charge worked out (usage no price book prices, and grants, have none).
+public struct PricedRecord: Sendable {
+    public let record: RaterRecord
+    public let charge: UsageCharge?
+}
+
 /// The state a batch reads: loaded from PostgreSQL for the batch's customers and charge keys.
 public struct RatingState: Sendable {
     public var charges: [ChargeKey: ChargeTotal] = [:]
@@ -229,19 +242,28 @@ public struct RatingEngine: Sendable {
 
     public init(catalog: PriceCatalog) { self.catalog = catalog }
 
-    /// The charge keys the given usage touches (to load their cumulative totals first).
-    public func chargeKeys(_ records: [RaterRecord], profiles: [String: BillingProfile]) -> Set<ChargeKey> {
-        var keys = Set<ChargeKey>()
-        for case .usage(let positioned) in records {
+    /// What prices each record, worked out once: the store reads the keys to load from it,
+    /// then `apply` charges with it.
+    public func price(_ records: [RaterRecord], profiles: [String: BillingProfile]) -> [PricedRecord] {
+        records.map { record in
+            guard case .usage(let positioned) = record else { return PricedRecord(record: record, charge: nil) }
             let event = positioned.event
             let profile = profiles[event.subject] ?? BillingProfile(customerID: event.subject)
-            guard let match = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time) else { continue }
-            let period = profile.period(containing: event.time.microseconds)
-            for (type, _) in match.prices.quantities(event) {
-                keys.insert(ChargeKey(customerID: event.subject, periodStart: period.start, item: item(match, type)))
+            guard let match = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time) else {
+                return PricedRecord(record: record, charge: nil)
             }
+            let period = profile.period(containing: event.time.microseconds)
+            let items = match.prices.quantities(event).map { type, quantity in
+                (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: item(match, type)), quantity: quantity,
+                 pricing: match.prices.prices[type]!)
+            }
+            return PricedRecord(record: record, charge: UsageCharge(currency: match.book.currency, periodStart: period.start, items: items))
         }
-        return keys
+    }
+
+    /// The charge keys priced usage touches (to load their cumulative totals first).
+    public func chargeKeys(_ priced: [PricedRecord]) -> Set<ChargeKey> {
+        Set(priced.flatMap { $0.charge?.items.map(\.key) ?? [] })
     }
 
     private func item(_ match: PriceMatch, _ type: TokenType) -> PriceItem {
@@ -249,10 +271,16 @@ public struct RatingEngine: Sendable {
                   model: match.prices.model, tokenType: type)
     }
 
-    /// Applies records (deduplicated, in log order per partition) to `state`.
+    /// Applies records (deduplicated, in log order per partition) to `state`, priced with its profiles.
     public func apply(_ records: [RaterRecord], to state: inout RatingState) -> RatingResult {
+        apply(price(records, profiles: state.profiles), to: &state)
+    }
+
+    /// Applies priced records (deduplicated, in log order per partition) to `state`.
+    public func apply(_ priced: [PricedRecord], to state: inout RatingState) -> RatingResult {
         var result = RatingResult()
-        for record in records {
+        for pricedRecord in priced {
+            let record = pricedRecord.record
             var seq: Int32 = 0
             let time: EventTime
             switch record {
@@ -262,7 +290,7 @@ public struct RatingEngine: Sendable {
             expireGrants(of: record.customerID, before: time.microseconds, position: record.position, seq: &seq, state: &state, result: &result)
             switch record {
             case .grant(let positioned): credit(positioned, seq: &seq, state: &state, result: &result)
-            case .usage(let positioned): charge(positioned, seq: &seq, state: &state, result: &result)
+            case .usage(let positioned): charge(positioned, pricedRecord.charge, seq: &seq, state: &state, result: &result)
             }
         }
         return result
@@ -309,19 +337,15 @@ public struct RatingEngine: Sendable {
         settle(key, from: before, at: grant.time.microseconds, position: positioned.position, seq: &seq, state: &state, result: &result)
     }
 
-    private func charge(_ positioned: PositionedEvent, seq: inout Int32, state: inout RatingState, result: inout RatingResult) {
+    private func charge(_ positioned: PositionedEvent, _ charge: UsageCharge?, seq: inout Int32, state: inout RatingState, result: inout RatingResult) {
         let event = positioned.event
-        let profile = state.profile(event.subject)
-        guard let match = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time) else {
+        guard let charge else {
             result.unpriced.append(positioned)
             return
         }
-        let period = profile.period(containing: event.time.microseconds)
         var delta: Int64 = 0
-        for (type, quantity) in match.prices.quantities(event) {
-            let key = ChargeKey(customerID: event.subject, periodStart: period.start, item: item(match, type))
-            let pricing = match.prices.prices[type]!
-            var total = state.charges[key] ?? ChargeTotal(quantity: 0, amountNanos: 0, currency: match.book.currency)
+        for (key, quantity, pricing) in charge.items {
+            var total = state.charges[key] ?? ChargeTotal(quantity: 0, amountNanos: 0, currency: charge.currency)
             total.quantity += quantity
             let amount = pricing.charge(total.quantity)
             delta += amount - total.amountNanos
@@ -330,12 +354,12 @@ public struct RatingEngine: Sendable {
             result.touchedCharges.insert(key)
         }
         guard delta != 0 else { return }
-        let key = WalletKey(customerID: event.subject, currency: match.book.currency)
+        let key = WalletKey(customerID: event.subject, currency: charge.currency)
         var wallet = state[wallet: key] ?? WalletState()
         let before = wallet.balanceNanos
         func entry(_ amount: Int64, grant: String?) {
             result.ledger.append(LedgerEntry(wallet: key, position: positioned.position, seq: seq, kind: .usage, amountNanos: amount,
-                                             grantID: grant, eventID: event.id, effectiveAt: event.time, periodStart: period.start))
+                                             grantID: grant, eventID: event.id, effectiveAt: event.time, periodStart: charge.periodStart))
             seq += 1
         }
         if delta > 0 {
