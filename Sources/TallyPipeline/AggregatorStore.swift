@@ -37,7 +37,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
                     """, [tables.group, batch.events.count + batch.grants.count + batch.deadLetters.count, times.oldest, times.newest])
             }
             return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates,
-                                conflicts: decision.conflicts.count, deadLetters: batch.deadLetters.count)
+                                conflicts: decision.conflicts, deadLetters: batch.deadLetters.count)
         }
     }
 

@@ -238,6 +238,28 @@ public final class ConsumerLoop: @unchecked Sendable {
         return batch
     }
 
+    /// One log line per committed dead letter and conflict, so an operator can find the record
+    /// by partition and offset; capped per batch so 10k poison records do not flood the log.
+    private func logRecordsSetAside(_ deadLetters: [DeadLetter], conflicts: [EventConflict]) {
+        let cap = 50
+        for letter in deadLetters.prefix(cap) {
+            logger.warning("dead-lettered a record", metadata: [
+                "partition": "\(letter.position.partition)", "offset": "\(letter.position.offset)",
+                "reason": "\(letter.reason.code)", "detail": "\(letter.reason.detail)",
+            ])
+        }
+        for conflict in conflicts.prefix(cap) {
+            logger.warning("event id seen before with another payload; the first counts", metadata: [
+                "partition": "\(conflict.position.partition)", "offset": "\(conflict.position.offset)",
+                "customer_id": "\(conflict.key.customerID)", "event_id": "\(conflict.key.eventID)",
+            ])
+        }
+        let omitted = max(0, deadLetters.count - cap) + max(0, conflicts.count - cap)
+        if omitted > 0 {
+            logger.warning("\(omitted) more dead letters or conflicts in this batch; see tally.dead_letters and tally.event_conflicts")
+        }
+    }
+
     /// Hands a batch to the commit queue.
     private func submit(_ batch: PreparedBatch) {
         let box = OutcomeBox()
@@ -266,13 +288,15 @@ public final class ConsumerLoop: @unchecked Sendable {
             stats.batches += 1
             stats.accepted += outcome.summary.accepted
             stats.duplicates += outcome.summary.duplicates
-            stats.conflicts += outcome.summary.conflicts
+            stats.conflicts += outcome.summary.conflicts.count
             stats.deadLetters += outcome.summary.deadLetters
             stats.grants += outcome.summary.grants
             stats.unpriced += outcome.summary.unpriced
             metrics.accepted.increment(by: outcome.summary.accepted)
             metrics.duplicates.increment(by: outcome.summary.duplicates)
-            metrics.conflicts.increment(by: outcome.summary.conflicts)
+            metrics.conflicts.increment(by: outcome.summary.conflicts.count)
+            logRecordsSetAside(flight.batch.deadLetters.filter { outcome.committed[$0.position.partition] != nil },
+                               conflicts: outcome.summary.conflicts)
             metrics.deadLetters.increment(by: outcome.summary.deadLetters)
             metrics.grants.increment(by: outcome.summary.grants)
             metrics.unpriced.increment(by: outcome.summary.unpriced)

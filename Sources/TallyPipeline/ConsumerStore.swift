@@ -54,7 +54,8 @@ public enum CommitOutcome: Sendable, Equatable {
 public struct DedupSummary: Sendable, Equatable {
     public var accepted = 0
     public var duplicates = 0
-    public var conflicts = 0
+    /// The events whose id was seen before with another payload (each logged by the loop).
+    public var conflicts: [EventConflict] = []
     public var deadLetters = 0
     /// Rater only: grants credited and usage events no price book prices.
     public var grants = 0

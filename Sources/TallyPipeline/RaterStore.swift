@@ -99,7 +99,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         // 5. Conflicts and dead letters, idempotent by position.
         try tables.insertConflicts(decision.conflicts)
         try tables.insertDeadLetters(batch.deadLetters)
-        return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates, conflicts: decision.conflicts.count,
+        return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates, conflicts: decision.conflicts,
                             deadLetters: batch.deadLetters.count, grants: result.grantsCredited, unpriced: result.unpriced.count)
     }
 

@@ -231,6 +231,7 @@ final class IngestService: Sendable {
         results.raw("[")
         var counts = (accepted: 0, rejected: 0, duplicate: 0, notWritten: 0)
         var firstViolations: [FieldViolation] = []
+        var notWrittenIDs: [String] = []
         for (index, outcome) in outcomes.enumerated() {
             results.raw(index == 0 ? "{" : ",{")
             results.key("index", first: true)
@@ -248,6 +249,7 @@ final class IngestService: Sendable {
                     results.integer(report.offset)
                 case .failure(let error):
                     counts.notWritten += 1
+                    if notWrittenIDs.count < 20 { notWrittenIDs.append(event.id) }
                     results.raw(#","status":"not_written","reason":"#)
                     results.string(error.description)
                 }
@@ -277,7 +279,8 @@ final class IngestService: Sendable {
         duplicates.increment(by: counts.duplicate)
         notWritten.increment(by: counts.notWritten)
         if counts.notWritten > 0 {
-            logger.warning("broker did not acknowledge \(counts.notWritten) events")
+            logger.warning("broker did not acknowledge \(counts.notWritten) events; the client was told to resend them",
+                           metadata: ["event_ids": "\(notWrittenIDs.joined(separator: ","))\(counts.notWritten > notWrittenIDs.count ? ",…" : "")"])
         }
         let summary: [(String, JSONField)] = [
             ("accepted", .number(Int64(counts.accepted))), ("rejected", .number(Int64(counts.rejected))),

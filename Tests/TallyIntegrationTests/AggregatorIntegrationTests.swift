@@ -208,6 +208,19 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertEqual(origins.count, 1000, "one DLQ record per poison record")
         XCTAssertTrue(dead.allSatisfy { $0.header("tally.source.topic").map { String(decoding: $0, as: UTF8.self) } == harness.topic })
         consumer.close()
+
+        // The structured log names dead-lettered records by partition and offset, as JSON fields.
+        let storedLetters = Set(try harness.connection.query(
+            "SELECT partition || '/' || record_offset || '/' || reason_code FROM tally.dead_letters").rows.map { $0[0]! })
+        let logged = aggregator.log.split(separator: "\n").compactMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }
+        XCTAssertTrue(logged.allSatisfy { $0["service"] as? String == "tally-aggregator" && $0["level"] != nil })
+        let loggedLetters = logged.filter { $0["msg"] as? String == "dead-lettered a record" }.map {
+            "\($0["partition"] as? String ?? "?")/\($0["offset"] as? String ?? "?")/\($0["reason"] as? String ?? "?")"
+        }
+        XCTAssertFalse(loggedLetters.isEmpty, aggregator.log)
+        XCTAssertTrue(Set(loggedLetters).isSubset(of: storedLetters), "\(Set(loggedLetters).subtracting(storedLetters))")
         aggregator.signal(SIGTERM)
         XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
     }
