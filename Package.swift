@@ -16,6 +16,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
     ],
     targets: [
         // C libraries: nothing but the module maps; each has exactly one Swift owner.
@@ -66,8 +67,9 @@ let package = Package(
         .executableTarget(
             name: "tally-ingest",
             dependencies: [
-                "TallyCore", "TallyKafka", "TallyPostgres", "TallyCLI",
+                "TallyCore", "TallyKafka", "TallyPostgres", "TallyPipeline", "TallyCLI",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

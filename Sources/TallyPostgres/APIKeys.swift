@@ -9,6 +9,8 @@ public struct APIKeyRecord: Sendable, Equatable {
     public let revokedAt: String?
     /// May post wallet grants.
     public let mayGrant: Bool
+    /// The customer a gateway call with this key is metered for, when the key is a customer's.
+    public let customerID: String?
 }
 
 /// Ingest API keys in `tally.api_keys`: created, listed, revoked, and checked by hash.
@@ -23,7 +25,7 @@ public struct APIKeyStore {
     }
 
     /// Creates a key and returns it; this is the only time it is visible.
-    public func create(name: String, environment: String?, mayGrant: Bool = false) throws -> (key: String, record: APIKeyRecord) {
+    public func create(name: String, environment: String?, mayGrant: Bool = false, customerID: String? = nil) throws -> (key: String, record: APIKeyRecord) {
         var generator = SystemRandomNumberGenerator()
         func hex(_ count: Int) -> String {
             (0..<count).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
@@ -31,14 +33,15 @@ public struct APIKeyStore {
         let keyID = hex(4)
         let key = "tally_\(keyID)_\(hex(24))"
         let result = try connection.query("""
-            INSERT INTO tally.api_keys (key_id, key_hash, name, environment, may_grant) VALUES ($1, sha256(convert_to($2, 'UTF8')), $3, $4, $5)
-            RETURNING key_id, name, environment, created_at::text, revoked_at::text, may_grant
-            """, [keyID, key, name, environment, mayGrant])
+            INSERT INTO tally.api_keys (key_id, key_hash, name, environment, may_grant, customer_id)
+            VALUES ($1, sha256(convert_to($2, 'UTF8')), $3, $4, $5, $6)
+            RETURNING \(Self.columns)
+            """, [keyID, key, name, environment, mayGrant, customerID])
         return (key, Self.record(result, 0))
     }
 
     public func list() throws -> [APIKeyRecord] {
-        let result = try connection.query("SELECT key_id, name, environment, created_at::text, revoked_at::text, may_grant FROM tally.api_keys ORDER BY created_at, key_id")
+        let result = try connection.query("SELECT \(Self.columns) FROM tally.api_keys ORDER BY created_at, key_id")
         return (0..<result.rowCount).map { Self.record(result, $0) }
     }
 
@@ -50,14 +53,17 @@ public struct APIKeyStore {
     /// The live key matching `key`, or nil.
     public func authenticate(_ key: String) throws -> APIKeyRecord? {
         let result = try connection.query("""
-            SELECT key_id, name, environment, created_at::text, revoked_at::text, may_grant FROM tally.api_keys
+            SELECT \(Self.columns) FROM tally.api_keys
             WHERE key_hash = sha256(convert_to($1, 'UTF8')) AND revoked_at IS NULL
             """, [key])
         return result.rowCount == 1 ? Self.record(result, 0) : nil
     }
 
+    private static let columns = "key_id, name, environment, created_at::text, revoked_at::text, may_grant, customer_id"
+
     private static func record(_ result: PostgresResult, _ row: Int) -> APIKeyRecord {
         APIKeyRecord(keyID: result.string(row, 0) ?? "", name: result.string(row, 1) ?? "", environment: result.string(row, 2),
-                     createdAt: result.string(row, 3) ?? "", revokedAt: result.string(row, 4), mayGrant: result.bool(row, 5) ?? false)
+                     createdAt: result.string(row, 3) ?? "", revokedAt: result.string(row, 4), mayGrant: result.bool(row, 5) ?? false,
+                     customerID: result.string(row, 6))
     }
 }

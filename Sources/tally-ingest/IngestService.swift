@@ -1,4 +1,5 @@
 import Foundation
+import HTTPTypes
 import Hummingbird
 import Logging
 import Metrics
@@ -85,9 +86,11 @@ final class IngestService: Sendable {
     }
 
     /// Runs `handler` for a request with a live API key (or any request with --allow-anonymous).
-    private func authenticated(_ request: Request, _ handler: (APIKeyRecord?) async throws -> Response) async throws -> Response {
+    func authenticated(_ request: Request, _ handler: (APIKeyRecord?) async throws -> Response) async throws -> Response {
         guard let authenticator else { return try await handler(nil) }
-        switch await authenticator.check(authorization: request.headers[.authorization]) {
+        // Anthropic's clients send their key as x-api-key.
+        let authorization = request.headers[.authorization] ?? request.headers[HTTPField.Name("x-api-key")!].map { "Bearer \($0)" }
+        switch await authenticator.check(authorization: authorization) {
         case .allowed(let key): return try await handler(key)
         case .denied:
             rejectedCounter(.unauthorized).increment()
@@ -105,9 +108,9 @@ final class IngestService: Sendable {
         rejected[reason]!
     }
 
-    private func body(_ request: Request) async throws -> [UInt8]? {
+    func body(_ request: Request, limit: Int? = nil) async throws -> [UInt8]? {
         do {
-            let buffer = try await request.body.collect(upTo: maxBodyBytes)
+            let buffer = try await request.body.collect(upTo: limit ?? maxBodyBytes)
             return Array(buffer.readableBytesView)
         } catch let error as HTTPResponseError where error.status == .contentTooLarge {
             return nil
@@ -176,10 +179,7 @@ final class IngestService: Sendable {
             let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
             return problem(.badRequest, "invalid grant", error.description, extra: [("errors", .array(errors))])
         case .success(let (grant, bytes)):
-            let usedProducer = producer
-            let deliveries = await usedProducer.send([ProducerRecord(topic: topic, key: Array(customer.utf8), value: bytes)])
-            replaceIfBroken(usedProducer, after: deliveries)
-            switch deliveries[0] {
+            switch await publishOne(ProducerRecord(topic: topic, key: Array(customer.utf8), value: bytes)) {
             case .success(let report):
                 logger.info("grant \(grant.id) of \(Money.format(nanos: grant.amountNanos)) \(grant.currency) for \(customer) accepted")
                 return json(.accepted, .object([("id", .string(grant.id)), ("status", .string("accepted")),
@@ -192,6 +192,23 @@ final class IngestService: Sendable {
                                "the grant was not written (\(error)); resend it: its id makes that safe", headers: headers)
             }
         }
+    }
+
+    /// Publishes one record; the result is the broker's acknowledgement or why there is none.
+    func publishOne(_ record: ProducerRecord) async -> Result<DeliveryReport, KafkaError> {
+        let usedProducer = producer
+        let deliveries = await usedProducer.send([record])
+        replaceIfBroken(usedProducer, after: deliveries)
+        return deliveries[0]
+    }
+
+    /// A 400 for a body that is no valid request: malformed JSON (with its byte position) or field violations.
+    func invalid(_ error: EventDecodingError) -> Response {
+        if case .malformedJSON(let syntax) = error {
+            return problem(.badRequest, "malformed JSON", syntax.description, extra: [("position", .number(Int64(syntax.offset)))])
+        }
+        let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
+        return problem(.badRequest, "invalid request", error.description, extra: [("errors", .array(errors))])
     }
 
     /// A key limited to an environment may only send events of that environment.
@@ -330,7 +347,7 @@ final class IngestService: Sendable {
     }
 
     /// An `application/problem+json` answer (RFC 9457).
-    private func problem(_ status: HTTPResponse.Status, _ title: String, _ detail: String,
+    func problem(_ status: HTTPResponse.Status, _ title: String, _ detail: String,
                          extra: [(String, JSONField)] = [], headers: HTTPFields = [:]) -> Response {
         json(status, .object([("type", .string("about:blank")), ("title", .string(title)), ("status", .number(Int64(status.code))),
                               ("detail", .string(detail))] + extra),

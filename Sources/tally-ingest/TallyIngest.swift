@@ -9,6 +9,10 @@ import TallyCore
 import TallyKafka
 import TallyPostgres
 
+private extension String {
+    func trimmingSuffix(_ suffix: String) -> String { hasSuffix(suffix) ? String(dropLast(suffix.count)) : self }
+}
+
 @main
 struct TallyIngest: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -18,6 +22,9 @@ struct TallyIngest: AsyncParsableCommand {
             POST /v1/events takes one event, a JSON array, or NDJSON; POST /v1/usage/{provider} takes a \
             provider-native usage object (openai, openai-responses, anthropic, gemini, bedrock). An event is \
             answered accepted only after the broker acknowledged it (acks=all, idempotent producer). \
+            With --openai-upstream and/or --anthropic-upstream it is also a gateway: POST /v1/chat/completions, \
+            /v1/responses and /v1/messages are forwarded to the upstream with its own key (env TALLY_OPENAI_API_KEY, \
+            TALLY_ANTHROPIC_API_KEY) after a credit check, and each call's reported usage becomes one usage event. \
             GET /livez, /readyz and /metrics serve operations. SIGTERM stops accepting, finishes requests \
             in flight, flushes the producer and exits 0.
             """)
@@ -34,6 +41,16 @@ struct TallyIngest: AsyncParsableCommand {
     @Option(help: "Latest accepted event time, in minutes after now.") var maxEventFutureMinutes = 5
     @Flag(help: "Accept requests without an API key. For local development only; never in production.") var allowAnonymous = false
     @Option(help: "How long the broker may take to acknowledge before events are answered not written (503).") var deliveryTimeoutMs = 10_000
+
+    @Option(help: "Gateway: forward /v1/chat/completions and /v1/responses to this OpenAI-compatible base URL (e.g. https://api.openai.com). Env: TALLY_OPENAI_UPSTREAM; its key: TALLY_OPENAI_API_KEY.")
+    var openaiUpstream: String?
+    @Option(help: "Gateway: forward /v1/messages to this Anthropic-compatible base URL (e.g. https://api.anthropic.com). Env: TALLY_ANTHROPIC_UPSTREAM; its key: TALLY_ANTHROPIC_API_KEY.")
+    var anthropicUpstream: String?
+    @Option(help: "Gateway: a header naming the customer, trusted from keys that name no customer themselves.") var customerHeader: String?
+    @Option(help: "Gateway: the rater's consumer group, whose offsets say which calls its balances already hold.") var raterGroup = "tally-rater"
+    @Option(help: "Gateway: output tokens reserved for a call whose request sets no maximum.") var defaultOutputTokens: Int64 = 4096
+    @Option(help: "Gateway: the longest wait for the upstream's response head or its next chunk.") var upstreamTimeoutSeconds = 600
+    @Option(help: "Gateway: largest request body in bytes.") var gatewayMaxBodyBytes = 32 << 20
 
     func run() async throws {
         JSONLogHandler.bootstrap(service: "tally-ingest", level: logging.logLevel)
@@ -53,6 +70,24 @@ struct TallyIngest: AsyncParsableCommand {
                                         maxBodyBytes: maxBodyBytes, authenticator: authenticator, logger: logger)
         let router = Router()
         service.register(on: router, metrics: { registry.emitToString() })
+        var upstreams: [GatewayAPI.Vendor: Gateway.Upstream] = [:]
+        if let url = openaiUpstream ?? environment("TALLY_OPENAI_UPSTREAM") {
+            upstreams[.openai] = Gateway.Upstream(baseURL: url.trimmingSuffix("/"), apiKey: environment("TALLY_OPENAI_API_KEY") ?? "")
+        }
+        if let url = anthropicUpstream ?? environment("TALLY_ANTHROPIC_UPSTREAM") {
+            upstreams[.anthropic] = Gateway.Upstream(baseURL: url.trimmingSuffix("/"), apiKey: environment("TALLY_ANTHROPIC_API_KEY") ?? "")
+        }
+        if !upstreams.isEmpty {
+            let credit = CreditGuard(connection: try PostgresConnection(url: try database.databaseURL, logger: logger, searchPath: "tally"),
+                                     topic: kafka.topic, raterGroup: raterGroup, logger: logger)
+            let gateway = Gateway(settings: .init(upstreams: upstreams, customerHeader: customerHeader, defaultOutputTokens: defaultOutputTokens,
+                                                  maxBodyBytes: gatewayMaxBodyBytes),
+                                  service: service, client: UpstreamClient(idleTimeout: .seconds(upstreamTimeoutSeconds)), credit: credit, logger: logger)
+            gateway.register(on: router)
+            for (vendor, upstream) in upstreams.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+                logger.info("gateway: \(vendor.rawValue) calls go to \(upstream.baseURL)\(upstream.apiKey.isEmpty ? " (no upstream key set)" : "")")
+            }
+        }
         let listenHost = host ?? environment("TALLY_INGEST_HOST") ?? "0.0.0.0"
         let listenPort = port ?? environment("TALLY_INGEST_PORT").flatMap(Int.init) ?? 8080
         let app = Application(

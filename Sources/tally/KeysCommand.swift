@@ -14,12 +14,13 @@ struct Keys: ParsableCommand {
         @Option(help: "What the key is for.") var name: String
         @Option(help: "Limit the key to events of this data.environment.") var environment: String?
         @Flag(help: "Allow the key to grant wallet credit (POST /v1/wallets/{customer}/grants).") var grants = false
+        @Option(help: "Make it a customer's key: gateway calls with it are metered for, and checked against the credit of, this customer.") var customer: String?
 
         func run() throws {
             let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
-            let (key, record) = try store.create(name: name, environment: environment, mayGrant: grants)
+            let (key, record) = try store.create(name: name, environment: environment, mayGrant: grants, customerID: customer)
             print(key)
-            print("key id \(record.keyID)\(record.environment.map { ", limited to environment \($0)" } ?? "")\(grants ? ", may grant credit" : ""): store it now, it is not shown again", to: &standardError)
+            print("key id \(record.keyID)\(record.customerID.map { " of customer \($0)" } ?? "")\(record.environment.map { ", limited to environment \($0)" } ?? "")\(grants ? ", may grant credit" : ""): store it now, it is not shown again", to: &standardError)
         }
     }
 
@@ -29,8 +30,8 @@ struct Keys: ParsableCommand {
 
         func run() throws {
             let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
-            let rows = try store.list().map { [$0.keyID, $0.name, $0.environment ?? "", $0.mayGrant ? "yes" : "no", $0.createdAt, $0.revokedAt ?? ""] }
-            print(TableRenderer.render(header: ["key_id", "name", "environment", "grants", "created_at", "revoked_at"], rows: rows, format: "table", numericFrom: 6),
+            let rows = try store.list().map { [$0.keyID, $0.name, $0.customerID ?? "", $0.environment ?? "", $0.mayGrant ? "yes" : "no", $0.createdAt, $0.revokedAt ?? ""] }
+            print(TableRenderer.render(header: ["key_id", "name", "customer", "environment", "grants", "created_at", "revoked_at"], rows: rows, format: "table", numericFrom: 7),
                   terminator: "")
         }
     }

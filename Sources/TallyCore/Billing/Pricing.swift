@@ -91,6 +91,19 @@ public enum PricingModel: Hashable, Sendable {
 
     private static func nanos(_ femtos: Int128) -> Int64 { Int64(Money.divideRounded(femtos, by: 1_000_000)) }
 
+    /// The most `quantity` more tokens can add to any period's charge: every token at the
+    /// highest tier rate, or one block more than the tokens fill. For credit reservations.
+    public func marginalCeiling(_ quantity: Int64) -> Int64 {
+        guard quantity > 0 else { return 0 }
+        switch self {
+        case .perUnit: return charge(quantity)
+        case .package(let size, let price): return Int64(Int128(quantity / size + 1) * Int128(price))
+        case .graduated(let tiers), .volume(let tiers):
+            let highest = tiers.map(\.rate).max() ?? TokenRate(femtosPerToken: 0)
+            return PricingModel.perUnit(highest).charge(quantity)
+        }
+    }
+
     /// How the price reads on an invoice line.
     public func describe(_ currency: Currency) -> String {
         func tiers(_ tiers: [PriceTier]) -> String {

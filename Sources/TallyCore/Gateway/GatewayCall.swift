@@ -1,0 +1,240 @@
+/// The LLM APIs the gateway proxies, each metered from its own usage object.
+public enum GatewayAPI: String, Sendable, CaseIterable {
+    case chatCompletions = "chat_completions"
+    case responses
+    case messages
+
+    public enum Vendor: String, Sendable { case openai, anthropic }
+
+    public var vendor: Vendor { self == .messages ? .anthropic : .openai }
+
+    /// The path under the upstream's base URL (and the gateway's own route).
+    public var path: String {
+        switch self {
+        case .chatCompletions: "/v1/chat/completions"
+        case .responses: "/v1/responses"
+        case .messages: "/v1/messages"
+        }
+    }
+
+    /// Whose token semantics the usage object follows.
+    public var usageProvider: UsageProvider {
+        switch self {
+        case .chatCompletions: .openai
+        case .responses: .openaiResponses
+        case .messages: .anthropic
+        }
+    }
+}
+
+/// What the gateway needs from a caller's request before forwarding it.
+public struct GatewayRequest: Sendable, Equatable {
+    public let model: String
+    public let stream: Bool
+    /// The most output tokens the call may produce, when the request bounds it.
+    public let maxOutputTokens: Int64?
+    /// A rough count of input tokens (a token per 4 bytes of the body): an estimate, not a bound.
+    public let inputTokenEstimate: Int64
+    /// What to send upstream: the caller's body, plus `stream_options.include_usage` on a
+    /// streamed chat completion that did not ask for it (usage is otherwise never reported).
+    public let upstreamBody: [UInt8]
+    /// Tally added `include_usage`: the usage-only chunk and the `"usage":null` members it
+    /// brings are taken out of the stream again, so the caller sees what it asked for.
+    public let addedUsageChunk: Bool
+
+    public static func parse(_ api: GatewayAPI, body: [UInt8]) -> Result<GatewayRequest, EventDecodingError> {
+        let document: JSONValue
+        switch JSONValue.parse(body) {
+        case .failure(let error): return .failure(.malformedJSON(error))
+        case .success(let value): document = value
+        }
+        guard case .object(let members) = document else { return .failure(.invalid([FieldViolation("", "the body must be a JSON object")])) }
+        guard case .string(let model)? = members["model"], !model.isEmpty else {
+            return .failure(.invalid([FieldViolation("model", "is required (a string)")]))
+        }
+        let stream = members["stream"] == .bool(true)
+        var maxOutput: Int64?
+        for key in ["max_completion_tokens", "max_output_tokens", "max_tokens"] {
+            if case .integer(.value(let value))? = members[key], value > 0 { maxOutput = value; break }
+        }
+        var upstreamBody = body
+        var added = false
+        if api == .chatCompletions && stream {
+            switch members["stream_options"] {
+            case nil:
+                // Inserted after the opening brace: the caller's bytes stay as they were.
+                let brace = body.firstIndex(of: UInt8(ascii: "{"))!
+                upstreamBody.insert(contentsOf: Array(#""stream_options":{"include_usage":true},"#.utf8), at: brace + 1)
+                added = true
+            case .object(let options)? where options["include_usage"] == .bool(true):
+                break
+            default:
+                return .failure(.invalid([FieldViolation("stream_options.include_usage",
+                    "the gateway meters a streamed call from its usage chunk: leave stream_options out or set include_usage to true")]))
+            }
+        }
+        return .success(GatewayRequest(model: model, stream: stream, maxOutputTokens: maxOutput,
+                                       inputTokenEstimate: Int64((body.count + 3) / 4), upstreamBody: upstreamBody,
+                                       addedUsageChunk: added))
+    }
+}
+
+/// Reads the usage out of an upstream response as it passes through, streamed (server-sent
+/// events) or whole, and hands back the bytes to forward.
+public struct ResponseUsageScanner: Sendable {
+    public let api: GatewayAPI
+    public let isEventStream: Bool
+    private let removeUsageChunk: Bool
+    private var pending: [UInt8] = []
+    /// A whole (non-streamed) body, kept to read its usage at the end.
+    private var whole: [UInt8] = []
+    /// The usage object as reported so far (Anthropic's stream reports it in two parts).
+    public private(set) var usage: [String: JSONValue]?
+    public private(set) var model: String?
+    public private(set) var responseID: String?
+    /// The stream reported an error event or stopped before its end.
+    public private(set) var sawErrorEvent = false
+
+    /// Bodies larger than this are forwarded but not read for usage.
+    static let maxWholeBody = 16 << 20
+
+    public init(api: GatewayAPI, isEventStream: Bool, removeUsageChunk: Bool) {
+        self.api = api
+        self.isEventStream = isEventStream
+        self.removeUsageChunk = removeUsageChunk && isEventStream
+    }
+
+    /// Takes the next bytes from upstream; returns the bytes to forward now.
+    public mutating func feed(_ bytes: [UInt8]) -> [UInt8] {
+        guard isEventStream else {
+            if whole.count + bytes.count <= Self.maxWholeBody { whole += bytes }
+            return bytes
+        }
+        pending += bytes
+        var out: [UInt8] = []
+        // Whole events only: an event ends at a blank line.
+        while let end = Self.eventEnd(in: pending) {
+            let event = Array(pending[..<end.eventEnd])
+            let separator = pending[end.eventEnd..<end.next]
+            pending.removeFirst(end.next)
+            if let forwarded = scan(event) {
+                out += forwarded
+                out += separator
+            }
+        }
+        return out
+    }
+
+    /// The upstream is done: returns what is left to forward and reads a whole body's usage.
+    public mutating func finish() -> [UInt8] {
+        if !isEventStream {
+            if case .success(.object(let members)) = JSONValue.parse(whole) {
+                read(members)
+            }
+            return []
+        }
+        let rest = pending
+        pending = []
+        if !rest.isEmpty, let forwarded = scan(rest) { return forwarded }
+        return []
+    }
+
+    /// Finds the end of the first event: (end of its text, start of the next).
+    static func eventEnd(in bytes: [UInt8]) -> (eventEnd: Int, next: Int)? {
+        var index = 0
+        while index + 1 < bytes.count {
+            if bytes[index] == 0x0a && bytes[index + 1] == 0x0a { return (index, index + 2) }
+            if bytes[index] == 0x0a && bytes[index + 1] == 0x0d && index + 2 < bytes.count && bytes[index + 2] == 0x0a {
+                return (index, index + 3)
+            }
+            index += 1
+        }
+        return nil
+    }
+
+    /// Reads one event; returns it to forward (possibly edited), or nil to leave it out.
+    private mutating func scan(_ event: [UInt8]) -> [UInt8]? {
+        var data: [UInt8] = []
+        var name = ""
+        for line in event.split(separator: 0x0a, omittingEmptySubsequences: false) {
+            var text = Array(line)
+            if text.last == 0x0d { text.removeLast() }
+            if text.starts(with: Array("data:".utf8)) {
+                var value = Array(text.dropFirst(5))
+                if value.first == 0x20 { value.removeFirst() }
+                if !data.isEmpty { data.append(0x0a) }
+                data += value
+            } else if text.starts(with: Array("event:".utf8)) {
+                name = String(decoding: text.dropFirst(6), as: UTF8.self).trimmingSpaces
+            }
+        }
+        if name == "error" { sawErrorEvent = true }
+        guard !data.isEmpty, data != Array("[DONE]".utf8), case .success(.object(let members)) = JSONValue.parse(data) else { return event }
+        if members["type"] == .string("error") { sawErrorEvent = true }
+        read(members)
+        guard removeUsageChunk else { return event }
+        // The usage-only chunk the caller did not ask for: choices empty, usage set.
+        if members["choices"] == .array([]), case .object? = members["usage"] { return nil }
+        return Self.removingNullUsage(event)
+    }
+
+    /// Takes usage, model and id from a response object, a chunk or a stream event.
+    private mutating func read(_ members: [String: JSONValue]) {
+        switch api {
+        case .chatCompletions:
+            take(members)
+        case .responses:
+            // Streamed: response.created / .completed / .incomplete / .failed carry the response.
+            if case .object(let response)? = members["response"] { take(response) } else { take(members) }
+        case .messages:
+            switch members["type"] {
+            case .string("message_start")?:
+                if case .object(let message)? = members["message"] { take(message) }
+            case .string("message_delta")?:
+                // Cumulative counts; they win over message_start's.
+                if case .object(let delta)? = members["usage"] { usage = (usage ?? [:]).merging(delta) { $1 } }
+            default:
+                take(members)
+            }
+        }
+    }
+
+    private mutating func take(_ object: [String: JSONValue]) {
+        if case .object(let reported)? = object["usage"] { usage = (usage ?? [:]).merging(reported) { $1 } }
+        if let model = object["model"]?.string { self.model = model }
+        if let id = object["id"]?.string { responseID = id }
+    }
+
+    /// The `,"usage":null` members include_usage adds to every chunk.
+    static func removingNullUsage(_ event: [UInt8]) -> [UInt8] {
+        let needle = Array(#","usage":null"#.utf8)
+        guard event.count >= needle.count else { return event }
+        var out: [UInt8] = []
+        out.reserveCapacity(event.count)
+        var index = 0
+        while index < event.count {
+            if event[index] == needle[0] && index + needle.count <= event.count && event[index..<index + needle.count].elementsEqual(needle) {
+                index += needle.count
+            } else {
+                out.append(event[index])
+                index += 1
+            }
+        }
+        return out
+    }
+
+    /// The reported usage as canonical counts, or why there is none.
+    public func counts() -> Result<TokenCounts, EventDecodingError>? {
+        guard let usage else { return nil }
+        return ProviderUsageMapper.map(api.usageProvider, usage: .object(usage))
+    }
+}
+
+private extension String {
+    var trimmingSpaces: String {
+        var text = Substring(self)
+        while text.first == " " { text.removeFirst() }
+        while text.last == " " { text.removeLast() }
+        return String(text)
+    }
+}

@@ -1,0 +1,295 @@
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+import HTTPTypes
+import Hummingbird
+import Logging
+import Metrics
+import NIOCore
+import TallyCore
+import TallyKafka
+import TallyPostgres
+
+/// Gateway mode: OpenAI- and Anthropic-compatible routes that check the customer's credit,
+/// forward the call to the upstream with the upstream's own key, pass the response back as
+/// it arrives, and publish exactly one usage event per call from the usage the upstream reported.
+final class Gateway: Sendable {
+    struct Upstream: Sendable {
+        /// Scheme, host and port, e.g. https://api.openai.com; the API's path is appended.
+        let baseURL: String
+        let apiKey: String
+    }
+
+    struct Settings: Sendable {
+        var upstreams: [GatewayAPI.Vendor: Upstream]
+        /// Honoured only for keys that name no customer: an application key trusted to say whom a call is for.
+        var customerHeader: String?
+        /// Output tokens reserved for a call whose request sets no maximum.
+        var defaultOutputTokens: Int64
+        var maxBodyBytes: Int
+    }
+
+    let settings: Settings
+    let service: IngestService
+    let client: UpstreamClient
+    let credit: CreditGuard
+    let logger: Logger
+
+    let upstreamLatency = Metrics.Timer(label: "tally_gateway_upstream_seconds")
+    let overshootNanos = Counter(label: "tally_gateway_reservation_overshoot_nanos_total")
+    let overshotCalls = Counter(label: "tally_gateway_overshot_calls_total")
+    let eventsNotWritten = Counter(label: "tally_gateway_usage_events_not_written_total")
+    private let counters: [GatewayAPI: (proxied: Counter, refused: Counter, unmetered: Counter, timeouts: Counter, unreachable: Counter)]
+
+    init(settings: Settings, service: IngestService, client: UpstreamClient, credit: CreditGuard, logger: Logger) {
+        self.settings = settings
+        self.service = service
+        self.client = client
+        self.credit = credit
+        self.logger = logger
+        counters = Dictionary(uniqueKeysWithValues: GatewayAPI.allCases.map { api in
+            let dimensions = [("api", api.rawValue)]
+            return (api, (Counter(label: "tally_gateway_proxied_calls_total", dimensions: dimensions),
+                          Counter(label: "tally_gateway_refused_calls_total", dimensions: dimensions),
+                          Counter(label: "tally_gateway_unmetered_calls_total", dimensions: dimensions),
+                          Counter(label: "tally_gateway_upstream_errors_total", dimensions: dimensions + [("kind", "timeout")]),
+                          Counter(label: "tally_gateway_upstream_errors_total", dimensions: dimensions + [("kind", "unreachable")])))
+        })
+    }
+
+    func register(on router: Router<BasicRequestContext>) {
+        for api in GatewayAPI.allCases {
+            router.post(RouterPath(stringLiteral: String(api.path.dropFirst()))) { request, _ in
+                try await self.service.authenticated(request) { key in try await self.proxy(request, api: api, key: key) }
+            }
+        }
+    }
+
+    /// One proxied call. Everything before the upstream is called can refuse it; after that
+    /// the response goes back as it came and the call is metered by what the upstream reported.
+    func proxy(_ request: Request, api: GatewayAPI, key: APIKeyRecord?) async throws -> Response {
+        let receivedAt = CreditGuard.nowMicroseconds()
+        guard let upstream = settings.upstreams[api.vendor] else {
+            return service.problem(.notFound, "no upstream", "this tally-ingest forwards no \(api.vendor.rawValue) calls: start it with --\(api.vendor.rawValue)-upstream URL")
+        }
+        let customerID: String
+        if let owner = key?.customerID {
+            customerID = owner
+        } else if let header = settings.customerHeader, let named = request.headers[HTTPField.Name(header)!], !named.isEmpty {
+            customerID = named
+        } else {
+            return service.problem(.forbidden, "no customer", "this API key names no customer: create one with tally keys create --customer C"
+                                   + (settings.customerHeader.map { ", or name the customer in the \($0) header" } ?? ""))
+        }
+        guard let body = try await service.body(request, limit: settings.maxBodyBytes) else {
+            return service.problem(.contentTooLarge, "request body too large", "the limit is \(settings.maxBodyBytes) bytes")
+        }
+        let call: GatewayRequest
+        switch GatewayRequest.parse(api, body: body) {
+        case .success(let parsed): call = parsed
+        case .failure(let error): return service.invalid(error)
+        }
+        // The event is checked before the call (customer id, model, feature, environment), so a
+        // call is never made that could not be metered.
+        let event = UsageEvent(id: "gw_" + Self.randomHex(12), source: "tally://gateway/\(api.rawValue)", subject: customerID,
+                               time: EventTime(microseconds: receivedAt), model: call.model, provider: api.usageProvider.providerLabel,
+                               feature: request.headers[HTTPField.Name("x-tally-feature")!],
+                               environment: key?.environment ?? request.headers[HTTPField.Name("x-tally-environment")!],
+                               inputTokens: 0, outputTokens: 0)
+        if case .rejected(let violations) = validate(event) {
+            return service.problem(.badRequest, "call cannot be metered", violations.map(\.description).joined(separator: "; "))
+        }
+        let expected = TokenCounts(input: call.inputTokenEstimate, output: call.maxOutputTokens ?? settings.defaultOutputTokens)
+        let hold: Int?
+        let profile: BillingProfile
+        switch await credit.admit(customerID: customerID, model: call.model, expected: expected) {
+        case .admitted(let id, _, let admittedProfile):
+            hold = id
+            profile = admittedProfile
+        case .refused(let available, let refusedProfile):
+            counters[api]!.refused.increment()
+            let currency = refusedProfile.currency
+            return service.problem(HTTPResponse.Status(code: 402), "insufficient credit",
+                                   "customer \(customerID) has \(currency.format(available)) \(currency) of credit left and may not go below "
+                                   + "\(refusedProfile.overage == .stop ? "zero" : "its overage limit"); add credit (tally grant) and retry",
+                                   extra: [("customer", .string(customerID)), ("available", .string(Money.format(nanos: available))),
+                                           ("currency", .string(currency.code))])
+        case .unavailable:
+            var headers = HTTPFields()
+            headers[.retryAfter] = "5"
+            return service.problem(.serviceUnavailable, "credit check unavailable", "the wallet database does not answer; retry", headers: headers)
+        }
+
+        var upstreamRequest = URLRequest(url: URL(string: upstream.baseURL + api.path)!)
+        upstreamRequest.httpMethod = "POST"
+        for field in request.headers where Self.forwardsRequestHeader(field.name.canonicalName) {
+            upstreamRequest.addValue(field.value, forHTTPHeaderField: field.name.rawName)
+        }
+        switch api.vendor {
+        case .openai: upstreamRequest.setValue("Bearer \(upstream.apiKey)", forHTTPHeaderField: "Authorization")
+        case .anthropic:
+            upstreamRequest.setValue(upstream.apiKey, forHTTPHeaderField: "x-api-key")
+            if request.headers[HTTPField.Name("anthropic-version")!] == nil {
+                upstreamRequest.setValue("2023-06-01", forHTTPHeaderField: "anthropic-version")
+            }
+        }
+        upstreamRequest.setValue("application/json", forHTTPHeaderField: "Content-Type")
+        // The usage is read from the bytes as they pass: they must arrive uncompressed.
+        upstreamRequest.setValue("identity", forHTTPHeaderField: "Accept-Encoding")
+        upstreamRequest.httpBody = Data(call.upstreamBody)
+
+        counters[api]!.proxied.increment()
+        let sent = ContinuousClock.now
+        let head: UpstreamClient.Head
+        let stream: AsyncThrowingStream<[UInt8], Error>
+        do {
+            (head, stream) = try await client.send(upstreamRequest)
+        } catch {
+            // No response: nothing was reported used, so nothing is metered.
+            credit.release(hold)
+            if UpstreamClient.isTimeout(error) {
+                counters[api]!.timeouts.increment()
+                return service.problem(.gatewayTimeout, "upstream timed out", "\(upstream.baseURL) did not answer in time")
+            }
+            counters[api]!.unreachable.increment()
+            return service.problem(.badGateway, "upstream unreachable", "\(upstream.baseURL): \(error.localizedDescription)")
+        }
+        upstreamLatency.recordNanoseconds((ContinuousClock.now - sent).totalNanoseconds)
+
+        var headers = HTTPFields()
+        var isEventStream = false
+        for (name, value) in head.headers where Self.forwardsResponseHeader(name.lowercased()) {
+            guard let fieldName = HTTPField.Name(name) else { continue }
+            headers.append(HTTPField(name: fieldName, value: value))
+            if name.lowercased() == "content-type" && value.lowercased().hasPrefix("text/event-stream") { isEventStream = true }
+        }
+        headers[HTTPField.Name("x-tally-event-id")!] = event.id
+        let meter = CallMeter(api: api, hold: hold, profile: profile, upstreamStatus: head.status)
+        let removeUsageChunk = call.addedUsageChunk
+        let streamed = isEventStream
+        let callEvent = event
+        return Response(status: HTTPResponse.Status(code: head.status), headers: headers, body: ResponseBody { [self] writer in
+            var event = callEvent
+            var scanner = ResponseUsageScanner(api: api, isEventStream: streamed, removeUsageChunk: removeUsageChunk)
+            do {
+                for try await chunk in stream {
+                    let forward = scanner.feed(chunk)
+                    if !forward.isEmpty { try await writer.write(ByteBuffer(bytes: forward)) }
+                }
+                let rest = scanner.finish()
+                if !rest.isEmpty { try await writer.write(ByteBuffer(bytes: rest)) }
+            } catch {
+                // The upstream broke off or the caller left: meter what was reported, and end
+                // the caller's response abnormally so a cut stream never looks complete.
+                meter.finish(&event, scanner: scanner, complete: false, gateway: self)
+                throw error
+            }
+            meter.finish(&event, scanner: scanner, complete: true, gateway: self)
+            try await writer.finish(nil)
+        })
+    }
+
+    /// The event as ingest validates any event (lengths, ids, time window).
+    func validate(_ event: UsageEvent) -> IngestOutcome {
+        switch service.parser.parse(EventEncoder.encode(event), format: .json, nowMicroseconds: CreditGuard.nowMicroseconds()) {
+        case .success(let outcomes): return outcomes.first ?? .rejected([FieldViolation("", "no event")])
+        case .failure(let error): return .rejected([FieldViolation("", "\(error)")])
+        }
+    }
+
+    /// Turns what a call reported into its one usage event and publishes it; the hold on the
+    /// customer's credit becomes the actual charge until the rater has debited it.
+    struct CallMeter: Sendable {
+        let api: GatewayAPI
+        let hold: Int?
+        let profile: BillingProfile
+        let upstreamStatus: Int
+
+        func finish(_ event: inout UsageEvent, scanner: ResponseUsageScanner, complete: Bool, gateway: Gateway) {
+            var scanner = scanner
+            if !complete { _ = scanner.finish() }
+            let metadata: Logger.Metadata = ["event_id": "\(event.id)", "customer_id": "\(event.subject)", "upstream_status": "\(upstreamStatus)"]
+            guard let reported = scanner.counts() else {
+                gateway.credit.release(hold)
+                gateway.counters[api]!.unmetered.increment()
+                if (200..<300).contains(upstreamStatus) {
+                    gateway.logger.warning("the upstream reported no usage for a call\(complete ? "" : " that broke off"); it is not metered", metadata: metadata)
+                }
+                return
+            }
+            let counts: TokenCounts
+            switch reported {
+            case .success(let value): counts = value
+            case .failure(let error):
+                gateway.credit.release(hold)
+                gateway.counters[api]!.unmetered.increment()
+                gateway.logger.error("the upstream's usage could not be read (\(error)); the call is not metered", metadata: metadata)
+                return
+            }
+            if let model = scanner.model { event.model = model }
+            event.inputTokens = counts.input
+            event.outputTokens = counts.output
+            event.cacheReadInputTokens = counts.cacheRead
+            event.cacheWriteInputTokens = counts.cacheWrite
+            event.reasoningOutputTokens = counts.reasoning
+            event.properties["gateway_api"] = api.rawValue
+            event.properties["upstream_status"] = String(upstreamStatus)
+            if let id = scanner.responseID { event.properties["response_id"] = id }
+            if scanner.isEventStream { event.properties["stream"] = "true" }
+            if !complete || scanner.sawErrorEvent { event.properties["incomplete"] = "true" }
+            let overshoot = gateway.credit.settle(hold, counts: counts, model: event.model, profile: profile)
+            if overshoot > 0 {
+                gateway.overshootNanos.increment(by: overshoot)
+                gateway.overshotCalls.increment()
+            }
+            guard case .valid(let valid, let bytes) = gateway.validate(event) else {
+                gateway.credit.release(hold)
+                gateway.counters[api]!.unmetered.increment()
+                gateway.logger.error("the call's usage event is invalid; not metered: \(String(decoding: EventEncoder.encode(event), as: UTF8.self))", metadata: metadata)
+                return
+            }
+            let hold = hold
+            Task { await gateway.publish(valid, bytes: bytes, hold: hold) }
+        }
+    }
+
+    /// Publishes a call's event, retrying for about two minutes; an event that still cannot
+    /// be written is logged whole, so it can be re-sent (its id keeps that safe).
+    func publish(_ event: UsageEvent, bytes: [UInt8], hold: Int?) async {
+        var delay = Duration.seconds(1)
+        for attempt in 1...7 {
+            switch await service.publishOne(ProducerRecord(topic: service.topic, key: Array(event.subject.utf8), value: bytes)) {
+            case .success(let report):
+                credit.published(hold, at: LogPosition(partition: report.partition, offset: report.offset))
+                return
+            case .failure(let error):
+                logger.warning("usage event not written (attempt \(attempt)): \(error)", metadata: ["event_id": "\(event.id)"])
+                try? await Task.sleep(for: delay)
+                delay *= 2
+            }
+        }
+        credit.release(hold)
+        eventsNotWritten.increment()
+        logger.error("usage event could not be written; re-send it to POST /v1/events", metadata: [
+            "event_id": "\(event.id)", "event": "\(String(decoding: bytes, as: UTF8.self))",
+        ])
+    }
+
+    /// Hop-by-hop and credential headers stay here; Tally's own headers are for Tally.
+    static func forwardsRequestHeader(_ name: String) -> Bool {
+        let name = name.lowercased()
+        return !["host", "authorization", "x-api-key", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                 "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "content-type", "expect"].contains(name)
+            && !name.hasPrefix("x-tally-")
+    }
+
+    static func forwardsResponseHeader(_ name: String) -> Bool {
+        !["connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"].contains(name)
+    }
+
+    static func randomHex(_ bytes: Int) -> String {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<bytes).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
+    }
+}
