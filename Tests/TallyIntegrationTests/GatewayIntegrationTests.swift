@@ -1,0 +1,261 @@
+import Foundation
+import TallyCore
+import TallyKafka
+import XCTest
+
+/// tally-ingest in gateway mode against a local fake upstream (scripts/fake-llm-upstream, which
+/// speaks the OpenAI and Anthropic wire formats), the real broker, PostgreSQL and rater.
+final class GatewayIntegrationTests: XCTestCase {
+    var harness: AggregatorHarness!
+    var upstream: ChildProcess!
+    var upstreamURL: String!
+    var gateway: ChildProcess!
+    var gatewayURL: String!
+
+    override func setUp() async throws {
+        harness = try AggregatorHarness()
+        upstream = try ChildProcess(TestStack.root.appendingPathComponent("scripts/fake-llm-upstream").path, ["--port", "0", "--key", "sk-upstream"])
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(10)) { upstream.log.contains("listening on") }, upstream.log)
+        upstreamURL = "http://127.0.0.1:" + upstream.log.split(separator: " ").last!.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    override func tearDown() {
+        for process in [gateway, upstream].compactMap({ $0 }) {
+            process.signal(SIGKILL)
+            process.wait()
+        }
+    }
+
+    func startGateway(_ extra: [String] = []) throws {
+        gateway = try ChildProcess(TestStack.executable("tally-ingest"), [
+            "--port", "0", "--host", "127.0.0.1", "--topic", harness.topic, "--database-url", harness.databaseURL,
+            "--openai-upstream", upstreamURL, "--anthropic-upstream", upstreamURL, "--rater-group", harness.group,
+        ] + extra, environment: ["TALLY_OPENAI_API_KEY": "sk-upstream", "TALLY_ANTHROPIC_API_KEY": "sk-upstream"])
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { gateway.log.contains("listening on") }, gateway.log)
+        let range = try XCTUnwrap(gateway.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
+        gatewayURL = "http://127.0.0.1:" + (gateway.log[range].split(separator: ":").last.map(String.init) ?? "")
+    }
+
+    func customerKey(_ customer: String) throws -> String {
+        let output = try harness.tally(["keys", "create", "--name", "gw-test", "--customer", customer])
+        let range = try XCTUnwrap(output.range(of: "tally_[0-9a-f]{8}_[0-9a-f]{48}", options: .regularExpression), output)
+        return String(output[range])
+    }
+
+    struct Call {
+        let index: Int
+        let status: Int
+        let headers: [String: String]
+        let body: String
+        let error: String?
+    }
+
+    /// Runs scripts/llm-client: `count` calls, `concurrency` at a time.
+    func calls(_ url: String, key: String, body: String, count: Int = 1, concurrency: Int = 1, keyHeader: String = "authorization",
+               headers: [String] = []) throws -> [Call] {
+        let (status, output) = try ChildProcess.run(TestStack.root.appendingPathComponent("scripts/llm-client").path,
+            ["--url", url, "--key", key, "--key-header", keyHeader, "--body", body, "--count", String(count), "--concurrency", String(concurrency)]
+            + headers.flatMap { ["--header", $0] })
+        XCTAssertEqual(status, 0, output)
+        return try output.split(separator: "\n").compactMap { line -> Call? in
+            guard line.hasPrefix("{") else { return nil }
+            let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+            return Call(index: object["i"] as! Int, status: object["status"] as! Int, headers: object["headers"] as? [String: String] ?? [:],
+                        body: object["body"] as? String ?? "", error: object["error"] as? String)
+        }.sorted { $0.index < $1.index }
+    }
+
+    func upstreamCalls() throws -> Int {
+        let response = try httpGet(upstreamURL + "/_calls")
+        return (try JSONSerialization.jsonObject(with: Data(response.body.utf8)) as? [String: Any])?["calls"] as? Int ?? -1
+    }
+
+    /// Every usage event in the topic, by id (waits until at least `count` are there, then a little longer).
+    func events(atLeast count: Int) throws -> [String: UsageEvent] {
+        let consumer = try KafkaConsumer(configuration: KafkaConfiguration(brokers: harness.brokers), groupID: nil, logger: TestStack.logger)
+        defer { consumer.close() }
+        try consumer.assign(Dictionary(uniqueKeysWithValues: (0..<4).map { (TopicPartition(harness.topic, Int32($0)), KafkaOffset.beginning) }))
+        var records: [ConsumerRecord] = []
+        _ = TestStack.eventually(timeout: .seconds(20)) {
+            records += consumer.poll(maxRecords: 1000, timeout: .milliseconds(200))
+            return records.count >= count
+        }
+        records += consumer.poll(maxRecords: 1000, timeout: .milliseconds(1000))
+        var events: [String: UsageEvent] = [:]
+        for record in records {
+            guard case .event(.usage(let event)) = ClassifiedRecord.classify(record.value, key: .some(record.key)) else { continue }
+            XCTAssertNil(events[event.id], "event \(event.id) is in the topic twice")
+            events[event.id] = event
+        }
+        return events
+    }
+
+    /// The fake upstream's counts (see its docstring), in Tally's canonical form.
+    func expectedCounts(_ api: GatewayAPI, upstreamBody: String, maxTokens: Int64) -> TokenCounts {
+        let input = 10 + Int64(upstreamBody.utf8.count / 8)
+        let output = min(maxTokens, 40)
+        switch api {
+        case .chatCompletions: return TokenCounts(input: input, output: output, cacheRead: 3)
+        case .responses: return TokenCounts(input: input, output: output, cacheRead: 3, reasoning: min(5, output))
+        case .messages: return TokenCounts(input: input, output: output, cacheRead: 4, cacheWrite: 2)
+        }
+    }
+
+    func counts(_ event: UsageEvent) -> TokenCounts {
+        TokenCounts(input: event.inputTokens, output: event.outputTokens, cacheRead: event.cacheReadInputTokens,
+                    cacheWrite: event.cacheWriteInputTokens, reasoning: event.reasoningOutputTokens)
+    }
+
+    func body(_ api: GatewayAPI, stream: Bool, maxTokens: Int64 = 12) -> String {
+        switch api {
+        case .chatCompletions: return #"{"model":"gpt-4o","temperature":0.2,"max_tokens":\#(maxTokens),"stream":\#(stream),"messages":[{"role":"user","content":"Say hi"}]}"#
+        case .responses: return #"{"model":"gpt-4o","max_output_tokens":\#(maxTokens),"stream":\#(stream),"input":"Say hi"}"#
+        case .messages: return #"{"model":"claude-sonnet-4","max_tokens":\#(maxTokens),"stream":\#(stream),"messages":[{"role":"user","content":"Say hi"}]}"#
+        }
+    }
+
+    /// Each API, whole and streamed: the caller gets the upstream's bytes as the upstream sends them
+    /// to a direct caller, and each call yields exactly one event with the reported token counts.
+    func testEveryProxiedCallYieldsOneEventWithItsTokenCounts() throws {
+        try startGateway()
+        let key = try customerKey("gw-alice")
+        var expected: [String: TokenCounts] = [:]
+        for api in GatewayAPI.allCases {
+            for stream in [false, true] {
+                let body = body(api, stream: stream)
+                let keyHeader = api == .messages ? "x-api-key" : "authorization"
+                let proxied = try calls(gatewayURL + api.path, key: key, body: body, count: 2, concurrency: 2, keyHeader: keyHeader,
+                                        headers: ["X-Tally-Feature: support-bot"])
+                let direct = try calls(upstreamURL + api.path, key: "sk-upstream", body: body, count: 2, keyHeader: keyHeader)
+                for (through, straight) in zip(proxied, direct) {
+                    XCTAssertEqual(through.status, 200, "\(api) stream=\(stream): \(through.body)")
+                    XCTAssertEqual(through.body, straight.body, "\(api) stream=\(stream): the caller gets what the upstream sent")
+                    XCTAssertEqual(through.headers["content-type"], straight.headers["content-type"])
+                    XCTAssertEqual(through.headers["x-upstream"], "fake")
+                    let eventID = try XCTUnwrap(through.headers["x-tally-event-id"])
+                    // A streamed chat completion went upstream with include_usage added at the front.
+                    let sent = api == .chatCompletions && stream ? "{\"stream_options\":{\"include_usage\":true}," + body.dropFirst() : body
+                    expected[eventID] = expectedCounts(api, upstreamBody: sent, maxTokens: 12)
+                }
+            }
+        }
+        let events = try events(atLeast: expected.count)
+        XCTAssertEqual(Set(events.keys), Set(expected.keys), "exactly one event per call")
+        for (id, counts) in expected {
+            guard let event = events[id] else { continue }
+            XCTAssertEqual(self.counts(event), counts, id)
+            XCTAssertEqual(event.subject, "gw-alice")
+            XCTAssertEqual(event.feature, "support-bot")
+            XCTAssertNil(event.properties["incomplete"])
+        }
+        XCTAssertEqual(try upstreamCalls(), 24)
+        let metrics = try httpGet(gatewayURL + "/metrics").body
+        XCTAssertTrue(metrics.contains(#"tally_gateway_proxied_calls_total{api="messages"} 4"#), metrics)
+        XCTAssertTrue(metrics.contains("tally_gateway_upstream_seconds"), metrics)
+    }
+
+    /// A stop-policy customer with nothing left gets 402 with a problem+json body; the upstream is never called.
+    func testAnExhaustedWalletGets402AndNoUpstreamCall() throws {
+        try harness.tally(["customers", "set", "gw-broke", "--overage", "stop"])
+        try startGateway()
+        let key = try customerKey("gw-broke")
+        let before = try upstreamCalls()
+        let refused = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: true), count: 3)
+        for call in refused {
+            XCTAssertEqual(call.status, 402, call.body)
+            XCTAssertEqual(call.headers["content-type"], "application/problem+json")
+            XCTAssertTrue(call.body.contains(#""title":"insufficient credit""#) && call.body.contains(#""customer":"gw-broke""#), call.body)
+        }
+        XCTAssertEqual(try upstreamCalls(), before, "no upstream call for a refused customer")
+        XCTAssertTrue(try events(atLeast: 0).isEmpty)
+        XCTAssertTrue(try httpGet(gatewayURL + "/metrics").body.contains(#"tally_gateway_refused_calls_total{api="chat_completions"} 3"#))
+    }
+
+    /// 50 concurrent calls on a wallet that holds a few calls' worth: some go through, the rest
+    /// get 402, and once the rater has debited them all the balance is at most one estimate below zero.
+    func testFiftyConcurrentCallsOvershootByAtMostOneEstimate() async throws {
+        let book = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("gw-prices") + ".yaml")
+        try """
+            book: default
+            effective_from: 2026-01-01T00:00:00Z
+            currency: USD
+            models:
+              - { model: gpt-4o, input: "1000.00", output: "2000.00" }
+            """.write(to: book, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: book) }
+        try harness.tally(["pricing", "apply", book.path])
+        try harness.tally(["customers", "set", "gw-small", "--overage", "stop"])
+        try await harness.publish([RaterIntegrationTests.grant("gw-grant-1", customer: "gw-small", amount: "0.50",
+                                                               time: EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1e6) - 60_000_000).text)])
+        let rater = try harness.startRater(["--batch-size", "10"])
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        try startGateway()
+        let key = try customerKey("gw-small")
+        let body = body(.chatCompletions, stream: false, maxTokens: 20)
+        // 0.001 per input token (a token per 4 bytes estimated), 0.002 per output token, in nano-units.
+        let estimate = Int64((body.utf8.count + 3) / 4) * 1_000_000 + 20 * 2_000_000
+        let results = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body, count: 50, concurrency: 50)
+        let admitted = results.filter { $0.status == 200 }
+        let refused = results.filter { $0.status == 402 }
+        XCTAssertEqual(admitted.count + refused.count, 50, results.map { "\($0.status) \($0.error ?? "")" }.joined(separator: ", "))
+        XCTAssertGreaterThan(admitted.count, 0)
+        XCTAssertGreaterThan(refused.count, 0)
+        XCTAssertLessThanOrEqual(admitted.count, Int(500_000_000 / ((10 + Int64(body.utf8.count / 8)) * 1_000_000 + 40_000_000)) + 1)
+        // The rater debits every admitted call; then the balance is what the calls cost, exactly.
+        let debited = try TestStack.eventually(timeout: .seconds(60)) {
+            try harness.connection.query("SELECT count(DISTINCT event_id) FROM tally.wallet_ledger WHERE customer_id = 'gw-small' AND kind = 'usage'").int64(0, 0) == Int64(admitted.count)
+        }
+        let ledger = try harness.connection.query("SELECT kind, count(*), sum(amount_nanos) FROM tally.wallet_ledger GROUP BY 1").rows
+        XCTAssertTrue(debited, "\(admitted.count) calls admitted; ledger: \(ledger)\n\(rater.log.suffix(3000))")
+        let balance = try XCTUnwrap(try harness.connection.query("SELECT balance_nanos FROM tally.wallets WHERE customer_id = 'gw-small'").int64(0, 0))
+        let perCall = (10 + Int64(body.utf8.count / 8)) * 1_000_000 + 20 * 2_000_000
+        XCTAssertEqual(balance, 500_000_000 - Int64(admitted.count) * perCall)
+        XCTAssertGreaterThanOrEqual(balance, -estimate, "overshoot beyond one estimate: \(balance) < -\(estimate)")
+        // With the debits in the balance, the holds are gone: one more call is refused for the balance itself.
+        let after = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body)
+        XCTAssertEqual(after.first?.status, balance > 0 ? 200 : 402)
+    }
+
+    /// Upstream failures: errors pass back unchanged and meter nothing; a stream that used tokens
+    /// before failing or breaking off is metered by what it reported; a timeout is a 504.
+    func testUpstreamFailuresAreMeteredByWhatTheyUsed() throws {
+        try startGateway(["--upstream-timeout-seconds", "1"])
+        let key = try customerKey("gw-faults")
+        let chat = body(.chatCompletions, stream: false)
+        for (fault, status) in [("error-500", 500), ("error-429", 429)] {
+            let through = try calls(gatewayURL + "/v1/chat/completions", key: key, body: chat, headers: ["X-Fake-Fault: \(fault)"])[0]
+            let straight = try calls(upstreamURL + "/v1/chat/completions", key: "sk-upstream", body: chat, headers: ["X-Fake-Fault: \(fault)"])[0]
+            XCTAssertEqual(through.status, status)
+            XCTAssertEqual(through.body, straight.body)
+        }
+        let slow = try calls(gatewayURL + "/v1/chat/completions", key: key, body: chat, headers: ["X-Fake-Fault: slow"])[0]
+        XCTAssertEqual(slow.status, 504, slow.body)
+        XCTAssertTrue(slow.body.contains("upstream timed out"), slow.body)
+
+        let messages = body(.messages, stream: true)
+        // Overloaded mid-stream: input and the output so far were used.
+        let overloaded = try calls(gatewayURL + "/v1/messages", key: key, body: messages, keyHeader: "x-api-key", headers: ["X-Fake-Fault: error-event"])[0]
+        XCTAssertEqual(overloaded.status, 200)
+        XCTAssertTrue(overloaded.body.contains("overloaded_error"), overloaded.body)
+        // The connection dropped after message_start: the input was used.
+        let cut = try calls(gatewayURL + "/v1/messages", key: key, body: messages, keyHeader: "x-api-key", headers: ["X-Fake-Fault: cut-stream"])[0]
+        XCTAssertNotNil(cut.error, "a broken-off stream must not look complete to the caller")
+        // An OpenAI stream cut before its usage chunk reports nothing: not metered, counted.
+        let cutChat = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: true), headers: ["X-Fake-Fault: cut-stream"])[0]
+        XCTAssertNotNil(cutChat.error)
+
+        let events = try events(atLeast: 2)
+        XCTAssertEqual(events.count, 2, "\(events.values.map(\.id))")
+        let input = 10 + Int64(messages.utf8.count / 8)
+        let byOutput = Dictionary(uniqueKeysWithValues: events.values.map { ($0.outputTokens, $0) })
+        let erred = try XCTUnwrap(byOutput[7], "\(events)")
+        XCTAssertEqual(counts(erred), TokenCounts(input: input, output: 7, cacheRead: 4, cacheWrite: 2))
+        XCTAssertEqual(erred.properties["incomplete"], "true")
+        let broken = try XCTUnwrap(byOutput[1], "\(events)")
+        XCTAssertEqual(counts(broken), TokenCounts(input: input, output: 1, cacheRead: 4, cacheWrite: 2))
+        XCTAssertEqual(broken.properties["incomplete"], "true")
+        let metrics = try httpGet(gatewayURL + "/metrics").body
+        XCTAssertTrue(metrics.contains(#"tally_gateway_upstream_errors_total{api="chat_completions",kind="timeout"} 1"#), metrics)
+        XCTAssertTrue(metrics.contains(#"tally_gateway_unmetered_calls_total{api="chat_completions"} 3"#), metrics)
+    }
+}
