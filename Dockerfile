@@ -8,7 +8,7 @@ WORKDIR /src
 COPY Package.swift ./
 COPY Sources ./Sources
 COPY Tests ./Tests
-# Static Swift runtime: the runtime image needs only librdkafka and libpq.
+# Static Swift runtime: the runtime image needs librdkafka, libpq and libcurl (HTTP clients: tally emit, the gateway).
 RUN swift build -c release --static-swift-stdlib \
         --product tally --product tally-ingest --product tally-aggregator --product tally-rater \
     && mkdir /out \
@@ -16,7 +16,7 @@ RUN swift build -c release --static-swift-stdlib \
     && cp -R .build/release/*.resources /out/
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends librdkafka1 libpq5 ca-certificates tzdata \
+RUN apt-get update && apt-get install -y --no-install-recommends librdkafka1 libpq5 libcurl4 ca-certificates tzdata \
     && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 tally
 # The executables and their resource bundles (the SQL migrations) side by side.
 COPY --from=build /out/ /usr/local/bin/
