@@ -211,12 +211,17 @@ final class IngestService: Sendable {
         return problem(.badRequest, "invalid request", error.description, extra: [("errors", .array(errors))])
     }
 
-    /// A key limited to an environment may only send events of that environment.
+    /// A key limited to an environment may only send events of that environment; a customer's
+    /// key only events of that customer.
     private func limited(_ outcomes: [IngestOutcome], to key: APIKeyRecord?) -> [IngestOutcome] {
-        guard let allowed = key?.environment else { return outcomes }
+        guard let key, key.environment != nil || key.customerID != nil else { return outcomes }
         return outcomes.map { outcome in
-            if case .valid(let event, _) = outcome, event.environment != allowed {
+            guard case .valid(let event, _) = outcome else { return outcome }
+            if let allowed = key.environment, event.environment != allowed {
                 return .rejected([FieldViolation("data.environment", "this API key may only send events of environment \"\(allowed)\"")])
+            }
+            if let customer = key.customerID, event.subject != customer {
+                return .rejected([FieldViolation("subject", "this API key may only send events of customer \"\(customer)\"")])
             }
             return outcome
         }

@@ -169,6 +169,31 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertEqual(try upstreamCalls(), before, "no upstream call for a refused customer")
         XCTAssertTrue(try events(atLeast: 0).isEmpty)
         XCTAssertTrue(try httpGet(gatewayURL + "/metrics").body.contains(#"tally_gateway_refused_calls_total{api="chat_completions"} 3"#))
+        // A customer's key sends that customer's usage only.
+        let other = try TallyIntegrationTests.http("POST", gatewayURL + "/v1/events", body: String(decoding: EventEncoder.encode(UsageEvent(
+            id: "not-mine", source: "test", subject: "someone-else", time: EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1e6)),
+            model: "gpt-4o", inputTokens: 1, outputTokens: 1)), as: UTF8.self), authorization: "Bearer \(key)")
+        XCTAssertEqual(other.status, 400, other.body)
+        XCTAssertTrue(other.body.contains("may only send events of customer"), other.body)
+    }
+
+    /// A key that names no customer may name one in the trusted header, or is refused.
+    func testATrustedHeaderNamesTheCustomerOfAnApplicationKey() throws {
+        try harness.tally(["customers", "set", "gw-header-broke", "--overage", "stop"])
+        try startGateway(["--customer-header", "X-Customer"])
+        let output = try harness.tally(["keys", "create", "--name", "app"])
+        let key = String(output[try XCTUnwrap(output.range(of: "tally_[0-9a-f]{8}_[0-9a-f]{48}", options: .regularExpression))])
+        let anonymous = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: false))[0]
+        XCTAssertEqual(anonymous.status, 403, anonymous.body)
+        XCTAssertTrue(anonymous.body.contains("X-Customer"), anonymous.body)
+        let named = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: false),
+                              headers: ["X-Customer: gw-header-paying"])[0]
+        XCTAssertEqual(named.status, 200, named.body)
+        let broke = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: false),
+                              headers: ["X-Customer: gw-header-broke"])[0]
+        XCTAssertEqual(broke.status, 402, "the header's customer is the one checked: \(broke.body)")
+        let events = try events(atLeast: 1)
+        XCTAssertEqual(events.values.map(\.subject), ["gw-header-paying"])
     }
 
     /// 50 concurrent calls on a wallet that holds a few calls' worth: some go through, the rest
