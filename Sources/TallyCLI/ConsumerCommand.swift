@@ -78,6 +78,7 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     settings.statsInterval = .seconds(options.statsIntervalSeconds)
     settings.exitWhenCaughtUp = options.exitWhenCaughtUp
     if let delay = environment("TALLY_FAULT_COMMIT_DELAY_MS").flatMap(Int.init) { settings.faultCommitDelay = .milliseconds(delay) }
+    settings.faultKillAfterCommits = environment("TALLY_FAULT_KILL_AFTER_COMMITS").flatMap(Int.init)
 
     var properties = try kafka.extraProperties
     properties["session.timeout.ms"] = properties["session.timeout.ms"] ?? String(options.sessionTimeoutMs)

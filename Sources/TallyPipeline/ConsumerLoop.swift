@@ -32,6 +32,9 @@ public struct ConsumerSettings: Sendable {
     /// Fault injection for tests: a pause between preparing a batch and committing it,
     /// so a SIGSTOP lands while a batch is in flight (env TALLY_FAULT_COMMIT_DELAY_MS).
     public var faultCommitDelay: Duration?
+    /// Fault injection for tests: SIGKILL this process right after its n-th PostgreSQL commit
+    /// returns, before anything else happens (env TALLY_FAULT_KILL_AFTER_COMMITS).
+    public var faultKillAfterCommits: Int?
 
     /// Called on the consumer thread after each committed batch (replay shows its progress with it).
     public var onProgress: (@Sendable (ConsumerProgress) -> Void)?
@@ -92,6 +95,8 @@ public final class ConsumerLoop: @unchecked Sendable {
     private let store: any ConsumerStore
     /// Used on the commit queue only.
     private let deadLetterProducer: BlockingProducer
+    /// Touched on the commit queue only.
+    private var commitsForFault = 0
     private let logger: Logger
     private let stopFlag: SharedFlag
     private var consumer: KafkaConsumer!
@@ -226,7 +231,13 @@ public final class ConsumerLoop: @unchecked Sendable {
             }
             switch ClassifiedRecord.classify(record.value, key: .some(record.key)) {
             case .event(.usage(let event)):
+                if InvariantBreak.drop.isOn && record.offset % 50 == 0 { break }
                 batch.events.append(PositionedEvent(event: event, position: logPosition))
+                if InvariantBreak.phantom.isOn && settings.metricsPrefix == "tally_aggregator" && batch.events.count == 1 {
+                    var madeUp = event
+                    madeUp.id += "-phantom-\(record.offset)"
+                    batch.events.append(PositionedEvent(event: madeUp, position: logPosition))
+                }
             case .event(.grant(let grant)):
                 batch.grants.append(PositionedGrant(grant: grant, position: logPosition))
             case .poison(let reason):
@@ -352,6 +363,8 @@ public final class ConsumerLoop: @unchecked Sendable {
             do {
                 switch try store.commit(pending) {
                 case .committed(let summary):
+                    commitsForFault += 1
+                    if commitsForFault == settings.faultKillAfterCommits { kill(getpid(), SIGKILL) }
                     readiness.set(true)
                     for (partition, move) in pending.moves { outcome.committed[partition] = move.next }
                     outcome.summary = summary

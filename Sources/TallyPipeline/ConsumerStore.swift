@@ -122,10 +122,11 @@ public final class ConsumerTables: @unchecked Sendable {
                     UPDATE consumer_offsets AS o SET next_offset = m.next, committed_at = now()
                     FROM unnest($3::int[], $4::bigint[], $5::bigint[], $6::bigint[]) AS m(partition, expected, next, epoch)
                     WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition
-                      AND o.next_offset = m.expected AND o.owner_epoch = m.epoch
+                      AND ((o.next_offset = m.expected AND o.owner_epoch = m.epoch) OR $7)
                     RETURNING o.partition, o.state_version
                     """, [group, topic, PostgresArray(partitions), PostgresArray(partitions.map { batch.moves[$0]!.expected }),
-                          PostgresArray(partitions.map { batch.moves[$0]!.next }), PostgresArray(partitions.map { batch.moves[$0]!.epoch })])
+                          PostgresArray(partitions.map { batch.moves[$0]!.next }), PostgresArray(partitions.map { batch.moves[$0]!.epoch }),
+                          InvariantBreak.fencing.isOn])
                 var movedPartitions = Set<Int32>()
                 var stateVersions: [Int32: Int64] = [:]
                 for row in 0..<moved.rowCount {
@@ -168,7 +169,7 @@ public final class ConsumerTables: @unchecked Sendable {
 
     /// Fingerprints of the keys already stored in `table` (customer_id, event_id, content_hash).
     public func storedHashes(_ keys: [DedupKey], table: String) throws -> [DedupKey: UInt64] {
-        guard !keys.isEmpty else { return [:] }
+        guard !keys.isEmpty, !InvariantBreak.dedup.isOn else { return [:] }
         let result = try connection.query("""
             SELECT k.customer_id, k.event_id, k.content_hash FROM \(table) k
             JOIN unnest($1::text[], $2::text[]) AS u(customer_id, event_id)
@@ -185,7 +186,7 @@ public final class ConsumerTables: @unchecked Sendable {
     /// Stores the keys of newly counted events (COPY: none exist yet, and a concurrent insert
     /// of the same key fails the transaction, which retries).
     public func storeKeys<Candidate: DedupCandidate>(_ accepted: [Candidate], table: String) throws {
-        guard !accepted.isEmpty else { return }
+        guard !accepted.isEmpty, !InvariantBreak.dedup.isOn else { return }
         try connection.copyIn("COPY \(table) (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN",
                               rows: accepted.map {
                                   [$0.key.customerID, $0.key.eventID, String(ContentHash.signed($0.contentHash)),
@@ -208,7 +209,7 @@ public final class ConsumerTables: @unchecked Sendable {
 
     /// Dead letters, idempotent by position.
     public func insertDeadLetters(_ letters: [DeadLetter]) throws {
-        guard !letters.isEmpty else { return }
+        guard !letters.isEmpty, !InvariantBreak.deadLetters.isOn else { return }
         // The value is kept up to 64 KiB; record_size says how large it was.
         try connection.query("""
             INSERT INTO dead_letters (consumer_group, topic, partition, record_offset, reason_code, reason, record_key, record_value, record_size)

@@ -79,7 +79,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
 
     private func apply(_ batch: PreparedBatch) throws -> DedupSummary {
         // 2. Dedup usage and grants together, in log order.
-        let records = (batch.events.map(RaterRecord.usage) + batch.grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
+        let grants = InvariantBreak.wallet.isOn ? [] : batch.grants
+        let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
         let stored = try tables.storedHashes(Deduplicator.keys(of: records), table: "rater_event_keys")
         let decision = Deduplicator.decide(records, stored: stored)
         try tables.storeKeys(decision.accepted, table: "rater_event_keys")

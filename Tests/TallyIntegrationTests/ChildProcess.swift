@@ -60,7 +60,8 @@ final class ChildProcess: @unchecked Sendable {
     /// Waits up to `timeout`; nil when still running.
     func wait(timeout: Duration) -> Int32? {
         let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
+        // At least one look, so a zero timeout asks "has it ended?".
+        repeat {
             if let exitStatus { return exitStatus }
             var status: Int32 = 0
             let reaped = waitpid(pid, &status, WNOHANG)
@@ -68,8 +69,8 @@ final class ChildProcess: @unchecked Sendable {
                 exitStatus = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
                 return exitStatus
             }
-            Thread.sleep(forTimeInterval: 0.05)
-        }
+            if ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.05) }
+        } while ContinuousClock.now < deadline
         return nil
     }
 
