@@ -207,7 +207,7 @@ final class FaultRig: @unchecked Sendable {
 
     func countInjections(_ count: Int) { lock.withLock { injections += count } }
 
-    /// Time from each fault until every group it hit committed again.
+    /// Time from each fault until every partition of every group it hit committed again.
     func recoveryTimes() -> [Duration] {
         lock.withLock { faults }.compactMap { fault in
             let times = fault.groups.map { monitor.firstCommit(group: $0, after: fault.at) }
@@ -344,7 +344,8 @@ final class OffsetMonitor: @unchecked Sendable {
     /// One query at a time on the connection.
     private let pollLock = NSLock()
     private var last: [String: Int64] = [:]
-    private var commits: [String: [ContinuousClock.Instant]] = [:]
+    /// group → partition → when its offset was seen to move.
+    private var commits: [String: [String: [ContinuousClock.Instant]]] = [:]
     private var backward: [String] = []
     private var running = true
     private var thread: Thread?
@@ -378,7 +379,7 @@ final class OffsetMonitor: @unchecked Sendable {
                 let key = group + "/" + partition
                 if let previous = last[key] {
                     if offset < previous { backward.append("\(key): \(previous) → \(offset)") }
-                    if offset > previous { commits[group, default: []].append(now) }
+                    if offset > previous { commits[group, default: [:]][partition, default: []].append(now) }
                 }
                 last[key] = offset
             }
@@ -387,7 +388,17 @@ final class OffsetMonitor: @unchecked Sendable {
 
     var regressions: [String] { lock.withLock { backward } }
 
+    /// When every partition of the group had committed again after `instant` (a stopped
+    /// instance's partitions only move once another instance took them over).
     func firstCommit(group: String, after instant: ContinuousClock.Instant) -> ContinuousClock.Instant? {
-        lock.withLock { commits[group]?.first { $0 > instant } }
+        lock.withLock {
+            guard let partitions = commits[group], !partitions.isEmpty else { return nil }
+            var latest = instant
+            for times in partitions.values {
+                guard let first = times.first(where: { $0 > instant }) else { return nil }
+                latest = max(latest, first)
+            }
+            return latest
+        }
     }
 }

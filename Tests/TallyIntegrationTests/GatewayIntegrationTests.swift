@@ -24,6 +24,8 @@ final class GatewayIntegrationTests: XCTestCase {
             process.signal(SIGKILL)
             process.wait()
         }
+        // XCTest keeps test case instances: dropping the harness now stops the consumers it started.
+        harness = nil
     }
 
     func startGateway(_ extra: [String] = []) throws {
