@@ -24,7 +24,7 @@ final class Gateway: Sendable {
     struct Settings: Sendable {
         var upstreams: [GatewayAPI.Vendor: Upstream]
         /// Honoured only for keys that name no customer: an application key trusted to say whom a call is for.
-        var customerHeader: String?
+        var customerHeader: HTTPField.Name?
         /// Output tokens reserved for a call whose request sets no maximum.
         var defaultOutputTokens: Int64
         var maxBodyBytes: Int
@@ -76,11 +76,11 @@ final class Gateway: Sendable {
         let customerID: String
         if let owner = key?.customerID {
             customerID = owner
-        } else if let header = settings.customerHeader, let named = request.headers[HTTPField.Name(header)!], !named.isEmpty {
+        } else if let header = settings.customerHeader, let named = request.headers[header], !named.isEmpty {
             customerID = named
         } else {
             return service.problem(.forbidden, "no customer", "this API key names no customer: create one with tally keys create --customer C"
-                                   + (settings.customerHeader.map { ", or name the customer in the \($0) header" } ?? ""))
+                                   + (settings.customerHeader.map { ", or name the customer in the \($0.rawName) header" } ?? ""))
         }
         guard let body = try await service.body(request, limit: settings.maxBodyBytes) else {
             return service.problem(.contentTooLarge, "request body too large", "the limit is \(settings.maxBodyBytes) bytes")

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HTTPTypes
 import Hummingbird
 import Logging
 import Metrics
@@ -77,10 +78,19 @@ struct TallyIngest: AsyncParsableCommand {
         if let url = anthropicUpstream ?? environment("TALLY_ANTHROPIC_UPSTREAM") {
             upstreams[.anthropic] = Gateway.Upstream(baseURL: url.trimmingSuffix("/"), apiKey: environment("TALLY_ANTHROPIC_API_KEY") ?? "")
         }
+        for (vendor, upstream) in upstreams {
+            guard let url = URL(string: upstream.baseURL + "/v1"), ["http", "https"].contains(url.scheme ?? ""), url.host != nil else {
+                throw ValidationError("--\(vendor.rawValue)-upstream: \"\(upstream.baseURL)\" is no http(s) base URL")
+            }
+        }
         if !upstreams.isEmpty {
+            let trustedHeader = try customerHeader.map { name in
+                guard let field = HTTPField.Name(name) else { throw ValidationError("--customer-header: \"\(name)\" is no HTTP header name") }
+                return field
+            }
             let credit = CreditGuard(connection: try PostgresConnection(url: try database.databaseURL, logger: logger, searchPath: "tally"),
                                      topic: kafka.topic, raterGroup: raterGroup, logger: logger)
-            let gateway = Gateway(settings: .init(upstreams: upstreams, customerHeader: customerHeader, defaultOutputTokens: defaultOutputTokens,
+            let gateway = Gateway(settings: .init(upstreams: upstreams, customerHeader: trustedHeader, defaultOutputTokens: defaultOutputTokens,
                                                   maxBodyBytes: gatewayMaxBodyBytes),
                                   service: service, client: UpstreamClient(idleTimeout: .seconds(upstreamTimeoutSeconds)), credit: credit, logger: logger)
             gateway.register(on: router)
