@@ -16,6 +16,9 @@ import Logging
 ///   is why Tally's offset writes are compare-and-set.
 public final class PostgresConnection: @unchecked Sendable {
     private var connection: OpaquePointer?
+    /// Set when an error showed the connection is gone though libpq's status may still say OK
+    /// (e.g. the server vanished during COPY): the next statement reconnects.
+    private var broken = false
     private let conninfo: String
     private let logger: Logger
     /// How long a (re)connect keeps trying before it gives up.
@@ -68,8 +71,9 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// The live connection, reconnecting first if the last one broke.
     private func live() throws(PostgresError) -> OpaquePointer {
-        if let connection, PQstatus(connection) == CONNECTION_OK { return connection }
+        if let connection, PQstatus(connection) == CONNECTION_OK, !broken { return connection }
         logger.warning("PostgreSQL connection lost; reconnecting")
+        broken = false
         try connect()
         reconnectCount += 1
         return connection!
@@ -99,7 +103,8 @@ public final class PostgresConnection: @unchecked Sendable {
         do {
             value = try body(self)
         } catch {
-            if let connection, PQstatus(connection) == CONNECTION_OK { _ = try? query("ROLLBACK") }
+            // A broken connection has no transaction left to roll back.
+            if let connection, PQstatus(connection) == CONNECTION_OK, !broken { _ = try? query("ROLLBACK") }
             throw error
         }
         try query("COMMIT")
@@ -124,7 +129,7 @@ public final class PostgresConnection: @unchecked Sendable {
                     PQputCopyData(connection, $0, Int32(bytes.count))
                 }
             }
-            if ok != 1 { throw PostgresError(code: .copy, message: String(cString: PQerrorMessage(connection))) }
+            if ok != 1 { throw lostOrFailed(connection) }
             buffer.removeAll(keepingCapacity: true)
         }
         for row in rows {
@@ -136,9 +141,7 @@ public final class PostgresConnection: @unchecked Sendable {
             if buffer.count >= 1 << 16 { try send() }
         }
         if !buffer.isEmpty { try send() }
-        if PQputCopyEnd(connection, nil) != 1 {
-            throw PostgresError(code: .copy, message: String(cString: PQerrorMessage(connection)))
-        }
+        if PQputCopyEnd(connection, nil) != 1 { throw lostOrFailed(connection) }
         var copied = 0
         var failure: PostgresError?
         while let result = PQgetResult(connection) {
@@ -177,15 +180,19 @@ public final class PostgresConnection: @unchecked Sendable {
         }
         let sqlState = field(UInt8(ascii: "C"))
         let message = field(UInt8(ascii: "M")) ?? String(cString: PQerrorMessage(connection))
-        if PQstatus(connection) != CONNECTION_OK {
+        // The server sends a SQLSTATE with every error; one without is libpq's own: the
+        // connection failed under the statement.
+        if PQstatus(connection) != CONNECTION_OK || sqlState == nil {
+            broken = true
             return PostgresError(code: .connectionLost, message: message.trimmingCharacters(in: .whitespacesAndNewlines), sqlState: sqlState)
         }
         return PostgresError(code: .server, message: message, sqlState: sqlState, detail: field(UInt8(ascii: "D")))
     }
 
+    /// No result at all, or COPY data that could not be sent: libpq lost the connection.
     private func lostOrFailed(_ connection: OpaquePointer) -> PostgresError {
-        let message = String(cString: PQerrorMessage(connection)).trimmingCharacters(in: .whitespacesAndNewlines)
-        return PostgresError(code: PQstatus(connection) == CONNECTION_OK ? .server : .connectionLost, message: message)
+        broken = true
+        return PostgresError(code: .connectionLost, message: String(cString: PQerrorMessage(connection)).trimmingCharacters(in: .whitespacesAndNewlines))
     }
 }
 

@@ -16,8 +16,6 @@ public struct PostgresError: Error, CustomStringConvertible, Sendable {
         public static let connectionLost = Code("connection_lost")
         /// The server rejected the statement.
         public static let server = Code("server")
-        /// COPY protocol failure.
-        public static let copy = Code("copy")
         /// A result did not have the expected shape or type.
         public static let decoding = Code("decoding")
     }

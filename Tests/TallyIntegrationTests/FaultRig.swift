@@ -42,7 +42,8 @@ final class FaultRig: @unchecked Sendable {
     private(set) var ingestKey = ""
 
     let monitor: OffsetMonitor
-    private var faults: [(groups: [String], at: ContinuousClock.Instant)] = []
+    /// Each fault: the groups it hit, when it began, and when it ended (a pause, an outage).
+    private var faults: [(groups: [String], at: ContinuousClock.Instant, ended: ContinuousClock.Instant)] = []
     private(set) var injections = 0
 
     init(breaking invariants: [String] = []) throws {
@@ -196,21 +197,30 @@ final class FaultRig: @unchecked Sendable {
     // MARK: Faults
 
     /// Notes a fault that hit the consumers of `groups` now (recovery is measured from here).
-    func fault(_ groups: [String]) {
+    @discardableResult
+    func fault(_ groups: [String]) -> Int {
         // Commits that landed before the fault but were not seen yet must not count as recovery.
         monitor.poll()
-        lock.withLock {
-            faults.append((groups, .now))
+        return lock.withLock {
+            let now = ContinuousClock.now
+            faults.append((groups, now, now))
             injections += 1
+            return faults.count - 1
         }
+    }
+
+    /// A fault that lasts (an outage, a pause) ended now: only commits after this count as recovery.
+    func faultEnded(_ index: Int) {
+        lock.withLock { faults[index].ended = .now }
     }
 
     func countInjections(_ count: Int) { lock.withLock { injections += count } }
 
-    /// Time from each fault until every partition of every group it hit committed again.
+    /// Time from the start of each fault until every partition of every group it hit committed
+    /// again after the fault ended.
     func recoveryTimes() -> [Duration] {
         lock.withLock { faults }.compactMap { fault in
-            let times = fault.groups.map { monitor.firstCommit(group: $0, after: fault.at) }
+            let times = fault.groups.map { monitor.firstCommit(group: $0, after: fault.ended) }
             guard !times.contains(where: { $0 == nil }) else { return nil }
             return times.compactMap { $0 }.max().map { $0 - fault.at }
         }
@@ -351,7 +361,9 @@ final class OffsetMonitor: @unchecked Sendable {
     private var thread: Thread?
 
     init(databaseURL: String, topic: String) throws {
-        connection = try PostgresConnection(url: databaseURL, logger: TestStack.logger)
+        // A short connect timeout: while PostgreSQL is down on purpose, a poll fails fast
+        // instead of holding the monitor for half a minute (and delaying what it sees after).
+        connection = try PostgresConnection(url: databaseURL, logger: TestStack.logger, connectTimeout: .milliseconds(300))
         self.topic = topic
         let thread = Thread { [weak self] in
             while let self, self.lock.withLock({ self.running }) {

@@ -126,10 +126,12 @@ final class FaultSuiteTests: XCTestCase {
         try await started(rig, seed: seed)
         for _ in 0..<injections {
             try await pause(1.0...2.0)
+            // Noted first: once PostgreSQL is down, the monitor cannot see the last commits before it.
+            let fault = rig.fault([rig.aggregatorGroup, rig.raterGroup])
             try TestStack.stack(down)
-            rig.fault([rig.aggregatorGroup, rig.raterGroup])
             try await pause(downtime)
             try TestStack.stack(up)
+            rig.faultEnded(fault)
         }
         try await pause(4.0...4.0)
         try await finish(rig, name)
