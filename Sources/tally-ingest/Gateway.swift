@@ -40,6 +40,15 @@ final class Gateway: Sendable {
     let overshootNanos = Counter(label: "tally_gateway_reservation_overshoot_nanos_total")
     let overshotCalls = Counter(label: "tally_gateway_overshot_calls_total")
     let eventsNotWritten = Counter(label: "tally_gateway_usage_events_not_written_total")
+    /// Usage events on their way to the broker, so shutdown can wait for them.
+    private let publishing = PublishCount()
+
+    private final class PublishCount: @unchecked Sendable {
+        private let lock = NSLock()
+        private var count = 0
+        func add(_ delta: Int) { lock.withLock { count += delta } }
+        var value: Int { lock.withLock { count } }
+    }
     private let counters: [GatewayAPI: (proxied: Counter, refused: Counter, unmetered: Counter, timeouts: Counter, unreachable: Counter)]
 
     init(settings: Settings, service: IngestService, client: UpstreamClient, credit: CreditGuard, logger: Logger) {
@@ -250,7 +259,11 @@ final class Gateway: Sendable {
                 return
             }
             let hold = hold
-            Task { await gateway.publish(valid, bytes: bytes, hold: hold) }
+            gateway.publishing.add(1)
+            Task {
+                await gateway.publish(valid, bytes: bytes, hold: hold)
+                gateway.publishing.add(-1)
+            }
         }
     }
 
@@ -274,6 +287,13 @@ final class Gateway: Sendable {
         logger.error("usage event could not be written; re-send it to POST /v1/events", metadata: [
             "event_id": "\(event.id)", "event": "\(String(decoding: bytes, as: UTF8.self))",
         ])
+    }
+
+    /// Waits (up to `timeout`) for the usage events of answered calls to reach the broker.
+    func drain(timeout: Duration) async {
+        let deadline = ContinuousClock.now + timeout
+        while publishing.value > 0 && ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(50)) }
+        if publishing.value > 0 { logger.error("\(publishing.value) usage events still unwritten at shutdown") }
     }
 
     /// Hop-by-hop and credential headers stay here; Tally's own headers are for Tally.

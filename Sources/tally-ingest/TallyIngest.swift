@@ -71,6 +71,7 @@ struct TallyIngest: AsyncParsableCommand {
                                         maxBodyBytes: maxBodyBytes, authenticator: authenticator, logger: logger)
         let router = Router()
         service.register(on: router, metrics: { registry.emitToString() })
+        var gateway: Gateway?
         var upstreams: [GatewayAPI.Vendor: Gateway.Upstream] = [:]
         if let url = openaiUpstream ?? environment("TALLY_OPENAI_UPSTREAM") {
             upstreams[.openai] = Gateway.Upstream(baseURL: url.trimmingSuffix("/"), apiKey: environment("TALLY_OPENAI_API_KEY") ?? "")
@@ -90,10 +91,11 @@ struct TallyIngest: AsyncParsableCommand {
             }
             let credit = CreditGuard(connection: try PostgresConnection(url: try database.databaseURL, logger: logger, searchPath: "tally"),
                                      topic: kafka.topic, raterGroup: raterGroup, logger: logger)
-            let gateway = Gateway(settings: .init(upstreams: upstreams, customerHeader: trustedHeader, defaultOutputTokens: defaultOutputTokens,
+            let proxy = Gateway(settings: .init(upstreams: upstreams, customerHeader: trustedHeader, defaultOutputTokens: defaultOutputTokens,
                                                   maxBodyBytes: gatewayMaxBodyBytes),
                                   service: service, client: UpstreamClient(idleTimeout: .seconds(upstreamTimeoutSeconds)), credit: credit, logger: logger)
-            gateway.register(on: router)
+            proxy.register(on: router)
+            gateway = proxy
             for (vendor, upstream) in upstreams.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
                 logger.info("gateway: \(vendor.rawValue) calls go to \(upstream.baseURL)\(upstream.apiKey.isEmpty ? " (no upstream key set)" : "")")
             }
@@ -109,6 +111,8 @@ struct TallyIngest: AsyncParsableCommand {
             logger: logger)
         // Stops accepting on SIGTERM/SIGINT and returns once requests in flight are answered.
         try await app.runService(gracefulShutdownSignals: [.sigterm, .sigint])
+        // Answered gateway calls publish their events after the answer: let them land first.
+        await gateway?.drain(timeout: .seconds(30))
         await service.producer.close(flushTimeout: .seconds(30))
         logger.info("stopped; producer flushed")
     }
