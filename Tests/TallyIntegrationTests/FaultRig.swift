@@ -59,6 +59,15 @@ final class FaultRig: @unchecked Sendable {
         for process in aggregators + raters + [ingest].compactMap({ $0 }) { process.signal(SIGKILL); process.wait() }
     }
 
+    /// A rig with one aggregator and one rater running (and tally-ingest, when asked).
+    static func running(ingest: Bool = false, breaking invariants: [String] = []) throws -> FaultRig {
+        let rig = try FaultRig(breaking: invariants)
+        try rig.startAggregator()
+        try rig.startRater()
+        if ingest { try rig.startIngest() }
+        return rig
+    }
+
     // MARK: Processes
 
     @discardableResult

@@ -70,9 +70,7 @@ final class FaultSuiteTests: XCTestCase {
     }
 
     func killNine(_ name: String, seed: UInt64, victim: (FaultRig) -> ChildProcess) async throws {
-        let rig = try FaultRig()
-        try rig.startAggregator()
-        try rig.startRater()
+        let rig = try FaultRig.running()
         try await started(rig, seed: seed)
         for _ in 0..<FaultScale.pick(ci: 2, large: 8) {
             try await pause(1.0...3.0)
@@ -120,9 +118,7 @@ final class FaultSuiteTests: XCTestCase {
 
     /// Takes a part of the stack away (scripts/stack `down`) mid-stream and brings it back (`up`).
     func stackFault(_ name: String, seed: UInt64, injections: Int, down: String, up: String, downtime: ClosedRange<Double>) async throws {
-        let rig = try FaultRig()
-        try rig.startAggregator()
-        try rig.startRater()
+        let rig = try FaultRig.running()
         try await started(rig, seed: seed)
         for _ in 0..<injections {
             try await pause(1.0...2.0)
@@ -159,9 +155,7 @@ final class FaultSuiteTests: XCTestCase {
     }
 
     func testRow07RebalanceStorm() async throws {
-        let rig = try FaultRig()
-        try rig.startAggregator()
-        try rig.startRater()
+        let rig = try FaultRig.running()
         try await started(rig, seed: 807)
         var extras: [ChildProcess] = []
         for step in 0..<FaultScale.pick(ci: 6, large: 24) {
@@ -182,9 +176,7 @@ final class FaultSuiteTests: XCTestCase {
 
     /// Acknowledged events re-sent later, some with the same payload, some with another.
     func testRow08SameIdsResent() async throws {
-        let rig = try FaultRig()
-        try rig.startAggregator()
-        try rig.startRater()
+        let rig = try FaultRig.running()
         var generator = LoadGenerator(seed: 808, customers: 20, duplicateRate: 0, startMicroseconds: 1_793_491_200_000_000,
                                       spacingMicroseconds: 1_000_000, idPrefix: "r")
         let events = (0..<FaultScale.pick(ci: 4000, large: 40_000)).map { _ in generator.next().event }
@@ -204,9 +196,7 @@ final class FaultSuiteTests: XCTestCase {
     }
 
     func testRow09PoisonRecordsStraightIntoTheTopic() async throws {
-        let rig = try FaultRig()
-        try rig.startAggregator()
-        try rig.startRater()
+        let rig = try FaultRig.running()
         let count = 10_000
         var generator = LoadGenerator(seed: 809, customers: 20, duplicateRate: 0, startMicroseconds: 1_793_491_200_000_000,
                                       spacingMicroseconds: 1_000_000, idPrefix: "p")
@@ -227,10 +217,7 @@ final class FaultSuiteTests: XCTestCase {
 
     /// Bad input over HTTP: every answer is a 4xx, nothing of it is counted.
     func testRow10BadInputOverHTTP() async throws {
-        let rig = try FaultRig()
-        try rig.startAggregator()
-        try rig.startRater()
-        try rig.startIngest()
+        let rig = try FaultRig.running(ingest: true)
         let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
         func event(_ index: Int) -> UsageEvent {
             UsageEvent(id: "bad-\(index)", source: "faults", subject: "fc-\(index % 10)", time: EventTime(microseconds: now - 60_000_000),
@@ -266,10 +253,7 @@ final class FaultSuiteTests: XCTestCase {
 
     /// Quotes, SQL metacharacters, NUL, right-to-left text and emoji in customer ids and properties.
     func testRow11HostileText() async throws {
-        let rig = try FaultRig()
-        try rig.startAggregator()
-        try rig.startRater()
-        try rig.startIngest()
+        let rig = try FaultRig.running(ingest: true)
         let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
         let customers = ["O'Brien \"quoted\"", "x'); DROP TABLE tally.usage_event_keys; --", "nul\u{0}inside", "\u{202E}gnp.exe",
                          "🦙 llama-co 👩‍👩‍👧", "back\\slash\ttab", "%_like_%", "מלקוח"]
@@ -302,9 +286,7 @@ final class FaultSuiteTests: XCTestCase {
 
     /// Grants and usage arrive together for small wallets; grants re-sent credit once.
     func testRow12GrantsAndUsageOnSmallWallets() async throws {
-        let rig = try FaultRig()
-        try rig.startAggregator()
-        try rig.startRater()
+        let rig = try FaultRig.running()
         try await started(rig, seed: 812)
         var grants: [GrantEvent] = []
         for round in 0..<FaultScale.pick(ci: 20, large: 200) {
@@ -336,9 +318,7 @@ final class FaultSuiteTests: XCTestCase {
             ("wallet", "wallet"), ("fencing", "offsets"), ("server-errors", "server errors"),
         ]
         for (broken, expected) in cases {
-            let rig = try FaultRig(breaking: [broken])
-            try rig.startAggregator()
-            try rig.startRater()
+            let rig = try FaultRig.running(breaking: [broken])
             var generator = LoadGenerator(seed: 899, customers: 10, duplicateRate: 0, startMicroseconds: 1_793_491_200_000_000,
                                           spacingMicroseconds: 1_000_000, idPrefix: "b")
             let events = (0..<1500).map { _ in generator.next().event }
