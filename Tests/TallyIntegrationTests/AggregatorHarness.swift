@@ -171,6 +171,27 @@ extension ChildProcess {
     }
 }
 
+/// Prometheus text scraped from a process's ops endpoint.
+struct MetricsScrape {
+    let text: String
+
+    /// The value of the unlabelled sample `name`.
+    func sample(_ name: String) -> Double? {
+        text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+    }
+
+    /// Scrapes until `settled` holds (a loop counts a batch once it settles it, just after the
+    /// commit PostgreSQL already shows), for at most 10 s; returns the last scrape.
+    static func waiting(port: Int, until settled: (MetricsScrape) -> Bool) throws -> MetricsScrape {
+        var scrape = MetricsScrape(text: "")
+        _ = try TestStack.eventually(timeout: .seconds(10)) {
+            scrape = MetricsScrape(text: try httpGet("http://127.0.0.1:\(port)/metrics").body)
+            return settled(scrape)
+        }
+        return scrape
+    }
+}
+
 /// GETs a URL on the loopback interface; returns status and body.
 func httpGet(_ url: String) throws -> (status: Int, body: String) {
     let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", """

@@ -41,20 +41,12 @@ final class AggregatorIntegrationTests: XCTestCase {
         let port = try XCTUnwrap(second.opsPort, second.log)
         XCTAssertEqual(try httpGet("http://127.0.0.1:\(port)/livez").status, 200)
         XCTAssertEqual(try httpGet("http://127.0.0.1:\(port)/readyz").status, 200)
-        var metrics = ""
-        func sample(_ name: String) -> Double? {
-            metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
-        }
-        // The loop counts a batch once it settles it, just after the commit PostgreSQL already shows.
-        _ = try TestStack.eventually(timeout: .seconds(10)) {
-            metrics = try httpGet("http://127.0.0.1:\(port)/metrics").body
-            return sample("tally_aggregator_events_accepted_total") == 100
-        }
-        XCTAssertEqual(sample("tally_aggregator_events_accepted_total"), 100, "the restarted instance counted the 100 new events\n\(metrics)")
-        XCTAssertEqual(sample("tally_aggregator_duplicates_total"), 500)
-        XCTAssertTrue(metrics.contains("tally_aggregator_lag_records{partition="), metrics)
-        XCTAssertGreaterThan(sample("tally_aggregator_transaction_seconds_count") ?? 0, 0, "transactions are timed")
-        XCTAssertFalse(metrics.contains("cust-"), "no customer id in any label")
+        let metrics = try MetricsScrape.waiting(port: port) { $0.sample("tally_aggregator_events_accepted_total") == 100 }
+        XCTAssertEqual(metrics.sample("tally_aggregator_events_accepted_total"), 100, "the restarted instance counted the 100 new events\n\(metrics.text)")
+        XCTAssertEqual(metrics.sample("tally_aggregator_duplicates_total"), 500)
+        XCTAssertTrue(metrics.text.contains("tally_aggregator_lag_records{partition="), metrics.text)
+        XCTAssertGreaterThan(metrics.sample("tally_aggregator_transaction_seconds_count") ?? 0, 0, "transactions are timed")
+        XCTAssertFalse(metrics.text.contains("cust-"), "no customer id in any label")
         let conflicts = try harness.connection.query("SELECT count(*), count(DISTINCT event_id) FROM tally.event_conflicts").rows[0]
         XCTAssertEqual(conflicts, ["50", "50"])
         let keys = try harness.connection.query("SELECT count(*) FROM tally.usage_event_keys").scalar

@@ -106,22 +106,14 @@ final class RaterIntegrationTests: XCTestCase {
         // The ops endpoint: Prometheus names with the tally_rater_ prefix, no customer id in any label.
         let port = try XCTUnwrap(second.opsPort, second.log)
         XCTAssertEqual(try httpGet("http://127.0.0.1:\(port)/readyz").status, 200)
-        var metrics = ""
-        func sample(_ name: String) -> Double? {
-            metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
-        }
-        // The loop counts a batch once it settles it, just after the commit PostgreSQL already shows.
-        _ = try TestStack.eventually(timeout: .seconds(10)) {
-            metrics = try httpGet("http://127.0.0.1:\(port)/metrics").body
-            return sample("tally_rater_events_accepted_total") == Double(more.count)
-        }
+        let metrics = try MetricsScrape.waiting(port: port) { $0.sample("tally_rater_events_accepted_total") == Double(more.count) }
         let moreUnpriced = Set(more.filter { $0.model == "amazon.nova-pro-v1" }.map(\.id)).count
-        XCTAssertEqual(sample("tally_rater_events_accepted_total"), Double(more.count), "the restarted instance counted the 100 new events\n\(metrics)")
-        XCTAssertEqual(sample("tally_rater_duplicates_total"), Double(customers + 300), "every grant and 300 events again")
-        XCTAssertEqual(sample("tally_rater_unpriced_events_total"), Double(moreUnpriced))
-        XCTAssertEqual(sample("tally_rater_grants_total"), 0, "grants re-sent after the restart credit nothing")
-        XCTAssertTrue(metrics.contains("tally_rater_lag_records{partition="), metrics)
-        XCTAssertFalse(metrics.contains("cust-"), "no customer id in any label")
+        XCTAssertEqual(metrics.sample("tally_rater_events_accepted_total"), Double(more.count), "the restarted instance counted the 100 new events\n\(metrics.text)")
+        XCTAssertEqual(metrics.sample("tally_rater_duplicates_total"), Double(customers + 300), "every grant and 300 events again")
+        XCTAssertEqual(metrics.sample("tally_rater_unpriced_events_total"), Double(moreUnpriced))
+        XCTAssertEqual(metrics.sample("tally_rater_grants_total"), 0, "grants re-sent after the restart credit nothing")
+        XCTAssertTrue(metrics.text.contains("tally_rater_lag_records{partition="), metrics.text)
+        XCTAssertFalse(metrics.text.contains("cust-"), "no customer id in any label")
         second.signal(SIGTERM)
         XCTAssertEqual(second.wait(timeout: .seconds(30)), 0, second.log)
 
