@@ -20,6 +20,9 @@ public struct ConsumerOptions: ParsableArguments {
     @Option(help: "Kafka session timeout in milliseconds: how long a silent instance keeps its partitions.")
     var sessionTimeoutMs = 10_000
 
+    @Option(help: "PostgreSQL connections committing a batch's partitions side by side (partition modulo lanes).")
+    var commitLanes = 2
+
     @Option(help: "Seconds between progress log lines.")
     var statsIntervalSeconds = 10
 
@@ -29,7 +32,9 @@ public struct ConsumerOptions: ParsableArguments {
     public init() {}
 
     public func validate() throws {
-        guard (batchSize ?? 1) > 0, batchTimeoutMs > 0 else { throw ValidationError("--batch-size and --batch-timeout-ms must be positive") }
+        guard (batchSize ?? 1) > 0, batchTimeoutMs > 0, commitLanes > 0 else {
+            throw ValidationError("--batch-size, --batch-timeout-ms and --commit-lanes must be positive")
+        }
     }
 }
 
@@ -54,7 +59,9 @@ public struct ConsumerDescription: Sendable {
 
 /// Everything a consumer's store and helpers need to be built.
 public struct ConsumerContext {
+    /// This lane's own connection (see `CommitLanes`); lane 0 also runs per-process helpers.
     public let connection: PostgresConnection
+    public let lane: Int
     public let kafka: KafkaConfiguration
     public let settings: ConsumerSettings
     public let instanceID: String
@@ -97,9 +104,14 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
         return source
     }
     defer { signals.forEach { $0.cancel() } }
-    let context = ConsumerContext(connection: connection, kafka: kafkaConfiguration, settings: settings, instanceID: instanceID,
-                                  logger: logger, stop: stop)
-    let store = try makeStore(context)
+    var lanes: [any ConsumerStore] = []
+    for lane in 0..<options.commitLanes {
+        let laneConnection = lane == 0 ? connection
+            : try PostgresConnection(url: try database.databaseURL, logger: logger, connectTimeout: .seconds(60), searchPath: "tally")
+        lanes.append(try makeStore(ConsumerContext(connection: laneConnection, lane: lane, kafka: kafkaConfiguration, settings: settings,
+                                                   instanceID: instanceID, logger: logger, stop: stop)))
+    }
+    let store = lanes.count == 1 ? lanes[0] : CommitLanes(lanes)
     logger.info("starting", metadata: ["group": "\(settings.group)", "topic": "\(settings.topic)", "instance": "\(instanceID)"])
     let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: stop)
     let opsServer = try ops.start(registry: registry, logger: logger, ready: { loop.isReady })

@@ -95,7 +95,9 @@ public enum Deduplicator {
     public static func decide<Candidate: DedupCandidate>(_ events: [Candidate], stored: [DedupKey: UInt64]) -> DedupDecision<Candidate> {
         var decision = DedupDecision<Candidate>()
         var seen = stored
-        for positioned in events.sorted(by: { $0.position < $1.position }) {
+        // Callers mostly pass log order already; sorting copies every (large) candidate.
+        let inLogOrder = zip(events, events.dropFirst()).allSatisfy { $0.position < $1.position }
+        for positioned in inLogOrder ? events : events.sorted(by: { $0.position < $1.position }) {
             let key = positioned.key
             if let first = seen[key] {
                 if first == positioned.contentHash {

@@ -18,14 +18,16 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
         // Stateless between batches: a promoted state (replay) needs nothing here.
         try tables.commit(batch) { _, _ in
             // 2. Dedup against stored keys, then decide (pure) which events count.
-            let stored = try tables.storedHashes(Deduplicator.keys(of: batch.events), table: "usage_event_keys")
+            let stored = try tables.storedHashes(of: batch.events, table: "usage_event_keys")
             let decision = Deduplicator.decide(batch.events, stored: stored)
-            // 3. Store the keys of the events that count.
-            try tables.storeKeys(decision.accepted, table: "usage_event_keys")
-            // 4. Hourly window deltas (daily and monthly are views over them).
-            var deltas = WindowDeltas(granularities: [.hour])
-            for positioned in decision.accepted { deltas.add(positioned.event) }
-            try upsertHourly(deltas.rows(.hour))
+            // 3. Store the keys of the events that count while (4.) their hourly window deltas
+            //    are summed and encoded (daily and monthly are views over them); then write them.
+            let hourly = try tables.storeKeys(decision.accepted, table: "usage_event_keys") {
+                var deltas = WindowDeltas(granularities: [.hour])
+                for positioned in decision.accepted { deltas.add(positioned.event) }
+                return Self.upsertParameters(deltas.rows(.hour))
+            }
+            if let hourly { try upsertHourly(hourly) }
             // 5. Conflicts and dead letters, idempotent by position.
             try tables.insertConflicts(decision.conflicts)
             try tables.insertDeadLetters(batch.deadLetters)
@@ -41,8 +43,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
         }
     }
 
-    private func upsertHourly(_ rows: [(key: WindowKey, measures: UsageMeasures)]) throws {
-        guard !rows.isEmpty else { return }
+    private func upsertHourly(_ parameters: [String]) throws {
         try connection.query("""
             INSERT INTO usage_windows_hourly AS w (customer_id, window_start, model, feature, provider, environment, input_tokens, output_tokens,
                 cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count)
@@ -57,7 +58,13 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
                 reasoning_output_tokens = w.reasoning_output_tokens + EXCLUDED.reasoning_output_tokens,
                 total_tokens = w.total_tokens + EXCLUDED.total_tokens,
                 event_count = w.event_count + EXCLUDED.event_count
-            """, [
+            """, parameters)
+    }
+
+    /// The upsert's arrays as text, so they can be built while the keys are being copied.
+    private static func upsertParameters(_ rows: [(key: WindowKey, measures: UsageMeasures)]) -> [String]? {
+        guard !rows.isEmpty else { return nil }
+        return [
                 PostgresArray(rows.map(\.key.dimensions.customerID)),
                 // Window starts are whole hours: seconds since the epoch convert exactly.
                 PostgresArray(rows.map { $0.key.start / 1_000_000 }),
@@ -72,6 +79,6 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
                 PostgresArray(rows.map(\.measures.reasoningOutputTokens)),
                 PostgresArray(rows.map(\.measures.totalTokens)),
                 PostgresArray(rows.map(\.measures.eventCount)),
-            ])
+            ].map(\.postgresText)
     }
 }

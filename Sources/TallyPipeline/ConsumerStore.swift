@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import TallyCore
 import TallyPostgres
@@ -79,6 +80,17 @@ public final class ConsumerTables: @unchecked Sendable {
     public let group: String
     public let topic: String
     public let instanceID: String
+    /// Keys known to be stored: a batch looks up only what the cache lacks, and only when the
+    /// cache has lately missed one (see `storedHashes`).
+    private var keyCache = DedupKeyCache()
+    /// The `state_version`s the cache was filled under: a promoted replay replaces the keys.
+    private var keyCacheVersions: [Int32: Int64] = [:]
+    /// Keys the transaction in progress stores; cached once it commits.
+    private var keysInFlight: [(key: DedupKeyCache.Fingerprint, contentHash: UInt64)] = []
+    /// Set while the cache may lack stored keys (at start, after a claim, after it missed one);
+    /// cleared by a look-up that finds nothing the cache lacked.
+    private var lookUpStoredKeys = true
+    private let logger = Logger(label: "tally.consumer-store")
 
     public init(connection: PostgresConnection, group: String, topic: String, instanceID: String) {
         self.connection = connection
@@ -87,9 +99,15 @@ public final class ConsumerTables: @unchecked Sendable {
         self.instanceID = instanceID
     }
 
+    /// A key the cache lacked is stored already (its unique constraint said so); the
+    /// transaction is rolled back and the batch applied again with a look-up.
+    struct StoredKeyMissedByCache: Error {}
+
     /// From this commit on, an instance that claimed earlier cannot commit these partitions.
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
         guard !partitions.isEmpty else { return [:] }
+        // Their previous owner stored keys this cache never saw.
+        lookUpStoredKeys = true
         return try connection.transaction { connection in
             let result = try connection.query("""
                 INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, owner_instance)
@@ -109,7 +127,31 @@ public final class ConsumerTables: @unchecked Sendable {
     /// Runs `apply` in one transaction after moving the batch's offsets; see the numbered
     /// steps here and in `apply` for what a crash at each point means.
     /// `apply` gets each moved partition's `state_version` (see migration 0006).
-    public func commit(_ batch: PreparedBatch, apply: (PostgresConnection, [Int32: Int64]) throws -> DedupSummary) throws -> CommitOutcome {
+    /// `discardAttempt` runs before a rolled-back attempt is applied again: a store that changed
+    /// its own state while the keys went in drops that change there.
+    public func commit(_ batch: PreparedBatch, discardAttempt: () -> Void = {},
+                       apply: (PostgresConnection, [Int32: Int64]) throws -> DedupSummary) throws -> CommitOutcome {
+        var attempts = 0
+        while true {
+            keysInFlight.removeAll(keepingCapacity: true)
+            do {
+                let outcome = try commitOnce(batch, apply: apply)
+                if case .committed = outcome {
+                    for stored in keysInFlight { keyCache.insert(stored.key, contentHash: stored.contentHash) }
+                }
+                return outcome
+            } catch is StoredKeyMissedByCache where attempts < 4 {
+                // Each retry looks up every key; a concurrent writer of the same key makes its
+                // COPY wait and fail, and the next look-up sees that key committed.
+                attempts += 1
+                lookUpStoredKeys = true
+                discardAttempt()
+                logger.info("a stored dedup key was missing from the key cache (another instance or lane wrote it): applying the batch again with a look-up")
+            }
+        }
+    }
+
+    private func commitOnce(_ batch: PreparedBatch, apply: (PostgresConnection, [Int32: Int64]) throws -> DedupSummary) throws -> CommitOutcome {
         struct MoveFailed: Error { let partitions: Set<Int32> }
         do {
             return try connection.transaction { connection -> CommitOutcome in
@@ -137,6 +179,10 @@ public final class ConsumerTables: @unchecked Sendable {
                 let missing = Set(partitions).subtracting(movedPartitions)
                 // Throwing rolls the transaction back before anything else was written.
                 if !missing.isEmpty { throw MoveFailed(partitions: missing) }
+                if stateVersions.contains(where: { partition, version in keyCacheVersions[partition].map { $0 != version } ?? false }) {
+                    keyCache.removeAll()
+                }
+                keyCacheVersions.merge(stateVersions) { $1 }
                 // 2.–5. The consumer's own writes.
                 let summary = try apply(connection, stateVersions)
                 // 6. COMMIT (by transaction()). A crash before the reply leaves the outcome
@@ -168,30 +214,82 @@ public final class ConsumerTables: @unchecked Sendable {
     }
 
     /// Fingerprints of the keys already stored in `table` (customer_id, event_id, content_hash).
-    public func storedHashes(_ keys: [DedupKey], table: String) throws -> [DedupKey: UInt64] {
-        guard !keys.isEmpty, !InvariantBreak.dedup.isOn else { return [:] }
+    ///
+    /// Usually from the cache alone: a key it lacks is taken as new, and `storeKeys` fails the
+    /// transaction if it was not. After such a miss, keys are looked up in PostgreSQL until a
+    /// look-up finds nothing the cache lacked.
+    public func storedHashes<Candidate: DedupCandidate>(of candidates: [Candidate], table: String) throws -> [DedupKey: UInt64] {
+        guard !candidates.isEmpty, !InvariantBreak.dedup.isOn else { return [:] }
+        var stored: [DedupKey: UInt64] = [:]
+        guard lookUpStoredKeys else {
+            for candidate in candidates {
+                let key = candidate.key
+                if let hash = keyCache[key] { stored[key] = hash }
+            }
+            return stored
+        }
+        let keys = Deduplicator.keys(of: candidates)
         let result = try connection.query("""
             SELECT k.customer_id, k.event_id, k.content_hash FROM \(table) k
             JOIN unnest($1::text[], $2::text[]) AS u(customer_id, event_id)
               ON k.customer_id = u.customer_id AND k.event_id = u.event_id
             """, [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.eventID))])
-        var stored: [DedupKey: UInt64] = [:]
+        var cacheLacked = false
         for row in 0..<result.rowCount {
-            stored[DedupKey(customerID: result.string(row, 0)!, eventID: result.string(row, 1)!)] =
-                UInt64(bitPattern: try result.int64(row, 2)!)
+            let key = DedupKey(customerID: result.string(row, 0)!, eventID: result.string(row, 1)!)
+            let hash = UInt64(bitPattern: try result.int64(row, 2)!)
+            stored[key] = hash
+            if keyCache[key] == nil { cacheLacked = true }
+            // Committed already, so true whatever happens to this transaction.
+            keyCache.insert(key, contentHash: hash)
         }
+        if !cacheLacked { lookUpStoredKeys = false }
         return stored
     }
 
-    /// Stores the keys of newly counted events (COPY: none exist yet, and a concurrent insert
-    /// of the same key fails the transaction, which retries).
+    /// Stores the keys of newly counted events (COPY: they are new unless the cache missed one,
+    /// which the primary key turns into `StoredKeyMissedByCache`).
     public func storeKeys<Candidate: DedupCandidate>(_ accepted: [Candidate], table: String) throws {
         guard !accepted.isEmpty, !InvariantBreak.dedup.isOn else { return }
-        try connection.copyIn("COPY \(table) (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN",
-                              rows: accepted.map {
-                                  [$0.key.customerID, $0.key.eventID, String(ContentHash.signed($0.contentHash)),
-                                   String($0.position.partition), String($0.position.offset)]
-                              })
+        do {
+            try connection.copyIn("COPY \(table) (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN",
+                                  rows: accepted) { candidate, fields in
+                let key = candidate.key
+                fields.add(key.customerID)
+                fields.add(key.eventID)
+                fields.add(ContentHash.signed(candidate.contentHash))
+                fields.add(candidate.position.partition)
+                fields.add(candidate.position.offset)
+            }
+        } catch {
+            if error.sqlState == "23505" { throw StoredKeyMissedByCache() }
+            throw error
+        }
+        // Fingerprinted here, on the COPY's thread when it has one, not after COMMIT.
+        keysInFlight.append(contentsOf: accepted.map { (DedupKeyCache.fingerprint($0.key), $0.contentHash) })
+    }
+
+    /// Stores keys (as `storeKeys`) on another thread while `meanwhile` works out the rest of the
+    /// batch here, so the server inserts keys while we compute. `meanwhile` must not use the
+    /// connection; both have finished when this returns or throws.
+    public func storeKeys<Candidate: DedupCandidate, Value>(_ accepted: [Candidate], table: String,
+                                                            meanwhile: () throws -> Value) throws -> Value {
+        let outcome = BackgroundOutcome()
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            do { try self.storeKeys(accepted, table: table) } catch { outcome.error = error }
+            done.signal()
+        }.start()
+        let value: Value
+        do {
+            value = try meanwhile()
+        } catch {
+            done.wait()
+            throw error
+        }
+        done.wait()
+        if let error = outcome.error { throw error }
+        return value
     }
 
     /// Conflicts, idempotent by position.
@@ -223,6 +321,11 @@ public final class ConsumerTables: @unchecked Sendable {
                   PostgresArray(letters.map { $0.value.map { PostgresBytes(Array($0.prefix(EventLimits.maxEventBytes))).postgresText } }),
                   PostgresArray(letters.map { Int32($0.value?.count ?? 0) })])
     }
+}
+
+/// What a background thread threw, read after it signalled.
+private final class BackgroundOutcome: @unchecked Sendable {
+    var error: (any Error)?
 }
 
 /// PostgreSQL text cannot hold NUL; error details may quote one from a bad record.

@@ -62,7 +62,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         try forgetProfilesIfChanged()
         if state.charges.count > maxCachedCharges { forgetState() }
         do {
-            let outcome = try tables.commit(batch) { _, versions in
+            let outcome = try tables.commit(batch, discardAttempt: forgetState) { _, versions in
                 // A replay promoted new state under us: what is cached is stale.
                 if versions.contains(where: { partition, version in stateVersions[partition].map { $0 != version } ?? false }) { forgetState() }
                 stateVersions.merge(versions) { $1 }
@@ -81,14 +81,14 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         // 2. Dedup usage and grants together, in log order.
         let grants = InvariantBreak.wallet.isOn ? [] : batch.grants
         let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
-        let stored = try tables.storedHashes(Deduplicator.keys(of: records), table: "rater_event_keys")
+        let stored = try tables.storedHashes(of: records, table: "rater_event_keys")
         let decision = Deduplicator.decide(records, stored: stored)
-        try tables.storeKeys(decision.accepted, table: "rater_event_keys")
-        // 3. Load what is not cached yet, rate (pure), write the changed state back.
+        // 3. Load what is not cached yet; then rate (pure) while the keys go in; write the
+        //    changed state back. A failed key COPY discards the rated state (`discardAttempt`).
         try loadCustomers(Set(decision.accepted.map(\.customerID)).subtracting(cachedCustomers))
         let priced = engine.price(decision.accepted, profiles: state.profiles)
-        try loadCharges(engine.chargeKeys(priced).filter { state.charges[$0] == nil })
-        let result = engine.apply(priced, to: &state)
+        try loadCharges(engine.missingChargeKeys(priced, in: state))
+        let result = try tables.storeKeys(decision.accepted, table: "rater_event_keys") { engine.apply(priced, to: &state) }
         try writeCharges(result.touchedCharges)
         try appendLedger(result.ledger)
         try writeWallets(result.touchedWallets)
@@ -253,11 +253,19 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         // COPY: entries are new by construction (their positions were never committed).
         try connection.copyIn("""
             COPY wallet_ledger (customer_id, currency, partition, record_offset, seq, kind, amount_nanos, grant_id, event_id, effective_at, period_start) FROM STDIN
-            """, rows: entries.map { entry in
-                [entry.wallet.customerID, entry.wallet.currency.code, String(entry.position.partition), String(entry.position.offset),
-                 String(entry.seq), entry.kind.rawValue, String(entry.amountNanos), entry.grantID, entry.eventID,
-                 entry.effectiveAt.text, entry.periodStart.map(periodStartText)]
-            })
+            """, rows: entries) { entry, fields in
+                fields.add(entry.wallet.customerID)
+                fields.add(entry.wallet.currency.code)
+                fields.add(entry.position.partition)
+                fields.add(entry.position.offset)
+                fields.add(entry.seq)
+                fields.add(entry.kind.rawValue)
+                fields.add(entry.amountNanos)
+                fields.add(entry.grantID)
+                fields.add(entry.eventID)
+                fields.add(entry.effectiveAt.text)
+                fields.add(entry.periodStart.map(periodStartText))
+            }
     }
 
     private func periodStartText(_ start: Int64) -> String {

@@ -47,7 +47,7 @@ struct TallyRater: ParsableCommand {
         var relayStop: SharedFlag?
         let relayDone = DispatchSemaphore(value: 0)
         try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
-            if alertsTopic != "off" {
+            if alertsTopic != "off" && context.lane == 0 {
                 // The relay has its own connection: it must not share the batch transaction's.
                 let relay = AlertRelay(connection: try PostgresConnection(url: try database.databaseURL, logger: context.logger,
                                                                           connectTimeout: .seconds(60), searchPath: "tally"),

@@ -109,6 +109,25 @@ final class AggregationTests: XCTestCase {
         return (deltas, conflicts, duplicates)
     }
 
+    func testKeyCacheKeepsTheNewerGenerationsAndForgetsOnRequest() {
+        var cache = DedupKeyCache(generationSize: 3)
+        let keys = (0..<7).map { DedupKey(customerID: "c\($0 % 2)", eventID: "e\($0)") }
+        for (index, key) in keys.enumerated() { cache.insert(key, contentHash: UInt64(index)) }
+        // Generations of 3: e0–e2 filled the first, e3–e5 replaced it, e6 starts a third.
+        XCTAssertEqual(cache.count, 4)
+        XCTAssertNil(cache[keys[0]])
+        XCTAssertNil(cache[keys[2]])
+        XCTAssertEqual(cache[keys[3]], 3)
+        XCTAssertEqual(cache[keys[6]], 6)
+        XCTAssertNil(cache[DedupKey(customerID: "c1", eventID: "e6")], "the customer is part of the key")
+        XCTAssertNil(cache[DedupKey(customerID: "c0e", eventID: "6")], "the separator keeps the halves apart")
+        cache.insert(keys[6], contentHash: 60)
+        XCTAssertEqual(cache[keys[6]], 60, "a later fingerprint replaces the earlier")
+        cache.removeAll()
+        XCTAssertEqual(cache.count, 0)
+        XCTAssertNil(cache[keys[6]])
+    }
+
     func testRollupsAgreeWithHourlyRows() {
         var deltas = WindowDeltas()
         var generator = LoadGenerator(seed: 5, customers: 10, duplicateRate: 0, startMicroseconds: 1_790_000_000_000_000, spacingMicroseconds: 3_000_000_000)

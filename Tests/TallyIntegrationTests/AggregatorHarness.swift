@@ -48,15 +48,20 @@ final class AggregatorHarness: @unchecked Sendable {
 
     /// Publishes raw values keyed by customer and records the log end.
     func publish(_ records: [(key: String, value: [UInt8])]) async throws {
-        let results = await producer.send(records.map { ProducerRecord(topic: topic, key: Array($0.key.utf8), value: $0.value) })
+        try await record(producer.send(records.map { ProducerRecord(topic: topic, key: Array($0.key.utf8), value: $0.value) }))
+    }
+
+    func publish(_ events: [UsageEvent], partition: Int32? = nil) async throws {
+        try await record(producer.send(events.map {
+            ProducerRecord(topic: topic, key: Array($0.subject.utf8), value: EventEncoder.encode($0), partition: partition)
+        }))
+    }
+
+    private func record(_ results: [Result<DeliveryReport, KafkaError>]) throws {
         for result in results {
             let report = try result.get()
             logEnd[report.partition] = max(logEnd[report.partition] ?? 0, report.offset + 1)
         }
-    }
-
-    func publish(_ events: [UsageEvent]) async throws {
-        try await publish(events.map { ($0.subject, EventEncoder.encode($0)) })
     }
 
     /// Records the log end of a topic another harness published to.

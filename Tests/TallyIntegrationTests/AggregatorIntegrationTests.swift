@@ -56,6 +56,31 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertTrue(second.log.contains("duplicates="), "progress is logged")
     }
 
+    /// The key cache is a hint: an event id stored through one commit lane (or instance) and
+    /// re-sent on a partition another lane commits is still found, by the key's unique
+    /// constraint and a look-up, and counted once.
+    func testAKeyTheCacheLacksIsStillADuplicate() async throws {
+        let harness = try AggregatorHarness(partitions: 2)
+        let warmUp = AggregatorHarness.events(count: 400, seed: 51)
+        try await harness.publish(Array(warmUp[..<200]), partition: 0)
+        try await harness.publish(Array(warmUp[200...]), partition: 1)
+        let aggregator = try harness.startAggregator(["--commit-lanes", "2"])
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        // Both lanes looked their first keys up, found none, and now trust their caches.
+        let resent = AggregatorHarness.events(count: 1, seed: 52, prefix: "resent")
+        try await harness.publish(resent, partition: 0)
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        let more = AggregatorHarness.events(count: 50, seed: 53, prefix: "more")
+        try await harness.publish(resent + more, partition: 1)
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        try harness.assertTotals(equal: AggregatorHarness.recount(warmUp + resent + more))
+        XCTAssertTrue(aggregator.log.contains("missing from the key cache"), aggregator.log)
+        XCTAssertEqual(try harness.connection.query("SELECT partition FROM tally.usage_event_keys WHERE event_id = $1", [resent[0].id]).rows,
+                       [["0"]], "the first sighting keeps the key")
+        aggregator.signal(SIGTERM)
+        XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
+    }
+
     /// kill -9 at random moments during a 100k-event stream, restarted each time: exact totals.
     func testKillNineAtRandomMomentsKeepsTotalsExact() async throws {
         let harness = try AggregatorHarness()

@@ -66,6 +66,18 @@ final class PostgresIntegrationTests: XCTestCase {
         XCTAssertEqual(unnested, names)
     }
 
+    func testCopyFieldsEncodeIntegersAndTextWithoutStrings() throws {
+        let ids: [Int64] = [0, -1, 7, Int64.max, Int64.min, 1_000_000_007]
+        let copied = try connection.copyIn("COPY \(schema!).items (id, name) FROM STDIN", rows: ids) { id, fields in
+            fields.add(id)
+            fields.add(id == 7 ? nil : "n\t\(id)\\")
+        }
+        XCTAssertEqual(copied, ids.count)
+        let rows = try connection.query("SELECT id, name FROM \(schema!).items ORDER BY id").rows
+        XCTAssertEqual(rows.map { $0[0] }, ids.sorted().map { String($0) })
+        XCTAssertEqual(rows.map { $0[1] }, ids.sorted().map { $0 == 7 ? nil : "n\t\($0)\\" })
+    }
+
     func testSurvivesAServerRestartByReconnecting() throws {
         try connection.query("INSERT INTO \(schema!).items (id, name) VALUES (1, 'before')")
         try TestStack.stack("pg-restart")

@@ -7,6 +7,8 @@ public struct PriceItem: Hashable, Sendable, Comparable {
     public let bookVersion: Int
     public let model: String
     public let tokenType: TokenType
+    /// Hashed once here: every usage event hashes its charge keys several times (see `ChargeKey`).
+    private let hashCode: Int
 
     public init(bookName: String, bookCustomer: String, bookVersion: Int, model: String, tokenType: TokenType) {
         self.bookName = bookName
@@ -14,6 +16,20 @@ public struct PriceItem: Hashable, Sendable, Comparable {
         self.bookVersion = bookVersion
         self.model = model
         self.tokenType = tokenType
+        var hasher = Hasher()
+        hasher.combine(bookName)
+        hasher.combine(bookCustomer)
+        hasher.combine(bookVersion)
+        hasher.combine(model)
+        hasher.combine(tokenType)
+        hashCode = hasher.finalize()
+    }
+
+    public func hash(into hasher: inout Hasher) { hasher.combine(hashCode) }
+
+    public static func == (a: PriceItem, b: PriceItem) -> Bool {
+        a.hashCode == b.hashCode && a.bookVersion == b.bookVersion && a.tokenType == b.tokenType && a.model == b.model
+            && a.bookName == b.bookName && a.bookCustomer == b.bookCustomer
     }
 
     public static func < (a: PriceItem, b: PriceItem) -> Bool {
@@ -26,11 +42,24 @@ public struct ChargeKey: Hashable, Sendable, Comparable {
     public let customerID: String
     public let periodStart: Int64
     public let item: PriceItem
+    /// Hashed once: a key is looked up, stored and marked touched for every event it charges.
+    private let hashCode: Int
 
     public init(customerID: String, periodStart: Int64, item: PriceItem) {
         self.customerID = customerID
         self.periodStart = periodStart
         self.item = item
+        var hasher = Hasher()
+        hasher.combine(customerID)
+        hasher.combine(periodStart)
+        hasher.combine(item)
+        hashCode = hasher.finalize()
+    }
+
+    public func hash(into hasher: inout Hasher) { hasher.combine(hashCode) }
+
+    public static func == (a: ChargeKey, b: ChargeKey) -> Bool {
+        a.hashCode == b.hashCode && a.periodStart == b.periodStart && a.customerID == b.customerID && a.item == b.item
     }
 
     public static func < (a: ChargeKey, b: ChargeKey) -> Bool {
@@ -261,9 +290,13 @@ public struct RatingEngine: Sendable {
         }
     }
 
-    /// The charge keys priced usage touches (to load their cumulative totals first).
-    public func chargeKeys(_ priced: [PricedRecord]) -> Set<ChargeKey> {
-        Set(priced.flatMap { $0.charge?.items.map(\.key) ?? [] })
+    /// The charge keys priced usage touches that `state` lacks (to load their cumulative totals first).
+    public func missingChargeKeys(_ priced: [PricedRecord], in state: RatingState) -> Set<ChargeKey> {
+        var missing = Set<ChargeKey>()
+        for record in priced {
+            for item in record.charge?.items ?? [] where state.charges[item.key] == nil { missing.insert(item.key) }
+        }
+        return missing
     }
 
     private func item(_ match: PriceMatch, _ type: TokenType) -> PriceItem {
@@ -344,13 +377,15 @@ public struct RatingEngine: Sendable {
             return
         }
         var delta: Int64 = 0
-        for (key, quantity, pricing) in charge.items {
-            var total = state.charges[key] ?? ChargeTotal(quantity: 0, amountNanos: 0, currency: charge.currency)
+        // One in-place access of the total per key: the dictionary is large and hashed per event.
+        func add(_ quantity: Int64, _ pricing: PricingModel, to total: inout ChargeTotal) -> Int64 {
             total.quantity += quantity
             let amount = pricing.charge(total.quantity)
-            delta += amount - total.amountNanos
-            total.amountNanos = amount
-            state.charges[key] = total
+            defer { total.amountNanos = amount }
+            return amount - total.amountNanos
+        }
+        for (key, quantity, pricing) in charge.items {
+            delta += add(quantity, pricing, to: &state.charges[key, default: ChargeTotal(quantity: 0, amountNanos: 0, currency: charge.currency)])
             result.touchedCharges.insert(key)
         }
         guard delta != 0 else { return }
