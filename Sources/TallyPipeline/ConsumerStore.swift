@@ -252,8 +252,8 @@ public final class ConsumerTables: @unchecked Sendable {
     public func storeKeys<Candidate: DedupCandidate>(_ accepted: [Candidate], table: String) throws {
         guard !accepted.isEmpty, !InvariantBreak.dedup.isOn else { return }
         do {
-            try connection.copyIn("COPY \(table) (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN",
-                                  rows: accepted) { candidate, fields in
+            try connection.copyIn("COPY \(table) (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
+                                  format: .binary, rows: accepted) { candidate, fields in
                 let key = candidate.key
                 fields.add(key.customerID)
                 fields.add(key.eventID)

@@ -24,14 +24,13 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     private var state = RatingState()
     /// The `state_version` of each partition the cached state was read under.
     private var stateVersions: [Int32: Int64] = [:]
-    /// Charge totals that have a row in PostgreSQL (updated in place; the others are inserted).
-    private var storedCharges = Set<ChargeKey>()
+    /// Charge totals that have a row in PostgreSQL, by its id (updated in place; the others are inserted).
+    private var storedCharges: [ChargeKey: Int64] = [:]
     /// Customers whose settings and wallets are in `state` (with or without a stored row).
     private var cachedCustomers = Set<String>()
     private var customersStamp: String?
-    /// Pricing descriptions and period texts, computed once each.
+    /// Pricing descriptions, computed once each.
     private var pricingText: [PriceItem: String] = [:]
-    private var periodText: [Int64: String] = [:]
     /// Past this many cached charge totals the cache starts over (it refills from PostgreSQL).
     private let maxCachedCharges = 2_000_000
 
@@ -138,7 +137,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let list = Array(keys)
         let result = try connection.query("""
             SELECT r.customer_id, \(microseconds("r.period_start")), r.book_name, r.book_customer, r.book_version, r.model, r.token_type,
-                   r.currency, r.quantity, r.amount_nanos
+                   r.currency, r.quantity, r.amount_nanos, r.id
             FROM rated_usage r
             JOIN unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[]) AS k(c, p, b, bc, v, m, t)
               ON r.customer_id = k.c AND r.period_start = \(microsecondsToTimestamp) k.p AND r.book_name = k.b
@@ -150,7 +149,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             let key = ChargeKey(customerID: result.string(row, 0)!, periodStart: try result.int64(row, 1)!, item: item)
             state.charges[key] = ChargeTotal(quantity: try result.int64(row, 8)!, amountNanos: try result.int64(row, 9)!,
                                              currency: Currency(result.string(row, 7)!)!)
-            storedCharges.insert(key)
+            storedCharges[key] = try result.int64(row, 10)!
         }
     }
 
@@ -161,20 +160,20 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     }
 
     private func writeCharges(_ touched: Set<ChargeKey>) throws {
-        // Most totals exist already: a plain UPDATE is much cheaper than an upsert's conflict path.
-        let existing = touched.filter { storedCharges.contains($0) }
+        // Most totals exist already: a plain UPDATE by id is much cheaper than an upsert on the key.
+        var existing: [(id: Int64, total: ChargeTotal)] = []
+        var new: [ChargeKey] = []
+        for key in touched {
+            if let id = storedCharges[key] { existing.append((id, state.charges[key]!)) } else { new.append(key) }
+        }
         if !existing.isEmpty {
-            let keys = Array(existing)
-            let totals = keys.map { state.charges[$0]! }
             try connection.query("""
                 UPDATE rated_usage AS r SET quantity = x.q, amount_nanos = x.a
-                FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])
-                    AS x(c, p, b, bc, v, m, t, q, a)
-                WHERE r.customer_id = x.c AND r.period_start = \(microsecondsToTimestamp) x.p AND r.book_name = x.b
-                  AND r.book_customer = x.bc AND r.book_version = x.v AND r.model = x.m AND r.token_type = x.t
-                """, chargeKeyArrays(keys) + [PostgresArray(totals.map(\.quantity)), PostgresArray(totals.map(\.amountNanos))])
+                FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS x(id, q, a)
+                WHERE r.id = x.id
+                """, [PostgresArray(existing.map(\.id)), PostgresArray(existing.map(\.total.quantity)),
+                      PostgresArray(existing.map(\.total.amountNanos))])
         }
-        let new = Array(touched.subtracting(existing))
         guard !new.isEmpty else { return }
         let totals = new.map { state.charges[$0]! }
         let pricing = new.map { key in
@@ -183,15 +182,23 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             pricingText[key.item] = text
             return text
         }
-        try connection.query("""
+        // RETURNING promises no order: each id is matched to its key by the key's columns.
+        let inserted = try connection.query("""
             INSERT INTO rated_usage (customer_id, period_start, book_name, book_customer, book_version, model, token_type,
                 currency, quantity, amount_nanos, pricing)
             SELECT c, \(microsecondsToTimestamp) p, b, bc, v, m, t, cur, q, a, pr
             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[],
                         $8::text[], $9::bigint[], $10::bigint[], $11::text[]) AS x(c, p, b, bc, v, m, t, cur, q, a, pr)
+            RETURNING id, customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type
             """, chargeKeyArrays(new) + [PostgresArray(totals.map(\.currency.code)), PostgresArray(totals.map(\.quantity)),
                                          PostgresArray(totals.map(\.amountNanos)), PostgresArray(pricing)])
-        storedCharges.formUnion(new)
+        for row in 0..<inserted.rowCount {
+            let item = PriceItem(bookName: inserted.string(row, 3)!, bookCustomer: inserted.string(row, 4)!,
+                                 bookVersion: Int(try inserted.int64(row, 5)!), model: inserted.string(row, 6)!,
+                                 tokenType: TokenType(rawValue: inserted.string(row, 7)!)!)
+            storedCharges[ChargeKey(customerID: inserted.string(row, 1)!, periodStart: try inserted.int64(row, 2)!, item: item)] =
+                try inserted.int64(row, 0)!
+        }
     }
 
     private func loadWallets(_ customers: [String]) throws {
@@ -252,8 +259,9 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         guard !entries.isEmpty else { return }
         // COPY: entries are new by construction (their positions were never committed).
         try connection.copyIn("""
-            COPY wallet_ledger (customer_id, currency, partition, record_offset, seq, kind, amount_nanos, grant_id, event_id, effective_at, period_start) FROM STDIN
-            """, rows: entries) { entry, fields in
+            COPY wallet_ledger (customer_id, currency, partition, record_offset, seq, kind, amount_nanos, grant_id, event_id, effective_at, period_start)
+            FROM STDIN WITH (FORMAT binary)
+            """, format: .binary, rows: entries) { entry, fields in
                 fields.add(entry.wallet.customerID)
                 fields.add(entry.wallet.currency.code)
                 fields.add(entry.position.partition)
@@ -263,16 +271,9 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                 fields.add(entry.amountNanos)
                 fields.add(entry.grantID)
                 fields.add(entry.eventID)
-                fields.add(entry.effectiveAt.text)
-                fields.add(entry.periodStart.map(periodStartText))
+                fields.add(timestampMicroseconds: entry.effectiveAt.microseconds)
+                fields.add(timestampMicroseconds: entry.periodStart)
             }
-    }
-
-    private func periodStartText(_ start: Int64) -> String {
-        if let text = periodText[start] { return text }
-        let text = EventTime.format(microseconds: start)
-        periodText[start] = text
-        return text
     }
 
     private func insertAlerts(_ alerts: [BalanceAlert]) throws {

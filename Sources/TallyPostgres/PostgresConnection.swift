@@ -119,21 +119,22 @@ public final class PostgresConnection: @unchecked Sendable {
     /// - Returns: the number of rows copied.
     @discardableResult
     public func copyIn(_ sql: String, rows: [[String?]]) throws(PostgresError) -> Int {
-        try copyIn(sql, rows: rows) { row, fields in
+        try copyIn(sql, format: .text, rows: rows) { row, fields in
             for value in row { fields.add(value) }
         }
     }
 
-    /// COPY … FROM STDIN in text format, each row written by `encode` straight into the
-    /// outgoing buffer (no strings per field). Sent in 64 KiB pieces while later rows are
-    /// still being encoded, so the server inserts while we format.
+    /// COPY … FROM STDIN, each row written by `encode` straight into the outgoing buffer (no
+    /// strings per field). Sent in 64 KiB pieces while later rows are still being encoded, so
+    /// the server inserts while we format. For `.binary`, the statement must say
+    /// `WITH (FORMAT binary)` and each field must match its column's type exactly; the server
+    /// then parses no numbers or timestamps.
     @discardableResult
-    public func copyIn<Rows: Sequence>(_ sql: String, rows: Rows,
+    public func copyIn<Rows: Sequence>(_ sql: String, format: CopyFields.Format, rows: Rows,
                                        encode: (Rows.Element, inout CopyFields) -> Void) throws(PostgresError) -> Int {
         let connection = try live()
         _ = try checkCopyStart(PQexec(connection, sql), connection: connection)
-        var fields = CopyFields()
-        fields.buffer.reserveCapacity(1 << 16 + 4096)
+        var fields = CopyFields(format: format)
         func send() throws(PostgresError) {
             let ok = fields.buffer.withUnsafeBufferPointer { bytes in
                 bytes.baseAddress!.withMemoryRebound(to: CChar.self, capacity: bytes.count) {
@@ -144,10 +145,12 @@ public final class PostgresConnection: @unchecked Sendable {
             fields.buffer.removeAll(keepingCapacity: true)
         }
         for row in rows {
+            fields.startRow()
             encode(row, &fields)
             fields.endRow()
             if fields.buffer.count >= 1 << 16 { try send() }
         }
+        fields.end()
         if !fields.buffer.isEmpty { try send() }
         if PQputCopyEnd(connection, nil) != 1 { throw lostOrFailed(connection) }
         var copied = 0
@@ -220,29 +223,113 @@ extension PostgresConnection {
     }
 }
 
-/// COPY text-format escaping: backslash, tab, newline and carriage return.
-/// The fields of COPY rows in text format, appended in column order.
+/// The fields of COPY rows, appended in column order, in text or binary format.
 public struct CopyFields {
-    var buffer: [UInt8] = []
-    private var startsRow = true
+    public enum Format: Sendable { case text, binary }
 
-    public mutating func add(_ value: String?) {
-        separate()
-        guard let value else { buffer.append(contentsOf: [0x5c, 0x4e]); return }
-        for byte in value.utf8 {
-            switch byte {
-            case 0x5c: buffer.append(contentsOf: [0x5c, 0x5c])
-            case 0x09: buffer.append(contentsOf: [0x5c, 0x74])
-            case 0x0a: buffer.append(contentsOf: [0x5c, 0x6e])
-            case 0x0d: buffer.append(contentsOf: [0x5c, 0x72])
-            default: buffer.append(byte)
-            }
+    public let format: Format
+    var buffer: [UInt8] = []
+    private var fieldsInRow = 0
+    /// Binary: where the row's field count goes once the row is complete.
+    private var rowStart = 0
+    /// Binary timestamps count from 2000-01-01 UTC.
+    private static let postgresEpochMicroseconds: Int64 = 946_684_800_000_000
+
+    init(format: Format) {
+        self.format = format
+        buffer.reserveCapacity(1 << 16 + 4096)
+        if format == .binary {
+            buffer.append(contentsOf: Array("PGCOPY\n".utf8) + [0xff, 0x0d, 0x0a, 0x00])
+            append(Int32(0))  // flags
+            append(Int32(0))  // header extension length
         }
     }
 
-    public mutating func add<Number: BinaryInteger>(_ value: Number) {
-        separate()
-        var magnitude = UInt64(value.magnitude)
+    public mutating func add(_ value: String?) {
+        guard let value else { return addNull() }
+        switch format {
+        case .text:
+            separate()
+            for byte in value.utf8 {
+                switch byte {
+                case 0x5c: buffer.append(contentsOf: [0x5c, 0x5c])
+                case 0x09: buffer.append(contentsOf: [0x5c, 0x74])
+                case 0x0a: buffer.append(contentsOf: [0x5c, 0x6e])
+                case 0x0d: buffer.append(contentsOf: [0x5c, 0x72])
+                default: buffer.append(byte)
+                }
+            }
+        case .binary:
+            fieldsInRow += 1
+            append(Int32(value.utf8.count))
+            buffer.append(contentsOf: value.utf8)
+        }
+    }
+
+    /// A bigint column.
+    public mutating func add(_ value: Int64) {
+        switch format {
+        case .text: separate(); appendDecimal(value)
+        case .binary: fieldsInRow += 1; append(Int32(8)); append(value)
+        }
+    }
+
+    /// An integer column.
+    public mutating func add(_ value: Int32) {
+        switch format {
+        case .text: separate(); appendDecimal(Int64(value))
+        case .binary: fieldsInRow += 1; append(Int32(4)); append(value)
+        }
+    }
+
+    public mutating func add(_ value: Int64?) { if let value { add(value) } else { addNull() } }
+
+    /// A timestamptz column (binary format only), from microseconds since 1970-01-01 UTC.
+    public mutating func add(timestampMicroseconds value: Int64?) {
+        precondition(format == .binary, "timestamps are written in binary COPY only")
+        add(value.map { $0 - Self.postgresEpochMicroseconds })
+    }
+
+    public mutating func addNull() {
+        switch format {
+        case .text: separate(); buffer.append(contentsOf: [0x5c, 0x4e])
+        case .binary: fieldsInRow += 1; append(Int32(-1))
+        }
+    }
+
+    mutating func startRow() {
+        fieldsInRow = 0
+        rowStart = buffer.count
+        if format == .binary { append(Int16(0)) }
+    }
+
+    mutating func endRow() {
+        switch format {
+        case .text:
+            buffer.append(0x0a)
+        case .binary:
+            let count = UInt16(fieldsInRow)
+            buffer[rowStart] = UInt8(count >> 8)
+            buffer[rowStart + 1] = UInt8(truncatingIfNeeded: count)
+        }
+    }
+
+    /// Binary: the trailer.
+    mutating func end() {
+        if format == .binary { append(Int16(-1)) }
+    }
+
+    private mutating func separate() {
+        if fieldsInRow > 0 { buffer.append(0x09) }
+        fieldsInRow += 1
+    }
+
+    private mutating func append<Integer: FixedWidthInteger>(_ value: Integer) {
+        withUnsafeBytes(of: value.bigEndian) { buffer.append(contentsOf: $0) }
+    }
+
+    private mutating func appendDecimal(_ value: Int64) {
+        var magnitude = value.magnitude
         if value < 0 { buffer.append(0x2d) }
         // Digits in reverse into a fixed tuple (20 fit), then copied out: no allocation.
         var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)
@@ -255,19 +342,6 @@ public struct CopyFields {
             } while magnitude > 0
             buffer.append(contentsOf: scratch[index...])
         }
-    }
-
-    public mutating func add<Number: BinaryInteger>(_ value: Number?) {
-        if let value { add(value) } else { add(nil as String?) }
-    }
-
-    private mutating func separate() {
-        if startsRow { startsRow = false } else { buffer.append(0x09) }
-    }
-
-    mutating func endRow() {
-        buffer.append(0x0a)
-        startsRow = true
     }
 }
 

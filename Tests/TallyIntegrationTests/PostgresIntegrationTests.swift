@@ -66,16 +66,32 @@ final class PostgresIntegrationTests: XCTestCase {
         XCTAssertEqual(unnested, names)
     }
 
-    func testCopyFieldsEncodeIntegersAndTextWithoutStrings() throws {
+    func testCopyFieldsEncodeIntegersTextAndTimestampsInBothFormats() throws {
         let ids: [Int64] = [0, -1, 7, Int64.max, Int64.min, 1_000_000_007]
-        let copied = try connection.copyIn("COPY \(schema!).items (id, name) FROM STDIN", rows: ids) { id, fields in
-            fields.add(id)
-            fields.add(id == 7 ? nil : "n\t\(id)\\")
+        let name = { (id: Int64) -> String? in id == 7 ? nil : "n\t\(id)\\ \n🚀" }
+        for format in [CopyFields.Format.text, .binary] {
+            try connection.query("TRUNCATE \(schema!).items")
+            let options = format == .binary ? " WITH (FORMAT binary)" : ""
+            let copied = try connection.copyIn("COPY \(schema!).items (id, name) FROM STDIN\(options)", format: format, rows: ids) { id, fields in
+                fields.add(id)
+                fields.add(name(id))
+            }
+            XCTAssertEqual(copied, ids.count)
+            let rows = try connection.query("SELECT id, name FROM \(schema!).items ORDER BY id").rows
+            XCTAssertEqual(rows.map { $0[0] }, ids.sorted().map { String($0) }, "\(format)")
+            XCTAssertEqual(rows.map { $0[1] }, ids.sorted().map(name), "\(format)")
         }
-        XCTAssertEqual(copied, ids.count)
-        let rows = try connection.query("SELECT id, name FROM \(schema!).items ORDER BY id").rows
-        XCTAssertEqual(rows.map { $0[0] }, ids.sorted().map { String($0) })
-        XCTAssertEqual(rows.map { $0[1] }, ids.sorted().map { $0 == 7 ? nil : "n\t\($0)\\" })
+        // Binary timestamps count from 2000-01-01; microseconds since 1970 go in.
+        try connection.query("CREATE TABLE \(schema!).times (at timestamptz, n integer)")
+        let times: [(Int64?, Int32)] = [(0, 1), (1_764_000_000_123_456, 2), (nil, 3), (-1, 4)]
+        try connection.copyIn("COPY \(schema!).times (at, n) FROM STDIN WITH (FORMAT binary)", format: .binary, rows: times) { row, fields in
+            fields.add(timestampMicroseconds: row.0)
+            fields.add(row.1)
+        }
+        let stored = try connection.query("""
+            SELECT (extract(epoch FROM at) * 1000000)::bigint, n FROM \(schema!).times ORDER BY n
+            """).rows
+        XCTAssertEqual(stored, [["0", "1"], ["1764000000123456", "2"], [nil, "3"], ["-1", "4"]])
     }
 
     func testSurvivesAServerRestartByReconnecting() throws {

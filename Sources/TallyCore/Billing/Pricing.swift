@@ -198,10 +198,27 @@ public struct PriceMatch: Sendable {
 /// Every version of every price book; answers "which prices apply to this call".
 public struct PriceCatalog: Sendable {
     public let books: [PriceBook]
+    /// Customers with an override book: for everyone else only the plan decides the match.
+    let overrideCustomers: Set<String>
+    /// Every effective-from time, ascending: between two of them the books in force stay the same.
+    private let changes: [EventTime]
 
     public init(books: [PriceBook]) {
         // Newest first, so the first book in force is the one that applies.
         self.books = books.sorted { ($0.effectiveFrom, $0.version) > ($1.effectiveFrom, $1.version) }
+        overrideCustomers = Set(books.compactMap(\.customerID))
+        changes = Set(books.map(\.effectiveFrom)).sorted()
+    }
+
+    /// Which stretch between effective-from times `time` falls in: equal stretches, equal books in force.
+    func stretch(containing time: EventTime) -> Int {
+        var low = 0
+        var high = changes.count
+        while low < high {
+            let middle = (low + high) / 2
+            if changes[middle] <= time { low = middle + 1 } else { high = middle }
+        }
+        return low
     }
 
     /// The version of `name` (or of the customer's override when `customerID` is set) in force at `time`.

@@ -150,7 +150,7 @@ public struct LedgerEntry: Hashable, Sendable {
     public let grantID: String?
     /// The usage event charged, or the grant event.
     public let eventID: String
-    /// Event time (expiry entries: the expiry time), kept as written so storing it needs no formatting.
+    /// Event time (expiry entries: the expiry time).
     public let effectiveAt: EventTime
     /// Usage entries: the billing period of the usage.
     public let periodStart: Int64?
@@ -236,15 +236,20 @@ public struct RatingState: Sendable {
     public subscript(wallet key: WalletKey) -> WalletState? {
         get { wallets[key] }
         set {
-            if wallets[key] == nil && newValue != nil { currencies[key.customerID, default: []].append(key.currency) }
-            if newValue == nil && wallets[key] != nil { currencies[key.customerID]?.removeAll { $0 == key.currency } }
-            wallets[key] = newValue
+            // One hash of the key per change: this runs for every charged event.
+            if let newValue {
+                if wallets.updateValue(newValue, forKey: key) == nil { currencies[key.customerID, default: []].append(key.currency) }
+            } else if wallets.removeValue(forKey: key) != nil {
+                currencies[key.customerID]?.removeAll { $0 == key.currency }
+            }
         }
     }
 
     /// The customer's wallets, in currency order.
     public func walletKeys(of customerID: String) -> [WalletKey] {
-        (currencies[customerID] ?? []).sorted { $0.code < $1.code }.map { WalletKey(customerID: customerID, currency: $0) }
+        guard let list = currencies[customerID] else { return [] }
+        if list.count == 1 { return [WalletKey(customerID: customerID, currency: list[0])] }
+        return list.sorted { $0.code < $1.code }.map { WalletKey(customerID: customerID, currency: $0) }
     }
 
     public func hasWallets(of customerID: String) -> Bool { currencies[customerID] != nil }
@@ -274,19 +279,37 @@ public struct RatingEngine: Sendable {
     /// What prices each record, worked out once: the store reads the keys to load from it,
     /// then `apply` charges with it.
     public func price(_ records: [RaterRecord], profiles: [String: BillingProfile]) -> [PricedRecord] {
-        records.map { record in
+        // One customer kind, plan, model and stretch of time always match the same prices: each
+        // is looked up (and its price items built) once per batch, not once per event.
+        struct MatchKey: Hashable {
+            let customerID: String
+            let plan: String
+            let model: String
+            let stretch: Int
+        }
+        var matches: [MatchKey: (match: PriceMatch, items: [TokenType: PriceItem])?] = [:]
+        return records.map { record in
             guard case .usage(let positioned) = record else { return PricedRecord(record: record, charge: nil) }
             let event = positioned.event
             let profile = profiles[event.subject] ?? BillingProfile(customerID: event.subject)
-            guard let match = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time) else {
-                return PricedRecord(record: record, charge: nil)
+            let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
+                               model: event.model, stretch: catalog.stretch(containing: event.time))
+            let found: (match: PriceMatch, items: [TokenType: PriceItem])?
+            if let cached = matches[key] {
+                found = cached
+            } else {
+                found = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time).map { match in
+                    (match, Dictionary(uniqueKeysWithValues: TokenType.allCases.map { ($0, item(match, $0)) }))
+                }
+                matches[key] = .some(found)
             }
+            guard let (match, items) = found else { return PricedRecord(record: record, charge: nil) }
             let period = profile.period(containing: event.time.microseconds)
-            let items = match.prices.quantities(event).map { type, quantity in
-                (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: item(match, type)), quantity: quantity,
+            let charges = match.prices.quantities(event).map { type, quantity in
+                (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: items[type]!), quantity: quantity,
                  pricing: match.prices.prices[type]!)
             }
-            return PricedRecord(record: record, charge: UsageCharge(currency: match.book.currency, periodStart: period.start, items: items))
+            return PricedRecord(record: record, charge: UsageCharge(currency: match.book.currency, periodStart: period.start, items: charges))
         }
     }
 
@@ -333,6 +356,10 @@ public struct RatingEngine: Sendable {
     private func expireGrants(of customerID: String, before now: Int64, position: LogPosition, seq: inout Int32,
                               state: inout RatingState, result: inout RatingResult) {
         for key in state.walletKeys(of: customerID) {
+            // Most records find nothing expired: look before building any list.
+            guard state.wallets[key]!.grants.contains(where: { $0.remainingNanos > 0 && ($0.expiresAt.map { $0 <= now } ?? false) }) else {
+                continue
+            }
             var wallet = state[wallet: key]!
             let expired = wallet.grants.indices
                 .filter { wallet.grants[$0].remainingNanos > 0 && (wallet.grants[$0].expiresAt.map { $0 <= now } ?? false) }
@@ -399,8 +426,9 @@ public struct RatingEngine: Sendable {
         }
         if delta > 0 {
             var left = delta
-            for index in wallet.grants.indices.sorted(by: { GrantBalance.drawsBefore(wallet.grants[$0], wallet.grants[$1]) })
-            where left > 0 && wallet.grants[index].remainingNanos > 0 {
+            let drawingOrder = wallet.grants.isEmpty ? []
+                : wallet.grants.indices.sorted(by: { GrantBalance.drawsBefore(wallet.grants[$0], wallet.grants[$1]) })
+            for index in drawingOrder where left > 0 && wallet.grants[index].remainingNanos > 0 {
                 let take = min(left, wallet.grants[index].remainingNanos)
                 wallet.grants[index].remainingNanos -= take
                 left -= take
