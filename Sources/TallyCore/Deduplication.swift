@@ -34,15 +34,29 @@ public protocol DedupCandidate: Sendable {
 
 /// A decoded usage event, where it came from, and the fingerprint of its content.
 public struct PositionedEvent: DedupCandidate, Equatable {
-    public let event: UsageEvent
+    /// The event lives in a box: a batch passes its events through dedup, pricing and rating,
+    /// and copying a box is one reference count instead of one per string in the event.
+    private final class Box: Sendable {
+        let event: UsageEvent
+        init(_ event: UsageEvent) { self.event = event }
+    }
+
+    private let box: Box
+    public var event: UsageEvent {
+        _read { yield box.event }
+    }
     public let position: LogPosition
     /// Fingerprint of the decoded content: equal for equal content whatever the JSON layout.
     public let contentHash: UInt64
 
     public init(event: UsageEvent, position: LogPosition) {
-        self.event = event
+        self.box = Box(event)
         self.position = position
         self.contentHash = ContentHash.of(event)
+    }
+
+    public static func == (a: PositionedEvent, b: PositionedEvent) -> Bool {
+        a.position == b.position && a.contentHash == b.contentHash && (a.box === b.box || a.event == b.event)
     }
 
     public var key: DedupKey { DedupKey(customerID: event.subject, eventID: event.id) }
