@@ -11,7 +11,7 @@ public struct ConsumerOptions: ParsableArguments {
     @Option(help: "Consumer group. Default: the executable's own group.")
     var group: String?
 
-    @Option(help: "Largest batch, in records. Default: 20000 for the aggregator, 50000 for the rater.")
+    @Option(help: "Largest batch, in records. Default: 50000.")
     var batchSize: Int?
 
     @Option(help: "Longest wait for a batch to fill, in milliseconds.")
@@ -45,10 +45,11 @@ public struct ConsumerDescription: Sendable {
     /// Environment variable that overrides the group (flags win).
     public let groupEnvironment: String
     public let metricsPrefix: String
-    /// Records per batch unless --batch-size says otherwise.
+    /// Records per batch unless --batch-size says otherwise. Every batch rewrites the window rows
+    /// or rated totals it touches: larger batches rewrite each less often.
     public let defaultBatchSize: Int
 
-    public init(service: String, defaultGroup: String, groupEnvironment: String, metricsPrefix: String, defaultBatchSize: Int = 20_000) {
+    public init(service: String, defaultGroup: String, groupEnvironment: String, metricsPrefix: String, defaultBatchSize: Int = 50_000) {
         self.defaultBatchSize = defaultBatchSize
         self.service = service
         self.defaultGroup = defaultGroup

@@ -41,9 +41,7 @@ struct TallyRater: ParsableCommand {
 
     func run() throws {
         let description = ConsumerDescription(service: "tally-rater", defaultGroup: "tally-rater",
-                                              groupEnvironment: "TALLY_RATER_GROUP", metricsPrefix: "tally_rater",
-                                              // Every batch rewrites the rated totals it touches: larger batches rewrite them less often.
-                                              defaultBatchSize: 50_000)
+                                              groupEnvironment: "TALLY_RATER_GROUP", metricsPrefix: "tally_rater")
         var relayStop: SharedFlag?
         let relayDone = DispatchSemaphore(value: 0)
         try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
