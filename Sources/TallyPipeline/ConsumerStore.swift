@@ -179,8 +179,10 @@ public final class ConsumerTables: @unchecked Sendable {
                 let missing = Set(partitions).subtracting(movedPartitions)
                 // Throwing rolls the transaction back before anything else was written.
                 if !missing.isEmpty { throw MoveFailed(partitions: missing) }
+                // A promoted replay replaced the keys: start over, looking them up.
                 if stateVersions.contains(where: { partition, version in keyCacheVersions[partition].map { $0 != version } ?? false }) {
                     keyCache.removeAll()
+                    lookUpStoredKeys = true
                 }
                 keyCacheVersions.merge(stateVersions) { $1 }
                 // 2.–5. The consumer's own writes.
