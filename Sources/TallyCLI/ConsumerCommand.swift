@@ -91,7 +91,10 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     var properties = try kafka.extraProperties
     properties["session.timeout.ms"] = properties["session.timeout.ms"] ?? String(options.sessionTimeoutMs)
     let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: properties)
-    let connection = try PostgresConnection(url: try database.databaseURL, logger: logger, connectTimeout: .seconds(60), searchPath: "tally")
+    // One connection per commit lane (see `CommitLanes`), made before signals are caught.
+    let connections = try (0..<options.commitLanes).map { _ in
+        try PostgresConnection(url: try database.databaseURL, logger: logger, connectTimeout: .seconds(60), searchPath: "tally")
+    }
     let instanceID = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
     let stop = SharedFlag()
     let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
@@ -105,12 +108,9 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
         return source
     }
     defer { signals.forEach { $0.cancel() } }
-    var lanes: [any ConsumerStore] = []
-    for lane in 0..<options.commitLanes {
-        let laneConnection = lane == 0 ? connection
-            : try PostgresConnection(url: try database.databaseURL, logger: logger, connectTimeout: .seconds(60), searchPath: "tally")
-        lanes.append(try makeStore(ConsumerContext(connection: laneConnection, lane: lane, kafka: kafkaConfiguration, settings: settings,
-                                                   instanceID: instanceID, logger: logger, stop: stop)))
+    let lanes = try connections.enumerated().map { lane, connection in
+        try makeStore(ConsumerContext(connection: connection, lane: lane, kafka: kafkaConfiguration, settings: settings,
+                                      instanceID: instanceID, logger: logger, stop: stop))
     }
     let store = lanes.count == 1 ? lanes[0] : CommitLanes(lanes)
     logger.info("starting", metadata: ["group": "\(settings.group)", "topic": "\(settings.topic)", "instance": "\(instanceID)"])

@@ -52,13 +52,12 @@ public struct DedupKeyCache: Sendable {
     /// FNV-1a beside Swift's SipHash, whose seed is random per process: nobody can craft ids
     /// that collide in both halves offline, and the cache never leaves the process.
     public static func fingerprint(_ key: DedupKey) -> Fingerprint {
-        var fnv: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in key.customerID.utf8 { fnv = (fnv ^ UInt64(byte)) &* 0x0000_0100_0000_01b3 }
-        fnv = (fnv ^ 0x1f) &* 0x0000_0100_0000_01b3
-        for byte in key.eventID.utf8 { fnv = (fnv ^ UInt64(byte)) &* 0x0000_0100_0000_01b3 }
+        var fnv = ContentHash.FNV()
+        fnv.add(key.customerID)
+        fnv.add(key.eventID)
         var sip = Hasher()
         sip.combine(key.customerID)
         sip.combine(key.eventID)
-        return Fingerprint(high: fnv, low: UInt64(bitPattern: Int64(sip.finalize())))
+        return Fingerprint(high: fnv.value, low: UInt64(bitPattern: Int64(sip.finalize())))
     }
 }

@@ -162,7 +162,8 @@ public enum ContentHash {
         return hasher.value
     }
 
-    private struct FNV {
+    /// 64-bit FNV-1a over fields; `DedupKeyCache` uses it too.
+    struct FNV {
         var value: UInt64 = 0xcbf2_9ce4_8422_2325
 
         mutating func add(_ byte: UInt8) {

@@ -1,4 +1,3 @@
-import Foundation
 import TallyCore
 
 /// Commits each batch over several stores at once, each with its own PostgreSQL connection and
@@ -76,19 +75,9 @@ public final class CommitLanes: ConsumerStore, @unchecked Sendable {
     /// Runs each job on its own thread but the last, which runs on this one.
     private func runConcurrently(_ jobs: [() throws -> CommitOutcome]) -> [Result<CommitOutcome, any Error>] {
         guard let last = jobs.last else { return [] }
-        final class Slot: @unchecked Sendable { var result: Result<CommitOutcome, any Error>? }
-        let slots = jobs.dropLast().map { _ in Slot() }
-        let done = DispatchSemaphore(value: 0)
-        for (job, slot) in zip(jobs.dropLast(), slots) {
-            nonisolated(unsafe) let job = job
-            Thread {
-                slot.result = Result { try job() }
-                done.signal()
-            }.start()
-        }
+        let others = jobs.dropLast().map { BackgroundJob($0) }
         let lastResult = Result { try last() }
-        for _ in slots { done.wait() }
-        return slots.map { $0.result! } + [lastResult]
+        return others.map { $0.wait() } + [lastResult]
     }
 }
 

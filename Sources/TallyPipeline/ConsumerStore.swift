@@ -1,4 +1,3 @@
-import Foundation
 import Logging
 import TallyCore
 import TallyPostgres
@@ -276,21 +275,15 @@ public final class ConsumerTables: @unchecked Sendable {
     /// connection; both have finished when this returns or throws.
     public func storeKeys<Candidate: DedupCandidate, Value>(_ accepted: [Candidate], table: String,
                                                             meanwhile: () throws -> Value) throws -> Value {
-        let outcome = BackgroundOutcome()
-        let done = DispatchSemaphore(value: 0)
-        Thread {
-            do { try self.storeKeys(accepted, table: table) } catch { outcome.error = error }
-            done.signal()
-        }.start()
+        let copy = BackgroundJob { try self.storeKeys(accepted, table: table) }
         let value: Value
         do {
             value = try meanwhile()
         } catch {
-            done.wait()
+            _ = copy.wait()
             throw error
         }
-        done.wait()
-        if let error = outcome.error { throw error }
+        try copy.wait().get()
         return value
     }
 
@@ -323,11 +316,6 @@ public final class ConsumerTables: @unchecked Sendable {
                   PostgresArray(letters.map { $0.value.map { PostgresBytes(Array($0.prefix(EventLimits.maxEventBytes))).postgresText } }),
                   PostgresArray(letters.map { Int32($0.value?.count ?? 0) })])
     }
-}
-
-/// What a background thread threw, read after it signalled.
-private final class BackgroundOutcome: @unchecked Sendable {
-    var error: (any Error)?
 }
 
 /// PostgreSQL text cannot hold NUL; error details may quote one from a bad record.

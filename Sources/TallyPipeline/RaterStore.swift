@@ -136,21 +136,29 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         guard !keys.isEmpty else { return }
         let list = Array(keys)
         let result = try connection.query("""
-            SELECT r.customer_id, \(microseconds("r.period_start")), r.book_name, r.book_customer, r.book_version, r.model, r.token_type,
-                   r.currency, r.quantity, r.amount_nanos, r.id
+            SELECT \(chargeKeyColumns), r.currency, r.quantity, r.amount_nanos, r.id
             FROM rated_usage r
             JOIN unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[]) AS k(c, p, b, bc, v, m, t)
               ON r.customer_id = k.c AND r.period_start = \(microsecondsToTimestamp) k.p AND r.book_name = k.b
              AND r.book_customer = k.bc AND r.book_version = k.v AND r.model = k.m AND r.token_type = k.t
             """, chargeKeyArrays(list))
         for row in 0..<result.rowCount {
-            let item = PriceItem(bookName: result.string(row, 2)!, bookCustomer: result.string(row, 3)!, bookVersion: Int(try result.int64(row, 4)!),
-                                 model: result.string(row, 5)!, tokenType: TokenType(rawValue: result.string(row, 6)!)!)
-            let key = ChargeKey(customerID: result.string(row, 0)!, periodStart: try result.int64(row, 1)!, item: item)
+            let key = try chargeKey(result, row: row, from: 0)
             state.charges[key] = ChargeTotal(quantity: try result.int64(row, 8)!, amountNanos: try result.int64(row, 9)!,
                                              currency: Currency(result.string(row, 7)!)!)
             storedCharges[key] = try result.int64(row, 10)!
         }
+    }
+
+    /// `rated_usage`'s key columns (unqualified), in the order `chargeKey(_:row:from:)` reads them.
+    private let chargeKeyColumns = "customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type"
+
+    /// The charge key in the seven `chargeKeyColumns` of a result row, starting at column `first`.
+    private func chargeKey(_ result: PostgresResult, row: Int, from first: Int) throws -> ChargeKey {
+        let item = PriceItem(bookName: result.string(row, first + 2)!, bookCustomer: result.string(row, first + 3)!,
+                             bookVersion: Int(try result.int64(row, first + 4)!), model: result.string(row, first + 5)!,
+                             tokenType: TokenType(rawValue: result.string(row, first + 6)!)!)
+        return ChargeKey(customerID: result.string(row, first)!, periodStart: try result.int64(row, first + 1)!, item: item)
     }
 
     private func chargeKeyArrays(_ keys: [ChargeKey]) -> [(any PostgresEncodable)?] {
@@ -189,15 +197,11 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             SELECT c, \(microsecondsToTimestamp) p, b, bc, v, m, t, cur, q, a, pr
             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[],
                         $8::text[], $9::bigint[], $10::bigint[], $11::text[]) AS x(c, p, b, bc, v, m, t, cur, q, a, pr)
-            RETURNING id, customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type
+            RETURNING id, \(chargeKeyColumns)
             """, chargeKeyArrays(new) + [PostgresArray(totals.map(\.currency.code)), PostgresArray(totals.map(\.quantity)),
                                          PostgresArray(totals.map(\.amountNanos)), PostgresArray(pricing)])
         for row in 0..<inserted.rowCount {
-            let item = PriceItem(bookName: inserted.string(row, 3)!, bookCustomer: inserted.string(row, 4)!,
-                                 bookVersion: Int(try inserted.int64(row, 5)!), model: inserted.string(row, 6)!,
-                                 tokenType: TokenType(rawValue: inserted.string(row, 7)!)!)
-            storedCharges[ChargeKey(customerID: inserted.string(row, 1)!, periodStart: try inserted.int64(row, 2)!, item: item)] =
-                try inserted.int64(row, 0)!
+            storedCharges[try chargeKey(inserted, row: row, from: 1)] = try inserted.int64(row, 0)!
         }
     }
 

@@ -247,9 +247,9 @@ public struct CopyFields {
 
     public mutating func add(_ value: String?) {
         guard let value else { return addNull() }
+        beginField()
         switch format {
         case .text:
-            separate()
             for byte in value.utf8 {
                 switch byte {
                 case 0x5c: buffer.append(contentsOf: [0x5c, 0x5c])
@@ -260,7 +260,6 @@ public struct CopyFields {
                 }
             }
         case .binary:
-            fieldsInRow += 1
             append(Int32(value.utf8.count))
             buffer.append(contentsOf: value.utf8)
         }
@@ -268,17 +267,19 @@ public struct CopyFields {
 
     /// A bigint column.
     public mutating func add(_ value: Int64) {
+        beginField()
         switch format {
-        case .text: separate(); appendDecimal(value)
-        case .binary: fieldsInRow += 1; append(Int32(8)); append(value)
+        case .text: appendDecimal(value)
+        case .binary: append(Int32(8)); append(value)
         }
     }
 
     /// An integer column.
     public mutating func add(_ value: Int32) {
+        beginField()
         switch format {
-        case .text: separate(); appendDecimal(Int64(value))
-        case .binary: fieldsInRow += 1; append(Int32(4)); append(value)
+        case .text: appendDecimal(Int64(value))
+        case .binary: append(Int32(4)); append(value)
         }
     }
 
@@ -291,9 +292,10 @@ public struct CopyFields {
     }
 
     public mutating func addNull() {
+        beginField()
         switch format {
-        case .text: separate(); buffer.append(contentsOf: [0x5c, 0x4e])
-        case .binary: fieldsInRow += 1; append(Int32(-1))
+        case .text: buffer.append(contentsOf: [0x5c, 0x4e])
+        case .binary: append(Int32(-1))
         }
     }
 
@@ -319,8 +321,9 @@ public struct CopyFields {
         if format == .binary { append(Int16(-1)) }
     }
 
-    private mutating func separate() {
-        if fieldsInRow > 0 { buffer.append(0x09) }
+    /// Counts the field (binary rows carry the count) and, in text, separates it from the last.
+    private mutating func beginField() {
+        if format == .text && fieldsInRow > 0 { buffer.append(0x09) }
         fieldsInRow += 1
     }
 
