@@ -90,7 +90,9 @@ let package = Package(
             ]),
 
         // Micro-benchmarks run by scripts/bench (release build only).
-        .executableTarget(name: "tally-bench", dependencies: ["TallyCore"]),
+        .executableTarget(
+            name: "tally-bench",
+            dependencies: ["TallyCore", "TallyKafka", "TallyPipeline", .product(name: "Logging", package: "swift-log")]),
 
         .testTarget(name: "TallyCoreTests", dependencies: ["TallyCore"], resources: [.copy("Fixtures")]),
         .testTarget(

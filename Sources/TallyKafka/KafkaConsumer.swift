@@ -74,6 +74,12 @@ public final class KafkaConsumer: @unchecked Sendable {
         configuration["enable.auto.commit"] = "false"
         configuration["enable.auto.offset.store"] = "false"
         if configuration["auto.offset.reset"] == nil { configuration["auto.offset.reset"] = "earliest" }
+        // A consumer slower than the network fills librdkafka's prefetch queue; by default the
+        // partition's next fetch then waits a whole second (librdkafka ≥ 2.1), and a backlog is read
+        // in bursts with idle gaps between them (half the consumers' time in `scripts/bench`).
+        if configuration["fetch.queue.backoff.ms"] == nil && rd_kafka_version() >= 0x0201_00ff {
+            configuration["fetch.queue.backoff.ms"] = "10"
+        }
         let conf = try configuration.makeConf()
         self.logger = logger
         context = ClientContext(logger: logger)

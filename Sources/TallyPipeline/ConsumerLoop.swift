@@ -215,7 +215,8 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// Turns polled records into a batch: only owned partitions, only offsets not yet read.
     private func prepare(_ records: [ConsumerRecord]) -> PreparedBatch {
         var batch = PreparedBatch()
-        for record in records {
+        let classified = Self.classify(records)
+        for (record, classification) in zip(records, classified) {
             guard let claim = owned[record.partition], let start = readPosition[record.partition] else { continue }
             let position = batch.moves[record.partition]?.next ?? start
             guard record.offset >= position else { continue }
@@ -229,7 +230,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             if let time = record.timestampMilliseconds {
                 batch.recordTimes = (min(batch.recordTimes?.oldest ?? time, time), max(batch.recordTimes?.newest ?? time, time))
             }
-            switch ClassifiedRecord.classify(record.value, key: .some(record.key)) {
+            switch classification {
             case .event(.usage(let event)):
                 if InvariantBreak.drop.isOn && record.offset % 50 == 0 { break }
                 batch.events.append(PositionedEvent(event: event, position: logPosition))
@@ -247,6 +248,22 @@ public final class ConsumerLoop: @unchecked Sendable {
         }
         for (partition, move) in batch.moves { readPosition[partition] = move.next }
         return batch
+    }
+
+    /// Decoding is most of what this thread does per record: the second half of a large poll is
+    /// decoded on another thread while this one decodes the first. Results keep the records' order.
+    public static func classify(_ records: [ConsumerRecord]) -> [ClassifiedRecord] {
+        func classify(_ slice: ArraySlice<ConsumerRecord>) -> [ClassifiedRecord] {
+            slice.map { ClassifiedRecord.classify($0.value, key: .some($0.key)) }
+        }
+        guard records.count >= 1_000 else { return classify(records[...]) }
+        let middle = records.count / 2
+        let secondHalf = BackgroundJob { classify(records[middle...]) }
+        let firstHalf = classify(records[..<middle])
+        switch secondHalf.wait() {
+        case .success(let classified): return firstHalf + classified
+        case .failure: fatalError("classifying records cannot throw")
+        }
     }
 
     /// One log line per committed dead letter and conflict, so an operator can find the record

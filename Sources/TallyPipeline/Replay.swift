@@ -46,6 +46,13 @@ public struct ShadowSchema: Sendable {
             // Operational tables too, so a replay's rows vanish with its schema.
             for table in consumer.tables + (consumer == .aggregator ? ["ingest_latency"] : []) {
                 try connection.execute(script: "CREATE TABLE \(name).\(table) (LIKE tally.\(table) INCLUDING ALL)")
+                // LIKE leaves storage parameters behind; the fill factors that keep updates HOT
+                // matter as much to a replay as to the live consumer.
+                if let options = try connection.query("""
+                    SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = $1::regclass
+                    """, ["tally.\(table)"]).scalar {
+                    try connection.execute(script: "ALTER TABLE \(name).\(table) SET (\(options))")
+                }
             }
             if pricing != nil {
                 try connection.execute(script: """

@@ -1,6 +1,9 @@
 // Micro-benchmarks for scripts/bench. Prints figures with their baselines measured in the same run.
 import Foundation
+import Logging
 import TallyCore
+import TallyKafka
+import TallyPipeline
 
 /// The same event as Foundation Codable types: the baseline decoder.
 struct CodableEvent: Decodable {
@@ -64,9 +67,59 @@ func benchDecode() {
     print(String(format: "  ratio                     %10.1fx", tally / foundation))
 }
 
-switch CommandLine.arguments.dropFirst().first {
+/// The consumers' floor: the topic read through our librdkafka wrapper from offset zero with no
+/// PostgreSQL, polling only, then decoding and validating every record as the consumers do
+/// (on two threads), then decoding on one thread. Prints seconds for each pass.
+func benchConsume(brokers: String, topic: String, records expected: Int, properties: [String: String]) {
+    let kafka = KafkaConfiguration(brokers: brokers, properties: properties)
+    let logger = Logger(label: "tally.bench")
+    enum Decoding { case none, consumers, oneThread }
+    /// Seconds to read (and decode) every record, and how many decoded as events.
+    func pass(_ decoding: Decoding) -> (seconds: Double, events: Int) {
+        let consumer: KafkaConsumer
+        do {
+            consumer = try KafkaConsumer(configuration: kafka, groupID: nil, logger: logger)
+            let partitions = try consumer.partitionCount(of: topic)
+            try consumer.assign(Dictionary(uniqueKeysWithValues: (0..<partitions).map { (TopicPartition(topic, Int32($0)), KafkaOffset.beginning) }))
+        } catch {
+            print("tally-bench: \(error)")
+            exit(1)
+        }
+        defer { consumer.close() }
+        var seen = 0
+        var events = 0
+        let start = DispatchTime.now().uptimeNanoseconds
+        while seen < expected {
+            let records = consumer.poll(maxRecords: 50_000, timeout: .milliseconds(250))
+            if records.isEmpty, DispatchTime.now().uptimeNanoseconds - start > 60_000_000_000 { print("tally-bench: the topic ended after \(seen) of \(expected) records"); exit(1) }
+            seen += records.count
+            switch decoding {
+            case .none: break
+            case .consumers:
+                for case .event in ConsumerLoop.classify(records) { events += 1 }
+            case .oneThread:
+                for record in records {
+                    if case .event = ClassifiedRecord.classify(record.value, key: .some(record.key)) { events += 1 }
+                }
+            }
+        }
+        return (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9, events)
+    }
+    for (label, decoding) in [("poll", Decoding.none), ("decode", .consumers), ("decode-one-thread", .oneThread)] {
+        let (seconds, events) = pass(decoding)
+        print(String(format: "%@ %.3f %d", label, seconds, events))
+    }
+}
+
+let arguments = Array(CommandLine.arguments.dropFirst())
+switch arguments.first {
 case "decode": benchDecode()
+case "consume" where arguments.count >= 4:
+    let properties = Dictionary(uniqueKeysWithValues: arguments.dropFirst(4).map { pair in
+        (String(pair.prefix { $0 != "=" }), String(pair.drop { $0 != "=" }.dropFirst()))
+    })
+    benchConsume(brokers: arguments[1], topic: arguments[2], records: Int(arguments[3])!, properties: properties)
 default:
-    print("usage: tally-bench decode")
+    print("usage: tally-bench decode | tally-bench consume BROKERS TOPIC RECORDS")
     exit(2)
 }
