@@ -38,18 +38,20 @@ public enum EventDecoder {
             state.notAnObject = true
             return
         }
-        var seen = KeySet()
+        // One bit per `EnvelopeField`; other members are kept in `extensions`, which catches theirs.
+        var seen: UInt8 = 0
         try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
-            switch key {
-            case "specversion":
+            let field = EnvelopeField(key)
+            switch field {
+            case .specversion:
                 state.sawSpecversion = true
                 if let value = try state.string(&reader, key, length: 1...16), value != "1.0" {
                     state.violations.append(FieldViolation(key, "must be \"1.0\""))
                 }
-            case "id": state.id = try state.string(&reader, key, length: EventLimits.idLength, label: true)
-            case "source": state.source = try state.string(&reader, key, length: EventLimits.sourceLength, label: true)
-            case "subject": state.subject = try state.string(&reader, key, length: EventLimits.subjectLength, label: true)
-            case "type":
+            case .id: state.id = try state.string(&reader, key, length: EventLimits.idLength, label: true)
+            case .source: state.source = try state.string(&reader, key, length: EventLimits.sourceLength, label: true)
+            case .subject: state.subject = try state.string(&reader, key, length: EventLimits.subjectLength, label: true)
+            case .type:
                 if let value = try state.string(&reader, key, length: 1...256) {
                     if let type = EventType(rawValue: value) {
                         state.type = type
@@ -58,7 +60,7 @@ public enum EventDecoder {
                         state.violations.append(FieldViolation(key, "unknown event type; expected one of \(known)"))
                     }
                 }
-            case "time":
+            case .time:
                 if let value = try state.string(&reader, key, length: 1...64) {
                     if let time = EventTime(value) {
                         state.time = time
@@ -66,7 +68,7 @@ public enum EventDecoder {
                         state.violations.append(FieldViolation(key, "must be an RFC 3339 date-time with offset, e.g. 2026-01-01T12:00:00Z"))
                     }
                 }
-            case "data":
+            case .data:
                 state.sawData = true
                 switch state.type {
                 case .usage:
@@ -79,13 +81,15 @@ public enum EventDecoder {
                     // Type not known yet: keep the span, decode it once the envelope is read.
                     state.dataRange = try reader.skipValue()
                 }
-            default:
+            case nil:
                 let range = try reader.skipValue()
                 guard state.extensions[key] == nil else { throw reader.error("duplicate key \"\(key)\"") }
                 state.extensions[key] = String(decoding: UnsafeBufferPointer(rebasing: reader.bytes[range]), as: UTF8.self)
                 return
             }
-            guard seen.insert(key) else { throw reader.error("duplicate key \"\(key)\"") }
+            let bit: UInt8 = 1 << field!.rawValue
+            guard seen & bit == 0 else { throw reader.error("duplicate key \"\(key)\"") }
+            seen |= bit
         }
     }
 }
@@ -179,18 +183,18 @@ private struct UsageDataState {
         isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, key: String, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
             // Built only when a violation needs it: most events have none.
             let path = { "data." + key }
-            switch key {
-            case "model": model = try readString(&reader, path(), length: EventLimits.modelLength, forbidControl: true, violations: &violations)
-            case "provider": provider = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
-            case "feature": feature = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
-            case "environment": environment = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
-            case "input_tokens": inputTokens = try readTokens(&reader, path(), &violations)
-            case "output_tokens": outputTokens = try readTokens(&reader, path(), &violations)
-            case "cache_read_input_tokens": cacheRead = try readTokens(&reader, path(), &violations)
-            case "cache_write_input_tokens": cacheWrite = try readTokens(&reader, path(), &violations)
-            case "reasoning_output_tokens": reasoning = try readTokens(&reader, path(), &violations)
-            case "properties": try readProperties(&reader, &violations)
-            default:
+            switch UsageField(key) {
+            case .model: model = try readString(&reader, path(), length: EventLimits.modelLength, forbidControl: true, violations: &violations)
+            case .provider: provider = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
+            case .feature: feature = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
+            case .environment: environment = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
+            case .inputTokens: inputTokens = try readTokens(&reader, path(), &violations)
+            case .outputTokens: outputTokens = try readTokens(&reader, path(), &violations)
+            case .cacheReadInputTokens: cacheRead = try readTokens(&reader, path(), &violations)
+            case .cacheWriteInputTokens: cacheWrite = try readTokens(&reader, path(), &violations)
+            case .reasoningOutputTokens: reasoning = try readTokens(&reader, path(), &violations)
+            case .properties: try readProperties(&reader, &violations)
+            case nil:
                 try reader.skipValue()
                 violations.append(FieldViolation(path(), "is not a field of llm.usage data"))
             }
@@ -207,17 +211,18 @@ private struct UsageDataState {
         var count = 0
         try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
             count += 1
-            let path = "data.properties." + key
+            // Built only when a violation needs it: most events have none.
+            let path = { "data.properties." + key }
             if properties[key] != nil { throw reader.error("duplicate key \"\(key)\"") }
             let keyLength = key.unicodeScalars.count
             if !EventLimits.propertyKeyLength.contains(keyLength) {
-                violations.append(FieldViolation(path, "property names must be 1 to \(EventLimits.propertyKeyLength.upperBound) characters"))
+                violations.append(FieldViolation(path(), "property names must be 1 to \(EventLimits.propertyKeyLength.upperBound) characters"))
             } else if containsControl(key) {
-                violations.append(FieldViolation(path, "property names must not contain control characters"))
+                violations.append(FieldViolation(path(), "property names must not contain control characters"))
             }
-            if let value = try readString(&reader, path, length: 0...EventLimits.maxPropertyValueLength, forbidControl: false, violations: &violations) {
+            if let value = try readString(&reader, path(), length: 0...EventLimits.maxPropertyValueLength, forbidControl: false, violations: &violations) {
                 if value.utf8.contains(0) {
-                    violations.append(FieldViolation(path, "must not contain NUL"))
+                    violations.append(FieldViolation(path(), "must not contain NUL"))
                 } else {
                     properties[key] = value
                 }
@@ -357,7 +362,9 @@ private func readString(_ reader: inout JSONReader, _ path: @autoclosure () -> S
 }
 
 private func containsControl(_ value: String) -> Bool {
-    value.utf8.contains { $0 < 0x20 || $0 == 0x7f }
+    var value = value
+    // Over the contiguous bytes: a tight loop, where the UTF-8 view iterates a byte at a time.
+    return value.withUTF8 { $0.contains { $0 < 0x20 || $0 == 0x7f } }
 }
 
 private func readTokens(_ reader: inout JSONReader, _ path: @autoclosure () -> String, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) -> Int64? {
@@ -384,10 +391,55 @@ private func readTokens(_ reader: inout JSONReader, _ path: @autoclosure () -> S
 private struct KeySet {
     private var names: [String] = []
 
-    /// False when `key` was seen before.
+    /// False when `key` was seen before. Names compare byte for byte, as JSON texts do (and
+    /// without String's Unicode-equivalence path, the costly part for unequal names).
     mutating func insert(_ key: String) -> Bool {
-        for name in names where name == key { return false }
+        // One allocation per object rather than one each time the array grows.
+        if names.isEmpty { names.reserveCapacity(16) }
+        let count = key.utf8.count
+        for name in names where name.utf8.count == count && name.utf8.elementsEqual(key.utf8) { return false }
         names.append(key)
         return true
+    }
+}
+
+/// The envelope's members by name: one comparison per member (by length first) instead of a
+/// `switch` over strings, which compares each case in turn.
+private enum EnvelopeField: UInt8 {
+    case specversion, id, source, subject, type, time, data
+
+    init?(_ name: String) {
+        switch name.utf8.count {
+        case 2 where name == "id": self = .id
+        case 4 where name == "type": self = .type
+        case 4 where name == "time": self = .time
+        case 4 where name == "data": self = .data
+        case 6 where name == "source": self = .source
+        case 7 where name == "subject": self = .subject
+        case 11 where name == "specversion": self = .specversion
+        default: return nil
+        }
+    }
+}
+
+/// The `llm.usage` data members by name, as `EnvelopeField`.
+private enum UsageField {
+    case model, provider, feature, environment, inputTokens, outputTokens, cacheReadInputTokens, cacheWriteInputTokens,
+         reasoningOutputTokens, properties
+
+    init?(_ name: String) {
+        switch name.utf8.count {
+        case 5 where name == "model": self = .model
+        case 7 where name == "feature": self = .feature
+        case 8 where name == "provider": self = .provider
+        case 10 where name == "properties": self = .properties
+        case 11 where name == "environment": self = .environment
+        case 12 where name == "input_tokens": self = .inputTokens
+        case 13 where name == "output_tokens": self = .outputTokens
+        case 23 where name == "cache_read_input_tokens": self = .cacheReadInputTokens
+        case 23 where name == "reasoning_output_tokens": self = .reasoningOutputTokens
+        case 24 where name == "cache_write_input_tokens": self = .cacheWriteInputTokens
+        default: return nil
+        }
     }
 }

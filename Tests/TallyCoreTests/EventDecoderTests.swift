@@ -49,6 +49,20 @@ final class EventDecoderTests: XCTestCase {
         XCTAssertEqual(violations(many), ["id: must be 1 to 128 characters", "data.model: must be a string, found a number"])
     }
 
+    func testDuplicateNamesAreMalformedInEveryObject() {
+        func isDuplicate(_ text: String) -> Bool {
+            violations(text).first?.contains("duplicate key") == true
+        }
+        let full = minimal.replacingOccurrences(of: #""output_tokens":5"#, with: #""output_tokens":5,"cache_read_input_tokens":1,"reasoning_output_tokens":1,"properties":{"a":"1","b":"2"}"#)
+        XCTAssertEqual(violations(full), [], "names of equal length are different names")
+        XCTAssertTrue(isDuplicate(minimal.replacingOccurrences(of: #""source":"app""#, with: #""source":"app","source":"app""#)))
+        XCTAssertTrue(isDuplicate(minimal.replacingOccurrences(of: #""time":"#, with: #""x":1,"x":2,"time":"#)), "unknown attributes too")
+        XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""model":"m""#, with: #""model":"m","model":"n""#)))
+        XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""reasoning_output_tokens":1"#, with: #""reasoning_output_tokens":1,"reasoning_output_tokens":1"#)))
+        XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""data":{"#, with: #""data":{"zz":1,"zz":1,"#)), "unknown data members too")
+        XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""b":"2""#, with: #""b":"2","a":"3""#)))
+    }
+
     func testCachedAndReasoningTokensMustFitInTheirTotals() {
         let cached = minimal.replacingOccurrences(of: #""output_tokens":5"#, with: #""output_tokens":5,"cache_read_input_tokens":6,"cache_write_input_tokens":5"#)
         XCTAssertEqual(violations(cached).first?.hasPrefix("data.cache_read_input_tokens: cache_read_input_tokens + cache_write_input_tokens must not exceed input_tokens"), true)
