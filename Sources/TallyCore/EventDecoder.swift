@@ -41,7 +41,7 @@ public enum EventDecoder {
         // One bit per `EnvelopeField`; other members are kept in `extensions`, which catches theirs.
         var seen: UInt8 = 0
         try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
-            let field = EnvelopeField(key)
+            let field = EnvelopeField(named: key)
             switch field {
             case .specversion:
                 state.sawSpecversion = true
@@ -87,7 +87,7 @@ public enum EventDecoder {
                 state.extensions[key] = String(decoding: UnsafeBufferPointer(rebasing: reader.bytes[range]), as: UTF8.self)
                 return
             }
-            let bit: UInt8 = 1 << field!.rawValue
+            let bit = field!.bit
             guard seen & bit == 0 else { throw reader.error("duplicate key \"\(key)\"") }
             seen |= bit
         }
@@ -183,7 +183,7 @@ private struct UsageDataState {
         isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, key: String, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
             // Built only when a violation needs it: most events have none.
             let path = { "data." + key }
-            switch UsageField(key) {
+            switch UsageField(named: key) {
             case .model: model = try readString(&reader, path(), length: EventLimits.modelLength, forbidControl: true, violations: &violations)
             case .provider: provider = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
             case .feature: feature = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
@@ -403,43 +403,51 @@ private struct KeySet {
     }
 }
 
-/// The envelope's members by name: one comparison per member (by length first) instead of a
-/// `switch` over strings, which compares each case in turn.
-private enum EnvelopeField: UInt8 {
+/// Members the decoder knows by name. Finding one compares lengths first, so a member costs
+/// about one string comparison, where a `switch` over strings compares each case in turn.
+private protocol KnownMember: RawRepresentable<String>, CaseIterable {
+    /// Every member beside its name's UTF-8 length: `table()`, made once.
+    static var byLength: [(length: Int, member: Self)] { get }
+}
+
+extension KnownMember {
+    init?(named name: String) {
+        let length = name.utf8.count
+        for entry in Self.byLength where entry.length == length && entry.member.rawValue == name {
+            self = entry.member
+            return
+        }
+        return nil
+    }
+
+    static func table() -> [(length: Int, member: Self)] { allCases.map { ($0.rawValue.utf8.count, $0) } }
+}
+
+/// The envelope's members.
+private enum EnvelopeField: String, KnownMember {
     case specversion, id, source, subject, type, time, data
 
-    init?(_ name: String) {
-        switch name.utf8.count {
-        case 2 where name == "id": self = .id
-        case 4 where name == "type": self = .type
-        case 4 where name == "time": self = .time
-        case 4 where name == "data": self = .data
-        case 6 where name == "source": self = .source
-        case 7 where name == "subject": self = .subject
-        case 11 where name == "specversion": self = .specversion
-        default: return nil
+    static let byLength = table()
+
+    /// Its bit in a set of the fields seen.
+    var bit: UInt8 {
+        switch self {
+        case .specversion: 1
+        case .id: 2
+        case .source: 4
+        case .subject: 8
+        case .type: 16
+        case .time: 32
+        case .data: 64
         }
     }
 }
 
-/// The `llm.usage` data members by name, as `EnvelopeField`.
-private enum UsageField {
-    case model, provider, feature, environment, inputTokens, outputTokens, cacheReadInputTokens, cacheWriteInputTokens,
-         reasoningOutputTokens, properties
+/// The `llm.usage` data members.
+private enum UsageField: String, KnownMember {
+    case model, provider, feature, environment, properties
+    case inputTokens = "input_tokens", outputTokens = "output_tokens", cacheReadInputTokens = "cache_read_input_tokens",
+         cacheWriteInputTokens = "cache_write_input_tokens", reasoningOutputTokens = "reasoning_output_tokens"
 
-    init?(_ name: String) {
-        switch name.utf8.count {
-        case 5 where name == "model": self = .model
-        case 7 where name == "feature": self = .feature
-        case 8 where name == "provider": self = .provider
-        case 10 where name == "properties": self = .properties
-        case 11 where name == "environment": self = .environment
-        case 12 where name == "input_tokens": self = .inputTokens
-        case 13 where name == "output_tokens": self = .outputTokens
-        case 23 where name == "cache_read_input_tokens": self = .cacheReadInputTokens
-        case 23 where name == "reasoning_output_tokens": self = .reasoningOutputTokens
-        case 24 where name == "cache_write_input_tokens": self = .cacheWriteInputTokens
-        default: return nil
-        }
-    }
+    static let byLength = table()
 }

@@ -70,18 +70,22 @@ func benchDecode() {
 /// The consumers' floor: the topic read through our librdkafka wrapper from offset zero with no
 /// PostgreSQL, polling only, then decoding and validating every record as the consumers do
 /// (on two threads), then decoding on one thread. Prints seconds for each pass.
-func benchConsume(brokers: String, topic: String, records expected: Int, properties: [String: String]) {
-    let kafka = KafkaConfiguration(brokers: brokers, properties: properties)
+func benchConsume(brokers: String, topic: String, records expected: Int) {
+    let kafka = KafkaConfiguration(brokers: brokers)
     let logger = Logger(label: "tally.bench")
     enum Decoding { case none, consumers, oneThread }
+    func openAtTheBeginning() throws(KafkaError) -> KafkaConsumer {
+        let consumer = try KafkaConsumer(configuration: kafka, groupID: nil, logger: logger)
+        let partitions = try consumer.partitionCount(of: topic)
+        try consumer.assign(Dictionary(uniqueKeysWithValues: (0..<partitions).map { (TopicPartition(topic, Int32($0)), KafkaOffset.beginning) }))
+        return consumer
+    }
     /// Seconds to read (and decode) every record, and how many decoded as events.
     func pass(_ decoding: Decoding) -> (seconds: Double, events: Int) {
         let consumer: KafkaConsumer
-        do {
-            consumer = try KafkaConsumer(configuration: kafka, groupID: nil, logger: logger)
-            let partitions = try consumer.partitionCount(of: topic)
-            try consumer.assign(Dictionary(uniqueKeysWithValues: (0..<partitions).map { (TopicPartition(topic, Int32($0)), KafkaOffset.beginning) }))
-        } catch {
+        switch Result(catching: openAtTheBeginning) {
+        case .success(let opened): consumer = opened
+        case .failure(let error):
             print("tally-bench: \(error)")
             exit(1)
         }
@@ -91,7 +95,10 @@ func benchConsume(brokers: String, topic: String, records expected: Int, propert
         let start = DispatchTime.now().uptimeNanoseconds
         while seen < expected {
             let records = consumer.poll(maxRecords: 50_000, timeout: .milliseconds(250))
-            if records.isEmpty, DispatchTime.now().uptimeNanoseconds - start > 60_000_000_000 { print("tally-bench: the topic ended after \(seen) of \(expected) records"); exit(1) }
+            if records.isEmpty, DispatchTime.now().uptimeNanoseconds - start > 60_000_000_000 {
+                print("tally-bench: the topic ended after \(seen) of \(expected) records")
+                exit(1)
+            }
             seen += records.count
             switch decoding {
             case .none: break
@@ -114,11 +121,8 @@ func benchConsume(brokers: String, topic: String, records expected: Int, propert
 let arguments = Array(CommandLine.arguments.dropFirst())
 switch arguments.first {
 case "decode": benchDecode()
-case "consume" where arguments.count >= 4:
-    let properties = Dictionary(uniqueKeysWithValues: arguments.dropFirst(4).map { pair in
-        (String(pair.prefix { $0 != "=" }), String(pair.drop { $0 != "=" }.dropFirst()))
-    })
-    benchConsume(brokers: arguments[1], topic: arguments[2], records: Int(arguments[3])!, properties: properties)
+case "consume" where arguments.count == 4 && Int(arguments[3]) != nil:
+    benchConsume(brokers: arguments[1], topic: arguments[2], records: Int(arguments[3])!)
 default:
     print("usage: tally-bench decode | tally-bench consume BROKERS TOPIC RECORDS")
     exit(2)
