@@ -112,6 +112,11 @@ public struct GrantBalance: Hashable, Sendable {
         self.source = source
     }
 
+    /// Something is left of it after it expired (at `now` or before): that is written off.
+    func hasExpiredRemainder(by now: Int64) -> Bool {
+        remainingNanos > 0 && (expiresAt.map { $0 <= now } ?? false)
+    }
+
     /// Drawing order: lowest priority number, then earliest expiry (never-expiring last).
     static func drawsBefore(_ a: GrantBalance, _ b: GrantBalance) -> Bool {
         (a.priority, a.expiresAt ?? Int64.max, a.grantedAt, a.grantID) < (b.priority, b.expiresAt ?? Int64.max, b.grantedAt, b.grantID)
@@ -357,14 +362,11 @@ public struct RatingEngine: Sendable {
                               state: inout RatingState, result: inout RatingResult) {
         for key in state.walletKeys(of: customerID) {
             // Most records find nothing expired: look before building any list.
-            guard state.wallets[key]!.grants.contains(where: { $0.remainingNanos > 0 && ($0.expiresAt.map { $0 <= now } ?? false) }) else {
-                continue
-            }
+            guard state.wallets[key]!.grants.contains(where: { $0.hasExpiredRemainder(by: now) }) else { continue }
             var wallet = state[wallet: key]!
             let expired = wallet.grants.indices
-                .filter { wallet.grants[$0].remainingNanos > 0 && (wallet.grants[$0].expiresAt.map { $0 <= now } ?? false) }
+                .filter { wallet.grants[$0].hasExpiredRemainder(by: now) }
                 .sorted { (wallet.grants[$0].expiresAt!, wallet.grants[$0].grantID) < (wallet.grants[$1].expiresAt!, wallet.grants[$1].grantID) }
-            guard !expired.isEmpty else { continue }
             let before = wallet.balanceNanos
             for index in expired {
                 let grant = wallet.grants[index]
