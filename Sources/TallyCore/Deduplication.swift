@@ -30,6 +30,12 @@ public protocol DedupCandidate: Sendable {
     var position: LogPosition { get }
     /// Fingerprint of the decoded content: equal for equal content whatever the JSON layout.
     var contentHash: UInt64 { get }
+    /// The key's fingerprint in this process's `DedupKeyCache`.
+    var keyFingerprint: DedupKeyCache.Fingerprint { get }
+}
+
+extension DedupCandidate {
+    public var keyFingerprint: DedupKeyCache.Fingerprint { DedupKeyCache.fingerprint(key) }
 }
 
 /// A decoded usage event, where it came from, and the fingerprint of its content.
@@ -48,11 +54,14 @@ public struct PositionedEvent: DedupCandidate, Equatable {
     public let position: LogPosition
     /// Fingerprint of the decoded content: equal for equal content whatever the JSON layout.
     public let contentHash: UInt64
+    /// Worked out once: the key cache is asked before the commit and told after it.
+    public let keyFingerprint: DedupKeyCache.Fingerprint
 
     public init(event: UsageEvent, position: LogPosition) {
         self.box = Box(event)
         self.position = position
         self.contentHash = ContentHash.of(event)
+        self.keyFingerprint = DedupKeyCache.fingerprint(DedupKey(customerID: event.subject, eventID: event.id))
     }
 
     public static func == (a: PositionedEvent, b: PositionedEvent) -> Bool {
@@ -106,22 +115,28 @@ public enum Deduplicator {
     }
 
     /// - Parameter stored: fingerprints of keys already counted in earlier batches.
+    ///
+    /// Keys are compared by their 128-bit `keyFingerprint`, as the key cache does: hashing
+    /// two strings per event into a dictionary cost more than the rest of the decision.
     public static func decide<Candidate: DedupCandidate>(_ events: [Candidate], stored: [DedupKey: UInt64]) -> DedupDecision<Candidate> {
         var decision = DedupDecision<Candidate>()
-        var seen = stored
-        // Callers mostly pass log order already; sorting copies every (large) candidate.
-        let inLogOrder = zip(events, events.dropFirst()).allSatisfy { $0.position < $1.position }
+        var seen = FingerprintTable(minimumCapacity: stored.count + events.count)
+        for (key, contentHash) in stored { seen.insert(DedupKeyCache.fingerprint(key), contentHash: contentHash) }
+        decision.accepted.reserveCapacity(events.count)
+        // Callers mostly pass log order already; sorting copies every candidate. Checked by
+        // index, since pairing the candidates up would copy each of them too.
+        let inLogOrder = events.indices.dropFirst().allSatisfy { events[$0 - 1].position < events[$0].position }
         for positioned in inLogOrder ? events : events.sorted(by: { $0.position < $1.position }) {
-            let key = positioned.key
-            if let first = seen[key] {
+            let fingerprint = positioned.keyFingerprint
+            if let first = seen[fingerprint] {
                 if first == positioned.contentHash {
                     decision.duplicates += 1
                 } else {
-                    decision.conflicts.append(EventConflict(key: key, firstHash: first, conflictingHash: positioned.contentHash,
+                    decision.conflicts.append(EventConflict(key: positioned.key, firstHash: first, conflictingHash: positioned.contentHash,
                                                             position: positioned.position))
                 }
             } else {
-                seen[key] = positioned.contentHash
+                seen.insert(fingerprint, contentHash: positioned.contentHash)
                 decision.accepted.append(positioned)
             }
         }
@@ -132,19 +147,26 @@ public enum Deduplicator {
 /// Deterministic 64-bit FNV-1a (Swift's `Hasher` is seeded per process, so it cannot be stored).
 public enum ContentHash {
     /// Fingerprint of every field of an event, in a fixed order with separators.
+    /// Stored with the dedup keys, so the value for a given event never changes.
     public static func of(_ event: UsageEvent) -> UInt64 {
+        // Field by field rather than over arrays of them: this runs once per consumed event.
         var hasher = FNV()
-        for text in [event.id, event.source, event.subject, event.model, event.provider ?? "\u{0}", event.feature ?? "\u{0}",
-                     event.environment ?? "\u{0}"] {
-            hasher.add(text)
-        }
-        for number in [event.time.microseconds, event.inputTokens, event.outputTokens, event.cacheReadInputTokens,
-                       event.cacheWriteInputTokens, event.reasoningOutputTokens] {
-            hasher.add(number)
-        }
-        for (key, value) in event.properties.sorted(by: { $0.key < $1.key }) { hasher.add(key); hasher.add(value) }
+        hasher.add(event.id)
+        hasher.add(event.source)
+        hasher.add(event.subject)
+        hasher.add(event.model)
+        hasher.add(event.provider ?? "\u{0}")
+        hasher.add(event.feature ?? "\u{0}")
+        hasher.add(event.environment ?? "\u{0}")
+        hasher.add(event.time.microseconds)
+        hasher.add(event.inputTokens)
+        hasher.add(event.outputTokens)
+        hasher.add(event.cacheReadInputTokens)
+        hasher.add(event.cacheWriteInputTokens)
+        hasher.add(event.reasoningOutputTokens)
+        hasher.addSortedByKey(event.properties)
         hasher.add(UInt8(0x1e))
-        for (key, value) in event.extensions.sorted(by: { $0.key < $1.key }) { hasher.add(key); hasher.add(value) }
+        hasher.addSortedByKey(event.extensions)
         return hasher.value
     }
 
@@ -158,7 +180,7 @@ public enum ContentHash {
         for number in [grant.time.microseconds, grant.amountNanos, grant.priority, grant.expiresAt?.microseconds ?? Int64.min] {
             hasher.add(number)
         }
-        for (key, value) in grant.extensions.sorted(by: { $0.key < $1.key }) { hasher.add(key); hasher.add(value) }
+        hasher.addSortedByKey(grant.extensions)
         return hasher.value
     }
 
@@ -173,8 +195,22 @@ public enum ContentHash {
 
         /// Strings end with a 0x1f separator so ("ab","c") and ("a","bc") differ.
         mutating func add(_ text: String) {
-            for byte in text.utf8 { add(byte) }
+            let hashedInPlace: Void? = text.utf8.withContiguousStorageIfAvailable { bytes in
+                for byte in bytes { add(byte) }
+            }
+            if hashedInPlace == nil {
+                for byte in text.utf8 { add(byte) }
+            }
             add(UInt8(0x1f))
+        }
+
+        /// Key, value, key, value… in key order (no allocation for the usual zero or one entry).
+        mutating func addSortedByKey(_ pairs: [String: String]) {
+            if pairs.count <= 1 {
+                for (key, value) in pairs { add(key); add(value) }
+                return
+            }
+            for key in pairs.keys.sorted() { add(key); add(pairs[key]!) }
         }
 
         mutating func add(_ number: Int64) {

@@ -27,7 +27,7 @@ public enum ClassifiedRecord: Sendable, Equatable {
         }
         switch EventDecoder.decode(value) {
         case .success(let event):
-            if let key, key != Array(event.customerID.utf8) {
+            if let key, !(key.map { $0.elementsEqual(event.customerID.utf8) } ?? false) {
                 let shown = key.map { String(decoding: $0.prefix(256), as: UTF8.self) } ?? "no key"
                 return .poison(PoisonReason(code: "key_mismatch", detail: "record key (\(shown)) is not the event's customer id \(event.customerID); producers must key records by customer"))
             }

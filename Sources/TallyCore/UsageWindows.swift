@@ -117,6 +117,11 @@ public struct WindowDeltas: Sendable, Equatable {
         }
     }
 
+    /// Room for this many windows of each granularity, so adding a batch rehashes none.
+    public mutating func reserveCapacity(_ windowsPerGranularity: Int) {
+        for granularity in granularities { windows[granularity, default: [:]].reserveCapacity(windowsPerGranularity) }
+    }
+
     public mutating func merge(_ other: WindowDeltas) {
         for (granularity, rows) in other.windows {
             for (key, measures) in rows { windows[granularity, default: [:]][key, default: UsageMeasures()] += measures }

@@ -24,6 +24,8 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             //    are summed and encoded (daily and monthly are views over them); then write them.
             let hourly = try tables.storeKeys(decision.accepted, table: "usage_event_keys") {
                 var deltas = WindowDeltas(granularities: [.hour])
+                // A batch of many customers' events has a window for every second event or so.
+                deltas.reserveCapacity(decision.accepted.count / 2)
                 for positioned in decision.accepted { deltas.add(positioned.event) }
                 return Self.upsertParameters(deltas.rows(.hour))
             }

@@ -215,37 +215,42 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// Turns polled records into a batch: only owned partitions, only offsets not yet read.
     private func prepare(_ records: [ConsumerRecord]) -> PreparedBatch {
         var batch = PreparedBatch()
+        batch.events.reserveCapacity(records.count)
+        let recordsBefore = stats.records
         let classified = Self.classify(records)
-        for (record, classification) in zip(records, classified) {
-            guard let claim = owned[record.partition], let start = readPosition[record.partition] else { continue }
-            let position = batch.moves[record.partition]?.next ?? start
-            guard record.offset >= position else { continue }
-            if position == 0 && record.offset > 0 && batch.moves[record.partition] == nil {
+        // By index, reading fields in place: copying each record would retain its arrays.
+        for index in records.indices {
+            let partition = records[index].partition
+            let offset = records[index].offset
+            guard let claim = owned[partition], let start = readPosition[partition] else { continue }
+            let position = batch.moves[partition]?.next ?? start
+            guard offset >= position else { continue }
+            if position == 0 && offset > 0 && batch.moves[partition] == nil {
                 // Reading from offset zero, but the log starts later (retention): say so plainly.
-                logger.warning("partition \(record.partition) starts at offset \(record.offset): records 0..<\(record.offset) are no longer retained, so they are not counted")
+                logger.warning("partition \(partition) starts at offset \(offset): records 0..<\(offset) are no longer retained, so they are not counted")
             }
             stats.records += 1
-            metrics.records.increment()
-            let logPosition = LogPosition(partition: record.partition, offset: record.offset)
-            if let time = record.timestampMilliseconds {
+            let logPosition = LogPosition(partition: partition, offset: offset)
+            if let time = records[index].timestampMilliseconds {
                 batch.recordTimes = (min(batch.recordTimes?.oldest ?? time, time), max(batch.recordTimes?.newest ?? time, time))
             }
-            switch classification {
+            switch classified[index] {
             case .event(.usage(let event)):
-                if InvariantBreak.drop.isOn && record.offset % 50 == 0 { break }
+                if InvariantBreak.drop.isOn && offset % 50 == 0 { break }
                 batch.events.append(PositionedEvent(event: event, position: logPosition))
                 if InvariantBreak.phantom.isOn && settings.metricsPrefix == "tally_aggregator" && batch.events.count == 1 {
                     var madeUp = event
-                    madeUp.id += "-phantom-\(record.offset)"
+                    madeUp.id += "-phantom-\(offset)"
                     batch.events.append(PositionedEvent(event: madeUp, position: logPosition))
                 }
             case .event(.grant(let grant)):
                 batch.grants.append(PositionedGrant(grant: grant, position: logPosition))
             case .poison(let reason):
-                batch.deadLetters.append(DeadLetter(position: logPosition, reason: reason, key: record.key, value: record.value))
+                batch.deadLetters.append(DeadLetter(position: logPosition, reason: reason, key: records[index].key, value: records[index].value))
             }
-            batch.moves[record.partition] = (expected: start, next: record.offset + 1, epoch: claim.epoch)
+            batch.moves[partition] = (expected: start, next: offset + 1, epoch: claim.epoch)
         }
+        metrics.records.increment(by: stats.records - recordsBefore)
         for (partition, move) in batch.moves { readPosition[partition] = move.next }
         return batch
     }

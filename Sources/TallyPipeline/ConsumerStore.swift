@@ -32,6 +32,7 @@ public struct PreparedBatch: Sendable {
 
     /// The same batch without the given partitions.
     public func removing(_ partitions: Set<Int32>) -> PreparedBatch {
+        guard !partitions.isEmpty else { return self }
         var copy = self
         copy.events.removeAll { partitions.contains($0.position.partition) }
         copy.deadLetters.removeAll { partitions.contains($0.position.partition) }
@@ -224,8 +225,7 @@ public final class ConsumerTables: @unchecked Sendable {
         var stored: [DedupKey: UInt64] = [:]
         guard lookUpStoredKeys else {
             for candidate in candidates {
-                let key = candidate.key
-                if let hash = keyCache[key] { stored[key] = hash }
+                if let hash = keyCache[candidate.keyFingerprint] { stored[candidate.key] = hash }
             }
             return stored
         }
@@ -266,8 +266,8 @@ public final class ConsumerTables: @unchecked Sendable {
             if error.sqlState == "23505" { throw StoredKeyMissedByCache() }
             throw error
         }
-        // Fingerprinted here, on the COPY's thread when it has one, not after COMMIT.
-        keysInFlight.append(contentsOf: accepted.map { (DedupKeyCache.fingerprint($0.key), $0.contentHash) })
+        // Listed here, on the COPY's thread when it has one, not after COMMIT.
+        keysInFlight.append(contentsOf: accepted.map { ($0.keyFingerprint, $0.contentHash) })
     }
 
     /// Stores keys (as `storeKeys`) on another thread while `meanwhile` works out the rest of the

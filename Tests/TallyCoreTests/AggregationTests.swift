@@ -1,4 +1,4 @@
-import TallyCore
+@testable import TallyCore
 import XCTest
 
 final class AggregationTests: XCTestCase {
@@ -126,6 +126,40 @@ final class AggregationTests: XCTestCase {
         cache.removeAll()
         XCTAssertEqual(cache.count, 0)
         XCTAssertNil(cache[keys[6]])
+    }
+
+    /// Content hashes are stored with the dedup keys: a re-sent event must hash as it did
+    /// under every earlier version, so these values may never change.
+    func testContentHashesStayAsStored() throws {
+        let time = try XCTUnwrap(EventTime("2026-11-29T13:43:26.007Z"))
+        var event = UsageEvent(id: "evt-7", source: "tally://loadgen", subject: "cust-68", time: time, model: "o3-mini",
+                               provider: "openai", feature: nil, environment: "production", inputTokens: 3718, outputTokens: 1970,
+                               cacheReadInputTokens: 1481, reasoningOutputTokens: 1880, properties: ["region": "eu"])
+        XCTAssertEqual(ContentHash.of(event), 15106202884479510133)
+        event.properties = ["zone": "b", "region": "eu", "team": "search"]
+        event.extensions = ["traceparent": "\"00-ab-cd-01\"", "dataschema": "\"s\""]
+        XCTAssertEqual(ContentHash.of(event), 3747938455873073487)
+        event.properties = [:]
+        event.extensions = [:]
+        XCTAssertEqual(ContentHash.of(event), 1257987606057256889)
+    }
+
+    func testFingerprintTableGrowsAndHoldsEveryFingerprint() {
+        var table = FingerprintTable()
+        var expected: [DedupKeyCache.Fingerprint: UInt64] = [:]
+        // Low halves that share their low bits probe past each other; (0, 0) is the free-slot mark.
+        var fingerprints = (0..<5_000).map { DedupKeyCache.Fingerprint(high: UInt64($0 % 7), low: UInt64($0) << 20) }
+        fingerprints += [DedupKeyCache.Fingerprint(high: 0, low: 0), DedupKeyCache.Fingerprint(high: 1, low: 0)]
+        for (index, fingerprint) in fingerprints.enumerated() {
+            table.insert(fingerprint, contentHash: UInt64(index))
+            expected[fingerprint] = UInt64(index)
+        }
+        table.insert(fingerprints[3], contentHash: 99)
+        expected[fingerprints[3]] = 99
+        XCTAssertEqual(table.count, expected.count)
+        for (fingerprint, contentHash) in expected { XCTAssertEqual(table[fingerprint], contentHash) }
+        XCTAssertNil(table[DedupKeyCache.Fingerprint(high: 8, low: 1 << 20)])
+        XCTAssertNil(FingerprintTable()[DedupKeyCache.Fingerprint(high: 0, low: 0)])
     }
 
     func testRollupsAgreeWithHourlyRows() {

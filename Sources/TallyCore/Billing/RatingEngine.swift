@@ -210,6 +210,13 @@ public enum RaterRecord: DedupCandidate, Equatable {
         }
     }
 
+    public var keyFingerprint: DedupKeyCache.Fingerprint {
+        switch self {
+        case .usage(let event): event.keyFingerprint
+        case .grant(let grant): grant.keyFingerprint
+        }
+    }
+
     public var customerID: String { key.customerID }
 }
 
