@@ -3,12 +3,24 @@ import TallyCore
 import TallyPostgres
 
 /// The aggregator's state in PostgreSQL: offsets, dedup keys, windows, conflicts, dead letters.
+///
+/// A batch appends its hourly window deltas to `usage_window_deltas`; they are folded into
+/// `usage_windows_hourly` in bulk (migration 0012 says why). The view `usage_windows` sums both.
 public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     public let tables: ConsumerTables
     private var connection: PostgresConnection { tables.connection }
+    /// Fold once this many delta rows were appended since the last fold (and whenever idle).
+    public let foldThreshold: Int
+    /// Delta rows this store appended since its last fold between batches.
+    private var rowsSinceFold = 0
+    /// Deltas may be waiting: set by every append and at start (an earlier instance may have
+    /// left some), cleared by a fold when idle.
+    private var mayHaveDeltas = true
+    private let logger = Logger(label: "tally.aggregator-store")
 
-    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String) {
+    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String, foldThreshold: Int = 200_000) {
         tables = ConsumerTables(connection: connection, group: group, topic: topic, instanceID: instanceID)
+        self.foldThreshold = foldThreshold
     }
 
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { try tables.claim(partitions) }
@@ -16,20 +28,22 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
         // Stateless between batches: a promoted state (replay) needs nothing here.
-        try tables.commit(batch) { _, _ in
+        var appendedRows = 0
+        let outcome = try tables.commit(batch) { _, _ in
             // 2. Dedup against stored keys, then decide (pure) which events count.
             let stored = try tables.storedHashes(of: batch.events, table: "usage_event_keys")
             let decision = Deduplicator.decide(batch.events, stored: stored)
             // 3. Store the keys of the events that count while (4.) their hourly window deltas
-            //    are summed and encoded (daily and monthly are views over them); then write them.
+            //    are summed (daily and monthly are views over them); then append the deltas.
             let hourly = try tables.storeKeys(decision.accepted, table: "usage_event_keys") {
                 var deltas = WindowDeltas(granularities: [.hour])
                 // A batch of many customers' events has a window for every second event or so.
                 deltas.reserveCapacity(decision.accepted.count / 2)
                 for positioned in decision.accepted { deltas.add(positioned.event) }
-                return Self.upsertParameters(deltas.rows(.hour))
+                return deltas.rows(.hour)
             }
-            if let hourly { try upsertHourly(hourly) }
+            try appendDeltas(hourly)
+            appendedRows = hourly.count
             // 5. Conflicts and dead letters, idempotent by position.
             try tables.insertConflicts(decision.conflicts)
             try tables.insertDeadLetters(batch.deadLetters)
@@ -43,44 +57,94 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates,
                                 conflicts: decision.conflicts, deadLetters: batch.deadLetters.count)
         }
+        if case .committed = outcome {
+            rowsSinceFold += appendedRows
+            mayHaveDeltas = true
+        }
+        if rowsSinceFold >= foldThreshold {
+            // Between batches, on this connection. (On a connection and thread of its own, a fold
+            // overlapped the next batches but gained nothing measurable: the cores were busy.)
+            // The batch has committed: a failed fold leaves the deltas to the next one.
+            rowsSinceFold = 0
+            do { _ = try Self.fold(on: connection) } catch { logger.warning("folding window deltas failed; the next fold retries: \(error)") }
+        }
+        return outcome
     }
 
-    private func upsertHourly(_ parameters: [String]) throws {
-        try connection.query("""
-            INSERT INTO usage_windows_hourly AS w (customer_id, window_start, model, feature, provider, environment, input_tokens, output_tokens,
-                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count)
-            SELECT c, to_timestamp(w), m, f, p, e, i, o, cr, cw, r, t, n
-            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
-                $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[]) AS x(c, w, m, f, p, e, i, o, cr, cw, r, t, n)
-            ON CONFLICT (customer_id, window_start, model, feature, provider, environment) DO UPDATE SET
-                input_tokens = w.input_tokens + EXCLUDED.input_tokens,
-                output_tokens = w.output_tokens + EXCLUDED.output_tokens,
-                cache_read_input_tokens = w.cache_read_input_tokens + EXCLUDED.cache_read_input_tokens,
-                cache_write_input_tokens = w.cache_write_input_tokens + EXCLUDED.cache_write_input_tokens,
-                reasoning_output_tokens = w.reasoning_output_tokens + EXCLUDED.reasoning_output_tokens,
-                total_tokens = w.total_tokens + EXCLUDED.total_tokens,
-                event_count = w.event_count + EXCLUDED.event_count
-            """, parameters)
+    /// Folds whatever deltas are waiting: the loop calls this when a poll found nothing.
+    public func settle() throws {
+        guard mayHaveDeltas else { return }
+        if try Self.fold(on: connection) { mayHaveDeltas = false }
     }
 
-    /// The upsert's arrays as text, so they can be built while the keys are being copied.
-    private static func upsertParameters(_ rows: [(key: WindowKey, measures: UsageMeasures)]) -> [String]? {
-        guard !rows.isEmpty else { return nil }
-        return [
-                PostgresArray(rows.map(\.key.dimensions.customerID)),
-                // Window starts are whole hours: seconds since the epoch convert exactly.
-                PostgresArray(rows.map { $0.key.start / 1_000_000 }),
-                PostgresArray(rows.map(\.key.dimensions.model)),
-                PostgresArray(rows.map(\.key.dimensions.feature)),
-                PostgresArray(rows.map(\.key.dimensions.provider)),
-                PostgresArray(rows.map(\.key.dimensions.environment)),
-                PostgresArray(rows.map(\.measures.inputTokens)),
-                PostgresArray(rows.map(\.measures.outputTokens)),
-                PostgresArray(rows.map(\.measures.cacheReadInputTokens)),
-                PostgresArray(rows.map(\.measures.cacheWriteInputTokens)),
-                PostgresArray(rows.map(\.measures.reasoningOutputTokens)),
-                PostgresArray(rows.map(\.measures.totalTokens)),
-                PostgresArray(rows.map(\.measures.eventCount)),
-            ].map(\.postgresText)
+    /// Moves every committed delta row into `usage_windows_hourly`, summed per window, in one
+    /// transaction: readers of `usage_windows` see the same sums before and after. Returns false,
+    /// moving nothing, while another fold (any instance's) holds the lock.
+    static func fold(on connection: PostgresConnection) throws -> Bool {
+        try connection.transaction { connection -> Bool in
+            guard try connection.query("SELECT pg_try_advisory_xact_lock($1)", [Self.foldLock]).scalar == "t" else { return false }
+            // Room to group a few hundred thousand rows in memory; the default 4 MB sorts them on disk.
+            try connection.query("SET LOCAL work_mem = '256MB'")
+            // Nothing else writes these rows meanwhile: folds take turns, and a promotion takes the lock.
+            try connection.query("""
+                WITH moved AS (DELETE FROM usage_window_deltas RETURNING *)
+                INSERT INTO usage_windows_hourly AS w (customer_id, window_start, model, feature, provider, environment, input_tokens,
+                    output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count)
+                SELECT customer_id, window_start, model, feature, provider, environment, sum(input_tokens), sum(output_tokens),
+                       sum(cache_read_input_tokens), sum(cache_write_input_tokens), sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
+                FROM moved GROUP BY customer_id, window_start, model, feature, provider, environment
+                ON CONFLICT (customer_id, window_start, model, feature, provider, environment) DO UPDATE SET
+                    input_tokens = w.input_tokens + EXCLUDED.input_tokens,
+                    output_tokens = w.output_tokens + EXCLUDED.output_tokens,
+                    cache_read_input_tokens = w.cache_read_input_tokens + EXCLUDED.cache_read_input_tokens,
+                    cache_write_input_tokens = w.cache_write_input_tokens + EXCLUDED.cache_write_input_tokens,
+                    reasoning_output_tokens = w.reasoning_output_tokens + EXCLUDED.reasoning_output_tokens,
+                    total_tokens = w.total_tokens + EXCLUDED.total_tokens,
+                    event_count = w.event_count + EXCLUDED.event_count
+                """)
+            return true
+        }
+    }
+
+    /// Every hourly window in `schema`, folded or not, as the view `tally.usage_windows` has
+    /// them; for schemas that have no such view (a replay's), and for comparisons that must not
+    /// depend on when folds ran.
+    public static func windowsQuery(schema: String) -> String {
+        let columns = "customer_id, window_start, model, feature, provider, environment, " + measureColumns.joined(separator: ", ")
+        return """
+            SELECT customer_id, window_start, model, feature, provider, environment, \(measureColumns.map { "sum(\($0))::bigint AS \($0)" }.joined(separator: ", "))
+            FROM (SELECT \(columns) FROM \(schema).usage_windows_hourly UNION ALL SELECT \(columns) FROM \(schema).usage_window_deltas) w
+            GROUP BY customer_id, window_start, model, feature, provider, environment
+            """
+    }
+
+    private static let measureColumns = ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens",
+                                         "reasoning_output_tokens", "total_tokens", "event_count"]
+
+    /// Only one fold runs at a time; a replay's promotion waits for it and holds off the next.
+    public static let foldLock: Int64 = 0x7461_6c6c_7966_6f6c  // "tallyfol"
+
+    private func appendDeltas(_ rows: [(key: WindowKey, measures: UsageMeasures)]) throws {
+        guard !rows.isEmpty else { return }
+        try connection.copyIn("""
+            COPY usage_window_deltas (customer_id, window_start, model, feature, provider, environment, input_tokens, output_tokens,
+                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count) FROM STDIN WITH (FORMAT binary)
+            """, format: .binary, rows: rows) { row, fields in
+            let dimensions = row.key.dimensions
+            fields.add(dimensions.customerID)
+            fields.add(timestampMicroseconds: row.key.start)
+            fields.add(dimensions.model)
+            fields.add(dimensions.feature)
+            fields.add(dimensions.provider)
+            fields.add(dimensions.environment)
+            let measures = row.measures
+            fields.add(measures.inputTokens)
+            fields.add(measures.outputTokens)
+            fields.add(measures.cacheReadInputTokens)
+            fields.add(measures.cacheWriteInputTokens)
+            fields.add(measures.reasoningOutputTokens)
+            fields.add(measures.totalTokens)
+            fields.add(measures.eventCount)
+        }
     }
 }

@@ -72,6 +72,10 @@ public final class CommitLanes: ConsumerStore, @unchecked Sendable {
         return .committed(summary)
     }
 
+    public func settle() throws {
+        for lane in lanes { try lane.settle() }
+    }
+
     /// Runs each job on its own thread but the last, which runs on this one.
     private func runConcurrently(_ jobs: [() throws -> CommitOutcome]) -> [Result<CommitOutcome, any Error>] {
         guard let last = jobs.last else { return [] }

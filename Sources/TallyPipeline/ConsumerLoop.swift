@@ -111,6 +111,7 @@ public final class ConsumerLoop: @unchecked Sendable {
     public private(set) var stats = ConsumerStats()
     private let metrics: ConsumerMetrics
     private let readiness = SharedFlag()
+    private var nextSettleAttempt = ContinuousClock.now
 
     /// True once partitions were claimed and while commits succeed; false while PostgreSQL is away.
     public var isReady: Bool { readiness.isSet }
@@ -199,6 +200,9 @@ public final class ConsumerLoop: @unchecked Sendable {
             } else if inFlight != nil {
                 // Idle poll: settle the batch in flight so progress and caught-up checks are current.
                 if try awaitInFlight().abandoned { return }
+            } else {
+                // Idle with nothing in flight: the store's connection is free for its upkeep.
+                settleStore()
             }
             if ContinuousClock.now - lastStats >= settings.statsInterval {
                 lastStats = ContinuousClock.now
@@ -206,9 +210,23 @@ public final class ConsumerLoop: @unchecked Sendable {
                 warnAboutPositionsPastTheLogEnd()
             }
             if settings.exitWhenCaughtUp && records.isEmpty && inFlight == nil && isCaughtUp() {
+                settleStore()
                 logger.info("caught up with the log end of partitions \(owned.keys.sorted())")
                 return
             }
+        }
+    }
+
+    /// The store's deferred upkeep (the aggregator folds its window deltas). Its failure loses
+    /// nothing and stops nothing: it is tried again at the next idle poll.
+    private func settleStore() {
+        guard ContinuousClock.now >= nextSettleAttempt else { return }
+        do {
+            try store.settle()
+        } catch {
+            // Likely PostgreSQL is away: one warning per attempt, not one per idle poll.
+            nextSettleAttempt = ContinuousClock.now + .seconds(5)
+            logger.warning("store upkeep failed, retrying in 5 s: \(error)")
         }
     }
 

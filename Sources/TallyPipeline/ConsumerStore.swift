@@ -69,6 +69,12 @@ public protocol ConsumerStore: AnyObject, Sendable {
     func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim]
     /// Applies a batch and moves its offsets in one transaction (fenced).
     func commit(_ batch: PreparedBatch) throws -> CommitOutcome
+    /// Deferred upkeep, done while the loop is idle (no batch in flight, a poll found nothing).
+    func settle() throws
+}
+
+extension ConsumerStore {
+    public func settle() throws {}
 }
 
 /// What every consumer store shares: fenced offsets, dedup-key lookups, conflicts and dead letters.

@@ -98,7 +98,7 @@ public struct Reconciler {
             let windows = try connection.query("""
                 SELECT customer_id, \(microseconds("window_start")), model, feature, provider, environment, input_tokens, output_tokens,
                        cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count
-                FROM usage_windows_hourly WHERE $1::text IS NULL OR customer_id = $1
+                FROM usage_windows WHERE $1::text IS NULL OR customer_id = $1
                 """, [customerID])
             for row in 0..<windows.rowCount {
                 let key = Self.windowKey(windows.string(row, 0)!, try windows.int64(row, 1)!, windows.string(row, 2)!, windows.string(row, 3)!,

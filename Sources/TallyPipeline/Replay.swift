@@ -16,7 +16,7 @@ public enum ReplayedConsumer: String, Sendable, CaseIterable {
     public var tables: [String] {
         let shared = ["consumer_offsets", "dead_letters", "event_conflicts"]
         switch self {
-        case .aggregator: return shared + ["usage_event_keys", "usage_windows_hourly"]
+        case .aggregator: return shared + ["usage_event_keys", "usage_windows_hourly", "usage_window_deltas"]
         case .rater: return shared + ["rater_event_keys", "rated_usage", "unpriced_usage", "wallet_ledger", "wallet_grants", "wallets",
                                       "balance_alerts", "topup_requests"]
         }
@@ -87,6 +87,8 @@ public final class PartitionSubsetStore: ConsumerStore, @unchecked Sendable {
     }
 
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome { try inner.commit(batch) }
+
+    public func settle() throws { try inner.settle() }
 }
 
 /// One table's fingerprint: row count and an md5 over its rows in a fixed order, leaving out
@@ -107,7 +109,8 @@ public enum StateChecksum {
     public static func compute(_ connection: PostgresConnection, schema: String, consumer: ReplayedConsumer, group: String,
                                partitions: Set<Int32>? = nil, perPartition: Bool = true) throws -> [TableChecksum] {
         var sums: [TableChecksum] = []
-        for table in consumer.tables {
+        // Window deltas are summed into the windows: when folds ran is not state.
+        for table in consumer.tables where table != "usage_window_deltas" {
             let columns = try connection.query("""
                 SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2
                 """, [schema, table]).rows.compactMap { $0[0] }
@@ -128,9 +131,10 @@ public enum StateChecksum {
             let removed = volatileColumns.filter(columns.contains).map { "'\($0)'" }
             let rowText = removed.isEmpty ? "to_jsonb(t)::text" : "(to_jsonb(t) - ARRAY[\(removed.joined(separator: ","))]::text[])::text"
             let grouping = hasPartition && perPartition ? "partition" : "NULL::int"
+            let source = table == "usage_windows_hourly" ? "(\(AggregatorStore.windowsQuery(schema: schema)))" : "\(schema).\(table)"
             let result = try connection.query("""
                 SELECT \(grouping), count(*), md5(coalesce(string_agg(row_text, '|' ORDER BY row_text), ''))
-                FROM (SELECT \(hasPartition ? "partition" : "NULL::int AS partition"), \(rowText) AS row_text FROM \(schema).\(table) t \(filter)) rows
+                FROM (SELECT \(hasPartition ? "partition" : "NULL::int AS partition"), \(rowText) AS row_text FROM \(source) t \(filter)) rows
                 GROUP BY 1 ORDER BY 1
                 """, parameters)
             if result.rowCount == 0 { sums.append(TableChecksum(table: table, partition: nil, rows: 0, md5: "d41d8cd98f00b204e9800998ecf8427e")) }
@@ -203,7 +207,7 @@ public enum ReplayDiff {
             let windows = { (schema: String) in """
                 SELECT customer_id, model AS item, sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cache_read_input_tokens) AS cr,
                        sum(cache_write_input_tokens) AS cw, sum(reasoning_output_tokens) AS r, sum(event_count) AS n
-                FROM \(schema).usage_windows_hourly WHERE \(scope) GROUP BY 1, 2
+                FROM (\(AggregatorStore.windowsQuery(schema: schema))) w WHERE \(scope) GROUP BY 1, 2
                 """ }
             try collect("""
                 SELECT coalesce(l.customer_id, r.customer_id), coalesce(l.item, r.item), l.i, r.i, l.o, r.o, l.cr, r.cr, l.cw, r.cw, l.r, r.r, l.n, r.n
@@ -237,6 +241,9 @@ extension ShadowSchema {
     public func promote(on connection: PostgresConnection, liveGroup: String, replayGroup: String, topic: String,
                         partitions: Set<Int32>?) throws -> PromoteOutcome {
         try connection.transaction { connection -> PromoteOutcome in
+            // A fold running now would move live window deltas while their customers' rows are
+            // replaced: wait for it, and hold off the next until this commits.
+            if consumer == .aggregator { try connection.query("SELECT pg_advisory_xact_lock($1)", [AggregatorStore.foldLock]) }
             var replayed: [Int32: Int64] = [:]
             let replay = try connection.query("SELECT partition, next_offset FROM \(name).consumer_offsets WHERE consumer_group = $1 AND topic = $2",
                                               [replayGroup, topic])

@@ -21,12 +21,19 @@ struct TallyAggregator: ParsableCommand {
     @OptionGroup var logging: LoggingOptions
     @OptionGroup var ops: OpsOptions
 
+    @Option(help: "Fold window deltas into the hourly windows once this many rows wait (and whenever idle).")
+    var windowFoldRows = 200_000
+
+    func validate() throws {
+        guard windowFoldRows > 0 else { throw ValidationError("--window-fold-rows must be positive") }
+    }
+
     func run() throws {
         let description = ConsumerDescription(service: "tally-aggregator", defaultGroup: "tally-aggregator",
                                               groupEnvironment: "TALLY_AGGREGATOR_GROUP", metricsPrefix: "tally_aggregator")
         try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
             AggregatorStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
-                            instanceID: context.instanceID)
+                            instanceID: context.instanceID, foldThreshold: windowFoldRows)
         }
     }
 }

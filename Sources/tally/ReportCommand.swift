@@ -21,7 +21,7 @@ struct Report: ParsableCommand {
     func run() throws {
         let connection = try connect(database, label: "tally.report")
         let customers = try customer.map { [$0] } ?? connection.query("""
-            SELECT DISTINCT customer_id FROM usage_windows_hourly UNION SELECT DISTINCT customer_id FROM wallet_ledger ORDER BY 1
+            SELECT DISTINCT customer_id FROM usage_windows UNION SELECT DISTINCT customer_id FROM wallet_ledger ORDER BY 1
             """).rows.compactMap { $0[0] }
         let profiles = try BillingCatalogStore(connection: connection).profiles(customers)
         try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true)

@@ -81,6 +81,35 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
     }
 
+    /// Window deltas folded after nearly every batch, by two lanes, while batches keep appending:
+    /// no total changes, and deltas an earlier instance left unfolded are folded too.
+    func testFoldingWindowDeltasChangesNoTotal() async throws {
+        let harness = try AggregatorHarness()
+        // Left by an instance that died before its next fold: 3 events of a customer of its own.
+        try harness.connection.query("""
+            INSERT INTO tally.usage_window_deltas VALUES ('cust-earlier', '2026-11-01T10:00:00Z', 'gpt-4o', 'chat', '', '', 30, 20, 0, 0, 0, 50, 3)
+            """)
+        let events = AggregatorHarness.events(count: 6000, seed: 61)
+        try await harness.publish(events + Array(events[100..<400]))
+        let aggregator = try harness.startAggregator(["--commit-lanes", "2", "--batch-size", "300", "--window-fold-rows", "100"])
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        var expected = AggregatorHarness.recount(events)
+        expected["cust-earlier"] = [30, 20, 0, 0, 0, 50, 3]
+        try harness.assertTotals(equal: expected)
+        // Idle: everything is folded into the hourly rows.
+        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(30)) {
+            try harness.connection.query("SELECT count(*) FROM tally.usage_window_deltas").scalar == "0"
+        }, aggregator.log)
+        let windows = Set(events.map { [$0.subject, String($0.time.microseconds / 3_600_000_000), $0.model, $0.feature ?? "", $0.provider ?? "",
+                                         $0.environment ?? ""] })
+        let folded = try harness.connection.query("SELECT sum(event_count), count(*) FROM tally.usage_windows_hourly").rows[0]
+        XCTAssertEqual(folded, [String(events.count + 3), String(windows.count + 1)], "one row per window, every event in it")
+        try harness.assertTotals(equal: expected)
+        XCTAssertFalse(aggregator.log.contains("folding window deltas failed"), aggregator.log)
+        aggregator.signal(SIGTERM)
+        XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
+    }
+
     /// kill -9 at random moments during a 100k-event stream, restarted each time: exact totals.
     func testKillNineAtRandomMomentsKeepsTotalsExact() async throws {
         let harness = try AggregatorHarness()
