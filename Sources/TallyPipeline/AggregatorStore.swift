@@ -79,20 +79,25 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
 
     /// Moves every committed delta row into `usage_windows_hourly`, summed per window, in one
     /// transaction: readers of `usage_windows` see the same sums before and after. Returns false,
-    /// moving nothing, while another fold (any instance's) holds the lock.
+    /// moving nothing, while another fold (any instance's) or a promotion holds the lock.
     static func fold(on connection: PostgresConnection) throws -> Bool {
-        try connection.transaction { connection -> Bool in
-            guard try connection.query("SELECT pg_try_advisory_xact_lock($1)", [Self.foldLock]).scalar == "t" else { return false }
+        // Taken before the transaction's snapshot, so a fold always sees the previous one's work.
+        guard try connection.query("SELECT pg_try_advisory_lock($1)", [Self.foldLock]).scalar == "t" else { return false }
+        defer { _ = try? connection.query("SELECT pg_advisory_unlock($1)", [Self.foldLock]) }
+        try connection.transaction { connection in
+            // One snapshot for both statements: the DELETE removes exactly the rows the INSERT
+            // summed, and rows appended meanwhile wait for the next fold. Should two folds ever
+            // overlap (the lock lost with a dropped connection), the second fails to serialize
+            // rather than moving rows twice.
+            try connection.query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             // Room to group a few hundred thousand rows in memory; the default 4 MB sorts them on disk.
             try connection.query("SET LOCAL work_mem = '256MB'")
-            // Nothing else writes these rows meanwhile: folds take turns, and a promotion takes the lock.
             try connection.query("""
-                WITH moved AS (DELETE FROM usage_window_deltas RETURNING *)
                 INSERT INTO usage_windows_hourly AS w (customer_id, window_start, model, feature, provider, environment, input_tokens,
                     output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count)
                 SELECT customer_id, window_start, model, feature, provider, environment, sum(input_tokens), sum(output_tokens),
                        sum(cache_read_input_tokens), sum(cache_write_input_tokens), sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
-                FROM moved GROUP BY customer_id, window_start, model, feature, provider, environment
+                FROM usage_window_deltas GROUP BY customer_id, window_start, model, feature, provider, environment
                 ON CONFLICT (customer_id, window_start, model, feature, provider, environment) DO UPDATE SET
                     input_tokens = w.input_tokens + EXCLUDED.input_tokens,
                     output_tokens = w.output_tokens + EXCLUDED.output_tokens,
@@ -102,8 +107,9 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
                     total_tokens = w.total_tokens + EXCLUDED.total_tokens,
                     event_count = w.event_count + EXCLUDED.event_count
                 """)
-            return true
+            try connection.query("DELETE FROM usage_window_deltas")
         }
+        return true
     }
 
     /// Every hourly window in `schema`, folded or not, as the view `tally.usage_windows` has
@@ -121,7 +127,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     private static let measureColumns = ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens",
                                          "reasoning_output_tokens", "total_tokens", "event_count"]
 
-    /// Only one fold runs at a time; a replay's promotion waits for it and holds off the next.
+    /// One fold at a time; a replay's promotion waits for a running one and holds off the next.
     public static let foldLock: Int64 = 0x7461_6c6c_7966_6f6c  // "tallyfol"
 
     private func appendDeltas(_ rows: [(key: WindowKey, measures: UsageMeasures)]) throws {
