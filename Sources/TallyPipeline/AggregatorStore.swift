@@ -40,7 +40,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
                 // A batch of many customers' events has a window for every second event or so.
                 deltas.reserveCapacity(decision.accepted.count / 2)
                 for positioned in decision.accepted { deltas.add(positioned.event) }
-                return deltas.rows(.hour)
+                return deltas.windows[.hour] ?? [:]
             }
             try appendDeltas(hourly)
             appendedRows = hourly.count
@@ -130,7 +130,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     /// One fold at a time; a replay's promotion waits for a running one and holds off the next.
     public static let foldLock: Int64 = 0x7461_6c6c_7966_6f6c  // "tallyfol"
 
-    private func appendDeltas(_ rows: [(key: WindowKey, measures: UsageMeasures)]) throws {
+    private func appendDeltas(_ rows: [WindowKey: UsageMeasures]) throws {
         guard !rows.isEmpty else { return }
         try connection.copyIn("""
             COPY usage_window_deltas (customer_id, window_start, model, feature, provider, environment, input_tokens, output_tokens,
@@ -143,7 +143,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             fields.add(dimensions.feature)
             fields.add(dimensions.provider)
             fields.add(dimensions.environment)
-            let measures = row.measures
+            let measures = row.value
             fields.add(measures.inputTokens)
             fields.add(measures.outputTokens)
             fields.add(measures.cacheReadInputTokens)

@@ -276,16 +276,19 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// Decoding is most of what this thread does per record: the second half of a large poll is
     /// decoded on another thread while this one decodes the first. Results keep the records' order.
     public static func classify(_ records: [ConsumerRecord]) -> [ClassifiedRecord] {
-        func classify(_ slice: ArraySlice<ConsumerRecord>) -> [ClassifiedRecord] {
-            slice.map { ClassifiedRecord.classify($0.value, key: .some($0.key)) }
-        }
-        guard records.count >= 1_000 else { return classify(records[...]) }
+        func classify(_ record: ConsumerRecord) -> ClassifiedRecord { ClassifiedRecord.classify(record.value, key: .some(record.key)) }
+        guard records.count >= 1_000 else { return records.map(classify) }
         let middle = records.count / 2
-        let secondHalf = BackgroundJob { classify(records[middle...]) }
-        let firstHalf = classify(records[..<middle])
-        switch secondHalf.wait() {
-        case .success(let classified): return firstHalf + classified
-        case .failure: fatalError("classifying records cannot throw")
+        // Both halves are written straight into one array, each thread into its own range:
+        // joining two arrays afterwards would copy (and retain) every decoded event again.
+        return [ClassifiedRecord](unsafeUninitializedCapacity: records.count) { buffer, initialized in
+            nonisolated(unsafe) let start = buffer.baseAddress!
+            let secondHalf = BackgroundJob {
+                for index in middle..<records.count { (start + index).initialize(to: classify(records[index])) }
+            }
+            for index in 0..<middle { (start + index).initialize(to: classify(records[index])) }
+            if case .failure = secondHalf.wait() { fatalError("classifying records cannot throw") }
+            initialized = records.count
         }
     }
 
