@@ -6,21 +6,8 @@
 -- rows from one table to the other in one transaction, so no reader ever sees a window twice or
 -- not at all. The hourly rows are the folded rows plus the deltas, summed: that is the view
 -- usage_windows, and every read view is built on it.
-CREATE TABLE tally.usage_window_deltas (
-    customer_id text NOT NULL,
-    window_start timestamptz NOT NULL,
-    model text NOT NULL,
-    feature text NOT NULL,
-    provider text NOT NULL,
-    environment text NOT NULL,
-    input_tokens bigint NOT NULL,
-    output_tokens bigint NOT NULL,
-    cache_read_input_tokens bigint NOT NULL,
-    cache_write_input_tokens bigint NOT NULL,
-    reasoning_output_tokens bigint NOT NULL,
-    total_tokens bigint NOT NULL,
-    event_count bigint NOT NULL
-);
+-- The hourly table's columns, types and NOT NULLs, in its order; not its key or fill factor.
+CREATE TABLE tally.usage_window_deltas (LIKE tally.usage_windows_hourly);
 
 -- Every hourly window, folded or not ('' for missing labels, as in usage_windows_hourly).
 CREATE VIEW tally.usage_windows AS
