@@ -334,8 +334,9 @@ final class FaultRig: @unchecked Sendable {
         }
 
         // Stored offsets only move forward.
-        if let regression = monitor.regressions.first {
-            report.failures.append("offsets: \(monitor.regressions.count) moved backward, e.g. \(regression)")
+        let regressions = try monitor.regressions()
+        if let regression = regressions.first {
+            report.failures.append("offsets: \(regressions.count) moved backward, e.g. \(regression)")
         }
         // Bad input never causes a 5xx.
         if serverErrors > 0 { report.failures.append("server errors: \(serverErrors) answers were 5xx") }
@@ -355,7 +356,9 @@ final class FaultRig: @unchecked Sendable {
     }
 }
 
-/// Polls the stored offsets: notes every move (for recovery times) and any move backward.
+/// Polls the stored offsets to note every move (for recovery times). Moves backward are
+/// recorded by a trigger instead: a zombie's backward write can be overwritten by the new
+/// owner's next commit within milliseconds, between two polls.
 final class OffsetMonitor: @unchecked Sendable {
     private let connection: PostgresConnection
     private let topic: String
@@ -365,7 +368,6 @@ final class OffsetMonitor: @unchecked Sendable {
     private var last: [String: Int64] = [:]
     /// group → partition → when its offset was seen to move.
     private var commits: [String: [String: [ContinuousClock.Instant]]] = [:]
-    private var backward: [String] = []
     private var running = true
     private var thread: Thread?
 
@@ -374,6 +376,19 @@ final class OffsetMonitor: @unchecked Sendable {
         // instead of holding the monitor for half a minute (and delaying what it sees after).
         connection = try PostgresConnection(url: databaseURL, logger: TestStack.logger, connectTimeout: .milliseconds(300))
         self.topic = topic
+        try connection.execute(script: """
+            CREATE SCHEMA fault_rig;
+            CREATE TABLE fault_rig.offset_regressions (
+                consumer_group text, topic text, partition int, previous bigint, next bigint, at timestamptz DEFAULT clock_timestamp());
+            CREATE FUNCTION fault_rig.note_regression() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO fault_rig.offset_regressions (consumer_group, topic, partition, previous, next)
+                VALUES (NEW.consumer_group, NEW.topic, NEW.partition, OLD.next_offset, NEW.next_offset);
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER offsets_move_backward AFTER UPDATE ON tally.consumer_offsets
+                FOR EACH ROW WHEN (NEW.next_offset < OLD.next_offset) EXECUTE FUNCTION fault_rig.note_regression();
+            """)
         let thread = Thread { [weak self] in
             while let self, self.lock.withLock({ self.running }) {
                 self.poll()
@@ -398,16 +413,26 @@ final class OffsetMonitor: @unchecked Sendable {
                 guard let group = result.string(row, 0), let partition = result.string(row, 1),
                       let offset = (try? result.int64(row, 2)).flatMap({ $0 }) else { continue }
                 let key = group + "/" + partition
-                if let previous = last[key] {
-                    if offset < previous { backward.append("\(key): \(previous) → \(offset)") }
-                    if offset > previous { commits[group, default: [:]][partition, default: []].append(now) }
+                if let previous = last[key], offset > previous {
+                    commits[group, default: [:]][partition, default: []].append(now)
                 }
                 last[key] = offset
             }
         }
     }
 
-    var regressions: [String] { lock.withLock { backward } }
+    /// Every stored offset that was ever written backward, as the trigger recorded it.
+    func regressions() throws -> [String] {
+        let result = try pollLock.withLock {
+            try connection.query("""
+                SELECT consumer_group, partition, previous, next FROM fault_rig.offset_regressions
+                WHERE topic = $1 ORDER BY at
+                """, [topic])
+        }
+        return try (0..<result.rowCount).map { row in
+            "\(result.string(row, 0)!)/\(result.string(row, 1)!): \(try result.int64(row, 2)!) → \(try result.int64(row, 3)!)"
+        }
+    }
 
     /// When every partition of the group had committed again after `instant` (a stopped
     /// instance's partitions only move once another instance took them over).
