@@ -39,9 +39,16 @@ public enum EventDecoder {
             return
         }
         // One bit per `EnvelopeField`; other members are kept in `extensions`, which catches theirs.
-        var seen: UInt8 = 0
-        try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
-            let field = EnvelopeField(named: key)
+        var seen: UInt32 = 0
+        try reader.readMembers { (reader: inout JSONReader, name: JSONKey) throws(JSONSyntaxError) in
+            guard let (field, bit) = EnvelopeField.named(name) else {
+                let key = name.string
+                let range = try reader.skipValue()
+                guard state.extensions[key] == nil else { throw reader.error("duplicate key \"\(key)\"") }
+                state.extensions[key] = String(decoding: UnsafeBufferPointer(rebasing: reader.bytes[range]), as: UTF8.self)
+                return
+            }
+            let key = field.rawValue
             switch field {
             case .specversion:
                 state.sawSpecversion = true
@@ -81,13 +88,7 @@ public enum EventDecoder {
                     // Type not known yet: keep the span, decode it once the envelope is read.
                     state.dataRange = try reader.skipValue()
                 }
-            case nil:
-                let range = try reader.skipValue()
-                guard state.extensions[key] == nil else { throw reader.error("duplicate key \"\(key)\"") }
-                state.extensions[key] = String(decoding: UnsafeBufferPointer(rebasing: reader.bytes[range]), as: UTF8.self)
-                return
             }
-            let bit = field!.bit
             guard seen & bit == 0 else { throw reader.error("duplicate key \"\(key)\"") }
             seen |= bit
         }
@@ -180,10 +181,10 @@ private struct UsageDataState {
     var isObject = false
 
     mutating func decode(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
-        isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, key: String, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
+        isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, field: UsageField?, name: JSONKey, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
             // Built only when a violation needs it: most events have none.
-            let path = { "data." + key }
-            switch UsageField(named: key) {
+            let path = { "data." + name.string }
+            switch field {
             case .model: model = try readString(&reader, path(), length: EventLimits.modelLength, forbidControl: true, violations: &violations)
             case .provider: provider = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
             case .feature: feature = try readString(&reader, path(), length: EventLimits.labelLength, forbidControl: true, violations: &violations)
@@ -266,10 +267,10 @@ private struct GrantDataState {
     var isObject = false
 
     mutating func decode(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
-        isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, key: String, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
-            let path = "data." + key
-            switch key {
-            case "amount":
+        isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, field: GrantField?, name: JSONKey, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
+            let path = "data." + name.string
+            switch field {
+            case .amount:
                 // A string, so no producer ever routes money through a float.
                 guard let text = try readString(&reader, path, length: 1...40, forbidControl: true, violations: &violations) else { return }
                 if GrantEvent.isPlainDecimal(text), let nanos = Money.nanos(text), nanos > 0, nanos <= GrantEvent.maxAmountNanos {
@@ -277,10 +278,10 @@ private struct GrantDataState {
                 } else {
                     violations.append(FieldViolation(path, "must be a decimal string above 0 and below 1000000000 with at most 9 decimals, e.g. \"25.00\""))
                 }
-            case "currency":
+            case .currency:
                 guard let text = try readString(&reader, path, length: 1...16, forbidControl: true, violations: &violations) else { return }
                 if let code = Currency(text) { currency = code } else { violations.append(FieldViolation(path, "must be an ISO 4217 code such as \"USD\"")) }
-            case "priority":
+            case .priority:
                 let kind = try reader.peekKind()
                 guard kind == .number, case .value(let value) = try reader.readInteger(), GrantEvent.priorityRange.contains(value) else {
                     if kind != .number { try reader.skipValue() }
@@ -288,17 +289,17 @@ private struct GrantDataState {
                     return
                 }
                 priority = value
-            case "expires_at":
+            case .expiresAt:
                 guard let text = try readString(&reader, path, length: 1...64, forbidControl: true, violations: &violations) else { return }
                 if let time = EventTime(text) { expiresAt = time } else { violations.append(FieldViolation(path, "must be an RFC 3339 date-time with offset")) }
-            case "source":
+            case .source:
                 guard let text = try readString(&reader, path, length: 1...32, forbidControl: true, violations: &violations) else { return }
                 if let value = GrantSource(rawValue: text) {
                     source = value
                 } else {
                     violations.append(FieldViolation(path, "must be one of \(GrantSource.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", "))"))
                 }
-            default:
+            case nil:
                 try reader.skipValue()
                 violations.append(FieldViolation(path, "is not a field of tally.wallet.grant data"))
             }
@@ -318,18 +319,29 @@ private struct GrantDataState {
 }
 
 /// Reads `data` member by member, rejecting duplicate keys; anything but an object is one
-/// violation. Returns whether it was an object.
-private func readDataObject(_ reader: inout JSONReader, _ violations: inout [FieldViolation],
-                            _ member: (inout JSONReader, String, inout [FieldViolation]) throws(JSONSyntaxError) -> Void) throws(JSONSyntaxError) -> Bool {
+/// violation. `member` gets each member's field (nil for a name it does not know) and name.
+/// Returns whether it was an object.
+private func readDataObject<Field: KnownMember>(
+    _ reader: inout JSONReader, _ violations: inout [FieldViolation],
+    _ member: (inout JSONReader, Field?, JSONKey, inout [FieldViolation]) throws(JSONSyntaxError) -> Void
+) throws(JSONSyntaxError) -> Bool {
     guard try reader.peekKind() == .object else {
         violations.append(FieldViolation("data", "must be an object, found \(try reader.peekKind().name)"))
         try reader.skipValue()
         return false
     }
-    var seen = KeySet()
-    try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
-        guard seen.insert(key) else { throw reader.error("duplicate key \"\(key)\"") }
-        try member(&reader, key, &violations)
+    // Known fields as bits; names the decoder does not know (each a violation) by name.
+    var seenFields: UInt32 = 0
+    var seenOthers = KeySet()
+    try reader.readMembers { (reader: inout JSONReader, name: JSONKey) throws(JSONSyntaxError) in
+        let known = Field.named(name)
+        if let (_, bit) = known {
+            guard seenFields & bit == 0 else { throw reader.error("duplicate key \"\(name.string)\"") }
+            seenFields |= bit
+        } else {
+            guard seenOthers.insert(name.string) else { throw reader.error("duplicate key \"\(name.string)\"") }
+        }
+        try member(&reader, known?.field, name, &violations)
     }
     return true
 }
@@ -403,44 +415,30 @@ private struct KeySet {
     }
 }
 
-/// Members the decoder knows by name. Finding one compares lengths first, so a member costs
-/// about one string comparison, where a `switch` over strings compares each case in turn.
+/// Members the decoder knows by name. Finding one compares the name's bytes with each known
+/// name of the same length, without making a `String` of it.
 private protocol KnownMember: RawRepresentable<String>, CaseIterable {
-    /// Every member beside its name's UTF-8 length: `table()`, made once.
-    static var byLength: [(length: Int, member: Self)] { get }
+    /// Every member's name as UTF-8 and its bit in a set of the members seen: `table()`, made once.
+    static var names: [(utf8: [UInt8], field: Self, bit: UInt32)] { get }
 }
 
 extension KnownMember {
-    init?(named name: String) {
-        let length = name.utf8.count
-        for entry in Self.byLength where entry.length == length && entry.member.rawValue == name {
-            self = entry.member
-            return
-        }
+    /// The member with this name and its bit, or nil for a name the decoder does not know.
+    static func named(_ name: JSONKey) -> (field: Self, bit: UInt32)? {
+        for entry in names where name.equals(entry.utf8) { return (entry.field, entry.bit) }
         return nil
     }
 
-    static func table() -> [(length: Int, member: Self)] { allCases.map { ($0.rawValue.utf8.count, $0) } }
+    static func table() -> [(utf8: [UInt8], field: Self, bit: UInt32)] {
+        allCases.enumerated().map { index, field in (Array(field.rawValue.utf8), field, UInt32(1) << index) }
+    }
 }
 
 /// The envelope's members.
 private enum EnvelopeField: String, KnownMember {
     case specversion, id, source, subject, type, time, data
 
-    static let byLength = table()
-
-    /// Its bit in a set of the fields seen.
-    var bit: UInt8 {
-        switch self {
-        case .specversion: 1
-        case .id: 2
-        case .source: 4
-        case .subject: 8
-        case .type: 16
-        case .time: 32
-        case .data: 64
-        }
-    }
+    static let names = table()
 }
 
 /// The `llm.usage` data members.
@@ -449,5 +447,13 @@ private enum UsageField: String, KnownMember {
     case inputTokens = "input_tokens", outputTokens = "output_tokens", cacheReadInputTokens = "cache_read_input_tokens",
          cacheWriteInputTokens = "cache_write_input_tokens", reasoningOutputTokens = "reasoning_output_tokens"
 
-    static let byLength = table()
+    static let names = table()
+}
+
+/// The `tally.wallet.grant` data members.
+private enum GrantField: String, KnownMember {
+    case amount, currency, priority, source
+    case expiresAt = "expires_at"
+
+    static let names = table()
 }

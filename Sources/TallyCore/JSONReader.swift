@@ -31,6 +31,36 @@ public enum JSONInteger: Equatable, Sendable {
     case outOfRange(negative: Bool)
 }
 
+/// An object member's name: its bytes in the input when it is plain ASCII with no escapes (the
+/// usual case, read without allocating), else its decoded text.
+struct JSONKey {
+    private let plain: UnsafeBufferPointer<UInt8>?
+    private let decoded: String?
+
+    init(plain: UnsafeBufferPointer<UInt8>) {
+        self.plain = plain
+        decoded = nil
+    }
+
+    init(decoded: String) {
+        plain = nil
+        self.decoded = decoded
+    }
+
+    var string: String { decoded ?? String(decoding: plain!, as: UTF8.self) }
+
+    /// Whether the name is exactly these UTF-8 bytes.
+    func equals(_ utf8: [UInt8]) -> Bool {
+        guard let plain else { return decoded!.utf8.elementsEqual(utf8) }
+        guard plain.count == utf8.count else { return false }
+        // Index by index over both buffers: `elementsEqual` iterates generically, several times slower.
+        return utf8.withUnsafeBufferPointer { known in
+            for index in known.indices where known[index] != plain[index] { return false }
+            return true
+        }
+    }
+}
+
 /// A forward-only reader over UTF-8 JSON bytes (RFC 8259), strict like Python's `json`.
 ///
 /// It never builds a tree: the event decoder pulls exactly the values it needs,
@@ -94,6 +124,12 @@ struct JSONReader: ~Copyable {
 
     /// Iterates an object's members: `body` gets each key and must consume the value.
     mutating func readObject(_ body: (inout JSONReader, String) throws(JSONSyntaxError) -> Void) throws(JSONSyntaxError) {
+        try readMembers { (reader: inout JSONReader, key: JSONKey) throws(JSONSyntaxError) in try body(&reader, key.string) }
+    }
+
+    /// Iterates an object's members as `readObject` does, giving each key without making a
+    /// `String` of it: most keys are only compared with the names a decoder knows.
+    mutating func readMembers(_ body: (inout JSONReader, JSONKey) throws(JSONSyntaxError) -> Void) throws(JSONSyntaxError) {
         try consume(UInt8(ascii: "{"))
         if consumeIf(UInt8(ascii: "}")) { return }
         while true {
@@ -101,13 +137,30 @@ struct JSONReader: ~Copyable {
             guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else {
                 throw error(index < bytes.count ? "expected a string key" : "unexpected end of input")
             }
-            let key = try readString()
+            let key = try readKey()
             try consume(UInt8(ascii: ":"))
             try body(&self, key)
             if consumeIf(UInt8(ascii: ",")) { continue }
             try consume(UInt8(ascii: "}"))
             return
         }
+    }
+
+    /// Reads a member name at the opening quote: in place when it is plain ASCII, else decoded.
+    private mutating func readKey() throws(JSONSyntaxError) -> JSONKey {
+        let quote = index
+        var end = quote + 1
+        while end < bytes.count {
+            let byte = bytes[end]
+            if byte == UInt8(ascii: "\"") {
+                index = end + 1
+                return JSONKey(plain: UnsafeBufferPointer(rebasing: bytes[(quote + 1)..<end]))
+            }
+            // Escapes, control characters and non-ASCII take the general path, which checks them.
+            if byte == UInt8(ascii: "\\") || byte < 0x20 || byte >= 0x80 { break }
+            end += 1
+        }
+        return JSONKey(decoded: try readString())
     }
 
     /// Reads a string value, decoding escapes; rejects raw control characters and invalid UTF-8.

@@ -61,6 +61,13 @@ final class EventDecoderTests: XCTestCase {
         XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""reasoning_output_tokens":1"#, with: #""reasoning_output_tokens":1,"reasoning_output_tokens":1"#)))
         XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""data":{"#, with: #""data":{"zz":1,"zz":1,"#)), "unknown data members too")
         XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""b":"2""#, with: #""b":"2","a":"3""#)))
+        // A name written with escapes is the same name: it is a known field, and a duplicate of its plain spelling.
+        XCTAssertEqual(violations(full.replacingOccurrences(of: #""model":"m""#, with: #""mod\u0065l":"m""#)), [])
+        XCTAssertEqual(violations(minimal.replacingOccurrences(of: #""id":"e1""#, with: #""\u0069d":"e1""#)), [])
+        XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""model":"m""#, with: #""model":"m","mod\u0065l":"n""#)))
+        XCTAssertTrue(isDuplicate(minimal.replacingOccurrences(of: #""time":"#, with: #""\u0074ime":"2026-03-01T12:00:00Z","time":"#)))
+        XCTAssertTrue(isDuplicate(full.replacingOccurrences(of: #""data":{"#, with: #""data":{"z\u00e9":1,"zé":1,"#)), "non-ASCII names too")
+        XCTAssertEqual(violations(full.replacingOccurrences(of: #""data":{"#, with: #""data":{"zé":1,"#)), [#"data.zé: is not a field of llm.usage data"#])
     }
 
     func testCachedAndReasoningTokensMustFitInTheirTotals() {
