@@ -38,6 +38,34 @@ extension DedupCandidate {
     public var keyFingerprint: DedupKeyCache.Fingerprint { DedupKeyCache.fingerprint(key) }
 }
 
+extension Array where Element: DedupCandidate {
+    /// The candidates sorted by key, nearly the order of a keys table's primary key (bytewise, as
+    /// COLLATE "C" compares): a server storing them inserts each key next to the one before it
+    /// in the index, on pages it has at hand, instead of all over it. Only that cost depends on
+    /// this order. It compares the first 16 bytes of the customer and 8 of the event id, packed
+    /// into integers: several times cheaper than comparing strings, and as good for the index.
+    public func inKeyOrder() -> [Element] {
+        var order = indices.map { index in
+            let key = self[index].key
+            let customer = Self.bigEndianPrefix(key.customerID)
+            return (customer.high, customer.low, Self.bigEndianPrefix(key.eventID).high, index)
+        }
+        order.sort { ($0.0, $0.1, $0.2) < ($1.0, $1.1, $1.2) }
+        return order.map { self[$0.3] }
+    }
+
+    /// The first 16 UTF-8 bytes of `text` as two big-endian integers, zero-padded, so the
+    /// integers order as the bytes do.
+    private static func bigEndianPrefix(_ text: String) -> (high: UInt64, low: UInt64) {
+        var high: UInt64 = 0
+        var low: UInt64 = 0
+        for (count, byte) in text.utf8.prefix(16).enumerated() {
+            if count < 8 { high |= UInt64(byte) << (56 - 8 * count) } else { low |= UInt64(byte) << (56 - 8 * (count - 8)) }
+        }
+        return (high, low)
+    }
+}
+
 /// A decoded usage event, where it came from, and the fingerprint of its content.
 public struct PositionedEvent: DedupCandidate, Equatable {
     /// The event lives in a box: a batch passes its events through dedup, pricing and rating,

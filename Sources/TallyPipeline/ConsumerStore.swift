@@ -260,7 +260,7 @@ public final class ConsumerTables: @unchecked Sendable {
         guard !accepted.isEmpty, !InvariantBreak.dedup.isOn else { return }
         do {
             try connection.copyIn("COPY \(table) (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
-                                  format: .binary, rows: accepted) { candidate, fields in
+                                  format: .binary, rows: accepted.inKeyOrder()) { candidate, fields in
                 let key = candidate.key
                 fields.add(key.customerID)
                 fields.add(key.eventID)

@@ -162,6 +162,22 @@ final class AggregationTests: XCTestCase {
         XCTAssertNil(FingerprintTable()[DedupKeyCache.Fingerprint(high: 0, low: 0)])
     }
 
+    func testKeysAreWrittenInTheKeyIndexOrder() {
+        // Customers differing after 8 bytes, ids differing after "evt-", prefixes of each other, non-ASCII.
+        let keys = [("customer-00000002", "evt-9"), ("customer-00000010", "evt-10"), ("customer-00000002", "evt-10"),
+                    ("c", "b"), ("cé", "a"), ("c", "a"), ("customer-00000002", "evt-1"), ("cz", "a")]
+        let candidates = keys.enumerated().map { offset, key in
+            PositionedEvent(event: event(key.1, customer: key.0), position: LogPosition(partition: 0, offset: Int64(offset)))
+        }
+        let bytewise = candidates.sorted { a, b in
+            a.key.customerID.utf8.elementsEqual(b.key.customerID.utf8)
+                ? a.key.eventID.utf8.lexicographicallyPrecedes(b.key.eventID.utf8)
+                : a.key.customerID.utf8.lexicographicallyPrecedes(b.key.customerID.utf8)
+        }
+        XCTAssertEqual(candidates.inKeyOrder().map(\.position.offset), bytewise.map(\.position.offset))
+        XCTAssertEqual(candidates.inKeyOrder().map(\.position.offset), [5, 3, 6, 2, 0, 1, 7, 4])
+    }
+
     func testRollupsAgreeWithHourlyRows() {
         var deltas = WindowDeltas()
         var generator = LoadGenerator(seed: 5, customers: 10, duplicateRate: 0, startMicroseconds: 1_790_000_000_000_000, spacingMicroseconds: 3_000_000_000)
