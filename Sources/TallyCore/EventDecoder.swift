@@ -40,8 +40,9 @@ public enum EventDecoder {
         }
         // One bit per `EnvelopeField`; other members are kept in `extensions`, which catches theirs.
         var seen: UInt32 = 0
+        let fields = EnvelopeField.names
         try reader.readMembers { (reader: inout JSONReader, name: JSONKey) throws(JSONSyntaxError) in
-            guard let (field, bit) = EnvelopeField.named(name) else {
+            guard let (field, bit) = fields.named(name) else {
                 let key = name.string
                 let range = try reader.skipValue()
                 guard state.extensions[key] == nil else { throw reader.error("duplicate key \"\(key)\"") }
@@ -333,8 +334,9 @@ private func readDataObject<Field: KnownMember>(
     // Known fields as bits; names the decoder does not know (each a violation) by name.
     var seenFields: UInt32 = 0
     var seenOthers = KeySet()
+    let fields = Field.names
     try reader.readMembers { (reader: inout JSONReader, name: JSONKey) throws(JSONSyntaxError) in
-        let known = Field.named(name)
+        let known = fields.named(name)
         if let (_, bit) = known {
             guard seenFields & bit == 0 else { throw reader.error("duplicate key \"\(name.string)\"") }
             seenFields |= bit
@@ -366,7 +368,7 @@ private func readString(_ reader: inout JSONReader, _ path: @autoclosure () -> S
             return nil
         }
     }
-    if forbidControl && containsControl(value) {
+    if forbidControl && reader.lastStringHasControl {
         violations.append(FieldViolation(path(), "must not contain control characters"))
         return nil
     }
@@ -415,22 +417,42 @@ private struct KeySet {
     }
 }
 
-/// Members the decoder knows by name. Finding one compares the name's bytes with each known
-/// name of the same length, without making a `String` of it.
-private protocol KnownMember: RawRepresentable<String>, CaseIterable {
-    /// Every member's name as UTF-8 and its bit in a set of the members seen: `table()`, made once.
-    static var names: [(utf8: [UInt8], field: Self, bit: UInt32)] { get }
+/// Members the decoder knows by name.
+private protocol KnownMember: RawRepresentable<String>, CaseIterable, Sendable {
+    /// Every member's name: `MemberNames()`, made once.
+    static var names: MemberNames<Self> { get }
 }
 
-extension KnownMember {
-    /// The member with this name and its bit, or nil for a name the decoder does not know.
-    static func named(_ name: JSONKey) -> (field: Self, bit: UInt32)? {
-        for entry in names where name.equals(entry.utf8) { return (entry.field, entry.bit) }
-        return nil
+/// The names of a set of members, laid out to find one without making a `String` of the name
+/// or touching a reference count: every name's bytes in one buffer, and per member plain
+/// integers (where its name starts, its length, its bit in a set of the members seen).
+private struct MemberNames<Field: KnownMember>: Sendable {
+    private let bytes: [UInt8]
+    private let entries: [(start: Int, length: Int, field: Field, bit: UInt32)]
+
+    init() {
+        var bytes: [UInt8] = []
+        var entries: [(start: Int, length: Int, field: Field, bit: UInt32)] = []
+        for (index, field) in Field.allCases.enumerated() {
+            entries.append((bytes.count, field.rawValue.utf8.count, field, UInt32(1) << index))
+            bytes += field.rawValue.utf8
+        }
+        self.bytes = bytes
+        self.entries = entries
     }
 
-    static func table() -> [(utf8: [UInt8], field: Self, bit: UInt32)] {
-        allCases.enumerated().map { index, field in (Array(field.rawValue.utf8), field, UInt32(1) << index) }
+    /// The member with this name and its bit, or nil for a name the decoder does not know.
+    func named(_ name: JSONKey) -> (field: Field, bit: UInt32)? {
+        name.withUTF8 { name in
+            bytes.withUnsafeBufferPointer { bytes in
+                for entry in entries where entry.length == name.count {
+                    var index = 0
+                    while index < name.count && bytes[entry.start + index] == name[index] { index += 1 }
+                    if index == name.count { return (entry.field, entry.bit) }
+                }
+                return nil
+            }
+        }
     }
 }
 
@@ -438,7 +460,7 @@ extension KnownMember {
 private enum EnvelopeField: String, KnownMember {
     case specversion, id, source, subject, type, time, data
 
-    static let names = table()
+    static let names = MemberNames<Self>()
 }
 
 /// The `llm.usage` data members.
@@ -447,7 +469,7 @@ private enum UsageField: String, KnownMember {
     case inputTokens = "input_tokens", outputTokens = "output_tokens", cacheReadInputTokens = "cache_read_input_tokens",
          cacheWriteInputTokens = "cache_write_input_tokens", reasoningOutputTokens = "reasoning_output_tokens"
 
-    static let names = table()
+    static let names = MemberNames<Self>()
 }
 
 /// The `tally.wallet.grant` data members.
@@ -455,5 +477,5 @@ private enum GrantField: String, KnownMember {
     case amount, currency, priority, source
     case expiresAt = "expires_at"
 
-    static let names = table()
+    static let names = MemberNames<Self>()
 }

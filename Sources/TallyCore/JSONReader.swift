@@ -49,15 +49,11 @@ struct JSONKey {
 
     var string: String { decoded ?? String(decoding: plain!, as: UTF8.self) }
 
-    /// Whether the name is exactly these UTF-8 bytes.
-    func equals(_ utf8: [UInt8]) -> Bool {
-        guard let plain else { return decoded!.utf8.elementsEqual(utf8) }
-        guard plain.count == utf8.count else { return false }
-        // Index by index over both buffers: `elementsEqual` iterates generically, several times slower.
-        return utf8.withUnsafeBufferPointer { known in
-            for index in known.indices where known[index] != plain[index] { return false }
-            return true
-        }
+    /// Calls `body` with the name's UTF-8 bytes.
+    func withUTF8<Result>(_ body: (UnsafeBufferPointer<UInt8>) -> Result) -> Result {
+        if let plain { return body(plain) }
+        var text = decoded!
+        return text.withUTF8(body)
     }
 }
 
@@ -72,6 +68,9 @@ struct JSONReader: ~Copyable {
 
     let bytes: UnsafeBufferPointer<UInt8>
     var index = 0
+    /// Whether the last string `readString` returned holds a control character (U+0000–U+001F,
+    /// which JSON allows only escaped, or U+007F): found while scanning, not in a second pass.
+    private(set) var lastStringHasControl = false
 
     init(_ bytes: UnsafeBufferPointer<UInt8>) {
         self.bytes = bytes
@@ -168,6 +167,7 @@ struct JSONReader: ~Copyable {
         try consume(UInt8(ascii: "\""))
         let start = index
         var ascii = true
+        lastStringHasControl = false
         // Fast path: no escapes.
         while index < bytes.count {
             let byte = bytes[index]
@@ -182,7 +182,9 @@ struct JSONReader: ~Copyable {
             }
             if byte == UInt8(ascii: "\\") { break }
             if byte < 0x20 { throw error("control character in string") }
-            if byte >= 0x80 { ascii = false }
+            if byte >= 0x7f {
+                if byte == 0x7f { lastStringHasControl = true } else { ascii = false }
+            }
             index += 1
         }
         var scratch = Array(UnsafeBufferPointer(rebasing: bytes[start..<index]))
@@ -191,6 +193,7 @@ struct JSONReader: ~Copyable {
             switch byte {
             case UInt8(ascii: "\""):
                 index += 1
+                lastStringHasControl = scratch.contains { $0 < 0x20 || $0 == 0x7f }
                 if let text = String(validating: scratch, as: UTF8.self) { return text }
                 throw error("invalid UTF-8 in string")
             case UInt8(ascii: "\\"):

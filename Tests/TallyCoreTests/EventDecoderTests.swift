@@ -70,6 +70,19 @@ final class EventDecoderTests: XCTestCase {
         XCTAssertEqual(violations(full.replacingOccurrences(of: #""data":{"#, with: #""data":{"zé":1,"#)), [#"data.zé: is not a field of llm.usage data"#])
     }
 
+    func testLabelsRejectControlCharactersHoweverWritten() {
+        let control = "must not contain control characters"
+        XCTAssertEqual(violations(minimal.replacingOccurrences(of: #""id":"e1""#, with: #""id":"e\u0007""#)), ["id: \(control)"], "escaped")
+        XCTAssertEqual(violations(minimal.replacingOccurrences(of: #""model":"m""#, with: "\"model\":\"m\u{7f}\"")), ["data.model: \(control)"], "raw DEL")
+        XCTAssertEqual(violations(minimal.replacingOccurrences(of: #""model":"m""#, with: #""model":"\u007fm""#)), ["data.model: \(control)"], "escaped DEL")
+        XCTAssertEqual(violations(minimal.replacingOccurrences(of: #""model":"m""#, with: #""model":"caf\u00e9 \"m\"""#)), [], "other escapes")
+        // Property values may hold any text but NUL; their names may not hold control characters.
+        let properties = minimal.replacingOccurrences(of: #""output_tokens":5"#, with: #""output_tokens":5,"properties":{"note":"line\nbreak\u007f"}"#)
+        XCTAssertEqual(violations(properties), [])
+        XCTAssertEqual(violations(properties.replacingOccurrences(of: #""note""#, with: #""no\tte""#)),
+                       ["data.properties.no\tte: property names must not contain control characters"])
+    }
+
     func testCachedAndReasoningTokensMustFitInTheirTotals() {
         let cached = minimal.replacingOccurrences(of: #""output_tokens":5"#, with: #""output_tokens":5,"cache_read_input_tokens":6,"cache_write_input_tokens":5"#)
         XCTAssertEqual(violations(cached).first?.hasPrefix("data.cache_read_input_tokens: cache_read_input_tokens + cache_write_input_tokens must not exceed input_tokens"), true)
