@@ -1,6 +1,7 @@
 import ArgumentParser
 import TallyCLI
 import TallyPipeline
+import TallyPostgres
 
 @main
 struct TallyAggregator: ParsableCommand {
@@ -31,9 +32,15 @@ struct TallyAggregator: ParsableCommand {
     func run() throws {
         let description = ConsumerDescription(service: "tally-aggregator", defaultGroup: "tally-aggregator",
                                               groupEnvironment: "TALLY_AGGREGATOR_GROUP", metricsPrefix: "tally_aggregator")
+        // One folder for all lanes, on a connection of its own.
+        var folder: WindowFolder?
         try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
-            AggregatorStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
-                            instanceID: context.instanceID, foldThreshold: windowFoldRows)
+            if folder == nil {
+                folder = WindowFolder(connection: try PostgresConnection(url: try database.databaseURL, logger: context.logger,
+                                                                         connectTimeout: .seconds(60), searchPath: "tally"))
+            }
+            return AggregatorStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
+                                   instanceID: context.instanceID, foldThreshold: windowFoldRows, folder: folder)
         }
     }
 }
