@@ -73,7 +73,8 @@ struct Replay: ParsableCommand {
         let replayConnection = try PostgresConnection(url: url, logger: logger, searchPath: shadow.searchPath)
         let instance = "replay-\(id)"
         var store: any ConsumerStore = replayed == .aggregator
-            ? AggregatorStore(connection: replayConnection, group: settings.group, topic: settings.topic, instanceID: instance)
+            ? AggregatorStore(connection: replayConnection, group: settings.group, topic: settings.topic, instanceID: instance,
+                              folder: WindowFolder(connection: try PostgresConnection(url: url, logger: logger, searchPath: shadow.searchPath)))
             : RaterStore(connection: replayConnection, group: settings.group, topic: settings.topic, instanceID: instance, logger: logger)
         if let subset { store = PartitionSubsetStore(store, partitions: subset) }
         var properties = try kafka.extraProperties
