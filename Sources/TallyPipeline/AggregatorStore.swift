@@ -17,7 +17,8 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     /// Deltas may be waiting: set by every append and at start (an earlier instance may have
     /// left some), cleared by a fold when idle.
     private var mayHaveDeltas = true
-    /// Runs the folds between batches, when there is one; else they run on this store's connection.
+    /// Runs the folds the threshold asks for beside the next batches; without one, they run on
+    /// this store's connection between batches.
     private let folder: WindowFolder?
     private let logger = Logger(label: "tally.aggregator-store")
 
