@@ -17,13 +17,11 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     /// Deltas may be waiting: set by every append and at start (an earlier instance may have
     /// left some), cleared by a fold when idle.
     private var mayHaveDeltas = true
-    /// Runs the folds the threshold asks for beside the next batches; without one, they run on
-    /// this store's connection between batches.
-    private let folder: WindowFolder?
-    private let logger = Logger(label: "tally.aggregator-store")
+    /// Runs the folds the threshold asks for, beside the next batches.
+    private let folder: WindowFolder
 
-    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String, foldThreshold: Int = 200_000,
-                folder: WindowFolder? = nil) {
+    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String, folder: WindowFolder,
+                foldThreshold: Int = 200_000) {
         tables = ConsumerTables(connection: connection, group: group, topic: topic, instanceID: instanceID)
         self.foldThreshold = foldThreshold
         self.folder = folder
@@ -70,11 +68,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
         if rowsSinceFold >= foldThreshold {
             // The batch has committed: a failed fold leaves the deltas to the next one.
             rowsSinceFold = 0
-            if let folder {
-                folder.start()
-            } else {
-                do { _ = try Self.fold(on: connection) } catch { logger.warning("folding window deltas failed; the next fold retries: \(error)") }
-            }
+            folder.start()
         }
         return outcome
     }
@@ -83,7 +77,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     public func settle() throws {
         guard mayHaveDeltas else { return }
         // A fold still running would hold the lock, and this one would move nothing.
-        folder?.wait()
+        folder.wait()
         if try Self.fold(on: connection) { mayHaveDeltas = false }
     }
 

@@ -35,12 +35,11 @@ struct TallyAggregator: ParsableCommand {
         // One folder for all lanes, on a connection of its own.
         var folder: WindowFolder?
         try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
-            if folder == nil {
-                folder = WindowFolder(connection: try PostgresConnection(url: try database.databaseURL, logger: context.logger,
-                                                                         connectTimeout: .seconds(60), searchPath: "tally"))
-            }
+            let shared = try folder ?? WindowFolder(connection: PostgresConnection(url: try database.databaseURL, logger: context.logger,
+                                                                                  connectTimeout: .seconds(60), searchPath: "tally"))
+            folder = shared
             return AggregatorStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
-                                   instanceID: context.instanceID, foldThreshold: windowFoldRows, folder: folder)
+                                   instanceID: context.instanceID, folder: shared, foldThreshold: windowFoldRows)
         }
     }
 }
