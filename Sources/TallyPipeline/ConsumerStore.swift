@@ -260,20 +260,21 @@ public final class ConsumerTables: @unchecked Sendable {
         guard !accepted.isEmpty, !InvariantBreak.dedup.isOn else { return }
         do {
             try connection.copyIn("COPY \(table) (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
-                                  format: .binary, rows: accepted.inKeyOrder()) { candidate, fields in
-                let key = candidate.key
+                                  format: .binary, rows: accepted.keyOrder()) { index, fields in
+                let key = accepted[index].key
                 fields.add(key.customerID)
                 fields.add(key.eventID)
-                fields.add(ContentHash.signed(candidate.contentHash))
-                fields.add(candidate.position.partition)
-                fields.add(candidate.position.offset)
+                fields.add(ContentHash.signed(accepted[index].contentHash))
+                fields.add(accepted[index].position.partition)
+                fields.add(accepted[index].position.offset)
             }
         } catch {
             if error.sqlState == "23505" { throw StoredKeyMissedByCache() }
             throw error
         }
         // Listed here, on the COPY's thread when it has one, not after COMMIT.
-        keysInFlight.append(contentsOf: accepted.map { ($0.keyFingerprint, $0.contentHash) })
+        keysInFlight.reserveCapacity(keysInFlight.count + accepted.count)
+        for index in accepted.indices { keysInFlight.append((accepted[index].keyFingerprint, accepted[index].contentHash)) }
     }
 
     /// Stores keys (as `storeKeys`) on another thread while `meanwhile` works out the rest of the

@@ -174,8 +174,8 @@ final class AggregationTests: XCTestCase {
                 ? a.key.eventID.utf8.lexicographicallyPrecedes(b.key.eventID.utf8)
                 : a.key.customerID.utf8.lexicographicallyPrecedes(b.key.customerID.utf8)
         }
-        XCTAssertEqual(candidates.inKeyOrder().map(\.position.offset), bytewise.map(\.position.offset))
-        XCTAssertEqual(candidates.inKeyOrder().map(\.position.offset), [5, 3, 6, 2, 0, 1, 7, 4])
+        XCTAssertEqual(candidates.keyOrder().map { candidates[$0].position.offset }, bytewise.map(\.position.offset))
+        XCTAssertEqual(candidates.keyOrder().map { candidates[$0].position.offset }, [5, 3, 6, 2, 0, 1, 7, 4])
     }
 
     func testRollupsAgreeWithHourlyRows() {
