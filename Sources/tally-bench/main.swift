@@ -69,7 +69,8 @@ func benchDecode() {
 
 /// The consumers' floor: the topic read through our librdkafka wrapper from offset zero with no
 /// PostgreSQL, polling only, then decoding and validating every record as the consumers do
-/// (on two threads), then decoding on one thread. Prints seconds for each pass.
+/// (on two threads), then decoding on one thread. Prints, for each pass, its seconds, the events
+/// decoded and the CPU-seconds this process used (every thread, librdkafka's included).
 func benchConsume(brokers: String, topic: String, records expected: Int) {
     let kafka = KafkaConfiguration(brokers: brokers)
     let logger = Logger(label: "tally.bench")
@@ -80,8 +81,15 @@ func benchConsume(brokers: String, topic: String, records expected: Int) {
         try consumer.assign(Dictionary(uniqueKeysWithValues: (0..<partitions).map { (TopicPartition(topic, Int32($0)), KafkaOffset.beginning) }))
         return consumer
     }
-    /// Seconds to read (and decode) every record, and how many decoded as events.
-    func pass(_ decoding: Decoding) -> (seconds: Double, events: Int) {
+    /// CPU-seconds this process has used so far, user and system, all threads.
+    func processCPUSeconds() -> Double {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        func seconds(_ time: timeval) -> Double { Double(time.tv_sec) + Double(time.tv_usec) / 1e6 }
+        return seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    }
+    /// Seconds to read (and decode) every record, how many decoded as events, and CPU-seconds used.
+    func pass(_ decoding: Decoding) -> (seconds: Double, events: Int, cpuSeconds: Double) {
         let consumer: KafkaConsumer
         switch Result(catching: openAtTheBeginning) {
         case .success(let opened): consumer = opened
@@ -92,6 +100,7 @@ func benchConsume(brokers: String, topic: String, records expected: Int) {
         defer { consumer.close() }
         var seen = 0
         var events = 0
+        let startCPU = processCPUSeconds()
         let start = DispatchTime.now().uptimeNanoseconds
         while seen < expected {
             let records = consumer.poll(maxRecords: 50_000, timeout: .milliseconds(250))
@@ -110,11 +119,11 @@ func benchConsume(brokers: String, topic: String, records expected: Int) {
                 }
             }
         }
-        return (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9, events)
+        return (Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9, events, processCPUSeconds() - startCPU)
     }
     for (label, decoding) in [("poll", Decoding.none), ("decode", .consumers), ("decode-one-thread", .oneThread)] {
-        let (seconds, events) = pass(decoding)
-        print(String(format: "%@ %.3f %d", label, seconds, events))
+        let (seconds, events, cpuSeconds) = pass(decoding)
+        print(String(format: "%@ %.3f %d %.2f", label, seconds, events, cpuSeconds))
     }
 }
 
