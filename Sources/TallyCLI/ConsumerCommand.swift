@@ -92,9 +92,7 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     properties["session.timeout.ms"] = properties["session.timeout.ms"] ?? String(options.sessionTimeoutMs)
     let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: properties)
     // One connection per commit lane (see `CommitLanes`), made before signals are caught.
-    let connections = try (0..<options.commitLanes).map { _ in
-        try PostgresConnection(url: try database.databaseURL, logger: logger, connectTimeout: .seconds(60), searchPath: "tally")
-    }
+    let connections = try (0..<options.commitLanes).map { _ in try database.connect(logger: logger) }
     let instanceID = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
     let stop = SharedFlag()
     let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in

@@ -1,5 +1,7 @@
 import ArgumentParser
 import Foundation
+import Logging
+import TallyPostgres
 
 /// Reads a setting from the environment; flags win over it.
 public func environment(_ name: String) -> String? {
@@ -22,6 +24,12 @@ public struct DatabaseOptions: ParsableArguments {
             }
             return url
         }
+    }
+
+    /// A connection to Tally's schema, as the consumers open theirs: it waits up to a minute
+    /// for a server that is still starting.
+    public func connect(logger: Logger) throws -> PostgresConnection {
+        try PostgresConnection(url: try databaseURL, logger: logger, connectTimeout: .seconds(60), searchPath: "tally")
     }
 }
 

@@ -1,7 +1,6 @@
 import ArgumentParser
 import TallyCLI
 import TallyPipeline
-import TallyPostgres
 
 @main
 struct TallyAggregator: ParsableCommand {
@@ -35,8 +34,7 @@ struct TallyAggregator: ParsableCommand {
         // One folder for all lanes, on a connection of its own.
         var folder: WindowFolder?
         try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
-            let shared = try folder ?? WindowFolder(connection: PostgresConnection(url: try database.databaseURL, logger: context.logger,
-                                                                                  connectTimeout: .seconds(60), searchPath: "tally"))
+            let shared = try folder ?? WindowFolder(connection: database.connect(logger: context.logger))
             folder = shared
             return AggregatorStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
                                    instanceID: context.instanceID, folder: shared, foldThreshold: windowFoldRows)

@@ -4,7 +4,6 @@ import Foundation
 import TallyCLI
 import TallyCore
 import TallyPipeline
-import TallyPostgres
 
 @main
 struct TallyRater: ParsableCommand {
@@ -47,8 +46,7 @@ struct TallyRater: ParsableCommand {
         try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
             if alertsTopic != "off" && context.lane == 0 {
                 // The relay has its own connection: it must not share the batch transaction's.
-                let relay = AlertRelay(connection: try PostgresConnection(url: try database.databaseURL, logger: context.logger,
-                                                                          connectTimeout: .seconds(60), searchPath: "tally"),
+                let relay = AlertRelay(connection: try database.connect(logger: context.logger),
                                        producer: try BlockingProducer(configuration: context.kafka, logger: context.logger),
                                        topic: alertsTopic, logger: context.logger)
                 let stop = context.stop
