@@ -193,6 +193,11 @@ public enum ContentHash {
         hasher.add(event.outputTokens)
         hasher.add(event.cacheReadInputTokens)
         hasher.add(event.cacheWriteInputTokens)
+        // Only when set: events without the split keep the hash they always had (stored keys).
+        if event.cacheWrite1hInputTokens != 0 {
+            hasher.add(UInt8(0x1d))
+            hasher.add(event.cacheWrite1hInputTokens)
+        }
         hasher.add(event.reasoningOutputTokens)
         hasher.addSortedByKey(event.properties)
         hasher.add(UInt8(0x1e))

@@ -163,6 +163,7 @@ private struct EnvelopeState {
             provider: usage.provider, feature: usage.feature, environment: usage.environment,
             inputTokens: input, outputTokens: output,
             cacheReadInputTokens: usage.cacheRead ?? 0, cacheWriteInputTokens: usage.cacheWrite ?? 0,
+            cacheWrite1hInputTokens: usage.cacheWrite1h ?? 0,
             reasoningOutputTokens: usage.reasoning ?? 0, properties: usage.properties, extensions: extensions)))
     }
 }
@@ -177,6 +178,7 @@ private struct UsageDataState {
     var outputTokens: Int64?
     var cacheRead: Int64?
     var cacheWrite: Int64?
+    var cacheWrite1h: Int64?
     var reasoning: Int64?
     var properties: [String: String] = [:]
     var isObject = false
@@ -194,6 +196,7 @@ private struct UsageDataState {
             case .outputTokens: outputTokens = try readTokens(&reader, path(), &violations)
             case .cacheReadInputTokens: cacheRead = try readTokens(&reader, path(), &violations)
             case .cacheWriteInputTokens: cacheWrite = try readTokens(&reader, path(), &violations)
+            case .cacheWrite1hInputTokens: cacheWrite1h = try readTokens(&reader, path(), &violations)
             case .reasoningOutputTokens: reasoning = try readTokens(&reader, path(), &violations)
             case .properties: try readProperties(&reader, &violations)
             case nil:
@@ -243,6 +246,10 @@ private struct UsageDataState {
         if let inputTokens, (cacheRead ?? 0) + (cacheWrite ?? 0) > inputTokens {
             violations.append(FieldViolation("data.cache_read_input_tokens",
                 "cache_read_input_tokens + cache_write_input_tokens must not exceed input_tokens (input includes cached tokens)"))
+        }
+        if let cacheWrite1h, cacheWrite1h > (cacheWrite ?? 0) {
+            violations.append(FieldViolation("data.cache_write_1h_input_tokens",
+                "must not exceed cache_write_input_tokens (the 1-hour writes are part of the cache writes)"))
         }
         if let outputTokens, let reasoning, reasoning > outputTokens {
             violations.append(FieldViolation("data.reasoning_output_tokens",
@@ -467,7 +474,8 @@ private enum EnvelopeField: String, KnownMember {
 private enum UsageField: String, KnownMember {
     case model, provider, feature, environment, properties
     case inputTokens = "input_tokens", outputTokens = "output_tokens", cacheReadInputTokens = "cache_read_input_tokens",
-         cacheWriteInputTokens = "cache_write_input_tokens", reasoningOutputTokens = "reasoning_output_tokens"
+         cacheWriteInputTokens = "cache_write_input_tokens", cacheWrite1hInputTokens = "cache_write_1h_input_tokens",
+         reasoningOutputTokens = "reasoning_output_tokens"
 
     static let names = MemberNames<Self>()
 }

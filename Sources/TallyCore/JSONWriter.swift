@@ -28,6 +28,7 @@ public struct JSONWriter {
     }
 
     public mutating func integer(_ value: Int64) { raw(String(value)) }
+    public mutating func integer(_ value: Int128) { raw(String(value)) }
 
     /// Writes `"key":` with a leading comma unless `first`.
     public mutating func key(_ name: String, first: Bool = false) {
@@ -69,6 +70,8 @@ public enum EventEncoder {
         json.key("output_tokens"); json.integer(event.outputTokens)
         json.key("cache_read_input_tokens"); json.integer(event.cacheReadInputTokens)
         json.key("cache_write_input_tokens"); json.integer(event.cacheWriteInputTokens)
+        // Written only when set, so a v1 event without the split encodes as it always did.
+        if event.cacheWrite1hInputTokens != 0 { json.key("cache_write_1h_input_tokens"); json.integer(event.cacheWrite1hInputTokens) }
         json.key("reasoning_output_tokens"); json.integer(event.reasoningOutputTokens)
         if !event.properties.isEmpty {
             json.key("properties"); json.raw("{")

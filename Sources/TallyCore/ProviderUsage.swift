@@ -11,11 +11,14 @@
 /// - `anthropic` (Messages `usage`): `input_tokens` excludes
 ///   `cache_read_input_tokens` and `cache_creation_input_tokens`, so input is
 ///   their sum; thinking is inside `output_tokens` and not reported apart.
+///   `cache_creation.ephemeral_1h_input_tokens` is the part of the cache writes
+///   with a 1-hour lifetime (billed at 2× input, the 5-minute ones at 1.25×).
 /// - `gemini` (`usageMetadata`): `promptTokenCount` includes
 ///   `cachedContentTokenCount`; `toolUsePromptTokenCount` is further input;
 ///   `candidatesTokenCount` excludes `thoughtsTokenCount`, so output is their sum.
 /// - `bedrock` (Converse `usage`): `inputTokens` excludes `cacheReadInputTokens`
-///   and `cacheWriteInputTokens`, so input is their sum.
+///   and `cacheWriteInputTokens`, so input is their sum. `cacheDetails` splits the
+///   cache writes by lifetime: entries `{ "ttl": "1h" | "5m", "inputTokens": n }`.
 public enum UsageProvider: String, Sendable, CaseIterable {
     case openai
     case openaiResponses = "openai-responses"
@@ -40,13 +43,16 @@ public struct TokenCounts: Equatable, Sendable {
     public var output: Int64
     public var cacheRead: Int64 = 0
     public var cacheWrite: Int64 = 0
+    /// The 1-hour part of `cacheWrite`.
+    public var cacheWrite1h: Int64 = 0
     public var reasoning: Int64 = 0
 
-    public init(input: Int64, output: Int64, cacheRead: Int64 = 0, cacheWrite: Int64 = 0, reasoning: Int64 = 0) {
+    public init(input: Int64, output: Int64, cacheRead: Int64 = 0, cacheWrite: Int64 = 0, cacheWrite1h: Int64 = 0, reasoning: Int64 = 0) {
         self.input = input
         self.output = output
         self.cacheRead = cacheRead
         self.cacheWrite = cacheWrite
+        self.cacheWrite1h = cacheWrite1h
         self.reasoning = reasoning
     }
 }
@@ -72,11 +78,30 @@ public enum ProviderUsageMapper {
             }
         }
         // Anthropic and Bedrock report input without the cached tokens; Tally's input includes them.
-        func cachedApart(input: String, cacheRead: String, cacheWrite: String, output: String) -> TokenCounts {
+        func cachedApart(input: String, cacheRead: String, cacheWrite: String, output: String, oneHour: Int64) -> TokenCounts {
             let read = count([cacheRead], required: false)
             let write = count([cacheWrite], required: false)
             return TokenCounts(input: count([input], required: true) + read + write, output: count([output], required: true),
-                               cacheRead: read, cacheWrite: write)
+                               cacheRead: read, cacheWrite: write, cacheWrite1h: oneHour)
+        }
+        // Bedrock: the 1-hour entries of `cacheDetails`.
+        func bedrockOneHour() -> Int64 {
+            guard let details = usage["cacheDetails"], details != .null else { return 0 }
+            guard case .array(let entries) = details else {
+                violations.append(FieldViolation("\(path).cacheDetails", "must be an array of {ttl, inputTokens}"))
+                return 0
+            }
+            var total: Int64 = 0
+            for (index, entry) in entries.enumerated() {
+                let entryPath = "\(path).cacheDetails[\(index)]"
+                guard case .string(let ttl)? = entry["ttl"], case .integer(.value(let tokens))? = entry["inputTokens"],
+                      tokens >= 0, tokens <= EventLimits.maxTokens else {
+                    violations.append(FieldViolation(entryPath, "must be {\"ttl\": \"5m\" or \"1h\", \"inputTokens\": an integer ≥ 0}"))
+                    continue
+                }
+                if ttl == "1h" { total = min(total + tokens, EventLimits.maxTokens + 1) }
+            }
+            return total
         }
         let counts: TokenCounts
         switch provider {
@@ -90,7 +115,8 @@ public enum ProviderUsageMapper {
                                  reasoning: count(["output_tokens_details", "reasoning_tokens"], required: false))
         case .anthropic:
             counts = cachedApart(input: "input_tokens", cacheRead: "cache_read_input_tokens",
-                                 cacheWrite: "cache_creation_input_tokens", output: "output_tokens")
+                                 cacheWrite: "cache_creation_input_tokens", output: "output_tokens",
+                                 oneHour: count(["cache_creation", "ephemeral_1h_input_tokens"], required: false))
         case .gemini:
             let thoughts = count(["thoughtsTokenCount"], required: false)
             counts = TokenCounts(input: count(["promptTokenCount"], required: true) + count(["toolUsePromptTokenCount"], required: false),
@@ -98,12 +124,17 @@ public enum ProviderUsageMapper {
                                  cacheRead: count(["cachedContentTokenCount"], required: false), reasoning: thoughts)
         case .bedrock:
             counts = cachedApart(input: "inputTokens", cacheRead: "cacheReadInputTokens",
-                                 cacheWrite: "cacheWriteInputTokens", output: "outputTokens")
+                                 cacheWrite: "cacheWriteInputTokens", output: "outputTokens", oneHour: bedrockOneHour())
         }
         if !violations.isEmpty { return .failure(.invalid(violations)) }
-        if counts.cacheRead + counts.cacheWrite > counts.input || counts.reasoning > counts.output
-            || counts.input > EventLimits.maxTokens || counts.output > EventLimits.maxTokens {
+        if counts.cacheRead + counts.cacheWrite > counts.input || counts.reasoning > counts.output {
             return .failure(.invalid([FieldViolation(path, "inconsistent counts: cached tokens exceed input or reasoning exceeds output")]))
+        }
+        if counts.cacheWrite1h > counts.cacheWrite {
+            return .failure(.invalid([FieldViolation(path, "inconsistent counts: 1-hour cache writes exceed the cache writes")]))
+        }
+        if counts.input > EventLimits.maxTokens || counts.output > EventLimits.maxTokens {
+            return .failure(.invalid([FieldViolation(path, "the counts add up to more than \(EventLimits.maxTokens) tokens, the most an event holds")]))
         }
         return .success(counts)
     }
@@ -169,7 +200,8 @@ public enum ProviderEventBuilder {
         let event = UsageEvent(id: id, source: source, subject: customer, time: time, model: model,
                                provider: provider.providerLabel, feature: feature, environment: environment,
                                inputTokens: counts.input, outputTokens: counts.output, cacheReadInputTokens: counts.cacheRead,
-                               cacheWriteInputTokens: counts.cacheWrite, reasoningOutputTokens: counts.reasoning, properties: properties)
+                               cacheWriteInputTokens: counts.cacheWrite, cacheWrite1hInputTokens: counts.cacheWrite1h,
+                               reasoningOutputTokens: counts.reasoning, properties: properties)
         return .success(EventEncoder.encode(event))
     }
 }

@@ -24,6 +24,10 @@ public struct UsageEvent: Hashable, Sendable {
     public var outputTokens: Int64
     public var cacheReadInputTokens: Int64
     public var cacheWriteInputTokens: Int64
+    /// The part of `cacheWriteInputTokens` written with a 1-hour lifetime (Anthropic's
+    /// `cache_creation.ephemeral_1h_input_tokens`, Bedrock's `cacheDetails` with `ttl` "1h"),
+    /// billed at its own price; the rest are 5-minute writes. 0 in events that do not say.
+    public var cacheWrite1hInputTokens: Int64
     public var reasoningOutputTokens: Int64
     public var properties: [String: String]
     /// CloudEvents attributes Tally does not interpret (extensions, `datacontenttype`,
@@ -36,7 +40,7 @@ public struct UsageEvent: Hashable, Sendable {
     public init(id: String, source: String, subject: String, time: EventTime, model: String,
                 provider: String? = nil, feature: String? = nil, environment: String? = nil,
                 inputTokens: Int64, outputTokens: Int64, cacheReadInputTokens: Int64 = 0,
-                cacheWriteInputTokens: Int64 = 0, reasoningOutputTokens: Int64 = 0,
+                cacheWriteInputTokens: Int64 = 0, cacheWrite1hInputTokens: Int64 = 0, reasoningOutputTokens: Int64 = 0,
                 properties: [String: String] = [:], extensions: [String: String] = [:]) {
         self.id = id
         self.source = source
@@ -50,6 +54,7 @@ public struct UsageEvent: Hashable, Sendable {
         self.outputTokens = outputTokens
         self.cacheReadInputTokens = cacheReadInputTokens
         self.cacheWriteInputTokens = cacheWriteInputTokens
+        self.cacheWrite1hInputTokens = cacheWrite1hInputTokens
         self.reasoningOutputTokens = reasoningOutputTokens
         self.properties = properties
         self.extensions = extensions

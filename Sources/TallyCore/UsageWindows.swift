@@ -45,25 +45,49 @@ public struct UsageDimensions: Hashable, Sendable, Comparable {
 }
 
 /// Token sums of a window. Additive, so deltas from any batch split add up to the same totals.
+///
+/// 128 bits wide: one event holds at most 2^53 − 1 tokens of each kind, so a window's sums pass
+/// `Int64` after about a thousand of the largest; 128 bits take 2^75 such events. PostgreSQL
+/// keeps the folded sums as `numeric`, and `storedRows` splits a delta that exceeds `Int64`.
 public struct UsageMeasures: Hashable, Sendable {
-    public var inputTokens: Int64 = 0
-    public var outputTokens: Int64 = 0
-    public var cacheReadInputTokens: Int64 = 0
-    public var cacheWriteInputTokens: Int64 = 0
-    public var reasoningOutputTokens: Int64 = 0
-    public var totalTokens: Int64 = 0
-    public var eventCount: Int64 = 0
+    public var inputTokens: Int128 = 0
+    public var outputTokens: Int128 = 0
+    public var cacheReadInputTokens: Int128 = 0
+    public var cacheWriteInputTokens: Int128 = 0
+    public var reasoningOutputTokens: Int128 = 0
+    public var totalTokens: Int128 = 0
+    public var eventCount: Int128 = 0
 
     public init() {}
 
     public init(_ event: UsageEvent) {
-        inputTokens = event.inputTokens
-        outputTokens = event.outputTokens
-        cacheReadInputTokens = event.cacheReadInputTokens
-        cacheWriteInputTokens = event.cacheWriteInputTokens
-        reasoningOutputTokens = event.reasoningOutputTokens
-        totalTokens = event.inputTokens + event.outputTokens
+        inputTokens = Int128(event.inputTokens)
+        outputTokens = Int128(event.outputTokens)
+        cacheReadInputTokens = Int128(event.cacheReadInputTokens)
+        cacheWriteInputTokens = Int128(event.cacheWriteInputTokens)
+        reasoningOutputTokens = Int128(event.reasoningOutputTokens)
+        totalTokens = inputTokens + outputTokens
         eventCount = 1
+    }
+
+    /// The seven sums in column order (input, output, cache read, cache write, reasoning, total, events).
+    public var values: [Int128] {
+        [inputTokens, outputTokens, cacheReadInputTokens, cacheWriteInputTokens, reasoningOutputTokens, totalTokens, eventCount]
+    }
+
+    /// Whether every sum fits one `bigint` delta row.
+    public var fitsOneRow: Bool { values.allSatisfy { $0 <= Int128(Int64.max) } }
+
+    /// The sums as `bigint` rows that add up to them: one row unless a sum exceeds `Int64`.
+    public var storedRows: [[Int64]] {
+        var left = values
+        var rows: [[Int64]] = []
+        repeat {
+            let row = left.map { Int64(min($0, Int128(Int64.max))) }
+            for index in left.indices { left[index] -= Int128(row[index]) }
+            rows.append(row)
+        } while left.contains { $0 > 0 }
+        return rows
     }
 
     public static func += (lhs: inout UsageMeasures, rhs: UsageMeasures) {

@@ -122,7 +122,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     public static func windowsQuery(schema: String) -> String {
         let columns = "customer_id, window_start, model, feature, provider, environment, " + measureColumns.joined(separator: ", ")
         return """
-            SELECT customer_id, window_start, model, feature, provider, environment, \(measureColumns.map { "sum(\($0))::bigint AS \($0)" }.joined(separator: ", "))
+            SELECT customer_id, window_start, model, feature, provider, environment, \(measureColumns.map { "sum(\($0)) AS \($0)" }.joined(separator: ", "))
             FROM (SELECT \(columns) FROM \(schema).usage_windows_hourly UNION ALL SELECT \(columns) FROM \(schema).usage_window_deltas) w
             GROUP BY customer_id, window_start, model, feature, provider, environment
             """
@@ -136,25 +136,39 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
 
     private func appendDeltas(_ rows: [WindowKey: UsageMeasures]) throws {
         guard !rows.isEmpty else { return }
-        try connection.copyIn("""
+        let sql = """
             COPY usage_window_deltas (customer_id, window_start, model, feature, provider, environment, input_tokens, output_tokens,
                 cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count) FROM STDIN WITH (FORMAT binary)
-            """, format: .binary, rows: rows) { row, fields in
-            let dimensions = row.key.dimensions
+            """
+        func key(_ key: WindowKey, _ fields: inout CopyFields) {
+            let dimensions = key.dimensions
             fields.add(dimensions.customerID)
-            fields.add(timestampMicroseconds: row.key.start)
+            fields.add(timestampMicroseconds: key.start)
             fields.add(dimensions.model)
             fields.add(dimensions.feature)
             fields.add(dimensions.provider)
             fields.add(dimensions.environment)
-            let measures = row.value
-            fields.add(measures.inputTokens)
-            fields.add(measures.outputTokens)
-            fields.add(measures.cacheReadInputTokens)
-            fields.add(measures.cacheWriteInputTokens)
-            fields.add(measures.reasoningOutputTokens)
-            fields.add(measures.totalTokens)
-            fields.add(measures.eventCount)
+        }
+        // Delta rows are bigint: a window whose batch sum exceeds Int64 (a thousand events of the
+        // largest valid counts) goes in as several rows that add up to it; folds sum them as numeric.
+        if rows.values.allSatisfy(\.fitsOneRow) {
+            try connection.copyIn(sql, format: .binary, rows: rows) { row, fields in
+                key(row.key, &fields)
+                let measures = row.value
+                fields.add(Int64(measures.inputTokens))
+                fields.add(Int64(measures.outputTokens))
+                fields.add(Int64(measures.cacheReadInputTokens))
+                fields.add(Int64(measures.cacheWriteInputTokens))
+                fields.add(Int64(measures.reasoningOutputTokens))
+                fields.add(Int64(measures.totalTokens))
+                fields.add(Int64(measures.eventCount))
+            }
+        } else {
+            let split = rows.flatMap { row in row.value.storedRows.map { (row.key, $0) } }
+            try connection.copyIn(sql, format: .binary, rows: split) { row, fields in
+                key(row.0, &fields)
+                for value in row.1 { fields.add(value) }
+            }
         }
     }
 }

@@ -93,5 +93,6 @@ extension DedupSummary {
         deadLetters += other.deadLetters
         grants += other.grants
         unpriced += other.unpriced
+        unrateable += other.unrateable
     }
 }

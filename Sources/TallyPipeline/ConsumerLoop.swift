@@ -54,6 +54,7 @@ public struct ConsumerStats: Sendable, CustomStringConvertible {
     public var deadLetters = 0
     public var grants = 0
     public var unpriced = 0
+    public var unrateable = 0
     public var batches = 0
     public var fencedBatches = 0
     /// Time spent in PostgreSQL transactions and in preparing batches (decode, dedup input).
@@ -61,7 +62,7 @@ public struct ConsumerStats: Sendable, CustomStringConvertible {
     public var prepareTime = Duration.zero
 
     public var description: String {
-        "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) grants=\(grants) unpriced=\(unpriced) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.totalMilliseconds) prepare_ms=\(prepareTime.totalMilliseconds)"
+        "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) grants=\(grants) unpriced=\(unpriced) unrateable=\(unrateable) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.totalMilliseconds) prepare_ms=\(prepareTime.totalMilliseconds)"
     }
 }
 
@@ -346,6 +347,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             stats.deadLetters += outcome.summary.deadLetters
             stats.grants += outcome.summary.grants
             stats.unpriced += outcome.summary.unpriced
+            stats.unrateable += outcome.summary.unrateable.count
             metrics.accepted.increment(by: outcome.summary.accepted)
             metrics.duplicates.increment(by: outcome.summary.duplicates)
             metrics.conflicts.increment(by: outcome.summary.conflicts.count)
@@ -354,6 +356,8 @@ public final class ConsumerLoop: @unchecked Sendable {
             metrics.deadLetters.increment(by: outcome.summary.deadLetters)
             metrics.grants.increment(by: outcome.summary.grants)
             metrics.unpriced.increment(by: outcome.summary.unpriced)
+            metrics.unrateable.increment(by: outcome.summary.unrateable.count)
+            for line in outcome.summary.unrateable { logger.error("record kept aside in tally.unrateable_records: \(line)") }
             metrics.batchRecords.record(flight.batch.events.count + flight.batch.grants.count + flight.batch.deadLetters.count)
             metrics.transactionSeconds.recordNanoseconds(outcome.commitTime.totalNanoseconds)
             for (partition, next) in outcome.committed {

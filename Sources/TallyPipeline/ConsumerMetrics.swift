@@ -13,6 +13,8 @@ final class ConsumerMetrics: @unchecked Sendable {
     let grants: Counter
     /// Usage no price book prices: kept in `tally.unpriced_usage`, never billed at zero silently.
     let unpriced: Counter
+    /// Records whose rating would leave the stored range: kept in `tally.unrateable_records`.
+    let unrateable: Counter
     let fencedBatches: Counter
     let batchRecords: Recorder
     let transactionSeconds: Metrics.Timer
@@ -28,6 +30,7 @@ final class ConsumerMetrics: @unchecked Sendable {
         deadLetters = Counter(label: "\(prefix)_dead_letters_total")
         grants = Counter(label: "\(prefix)_grants_total")
         unpriced = Counter(label: "\(prefix)_unpriced_events_total")
+        unrateable = Counter(label: "\(prefix)_unrateable_records_total")
         fencedBatches = Counter(label: "\(prefix)_fenced_batches_total")
         batchRecords = Recorder(label: "\(prefix)_batch_records")
         transactionSeconds = Metrics.Timer(label: "\(prefix)_transaction_seconds")

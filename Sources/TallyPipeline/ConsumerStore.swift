@@ -61,6 +61,8 @@ public struct DedupSummary: Sendable, Equatable {
     /// Rater only: grants credited and usage events no price book prices.
     public var grants = 0
     public var unpriced = 0
+    /// Rater only: records kept aside in `tally.unrateable_records`, one line each (logged by the loop).
+    public var unrateable: [String] = []
 }
 
 /// A consumer's state in PostgreSQL: what a batch changes, committed with its offsets.

@@ -2,9 +2,13 @@ import Logging
 import TallyCore
 import TallyPostgres
 
-public struct InvoiceError: Error, CustomStringConvertible {
-    public let message: String
-    public var description: String { message }
+/// What closing periods did: the invoices made, and the periods it left alone with why.
+public struct InvoiceClosing: Sendable {
+    public var closed: [Invoice] = []
+    /// Periods that had an invoice already (their invoice ids).
+    public var alreadyClosed: [String] = []
+    /// Periods that cannot be invoiced, each with its reason; the other customers were closed.
+    public var refused: [String] = []
 }
 
 /// Closes billing periods into invoices and reads them back.
@@ -15,29 +19,35 @@ public struct InvoiceStore {
     public init(connection: PostgresConnection) { self.connection = connection }
 
     /// Closes the period labelled `YYYY-MM` (starting on each customer's anchor day) for every
-    /// customer with something to bill, or only `customerID`. Periods already closed are left alone.
-    public func close(periodLabel: String, customerID: String? = nil) throws -> [Invoice] {
+    /// customer with something to bill, or only `customerID`. Periods already closed are left alone
+    /// and listed; a period that has not ended by `now` (microseconds) is refused unless `force`.
+    public func close(periodLabel: String, customerID: String? = nil, now: Int64, force: Bool = false) throws -> InvoiceClosing {
         let customers = try candidates(customerID)
         let profiles = try catalog.profiles(customers)
         let priceCatalog = try catalog.loadCatalog()
-        var closed: [Invoice] = []
+        var closing = InvoiceClosing()
         for customer in customers.sorted() {
             let profile = profiles[customer] ?? BillingProfile(customerID: customer)
             guard let period = BillingPeriod.parse(periodLabel, anchorDay: profile.anchorDay) else {
                 throw InvoiceError(message: "period \(periodLabel) is not YYYY-MM")
             }
-            closed += try close(customer: customer, profile: profile, period: period, catalog: priceCatalog)
+            if period.end > now && !force {
+                closing.refused.append("\(customer) \(period.label): the period ends \(EventTime.format(microseconds: period.end)), "
+                    + "not yet (close it early with --force)")
+                continue
+            }
+            try close(customer: customer, profile: profile, period: period, catalog: priceCatalog, into: &closing)
         }
-        return closed
+        return closing
     }
 
     /// Closes every period whose end plus `grace` lies before the latest event time the rater
     /// has seen: periods close by event time, never by the wall clock (determinism).
-    public func closeDue(grace: Duration) throws -> [Invoice] {
+    public func closeDue(grace: Duration) throws -> InvoiceClosing {
         let watermark = try connection.query("""
             SELECT \(microseconds("greatest((SELECT max(effective_at) FROM wallet_ledger), (SELECT max(event_time) FROM unpriced_usage))"))
             """)
-        guard let latest = try watermark.int64(0, 0) else { return [] }
+        guard let latest = try watermark.int64(0, 0) else { return InvoiceClosing() }
         let cutoff = latest - grace.totalMicroseconds
         let open = try connection.query("""
             SELECT DISTINCT r.customer_id, \(microseconds("r.period_start")) FROM rated_usage r
@@ -47,15 +57,15 @@ public struct InvoiceStore {
         let customers = Array(Set((0..<open.rowCount).map { open.string($0, 0)! }))
         let profiles = try catalog.profiles(customers)
         let priceCatalog = try catalog.loadCatalog()
-        var closed: [Invoice] = []
+        var closing = InvoiceClosing()
         for row in 0..<open.rowCount {
             let customer = open.string(row, 0)!
             let profile = profiles[customer] ?? BillingProfile(customerID: customer)
             let period = profile.period(containing: try open.int64(row, 1)!)
             guard period.end <= cutoff else { continue }
-            closed += try close(customer: customer, profile: profile, period: period, catalog: priceCatalog)
+            try close(customer: customer, profile: profile, period: period, catalog: priceCatalog, into: &closing)
         }
-        return closed
+        return closing
     }
 
     private func candidates(_ customerID: String?) throws -> [String] {
@@ -66,13 +76,13 @@ public struct InvoiceStore {
         return (0..<result.rowCount).map { result.string($0, 0)! }
     }
 
-    private func close(customer: String, profile: BillingProfile, period: BillingPeriod, catalog: PriceCatalog) throws -> [Invoice] {
+    private func close(customer: String, profile: BillingProfile, period: BillingPeriod, catalog: PriceCatalog,
+                       into closing: inout InvoiceClosing) throws {
         let currencies = try connection.query("""
             SELECT DISTINCT currency FROM rated_usage WHERE customer_id = $1 AND period_start <= \(microsecondsToTimestamp) $2::bigint
             """, [customer, period.start])
         var codes = Set((0..<currencies.rowCount).map { currencies.string($0, 0)! })
         codes.insert(profile.currency.code)
-        var invoices: [Invoice] = []
         for code in codes.sorted() {
             let currency = Currency(code)!
             var inputs = InvoiceInputs(customerID: customer, period: period, currency: currency)
@@ -81,11 +91,24 @@ public struct InvoiceStore {
             let book = catalog.books.first { $0.customerID == customer && $0.effectiveFrom <= time && $0.minimumPerPeriodNanos != nil }
                 ?? catalog.book(named: profile.plan, at: time)
             if let book, book.currency == currency { inputs.minimumNanos = book.minimumPerPeriodNanos }
+            let existing = try connection.query("""
+                SELECT invoice_id FROM invoices WHERE customer_id = $1 AND currency = $2 AND period_start = \(microsecondsToTimestamp) $3::bigint
+                """, [customer, code, period.start])
+            if existing.rowCount > 0 {
+                closing.alreadyClosed.append(existing.string(0, 0)!)
+                continue
+            }
             try load(&inputs)
-            let invoice = InvoiceBuilder.build(inputs)
-            if !invoice.isEmpty, try store(invoice) { invoices.append(invoice) }
+            let invoice: Invoice
+            do {
+                invoice = try InvoiceBuilder.build(inputs)
+            } catch {
+                closing.refused.append(error.message)
+                continue
+            }
+            if invoice.isEmpty { continue }
+            if try store(invoice) { closing.closed.append(invoice) } else { closing.alreadyClosed.append(invoice.invoiceID) }
         }
-        return invoices
     }
 
     /// Usage and credits of the period, plus those of earlier periods already invoiced (for adjustments).
@@ -96,24 +119,26 @@ public struct InvoiceStore {
               (SELECT period_start FROM invoices WHERE customer_id = $1 AND currency = $2 AND period_start < \(microsecondsToTimestamp) $3::bigint))
             """
         let charges = try connection.query("""
-            SELECT \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, quantity, amount_nanos, pricing
+            SELECT \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above,
+                   quantity, amount_nanos, pricing
             FROM rated_usage WHERE customer_id = $1 AND currency = $2 AND \(periods)
             """, parameters)
         for row in 0..<charges.rowCount {
             inputs.charges.append(RatedCharge(periodStart: try charges.int64(row, 0)!, item: try item(charges, row, from: 1),
-                                              quantity: try charges.int64(row, 6)!, amountNanos: try charges.int64(row, 7)!,
-                                              pricing: charges.string(row, 8)!))
+                                              quantity: try charges.int64(row, 7)!, amountNanos: try charges.int64(row, 8)!,
+                                              pricing: charges.string(row, 9)!))
         }
+        // Sums of an item's lines stay within Int64: each is a stored quantity or amount of one period.
         let invoiced = try connection.query("""
             SELECT \(microseconds("l.covers_period_start")), l.book_name, l.book_customer, l.book_version, l.model, l.token_type,
-                   sum(l.quantity), sum(l.exact_amount_nanos)
+                   coalesce(l.context_above, 0), sum(l.quantity), sum(l.exact_amount_nanos)
             FROM invoice_lines l JOIN invoices i USING (invoice_id)
             WHERE i.customer_id = $1 AND i.currency = $2 AND l.kind IN ('usage', 'adjustment')
-            GROUP BY 1, 2, 3, 4, 5, 6
+            GROUP BY 1, 2, 3, 4, 5, 6, 7
             """, [inputs.customerID, inputs.currency.code])
         for row in 0..<invoiced.rowCount {
             inputs.invoiced.append(InvoicedCharge(periodStart: try invoiced.int64(row, 0)!, item: try item(invoiced, row, from: 1),
-                                                  quantity: try invoiced.int64(row, 6)!, exactNanos: try invoiced.int64(row, 7)!))
+                                                  quantity: try invoiced.int64(row, 7)!, exactNanos: try invoiced.int64(row, 8)!))
         }
         let drawn = try connection.query("""
             SELECT \(microseconds("period_start")), -sum(amount_nanos) FROM wallet_ledger
@@ -129,10 +154,11 @@ public struct InvoiceStore {
         for row in 0..<applied.rowCount { inputs.creditsInvoiced[try applied.int64(row, 0)!] = try applied.int64(row, 1)! }
     }
 
+    /// The price item in six columns: book name, book customer, version, model, token type, context tier.
     private func item(_ result: PostgresResult, _ row: Int, from column: Int) throws -> PriceItem {
         PriceItem(bookName: result.string(row, column)!, bookCustomer: result.string(row, column + 1)!,
                   bookVersion: Int(try result.int64(row, column + 2)!), model: result.string(row, column + 3)!,
-                  tokenType: TokenType(rawValue: result.string(row, column + 4)!)!)
+                  tokenType: TokenType(rawValue: result.string(row, column + 4)!)!, contextAbove: try result.int64(row, column + 5) ?? 0)
     }
 
     /// Stores the invoice and its lines; false when the period was closed concurrently.
@@ -148,15 +174,16 @@ public struct InvoiceStore {
             let lines = invoice.lines
             try connection.query("""
                 INSERT INTO invoice_lines (invoice_id, line_no, kind, description, covers_period_start, book_name, book_customer, book_version,
-                    model, token_type, quantity, unit_price, exact_amount_nanos, amount_nanos)
-                SELECT $1, n, k, d, \(microsecondsToTimestamp) c, b, bc, v, m, t, q, u, e, a
+                    model, token_type, context_above, quantity, unit_price, exact_amount_nanos, amount_nanos)
+                SELECT $1, n, k, d, \(microsecondsToTimestamp) c, b, bc, v, m, t, ca, q, u, e, a
                 FROM unnest($2::int[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::int[], $9::text[], $10::text[],
-                            $11::bigint[], $12::text[], $13::bigint[], $14::bigint[]) AS x(n, k, d, c, b, bc, v, m, t, q, u, e, a)
+                            $11::bigint[], $12::bigint[], $13::text[], $14::bigint[], $15::bigint[]) AS x(n, k, d, c, b, bc, v, m, t, ca, q, u, e, a)
                 """, [invoice.invoiceID, PostgresArray(Array(1...lines.count)), PostgresArray(lines.map(\.kind.rawValue)),
                       PostgresArray(lines.map(\.description)), PostgresArray(lines.map(\.coversPeriodStart)),
                       PostgresArray(lines.map(\.item?.bookName)), PostgresArray(lines.map(\.item?.bookCustomer)),
                       PostgresArray(lines.map { $0.item.map { String($0.bookVersion) } }), PostgresArray(lines.map(\.item?.model)),
-                      PostgresArray(lines.map(\.item?.tokenType.rawValue)), PostgresArray(lines.map { $0.quantity.map(String.init) }),
+                      PostgresArray(lines.map(\.item?.tokenType.rawValue)), PostgresArray(lines.map { $0.item.map { String($0.contextAbove) } }),
+                      PostgresArray(lines.map { $0.quantity.map(String.init) }),
                       PostgresArray(lines.map(\.unitPrice)), PostgresArray(lines.map(\.exactNanos)), PostgresArray(lines.map(\.amountNanos))])
             return true
         }
@@ -186,14 +213,14 @@ public struct InvoiceStore {
         let invoiceID = header.string(0, 0)!
         let lines = try connection.query("""
             SELECT kind, description, \(microseconds("covers_period_start")), book_name, book_customer, book_version, model, token_type,
-                   quantity, unit_price, exact_amount_nanos, amount_nanos
+                   context_above, quantity, unit_price, exact_amount_nanos, amount_nanos
             FROM invoice_lines WHERE invoice_id = $1 ORDER BY line_no
             """, [invoiceID])
         let parsed = try (0..<lines.rowCount).map { row in
             InvoiceLine(kind: InvoiceLineKind(rawValue: lines.string(row, 0)!)!, description: lines.string(row, 1)!,
                         coversPeriodStart: try lines.int64(row, 2)!, item: lines.isNull(row, 3) ? nil : try item(lines, row, from: 3),
-                        quantity: try lines.int64(row, 8), unitPrice: lines.string(row, 9), exactNanos: try lines.int64(row, 10)!,
-                        amountNanos: try lines.int64(row, 11)!)
+                        quantity: try lines.int64(row, 9), unitPrice: lines.string(row, 10), exactNanos: try lines.int64(row, 11)!,
+                        amountNanos: try lines.int64(row, 12)!)
         }
         return Invoice(invoiceID: invoiceID, customerID: customerID,
                        period: BillingPeriod(start: try header.int64(0, 1)!, end: try header.int64(0, 2)!),

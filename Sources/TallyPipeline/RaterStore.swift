@@ -29,6 +29,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     /// Customers whose settings and wallets are in `state` (with or without a stored row).
     private var cachedCustomers = Set<String>()
     private var customersStamp: String?
+    /// (model, billing period) pairs whose first unpriced event this process has logged.
+    private var unpricedLogged = Set<String>()
     /// Pricing descriptions, computed once each.
     private var pricingText: [PriceItem: String] = [:]
     /// Past this many cached charge totals the cache starts over (it refills from PostgreSQL).
@@ -96,11 +98,14 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         try insertAlerts(result.alerts)
         try insertTopUps(result.topUps)
         try insertUnpriced(result.unpriced)
+        logFirstUnpriced(result.unpriced)
+        try insertUnrateable(result.unrateable)
         // 5. Conflicts and dead letters, idempotent by position.
         try tables.insertConflicts(decision.conflicts)
         try tables.insertDeadLetters(batch.deadLetters)
         return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates, conflicts: decision.conflicts,
-                            deadLetters: batch.deadLetters.count, grants: result.grantsCredited, unpriced: result.unpriced.count)
+                            deadLetters: batch.deadLetters.count, grants: result.grantsCredited, unpriced: result.unpriced.count,
+                            unrateable: result.unrateable.map { "\($0.record.customerID) \($0.record.key.eventID) at \($0.record.position.partition)-\($0.record.position.offset): \($0.reason)" })
     }
 
     /// Settings changed by `tally customers set` apply from the next batch on.
@@ -138,33 +143,34 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let result = try connection.query("""
             SELECT \(chargeKeyColumns), r.currency, r.quantity, r.amount_nanos, r.id
             FROM rated_usage r
-            JOIN unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[]) AS k(c, p, b, bc, v, m, t)
+            JOIN unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[])
+                AS k(c, p, b, bc, v, m, t, ca)
               ON r.customer_id = k.c AND r.period_start = \(microsecondsToTimestamp) k.p AND r.book_name = k.b
-             AND r.book_customer = k.bc AND r.book_version = k.v AND r.model = k.m AND r.token_type = k.t
+             AND r.book_customer = k.bc AND r.book_version = k.v AND r.model = k.m AND r.token_type = k.t AND r.context_above = k.ca
             """, chargeKeyArrays(list))
         for row in 0..<result.rowCount {
             let key = try chargeKey(result, row: row, from: 0)
-            state.charges[key] = ChargeTotal(quantity: try result.int64(row, 8)!, amountNanos: try result.int64(row, 9)!,
-                                             currency: Currency(result.string(row, 7)!)!)
-            storedCharges[key] = try result.int64(row, 10)!
+            state.charges[key] = ChargeTotal(quantity: try result.int64(row, 9)!, amountNanos: try result.int64(row, 10)!,
+                                             currency: Currency(result.string(row, 8)!)!)
+            storedCharges[key] = try result.int64(row, 11)!
         }
     }
 
     /// `rated_usage`'s key columns (unqualified), in the order `chargeKey(_:row:from:)` reads them.
-    private let chargeKeyColumns = "customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type"
+    private let chargeKeyColumns = "customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above"
 
-    /// The charge key in the seven `chargeKeyColumns` of a result row, starting at column `first`.
+    /// The charge key in the eight `chargeKeyColumns` of a result row, starting at column `first`.
     private func chargeKey(_ result: PostgresResult, row: Int, from first: Int) throws -> ChargeKey {
         let item = PriceItem(bookName: result.string(row, first + 2)!, bookCustomer: result.string(row, first + 3)!,
                              bookVersion: Int(try result.int64(row, first + 4)!), model: result.string(row, first + 5)!,
-                             tokenType: TokenType(rawValue: result.string(row, first + 6)!)!)
+                             tokenType: TokenType(rawValue: result.string(row, first + 6)!)!, contextAbove: try result.int64(row, first + 7)!)
         return ChargeKey(customerID: result.string(row, first)!, periodStart: try result.int64(row, first + 1)!, item: item)
     }
 
     private func chargeKeyArrays(_ keys: [ChargeKey]) -> [(any PostgresEncodable)?] {
         [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.periodStart)), PostgresArray(keys.map(\.item.bookName)),
          PostgresArray(keys.map(\.item.bookCustomer)), PostgresArray(keys.map(\.item.bookVersion)), PostgresArray(keys.map(\.item.model)),
-         PostgresArray(keys.map(\.item.tokenType.rawValue))]
+         PostgresArray(keys.map(\.item.tokenType.rawValue)), PostgresArray(keys.map(\.item.contextAbove))]
     }
 
     private func writeCharges(_ touched: Set<ChargeKey>) throws {
@@ -186,17 +192,17 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let totals = new.map { state.charges[$0]! }
         let pricing = new.map { key in
             if let text = pricingText[key.item] { return text }
-            let text = engine.catalog.pricing(of: key.item).map { $0.pricing.describe($0.book.currency) } ?? ""
+            let text = engine.catalog.pricing(of: key.item).map { $0.pricing.describe($0.book.currency) + key.item.contextTierText } ?? ""
             pricingText[key.item] = text
             return text
         }
         // RETURNING promises no order: each id is matched to its key by the key's columns.
         let inserted = try connection.query("""
-            INSERT INTO rated_usage (customer_id, period_start, book_name, book_customer, book_version, model, token_type,
+            INSERT INTO rated_usage (customer_id, period_start, book_name, book_customer, book_version, model, token_type, context_above,
                 currency, quantity, amount_nanos, pricing)
-            SELECT c, \(microsecondsToTimestamp) p, b, bc, v, m, t, cur, q, a, pr
-            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[],
-                        $8::text[], $9::bigint[], $10::bigint[], $11::text[]) AS x(c, p, b, bc, v, m, t, cur, q, a, pr)
+            SELECT c, \(microsecondsToTimestamp) p, b, bc, v, m, t, ca, cur, q, a, pr
+            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[],
+                        $9::text[], $10::bigint[], $11::bigint[], $12::text[]) AS x(c, p, b, bc, v, m, t, ca, cur, q, a, pr)
             RETURNING id, \(chargeKeyColumns)
             """, chargeKeyArrays(new) + [PostgresArray(totals.map(\.currency.code)), PostgresArray(totals.map(\.quantity)),
                                          PostgresArray(totals.map(\.amountNanos)), PostgresArray(pricing)])
@@ -305,6 +311,38 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                   PostgresArray(requests.map(\.rule.amountNanos)), PostgresArray(requests.map(\.balanceNanos)),
                   PostgresArray(requests.map(\.requestedAt)), PostgresArray(requests.map(\.position.partition)),
                   PostgresArray(requests.map(\.position.offset))])
+    }
+
+    private func insertUnrateable(_ records: [UnrateableRecord]) throws {
+        guard !records.isEmpty else { return }
+        let kinds = records.map { record -> (String, Int64) in
+            switch record.record {
+            case .usage(let usage): ("usage", usage.event.time.microseconds)
+            case .grant(let grant): ("grant", grant.grant.time.microseconds)
+            }
+        }
+        try connection.query("""
+            INSERT INTO unrateable_records (partition, record_offset, customer_id, event_id, kind, event_time, reason)
+            SELECT p, o, c, e, k, \(microsecondsToTimestamp) t, r
+            FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[]) AS x(p, o, c, e, k, t, r)
+            ON CONFLICT DO NOTHING
+            """, [PostgresArray(records.map(\.record.position.partition)), PostgresArray(records.map(\.record.position.offset)),
+                  PostgresArray(records.map(\.record.customerID)), PostgresArray(records.map(\.record.key.eventID)),
+                  PostgresArray(kinds.map(\.0)), PostgresArray(kinds.map(\.1)), PostgresArray(records.map(\.reason))])
+    }
+
+    /// One line per model and billing period, the first time this process meets it: loud enough
+    /// to be seen, without a line per event.
+    private func logFirstUnpriced(_ events: [PositionedEvent]) {
+        for positioned in events {
+            let event = positioned.event
+            let period = state.profile(event.subject).period(containing: event.time.microseconds).label
+            guard unpricedLogged.insert("\(event.model)\u{1}\(period)").inserted else { continue }
+            logger.warning("""
+                unpriced usage: no price book prices \(event.model) at \(event.time.text); its events in \(period) \
+                are kept in tally.unpriced_usage, not billed (first: \(event.subject)/\(event.id))
+                """)
+        }
     }
 
     private func insertUnpriced(_ events: [PositionedEvent]) throws {

@@ -42,7 +42,7 @@ public struct Reconciler {
         var aggregatorOffsets: [Int32: Int64] = [:]
         var raterOffsets: [Int32: Int64] = [:]
         /// Display key → (customer, measures).
-        var windows: [String: (customer: String, measures: [Int64])] = [:]
+        var windows: [String: (customer: String, measures: [Int128])] = [:]
         var charges: [ChargeKey: (quantity: Int64, amount: Int64)] = [:]
         var profiles: [String: BillingProfile] = [:]
         var catalog = PriceCatalog(books: [])
@@ -103,17 +103,19 @@ public struct Reconciler {
             for row in 0..<windows.rowCount {
                 let key = Self.windowKey(windows.string(row, 0)!, try windows.int64(row, 1)!, windows.string(row, 2)!, windows.string(row, 3)!,
                                          windows.string(row, 4)!, windows.string(row, 5)!)
-                snapshot.windows[key] = (windows.string(row, 0)!, try (6...12).map { try windows.int64(row, $0)! })
+                snapshot.windows[key] = (windows.string(row, 0)!, try (6...12).map { try windows.int128(row, $0)! })
             }
             let charges = try connection.query("""
-                SELECT customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, quantity, amount_nanos
+                SELECT customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above,
+                       quantity, amount_nanos
                 FROM rated_usage WHERE $1::text IS NULL OR customer_id = $1
                 """, [customerID])
             for row in 0..<charges.rowCount {
                 let item = PriceItem(bookName: charges.string(row, 2)!, bookCustomer: charges.string(row, 3)!, bookVersion: Int(try charges.int64(row, 4)!),
-                                     model: charges.string(row, 5)!, tokenType: TokenType(rawValue: charges.string(row, 6)!)!)
+                                     model: charges.string(row, 5)!, tokenType: TokenType(rawValue: charges.string(row, 6)!)!,
+                                     contextAbove: try charges.int64(row, 7)!)
                 snapshot.charges[ChargeKey(customerID: charges.string(row, 0)!, periodStart: try charges.int64(row, 1)!, item: item)] =
-                    (try charges.int64(row, 7)!, try charges.int64(row, 8)!)
+                    (try charges.int64(row, 8)!, try charges.int64(row, 9)!)
             }
             let store = BillingCatalogStore(connection: connection)
             snapshot.catalog = try store.loadCatalog()
@@ -150,12 +152,11 @@ public struct Reconciler {
     private func compareWindows(_ events: [PositionedEvent], snapshot: Snapshot, onlyRecounted: Bool, result: inout ReconcileResult) {
         var deltas = WindowDeltas(granularities: [.hour])
         for positioned in events { deltas.add(positioned.event) }
-        var recounted: [String: [Int64]] = [:]
+        var recounted: [String: [Int128]] = [:]
         for (key, measures) in deltas.rows(.hour) {
             let dimensions = key.dimensions
             recounted[Self.windowKey(dimensions.customerID, key.start, dimensions.model, dimensions.feature, dimensions.provider, dimensions.environment)] =
-                [measures.inputTokens, measures.outputTokens, measures.cacheReadInputTokens, measures.cacheWriteInputTokens,
-                 measures.reasoningOutputTokens, measures.totalTokens, measures.eventCount]
+                measures.values
         }
         let customers = Set(events.map(\.event.subject))
         let stored = snapshot.windows.filter { !onlyRecounted || customers.contains($0.value.customer) }.mapValues(\.measures)

@@ -17,7 +17,7 @@ public enum ReplayedConsumer: String, Sendable, CaseIterable {
         let shared = ["consumer_offsets", "dead_letters", "event_conflicts"]
         switch self {
         case .aggregator: return shared + ["usage_event_keys", "usage_windows_hourly", "usage_window_deltas"]
-        case .rater: return shared + ["rater_event_keys", "rated_usage", "unpriced_usage", "wallet_ledger", "wallet_grants", "wallets",
+        case .rater: return shared + ["rater_event_keys", "rated_usage", "unpriced_usage", "unrateable_records", "wallet_ledger", "wallet_grants", "wallets",
                                       "balance_alerts", "topup_requests"]
         }
     }
@@ -153,9 +153,10 @@ public struct ReplayDifference: Sendable {
     /// "2026-11 gpt-4o output" (rater) or "gpt-4o" (aggregator).
     public let item: String
     public let measure: String
-    public let live: Int64
-    public let replayed: Int64
-    public var difference: Int64 { replayed - live }
+    /// Window sums pass `Int64` (`UsageMeasures`): compared in 128 bits.
+    public let live: Int128
+    public let replayed: Int128
+    public var difference: Int128 { replayed - live }
 }
 
 public enum ReplayDiff {
@@ -175,8 +176,8 @@ public enum ReplayDiff {
             let result = try connection.query(sql, parameters)
             for row in 0..<result.rowCount {
                 for (index, measure) in measures.enumerated() {
-                    let live = try result.int64(row, 2 + 2 * index) ?? 0
-                    let replayed = try result.int64(row, 3 + 2 * index) ?? 0
+                    let live = try result.int128(row, 2 + 2 * index) ?? 0
+                    let replayed = try result.int128(row, 3 + 2 * index) ?? 0
                     if live != replayed {
                         differences.append(ReplayDifference(customerID: result.string(row, 0)!, item: result.string(row, 1)!, measure: measure,
                                                             live: live, replayed: replayed))
@@ -188,7 +189,8 @@ public enum ReplayDiff {
         case .rater:
             // Per line item across price book versions: a pricing change moves usage to the new version.
             let items = { (schema: String) in """
-                SELECT customer_id, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') || ' ' || model || ' ' || token_type AS item,
+                SELECT customer_id, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') || ' ' || model || ' ' || token_type
+                           || CASE WHEN context_above > 0 THEN ' above ' || context_above ELSE '' END AS item,
                        sum(quantity) AS quantity, sum(amount_nanos) AS amount
                 FROM \(schema).rated_usage WHERE \(scope) GROUP BY 1, 2
                 """ }

@@ -39,6 +39,15 @@ public final class PostgresResult: @unchecked Sendable {
         return value
     }
 
+    /// A `numeric` (or any integer) column with no fraction, as 128 bits: window sums exceed `Int64`.
+    public func int128(_ row: Int, _ column: Int) throws(PostgresError) -> Int128? {
+        guard let text = string(row, column) else { return nil }
+        guard let value = Int128(text) else {
+            throw PostgresError(code: .decoding, message: "column \(columnName(column)) is not an integer of at most 38 digits")
+        }
+        return value
+    }
+
     public func bool(_ row: Int, _ column: Int) -> Bool? {
         string(row, column).map { $0 == "t" }
     }

@@ -241,6 +241,7 @@ final class Gateway: Sendable {
             event.outputTokens = counts.output
             event.cacheReadInputTokens = counts.cacheRead
             event.cacheWriteInputTokens = counts.cacheWrite
+            event.cacheWrite1hInputTokens = counts.cacheWrite1h
             event.reasoningOutputTokens = counts.reasoning
             event.properties["gateway_api"] = api.rawValue
             event.properties["upstream_status"] = String(upstreamStatus)

@@ -55,9 +55,12 @@ struct TallyRater: ParsableCommand {
                 let thread = Thread {
                     relay.run(stop: stop, eachPass: grace.map { grace in
                         { connection in
-                            for invoice in try InvoiceStore(connection: connection).closeDue(grace: grace) {
+                            let closing = try InvoiceStore(connection: connection).closeDue(grace: grace)
+                            for invoice in closing.closed {
                                 logger.info("closed \(invoice.invoiceID): total due \(invoice.currency.format(invoice.totalDueNanos)) \(invoice.currency)")
                             }
+                            // The other customers' periods closed; this one stays open, and is tried again each pass.
+                            for reason in closing.refused { logger.error("invoice not closed: \(reason)") }
                         }
                     })
                     relayDone.signal()

@@ -43,7 +43,13 @@ struct Pricing: ParsableCommand {
                 throw ValidationError("\(file): \(error)")
             }
             if dryRun { print(PriceBookDocument.canonicalJSON(book), terminator: ""); return }
-            let (version, created) = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).apply(book)
+            let store = BillingCatalogStore(connection: try connect(database, label: "tally.pricing"))
+            // Unpriced usage is kept aside, not billed: say so before it happens.
+            for (model, events) in try store.modelsLosingPrice(book) {
+                print("warning: \(model) has usage (\(events) events in the 35 days before \(book.effectiveFrom) or since) and no price in this "
+                      + "version of \(book.name): from \(book.effectiveFrom) its events go to tally.unpriced_usage", to: &standardError)
+            }
+            let (version, created) = try store.apply(book)
             let owner = book.customerID.map { " (override for \($0))" } ?? ""
             print(created ? "applied \(book.name)\(owner) version \(version): \(book.models.count) models, effective from \(book.effectiveFrom)"
                           : "\(book.name)\(owner) version \(version) is identical; nothing stored")
@@ -111,11 +117,15 @@ struct Pricing: ParsableCommand {
         func run() throws {
             guard let time = EventTime(effectiveFrom) else { throw ValidationError("--effective-from: expected RFC 3339, e.g. 2026-01-01T00:00:00Z") }
             guard let code = Currency(currency) else { throw ValidationError("--currency: expected an ISO 4217 code") }
-            let imported: (book: PriceBook, skipped: [String])
+            let imported: PriceBookDocument.LiteLLMImport
             do { imported = try PriceBookDocument.importLiteLLM(try readText(file), name: book, effectiveFrom: time, currency: code) } catch let error as ConfigError {
                 throw ValidationError("\(file): \(error)")
             }
-            print("\(imported.book.models.count) models priced; \(imported.skipped.count) without per-token input and output costs skipped", to: &standardError)
+            for (model, reason) in imported.skipped { print("skipped \(model): \(reason)", to: &standardError) }
+            for (model, reason) in imported.unmapped { print("imported \(model) without some prices: \(reason)", to: &standardError) }
+            let tiered = imported.book.models.filter { !$0.contextTiers.isEmpty }.count
+            print("\(imported.book.models.count) models imported (\(tiered) with context tiers), \(imported.skipped.count) skipped, "
+                + "\(imported.unmapped.count) imported with prices Tally does not bill by token", to: &standardError)
             if apply {
                 let (version, _) = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).apply(imported.book)
                 print("applied \(book) version \(version)")
@@ -341,6 +351,8 @@ struct Invoices: ParsableCommand {
         @Option(help: "Only this customer.") var customer: String?
         @Option(help: "Instead of --period: close every period that ended this many hours (of event time) before the latest event rated.")
         var dueAfterGraceHours: Int?
+        @Flag(help: "Close a --period that has not ended yet (usage after the close is billed as an adjustment next period).")
+        var force = false
 
         func validate() throws {
             guard (period == nil) != (dueAfterGraceHours == nil) else { throw ValidationError("give --period or --due-after-grace-hours") }
@@ -349,12 +361,16 @@ struct Invoices: ParsableCommand {
 
         func run() throws {
             let store = InvoiceStore(connection: try connect(database, label: "tally.invoices"))
-            let invoices = try period.map { try store.close(periodLabel: $0, customerID: customer) }
+            let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+            let closing = try period.map { try store.close(periodLabel: $0, customerID: customer, now: now, force: force) }
                 ?? store.closeDue(grace: .seconds(Int64(dueAfterGraceHours!) * 3600))
-            for invoice in invoices {
+            for invoice in closing.closed {
                 print("\(invoice.invoiceID): \(invoice.lines.count) lines, total due \(invoice.currency.format(invoice.totalDueNanos)) \(invoice.currency)")
             }
-            print("closed \(invoices.count) invoices")
+            for invoiceID in closing.alreadyClosed { print("\(invoiceID): already closed, left as it is") }
+            for reason in closing.refused { print("not closed: \(reason)", to: &standardError) }
+            print("closed \(closing.closed.count) invoices")
+            if !closing.refused.isEmpty { throw ExitCode(1) }
         }
     }
 

@@ -174,8 +174,8 @@ struct ReplayReport {
                             differences: try ReplayDiff.compute(connection, shadow: shadow, partitions: partitions), checksums: checksums)
     }
 
-    private func value(_ measure: String, _ amount: Int64) -> String {
-        measure.hasSuffix("_nanos") ? Money.format(nanos: amount) : String(amount)
+    private func value(_ measure: String, _ amount: Int128) -> String {
+        measure.hasSuffix("_nanos") ? Money.format(amount, scale: Money.nanoScale, minimumFractionDigits: 2) : String(amount)
     }
 
     func table() -> String {

@@ -40,20 +40,21 @@ struct Report: ParsableCommand {
         let days = UsageReport.days(of: period)
         let index = Dictionary(uniqueKeysWithValues: days.enumerated().map { ($1, $0) })
         let range: [(any PostgresEncodable)?] = [profile.customerID, EventTime.format(microseconds: period.start), EventTime.format(microseconds: period.end)]
-        var tokens: [String: [Int64]] = [:]
-        var events: Int64 = 0
+        // 128 bits: window sums (numeric) and a period's spend pass Int64 on extreme inputs.
+        var tokens: [String: [Int128]] = [:]
+        var events: Int128 = 0
         let usage = try connection.query("""
             SELECT model, day::text, total_tokens, event_count FROM dashboard_usage_daily
             WHERE customer_id = $1 AND day >= ($2::timestamptz AT TIME ZONE 'UTC')::date AND day < ($3::timestamptz AT TIME ZONE 'UTC')::date
             """, range)
         for row in 0..<usage.rowCount {
             guard let day = index[usage.string(row, 1)!] else { continue }
-            tokens[usage.string(row, 0)!, default: Array(repeating: 0, count: days.count)][day] += try usage.int64(row, 2)!
-            events += try usage.int64(row, 3)!
+            tokens[usage.string(row, 0)!, default: Array(repeating: 0, count: days.count)][day] += try usage.int128(row, 2)!
+            events += try usage.int128(row, 3)!
         }
         let currency = range + [profile.currency.code]
-        var spend = Array(repeating: Int64(0), count: days.count)
-        var change = Array(repeating: Int64(0), count: days.count)
+        var spend = Array(repeating: Int128(0), count: days.count)
+        var change = Array(repeating: Int128(0), count: days.count)
         let ledger = try connection.query("""
             SELECT (effective_at AT TIME ZONE 'UTC')::date::text, -sum(amount_nanos) FILTER (WHERE kind = 'usage'), sum(amount_nanos)
             FROM wallet_ledger WHERE customer_id = $1 AND currency = $4 AND effective_at >= $2::timestamptz AND effective_at < $3::timestamptz
@@ -61,13 +62,13 @@ struct Report: ParsableCommand {
             """, currency)
         for row in 0..<ledger.rowCount {
             guard let day = index[ledger.string(row, 0)!] else { continue }
-            spend[day] = try ledger.int64(row, 1) ?? 0
-            change[day] = try ledger.int64(row, 2) ?? 0
+            spend[day] = try ledger.int128(row, 1) ?? 0
+            change[day] = try ledger.int128(row, 2) ?? 0
         }
         let opening = try connection.query("""
             SELECT coalesce(sum(amount_nanos), 0) FROM wallet_ledger WHERE customer_id = $1 AND currency = $3 AND effective_at < $2::timestamptz
-            """, [profile.customerID, EventTime.format(microseconds: period.start), profile.currency.code]).int64(0, 0) ?? 0
-        var balance: [Int64] = []
+            """, [profile.customerID, EventTime.format(microseconds: period.start), profile.currency.code]).int128(0, 0) ?? 0
+        var balance: [Int128] = []
         var running = opening
         for delta in change { running += delta; balance.append(running) }
         return UsageReport(customerID: profile.customerID, period: period, currency: profile.currency, days: days, tokensByModel: tokens,

@@ -42,10 +42,32 @@ struct Status: ParsableCommand {
         }
         print(TableRenderer.render(header: ["group", "partition", "stored_offset", "log_end", "lag", "last_commit", "owner"], rows: table,
                                    format: format, numericFrom: 1), terminator: "")
+        try printKeptAside(connection)
         if let maxLag, worst > maxLag {
             print("lag \(worst) exceeds --max-lag \(maxLag)", to: &standardError)
             throw ExitCode(1)
         }
+    }
+
+    /// Usage the rater could not bill, per model or reason: never billed at zero, never silent.
+    /// Beside the table for people; on standard error for json and csv, which stay one document.
+    func printKeptAside(_ connection: PostgresConnection) throws {
+        let unpriced = try connection.query("""
+            SELECT model, count(*)::text, min(event_time)::text, max(event_time)::text FROM unpriced_usage GROUP BY model ORDER BY count(*) DESC, model
+            """)
+        let unrateable = try connection.query("SELECT count(*)::text, coalesce(max(reason), '') FROM unrateable_records").rows[0]
+        var text = ""
+        if unpriced.rowCount > 0 {
+            text += "\nunpriced usage (no price book prices the model at the event time; in tally.unpriced_usage):\n"
+            text += TableRenderer.render(header: ["model", "events", "first", "last"], rows: unpriced.rows.map { $0.map { $0 ?? "" } },
+                                         format: "table", numericFrom: 1)
+        }
+        if unrateable[0] != "0" {
+            text += "\nunrateable records (rating them would pass the amounts Tally stores; in tally.unrateable_records): \(unrateable[0] ?? "0")\n"
+            text += "  e.g. \(unrateable[1] ?? "")\n"
+        }
+        guard !text.isEmpty else { return }
+        if format == "table" { print(text, terminator: "") } else { print(text, terminator: "", to: &standardError) }
     }
 
     /// The log end of each partition: the larger of the queried end and the end carried by a

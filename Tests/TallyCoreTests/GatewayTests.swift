@@ -124,7 +124,7 @@ final class GatewayTests: XCTestCase {
         // Whatever came before, more tokens never add more than the ceiling.
         for model in [PricingModel.graduated(tiers), .volume(tiers), .package(size: 1000, priceNanos: 5)] {
             for before in [0, 999, 1000, 5000] as [Int64] {
-                XCTAssertLessThanOrEqual(model.charge(before + 700) - model.charge(before), model.marginalCeiling(700), "\(model) after \(before)")
+                XCTAssertLessThanOrEqual(model.charge(before + 700)! - model.charge(before)!, model.marginalCeiling(700), "\(model) after \(before)")
             }
         }
     }

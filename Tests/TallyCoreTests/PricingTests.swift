@@ -17,7 +17,10 @@ final class PricingTests: XCTestCase {
         XCTAssertEqual(Money.nanos("12.5"), 12_500_000_000)
         XCTAssertNil(Money.nanos("0.0000000001"), "finer than a nano-unit")
         XCTAssertEqual(TokenRate.parse("3.75e-08", perTokens: .perToken)?.perMillionText, "0.0375")
-        XCTAssertNil(TokenRate.parse("1e-16", perTokens: .perToken))
+        XCTAssertEqual(TokenRate.parse("1e-16", perTokens: .perToken)?.unitsPerToken, 100_000_000)
+        // LiteLLM's 8.00 / 7M tokens, exactly: 1.1428571428571428e-06 per token is 1.1428571428571428 per 1M.
+        XCTAssertEqual(TokenRate.parse("1.1428571428571428e-06", perTokens: .perToken)?.perMillionText, "1.1428571428571428")
+        XCTAssertNil(TokenRate.parse("1e-25", perTokens: .perToken), "finer than 10^-24 per token")
         XCTAssertNil(TokenRate.parse("-1", perTokens: .perMillion))
     }
 
@@ -25,10 +28,10 @@ final class PricingTests: XCTestCase {
         let usd = Currency("USD")!
         XCTAssertEqual(usd.roundToMinorUnit(12_345_000_000), 12_350_000_000, "12.345 rounds half away from zero")
         XCTAssertEqual(usd.roundToMinorUnit(-12_345_000_000), -12_350_000_000)
-        XCTAssertEqual(usd.format(12_344_999_999), "12.34")
-        XCTAssertEqual(Currency("JPY")!.format(1_500_000_000), "2")
-        XCTAssertEqual(Money.format(nanos: 75), "0.000000075")
-        XCTAssertEqual(Money.format(nanos: 2_500_000_000), "2.50")
+        XCTAssertEqual(usd.format(12_344_999_999 as Int64), "12.34")
+        XCTAssertEqual(Currency("JPY")!.format(1_500_000_000 as Int64), "2")
+        XCTAssertEqual(Money.format(nanos: 75 as Int64), "0.000000075")
+        XCTAssertEqual(Money.format(nanos: 2_500_000_000 as Int64), "2.50")
         XCTAssertNil(Currency("usd"))
     }
 
@@ -204,8 +207,10 @@ final class PriceBookDocumentTests: XCTestCase {
               "dall-e-3": {"output_cost_per_image": 0.04}
             }
             """
-        let (book, skipped) = try PriceBookDocument.importLiteLLM(litellm, name: "default", effectiveFrom: EventTime("2026-01-01T00:00:00Z")!, currency: Currency("USD")!)
-        XCTAssertEqual(skipped, ["dall-e-3"])
+        let imported = try PriceBookDocument.importLiteLLM(litellm, name: "default", effectiveFrom: EventTime("2026-01-01T00:00:00Z")!, currency: Currency("USD")!)
+        let book = imported.book
+        XCTAssertEqual(imported.skipped.map(\.model), ["dall-e-3"])
+        XCTAssertEqual(imported.skipped.first?.reason, "no per-token input and output costs (has output_cost_per_image)")
         let byName = Dictionary(uniqueKeysWithValues: book.models.map { ($0.model, $0) })
         XCTAssertEqual(byName["gpt-4o"]?.prices[.input], .perUnit(TokenRate.parse("2.50", perTokens: .perMillion)!))
         XCTAssertEqual(byName["gpt-4o"]?.prices[.cacheRead], .perUnit(TokenRate.parse("1.25", perTokens: .perMillion)!))

@@ -70,7 +70,7 @@ final class RatingEngineTests: XCTestCase {
         for (key, quantity) in totals {
             let parts = key.split(separator: "/")
             let prices = Self.catalog.books[0].prices(for: String(parts[1]))!
-            expected += prices.prices[TokenType(rawValue: String(parts[2]))!]!.charge(quantity)
+            expected += prices.prices[TokenType(rawValue: String(parts[2]))!]!.charge(quantity)!
         }
         let charged = reference.ledger.filter { $0.kind == .usage }.reduce(0) { $0 - $1.amountNanos }
         XCTAssertEqual(charged, expected)
@@ -192,7 +192,7 @@ final class InvoiceBuilderTests: XCTestCase {
         PriceItem(bookName: "default", bookCustomer: "", bookVersion: 1, model: model, tokenType: type)
     }
 
-    func testLinesMinimumFeeAndCreditsRoundPerLine() {
+    func testLinesMinimumFeeAndCreditsRoundPerLine() throws {
         var inputs = InvoiceInputs(customerID: "acme", period: november, currency: usd)
         inputs.subscriptionFeeNanos = 20_000_000_000
         inputs.minimumNanos = 5_000_000_000
@@ -201,7 +201,7 @@ final class InvoiceBuilderTests: XCTestCase {
             RatedCharge(periodStart: november.start, item: item("gpt-4o", .output), quantity: 100_001, amountNanos: 1_000_010_000, pricing: "10.00"),
         ]
         inputs.creditsDrawn = [november.start: 1_234_567_891]
-        let invoice = InvoiceBuilder.build(inputs)
+        let invoice = try InvoiceBuilder.build(inputs)
         XCTAssertEqual(invoice.lines.map(\.kind), [.usage, .usage, .subscription, .minimum, .credits])
         XCTAssertEqual(invoice.lines.map(\.amountNanos), [2_500_000_000, 1_000_000_000, 20_000_000_000, 1_500_000_000, -1_230_000_000])
         // 2.50 + 1.00 + 20.00 + (5.00 - 3.5000125 = 1.4999875 → 1.50) - 1.23
@@ -210,7 +210,7 @@ final class InvoiceBuilderTests: XCTestCase {
         XCTAssertTrue(InvoiceBuilder.json(invoice).contains(#""total_due":"23.77""#))
     }
 
-    func testLateUsageForAClosedPeriodBecomesAnAdjustment() {
+    func testLateUsageForAClosedPeriodBecomesAnAdjustment() throws {
         var inputs = InvoiceInputs(customerID: "acme", period: november, currency: usd)
         inputs.charges = [
             RatedCharge(periodStart: october.start, item: item("gpt-4o", .input), quantity: 3_000_000, amountNanos: 7_500_000_000, pricing: "2.50"),
@@ -220,7 +220,7 @@ final class InvoiceBuilderTests: XCTestCase {
         inputs.invoiced = [InvoicedCharge(periodStart: october.start, item: item("gpt-4o", .input), quantity: 2_000_000, exactNanos: 5_000_000_000)]
         inputs.creditsDrawn = [october.start: 6_000_000_000]
         inputs.creditsInvoiced = [october.start: 5_000_000_000]
-        let invoice = InvoiceBuilder.build(inputs)
+        let invoice = try InvoiceBuilder.build(inputs)
         XCTAssertEqual(invoice.lines.map(\.kind), [.adjustment, .adjustment, .credits])
         XCTAssertEqual(invoice.lines[0].quantity, 1_000_000)
         XCTAssertEqual(invoice.lines[0].amountNanos, 2_500_000_000)
@@ -232,44 +232,46 @@ final class InvoiceBuilderTests: XCTestCase {
     }
 
     /// Usage paid in full by credit nets to zero on the invoice, whatever the per-line rounding.
-    func testCreditCoveringAllUsageCancelsTheRoundedLines() {
+    func testCreditCoveringAllUsageCancelsTheRoundedLines() throws {
         var inputs = InvoiceInputs(customerID: "acme", period: november, currency: usd)
         inputs.subscriptionFeeNanos = 49_000_000_000
-        // Two lines of x.xx4 each: rounded down on each line (0.01 less than the exact total).
+        // Two lines of x.xx4 each: rounded down on each line they would show 3.00 for 3.008; the
+        // lines add up to the exact sum rounded once (3.01), the later line taking the cent.
         inputs.charges = [
             RatedCharge(periodStart: november.start, item: item("gpt-4o", .input), quantity: 1, amountNanos: 1_004_000_000, pricing: "p"),
             RatedCharge(periodStart: november.start, item: item("gpt-4o", .output), quantity: 1, amountNanos: 2_004_000_000, pricing: "p"),
         ]
         inputs.creditsDrawn = [november.start: 3_008_000_000]
-        var invoice = InvoiceBuilder.build(inputs)
-        XCTAssertEqual(invoice.lines.last?.amountNanos, -3_000_000_000, "credit equals the usage shown, not the exact 3.008 rounded")
+        var invoice = try InvoiceBuilder.build(inputs)
+        XCTAssertEqual(invoice.lines.filter { $0.kind == .usage }.map(\.amountNanos), [1_000_000_000, 2_010_000_000])
+        XCTAssertEqual(invoice.lines.last?.amountNanos, -3_010_000_000, "credit equals the usage shown: 3.008 rounded once")
         XCTAssertEqual(usd.format(invoice.totalDueNanos), "49.00")
         XCTAssertEqual(invoice.lines.last?.exactNanos, -3_008_000_000, "the exact credit is kept for later invoices")
         // Two lines of x.xx6: rounded up on each line; full coverage still nets to zero.
         inputs.charges = inputs.charges.map { RatedCharge(periodStart: $0.periodStart, item: $0.item, quantity: 1, amountNanos: $0.amountNanos + 2_000_000, pricing: "p") }
         inputs.creditsDrawn = [november.start: 3_012_000_000]
-        invoice = InvoiceBuilder.build(inputs)
+        invoice = try InvoiceBuilder.build(inputs)
         XCTAssertEqual(usd.format(invoice.totalDueNanos), "49.00")
         // Partly covered: the credit is its own rounded amount.
         inputs.creditsDrawn = [november.start: 1_234_000_000]
-        invoice = InvoiceBuilder.build(inputs)
+        invoice = try InvoiceBuilder.build(inputs)
         XCTAssertEqual(invoice.lines.last?.amountNanos, -1_230_000_000)
     }
 
     /// A closed period re-rated at a lower price (replay after a price change, promoted): the next
     /// invoice carries a credit note for it; the closed invoice is not rewritten.
-    func testRepricingAClosedPeriodGivesACreditNote() {
+    func testRepricingAClosedPeriodGivesACreditNote() throws {
         var inputs = InvoiceInputs(customerID: "acme", period: november, currency: usd)
         inputs.charges = [RatedCharge(periodStart: october.start, item: item("gpt-4o", .output), quantity: 1_000_000, amountNanos: 8_000_000_000, pricing: "8.00")]
         inputs.invoiced = [InvoicedCharge(periodStart: october.start, item: item("gpt-4o", .output), quantity: 1_000_000, exactNanos: 10_000_000_000)]
-        let invoice = InvoiceBuilder.build(inputs)
+        let invoice = try InvoiceBuilder.build(inputs)
         XCTAssertEqual(invoice.lines.map(\.description), ["Credit note (repricing) for 2026-10: gpt-4o output tokens"])
         XCTAssertEqual(invoice.lines.first?.quantity, 0)
         XCTAssertEqual(usd.format(invoice.totalDueNanos), "-2.00")
     }
 
-    func testNothingToBillGivesNoLines() {
-        XCTAssertTrue(InvoiceBuilder.build(InvoiceInputs(customerID: "idle", period: november, currency: usd)).isEmpty)
+    func testNothingToBillGivesNoLines() throws {
+        XCTAssertTrue(try InvoiceBuilder.build(InvoiceInputs(customerID: "idle", period: november, currency: usd)).isEmpty)
     }
 }
 
@@ -281,7 +283,7 @@ final class UsageReportTests: XCTestCase {
         XCTAssertEqual(days.first, "2026-02-01")
         let report = UsageReport(customerID: "<acme & co>", period: period, currency: Currency("USD")!, days: days,
                                  tokensByModel: ["gpt-4o": Array(repeating: 10, count: 28), "o3-mini": Array(repeating: 5, count: 28)],
-                                 spendNanos: Array(repeating: 250_000_000, count: 28), balanceNanos: (0..<28).map { 10_000_000_000 - Int64($0) * 250_000_000 },
+                                 spendNanos: Array(repeating: 250_000_000, count: 28), balanceNanos: (0..<28).map { 10_000_000_000 - Int128($0) * 250_000_000 },
                                  eventCount: 56)
         let html = UsageReportRenderer.html(report)
         XCTAssertTrue(html.contains("Usage of &lt;acme &amp; co&gt;"))

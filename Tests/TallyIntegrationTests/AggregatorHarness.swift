@@ -120,30 +120,30 @@ final class AggregatorHarness: @unchecked Sendable {
     }
 
     /// Per-customer totals from one of the views.
-    func totals(_ view: String = "tally.usage_hourly") throws -> [String: [Int64]] {
+    func totals(_ view: String = "tally.usage_hourly") throws -> [String: [Int128]] {
         // `view` is one of the three fixed view names used by the tests.
         let result = try connection.query("""
             SELECT customer_id, sum(input_tokens), sum(output_tokens), sum(cache_read_input_tokens), sum(cache_write_input_tokens),
                    sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
             FROM \(view) GROUP BY customer_id
             """)
-        var totals: [String: [Int64]] = [:]
-        for row in 0..<result.rowCount { totals[result.string(row, 0)!] = try (1...7).map { try result.int64(row, $0)! } }
+        var totals: [String: [Int128]] = [:]
+        for row in 0..<result.rowCount { totals[result.string(row, 0)!] = try (1...7).map { try result.int128(row, $0)! } }
         return totals
     }
 
     /// The test's own recount of distinct events, written independently of the aggregator's code.
-    static func recount(_ events: [UsageEvent]) -> [String: [Int64]] {
+    static func recount(_ events: [UsageEvent]) -> [String: [Int128]] {
         var seen = Set<String>()
-        var totals: [String: [Int64]] = [:]
+        var totals: [String: [Int128]] = [:]
         for event in events where seen.insert(event.subject + "\u{1}" + event.id).inserted {
             var row = totals[event.subject] ?? Array(repeating: 0, count: 7)
-            row[0] += event.inputTokens
-            row[1] += event.outputTokens
-            row[2] += event.cacheReadInputTokens
-            row[3] += event.cacheWriteInputTokens
-            row[4] += event.reasoningOutputTokens
-            row[5] += event.inputTokens + event.outputTokens
+            row[0] += Int128(event.inputTokens)
+            row[1] += Int128(event.outputTokens)
+            row[2] += Int128(event.cacheReadInputTokens)
+            row[3] += Int128(event.cacheWriteInputTokens)
+            row[4] += Int128(event.reasoningOutputTokens)
+            row[5] += Int128(event.inputTokens) + Int128(event.outputTokens)
             row[6] += 1
             totals[event.subject] = row
         }
@@ -151,7 +151,7 @@ final class AggregatorHarness: @unchecked Sendable {
     }
 
     /// Checks every view against the recount, and the rollups against each other.
-    func assertTotals(equal expected: [String: [Int64]], file: StaticString = #filePath, line: UInt = #line) throws {
+    func assertTotals(equal expected: [String: [Int128]], file: StaticString = #filePath, line: UInt = #line) throws {
         for view in ["tally.usage_hourly", "tally.usage_daily", "tally.usage_monthly"] {
             let actual = try totals(view)
             XCTAssertEqual(actual.count, expected.count, "\(view): customers", file: file, line: line)

@@ -110,6 +110,37 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
     }
 
+    /// Issue #19: 1,100 events of 2^53 - 1 input tokens for one customer in one hour, over many
+    /// batches and folds. The window's sum passes bigint: folds keep working for everyone, and
+    /// `tally usage` and `tally checksum` read the exact sum.
+    func testWindowSumsPastBigintFoldAndRead() async throws {
+        let harness = try AggregatorHarness()
+        let largest: Int64 = 9_007_199_254_740_991
+        let huge = (0..<1_100).map { index in
+            UsageEvent(id: "huge-\(index)", source: "t", subject: "mallory", time: EventTime("2026-11-02T10:00:00Z")!, model: "gpt-4o",
+                       inputTokens: largest, outputTokens: 0)
+        }
+        let others = AggregatorHarness.events(count: 2000, seed: 19)
+        try await harness.publish(huge + others)
+        let aggregator = try harness.startAggregator(["--batch-size", "250", "--window-fold-rows", "50"])
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(30)) {
+            try harness.connection.query("SELECT count(*) FROM tally.usage_window_deltas").scalar == "0"
+        }, aggregator.log)
+        XCTAssertFalse(aggregator.log.contains("folding window deltas failed"), aggregator.log)
+        // 1,100 × 9,007,199,254,740,991, worked out by hand.
+        XCTAssertEqual(try harness.connection.query("SELECT input_tokens::text, event_count::text FROM tally.usage_hourly WHERE customer_id = 'mallory'").rows,
+                       [["9907919180215090100", "1100"]])
+        // Independent: the recount of every event, huge ones included, in 128 bits.
+        try harness.assertTotals(equal: AggregatorHarness.recount(huge + others))
+        let usage = try harness.tally(["usage", "--customer", "mallory", "--granularity", "month"])
+        XCTAssertTrue(usage.contains("9907919180215090100"), usage)
+        let checksum = try harness.tally(["checksum", "--consumer", "aggregator"])
+        XCTAssertTrue(checksum.contains("usage_windows_hourly"), checksum)
+        aggregator.signal(SIGTERM)
+        XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
+    }
+
     /// kill -9 at random moments during a 100k-event stream, restarted each time: exact totals.
     func testKillNineAtRandomMomentsKeepsTotalsExact() async throws {
         let harness = try AggregatorHarness()

@@ -143,6 +143,39 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertTrue(second.log.contains("unpriced="), second.log)
     }
 
+    /// Issue #19: LiteLLM's own price list, from the current litellm wheel (scripts/stack fetches it),
+    /// imports whole: linear parsing, every price exact, context tiers kept, and each model it
+    /// leaves out named with its reason. Then a gemini-2.5-pro request above 200k input tokens is
+    /// rated at the tier's prices: 250,000 × 2.50 + 1,000 × 15.00 per 1M = 0.64.
+    func testTheRealLiteLLMPriceListImports() async throws {
+        let directory = try XCTUnwrap(ProcessInfo.processInfo.environment["TALLY_STACK_DIR"]) + "/litellm"
+        let file = directory + "/model_prices_and_context_window_backup.json"
+        let version = (try? String(contentsOfFile: directory + "/VERSION", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+        let harness = try AggregatorHarness()
+        let started = ContinuousClock.now
+        let output = try harness.tally(["pricing", "import-litellm", file, "--book", "litellm", "--effective-from", "2026-01-01T00:00:00Z", "--apply"])
+        let elapsed = ContinuousClock.now - started
+        let summary = try XCTUnwrap(output.split(separator: "\n").first { $0.contains("models imported") }, output)
+        print("LiteLLM \(version) price list: \(summary) in \(elapsed)")
+        XCTAssertTrue(output.contains("applied litellm version 1"), output)
+        let imported = try XCTUnwrap(Int(summary.split(separator: " ")[0]))
+        XCTAssertGreaterThan(imported, 1_000, "most of the ~4,900 entries are priced per token")
+        let skippedLines = output.split(separator: "\n").filter { $0.hasPrefix("skipped ") }
+        XCTAssertTrue(skippedLines.allSatisfy { $0.contains(": ") }, "every skipped model has its reason")
+        XCTAssertTrue(summary.contains("\(skippedLines.count) skipped"), "\(summary) vs \(skippedLines.count) lines")
+
+        try harness.tally(["customers", "set", "acme", "--plan", "litellm"])
+        let event = UsageEvent(id: "long", source: "t", subject: "acme", time: EventTime("2026-03-01T12:00:00Z")!, model: "gemini/gemini-2.5-pro",
+                               inputTokens: 250_000, outputTokens: 1_000)
+        try await harness.publish([event])
+        let rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id = 'long'"), 640_000_000)
+        XCTAssertEqual(try harness.connection.query("SELECT DISTINCT context_above FROM tally.rated_usage").rows, [["200000"]])
+    }
+
     /// kill -9 at random moments: the ledger, rated usage, grants, balances and invoices end up
     /// identical to a run without crashes over the same log (in a second database).
     func testKillNineChangesNothing() async throws {
@@ -162,6 +195,13 @@ final class RaterIntegrationTests: XCTestCase {
                 stream.append((resent.subject, EventEncoder.encode(resent)))
             }
             if index % 5000 == 0 { stream.append(Self.grant("top-\(index)", customer: "cust-0", amount: "7.5", time: event.time.text)) }
+            // Issue #19: valid records that cannot be rated (2^53 - 1 input tokens of gpt-4o cost
+            // 22,517,998,136.85 USD, past an amount's range) sit in batches among the others.
+            if index % 20_000 == 10_000 {
+                let huge = UsageEvent(id: "huge-\(index)", source: "t", subject: "cust-3", time: event.time, model: "gpt-4o",
+                                      inputTokens: 9_007_199_254_740_991, outputTokens: 0)
+                stream.append((huge.subject, EventEncoder.encode(huge)))
+            }
         }
         let producing = Task { try await crashed.publish(stream) }
         for _ in 0..<3 {
@@ -176,7 +216,8 @@ final class RaterIntegrationTests: XCTestCase {
         let reference = try clean.startRater(["--batch-size", "5000"])
         XCTAssertTrue(try crashed.waitUntilConsumed(timeout: .seconds(180)), "crashed run consumed\n\(finisher.log)")
         XCTAssertTrue(try clean.waitUntilConsumed(timeout: .seconds(180)), "clean run consumed\n\(reference.log)")
-        for table in ["wallet_ledger", "rated_usage", "wallet_grants", "wallets", "balance_alerts", "topup_requests", "unpriced_usage"] {
+        for table in ["wallet_ledger", "rated_usage", "wallet_grants", "wallets", "balance_alerts", "topup_requests", "unpriced_usage",
+                      "unrateable_records"] {
             // Published-at stamps are wall-clock and ids come from a sequence that rolled-back
             // transactions also draw on; everything else must match row for row.
             let checksum = """
@@ -188,8 +229,14 @@ final class RaterIntegrationTests: XCTestCase {
             XCTAssertFalse(a?.hasPrefix("0 ") ?? true, "\(table) has rows")
         }
         XCTAssertGreaterThan(try int64(crashed, "SELECT count(*) FROM tally.balance_alerts"), 0, "cust-0 crossed its thresholds")
-        XCTAssertEqual(try crashed.tally(["invoices", "close", "--period", "2026-11"]).components(separatedBy: "\n").filter { $0.hasPrefix("INV-") }.sorted(),
-                       try clean.tally(["invoices", "close", "--period", "2026-11"]).components(separatedBy: "\n").filter { $0.hasPrefix("INV-") }.sorted())
+        let keptAside = try crashed.connection.query("SELECT event_id, reason FROM tally.unrateable_records ORDER BY event_id").rows
+        XCTAssertEqual(keptAside.map { $0[0]! }, ["huge-10000", "huge-30000", "huge-50000"], "each once, whatever the crashes")
+        XCTAssertTrue(keptAside.allSatisfy { $0[1]!.contains("9007199254740991 input tokens of gpt-4o cost 22517998136.8524775 USD") }, "\(keptAside)")
+        XCTAssertEqual(try int64(crashed, "SELECT count(*) FROM tally.wallet_ledger WHERE event_id LIKE 'huge-%'"), 0, "they charged nothing")
+        XCTAssertGreaterThan(try int64(crashed, "SELECT count(*) FROM tally.wallet_ledger WHERE customer_id = 'cust-3' AND kind = 'usage'"), 0,
+                             "the same customer's other usage is rated")
+        XCTAssertEqual(try crashed.tally(["invoices", "close", "--period", "2026-11", "--force"]).components(separatedBy: "\n").filter { $0.hasPrefix("INV-") }.sorted(),
+                       try clean.tally(["invoices", "close", "--period", "2026-11", "--force"]).components(separatedBy: "\n").filter { $0.hasPrefix("INV-") }.sorted())
         let documents = "SELECT md5(string_agg(document, '' ORDER BY invoice_id)) FROM tally.invoices"
         XCTAssertEqual(try crashed.connection.query(documents).scalar, try clean.connection.query(documents).scalar)
         finisher.signal(SIGTERM)
@@ -277,8 +324,8 @@ final class RaterIntegrationTests: XCTestCase {
         // Independent: each usage line rounded to the cent, plus the fee, minus the credit drawn.
         let octoberCharges = Self.expectedCharges(october)["bob"]!["2026-10"]!
         let lineTotal = try int64(harness, "SELECT sum(amount_nanos) FROM tally.invoice_lines WHERE kind = 'usage'")
-        XCTAssertEqual(lineTotal, try independentUsageLines(october), "usage lines, each rounded to the cent")
-        let expectedOctober = try independentUsageLines(october) + 20_000_000_000 - usd.roundToMinorUnit(min(octoberCharges, 3_000_000_000))
+        XCTAssertEqual(lineTotal, try independentUsageLines(october), "usage lines add up to their exact sum rounded to the cent")
+        let expectedOctober = try independentUsageLines(october) + 20_000_000_000 - Int64(usd.roundToMinorUnit(Int128(min(octoberCharges, 3_000_000_000))))
         XCTAssertEqual(try int64(harness, "SELECT total_due_nanos FROM tally.invoices WHERE invoice_id = 'INV-2026-10-bob-USD'"), expectedOctober)
 
         // Late October usage, and November usage.
@@ -289,8 +336,9 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
         rater.signal(SIGTERM)
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0)
-        XCTAssertTrue(try harness.tally(["invoices", "close", "--period", "2026-11"]).contains("closed 1 invoices"))
-        XCTAssertTrue(try harness.tally(["invoices", "close", "--period", "2026-11"]).contains("closed 0 invoices"), "closing twice adds nothing")
+        XCTAssertTrue(try harness.tally(["invoices", "close", "--period", "2026-11", "--force"]).contains("closed 1 invoices"))
+        let again = try harness.tally(["invoices", "close", "--period", "2026-11", "--force"])
+        XCTAssertTrue(again.contains("closed 0 invoices") && again.contains("INV-2026-11-bob-USD: already closed"), "closing twice adds nothing, and says so: \(again)")
 
         let lateCharge = Self.expectedCharges(october + late)["bob"]!["2026-10"]! - octoberCharges
         let adjustments = try int64(harness, "SELECT sum(exact_amount_nanos) FROM tally.invoice_lines WHERE invoice_id = 'INV-2026-11-bob-USD' AND kind = 'adjustment'")
@@ -300,8 +348,8 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertEqual(novemberLines.map { $0[0]! }.filter { $0 != "usage" && $0 != "adjustment" }, ["subscription", "minimum"],
                        "the credit was used up in October; November usage is under the 5.00 minimum")
         let minimum = 5_000_000_000 - novemberUsage
-        let expectedNovember = try independentUsageLines(november) + (try int64(harness, "SELECT sum(amount_nanos) FROM tally.invoice_lines WHERE invoice_id = 'INV-2026-11-bob-USD' AND kind = 'adjustment'"))
-            + 20_000_000_000 + usd.roundToMinorUnit(minimum)
+        // Usage and adjustment lines together add up to their exact sum rounded to the cent.
+        let expectedNovember = Int64(usd.roundToMinorUnit(Int128(novemberUsage + lateCharge))) + 20_000_000_000 + Int64(usd.roundToMinorUnit(Int128(minimum)))
         XCTAssertEqual(try int64(harness, "SELECT total_due_nanos FROM tally.invoices WHERE invoice_id = 'INV-2026-11-bob-USD'"), expectedNovember)
         let html = try harness.tally(["invoices", "show", "--customer", "bob", "--period", "2026-11", "--format", "html"])
         XCTAssertTrue(html.contains("Late usage for 2026-10"), html)
@@ -335,7 +383,8 @@ final class RaterIntegrationTests: XCTestCase {
     }
 
     /// The usage lines an invoice should carry for these events: each (model, token type) rounded to the cent.
+    /// What a period's usage lines add up to: their exact sum, rounded once to the cent.
     func independentUsageLines(_ events: [UsageEvent]) throws -> Int64 {
-        Self.expectedLineCharges(events).reduce(0) { $0 + Currency("USD")!.roundToMinorUnit($1.nanos) }
+        Int64(Currency("USD")!.roundToMinorUnit(Int128(Self.expectedLineCharges(events).reduce(0) { $0 + $1.nanos })))
     }
 }

@@ -97,79 +97,143 @@ public struct Invoice: Sendable {
         self.lines = lines
     }
 
-    public var totalDueNanos: Int64 { lines.reduce(0) { $0 + $1.amountNanos } }
+    /// The sum of the lines. `InvoiceBuilder.build` refuses an invoice whose total would not fit.
+    public var totalDueNanos: Int64 { Int64(lines.reduce(Int128(0)) { $0 + Int128($1.amountNanos) }) }
     public var isEmpty: Bool { lines.isEmpty }
+}
+
+/// Why a period cannot be invoiced.
+public struct InvoiceError: Error, CustomStringConvertible {
+    public let message: String
+    public init(message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// An invoice line while it is built: amounts in 128 bits until the invoice is checked.
+private struct Draft {
+    var kind: InvoiceLineKind
+    var description: String
+    var covers: Int64
+    var item: PriceItem?
+    var quantity: Int64?
+    var unitPrice: String?
+    var exact: Int128
+    var amount: Int128
 }
 
 /// Builds an invoice: usage lines, adjustments for usage that arrived after an earlier period
 /// was closed, the subscription fee, the minimum, and credits applied from the wallet.
 public enum InvoiceBuilder {
-    public static func build(_ inputs: InvoiceInputs) -> Invoice {
+    /// Works in 128-bit nano-units, so no sum of lines traps.
+    ///
+    /// - Throws: `InvoiceError` when a line or the total would exceed `Money.maxNanos` (the
+    ///   range invoices are stored in); nothing is built then.
+    public static func build(_ inputs: InvoiceInputs) throws(InvoiceError) -> Invoice {
         let currency = inputs.currency
-        var lines: [InvoiceLine] = []
+        var lines: [Draft] = []
         func line(_ kind: InvoiceLineKind, _ description: String, covers: Int64, item: PriceItem? = nil, quantity: Int64? = nil,
-                  unitPrice: String? = nil, exact: Int64) {
-            lines.append(InvoiceLine(kind: kind, description: description, coversPeriodStart: covers, item: item, quantity: quantity,
-                                     unitPrice: unitPrice, exactNanos: exact, amountNanos: currency.roundToMinorUnit(exact)))
+                  unitPrice: String? = nil, exact: Int128) {
+            lines.append(Draft(kind: kind, description: description, covers: covers, item: item, quantity: quantity,
+                               unitPrice: unitPrice, exact: exact, amount: currency.roundToMinorUnit(exact)))
         }
         let current = inputs.charges.filter { $0.periodStart == inputs.period.start }.sorted { $0.item < $1.item }
         for charge in current {
-            line(.usage, "\(charge.item.model) \(label(charge.item.tokenType)) tokens", covers: charge.periodStart, item: charge.item,
-                 quantity: charge.quantity, unitPrice: charge.pricing, exact: charge.amountNanos)
+            line(.usage, "\(charge.item.model) \(label(charge.item.tokenType)) tokens\(charge.item.contextTierText)", covers: charge.periodStart, item: charge.item,
+                 quantity: charge.quantity, unitPrice: charge.pricing, exact: Int128(charge.amountNanos))
         }
         // Late usage for closed periods: what is rated now minus what was invoiced.
-        var invoiced: [String: (quantity: Int64, exact: Int64)] = [:]
+        var invoiced: [String: (quantity: Int128, exact: Int128)] = [:]
         func key(_ period: Int64, _ item: PriceItem) -> String {
-            "\(period)|\(item.bookName)|\(item.bookCustomer)|\(item.bookVersion)|\(item.model)|\(item.tokenType.rawValue)"
+            "\(period)|\(item.bookName)|\(item.bookCustomer)|\(item.bookVersion)|\(item.model)|\(item.tokenType.rawValue)|\(item.contextAbove)"
         }
         for entry in inputs.invoiced {
-            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].quantity += entry.quantity
-            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].exact += entry.exactNanos
+            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].quantity += Int128(entry.quantity)
+            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].exact += Int128(entry.exactNanos)
         }
         let earlier = inputs.charges.filter { $0.periodStart < inputs.period.start }
             .sorted { ($0.periodStart, $0.item) < ($1.periodStart, $1.item) }
         for charge in earlier {
             let already = invoiced[key(charge.periodStart, charge.item)] ?? (0, 0)
-            let quantity = charge.quantity - already.quantity
-            let exact = charge.amountNanos - already.exact
+            let quantity = Int128(charge.quantity) - already.quantity
+            let exact = Int128(charge.amountNanos) - already.exact
             guard quantity != 0 || exact != 0 else { continue }
+            guard let lineQuantity = Int64(exactly: quantity) else {
+                throw InvoiceError(message: "\(inputs.customerID) \(inputs.period.label): an adjustment's quantity leaves the stored range")
+            }
             let periodLabel = BillingPeriod(start: charge.periodStart, end: charge.periodStart).label
             // Same quantity, other amount: the period was re-rated (a replay after a price change).
             let reason = quantity == 0 ? (exact < 0 ? "Credit note" : "Debit note") + " (repricing)" : "Late usage"
-            line(.adjustment, "\(reason) for \(periodLabel): \(charge.item.model) \(label(charge.item.tokenType)) tokens",
-                 covers: charge.periodStart, item: charge.item, quantity: quantity, unitPrice: charge.pricing, exact: exact)
+            line(.adjustment, "\(reason) for \(periodLabel): \(charge.item.model) \(label(charge.item.tokenType)) tokens\(charge.item.contextTierText)",
+                 covers: charge.periodStart, item: charge.item, quantity: lineQuantity, unitPrice: charge.pricing, exact: exact)
         }
+        // Rounded one by one, the usage lines would add up to more (or less) than their exact sum
+        // rounded: six lines of 0.005 show 0.06 for 0.03 of usage. The rounding is reconciled so
+        // that they add up to the rounded sum, each line staying within one minor unit of its value.
+        reconcileRounding(&lines, where: { $0.kind == .usage || $0.kind == .adjustment }, unit: currency.nanosPerMinorUnit)
         if inputs.subscriptionFeeNanos > 0 {
-            line(.subscription, "Subscription", covers: inputs.period.start, exact: inputs.subscriptionFeeNanos)
+            line(.subscription, "Subscription", covers: inputs.period.start, exact: Int128(inputs.subscriptionFeeNanos))
         }
-        let usage = current.reduce(0) { $0 + $1.amountNanos }
-        if let minimum = inputs.minimumNanos, usage < minimum {
+        let usage = current.reduce(Int128(0)) { $0 + Int128($1.amountNanos) }
+        if let minimum = inputs.minimumNanos, usage < Int128(minimum) {
             line(.minimum, "Minimum charge for the period (\(Money.format(nanos: minimum)) \(currency)) less usage", covers: inputs.period.start,
-                 exact: minimum - usage)
+                 exact: Int128(minimum) - usage)
         }
         let usageLines = lines.filter { $0.kind == .usage || $0.kind == .adjustment }
-        let usageRounded = usageLines.reduce(0) { $0 + $1.amountNanos }
-        let usageExact = usageLines.reduce(0) { $0 + $1.exactNanos }
-        var creditExact: Int64 = 0
+        let usageRounded = usageLines.reduce(Int128(0)) { $0 + $1.amount }
+        let usageExact = usageLines.reduce(Int128(0)) { $0 + $1.exact }
+        var creditExact: Int128 = 0
         for period in Set(inputs.creditsDrawn.keys).union(inputs.creditsInvoiced.keys).sorted() where period <= inputs.period.start {
-            let credit = (inputs.creditsDrawn[period] ?? 0) - (inputs.creditsInvoiced[period] ?? 0)
+            let credit = Int128(inputs.creditsDrawn[period] ?? 0) - Int128(inputs.creditsInvoiced[period] ?? 0)
             guard credit != 0 else { continue }
             creditExact += credit
             let suffix = period == inputs.period.start ? "" : " (usage of \(BillingPeriod(start: period, end: period).label))"
             line(.credits, "Prepaid credits applied\(suffix)", covers: period, exact: -credit)
         }
         // Credit pays for usage lines only, and usage paid in full nets to zero on the invoice:
-        // rounding each line must not leave a cent of usage due, nor credit a cent more than shown.
-        let creditRounded = -lines.filter { $0.kind == .credits }.reduce(0) { $0 + $1.amountNanos }
+        // rounding each line must not leave a cent of usage due, nor credit a cent more than shown
+        // (the usage lines add up to their rounded exact sum, so this never exceeds the credit drawn).
+        let creditRounded = -lines.filter { $0.kind == .credits }.reduce(Int128(0)) { $0 + $1.amount }
         let target = creditExact >= usageExact ? usageRounded : min(creditRounded, usageRounded)
         if let last = lines.lastIndex(where: { $0.kind == .credits }), target != creditRounded {
-            let old = lines[last]
-            lines[last] = InvoiceLine(kind: .credits, description: old.description, coversPeriodStart: old.coversPeriodStart, item: nil,
-                                      quantity: nil, unitPrice: nil, exactNanos: old.exactNanos,
-                                      amountNanos: old.amountNanos - (target - creditRounded))
+            lines[last].amount -= target - creditRounded
+        }
+        guard Int64(exactly: lines.reduce(Int128(0)) { $0 + $1.amount }) != nil else {
+            throw InvoiceError(message: "\(inputs.customerID) \(inputs.period.label): the total due passes the largest amount Tally stores "
+                + "(\(Money.format(nanos: Money.maxNanos)) \(currency))")
+        }
+        var built: [InvoiceLine] = []
+        for draft in lines {
+            guard let exact = Int64(exactly: draft.exact), let amount = Int64(exactly: draft.amount) else {
+                throw InvoiceError(message: "\(inputs.customerID) \(inputs.period.label): the line \"\(draft.description)\" passes the largest "
+                    + "amount Tally stores (\(Money.format(nanos: Money.maxNanos)) \(currency))")
+            }
+            built.append(InvoiceLine(kind: draft.kind, description: draft.description, coversPeriodStart: draft.covers, item: draft.item,
+                                     quantity: draft.quantity, unitPrice: draft.unitPrice, exactNanos: exact, amountNanos: amount))
         }
         let id = "INV-\(inputs.period.label)-\(inputs.customerID)-\(currency.code)"
-        return Invoice(invoiceID: id, customerID: inputs.customerID, period: inputs.period, currency: currency, lines: lines)
+        return Invoice(invoiceID: id, customerID: inputs.customerID, period: inputs.period, currency: currency, lines: built)
+    }
+
+    /// Moves rounded amounts of the selected lines by one minor unit each, fewest lines first,
+    /// until they add up to their exact sum rounded: the lines rounded furthest in the direction
+    /// of the excess give way first (ties: the later line), as in the largest-remainder method.
+    private static func reconcileRounding(_ lines: inout [Draft], where selected: (Draft) -> Bool, unit: Int128) {
+        let indices = lines.indices.filter { selected(lines[$0]) }
+        let exact = indices.reduce(Int128(0)) { $0 + lines[$1].exact }
+        let target = Money.divideRounded(exact, by: unit) * unit
+        var excess = indices.reduce(Int128(0)) { $0 + lines[$1].amount } - target
+        guard excess != 0 else { return }
+        let step = excess > 0 ? unit : -unit
+        // How far each line was rounded in the direction of the excess.
+        let order = indices.sorted { a, b in
+            let ea = (lines[a].amount - lines[a].exact) * (excess > 0 ? 1 : -1)
+            let eb = (lines[b].amount - lines[b].exact) * (excess > 0 ? 1 : -1)
+            return ea != eb ? ea > eb : a > b
+        }
+        for index in order where excess != 0 {
+            lines[index].amount -= step
+            excess -= step
+        }
     }
 
     static func label(_ type: TokenType) -> String {
@@ -178,6 +242,7 @@ public enum InvoiceBuilder {
         case .output: "output"
         case .cacheRead: "cache read"
         case .cacheWrite: "cache write"
+        case .cacheWrite1h: "cache write (1 h)"
         case .reasoning: "reasoning"
         }
     }

@@ -76,9 +76,39 @@ public struct ExactDecimal: Hashable, Sendable, CustomStringConvertible {
 
 /// Money amounts are integers of nano-units (10^-9 of the currency unit): fine enough that
 /// per-token charges of the cheapest models are not rounded to zero before they add up.
+///
+/// Every stored amount (a period's charge for one price item, a grant, a wallet balance, an
+/// invoice line or total) is an `Int64` of nano-units, so it lies within ±`maxNanos`
+/// (9,223,372,036.854775807 currency units). Arithmetic that could leave that range is checked:
+/// the rater keeps a record that would aside with its reason (`tally.unrateable_records`), and
+/// nothing traps.
 public enum Money {
     public static let nanoScale = 9
     public static let nanosPerUnit: Int64 = 1_000_000_000
+    /// The largest amount Tally stores, in nano-units (`Int64.max`).
+    public static let maxNanos = Int64.max
+
+    /// `a + b`, or nil when the sum leaves the stored range.
+    public static func adding(_ a: Int64, _ b: Int64) -> Int64? {
+        let (sum, overflow) = a.addingReportingOverflow(b)
+        return overflow ? nil : sum
+    }
+
+    /// `a - b`, or nil when the difference leaves the stored range.
+    public static func subtracting(_ a: Int64, _ b: Int64) -> Int64? {
+        let (difference, overflow) = a.subtractingReportingOverflow(b)
+        return overflow ? nil : difference
+    }
+
+    /// `a + b`, clamped to the stored range: for estimates and holds, where the safe side of
+    /// a bound is enough and an exact figure is not owed to anyone.
+    public static func saturatingAdd(_ a: Int64, _ b: Int64) -> Int64 {
+        let (sum, overflow) = a.addingReportingOverflow(b)
+        return overflow ? (b > 0 ? Int64.max : Int64.min) : sum
+    }
+
+    /// An exact wide amount of nano-units as a stored amount, or nil when it does not fit.
+    public static func narrow(_ nanos: Int128) -> Int64? { Int64(exactly: nanos) }
 
     /// Parses a decimal amount ("12.5") into nano-units; nil when finer than a nano-unit or too large.
     public static func nanos(_ text: String) -> Int64? {
@@ -92,8 +122,13 @@ public enum Money {
         format(Int128(nanos), scale: nanoScale, minimumFractionDigits: minimumFractionDigits)
     }
 
+    /// Wide nano-units (sums of stored amounts) as decimal text, like `format(nanos:minimumFractionDigits:)`.
+    public static func format(nanos: Int128, minimumFractionDigits: Int = 2) -> String {
+        format(nanos, scale: nanoScale, minimumFractionDigits: minimumFractionDigits)
+    }
+
     /// A whole number of 10^-scale units with trailing zeros trimmed, at least `minimumFractionDigits`.
-    static func format(_ value: Int128, scale: Int, minimumFractionDigits: Int) -> String {
+    public static func format(_ value: Int128, scale: Int, minimumFractionDigits: Int) -> String {
         padded(trimmed(format(value, scale: scale)), minimumFractionDigits)
     }
 
@@ -155,16 +190,21 @@ public struct Currency: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// Nano-units in one minor unit (10,000,000 for USD).
+    public var nanosPerMinorUnit: Int128 { Int128(Money.nanosPerUnit) / pow10(minorUnitDigits) }
+
     /// Rounds nano-units to a whole number of minor units (half away from zero), still in nano-units.
-    public func roundToMinorUnit(_ nanos: Int64) -> Int64 {
-        let unit = Int128(Money.nanosPerUnit) / pow10(minorUnitDigits)
-        return Int64(Money.divideRounded(Int128(nanos), by: unit) * unit)
+    /// Wide: rounding `Int64.max` nano-units up to the next cent leaves `Int64`.
+    public func roundToMinorUnit(_ nanos: Int128) -> Int128 {
+        Money.divideRounded(nanos, by: nanosPerMinorUnit) * nanosPerMinorUnit
     }
 
     /// Nano-units as text with exactly the minor-unit digits ("12.30 USD" style without the code).
-    public func format(_ nanos: Int64) -> String {
-        let unit = Int128(Money.nanosPerUnit) / pow10(minorUnitDigits)
-        return Money.format(Money.divideRounded(Int128(nanos), by: unit), scale: minorUnitDigits)
+    public func format(_ nanos: Int64) -> String { format(Int128(nanos)) }
+
+    /// Nano-units as text with exactly the minor-unit digits.
+    public func format(_ nanos: Int128) -> String {
+        Money.format(Money.divideRounded(nanos, by: nanosPerMinorUnit), scale: minorUnitDigits)
     }
 }
 

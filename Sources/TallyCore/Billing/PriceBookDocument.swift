@@ -16,7 +16,15 @@
 ///   - model: big-model
 ///     input: { graduated: [{ up_to: 1000000, price: "3.00" }, { price: "2.50" }] }
 ///     output: { package: { size: 1000, price: "0.02" } }
+///   - model: gemini-2.5-pro
+///     input: "1.25"
+///     output: "10.00"
+///     context_tiers:              # a request with more input tokens is priced whole at these
+///       - { above_input_tokens: 200000, input: "2.50", output: "15.00" }
 /// ```
+///
+/// Token types: `input`, `output`, `cache_read`, `cache_write` (5-minute writes, or all writes
+/// when there is no `cache_write_1h`), `cache_write_1h`, `reasoning`.
 public enum PriceBookDocument {
     public static func parse(_ text: String) throws(ConfigError) -> PriceBook {
         try parse(ConfigNode.parse(text))
@@ -65,17 +73,42 @@ public enum PriceBookDocument {
             }
         }
         let modelUnit = try fields.unit("unit") ?? unit
-        var prices: [TokenType: PricingModel] = [:]
-        for type in TokenType.allCases {
-            if let priceNode = fields.take(type.rawValue) {
-                prices[type] = try parsePrice(priceNode, path: "\(path).\(type.rawValue)", unit: modelUnit)
+        let prices = try parsePrices(&fields, path: path, unit: modelUnit)
+        var tiers: [ContextTier] = []
+        if let tiersNode = fields.take("context_tiers") {
+            guard case .list(let items) = tiersNode.value, !items.isEmpty else {
+                throw fields.error(at: tiersNode, "context_tiers", "must be a list of { above_input_tokens, prices }")
+            }
+            for (index, item) in items.enumerated() {
+                let tierPath = "\(path).context_tiers[\(index)]"
+                var tierFields = Fields(item, path: tierPath)
+                try tierFields.requireMap()
+                let above = try tierFields.positiveInteger("above_input_tokens")
+                let tierPrices = try parsePrices(&tierFields, path: tierPath, unit: modelUnit)
+                try tierFields.rejectUnknown()
+                guard !tierPrices.isEmpty else { throw ConfigError(line: item.line, path: tierPath, message: "names no price") }
+                guard !tiers.contains(where: { $0.aboveInputTokens == above }) else {
+                    throw ConfigError(line: item.line, path: "\(tierPath).above_input_tokens", message: "\(above) is given twice")
+                }
+                tiers.append(ContextTier(aboveInputTokens: above, prices: tierPrices))
             }
         }
         try fields.rejectUnknown()
         for required in [TokenType.input, .output] where prices[required] == nil {
             throw ConfigError(line: node.line, path: "\(path).\(required.rawValue)", message: "is required (a price per token type)")
         }
-        return ModelPrices(model: model, aliases: aliases, prices: prices)
+        return ModelPrices(model: model, aliases: aliases, prices: prices, contextTiers: tiers)
+    }
+
+    /// The prices a map names, one per token type.
+    private static func parsePrices(_ fields: inout Fields, path: String, unit: PriceUnit) throws(ConfigError) -> [TokenType: PricingModel] {
+        var prices: [TokenType: PricingModel] = [:]
+        for type in TokenType.allCases {
+            if let priceNode = fields.take(type.rawValue) {
+                prices[type] = try parsePrice(priceNode, path: "\(path).\(type.rawValue)", unit: unit)
+            }
+        }
+        return prices
     }
 
     private static func parsePrice(_ node: ConfigNode, path: String, unit: PriceUnit) throws(ConfigError) -> PricingModel {
@@ -168,6 +201,20 @@ public enum PriceBookDocument {
                 json.key(type.rawValue)
                 write(price, to: &json)
             }
+            if !model.contextTiers.isEmpty {
+                json.key("context_tiers"); json.raw("[")
+                for (i, tier) in model.contextTiers.enumerated() {
+                    json.raw(i == 0 ? "{" : ",{")
+                    json.key("above_input_tokens", first: true); json.integer(tier.aboveInputTokens)
+                    for type in TokenType.allCases {
+                        guard let price = tier.prices[type] else { continue }
+                        json.key(type.rawValue)
+                        write(price, to: &json)
+                    }
+                    json.raw("}")
+                }
+                json.raw("]")
+            }
             json.raw("}")
         }
         json.raw("\n]}\n")
@@ -194,30 +241,85 @@ public enum PriceBookDocument {
         }
     }
 
+    /// What an import of LiteLLM's prices made, and what it left out, per model, with why.
+    public struct LiteLLMImport: Sendable {
+        public let book: PriceBook
+        /// Models not in the book: model → reason.
+        public let skipped: [(model: String, reason: String)]
+        /// Models in the book with prices it could not carry: model → the fields and why.
+        public let unmapped: [(model: String, reason: String)]
+    }
+
+    /// LiteLLM's per-token cost fields and the token types they price.
+    private static let liteLLMFields: [String: TokenType] = [
+        "input_cost_per_token": .input, "output_cost_per_token": .output,
+        "cache_read_input_token_cost": .cacheRead, "cache_creation_input_token_cost": .cacheWrite,
+        "cache_creation_input_token_cost_above_1hr": .cacheWrite1h, "output_cost_per_reasoning_token": .reasoning,
+    ]
+
+    /// `"input_cost_per_token_above_200k_tokens"` → (`"input_cost_per_token"`, 200,000); other names → (name, 0).
+    public static func contextTier(of field: String) -> (base: String, above: Int64) {
+        let parts = field.split(separator: "_", omittingEmptySubsequences: false)
+        guard parts.count >= 4, parts[parts.count - 1] == "tokens", parts[parts.count - 3] == "above",
+              parts[parts.count - 2].hasSuffix("k"), let thousands = Int64(parts[parts.count - 2].dropLast()),
+              thousands > 0, thousands < 1_000_000_000 else { return (field, 0) }
+        return (parts.dropLast(3).joined(separator: "_"), thousands * 1_000)
+    }
+
     /// Turns LiteLLM's `model_prices_and_context_window.json` into a price book: every entry with
-    /// per-token input and output costs, parsed exactly from their JSON text (e.g. `3e-06`).
-    public static func importLiteLLM(_ text: String, name: String, effectiveFrom: EventTime, currency: Currency) throws(ConfigError) -> (book: PriceBook, skipped: [String]) {
+    /// per-token input and output costs, parsed exactly from their JSON text (e.g. `3e-06`,
+    /// `1.1428571428571428e-06`), `*_above_<N>k_tokens` costs as context tiers (a request with more
+    /// than N × 1,000 input tokens is priced whole at them), and 1-hour cache writes.
+    ///
+    /// Linear in the file's size. A model whose prices cannot be read is skipped with its reason,
+    /// never the whole import; cost fields Tally cannot bill (per image, second, character, query,
+    /// batch or service tier) are listed per model.
+    /// - Throws: `ConfigError` when the file is not JSON or not an object of models.
+    public static func importLiteLLM(_ text: String, name: String, effectiveFrom: EventTime, currency: Currency) throws(ConfigError) -> LiteLLMImport {
         let root = try ConfigNode.parseJSON(text)
         guard case .map(let entries) = root.value else { throw ConfigError(line: root.line, path: "", message: "expected an object of models") }
         var models: [ModelPrices] = []
-        var skipped: [String] = []
-        let fields: [(String, TokenType)] = [("input_cost_per_token", .input), ("output_cost_per_token", .output),
-                                             ("cache_read_input_token_cost", .cacheRead), ("cache_creation_input_token_cost", .cacheWrite),
-                                             ("output_cost_per_reasoning_token", .reasoning)]
+        var skipped: [(model: String, reason: String)] = []
+        var unmapped: [(model: String, reason: String)] = []
         for (model, entry) in entries.sorted(by: { $0.key < $1.key }) where model != "sample_spec" {
-            var prices: [TokenType: PricingModel] = [:]
-            for (field, type) in fields {
-                guard let node = entry[field] else { continue }
-                guard case .scalar(let value) = node.value, let rate = TokenRate.parse(value, perTokens: .perToken) else {
-                    throw ConfigError(line: node.line, path: "\(model).\(field)", message: "is not an exact non-negative per-token price")
-                }
-                prices[type] = .perUnit(rate)
+            guard case .map(let members) = entry.value else {
+                skipped.append((model, "line \(entry.line): not an object of fields"))
+                continue
             }
-            guard prices[.input] != nil, prices[.output] != nil else { skipped.append(model); continue }
-            models.append(ModelPrices(model: model, prices: prices))
+            var prices: [TokenType: PricingModel] = [:]
+            var tiers: [Int64: [TokenType: PricingModel]] = [:]
+            var notBilled: [String] = []
+            var problem: String?
+            for (field, node) in members where field.contains("cost") {
+                let (base, above) = contextTier(of: field)
+                guard let type = liteLLMFields[base] else {
+                    // Zero costs bill nothing: only costs that would be owed are worth a line.
+                    if case .scalar(let value) = node.value, let number = ExactDecimal(value), number.significand == 0 { continue }
+                    notBilled.append(field)
+                    continue
+                }
+                guard case .scalar(let value) = node.value, let rate = TokenRate.parse(value, perTokens: .perToken) else {
+                    problem = "line \(node.line): \(field) is not an exact non-negative price of at most 24 decimals per token"
+                    break
+                }
+                if above == 0 { prices[type] = .perUnit(rate) } else { tiers[above, default: [:]][type] = .perUnit(rate) }
+            }
+            if let problem {
+                skipped.append((model, problem))
+                continue
+            }
+            guard prices[.input] != nil, prices[.output] != nil else {
+                let priced = members.map(\.key).filter { $0.contains("cost") }.sorted()
+                skipped.append((model, priced.isEmpty ? "no costs" : "no per-token input and output costs (has \(priced.joined(separator: ", ")))"))
+                continue
+            }
+            if !notBilled.isEmpty { unmapped.append((model, "not billed by token: \(notBilled.sorted().joined(separator: ", "))")) }
+            models.append(ModelPrices(model: model, prices: prices,
+                                      contextTiers: tiers.map { ContextTier(aboveInputTokens: $0.key, prices: $0.value) }))
         }
         guard !models.isEmpty else { throw ConfigError(line: root.line, path: "", message: "no model has input and output per-token costs") }
-        return (PriceBook(name: name, effectiveFrom: effectiveFrom, currency: currency, models: models), skipped)
+        return LiteLLMImport(book: PriceBook(name: name, effectiveFrom: effectiveFrom, currency: currency, models: models),
+                             skipped: skipped, unmapped: unmapped)
     }
 }
 

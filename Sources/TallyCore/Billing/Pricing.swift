@@ -3,7 +3,10 @@
 public enum TokenType: String, Sendable, CaseIterable, Comparable {
     case input, output
     case cacheRead = "cache_read"
+    /// 5-minute cache writes (all cache writes when the book has no `cache_write_1h` price).
     case cacheWrite = "cache_write"
+    /// 1-hour cache writes: Anthropic bills them at 2× the input price, 5-minute ones at 1.25×.
+    case cacheWrite1h = "cache_write_1h"
     case reasoning
 
     public static func < (a: TokenType, b: TokenType) -> Bool {
@@ -11,29 +14,38 @@ public enum TokenType: String, Sendable, CaseIterable, Comparable {
     }
 }
 
-/// A per-token price in femto-units (10^-15 of the currency): exact for any price with
-/// up to 9 decimals per 1M tokens (or 15 per token), such as LiteLLM's `3.75e-08`.
+/// A per-token price in units of 10^-24 of the currency: exact for any price with up to 24
+/// decimals per token (18 per 1M tokens), such as LiteLLM's `1.1428571428571428e-06`.
+///
+/// Whenever a charge fits a stored amount (`Money.maxNanos`, about 9.2 × 10^33 of these units),
+/// the product of quantity and rate fits 128 bits, so the finer unit costs no range.
 public struct TokenRate: Hashable, Sendable, Comparable {
-    public let femtosPerToken: Int128
+    /// The price of one token in 10^-24 currency units.
+    public let unitsPerToken: Int128
+    /// Decimal digits of `unitsPerToken` below one currency unit.
+    public static let scale = 24
 
-    public init(femtosPerToken: Int128) { self.femtosPerToken = femtosPerToken }
+    public init(unitsPerToken: Int128) { self.unitsPerToken = unitsPerToken }
 
-    public static func < (a: TokenRate, b: TokenRate) -> Bool { a.femtosPerToken < b.femtosPerToken }
+    public static func < (a: TokenRate, b: TokenRate) -> Bool { a.unitsPerToken < b.unitsPerToken }
 
-    /// Parses a price per `unit` tokens; nil when it is negative or finer than a femto-unit per token.
+    /// Parses a price per `unit` tokens; nil when it is negative or finer than 10^-24 per token.
     public static func parse(_ text: String, perTokens unit: PriceUnit) -> TokenRate? {
         guard let decimal = ExactDecimal(text), !decimal.isNegative,
-              let femtos = decimal.scaled(unit == .perToken ? 15 : 9) else { return nil }
-        return TokenRate(femtosPerToken: femtos)
+              let units = decimal.scaled(unit == .perToken ? scale : scale - 6) else { return nil }
+        return TokenRate(unitsPerToken: units)
     }
 
     /// The price per 1M tokens as decimal text, at least two decimals as prices are written ("2.50").
     public var perMillionText: String {
-        Money.format(femtosPerToken, scale: 9, minimumFractionDigits: 2)
+        Money.format(unitsPerToken, scale: Self.scale - 6, minimumFractionDigits: 2)
     }
 
-    /// Exact cost of `tokens` tokens in femto-units.
-    func femtos(_ tokens: Int64) -> Int128 { Int128(tokens) * femtosPerToken }
+    /// Exact cost of `tokens` tokens in 10^-24 units; nil when it exceeds 128 bits.
+    func units(_ tokens: Int64) -> Int128? {
+        let (product, overflow) = Int128(tokens).multipliedReportingOverflow(by: unitsPerToken)
+        return overflow ? nil : product
+    }
 }
 
 public enum PriceUnit: String, Sendable {
@@ -65,43 +77,59 @@ public enum PricingModel: Hashable, Sendable {
     case volume([PriceTier])
 
     /// The charge in nano-units for a billing period's cumulative `quantity`, rounded once
-    /// (half away from zero) from the exact value.
-    public func charge(_ quantity: Int64) -> Int64 {
+    /// (half away from zero) from the exact value; nil when it exceeds `Money.maxNanos`.
+    ///
+    /// Exact for every quantity ≥ 0 and every price a book accepts: the 10^-24-unit products are
+    /// computed in 128 bits with overflow checked, so no input traps.
+    public func charge(_ quantity: Int64) -> Int64? {
         precondition(quantity >= 0, "quantities are never negative")
+        return exactNanos(quantity).flatMap(Money.narrow)
+    }
+
+    /// The charge in nano-units, rounded once, wide; nil only when the exact value exceeds 128 bits.
+    public func exactNanos(_ quantity: Int64) -> Int128? {
         switch self {
         case .perUnit(let rate):
-            return Self.nanos(rate.femtos(quantity))
+            return rate.units(quantity).map(Self.nanos)
         case .package(let size, let price):
             let blocks = quantity / size + (quantity % size == 0 ? 0 : 1)
-            return Int64(Int128(blocks) * Int128(price))
+            // Both below 2^63: the product fits 128 bits.
+            return Int128(blocks) * Int128(price)
         case .graduated(let tiers):
             var total: Int128 = 0
             var lower: Int64 = 0
             for tier in tiers where quantity > lower {
                 let upper = min(quantity, tier.upTo ?? Int64.max)
-                total += tier.rate.femtos(upper - lower)
+                guard let units = tier.rate.units(upper - lower) else { return nil }
+                let (sum, overflow) = total.addingReportingOverflow(units)
+                if overflow { return nil }
+                total = sum
                 lower = upper
             }
             return Self.nanos(total)
         case .volume(let tiers):
             let tier = tiers.first { $0.upTo.map { quantity <= $0 } ?? true } ?? tiers[tiers.count - 1]
-            return Self.nanos(tier.rate.femtos(quantity))
+            return tier.rate.units(quantity).map(Self.nanos)
         }
     }
 
-    private static func nanos(_ femtos: Int128) -> Int64 { Int64(Money.divideRounded(femtos, by: 1_000_000)) }
+    /// 10^-24 units to nano-units, rounded half away from zero.
+    private static func nanos(_ units: Int128) -> Int128 { Money.divideRounded(units, by: 1_000_000_000_000_000) }
 
     /// The most `quantity` more tokens can add to any period's charge: every token at the
-    /// highest tier rate, or one block more than the tokens fill. For credit reservations.
+    /// highest tier rate, or one block more than the tokens fill. For credit reservations;
+    /// `Money.maxNanos` when that exceeds what an amount can hold (a hold that large refuses the call).
     public func marginalCeiling(_ quantity: Int64) -> Int64 {
         guard quantity > 0 else { return 0 }
+        let ceiling: Int64?
         switch self {
-        case .perUnit: return charge(quantity)
-        case .package(let size, let price): return Int64(Int128(quantity / size + 1) * Int128(price))
+        case .perUnit: ceiling = charge(quantity)
+        case .package(let size, let price): ceiling = Money.narrow(Int128(quantity / size + 1) * Int128(price))
         case .graduated(let tiers), .volume(let tiers):
-            let highest = tiers.map(\.rate).max() ?? TokenRate(femtosPerToken: 0)
-            return PricingModel.perUnit(highest).charge(quantity)
+            let highest = tiers.map(\.rate).max() ?? TokenRate(unitsPerToken: 0)
+            ceiling = PricingModel.perUnit(highest).charge(quantity)
         }
+        return ceiling ?? Money.maxNanos
     }
 
     /// How the price reads on an invoice line.
@@ -120,26 +148,68 @@ public enum PricingModel: Hashable, Sendable {
     }
 }
 
+/// Prices for whole requests whose input passes a size: "above 200,000 input tokens the whole
+/// request is priced at these rates" (Gemini 2.5 Pro; Claude Sonnet's 1M-token context;
+/// LiteLLM's `*_above_200k_tokens` fields).
+public struct ContextTier: Hashable, Sendable {
+    /// The tier applies to a request with more input tokens than this (cached ones included).
+    public let aboveInputTokens: Int64
+    /// Replace the model's base prices for the token types they name; the others stay.
+    public let prices: [TokenType: PricingModel]
+
+    public init(aboveInputTokens: Int64, prices: [TokenType: PricingModel]) {
+        self.aboveInputTokens = aboveInputTokens
+        self.prices = prices
+    }
+}
+
 /// The prices of one model (and its aliases) in a price book.
 public struct ModelPrices: Hashable, Sendable {
     public let model: String
     public let aliases: [String]
     public let prices: [TokenType: PricingModel]
+    /// Ascending by `aboveInputTokens`; a request takes the highest it passes.
+    public let contextTiers: [ContextTier]
 
-    public init(model: String, aliases: [String] = [], prices: [TokenType: PricingModel]) {
+    public init(model: String, aliases: [String] = [], prices: [TokenType: PricingModel], contextTiers: [ContextTier] = []) {
         self.model = model
         self.aliases = aliases
         self.prices = prices
+        self.contextTiers = contextTiers.sorted { $0.aboveInputTokens < $1.aboveInputTokens }
+    }
+
+    /// The context tier a request falls in (its `aboveInputTokens`, 0 for none) and the prices
+    /// that apply to the whole request.
+    public func applicable(to event: UsageEvent) -> (contextAbove: Int64, prices: [TokenType: PricingModel]) {
+        guard let tier = contextTiers.last(where: { event.inputTokens > $0.aboveInputTokens }) else { return (0, prices) }
+        return (tier.aboveInputTokens, prices.merging(tier.prices) { $1 })
+    }
+
+    /// The prices of the tier that starts above `contextAbove` input tokens (0: the base prices).
+    public func prices(contextAbove: Int64) -> [TokenType: PricingModel]? {
+        if contextAbove == 0 { return prices }
+        return contextTiers.first { $0.aboveInputTokens == contextAbove }.map { prices.merging($0.prices) { $1 } }
+    }
+
+    /// Billable quantities per token type of one event at its tier's prices.
+    public func quantities(_ event: UsageEvent) -> [(TokenType, Int64)] {
+        Self.quantities(event, prices: applicable(to: event).prices)
     }
 
     /// Billable quantities per token type of one event. Cached and reasoning tokens are
-    /// billed at their own price when the book has one, else as plain input/output.
-    public func quantities(_ event: UsageEvent) -> [(TokenType, Int64)] {
+    /// billed at their own price when the book has one, else as plain input/output; 1-hour
+    /// cache writes at the `cache_write_1h` price, else like the other cache writes.
+    public static func quantities(_ event: UsageEvent, prices: [TokenType: PricingModel]) -> [(TokenType, Int64)] {
         var input = event.inputTokens - event.cacheReadInputTokens - event.cacheWriteInputTokens
         var output = event.outputTokens - event.reasoningOutputTokens
+        var cacheWrite = event.cacheWriteInputTokens
         var result: [(TokenType, Int64)] = []
         if prices[.cacheRead] != nil { result.append((.cacheRead, event.cacheReadInputTokens)) } else { input += event.cacheReadInputTokens }
-        if prices[.cacheWrite] != nil { result.append((.cacheWrite, event.cacheWriteInputTokens)) } else { input += event.cacheWriteInputTokens }
+        if prices[.cacheWrite1h] != nil {
+            result.append((.cacheWrite1h, event.cacheWrite1hInputTokens))
+            cacheWrite -= event.cacheWrite1hInputTokens
+        }
+        if prices[.cacheWrite] != nil { result.append((.cacheWrite, cacheWrite)) } else { input += cacheWrite }
         if prices[.reasoning] != nil { result.append((.reasoning, event.reasoningOutputTokens)) } else { output += event.reasoningOutputTokens }
         result.append((.input, input))
         result.append((.output, output))
@@ -243,7 +313,8 @@ public struct PriceCatalog: Sendable {
     public func pricing(of item: PriceItem) -> (book: PriceBook, pricing: PricingModel)? {
         guard let book = books.first(where: {
             $0.name == item.bookName && ($0.customerID ?? "") == item.bookCustomer && $0.version == item.bookVersion
-        }), let pricing = book.models.first(where: { $0.model == item.model })?.prices[item.tokenType] else { return nil }
+        }), let pricing = book.models.first(where: { $0.model == item.model })?.prices(contextAbove: item.contextAbove)?[item.tokenType]
+        else { return nil }
         return (book, pricing)
     }
 }

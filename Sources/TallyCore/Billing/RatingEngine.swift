@@ -7,33 +7,41 @@ public struct PriceItem: Hashable, Sendable, Comparable {
     public let bookVersion: Int
     public let model: String
     public let tokenType: TokenType
+    /// The context tier (`ContextTier.aboveInputTokens`) of the requests it counts; 0 for the base prices.
+    public let contextAbove: Int64
     /// Hashed once here: every usage event hashes its charge keys several times (see `ChargeKey`).
     private let hashCode: Int
 
-    public init(bookName: String, bookCustomer: String, bookVersion: Int, model: String, tokenType: TokenType) {
+    public init(bookName: String, bookCustomer: String, bookVersion: Int, model: String, tokenType: TokenType, contextAbove: Int64 = 0) {
         self.bookName = bookName
         self.bookCustomer = bookCustomer
         self.bookVersion = bookVersion
         self.model = model
         self.tokenType = tokenType
+        self.contextAbove = contextAbove
         var hasher = Hasher()
         hasher.combine(bookName)
         hasher.combine(bookCustomer)
         hasher.combine(bookVersion)
         hasher.combine(model)
         hasher.combine(tokenType)
+        hasher.combine(contextAbove)
         hashCode = hasher.finalize()
     }
 
     public func hash(into hasher: inout Hasher) { hasher.combine(hashCode) }
 
+    /// `" for requests above 200000 input tokens"` for a context tier's item, else empty.
+    public var contextTierText: String { contextAbove > 0 ? " for requests above \(contextAbove) input tokens" : "" }
+
     public static func == (a: PriceItem, b: PriceItem) -> Bool {
-        a.hashCode == b.hashCode && a.bookVersion == b.bookVersion && a.tokenType == b.tokenType && a.model == b.model
-            && a.bookName == b.bookName && a.bookCustomer == b.bookCustomer
+        a.hashCode == b.hashCode && a.bookVersion == b.bookVersion && a.tokenType == b.tokenType && a.contextAbove == b.contextAbove
+            && a.model == b.model && a.bookName == b.bookName && a.bookCustomer == b.bookCustomer
     }
 
     public static func < (a: PriceItem, b: PriceItem) -> Bool {
-        (a.bookName, a.bookCustomer, a.bookVersion, a.model, a.tokenType) < (b.bookName, b.bookCustomer, b.bookVersion, b.model, b.tokenType)
+        (a.bookName, a.bookCustomer, a.bookVersion, a.model, a.contextAbove, a.tokenType)
+            < (b.bookName, b.bookCustomer, b.bookVersion, b.model, b.contextAbove, b.tokenType)
     }
 }
 
@@ -273,6 +281,8 @@ public struct RatingResult: Sendable {
     public var alerts: [BalanceAlert] = []
     public var topUps: [TopUpRequest] = []
     public var unpriced: [PositionedEvent] = []
+    /// Records whose arithmetic would leave the stored range: applied not at all.
+    public var unrateable: [UnrateableRecord] = []
     public var touchedCharges = Set<ChargeKey>()
     public var touchedWallets = Set<WalletKey>()
     public var grantsCredited = 0
@@ -299,27 +309,31 @@ public struct RatingEngine: Sendable {
             let model: String
             let stretch: Int
         }
-        var matches: [MatchKey: (match: PriceMatch, items: [TokenType: PriceItem])?] = [:]
+        var matches: [MatchKey: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?] = [:]
         return records.map { record in
             guard case .usage(let positioned) = record else { return PricedRecord(record: record, charge: nil) }
             let event = positioned.event
             let profile = profiles[event.subject] ?? BillingProfile(customerID: event.subject)
             let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
                                model: event.model, stretch: catalog.stretch(containing: event.time))
-            let found: (match: PriceMatch, items: [TokenType: PriceItem])?
+            let found: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?
             if let cached = matches[key] {
                 found = cached
             } else {
                 found = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time).map { match in
-                    (match, Dictionary(uniqueKeysWithValues: TokenType.allCases.map { ($0, item(match, $0)) }))
+                    let tiers = [0] + match.prices.contextTiers.map(\.aboveInputTokens)
+                    return (match, Dictionary(uniqueKeysWithValues: tiers.map { tier in
+                        (tier, Dictionary(uniqueKeysWithValues: TokenType.allCases.map { ($0, item(match, $0, contextAbove: tier)) }))
+                    }))
                 }
                 matches[key] = .some(found)
             }
             guard let (match, items) = found else { return PricedRecord(record: record, charge: nil) }
             let period = profile.period(containing: event.time.microseconds)
-            let charges = match.prices.quantities(event).map { type, quantity in
-                (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: items[type]!), quantity: quantity,
-                 pricing: match.prices.prices[type]!)
+            let (tier, prices) = match.prices.applicable(to: event)
+            let charges = ModelPrices.quantities(event, prices: prices).map { type, quantity in
+                (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: items[tier]![type]!), quantity: quantity,
+                 pricing: prices[type]!)
             }
             return PricedRecord(record: record, charge: UsageCharge(currency: match.book.currency, periodStart: period.start, items: charges))
         }
@@ -334,9 +348,9 @@ public struct RatingEngine: Sendable {
         return missing
     }
 
-    private func item(_ match: PriceMatch, _ type: TokenType) -> PriceItem {
+    private func item(_ match: PriceMatch, _ type: TokenType, contextAbove: Int64) -> PriceItem {
         PriceItem(bookName: match.book.name, bookCustomer: match.book.customerID ?? "", bookVersion: match.book.version,
-                  model: match.prices.model, tokenType: type)
+                  model: match.prices.model, tokenType: type, contextAbove: contextAbove)
     }
 
     /// Applies records (deduplicated, in log order per partition) to `state`, priced with its profiles.
@@ -345,93 +359,123 @@ public struct RatingEngine: Sendable {
     }
 
     /// Applies priced records (deduplicated, in log order per partition) to `state`.
+    ///
+    /// Each record's effects are worked out on a copy of its customer's wallets and charge totals
+    /// and land only whole: a record whose arithmetic would leave the stored range (`Money.maxNanos`,
+    /// or an `Int64` quantity) changes nothing and is listed in `result.unrateable` with its reason.
+    /// The decision depends only on the records before it, so a replay decides the same.
     public func apply(_ priced: [PricedRecord], to state: inout RatingState) -> RatingResult {
         var result = RatingResult()
         for pricedRecord in priced {
             let record = pricedRecord.record
-            var seq: Int32 = 0
-            let time: EventTime
-            switch record {
-            case .usage(let positioned): time = positioned.event.time
-            case .grant(let positioned): time = positioned.grant.time
+            var effects = RecordEffects(customerID: record.customerID, state: state)
+            do {
+                let time: EventTime
+                switch record {
+                case .usage(let positioned): time = positioned.event.time
+                case .grant(let positioned): time = positioned.grant.time
+                }
+                try expireGrants(before: time.microseconds, position: record.position, effects: &effects)
+                switch record {
+                case .grant(let positioned): try credit(positioned, effects: &effects)
+                case .usage(let positioned):
+                    if let charge = pricedRecord.charge {
+                        try self.charge(positioned, charge, totals: state.charges, effects: &effects)
+                    } else {
+                        result.unpriced.append(positioned)
+                    }
+                }
+            } catch {
+                result.unrateable.append(UnrateableRecord(record: record, reason: error.reason))
+                continue
             }
-            expireGrants(of: record.customerID, before: time.microseconds, position: record.position, seq: &seq, state: &state, result: &result)
-            switch record {
-            case .grant(let positioned): credit(positioned, seq: &seq, state: &state, result: &result)
-            case .usage(let positioned): charge(positioned, pricedRecord.charge, seq: &seq, state: &state, result: &result)
-            }
+            effects.land(in: &state, result: &result)
         }
         return result
     }
 
     /// Writes off what is left of grants that expired by `now` (event time), at their expiry time.
-    private func expireGrants(of customerID: String, before now: Int64, position: LogPosition, seq: inout Int32,
-                              state: inout RatingState, result: inout RatingResult) {
-        for key in state.walletKeys(of: customerID) {
+    private func expireGrants(before now: Int64, position: LogPosition, effects: inout RecordEffects) throws(RatingOverflow) {
+        for key in effects.walletKeys {
             // Most records find nothing expired: look before building any list.
-            guard state.wallets[key]!.grants.contains(where: { $0.hasExpiredRemainder(by: now) }) else { continue }
-            var wallet = state[wallet: key]!
+            guard effects.wallets[key]!.grants.contains(where: { $0.hasExpiredRemainder(by: now) }) else { continue }
+            var wallet = effects.wallets[key]!
             let expired = wallet.grants.indices
                 .filter { wallet.grants[$0].hasExpiredRemainder(by: now) }
                 .sorted { (wallet.grants[$0].expiresAt!, wallet.grants[$0].grantID) < (wallet.grants[$1].expiresAt!, wallet.grants[$1].grantID) }
             let before = wallet.balanceNanos
             for index in expired {
                 let grant = wallet.grants[index]
-                result.ledger.append(LedgerEntry(wallet: key, position: position, seq: seq, kind: .expiry, amountNanos: -grant.remainingNanos,
-                                                 grantID: grant.grantID, eventID: grant.grantID, effectiveAt: EventTime(microseconds: grant.expiresAt!),
-                                                 periodStart: nil))
-                seq += 1
-                wallet.balanceNanos -= grant.remainingNanos
+                effects.ledger(LedgerEntry(wallet: key, position: position, seq: effects.seq, kind: .expiry, amountNanos: -grant.remainingNanos,
+                                           grantID: grant.grantID, eventID: grant.grantID, effectiveAt: EventTime(microseconds: grant.expiresAt!),
+                                           periodStart: nil))
+                guard let balance = Money.subtracting(wallet.balanceNanos, grant.remainingNanos) else {
+                    throw RatingOverflow("expiring grant \(grant.grantID) takes wallet \(key.currency) below the smallest balance Tally stores")
+                }
+                wallet.balanceNanos = balance
                 wallet.grants[index].remainingNanos = 0
             }
-            state[wallet: key] = wallet
-            settle(key, from: before, at: now, position: position, seq: &seq, state: &state, result: &result)
+            effects.wallets[key] = wallet
+            settle(key, from: before, at: now, position: position, effects: &effects)
         }
     }
 
-    private func credit(_ positioned: PositionedGrant, seq: inout Int32, state: inout RatingState, result: inout RatingResult) {
+    private func credit(_ positioned: PositionedGrant, effects: inout RecordEffects) throws(RatingOverflow) {
         let grant = positioned.grant
         let key = WalletKey(customerID: grant.subject, currency: grant.currency)
-        var wallet = state[wallet: key] ?? WalletState()
+        var wallet = effects.wallets[key] ?? WalletState()
         let before = wallet.balanceNanos
+        guard let balance = Money.adding(wallet.balanceNanos, grant.amountNanos) else {
+            throw RatingOverflow("grant of \(Money.format(nanos: grant.amountNanos)) \(grant.currency) takes the wallet's balance "
+                + "(\(Money.format(nanos: before))) past the largest Tally stores (\(Money.format(nanos: Money.maxNanos)))")
+        }
         wallet.grants.append(GrantBalance(grantID: grant.id, amountNanos: grant.amountNanos, remainingNanos: grant.amountNanos,
                                           priority: grant.priority, expiresAt: grant.expiresAt?.microseconds,
                                           grantedAt: grant.time.microseconds, source: grant.grantSource))
-        wallet.balanceNanos += grant.amountNanos
-        state[wallet: key] = wallet
-        result.ledger.append(LedgerEntry(wallet: key, position: positioned.position, seq: seq, kind: .grant, amountNanos: grant.amountNanos,
-                                         grantID: grant.id, eventID: grant.id, effectiveAt: grant.time, periodStart: nil))
-        seq += 1
-        result.grantsCredited += 1
-        settle(key, from: before, at: grant.time.microseconds, position: positioned.position, seq: &seq, state: &state, result: &result)
+        wallet.balanceNanos = balance
+        effects.wallets[key] = wallet
+        effects.ledger(LedgerEntry(wallet: key, position: positioned.position, seq: effects.seq, kind: .grant, amountNanos: grant.amountNanos,
+                                   grantID: grant.id, eventID: grant.id, effectiveAt: grant.time, periodStart: nil))
+        effects.grantsCredited += 1
+        settle(key, from: before, at: grant.time.microseconds, position: positioned.position, effects: &effects)
     }
 
-    private func charge(_ positioned: PositionedEvent, _ charge: UsageCharge?, seq: inout Int32, state: inout RatingState, result: inout RatingResult) {
+    private func charge(_ positioned: PositionedEvent, _ charge: UsageCharge, totals: [ChargeKey: ChargeTotal],
+                        effects: inout RecordEffects) throws(RatingOverflow) {
         let event = positioned.event
-        guard let charge else {
-            result.unpriced.append(positioned)
-            return
-        }
         var delta: Int64 = 0
-        // One in-place access of the total per key: the dictionary is large and hashed per event.
-        func add(_ quantity: Int64, _ pricing: PricingModel, to total: inout ChargeTotal) -> Int64 {
-            total.quantity += quantity
-            let amount = pricing.charge(total.quantity)
-            defer { total.amountNanos = amount }
-            return amount - total.amountNanos
-        }
         for (key, quantity, pricing) in charge.items {
-            delta += add(quantity, pricing, to: &state.charges[key, default: ChargeTotal(quantity: 0, amountNanos: 0, currency: charge.currency)])
-            result.touchedCharges.insert(key)
+            var total = effects.total(key, stored: totals, currency: charge.currency)
+            guard let cumulative = Money.adding(total.quantity, quantity) else {
+                throw RatingOverflow("\(key.item.tokenType.rawValue) tokens of \(key.item.model) this period pass \(Int64.max)")
+            }
+            guard let amount = pricing.charge(cumulative) else {
+                func text(_ nanos: Int128?) -> String { nanos.map { Money.format(nanos: $0) } ?? "more than 10^29" }
+                let period = pricing.exactNanos(cumulative)
+                let own = period.flatMap { period in pricing.exactNanos(total.quantity).map { period - $0 } }
+                throw RatingOverflow("its \(quantity) \(key.item.tokenType.rawValue) tokens of \(key.item.model) cost \(text(own)) \(charge.currency), "
+                    + "bringing the period's to \(text(period)) \(charge.currency), past the largest amount Tally stores "
+                    + "(\(Money.format(nanos: Money.maxNanos)))")
+            }
+            guard let itemDelta = Money.subtracting(amount, total.amountNanos), let sum = Money.adding(delta, itemDelta) else {
+                throw RatingOverflow("the charge of one event passes the largest amount Tally stores (\(Money.format(nanos: Money.maxNanos)))")
+            }
+            delta = sum
+            total.quantity = cumulative
+            total.amountNanos = amount
+            effects.charges.append((key, total))
         }
         guard delta != 0 else { return }
         let key = WalletKey(customerID: event.subject, currency: charge.currency)
-        var wallet = state[wallet: key] ?? WalletState()
+        var wallet = effects.wallets[key] ?? WalletState()
         let before = wallet.balanceNanos
+        guard let balance = Money.subtracting(wallet.balanceNanos, delta) else {
+            throw RatingOverflow("charging \(Money.format(nanos: delta)) \(charge.currency) takes the wallet's balance "
+                + "(\(Money.format(nanos: before))) past the smallest Tally stores")
+        }
         func entry(_ amount: Int64, grant: String?) {
-            result.ledger.append(LedgerEntry(wallet: key, position: positioned.position, seq: seq, kind: .usage, amountNanos: amount,
-                                             grantID: grant, eventID: event.id, effectiveAt: event.time, periodStart: charge.periodStart))
-            seq += 1
+            effects.ledger(LedgerEntry(wallet: key, position: positioned.position, seq: effects.seq, kind: .usage, amountNanos: amount,
+                                       grantID: grant, eventID: event.id, effectiveAt: event.time, periodStart: charge.periodStart))
         }
         if delta > 0 {
             var left = delta
@@ -446,34 +490,94 @@ public struct RatingEngine: Sendable {
             if left > 0 { entry(-left, grant: nil) }
         } else {
             // A volume tier can lower the period's charge: credited back, not to any grant.
+            // `delta` > Int64.min: both amounts it is the difference of are ≥ 0.
             entry(-delta, grant: nil)
         }
-        wallet.balanceNanos -= delta
-        state[wallet: key] = wallet
-        settle(key, from: before, at: event.time.microseconds, position: positioned.position, seq: &seq, state: &state, result: &result)
+        wallet.balanceNanos = balance
+        effects.wallets[key] = wallet
+        settle(key, from: before, at: event.time.microseconds, position: positioned.position, effects: &effects)
     }
 
     /// After a balance change: one alert per threshold crossed downwards, one top-up request
     /// per crossing of the rule's threshold, and the refuse-calls flag.
-    private func settle(_ key: WalletKey, from before: Int64, at time: Int64, position: LogPosition, seq: inout Int32,
-                        state: inout RatingState, result: inout RatingResult) {
-        result.touchedWallets.insert(key)
-        let profile = state.profile(key.customerID)
-        var wallet = state[wallet: key]!
+    private func settle(_ key: WalletKey, from before: Int64, at time: Int64, position: LogPosition, effects: inout RecordEffects) {
+        effects.touchedWallets.insert(key)
+        let profile = effects.profile
+        var wallet = effects.wallets[key]!
         let after = wallet.balanceNanos
         for threshold in profile.lowBalanceThresholdsNanos.sorted(by: >) where before >= threshold && after < threshold {
-            result.alerts.append(BalanceAlert(wallet: key, thresholdNanos: threshold, balanceNanos: after, crossedAt: time, position: position, seq: seq))
-            seq += 1
+            effects.alerts.append(BalanceAlert(wallet: key, thresholdNanos: threshold, balanceNanos: after, crossedAt: time, position: position, seq: effects.seq))
+            effects.seq += 1
         }
         if let rule = profile.autoTopUp, before >= rule.belowNanos && after < rule.belowNanos {
-            result.topUps.append(TopUpRequest(wallet: key, rule: rule, balanceNanos: after, requestedAt: time, position: position, seq: seq))
-            seq += 1
+            effects.topUps.append(TopUpRequest(wallet: key, rule: rule, balanceNanos: after, requestedAt: time, position: position, seq: effects.seq))
+            effects.seq += 1
         }
         let blocked = profile.overage.blocks(balanceNanos: after)
         if blocked != wallet.blocked {
             wallet.blocked = blocked
             wallet.blockedSince = blocked ? time : nil
         }
-        state[wallet: key] = wallet
+        effects.wallets[key] = wallet
+    }
+}
+
+/// Why a record cannot be rated: its arithmetic would leave the range Tally stores.
+struct RatingOverflow: Error {
+    let reason: String
+    init(_ reason: String) { self.reason = reason }
+}
+
+/// A record the rater kept aside instead of applying: it changed no charge, wallet or ledger.
+public struct UnrateableRecord: Sendable {
+    public let record: RaterRecord
+    /// Names the quantity or amount and the limit it would pass.
+    public let reason: String
+}
+
+/// One record's effects, worked out before any of them lands in the state: the customer's
+/// wallets (copied), the charge totals it moves, and what it appends.
+private struct RecordEffects {
+    let profile: BillingProfile
+    let walletKeys: [WalletKey]
+    var wallets: [WalletKey: WalletState] = [:]
+    var charges: [(ChargeKey, ChargeTotal)] = []
+    var ledgerEntries: [LedgerEntry] = []
+    var alerts: [BalanceAlert] = []
+    var topUps: [TopUpRequest] = []
+    var touchedWallets: Set<WalletKey> = []
+    var grantsCredited = 0
+    var seq: Int32 = 0
+
+    /// Holds no reference to `state`'s tables: landing must not copy them.
+    init(customerID: String, state: RatingState) {
+        profile = state.profile(customerID)
+        walletKeys = state.walletKeys(of: customerID)
+        for key in walletKeys { wallets[key] = state[wallet: key] }
+    }
+
+    /// The total as this record has moved it so far, else as stored.
+    func total(_ key: ChargeKey, stored: [ChargeKey: ChargeTotal], currency: Currency) -> ChargeTotal {
+        if let moved = charges.last(where: { $0.0 == key }) { return moved.1 }
+        return stored[key] ?? ChargeTotal(quantity: 0, amountNanos: 0, currency: currency)
+    }
+
+    mutating func ledger(_ entry: LedgerEntry) {
+        ledgerEntries.append(entry)
+        seq += 1
+    }
+
+    /// Moves the effects into the state and the batch's result.
+    func land(in state: inout RatingState, result: inout RatingResult) {
+        for (key, total) in charges {
+            state.charges[key] = total
+            result.touchedCharges.insert(key)
+        }
+        for key in touchedWallets { state[wallet: key] = wallets[key] }
+        result.touchedWallets.formUnion(touchedWallets)
+        result.ledger += ledgerEntries
+        result.alerts += alerts
+        result.topUps += topUps
+        result.grantsCredited += grantsCredited
     }
 }

@@ -7,15 +7,15 @@ public struct UsageReport: Sendable {
     /// Days of the period (UTC, `YYYY-MM-DD`), in order.
     public let days: [String]
     /// model → tokens per day (aligned with `days`).
-    public let tokensByModel: [String: [Int64]]
+    public let tokensByModel: [String: [Int128]]
     /// Charges per day in nano-units (aligned with `days`).
-    public let spendNanos: [Int64]
+    public let spendNanos: [Int128]
     /// Wallet balance at the end of each day in nano-units (aligned with `days`).
-    public let balanceNanos: [Int64]
-    public let eventCount: Int64
+    public let balanceNanos: [Int128]
+    public let eventCount: Int128
 
-    public init(customerID: String, period: BillingPeriod, currency: Currency, days: [String], tokensByModel: [String: [Int64]],
-                spendNanos: [Int64], balanceNanos: [Int64], eventCount: Int64) {
+    public init(customerID: String, period: BillingPeriod, currency: Currency, days: [String], tokensByModel: [String: [Int128]],
+                spendNanos: [Int128], balanceNanos: [Int128], eventCount: Int128) {
         self.customerID = customerID
         self.period = period
         self.currency = currency
@@ -26,8 +26,8 @@ public struct UsageReport: Sendable {
         self.eventCount = eventCount
     }
 
-    public var totalTokens: Int64 { tokensByModel.values.reduce(0) { $0 + $1.reduce(0, +) } }
-    public var totalSpendNanos: Int64 { spendNanos.reduce(0, +) }
+    public var totalTokens: Int128 { tokensByModel.values.reduce(0) { $0 + $1.reduce(0, +) } }
+    public var totalSpendNanos: Int128 { spendNanos.reduce(0, +) }
 
     /// The days of a period, `YYYY-MM-DD`.
     public static func days(of period: BillingPeriod) -> [String] {
@@ -87,7 +87,7 @@ public enum UsageReportRenderer {
         left + (width - left - 10) * (count <= 1 ? 0.5 : Double(index) / Double(count - 1))
     }
 
-    static func frame(_ title: String, low: Int64, high: Int64, labels: [String], format: (Int64) -> String, _ content: String) -> String {
+    static func frame(_ title: String, low: Int128, high: Int128, labels: [String], format: (Int128) -> String, _ content: String) -> String {
         let first = labels.first.map { escape(String($0.suffix(5))) } ?? "", last = labels.last.map { escape(String($0.suffix(5))) } ?? ""
         return """
             <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(width))" height="\(Int(height))" role="img" aria-label="\(escape(title))">
@@ -102,13 +102,13 @@ public enum UsageReportRenderer {
             """
     }
 
-    static func y(_ value: Int64, low: Int64, high: Int64) -> Double {
+    static func y(_ value: Int128, low: Int128, high: Int128) -> Double {
         let span = Double(max(high - low, 1))
         return (height - bottom) - (height - bottom - top) * Double(value - low) / span
     }
 
-    static func lineChart(series: [(name: String, color: String, values: [Int64])], labels: [String], title: String,
-                          format: (Int64) -> String = { String($0) }) -> String {
+    static func lineChart(series: [(name: String, color: String, values: [Int128])], labels: [String], title: String,
+                          format: (Int128) -> String = { String($0) }) -> String {
         let all = series.flatMap(\.values)
         let low = min(all.min() ?? 0, 0), high = max(all.max() ?? 1, 1)
         let lines = series.map { line in
@@ -118,7 +118,7 @@ public enum UsageReportRenderer {
         return frame(title, low: low, high: high, labels: labels, format: format, lines)
     }
 
-    static func barChart(values: [Int64], labels: [String], title: String) -> String {
+    static func barChart(values: [Int128], labels: [String], title: String) -> String {
         let high = max(values.max() ?? 1, 1)
         let slot = (width - left - 10) / Double(max(values.count, 1))
         let bars = values.enumerated().map { index, value in

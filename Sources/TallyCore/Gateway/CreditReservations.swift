@@ -53,10 +53,11 @@ public struct CreditReservations: Sendable {
             if let position = hold.position, snapshot.hasRated(position) {
                 holds.removeValue(forKey: id)
             } else if hold.customerID == customerID {
-                held += hold.amountNanos
+                held = Money.saturatingAdd(held, hold.amountNanos)
             }
         }
-        return snapshot.balanceNanos - held
+        // Saturates: holds and balances near the stored limits must refuse calls, not trap.
+        return Money.saturatingAdd(snapshot.balanceNanos, held == Int64.min ? Int64.max : -held)
     }
 
     /// Admits a call and reserves its estimate, or refuses it when the policy blocks at the credit left.
