@@ -21,22 +21,20 @@ public struct BillingCatalogStore {
     /// Models with usage in the 35 days before `book` takes effect (or since) that the plan's
     /// latest stored version prices and `book` would not: their events would go unpriced.
     /// Empty for a customer override (its models fall back to the plan's prices).
-    public func modelsLosingPrice(_ book: PriceBook) throws -> [(model: String, events: Int128)] {
+    public func modelsLosingPrice(_ book: PriceBook) throws -> [String] {
         guard book.customerID == nil else { return [] }
         let catalog = try loadCatalog()
         guard let previous = catalog.books.filter({ $0.name == book.name && $0.customerID == nil }).max(by: { $0.version < $1.version }) else {
             return []
         }
+        // The models events name (the aggregator's windows) and the ones the rater has charged
+        // (book model names), whichever consumer runs.
         let usage = try connection.query("""
-            SELECT model, sum(event_count) FROM usage_windows
-            WHERE window_start >= $1::timestamptz - interval '35 days' GROUP BY model ORDER BY model
+            SELECT model FROM usage_windows WHERE window_start >= $1::timestamptz - interval '35 days'
+            UNION SELECT model FROM rated_usage WHERE period_start + interval '1 month' > $1::timestamptz - interval '35 days'
+            ORDER BY 1
             """, [book.effectiveFrom.text])
-        var losing: [(model: String, events: Int128)] = []
-        for row in 0..<usage.rowCount {
-            let model = usage.string(row, 0)!
-            if previous.prices(for: model) != nil && book.prices(for: model) == nil { losing.append((model, try usage.int128(row, 1) ?? 0)) }
-        }
-        return losing
+        return (0..<usage.rowCount).map { usage.string($0, 0)! }.filter { previous.prices(for: $0) != nil && book.prices(for: $0) == nil }
     }
 
     /// Stores a book as the next version of its (name, customer); returns that version, or the

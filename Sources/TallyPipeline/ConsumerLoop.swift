@@ -257,6 +257,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             case .event(.usage(let event)):
                 if InvariantBreak.drop.isOn && offset % 50 == 0 { break }
                 batch.events.append(PositionedEvent(event: event, position: logPosition))
+                if !records[index].headers.isEmpty, records[index].header(rateUnpricedHeader) != nil { batch.rateUnpricedAt.insert(logPosition) }
                 if InvariantBreak.phantom.isOn && settings.metricsPrefix == "tally_aggregator" && batch.events.count == 1 {
                     var madeUp = event
                     madeUp.id += "-phantom-\(offset)"

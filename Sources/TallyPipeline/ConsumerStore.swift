@@ -23,6 +23,10 @@ public struct PreparedBatch: Sendable {
     public var deadLetters: [DeadLetter] = []
     /// Wallet grants: the rater credits them; the aggregator only moves past them.
     public var grants: [PositionedGrant] = []
+    /// Usage events sent again by `tally pricing rate-unpriced` (header `tally-rate-unpriced`): the
+    /// rater rates those still kept unpriced once a price exists; to every other rule they are
+    /// ordinary duplicates.
+    public var rateUnpricedAt: Set<LogPosition> = []
     /// Producer timestamps (ms) of the batch's oldest and newest records: when tally-ingest wrote them.
     public var recordTimes: (oldest: Int64, newest: Int64)?
     /// partition → (expected current next_offset, new next_offset, claimed epoch)
@@ -37,6 +41,7 @@ public struct PreparedBatch: Sendable {
         copy.events.removeAll { partitions.contains($0.position.partition) }
         copy.deadLetters.removeAll { partitions.contains($0.position.partition) }
         copy.grants.removeAll { partitions.contains($0.position.partition) }
+        copy.rateUnpricedAt = copy.rateUnpricedAt.filter { !partitions.contains($0.partition) }
         for partition in partitions { copy.moves.removeValue(forKey: partition) }
         return copy
     }

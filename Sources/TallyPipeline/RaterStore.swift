@@ -7,6 +7,9 @@ let microsecondsToTimestamp = "'epoch'::timestamptz + interval '1 microsecond' *
 /// SQL for a timestamptz column as exact microseconds since the epoch.
 func microseconds(_ column: String) -> String { "(extract(epoch FROM \(column)) * 1000000)::bigint" }
 
+/// The Kafka header `tally pricing rate-unpriced` marks the unpriced events it sends again with.
+public let rateUnpricedHeader = "tally-rate-unpriced"
+
 /// The rater's state in PostgreSQL: its dedup keys, rated usage, wallets and ledger, alerts.
 ///
 /// Every batch rates in memory (`RatingEngine`, pure) and writes absolute values back, in the
@@ -84,10 +87,12 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
         let stored = try tables.storedHashes(of: records, table: "rater_event_keys")
         let decision = Deduplicator.decide(records, stored: stored)
+        let retried = try unpricedSentAgain(records, batch: batch, accepted: decision.accepted)
+        let rated = retried.isEmpty ? decision.accepted : (decision.accepted + retried).sorted { $0.position < $1.position }
         // 3. Load what is not cached yet; then rate (pure) while the keys go in; write the
         //    changed state back. A failed key COPY discards the rated state (`discardAttempt`).
-        try loadCustomers(Set(decision.accepted.map(\.customerID)).subtracting(cachedCustomers))
-        let priced = engine.price(decision.accepted, profiles: state.profiles)
+        try loadCustomers(Set(rated.map(\.customerID)).subtracting(cachedCustomers))
+        let priced = engine.price(rated, profiles: state.profiles)
         try loadCharges(engine.missingChargeKeys(priced, in: state))
         let result = try tables.storeKeys(decision.accepted, table: "rater_event_keys") { engine.apply(priced, to: &state) }
         try writeCharges(result.touchedCharges)
@@ -99,6 +104,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         try insertTopUps(result.topUps)
         try insertUnpriced(result.unpriced)
         logFirstUnpriced(result.unpriced)
+        try removeRatedUnpriced(retried, priced: priced)
         try insertUnrateable(result.unrateable)
         // 5. Conflicts and dead letters, idempotent by position.
         try tables.insertConflicts(decision.conflicts)
@@ -331,6 +337,39 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                   PostgresArray(kinds.map(\.0)), PostgresArray(kinds.map(\.1)), PostgresArray(records.map(\.reason))])
     }
 
+    /// Events `tally pricing rate-unpriced` sent again whose first copy is still in `unpriced_usage`:
+    /// duplicates by key (their key was stored with the first copy), rated now like new usage.
+    /// In a replay with the price in force the first copy is rated where it stands, and the
+    /// second finds nothing kept aside: the same charges either way.
+    private func unpricedSentAgain(_ records: [RaterRecord], batch: PreparedBatch, accepted: [RaterRecord]) throws -> [RaterRecord] {
+        guard !batch.rateUnpricedAt.isEmpty else { return [] }
+        let acceptedKeys = Set(accepted.map(\.key))
+        var seen = Set<DedupKey>()
+        let candidates = records.filter {
+            guard case .usage = $0, batch.rateUnpricedAt.contains($0.position), !acceptedKeys.contains($0.key) else { return false }
+            return seen.insert($0.key).inserted
+        }
+        guard !candidates.isEmpty else { return [] }
+        let kept = try connection.query("""
+            SELECT u.customer_id, u.event_id FROM unpriced_usage u
+            JOIN unnest($1::text[], $2::text[]) AS k(c, e) ON u.customer_id = k.c AND u.event_id = k.e
+            """, [PostgresArray(candidates.map(\.key.customerID)), PostgresArray(candidates.map(\.key.eventID))])
+        let keptKeys = Set((0..<kept.rowCount).map { DedupKey(customerID: kept.string($0, 0)!, eventID: kept.string($0, 1)!) })
+        return candidates.filter { keptKeys.contains($0.key) }
+    }
+
+    /// The events sent again that a price book now prices leave `unpriced_usage`: they are charged.
+    private func removeRatedUnpriced(_ retried: [RaterRecord], priced: [PricedRecord]) throws {
+        guard !retried.isEmpty else { return }
+        let retriedPositions = Set(retried.map(\.position))
+        let rated = priced.filter { retriedPositions.contains($0.record.position) && $0.charge != nil }.map(\.record.key)
+        guard !rated.isEmpty else { return }
+        try connection.query("""
+            DELETE FROM unpriced_usage u USING unnest($1::text[], $2::text[]) AS k(c, e) WHERE u.customer_id = k.c AND u.event_id = k.e
+            """, [PostgresArray(rated.map(\.customerID)), PostgresArray(rated.map(\.eventID))])
+        logger.info("rated \(rated.count) usage events kept unpriced before (sent again by tally pricing rate-unpriced)")
+    }
+
     /// One line per model and billing period, the first time this process meets it: loud enough
     /// to be seen, without a line per event.
     private func logFirstUnpriced(_ events: [PositionedEvent]) {
@@ -349,15 +388,16 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         guard !events.isEmpty else { return }
         try connection.query("""
             INSERT INTO unpriced_usage (customer_id, event_id, model, event_time, partition, record_offset, input_tokens, output_tokens,
-                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens)
-            SELECT c, e, m, \(microsecondsToTimestamp) t, p, o, i, out, cr, cw, r
+                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, document)
+            SELECT c, e, m, \(microsecondsToTimestamp) t, p, o, i, out, cr, cw, r, d
             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[], $8::bigint[],
-                        $9::bigint[], $10::bigint[], $11::bigint[]) AS x(c, e, m, t, p, o, i, out, cr, cw, r)
+                        $9::bigint[], $10::bigint[], $11::bigint[], $12::text[]) AS x(c, e, m, t, p, o, i, out, cr, cw, r, d)
             ON CONFLICT DO NOTHING
             """, [PostgresArray(events.map(\.event.subject)), PostgresArray(events.map(\.event.id)), PostgresArray(events.map(\.event.model)),
                   PostgresArray(events.map(\.event.time.microseconds)), PostgresArray(events.map(\.position.partition)),
                   PostgresArray(events.map(\.position.offset)), PostgresArray(events.map(\.event.inputTokens)),
                   PostgresArray(events.map(\.event.outputTokens)), PostgresArray(events.map(\.event.cacheReadInputTokens)),
-                  PostgresArray(events.map(\.event.cacheWriteInputTokens)), PostgresArray(events.map(\.event.reasoningOutputTokens))])
+                  PostgresArray(events.map(\.event.cacheWriteInputTokens)), PostgresArray(events.map(\.event.reasoningOutputTokens)),
+                  PostgresArray(events.map { String(decoding: EventEncoder.encode($0.event), as: UTF8.self) })])
     }
 }

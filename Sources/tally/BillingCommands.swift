@@ -27,7 +27,7 @@ func amountNanos(_ text: String, option: String, allowZero: Bool = false) throws
 struct Pricing: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Manage versioned price books (tally.price_books).",
-        subcommands: [Apply.self, List.self, Show.self, Diff.self, ImportLiteLLM.self])
+        subcommands: [Apply.self, List.self, Show.self, Diff.self, ImportLiteLLM.self, RateUnpriced.self])
 
     struct Apply: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -45,9 +45,9 @@ struct Pricing: ParsableCommand {
             if dryRun { print(PriceBookDocument.canonicalJSON(book), terminator: ""); return }
             let store = BillingCatalogStore(connection: try connect(database, label: "tally.pricing"))
             // Unpriced usage is kept aside, not billed: say so before it happens.
-            for (model, events) in try store.modelsLosingPrice(book) {
-                print("warning: \(model) has usage (\(events) events in the 35 days before \(book.effectiveFrom) or since) and no price in this "
-                      + "version of \(book.name): from \(book.effectiveFrom) its events go to tally.unpriced_usage", to: &standardError)
+            for model in try store.modelsLosingPrice(book) {
+                print("warning: \(model) has usage in the 35 days before \(book.effectiveFrom) or since, and no price in this version of "
+                      + "\(book.name): from \(book.effectiveFrom) its events go to tally.unpriced_usage, not billed", to: &standardError)
             }
             let (version, created) = try store.apply(book)
             let owner = book.customerID.map { " (override for \($0))" } ?? ""
@@ -100,6 +100,69 @@ struct Pricing: ParsableCommand {
             }
             let a = try PriceBookDocument.parse(old.document), b = try PriceBookDocument.parse(new.document)
             print(PriceBookDiff.lines(from: a, to: b).joined(separator: "\n"))
+        }
+    }
+
+    struct RateUnpriced: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "rate-unpriced",
+            abstract: "Rate usage kept in tally.unpriced_usage that a price book now prices, without a replay.",
+            discussion: """
+                Sends each such event to the usage topic again, keyed by its customer and marked with the header \
+                \(rateUnpricedHeader): the rater charges it at the prices in force at its event time and removes it from \
+                tally.unpriced_usage; to the aggregator it is a duplicate, counted once. Sending it twice charges once. \
+                Events still without a price stay where they are.
+                """)
+        @OptionGroup var database: DatabaseOptions
+        @OptionGroup var kafka: KafkaOptions
+        @OptionGroup var logging: LoggingOptions
+        @Option(help: "Only this customer.") var customer: String?
+        @Option(help: "Only this model.") var model: String?
+
+        func run() async throws {
+            let logger = makeLogger(logging, label: "tally.pricing")
+            let connection = try connect(database, label: "tally.pricing")
+            let store = BillingCatalogStore(connection: connection)
+            let catalog = try store.loadCatalog()
+            let rows = try connection.query("""
+                SELECT customer_id, model, (extract(epoch FROM event_time) * 1000000)::bigint, document FROM unpriced_usage
+                WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR model = $2)
+                ORDER BY partition, record_offset
+                """, [customer, model])
+            let profiles = try store.profiles(Array(Set((0..<rows.rowCount).map { rows.string($0, 0)! })))
+            var records: [ProducerRecord] = []
+            var stillUnpriced: [String: Int] = [:]
+            var withoutDocument = 0
+            for row in 0..<rows.rowCount {
+                let customerID = rows.string(row, 0)!, model = rows.string(row, 1)!
+                let time = EventTime(microseconds: try rows.int64(row, 2)!)
+                let plan = profiles[customerID]?.plan ?? BillingProfile(customerID: customerID).plan
+                guard catalog.match(customerID: customerID, plan: plan, model: model, at: time) != nil else {
+                    stillUnpriced[model, default: 0] += 1
+                    continue
+                }
+                guard let document = rows.string(row, 3) else {
+                    withoutDocument += 1
+                    continue
+                }
+                records.append(ProducerRecord(topic: kafka.topic, key: Array(customerID.utf8), value: Array(document.utf8),
+                                              headers: [KafkaHeader(rateUnpricedHeader, Array("1".utf8))]))
+            }
+            if !records.isEmpty {
+                let producer = try KafkaProducer(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties),
+                                                 logger: logger)
+                let results = await producer.send(records)
+                await producer.close()
+                let failed = results.filter { if case .failure = $0 { return true } else { return false } }.count
+                if failed > 0 { throw ValidationError("\(failed) of \(records.count) events could not be sent; run the command again (a second copy charges once)") }
+            }
+            print("sent \(records.count) unpriced events to be rated")
+            for (model, count) in stillUnpriced.sorted(by: { $0.key < $1.key }) {
+                print("\(model): \(count) events still have no price at their event time", to: &standardError)
+            }
+            if withoutDocument > 0 {
+                print("\(withoutDocument) events were kept before Tally stored unpriced events whole; a replay rates them", to: &standardError)
+            }
         }
     }
 

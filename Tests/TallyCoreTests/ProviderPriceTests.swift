@@ -64,6 +64,16 @@ final class ProviderPriceTests: XCTestCase {
         XCTAssertNotEqual(ContentHash.of(split), ContentHash.of(event), "the split is part of the content")
     }
 
+    /// `tally pricing rate-unpriced` sends an unpriced event again from its stored canonical JSON:
+    /// the copy must have the original's content hash, or the aggregator would record a conflict.
+    func testAStoredEventSentAgainKeepsItsContentHash() throws {
+        let original = #"{ "type":"llm.usage","specversion":"1.0","id":"e1","source":"app","subject":"c1","time":"2026-03-01T13:30:00.5+01:30","traceparent":"00-ab-01","myext":{"k":[1,2]},"data":{"model":"m","input_tokens":100,"output_tokens":5,"cache_write_input_tokens":40,"cache_write_1h_input_tokens":10,"properties":{"team":"search","empty":""}}}"#
+        guard case .success(.usage(let event)) = EventDecoder.decode(Array(original.utf8)) else { return XCTFail("not a usage event") }
+        guard case .success(.usage(let copy)) = EventDecoder.decode(EventEncoder.encode(event)) else { return XCTFail("the copy does not decode") }
+        XCTAssertEqual(ContentHash.of(copy), ContentHash.of(event))
+        XCTAssertEqual(copy, event)
+    }
+
     /// gemini-2.5-pro: 1.25 / 10.00, and above 200,000 input tokens the whole request at 2.50 / 15.00.
     /// 250,000 input and 1,000 output: 250,000 × 2.50 + 1,000 × 15.00 per 1M = 0.625 + 0.015 = 0.64
     /// (not 0.3225 at the base rates). At exactly 200,000 the base rates apply: 0.25 + 0.01 = 0.26.

@@ -176,6 +176,54 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertEqual(try harness.connection.query("SELECT DISTINCT context_above FROM tally.rated_usage").rows, [["200000"]])
     }
 
+    /// Issue #19: usage of a model no book prices is kept aside and listed by `tally status`; once a
+    /// price exists, `tally pricing rate-unpriced` has it rated without a replay, exactly once;
+    /// `tally pricing apply` warns when a model with usage would lose its price.
+    func testUnpricedUsageIsRatedOnceAPriceExists() async throws {
+        let harness = try AggregatorHarness()
+        try Self.applyPrices(harness)
+        func usage(_ id: String, _ model: String, input: Int64, output: Int64) -> UsageEvent {
+            UsageEvent(id: id, source: "test", subject: "dana", time: EventTime("2026-11-02T10:00:00Z")!, model: model,
+                       inputTokens: input, outputTokens: output, properties: ["team": "search"])
+        }
+        try await harness.publish([usage("n1", "brand-new", input: 1_000_000, output: 100_000), usage("n2", "brand-new", input: 10, output: 0),
+                                   usage("p1", "gpt-4o", input: 1_000, output: 0)])
+        let rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.unpriced_usage WHERE model = 'brand-new'"), 2)
+        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(10)) { rater.log.contains("unpriced usage: no price book prices brand-new") }, rater.log)
+        let status = try harness.tally(["status", "--topic", harness.topic])
+        XCTAssertTrue(status.contains("unpriced usage") && status.contains("brand-new"), status)
+
+        // Nothing has a price yet: nothing is sent.
+        XCTAssertTrue(try harness.tally(["pricing", "rate-unpriced", "--topic", harness.topic]).contains("sent 0 unpriced events"))
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("prices") + ".yaml")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try (Self.priceBook + "\n  - { model: brand-new, input: \"1.00\", output: \"2.00\" }\n").write(to: file, atomically: true, encoding: .utf8)
+        XCTAssertTrue(try harness.tally(["pricing", "apply", file.path]).contains("applied default version 2"))
+        let sent = try harness.tally(["pricing", "rate-unpriced", "--topic", harness.topic])
+        XCTAssertTrue(sent.contains("sent 2 unpriced events"), sent)
+        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(60)) {
+            try self.int64(harness, "SELECT count(*) FROM tally.unpriced_usage") == 0
+        }, rater.log)
+        // 1,000,000 × 1.00 + 100,000 × 2.00 per 1M = 1.20; 10 × 1.00 per 1M = 0.00001.
+        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id IN ('n1', 'n2')"), 1_200_010_000)
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.event_conflicts"), 0, "the copy has the original's content")
+        // Sent again: the copies are duplicates with nothing kept aside, and charge nothing more.
+        XCTAssertTrue(try harness.tally(["pricing", "rate-unpriced", "--topic", harness.topic]).contains("sent 0 unpriced events"))
+        try await harness.publish([usage("p2", "gpt-4o", input: 1_000, output: 0)])
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id IN ('n1', 'n2')"), 1_200_010_000)
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+
+        // A version that drops a model with usage is applied with a warning.
+        try Self.priceBook.replacingOccurrences(of: "  - { model: gpt-4o, input: \"2.50\", output: \"10.00\", cache_read: \"1.25\" }\n", with: "")
+            .write(to: file, atomically: true, encoding: .utf8)
+        let applied = try harness.tally(["pricing", "apply", file.path])
+        XCTAssertTrue(applied.contains("warning: gpt-4o has usage") && applied.contains("applied default version 3"), applied)
+    }
+
     /// kill -9 at random moments: the ledger, rated usage, grants, balances and invoices end up
     /// identical to a run without crashes over the same log (in a second database).
     func testKillNineChangesNothing() async throws {

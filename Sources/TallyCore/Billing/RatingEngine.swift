@@ -366,9 +366,11 @@ public struct RatingEngine: Sendable {
     /// The decision depends only on the records before it, so a replay decides the same.
     public func apply(_ priced: [PricedRecord], to state: inout RatingState) -> RatingResult {
         var result = RatingResult()
+        // One scratch for every record: cleared, not reallocated (this runs per event).
+        var effects = RecordEffects()
         for pricedRecord in priced {
             let record = pricedRecord.record
-            var effects = RecordEffects(customerID: record.customerID, state: state)
+            effects.start(customerID: record.customerID, state: state)
             do {
                 let time: EventTime
                 switch record {
@@ -538,8 +540,8 @@ public struct UnrateableRecord: Sendable {
 /// One record's effects, worked out before any of them lands in the state: the customer's
 /// wallets (copied), the charge totals it moves, and what it appends.
 private struct RecordEffects {
-    let profile: BillingProfile
-    let walletKeys: [WalletKey]
+    private(set) var profile = BillingProfile(customerID: "")
+    private(set) var walletKeys: [WalletKey] = []
     var wallets: [WalletKey: WalletState] = [:]
     var charges: [(ChargeKey, ChargeTotal)] = []
     var ledgerEntries: [LedgerEntry] = []
@@ -549,11 +551,20 @@ private struct RecordEffects {
     var grantsCredited = 0
     var seq: Int32 = 0
 
+    /// Starts on a record of `customerID`, forgetting the last one's effects (keeping capacity).
     /// Holds no reference to `state`'s tables: landing must not copy them.
-    init(customerID: String, state: RatingState) {
+    mutating func start(customerID: String, state: RatingState) {
         profile = state.profile(customerID)
         walletKeys = state.walletKeys(of: customerID)
+        wallets.removeAll(keepingCapacity: true)
         for key in walletKeys { wallets[key] = state[wallet: key] }
+        charges.removeAll(keepingCapacity: true)
+        ledgerEntries.removeAll(keepingCapacity: true)
+        alerts.removeAll(keepingCapacity: true)
+        topUps.removeAll(keepingCapacity: true)
+        touchedWallets.removeAll(keepingCapacity: true)
+        grantsCredited = 0
+        seq = 0
     }
 
     /// The total as this record has moved it so far, else as stored.

@@ -102,3 +102,7 @@ ALTER TABLE tally.rated_usage DROP CONSTRAINT rated_usage_pkey;
 ALTER TABLE tally.rated_usage ADD PRIMARY KEY
     (customer_id, period_start, book_name, book_customer, book_version, model, token_type, context_above);
 ALTER TABLE tally.invoice_lines ADD COLUMN context_above bigint;
+
+-- The unpriced event itself (canonical JSON, the same content hash), so `tally pricing
+-- rate-unpriced` can send it again once a price exists; NULL for rows kept before.
+ALTER TABLE tally.unpriced_usage ADD COLUMN document text;
