@@ -53,14 +53,18 @@ struct TallyRater: ParsableCommand {
                 let grace = closeInvoicesAfterGraceHours.map { Duration.seconds(Int64($0) * 3600) }
                 let logger = context.logger
                 let thread = Thread {
+                    // A refused invoice is tried again every pass: said once per process, not every second.
+                    var refusalsLogged = Set<String>()
                     relay.run(stop: stop, eachPass: grace.map { grace in
                         { connection in
                             let closing = try InvoiceStore(connection: connection).closeDue(grace: grace)
                             for invoice in closing.closed {
                                 logger.info("closed \(invoice.invoiceID): total due \(invoice.currency.format(invoice.totalDueNanos)) \(invoice.currency)")
                             }
-                            // The other customers' periods closed; this one stays open, and is tried again each pass.
-                            for reason in closing.refused { logger.error("invoice not closed: \(reason)") }
+                            // The other customers' periods closed; this one stays open.
+                            for reason in closing.refused where refusalsLogged.insert(reason).inserted {
+                                logger.error("invoice not closed: \(reason)")
+                            }
                         }
                     })
                     relayDone.signal()

@@ -176,6 +176,32 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertEqual(try harness.connection.query("SELECT DISTINCT context_above FROM tally.rated_usage").rows, [["200000"]])
     }
 
+    /// Issue #19: a period whose lines add up past the largest amount is refused with its reason,
+    /// and the other customers' periods close. whale: 3 × 10^15 input tokens of gpt-4o at 2.50 per
+    /// 1M (7.5 billion, which its wallet can owe) and a subscription fee of 5 billion: each line
+    /// fits, the total (12.5 billion) does not.
+    func testAnInvoicePastTheLimitIsRefusedAndTheOthersClose() async throws {
+        let harness = try AggregatorHarness()
+        try Self.applyPrices(harness)
+        try harness.tally(["customers", "set", "whale", "--subscription-fee", "5000000000"])
+        let whale = (0..<3).map { UsageEvent(id: "w\($0)", source: "t", subject: "whale", time: EventTime("2026-10-05T10:00:00Z")!, model: "gpt-4o",
+                                             inputTokens: 1_000_000_000_000_000, outputTokens: 0) }
+        let minnow = UsageEvent(id: "m1", source: "t", subject: "minnow", time: EventTime("2026-10-05T10:00:00Z")!, model: "gpt-4o",
+                                inputTokens: 1_000_000, outputTokens: 100_000)
+        try await harness.publish(whale + [minnow])
+        let rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.unrateable_records"), 0, "every event fits its own line")
+        let (status, output) = try harness.tallyStatus(["invoices", "close", "--period", "2026-10"])
+        XCTAssertEqual(status, 1, output)
+        XCTAssertTrue(output.contains("INV-2026-10-minnow-USD") && output.contains("closed 1 invoices"), output)
+        XCTAssertTrue(output.contains("not closed: whale 2026-10: the total due passes the largest amount"), output)
+        // minnow: 1M × 2.50 + 100k × 10.00 per 1M = 3.50, under the 5.00 minimum: 5.00 due.
+        XCTAssertEqual(try int64(harness, "SELECT total_due_nanos FROM tally.invoices WHERE customer_id = 'minnow'"), 5_000_000_000)
+    }
+
     /// Issue #19: usage of a model no book prices is kept aside and listed by `tally status`; once a
     /// price exists, `tally pricing rate-unpriced` has it rated without a replay, exactly once;
     /// `tally pricing apply` warns when a model with usage would lose its price.
@@ -191,7 +217,7 @@ final class RaterIntegrationTests: XCTestCase {
         let rater = try harness.startRater()
         XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
         XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.unpriced_usage WHERE model = 'brand-new'"), 2)
-        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(10)) { rater.log.contains("unpriced usage: no price book prices brand-new") }, rater.log)
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(10)) { rater.log.contains("unpriced usage: no price book prices brand-new") }, rater.log)
         let status = try harness.tally(["status", "--topic", harness.topic])
         XCTAssertTrue(status.contains("unpriced usage") && status.contains("brand-new"), status)
 
