@@ -128,7 +128,6 @@ public struct InvoiceStore {
                                               quantity: try charges.int64(row, 7)!, amountNanos: try charges.int64(row, 8)!,
                                               pricing: charges.string(row, 9)!))
         }
-        // Sums of an item's lines stay within Int64: each is a stored quantity or amount of one period.
         let invoiced = try connection.query("""
             SELECT \(microseconds("l.covers_period_start")), l.book_name, l.book_customer, l.book_version, l.model, l.token_type,
                    coalesce(l.context_above, 0), sum(l.quantity), sum(l.exact_amount_nanos)
@@ -138,20 +137,20 @@ public struct InvoiceStore {
             """, [inputs.customerID, inputs.currency.code])
         for row in 0..<invoiced.rowCount {
             inputs.invoiced.append(InvoicedCharge(periodStart: try invoiced.int64(row, 0)!, item: try item(invoiced, row, from: 1),
-                                                  quantity: try invoiced.int64(row, 7)!, exactNanos: try invoiced.int64(row, 8)!))
+                                                  quantity: try invoiced.int128(row, 7)!, exactNanos: try invoiced.int128(row, 8)!))
         }
         let drawn = try connection.query("""
             SELECT \(microseconds("period_start")), -sum(amount_nanos) FROM wallet_ledger
             WHERE customer_id = $1 AND currency = $2 AND kind = 'usage' AND grant_id IS NOT NULL AND \(periods)
             GROUP BY period_start
             """, parameters)
-        for row in 0..<drawn.rowCount { inputs.creditsDrawn[try drawn.int64(row, 0)!] = try drawn.int64(row, 1)! }
+        for row in 0..<drawn.rowCount { inputs.creditsDrawn[try drawn.int64(row, 0)!] = try drawn.int128(row, 1)! }
         let applied = try connection.query("""
             SELECT \(microseconds("l.covers_period_start")), -sum(l.exact_amount_nanos)
             FROM invoice_lines l JOIN invoices i USING (invoice_id)
             WHERE i.customer_id = $1 AND i.currency = $2 AND l.kind = 'credits' GROUP BY 1
             """, [inputs.customerID, inputs.currency.code])
-        for row in 0..<applied.rowCount { inputs.creditsInvoiced[try applied.int64(row, 0)!] = try applied.int64(row, 1)! }
+        for row in 0..<applied.rowCount { inputs.creditsInvoiced[try applied.int64(row, 0)!] = try applied.int128(row, 1)! }
     }
 
     /// The price item in six columns: book name, book customer, version, model, token type, context tier.

@@ -87,7 +87,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
         let stored = try tables.storedHashes(of: records, table: "rater_event_keys")
         let decision = Deduplicator.decide(records, stored: stored)
-        let retried = try unpricedSentAgain(records, batch: batch, accepted: decision.accepted)
+        let retried = try unpricedSentAgain(records, batch: batch, decision: decision)
         let rated = retried.isEmpty ? decision.accepted : (decision.accepted + retried).sorted { $0.position < $1.position }
         // 3. Load what is not cached yet; then rate (pure) while the keys go in; write the
         //    changed state back. A failed key COPY discards the rated state (`discardAttempt`).
@@ -341,12 +341,15 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     /// duplicates by key (their key was stored with the first copy), rated now like new usage.
     /// In a replay with the price in force the first copy is rated where it stands, and the
     /// second finds nothing kept aside: the same charges either way.
-    private func unpricedSentAgain(_ records: [RaterRecord], batch: PreparedBatch, accepted: [RaterRecord]) throws -> [RaterRecord] {
+    private func unpricedSentAgain(_ records: [RaterRecord], batch: PreparedBatch, decision: DedupDecision<RaterRecord>) throws -> [RaterRecord] {
         guard !batch.rateUnpricedAt.isEmpty else { return [] }
-        let acceptedKeys = Set(accepted.map(\.key))
+        let acceptedKeys = Set(decision.accepted.map(\.key))
+        // A copy whose content differs from the first is a conflict: recorded, never charged.
+        let conflicting = Set(decision.conflicts.map(\.position))
         var seen = Set<DedupKey>()
         let candidates = records.filter {
-            guard case .usage = $0, batch.rateUnpricedAt.contains($0.position), !acceptedKeys.contains($0.key) else { return false }
+            guard case .usage = $0, batch.rateUnpricedAt.contains($0.position), !acceptedKeys.contains($0.key),
+                  !conflicting.contains($0.position) else { return false }
             return seen.insert($0.key).inserted
         }
         guard !candidates.isEmpty else { return [] }

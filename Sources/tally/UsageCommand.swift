@@ -81,7 +81,8 @@ enum TableRenderer {
                 json.raw(index == 0 ? "\n  {" : ",\n  {")
                 for (column, name) in header.enumerated() {
                     json.key(name, first: column == 0)
-                    if column >= numericFrom, Int64(row[column]) != nil { json.raw(row[column]) } else { json.string(row[column]) }
+                    // Window sums are numeric and may pass Int64: still JSON numbers.
+                    if column >= numericFrom, Int128(row[column]) != nil { json.raw(row[column]) } else { json.string(row[column]) }
                 }
                 json.raw("}")
             }

@@ -129,7 +129,7 @@ final class ExtremeValueTests: XCTestCase {
         inputs.charges = state.charges.map { RatedCharge(periodStart: $0.key.periodStart, item: $0.key.item, quantity: $0.value.quantity,
                                                           amountNanos: $0.value.amountNanos, pricing: "5.00") }
         XCTAssertEqual(inputs.charges.map(\.amountNanos), Array(repeating: 5_000_000, count: 6))
-        inputs.creditsDrawn = [period.start: drawn]
+        inputs.creditsDrawn = [period.start: Int128(drawn)]
         let invoice = try InvoiceBuilder.build(inputs)
         let usageLines = invoice.lines.filter { $0.kind == .usage }
         XCTAssertEqual(usageLines.count, 6)
@@ -162,6 +162,35 @@ final class ExtremeValueTests: XCTestCase {
         _ = reservations.admit("acme", estimateNanos: Int64.max, snapshot: WalletSnapshot(balanceNanos: 10, raterNextOffsets: [:]), policy: .allow(limitNanos: nil))
         _ = reservations.admit("acme", estimateNanos: Int64.max, snapshot: WalletSnapshot(balanceNanos: 10, raterNextOffsets: [:]), policy: .allow(limitNanos: nil))
         XCTAssertEqual(reservations.available(to: "acme", snapshot: snapshot), Int64.min)
+    }
+
+    /// Int64.max tokens priced per started block of one token: the ceiling saturates instead of
+    /// computing Int64.max + 1 blocks. A request's max_tokens past 2^53 − 1 is no bound at all
+    /// (JSON integers Tally reads stop there), so the gateway's default output estimate applies.
+    func testTheLargestMaxTokensDoesNotTrap() throws {
+        XCTAssertEqual(PricingModel.package(size: 1, priceNanos: 10_000_000).marginalCeiling(Int64.max), Money.maxNanos)
+        func bound(_ text: String) throws -> Int64? {
+            try GatewayRequest.parse(.chatCompletions, body: Array(#"{"model":"m","max_tokens":\#(text),"messages":[]}"#.utf8)).get().maxOutputTokens
+        }
+        XCTAssertEqual(try bound("9007199254740991"), EventLimits.maxTokens)
+        XCTAssertNil(try bound("9223372036854775807"))
+    }
+
+    /// Credit that pays only part of the usage shows at most what was drawn: 0.005 drawn for
+    /// October's late usage and 0.005 for November's, against 2.005 of usage, show 0.01 in all
+    /// (rounded one by one they would show 0.02); a single 0.015 shows 0.01.
+    func testPartialCreditsNeverShowMoreThanWasDrawn() throws {
+        let november = BillingPeriod.parse("2026-11", anchorDay: 1)!, october = BillingPeriod.parse("2026-10", anchorDay: 1)!
+        var inputs = InvoiceInputs(customerID: "acme", period: november, currency: Self.usd)
+        inputs.charges = [RatedCharge(periodStart: november.start, item: PriceItem(bookName: "default", bookCustomer: "", bookVersion: 1, model: "m", tokenType: .input),
+                                      quantity: 1, amountNanos: 2_005_000_000, pricing: "p")]
+        inputs.creditsDrawn = [october.start: 5_000_000, november.start: 5_000_000]
+        var credits = try InvoiceBuilder.build(inputs).lines.filter { $0.kind == .credits }
+        XCTAssertEqual(credits.count, 2)
+        XCTAssertEqual(credits.reduce(0) { $0 + $1.amountNanos }, -10_000_000)
+        inputs.creditsDrawn = [november.start: 15_000_000]
+        credits = try InvoiceBuilder.build(inputs).lines.filter { $0.kind == .credits }
+        XCTAssertEqual(credits.map(\.amountNanos), [-10_000_000])
     }
 
     /// Property: for extreme and random quantities and prices, `charge` never traps and equals the

@@ -49,10 +49,11 @@ public struct RatedCharge: Hashable, Sendable {
 public struct InvoicedCharge: Hashable, Sendable {
     public let periodStart: Int64
     public let item: PriceItem
-    public let quantity: Int64
-    public let exactNanos: Int64
+    /// Sums over invoices, so 128 bits.
+    public let quantity: Int128
+    public let exactNanos: Int128
 
-    public init(periodStart: Int64, item: PriceItem, quantity: Int64, exactNanos: Int64) {
+    public init(periodStart: Int64, item: PriceItem, quantity: Int128, exactNanos: Int128) {
         self.periodStart = periodStart
         self.item = item
         self.quantity = quantity
@@ -72,8 +73,9 @@ public struct InvoiceInputs: Sendable {
     /// Usage lines and adjustments on earlier invoices, per period and item.
     public var invoiced: [InvoicedCharge] = []
     /// Wallet credit drawn per period (grant-funded debits), and what earlier invoices applied.
-    public var creditsDrawn: [Int64: Int64] = [:]
-    public var creditsInvoiced: [Int64: Int64] = [:]
+    /// Sums of many ledger entries or invoice lines: 128 bits, they can pass `Int64`.
+    public var creditsDrawn: [Int64: Int128] = [:]
+    public var creditsInvoiced: [Int64: Int128] = [:]
 
     public init(customerID: String, period: BillingPeriod, currency: Currency) {
         self.customerID = customerID
@@ -147,8 +149,8 @@ public enum InvoiceBuilder {
             "\(period)|\(item.bookName)|\(item.bookCustomer)|\(item.bookVersion)|\(item.model)|\(item.tokenType.rawValue)|\(item.contextAbove)"
         }
         for entry in inputs.invoiced {
-            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].quantity += Int128(entry.quantity)
-            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].exact += Int128(entry.exactNanos)
+            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].quantity += entry.quantity
+            invoiced[key(entry.periodStart, entry.item), default: (0, 0)].exact += entry.exactNanos
         }
         let earlier = inputs.charges.filter { $0.periodStart < inputs.period.start }
             .sorted { ($0.periodStart, $0.item) < ($1.periodStart, $1.item) }
@@ -183,20 +185,20 @@ public enum InvoiceBuilder {
         let usageExact = usageLines.reduce(Int128(0)) { $0 + $1.exact }
         var creditExact: Int128 = 0
         for period in Set(inputs.creditsDrawn.keys).union(inputs.creditsInvoiced.keys).sorted() where period <= inputs.period.start {
-            let credit = Int128(inputs.creditsDrawn[period] ?? 0) - Int128(inputs.creditsInvoiced[period] ?? 0)
+            let credit = (inputs.creditsDrawn[period] ?? 0) - (inputs.creditsInvoiced[period] ?? 0)
             guard credit != 0 else { continue }
             creditExact += credit
             let suffix = period == inputs.period.start ? "" : " (usage of \(BillingPeriod(start: period, end: period).label))"
             line(.credits, "Prepaid credits applied\(suffix)", covers: period, exact: -credit)
         }
-        // Credit pays for usage lines only, and usage paid in full nets to zero on the invoice:
-        // rounding each line must not leave a cent of usage due, nor credit a cent more than shown
-        // (the usage lines add up to their rounded exact sum, so this never exceeds the credit drawn).
-        let creditRounded = -lines.filter { $0.kind == .credits }.reduce(Int128(0)) { $0 + $1.amount }
-        let target = creditExact >= usageExact ? usageRounded : min(creditRounded, usageRounded)
-        if let last = lines.lastIndex(where: { $0.kind == .credits }), target != creditRounded {
-            lines[last].amount -= target - creditRounded
-        }
+        // Credit pays for usage lines only. Usage paid in full nets to zero to the cent: the credit
+        // shown is the usage shown (its exact sum rounded once). Credit that pays part of it shows at
+        // most what was drawn: the drawn sum rounded toward zero. The credit lines are reconciled to
+        // add up to that, each within a minor unit of its own value where that suffices.
+        let unit = currency.nanosPerMinorUnit
+        let target = creditExact >= usageExact ? usageRounded : min(creditExact / unit * unit, usageRounded)
+        let left = reconcileRounding(&lines, where: { $0.kind == .credits }, unit: unit, to: -target)
+        if left != 0, let last = lines.lastIndex(where: { $0.kind == .credits }) { lines[last].amount -= left }
         guard Int64(exactly: lines.reduce(Int128(0)) { $0 + $1.amount }) != nil else {
             throw InvoiceError(message: "\(inputs.customerID) \(inputs.period.label): the total due passes the largest amount Tally stores "
                 + "(\(Money.format(nanos: Money.maxNanos)) \(currency))")
@@ -215,14 +217,16 @@ public enum InvoiceBuilder {
     }
 
     /// Moves rounded amounts of the selected lines by one minor unit each, fewest lines first,
-    /// until they add up to their exact sum rounded: the lines rounded furthest in the direction
-    /// of the excess give way first (ties: the later line), as in the largest-remainder method.
-    private static func reconcileRounding(_ lines: inout [Draft], where selected: (Draft) -> Bool, unit: Int128) {
+    /// until they add up to `target` (default: their exact sum rounded): the lines rounded
+    /// furthest in the direction of the excess give way first (ties: the later line), as in the
+    /// largest-remainder method. Returns what is left when every line has moved once.
+    @discardableResult
+    private static func reconcileRounding(_ lines: inout [Draft], where selected: (Draft) -> Bool, unit: Int128, to target: Int128? = nil) -> Int128 {
         let indices = lines.indices.filter { selected(lines[$0]) }
         let exact = indices.reduce(Int128(0)) { $0 + lines[$1].exact }
-        let target = Money.divideRounded(exact, by: unit) * unit
+        let target = target ?? Money.divideRounded(exact, by: unit) * unit
         var excess = indices.reduce(Int128(0)) { $0 + lines[$1].amount } - target
-        guard excess != 0 else { return }
+        guard excess != 0 else { return 0 }
         let step = excess > 0 ? unit : -unit
         // How far each line was rounded in the direction of the excess.
         let order = indices.sorted { a, b in
@@ -234,6 +238,7 @@ public enum InvoiceBuilder {
             lines[index].amount -= step
             excess -= step
         }
+        return excess
     }
 
     static func label(_ type: TokenType) -> String {

@@ -124,7 +124,7 @@ public enum PricingModel: Hashable, Sendable {
         let ceiling: Int64?
         switch self {
         case .perUnit: ceiling = charge(quantity)
-        case .package(let size, let price): ceiling = Money.narrow(Int128(quantity / size + 1) * Int128(price))
+        case .package(let size, let price): ceiling = Money.narrow((Int128(quantity / size) + 1) * Int128(price))
         case .graduated(let tiers), .volume(let tiers):
             let highest = tiers.map(\.rate).max() ?? TokenRate(unitsPerToken: 0)
             ceiling = PricingModel.perUnit(highest).charge(quantity)
@@ -170,26 +170,32 @@ public struct ModelPrices: Hashable, Sendable {
     public let prices: [TokenType: PricingModel]
     /// Ascending by `aboveInputTokens`; a request takes the highest it passes.
     public let contextTiers: [ContextTier]
+    /// Each tier's prices over the base ones, worked out once (rating asks per event).
+    private let tierPrices: [[TokenType: PricingModel]]
 
     public init(model: String, aliases: [String] = [], prices: [TokenType: PricingModel], contextTiers: [ContextTier] = []) {
         self.model = model
         self.aliases = aliases
         self.prices = prices
         self.contextTiers = contextTiers.sorted { $0.aboveInputTokens < $1.aboveInputTokens }
+        tierPrices = self.contextTiers.map { tier in prices.merging(tier.prices) { $1 } }
     }
 
     /// The context tier a request falls in (its `aboveInputTokens`, 0 for none) and the prices
     /// that apply to the whole request.
     public func applicable(to event: UsageEvent) -> (contextAbove: Int64, prices: [TokenType: PricingModel]) {
-        guard let tier = contextTiers.last(where: { event.inputTokens > $0.aboveInputTokens }) else { return (0, prices) }
-        return (tier.aboveInputTokens, prices.merging(tier.prices) { $1 })
+        guard let index = contextTiers.lastIndex(where: { event.inputTokens > $0.aboveInputTokens }) else { return (0, prices) }
+        return (contextTiers[index].aboveInputTokens, tierPrices[index])
     }
 
     /// The prices of the tier that starts above `contextAbove` input tokens (0: the base prices).
     public func prices(contextAbove: Int64) -> [TokenType: PricingModel]? {
         if contextAbove == 0 { return prices }
-        return contextTiers.first { $0.aboveInputTokens == contextAbove }.map { prices.merging($0.prices) { $1 } }
+        return contextTiers.firstIndex { $0.aboveInputTokens == contextAbove }.map { tierPrices[$0] }
     }
+
+    /// The base prices and each tier's, for bounds that must hold whatever the request's size.
+    public var allTierPrices: [[TokenType: PricingModel]] { [prices] + tierPrices }
 
     /// Billable quantities per token type of one event at its tier's prices.
     public func quantities(_ event: UsageEvent) -> [(TokenType, Int64)] {

@@ -15,7 +15,7 @@ public enum CallChargeEstimate {
         var total: Int64 = 0
         // The input size is itself an estimate: each token type at the dearest of the model's
         // context tiers, so a request that turns out larger is still covered.
-        let tiers = [match.prices.prices] + match.prices.contextTiers.map { match.prices.prices.merging($0.prices) { $1 } }
+        let tiers = match.prices.allTierPrices
         for (type, quantity) in ModelPrices.quantities(event, prices: match.prices.applicable(to: event).prices) {
             let ceiling = tiers.compactMap { $0[type]?.marginalCeiling(quantity) }.max() ?? 0
             total = Money.saturatingAdd(total, ceiling)
