@@ -98,6 +98,42 @@ final class GatewayTests: XCTestCase {
         XCTAssertTrue(broken.sawErrorEvent)
     }
 
+    /// Issue #20: a streamed Anthropic call whose last message_delta reports the input and cache
+    /// counts as null (unchanged) is metered from message_start's: input 25 + 100 cache reads = 125,
+    /// cache read 100, output 15 (before, "usage.input_tokens: is required" left it unmetered).
+    func testANullCountInTheLastDeltaMeansUnchanged() throws {
+        let stream = """
+            event: message_start
+            data: {"type":"message_start","message":{"id":"m1","model":"claude-x","usage":{"input_tokens":25,"cache_read_input_tokens":100,"cache_creation_input_tokens":0,"output_tokens":1}}}
+
+            event: message_delta
+            data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":null,"cache_read_input_tokens":null,"cache_creation_input_tokens":null,"output_tokens":15}}
+
+
+            """
+        let (_, scanner) = pass(stream, api: .messages, size: 7)
+        XCTAssertEqual(try scanner.counts()?.get(), TokenCounts(input: 125, output: 15, cacheRead: 100))
+    }
+
+    /// Issue #20: `max_tokens` 9,007,199,254,740,991 from a customer whose policy can refuse: the
+    /// estimate saturates and the call is refused, nothing traps.
+    func testTheLargestMaxTokensIsRefusedNotATrap() throws {
+        let request = try GatewayRequest.parse(.chatCompletions, body: bytes(#"{"model":"gpt-4o","max_tokens":9007199254740991,"messages":[]}"#)).get()
+        let book = PriceBook(name: "default", version: 1, effectiveFrom: EventTime("2026-01-01T00:00:00Z")!, currency: Currency("USD")!, models: [
+            ModelPrices(model: "gpt-4o", prices: [.input: .perUnit(TokenRate.parse("2.50", perTokens: .perMillion)!),
+                                                  .output: .perUnit(TokenRate.parse("10.00", perTokens: .perMillion)!)])])
+        let expected = TokenCounts(input: request.inputTokenEstimate, output: try XCTUnwrap(request.maxOutputTokens))
+        let estimate = CallChargeEstimate.nanos(expected, model: "gpt-4o", customer: BillingProfile(customerID: "c"),
+                                                catalog: PriceCatalog(books: [book]), at: EventTime("2026-03-01T00:00:00Z")!)
+        XCTAssertEqual(estimate, Money.maxNanos, "2^53 − 1 output tokens at 10.00 per 1M are 90 billion: past an amount's range")
+        var credit = CreditReservations()
+        let snapshot = WalletSnapshot(balanceNanos: 10_000_000, raterNextOffsets: [:])
+        guard case .admitted = credit.admit("c", estimateNanos: estimate, snapshot: snapshot, policy: .stop) else { return XCTFail("the first call is admitted") }
+        // 10,000,000 − 9,223,372,036,854,775,807 (the first call's hold).
+        XCTAssertEqual(credit.admit("c", estimateNanos: estimate, snapshot: snapshot, policy: .stop), .refused(availableNanos: -9_223_372_036_844_775_807),
+                       "the held estimate leaves nothing: refused")
+    }
+
     func testWholeBodiesAndResponsesEvents() throws {
         var whole = ResponseUsageScanner(api: .responses, isEventStream: false, removeUsageChunk: true)
         let body = #"{"id":"r1","model":"o3","usage":{"input_tokens":40,"output_tokens":30,"output_tokens_details":{"reasoning_tokens":20},"input_tokens_details":{"cached_tokens":8}}}"#

@@ -191,8 +191,9 @@ public struct ResponseUsageScanner: Sendable {
             case .string("message_start")?:
                 if case .object(let message)? = members["message"] { take(message) }
             case .string("message_delta")?:
-                // Cumulative counts; they win over message_start's.
-                if case .object(let delta)? = members["usage"] { usage = (usage ?? [:]).merging(delta) { $1 } }
+                // Cumulative counts; they win over message_start's. A null count means "unchanged":
+                // Anthropic sends "input_tokens": null in the last delta of some streams.
+                if case .object(let delta)? = members["usage"] { merge(delta) }
             default:
                 take(members)
             }
@@ -200,9 +201,14 @@ public struct ResponseUsageScanner: Sendable {
     }
 
     private mutating func take(_ object: [String: JSONValue]) {
-        if case .object(let reported)? = object["usage"] { usage = (usage ?? [:]).merging(reported) { $1 } }
+        if case .object(let reported)? = object["usage"] { merge(reported) }
         if let model = object["model"]?.string { self.model = model }
         if let id = object["id"]?.string { responseID = id }
+    }
+
+    /// Later usage wins, member by member; a member reported as null keeps the earlier value.
+    private mutating func merge(_ reported: [String: JSONValue]) {
+        usage = (usage ?? [:]).merging(reported.filter { $0.value != .null }) { $1 }
     }
 
     /// The `,"usage":null` members include_usage adds to every chunk.
