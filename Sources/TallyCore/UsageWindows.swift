@@ -75,8 +75,13 @@ public struct UsageMeasures: Hashable, Sendable {
         [inputTokens, outputTokens, cacheReadInputTokens, cacheWriteInputTokens, reasoningOutputTokens, totalTokens, eventCount]
     }
 
-    /// Whether every sum fits one `bigint` delta row.
-    public var fitsOneRow: Bool { values.allSatisfy { $0 <= Int128(Int64.max) } }
+    /// Whether every sum fits one `bigint` delta row. Asked per window of every batch: compares
+    /// in place instead of building `values`.
+    public var fitsOneRow: Bool {
+        let limit = Int128(Int64.max)
+        return inputTokens <= limit && outputTokens <= limit && cacheReadInputTokens <= limit && cacheWriteInputTokens <= limit
+            && reasoningOutputTokens <= limit && totalTokens <= limit && eventCount <= limit
+    }
 
     /// The sums as `bigint` rows that add up to them: one row unless a sum exceeds `Int64`.
     public var storedRows: [[Int64]] {

@@ -196,21 +196,13 @@ public enum PriceBookDocument {
                 for (i, alias) in model.aliases.enumerated() { if i > 0 { json.raw(",") }; json.string(alias) }
                 json.raw("]")
             }
-            for type in TokenType.allCases {
-                guard let price = model.prices[type] else { continue }
-                json.key(type.rawValue)
-                write(price, to: &json)
-            }
+            write(model.prices, to: &json)
             if !model.contextTiers.isEmpty {
                 json.key("context_tiers"); json.raw("[")
                 for (i, tier) in model.contextTiers.enumerated() {
                     json.raw(i == 0 ? "{" : ",{")
                     json.key("above_input_tokens", first: true); json.integer(tier.aboveInputTokens)
-                    for type in TokenType.allCases {
-                        guard let price = tier.prices[type] else { continue }
-                        json.key(type.rawValue)
-                        write(price, to: &json)
-                    }
+                    write(tier.prices, to: &json)
                     json.raw("}")
                 }
                 json.raw("]")
@@ -219,6 +211,15 @@ public enum PriceBookDocument {
         }
         json.raw("\n]}\n")
         return String(decoding: json.bytes, as: UTF8.self)
+    }
+
+    /// One member per priced token type, in `TokenType` order (the twin of `parsePrices`).
+    private static func write(_ prices: [TokenType: PricingModel], to json: inout JSONWriter) {
+        for type in TokenType.allCases {
+            guard let price = prices[type] else { continue }
+            json.key(type.rawValue)
+            write(price, to: &json)
+        }
     }
 
     private static func write(_ price: PricingModel, to json: inout JSONWriter) {

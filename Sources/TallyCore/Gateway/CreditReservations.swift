@@ -57,7 +57,8 @@ public struct CreditReservations: Sendable {
             }
         }
         // Saturates: holds and balances near the stored limits must refuse calls, not trap.
-        return Money.saturatingAdd(snapshot.balanceNanos, held == Int64.min ? Int64.max : -held)
+        // Holds are never negative, so `-held` cannot overflow.
+        return Money.saturatingAdd(snapshot.balanceNanos, -held)
     }
 
     /// Admits a call and reserves its estimate, or refuses it when the policy blocks at the credit left.
