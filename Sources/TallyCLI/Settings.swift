@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import TallyCore
 import TallyPostgres
 
 /// Reads a setting from the environment; flags win over it.
@@ -46,7 +47,31 @@ public struct KafkaOptions: ParsableArguments {
             help: ArgumentHelp("Extra librdkafka property, repeatable (e.g. security.protocol=SSL).", valueName: "key=value"))
     var kafkaProperties: [String] = []
 
+    @Option(name: .customLong("partitioner"),
+            help: "How record keys pick partitions, for Tally's producers and its consumers' check: murmur2 (Kafka's Java default) or crc32 (a log written by librdkafka's old default). Env: TALLY_PARTITIONER. Default: murmur2.")
+    var partitionerFlag: String?
+
     public init() {}
+
+    /// The key partitioner producers use and consumers check (see `KeyPartitioner`). An explicit
+    /// `--kafka-property partitioner=…` must name one the consumers can check.
+    public var partitioner: KeyPartitioner {
+        get throws {
+            if let name = partitionerFlag ?? environment("TALLY_PARTITIONER") {
+                guard let partitioner = KeyPartitioner(rawValue: name) else {
+                    throw ValidationError("--partitioner \(name): expected murmur2 or crc32")
+                }
+                return partitioner
+            }
+            if let name = try userProperties["partitioner"] {
+                guard let partitioner = KeyPartitioner(librdkafkaName: name) else {
+                    throw ValidationError("--kafka-property partitioner=\(name): Tally's consumers check where each key belongs, so the partitioner must be murmur2(_random) or consistent(_random); use --partitioner")
+                }
+                return partitioner
+            }
+            return .murmur2
+        }
+    }
 
     public var brokers: String {
         get throws {
@@ -62,7 +87,29 @@ public struct KafkaOptions: ParsableArguments {
     /// The dead-letter topic that goes with `topic`.
     public var deadLetterTopic: String { topic + ".dlq" }
 
+    /// The librdkafka properties from `--kafka-property`, with `partitioner` set from `partitioner`
+    /// (consumers drop it: it is a producer property).
     public var extraProperties: [String: String] {
+        get throws {
+            var properties = try userProperties
+            properties["partitioner"] = try partitioner.librdkafkaName
+            return properties
+        }
+    }
+
+    /// `extraProperties` for a consumer group member, with `session.timeout.ms` unless given or
+    /// unless the group uses Kafka 4's consumer protocol (KIP-848, `group.protocol=consumer`):
+    /// there the broker owns the session timeout (`group.consumer.session.timeout.ms`) and
+    /// librdkafka refuses the property.
+    public func groupMemberProperties(sessionTimeoutMs: Int) throws -> [String: String] {
+        var properties = try extraProperties
+        if properties["group.protocol"] != "consumer" && properties["session.timeout.ms"] == nil {
+            properties["session.timeout.ms"] = String(sessionTimeoutMs)
+        }
+        return properties
+    }
+
+    private var userProperties: [String: String] {
         get throws {
             var properties: [String: String] = [:]
             for entry in kafkaProperties {

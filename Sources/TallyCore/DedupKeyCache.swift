@@ -54,9 +54,11 @@ public struct DedupKeyCache: Sendable {
     public static func fingerprint(_ key: DedupKey) -> Fingerprint {
         var fnv = ContentHash.FNV()
         fnv.add(key.customerID)
+        fnv.add(key.source)
         fnv.add(key.eventID)
         var sip = Hasher()
         sip.combine(key.customerID)
+        sip.combine(key.source)
         sip.combine(key.eventID)
         return Fingerprint(high: fnv.value, low: UInt64(bitPattern: Int64(sip.finalize())))
     }

@@ -1,14 +1,26 @@
-/// The dedup key: a customer's event id (invariant 2). Independent of event time.
+/// The dedup key (invariant 2): an event's CloudEvents identity, `source` + `id`, scoped to its
+/// customer. Independent of event time. Wallet grants are identified by their id alone.
 public struct DedupKey: Hashable, Sendable, Comparable {
     public let customerID: String
+    public let source: String
     public let eventID: String
 
-    public init(customerID: String, eventID: String) {
+    /// The source of every wallet grant's key: a grant's id is the wallet's idempotency key
+    /// whichever tool sent it.
+    public static let grantSource = ""
+    /// The source of a key stored before identities included it (migration 0014): it stands for
+    /// the id from every source, as it did then. No valid source holds a control character.
+    public static let anySource = "\u{1}"
+
+    public init(customerID: String, source: String, eventID: String) {
         self.customerID = customerID
+        self.source = source
         self.eventID = eventID
     }
 
-    public static func < (a: DedupKey, b: DedupKey) -> Bool { (a.customerID, a.eventID) < (b.customerID, b.eventID) }
+    public static func < (a: DedupKey, b: DedupKey) -> Bool {
+        (a.customerID, a.eventID, a.source) < (b.customerID, b.eventID, b.source)
+    }
 }
 
 /// Where a record sits in the log.
@@ -91,14 +103,14 @@ public struct PositionedEvent: DedupCandidate, Equatable {
         self.box = Box(event)
         self.position = position
         self.contentHash = ContentHash.of(event)
-        self.keyFingerprint = DedupKeyCache.fingerprint(DedupKey(customerID: event.subject, eventID: event.id))
+        self.keyFingerprint = DedupKeyCache.fingerprint(DedupKey(customerID: event.subject, source: event.source, eventID: event.id))
     }
 
     public static func == (a: PositionedEvent, b: PositionedEvent) -> Bool {
         a.position == b.position && a.contentHash == b.contentHash && (a.box === b.box || a.event == b.event)
     }
 
-    public var key: DedupKey { DedupKey(customerID: event.subject, eventID: event.id) }
+    public var key: DedupKey { DedupKey(customerID: event.subject, source: event.source, eventID: event.id) }
 }
 
 /// A decoded wallet grant and where it came from.
@@ -113,7 +125,7 @@ public struct PositionedGrant: DedupCandidate, Equatable {
         self.contentHash = ContentHash.of(grant)
     }
 
-    public var key: DedupKey { DedupKey(customerID: grant.subject, eventID: grant.id) }
+    public var key: DedupKey { DedupKey(customerID: grant.subject, source: DedupKey.grantSource, eventID: grant.id) }
 }
 
 /// An event id seen again with different content: the first (by offset) counts, this one is recorded.
@@ -205,14 +217,18 @@ public enum ContentHash {
         return hasher.value
     }
 
-    /// Fingerprint of a grant; the type byte keeps it apart from any usage event's.
+    /// Fingerprint of a grant's terms; the type byte keeps it apart from any usage event's.
+    ///
+    /// Neither `time` nor `source` is in it: a grant sent again (a retry, `tally grant` run twice)
+    /// carries a new time and perhaps another tool's source, and is the same grant. Another
+    /// amount, currency, priority, expiry or origin under the same id is a conflict.
     public static func of(_ grant: GrantEvent) -> UInt64 {
         var hasher = FNV()
-        hasher.add(UInt8(0x02))
-        for text in [grant.id, grant.source, grant.subject, grant.currency.code, grant.grantSource.rawValue, grant.expiresAt?.text ?? "\u{0}"] {
+        hasher.add(UInt8(0x03))
+        for text in [grant.id, grant.subject, grant.currency.code, grant.grantSource.rawValue, grant.expiresAt?.text ?? "\u{0}"] {
             hasher.add(text)
         }
-        for number in [grant.time.microseconds, grant.amountNanos, grant.priority, grant.expiresAt?.microseconds ?? Int64.min] {
+        for number in [grant.amountNanos, grant.priority, grant.expiresAt?.microseconds ?? Int64.min] {
             hasher.add(number)
         }
         hasher.addSortedByKey(grant.extensions)

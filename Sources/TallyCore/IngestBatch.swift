@@ -77,7 +77,7 @@ public struct IngestBatchParser: Sendable {
                 if time > nowMicroseconds + maxFutureMicroseconds {
                     return .rejected([FieldViolation("time", "is more than \(maxFutureMicroseconds / 60_000_000) minutes in the future")])
                 }
-                let key = DedupKey(customerID: event.subject, eventID: event.id)
+                let key = DedupKey(customerID: event.subject, source: event.source, eventID: event.id)
                 if let first = firstIndex[key] { return .duplicateInRequest(firstIndex: first) }
                 firstIndex[key] = index
                 return .valid(event, bytes: bytes)

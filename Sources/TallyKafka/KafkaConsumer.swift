@@ -72,6 +72,8 @@ public final class KafkaConsumer: @unchecked Sendable {
         configuration["group.id"] = groupID ?? "tally-reader-\(UInt64.random(in: 0...UInt64.max))"
         // Positions live in PostgreSQL (invariant 1); Kafka commits are explicit and for lag only.
         configuration["enable.auto.commit"] = "false"
+        // A producer property (Tally's settings carry it for every client); a consumer would warn.
+        configuration["partitioner"] = nil
         configuration["enable.auto.offset.store"] = "false"
         if configuration["auto.offset.reset"] == nil { configuration["auto.offset.reset"] = "earliest" }
         // A consumer slower than the network fills librdkafka's prefetch queue; by default the

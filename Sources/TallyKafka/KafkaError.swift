@@ -13,7 +13,11 @@ public struct KafkaError: Error, CustomStringConvertible, Sendable {
         public static let configuration = Code("configuration")
         public static let clientCreation = Code("client_creation")
         public static let produce = Code("produce")
+        /// The broker did not take the record: it is not in the log.
         public static let delivery = Code("delivery")
+        /// No answer in time after the record was sent: it may or may not be in the log (librdkafka's
+        /// `RD_KAFKA_MSG_STATUS_POSSIBLY_PERSISTED`). Resending it with the same event id is safe.
+        public static let deliveryUnknown = Code("delivery_unknown")
         public static let consume = Code("consume")
         public static let rebalance = Code("rebalance")
         public static let seek = Code("seek")

@@ -8,7 +8,7 @@ public struct ProducerRecord: Sendable {
     public var key: [UInt8]?
     public var value: [UInt8]
     public var headers: [KafkaHeader]
-    /// nil lets the partitioner choose from the key (murmur2, as the Java client does).
+    /// nil lets the partitioner choose from the key (murmur2 unless configured otherwise, as the Java client does).
     public var partition: Int32?
 
     public init(topic: String, key: [UInt8]?, value: [UInt8], headers: [KafkaHeader] = [], partition: Int32? = nil) {
@@ -93,6 +93,9 @@ public final class KafkaProducer: @unchecked Sendable {
         configuration["enable.idempotence"] = "true"
         configuration["acks"] = "all"
         if configuration["linger.ms"] == nil { configuration["linger.ms"] = "5" }
+        // Kafka's Java-compatible key hashing, not librdkafka's CRC32 default: a customer's records
+        // land on the partition every other client puts them on (ARCHITECTURE.md, invariant 3).
+        if configuration["partitioner"] == nil { configuration["partitioner"] = "murmur2_random" }
         let conf = try configuration.makeConf()
         context = ClientContext(logger: logger)
         context.install(on: conf)
@@ -103,7 +106,11 @@ public final class KafkaProducer: @unchecked Sendable {
                 let report = DeliveryReport(partition: message.pointee.partition, offset: message.pointee.offset)
                 ticket.batch.complete(ticket.index, .success(report))
             } else {
-                let error = KafkaError.rdKafka(message.pointee.err, code: .delivery, context: "delivery failed")
+                // A record that reached the broker but timed out may still be written (a leader fail-over
+                // can outlast the timeout): only NOT_PERSISTED means "not in the log".
+                let persisted = rd_kafka_message_status(message) != RD_KAFKA_MSG_STATUS_NOT_PERSISTED
+                let error = KafkaError.rdKafka(message.pointee.err, code: persisted ? .deliveryUnknown : .delivery,
+                                               context: persisted ? "no acknowledgement; the record may be written" : "delivery failed")
                 ticket.batch.complete(ticket.index, .failure(error))
             }
         }

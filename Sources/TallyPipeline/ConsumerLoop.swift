@@ -22,6 +22,8 @@ public struct ConsumerSettings: Sendable {
     public var metricsPrefix: String
     public var topic = "tally.usage"
     public var deadLetterTopic = "tally.usage.dlq"
+    /// How producers must hash record keys; a record found elsewhere is set aside (`wrong_partition`).
+    public var partitioner = KeyPartitioner.murmur2
     /// A batch ends at this many records…
     public var batchSize = 20_000
     /// …or when a poll has waited this long.
@@ -112,6 +114,8 @@ public final class ConsumerLoop: @unchecked Sendable {
     public private(set) var stats = ConsumerStats()
     private let metrics: ConsumerMetrics
     private let readiness = SharedFlag()
+    /// The topic's partition count, read at start: where each customer's records belong.
+    private var partitionCount: Int32 = 0
     private var nextSettleAttempt = ContinuousClock.now
 
     /// True once partitions were claimed and while commits succeed; false while PostgreSQL is away.
@@ -177,6 +181,7 @@ public final class ConsumerLoop: @unchecked Sendable {
 
     /// Consumes until stopped (or caught up, with `exitWhenCaughtUp`), then leaves the group.
     public func run() throws {
+        partitionCount = try readPartitionCount()
         try consumer.subscribe([settings.topic])
         var lastStats = ContinuousClock.now
         defer {
@@ -218,6 +223,22 @@ public final class ConsumerLoop: @unchecked Sendable {
         }
     }
 
+    /// The topic's partition count, waiting while the broker is away or the topic is not made yet.
+    /// A count that changes later (partitions added) moves customers between partitions, as for
+    /// any keyed Kafka topic: records then land where their customer's history is not, and are set
+    /// aside as `wrong_partition` by a consumer started after the change (docs/producing.md).
+    private func readPartitionCount() throws -> Int32 {
+        while true {
+            switch Result(catching: { () throws(KafkaError) -> Int in try consumer.partitionCount(of: settings.topic) }) {
+            case .success(let count): return Int32(count)
+            case .failure(let error) where error.isRetryable && !stopFlag.isSet:
+                logger.warning("reading the partition count of \(settings.topic) failed, retrying: \(error)")
+                Thread.sleep(forTimeInterval: 1)
+            case .failure(let error): throw error
+            }
+        }
+    }
+
     /// The store's deferred upkeep (the aggregator folds its window deltas). Its failure loses
     /// nothing and stops nothing: it is tried again at the next idle poll.
     private func settleStore() {
@@ -236,7 +257,7 @@ public final class ConsumerLoop: @unchecked Sendable {
         var batch = PreparedBatch()
         batch.events.reserveCapacity(records.count)
         let recordsBefore = stats.records
-        let classified = Self.classify(records)
+        let classified = Self.classify(records, partitions: partitionCount, partitioner: settings.partitioner)
         // By index, reading fields in place: copying each record would retain its arrays.
         for index in records.indices {
             let partition = records[index].partition
@@ -277,8 +298,8 @@ public final class ConsumerLoop: @unchecked Sendable {
 
     /// Decoding is most of what this thread does per record: the second half of a large poll is
     /// decoded on another thread while this one decodes the first. Results keep the records' order.
-    public static func classify(_ records: [ConsumerRecord]) -> [ClassifiedRecord] {
-        func classify(_ record: ConsumerRecord) -> ClassifiedRecord { ClassifiedRecord.classify(record.value, key: .some(record.key)) }
+    public static func classify(_ records: [ConsumerRecord], partitions: Int32, partitioner: KeyPartitioner) -> [ClassifiedRecord] {
+        func classify(_ record: ConsumerRecord) -> ClassifiedRecord { record.classified(partitions: partitions, partitioner: partitioner) }
         guard records.count >= 1_000 else { return records.map(classify) }
         let middle = records.count / 2
         // Both halves are written straight into one array, each thread into its own range:

@@ -103,6 +103,8 @@ public final class ConsumerTables: @unchecked Sendable {
     /// Set while the cache may lack stored keys (at start, after a claim, after it missed one);
     /// cleared by a look-up that finds nothing the cache lacked.
     private var lookUpStoredKeys = true
+    /// Per keys table: whether keys without sources (`DedupKey.anySource`) remain; nil until asked.
+    private var keysOfAnySource: [String: Bool] = [:]
     private let logger = Logger(label: "tally.consumer-store")
 
     public init(connection: PostgresConnection, group: String, topic: String, instanceID: String) {
@@ -119,8 +121,10 @@ public final class ConsumerTables: @unchecked Sendable {
     /// From this commit on, an instance that claimed earlier cannot commit these partitions.
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
         guard !partitions.isEmpty else { return [:] }
-        // Their previous owner stored keys this cache never saw.
+        // Their previous owner stored keys this cache never saw (and a promoted replay may have
+        // replaced keys without sources).
         lookUpStoredKeys = true
+        keysOfAnySource.removeAll()
         return try connection.transaction { connection in
             let result = try connection.query("""
                 INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, owner_instance)
@@ -243,22 +247,36 @@ public final class ConsumerTables: @unchecked Sendable {
             return stored
         }
         let keys = Deduplicator.keys(of: candidates)
+        // A key stored before identities had sources (`DedupKey.anySource`) answers for its id
+        // from every source; an exact key wins over it.
         let result = try connection.query("""
-            SELECT k.customer_id, k.event_id, k.content_hash FROM \(table) k
-            JOIN unnest($1::text[], $2::text[]) AS u(customer_id, event_id)
-              ON k.customer_id = u.customer_id AND k.event_id = u.event_id
-            """, [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.eventID))])
+            SELECT DISTINCT ON (u.i) u.i, k.content_hash FROM \(table) k
+            JOIN unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(customer_id, event_source, event_id, i)
+              ON k.customer_id = u.customer_id AND k.event_id = u.event_id AND k.event_source IN (u.event_source, $4)
+            ORDER BY u.i, k.event_source = $4
+            """, [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.source)), PostgresArray(keys.map(\.eventID)),
+                  DedupKey.anySource])
         var cacheLacked = false
         for row in 0..<result.rowCount {
-            let key = DedupKey(customerID: result.string(row, 0)!, eventID: result.string(row, 1)!)
-            let hash = UInt64(bitPattern: try result.int64(row, 2)!)
+            let key = keys[Int(try result.int64(row, 0)!) - 1]
+            let hash = UInt64(bitPattern: try result.int64(row, 1)!)
             stored[key] = hash
             if keyCache[key] == nil { cacheLacked = true }
             // Committed already, so true whatever happens to this transaction.
             keyCache.insert(key, contentHash: hash)
         }
-        if !cacheLacked { lookUpStoredKeys = false }
+        // While keys without sources remain, the cache cannot answer for them: a key it lacks may
+        // be one of those under another source, which no unique constraint would catch.
+        if try !cacheLacked && !hasKeysOfAnySource(table) { lookUpStoredKeys = false }
         return stored
+    }
+
+    /// Whether `table` still holds keys stored before identities had sources; asked once per claim.
+    private func hasKeysOfAnySource(_ table: String) throws -> Bool {
+        if let known = keysOfAnySource[table] { return known }
+        let found = try connection.query("SELECT EXISTS (SELECT 1 FROM \(table) WHERE event_source = $1)", [DedupKey.anySource]).rows[0][0] == "t"
+        keysOfAnySource[table] = found
+        return found
     }
 
     /// Stores the keys of newly counted events (COPY: they are new unless the cache missed one,
@@ -266,11 +284,12 @@ public final class ConsumerTables: @unchecked Sendable {
     public func storeKeys<Candidate: DedupCandidate>(_ accepted: [Candidate], table: String) throws {
         guard !accepted.isEmpty, !InvariantBreak.dedup.isOn else { return }
         do {
-            try connection.copyIn("COPY \(table) (customer_id, event_id, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
+            try connection.copyIn("COPY \(table) (customer_id, event_id, event_source, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
                                   format: .binary, rows: accepted.keyOrder()) { index, fields in
                 let key = accepted[index].key
                 fields.add(key.customerID)
                 fields.add(key.eventID)
+                fields.add(key.source)
                 fields.add(ContentHash.signed(accepted[index].contentHash))
                 fields.add(accepted[index].position.partition)
                 fields.add(accepted[index].position.offset)
@@ -305,13 +324,15 @@ public final class ConsumerTables: @unchecked Sendable {
     public func insertConflicts(_ conflicts: [EventConflict]) throws {
         guard !conflicts.isEmpty else { return }
         try connection.query("""
-            INSERT INTO event_conflicts (consumer_group, customer_id, event_id, first_hash, conflicting_hash, topic, partition, record_offset)
-            SELECT $1, c, e, f, h, $2, p, o FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::int[], $8::bigint[]) AS x(c, e, f, h, p, o)
+            INSERT INTO event_conflicts (consumer_group, customer_id, event_id, first_hash, conflicting_hash, topic, partition, record_offset, event_source)
+            SELECT $1, c, e, f, h, $2, p, o, s FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::int[], $8::bigint[], $9::text[])
+                AS x(c, e, f, h, p, o, s)
             ON CONFLICT DO NOTHING
             """, [group, topic, PostgresArray(conflicts.map(\.key.customerID)), PostgresArray(conflicts.map(\.key.eventID)),
                   PostgresArray(conflicts.map { ContentHash.signed($0.firstHash) }),
                   PostgresArray(conflicts.map { ContentHash.signed($0.conflictingHash) }),
-                  PostgresArray(conflicts.map(\.position.partition)), PostgresArray(conflicts.map(\.position.offset))])
+                  PostgresArray(conflicts.map(\.position.partition)), PostgresArray(conflicts.map(\.position.offset)),
+                  PostgresArray(conflicts.map(\.key.source))])
     }
 
     /// Dead letters, idempotent by position.

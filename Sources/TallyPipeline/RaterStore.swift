@@ -354,11 +354,13 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         }
         guard !candidates.isEmpty else { return [] }
         let kept = try connection.query("""
-            SELECT u.customer_id, u.event_id FROM unpriced_usage u
-            JOIN unnest($1::text[], $2::text[]) AS k(c, e) ON u.customer_id = k.c AND u.event_id = k.e
-            """, [PostgresArray(candidates.map(\.key.customerID)), PostgresArray(candidates.map(\.key.eventID))])
-        let keptKeys = Set((0..<kept.rowCount).map { DedupKey(customerID: kept.string($0, 0)!, eventID: kept.string($0, 1)!) })
-        return candidates.filter { keptKeys.contains($0.key) }
+            SELECT DISTINCT k.i FROM unpriced_usage u
+            JOIN unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(c, s, e, i)
+              ON u.customer_id = k.c AND u.event_id = k.e AND u.event_source IN (k.s, $4)
+            """, [PostgresArray(candidates.map(\.key.customerID)), PostgresArray(candidates.map(\.key.source)),
+                  PostgresArray(candidates.map(\.key.eventID)), DedupKey.anySource])
+        let keptIndices = Set(try (0..<kept.rowCount).map { Int(try kept.int64($0, 0)!) - 1 })
+        return candidates.indices.filter { keptIndices.contains($0) }.map { candidates[$0] }
     }
 
     /// The events sent again that a price book now prices leave `unpriced_usage`: they are charged.
@@ -368,8 +370,10 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let rated = priced.filter { retriedPositions.contains($0.record.position) && $0.charge != nil }.map(\.record.key)
         guard !rated.isEmpty else { return }
         try connection.query("""
-            DELETE FROM unpriced_usage u USING unnest($1::text[], $2::text[]) AS k(c, e) WHERE u.customer_id = k.c AND u.event_id = k.e
-            """, [PostgresArray(rated.map(\.customerID)), PostgresArray(rated.map(\.eventID))])
+            DELETE FROM unpriced_usage u USING unnest($1::text[], $2::text[], $3::text[]) AS k(c, s, e)
+            WHERE u.customer_id = k.c AND u.event_id = k.e AND u.event_source IN (k.s, $4)
+            """, [PostgresArray(rated.map(\.customerID)), PostgresArray(rated.map(\.source)), PostgresArray(rated.map(\.eventID)),
+                  DedupKey.anySource])
         logger.info("rated \(rated.count) usage events kept unpriced before (sent again by tally pricing rate-unpriced)")
     }
 
@@ -391,16 +395,17 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         guard !events.isEmpty else { return }
         try connection.query("""
             INSERT INTO unpriced_usage (customer_id, event_id, model, event_time, partition, record_offset, input_tokens, output_tokens,
-                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, document)
-            SELECT c, e, m, \(microsecondsToTimestamp) t, p, o, i, out, cr, cw, r, d
+                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, document, event_source)
+            SELECT c, e, m, \(microsecondsToTimestamp) t, p, o, i, out, cr, cw, r, d, s
             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[], $8::bigint[],
-                        $9::bigint[], $10::bigint[], $11::bigint[], $12::text[]) AS x(c, e, m, t, p, o, i, out, cr, cw, r, d)
+                        $9::bigint[], $10::bigint[], $11::bigint[], $12::text[], $13::text[]) AS x(c, e, m, t, p, o, i, out, cr, cw, r, d, s)
             ON CONFLICT DO NOTHING
             """, [PostgresArray(events.map(\.event.subject)), PostgresArray(events.map(\.event.id)), PostgresArray(events.map(\.event.model)),
                   PostgresArray(events.map(\.event.time.microseconds)), PostgresArray(events.map(\.position.partition)),
                   PostgresArray(events.map(\.position.offset)), PostgresArray(events.map(\.event.inputTokens)),
                   PostgresArray(events.map(\.event.outputTokens)), PostgresArray(events.map(\.event.cacheReadInputTokens)),
                   PostgresArray(events.map(\.event.cacheWriteInputTokens)), PostgresArray(events.map(\.event.reasoningOutputTokens)),
-                  PostgresArray(events.map { String(decoding: EventEncoder.encode($0.event), as: UTF8.self) })])
+                  PostgresArray(events.map { String(decoding: EventEncoder.encode($0.event), as: UTF8.self) }),
+                  PostgresArray(events.map(\.event.source))])
     }
 }

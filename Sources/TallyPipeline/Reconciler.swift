@@ -16,6 +16,9 @@ public struct ReconcileResult: Sendable {
     public var windowsCompared = 0
     public var chargesCompared = 0
     public var mismatches: [ReconcileMismatch] = []
+    /// Partitions whose log no longer starts at offset zero (retention or deleted records), with
+    /// the first offset still there: what the records before it counted cannot be recounted.
+    public var logStarts: [Int32: Int64] = [:]
 }
 
 /// Recounts usage straight from the topic and compares it with the aggregator's windows and the
@@ -27,10 +30,14 @@ public struct Reconciler {
     public let topic: String
     public let aggregatorGroup: String
     public let raterGroup: String
+    /// Records the consumers set aside as on the wrong partition are not recounted either.
+    public let partitioner: KeyPartitioner
     public let logger: Logger
 
-    public init(connection: PostgresConnection, kafka: KafkaConfiguration, topic: String, aggregatorGroup: String, raterGroup: String, logger: Logger) {
+    public init(connection: PostgresConnection, kafka: KafkaConfiguration, topic: String, aggregatorGroup: String, raterGroup: String,
+                partitioner: KeyPartitioner = .murmur2, logger: Logger) {
         self.connection = connection
+        self.partitioner = partitioner
         self.kafka = kafka
         self.topic = topic
         self.aggregatorGroup = aggregatorGroup
@@ -51,7 +58,8 @@ public struct Reconciler {
     public func run(customerID: String?, partition: Int32?) throws -> ReconcileResult {
         let snapshot = try readSnapshot(customerID: customerID)
         let admin = try KafkaAdmin(configuration: kafka, logger: logger)
-        let partitions = (0..<Int32(try admin.partitionCount(of: topic))).filter { partition == nil || $0 == partition }
+        let partitionCount = Int32(try admin.partitionCount(of: topic))
+        let partitions = (0..<partitionCount).filter { partition == nil || $0 == partition }
         var targets: [Int32: Int64] = [:]
         for partition in partitions {
             targets[partition] = max(snapshot.aggregatorOffsets[partition] ?? 0, snapshot.raterOffsets[partition] ?? 0)
@@ -59,8 +67,8 @@ public struct Reconciler {
         var usage: [PositionedEvent] = []
         var raterRecords: [RaterRecord] = []
         var result = ReconcileResult()
-        try read(targets) { record in
-            guard case .event(let event) = ClassifiedRecord.classify(record.value, key: .some(record.key)),
+        result.logStarts = try read(targets) { record in
+            guard case .event(let event) = record.classified(partitions: partitionCount, partitioner: partitioner),
                   customerID == nil || event.customerID == customerID else { return }
             result.records += 1
             let position = LogPosition(partition: record.partition, offset: record.offset)
@@ -126,23 +134,28 @@ public struct Reconciler {
     }
 
     /// Reads each partition from offset zero up to its target.
-    private func read(_ targets: [Int32: Int64], _ handle: (ConsumerRecord) throws -> Void) throws {
+    /// Reads each partition from its first retained record up to its target; answers the
+    /// partitions whose first record is past offset zero, with that offset.
+    private func read(_ targets: [Int32: Int64], _ handle: (ConsumerRecord) throws -> Void) throws -> [Int32: Int64] {
         let pending = targets.filter { $0.value > 0 }
-        guard !pending.isEmpty else { return }
+        guard !pending.isEmpty else { return [:] }
         let consumer = try KafkaConsumer(configuration: kafka, groupID: nil, logger: logger)
         defer { consumer.close() }
         try consumer.assign(Dictionary(uniqueKeysWithValues: pending.keys.map { (TopicPartition(topic, $0), KafkaOffset.beginning) }))
         var positions: [Int32: Int64] = [:]
+        var logStarts: [Int32: Int64] = [:]
         var idlePolls = 0
         while pending.contains(where: { (positions[$0.key] ?? -1) + 1 < $0.value }) {
             let records = consumer.poll(maxRecords: 10_000, timeout: .milliseconds(500))
             idlePolls = records.isEmpty ? idlePolls + 1 : 0
             if idlePolls > 60 { throw ReconcileError(message: "the topic stopped before the stored offsets \(pending) (read up to \(positions)): was it truncated or recreated?") }
             for record in records where record.offset < pending[record.partition] ?? 0 {
+                if positions[record.partition] == nil && record.offset > 0 { logStarts[record.partition] = record.offset }
                 positions[record.partition] = record.offset
                 try handle(record)
             }
         }
+        return logStarts
     }
 
     private static func windowKey(_ customer: String, _ start: Int64, _ model: String, _ feature: String, _ provider: String, _ environment: String) -> String {

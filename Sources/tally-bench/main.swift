@@ -75,9 +75,11 @@ func benchConsume(brokers: String, topic: String, records expected: Int) {
     let kafka = KafkaConfiguration(brokers: brokers)
     let logger = Logger(label: "tally.bench")
     enum Decoding { case none, consumers, oneThread }
+    var partitionCount: Int32 = 0
     func openAtTheBeginning() throws(KafkaError) -> KafkaConsumer {
         let consumer = try KafkaConsumer(configuration: kafka, groupID: nil, logger: logger)
         let partitions = try consumer.partitionCount(of: topic)
+        partitionCount = Int32(partitions)
         try consumer.assign(Dictionary(uniqueKeysWithValues: (0..<partitions).map { (TopicPartition(topic, Int32($0)), KafkaOffset.beginning) }))
         return consumer
     }
@@ -112,10 +114,10 @@ func benchConsume(brokers: String, topic: String, records expected: Int) {
             switch decoding {
             case .none: break
             case .consumers:
-                for case .event in ConsumerLoop.classify(records) { events += 1 }
+                for case .event in ConsumerLoop.classify(records, partitions: partitionCount, partitioner: .murmur2) { events += 1 }
             case .oneThread:
                 for record in records {
-                    if case .event = ClassifiedRecord.classify(record.value, key: .some(record.key)) { events += 1 }
+                    if case .event = record.classified(partitions: partitionCount, partitioner: .murmur2) { events += 1 }
                 }
             }
         }

@@ -15,6 +15,8 @@ final class CreditGuard: @unchecked Sendable {
         /// `hold` is nil for customers whose policy never refuses (nothing to reserve).
         case admitted(hold: Int?, estimateNanos: Int64, profile: BillingProfile)
         case refused(availableNanos: Int64, profile: BillingProfile)
+        /// No price book prices the model and the policy refuses such calls (`UnpricedModelPolicy.refuse`).
+        case unpricedRefused(model: String)
         case unavailable(String)
     }
 
@@ -23,6 +25,7 @@ final class CreditGuard: @unchecked Sendable {
     private let catalogStore: BillingCatalogStore
     private let topic: String
     private let raterGroup: String
+    private let unpricedPolicy: UnpricedModelPolicy
     private let logger: Logger
     /// Touched under `lock`: settle/publish/release come from request tasks.
     private let lock = NSLock()
@@ -34,8 +37,9 @@ final class CreditGuard: @unchecked Sendable {
     private var profiles: [String: (profile: BillingProfile, until: ContinuousClock.Instant)] = [:]
     private let cacheTTL = Duration.seconds(5)
 
-    init(connection: PostgresConnection, topic: String, raterGroup: String, logger: Logger) {
+    init(connection: PostgresConnection, topic: String, raterGroup: String, unpricedPolicy: UnpricedModelPolicy, logger: Logger) {
         self.connection = connection
+        self.unpricedPolicy = unpricedPolicy
         self.catalogStore = BillingCatalogStore(connection: connection)
         self.topic = topic
         self.raterGroup = raterGroup
@@ -48,10 +52,16 @@ final class CreditGuard: @unchecked Sendable {
             queue.async { [self] in
                 do {
                     let profile = try profile(customerID)
-                    let estimate = CallChargeEstimate.nanos(expected, model: model, customer: profile, catalog: try currentCatalog(),
-                                                            at: EventTime(microseconds: Self.nowMicroseconds()))
+                    let priced = CallChargeEstimate.nanos(expected, model: model, customer: profile, catalog: try currentCatalog(),
+                                                          at: EventTime(microseconds: Self.nowMicroseconds()))
                     if profile.overage == .allow(limitNanos: nil) {
-                        continuation.resume(returning: .admitted(hold: nil, estimateNanos: estimate, profile: profile))
+                        continuation.resume(returning: .admitted(hold: nil, estimateNanos: priced ?? 0, profile: profile))
+                        return
+                    }
+                    // An unpriced model is never free under a policy that can refuse: held at the
+                    // default price, or refused.
+                    guard let estimate = priced ?? unpricedPolicy.holdNanos(expected) else {
+                        continuation.resume(returning: .unpricedRefused(model: model))
                         return
                     }
                     let snapshot = try snapshot(customerID, currency: profile.currency)
@@ -77,6 +87,7 @@ final class CreditGuard: @unchecked Sendable {
         return lock.withLock {
             let actual = CallChargeEstimate.nanos(counts, model: model, customer: profile, catalog: catalog,
                                                   at: EventTime(microseconds: Self.nowMicroseconds()))
+                ?? unpricedPolicy.holdNanos(counts) ?? 0
             return reservations.settle(hold, actualNanos: actual)
         }
     }
@@ -119,12 +130,18 @@ final class CreditGuard: @unchecked Sendable {
     }
 
     /// The wallet balance and the rater's offsets in one statement: one snapshot of one commit.
+    ///
+    /// Usage the rater keeps unpriced (`tally.unpriced_usage`) is not in the balance; under the
+    /// hold policy it counts against it here, at the default price, until a price exists and the
+    /// usage is rated (`tally pricing rate-unpriced`): calls to an unpriced model are never free.
     private func snapshot(_ customerID: String, currency: Currency) throws -> WalletSnapshot {
         let result = try connection.retrying(timeout: .seconds(2)) { connection in
             try connection.query("""
                 SELECT coalesce((SELECT balance_nanos FROM wallets WHERE customer_id = $1 AND currency = $2), 0),
                        coalesce((SELECT string_agg(partition || ':' || next_offset, ',') FROM consumer_offsets
-                                 WHERE consumer_group = $3 AND topic = $4), '')
+                                 WHERE consumer_group = $3 AND topic = $4), ''),
+                       (SELECT coalesce(sum(input_tokens), 0)::text || ':' || coalesce(sum(output_tokens), 0)::text
+                        FROM unpriced_usage WHERE customer_id = $1)
                 """, [customerID, currency.code, raterGroup, topic])
         }
         var offsets: [Int32: Int64] = [:]
@@ -132,7 +149,12 @@ final class CreditGuard: @unchecked Sendable {
             let parts = pair.split(separator: ":")
             if parts.count == 2, let partition = Int32(parts[0]), let next = Int64(parts[1]) { offsets[partition] = next }
         }
-        return WalletSnapshot(balanceNanos: try result.int64(0, 0) ?? 0, raterNextOffsets: offsets)
+        var balance = try result.int64(0, 0) ?? 0
+        let unpriced = (result.string(0, 2) ?? "0:0").split(separator: ":").map { Int64($0) ?? Int64.max }
+        if unpriced.count == 2, unpriced != [0, 0], let held = unpricedPolicy.holdNanos(TokenCounts(input: unpriced[0], output: unpriced[1])) {
+            balance = Money.saturatingAdd(balance, -held)
+        }
+        return WalletSnapshot(balanceNanos: balance, raterNextOffsets: offsets)
     }
 
     static func nowMicroseconds() -> Int64 { Int64(Date().timeIntervalSince1970 * 1_000_000) }

@@ -70,7 +70,7 @@ final class Gateway: Sendable {
     func register(on router: Router<BasicRequestContext>) {
         for api in GatewayAPI.allCases {
             router.post(RouterPath(stringLiteral: String(api.path.dropFirst()))) { request, _ in
-                try await self.service.authenticated(request) { key in try await self.proxy(request, api: api, key: key) }
+                try await self.service.authenticated(request, vendor: api.vendor) { key in try await self.proxy(request, api: api, key: key) }
             }
         }
     }
@@ -80,7 +80,7 @@ final class Gateway: Sendable {
     func proxy(_ request: Request, api: GatewayAPI, key: APIKeyRecord?) async throws -> Response {
         let receivedAt = CreditGuard.nowMicroseconds()
         guard let upstream = settings.upstreams[api.vendor] else {
-            return service.problem(.notFound, "no upstream", "this tally-ingest forwards no \(api.vendor.rawValue) calls: start it with --\(api.vendor.rawValue)-upstream URL")
+            return service.problem(.notFound, "no upstream", "this tally-ingest forwards no \(api.vendor.rawValue) calls: start it with --\(api.vendor.rawValue)-upstream URL", vendor: api.vendor)
         }
         let customerID: String
         if let owner = key?.customerID {
@@ -89,15 +89,15 @@ final class Gateway: Sendable {
             customerID = named
         } else {
             return service.problem(.forbidden, "no customer", "this API key names no customer: create one with tally keys create --customer C"
-                                   + (settings.customerHeader.map { ", or name the customer in the \($0.rawName) header" } ?? ""))
+                                   + (settings.customerHeader.map { ", or name the customer in the \($0.rawName) header" } ?? ""), vendor: api.vendor)
         }
         guard let body = try await service.body(request, limit: settings.maxBodyBytes) else {
-            return service.problem(.contentTooLarge, "request body too large", "the limit is \(settings.maxBodyBytes) bytes")
+            return service.problem(.contentTooLarge, "request body too large", "the limit is \(settings.maxBodyBytes) bytes", vendor: api.vendor)
         }
         let call: GatewayRequest
         switch GatewayRequest.parse(api, body: body) {
         case .success(let parsed): call = parsed
-        case .failure(let error): return service.invalid(error)
+        case .failure(let error): return service.invalid(error, vendor: api.vendor)
         }
         // The event is checked before the call (customer id, model, feature, environment), so a
         // call is never made that could not be metered.
@@ -107,7 +107,7 @@ final class Gateway: Sendable {
                                environment: key?.environment ?? request.headers[HTTPField.Name("x-tally-environment")!],
                                inputTokens: 0, outputTokens: 0)
         if case .rejected(let violations) = validate(event) {
-            return service.problem(.badRequest, "call cannot be metered", violations.map(\.description).joined(separator: "; "))
+            return service.problem(.badRequest, "call cannot be metered", violations.map(\.description).joined(separator: "; "), vendor: api.vendor)
         }
         let expected = TokenCounts(input: call.inputTokenEstimate, output: call.maxOutputTokens ?? settings.defaultOutputTokens)
         let hold: Int?
@@ -119,15 +119,25 @@ final class Gateway: Sendable {
         case .refused(let available, let refusedProfile):
             counters[api]!.refused.increment()
             let currency = refusedProfile.currency
+            // Said to the application's user, not to an operator: what is wrong and what helps.
             return service.problem(HTTPResponse.Status(code: 402), "insufficient credit",
-                                   "customer \(customerID) has \(currency.format(available)) \(currency) of credit left and may not go below "
-                                   + "\(refusedProfile.overage == .stop ? "zero" : "its overage limit"); add credit (tally grant) and retry",
+                                   "not enough prepaid credit for this call: \(currency.format(available)) \(currency) is left, and the account may not "
+                                   + "go below \(refusedProfile.overage == .stop ? "zero" : "its overage limit"); the call can be made once credit is added",
                                    extra: [("customer", .string(customerID)), ("available", .string(Money.format(nanos: available))),
-                                           ("currency", .string(currency.code))])
+                                           ("currency", .string(currency.code)),
+                                           ("operator_hint", .string("grant credit with: tally grant --customer \(customerID) --amount A"))],
+                                   vendor: api.vendor)
+        case .unpricedRefused(let model):
+            counters[api]!.refused.increment()
+            return service.problem(HTTPResponse.Status(code: 402), "model not priced",
+                                   "calls to \(model) cannot be billed yet (no price is set for it), so they are refused for this account",
+                                   extra: [("customer", .string(customerID)), ("model", .string(model)),
+                                           ("operator_hint", .string("price the model (tally pricing apply) or start tally-ingest with --unpriced-model-price"))],
+                                   vendor: api.vendor)
         case .unavailable:
             var headers = HTTPFields()
             headers[.retryAfter] = "5"
-            return service.problem(.serviceUnavailable, "credit check unavailable", "the wallet database does not answer; retry", headers: headers)
+            return service.problem(.serviceUnavailable, "credit check unavailable", "the wallet database does not answer; retry", headers: headers, vendor: api.vendor)
         }
 
         var upstreamRequest = URLRequest(url: URL(string: upstream.baseURL + api.path)!)
@@ -159,10 +169,10 @@ final class Gateway: Sendable {
             credit.release(hold)
             if UpstreamClient.isTimeout(error) {
                 counters[api]!.timeouts.increment()
-                return service.problem(.gatewayTimeout, "upstream timed out", "\(upstream.baseURL) did not answer in time")
+                return service.problem(.gatewayTimeout, "upstream timed out", "\(upstream.baseURL) did not answer in time", vendor: api.vendor)
             }
             counters[api]!.unreachable.increment()
-            return service.problem(.badGateway, "upstream unreachable", "\(upstream.baseURL): \(error.localizedDescription)")
+            return service.problem(.badGateway, "upstream unreachable", "\(upstream.baseURL): \(error.localizedDescription)", vendor: api.vendor)
         }
         upstreamLatency.recordNanoseconds((ContinuousClock.now - sent).totalNanoseconds)
 

@@ -25,6 +25,8 @@ final class IngestService: Sendable {
     let accepted = Counter(label: "tally_ingest_events_accepted_total")
     let duplicates = Counter(label: "tally_ingest_events_duplicate_in_request_total")
     let notWritten = Counter(label: "tally_ingest_events_not_written_total")
+    /// Sent but not confirmed in time: perhaps written (a resend with the same id is deduplicated).
+    let unconfirmed = Counter(label: "tally_ingest_events_unknown_total")
     let produceLatency = Metrics.Timer(label: "tally_ingest_produce_seconds")
     /// One counter per rejection reason, made once.
     private let rejected: [RejectionReason: Counter] = Dictionary(uniqueKeysWithValues: RejectionReason.allCases.map {
@@ -87,7 +89,8 @@ final class IngestService: Sendable {
     }
 
     /// Runs `handler` for a request with a live API key (or any request with --allow-anonymous).
-    func authenticated(_ request: Request, _ handler: (APIKeyRecord?) async throws -> Response) async throws -> Response {
+    func authenticated(_ request: Request, vendor: GatewayAPI.Vendor? = nil,
+                       _ handler: (APIKeyRecord?) async throws -> Response) async throws -> Response {
         guard let authenticator else { return try await handler(nil) }
         // Anthropic's clients send their key as x-api-key.
         let authorization = request.headers[.authorization] ?? request.headers[HTTPField.Name("x-api-key")!].map { "Bearer \($0)" }
@@ -97,11 +100,11 @@ final class IngestService: Sendable {
             rejectedCounter(.unauthorized).increment()
             var headers = HTTPFields()
             headers[.wwwAuthenticate] = "Bearer"
-            return problem(.unauthorized, "unauthorized", "send Authorization: Bearer <API key> (tally keys create)", headers: headers)
+            return problem(.unauthorized, "unauthorized", "send Authorization: Bearer <API key> (tally keys create)", headers: headers, vendor: vendor)
         case .unavailable:
             var headers = HTTPFields()
             headers[.retryAfter] = "5"
-            return problem(.serviceUnavailable, "key database unavailable", "API keys cannot be checked right now", headers: headers)
+            return problem(.serviceUnavailable, "key database unavailable", "API keys cannot be checked right now", headers: headers, vendor: vendor)
         }
     }
 
@@ -120,6 +123,7 @@ final class IngestService: Sendable {
 
     func events(_ request: Request, key: APIKeyRecord?) async throws -> Response {
         requests.increment()
+        if request.headers[HTTPField.Name("ce-specversion")!] != nil { return try await binaryModeEvent(request, key: key) }
         guard let format = IngestBodyFormat(contentType: request.headers[.contentType] ?? "application/json") else {
             return problem(.unsupportedMediaType, "unsupported content type",
                            "use application/json, application/cloudevents+json, application/cloudevents-batch+json or application/x-ndjson")
@@ -141,6 +145,33 @@ final class IngestService: Sendable {
         case .success(let outcomes):
             let isSingle = format == .json && body.first(where: { ![0x20, 0x09, 0x0a, 0x0d].contains($0) }) != UInt8(ascii: "[")
             return await publish(limited(outcomes, to: key), single: isSingle)
+        }
+    }
+
+    /// One CloudEvent in HTTP binary mode (CloudEvents HTTP protocol binding §3.1): attributes in
+    /// `ce-*` headers (percent-encoded), `Content-Type` the data's media type, the body the data.
+    /// Validated exactly as its structured equivalent; errors name the header at fault.
+    func binaryModeEvent(_ request: Request, key: APIKeyRecord?) async throws -> Response {
+        guard let body = try await body(request, limit: EventLimits.maxEventBytes) else {
+            rejectedCounter(.bodyTooLarge).increment()
+            return problem(.contentTooLarge, "request body too large", "a binary-mode event's data is at most \(EventLimits.maxEventBytes) bytes")
+        }
+        var attributes: [(name: String, value: String)] = []
+        for field in request.headers where field.name.canonicalName.hasPrefix("ce-") {
+            attributes.append((String(field.name.canonicalName.dropFirst(3)), field.value.removingPercentEncoding ?? field.value))
+        }
+        let document = BinaryModeEvent.structuredDocument(attributes: attributes, contentType: request.headers[.contentType],
+                                                          data: body, binding: .http)
+        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        switch document.flatMap({ parser.parse($0, format: .json, nowMicroseconds: now).mapError { .invalid([FieldViolation("", "\($0)")]) } }) {
+        case .failure(let error):
+            return await publish([.rejected(error.violations)], single: true)
+        case .success(let outcomes):
+            let attributed = outcomes.map { outcome -> IngestOutcome in
+                guard case .rejected(let violations) = outcome else { return outcome }
+                return .rejected(BinaryModeEvent.attributed(violations, binding: .http))
+            }
+            return await publish(limited(attributed, to: key), single: true)
         }
     }
 
@@ -204,12 +235,12 @@ final class IngestService: Sendable {
     }
 
     /// A 400 for a body that is no valid request: malformed JSON (with its byte position) or field violations.
-    func invalid(_ error: EventDecodingError) -> Response {
+    func invalid(_ error: EventDecodingError, vendor: GatewayAPI.Vendor? = nil) -> Response {
         if case .malformedJSON(let syntax) = error {
-            return problem(.badRequest, "malformed JSON", syntax.description, extra: [("position", .number(Int64(syntax.offset)))])
+            return problem(.badRequest, "malformed JSON", syntax.description, extra: [("position", .number(Int64(syntax.offset)))], vendor: vendor)
         }
         let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
-        return problem(.badRequest, "invalid request", error.description, extra: [("errors", .array(errors))])
+        return problem(.badRequest, "invalid request", error.description, extra: [("errors", .array(errors))], vendor: vendor)
     }
 
     /// A key limited to an environment may only send events of that environment; a customer's
@@ -252,7 +283,7 @@ final class IngestService: Sendable {
         // Results are written straight to JSON: a batch answers thousands of them.
         var results = JSONWriter(capacity: outcomes.count * 96)
         results.raw("[")
-        var counts = (accepted: 0, rejected: 0, duplicate: 0, notWritten: 0)
+        var counts = (accepted: 0, rejected: 0, duplicate: 0, notWritten: 0, unknown: 0)
         var firstViolations: [FieldViolation] = []
         var notWrittenIDs: [String] = []
         for (index, outcome) in outcomes.enumerated() {
@@ -271,9 +302,12 @@ final class IngestService: Sendable {
                     results.key("offset")
                     results.integer(report.offset)
                 case .failure(let error):
-                    counts.notWritten += 1
+                    // `unknown`: sent, not confirmed in time, perhaps written; `not_written`: not in the log.
+                    // Either is safe to resend with the same id.
+                    let unknown = error.code == .deliveryUnknown
+                    if unknown { counts.unknown += 1 } else { counts.notWritten += 1 }
                     if notWrittenIDs.count < 20 { notWrittenIDs.append(event.id) }
-                    results.raw(#","status":"not_written","reason":"#)
+                    results.raw(unknown ? #","status":"unknown","reason":"# : #","status":"not_written","reason":"#)
                     results.string(error.description)
                 }
             case .rejected(let violations):
@@ -301,20 +335,25 @@ final class IngestService: Sendable {
         accepted.increment(by: counts.accepted)
         duplicates.increment(by: counts.duplicate)
         notWritten.increment(by: counts.notWritten)
-        if counts.notWritten > 0 {
-            logger.warning("broker did not acknowledge \(counts.notWritten) events; the client was told to resend them",
-                           metadata: ["event_ids": "\(notWrittenIDs.joined(separator: ","))\(counts.notWritten > notWrittenIDs.count ? ",…" : "")"])
+        unconfirmed.increment(by: counts.unknown)
+        let unanswered = counts.notWritten + counts.unknown
+        if unanswered > 0 {
+            logger.warning("broker did not acknowledge \(unanswered) events (\(counts.notWritten) not written, \(counts.unknown) unknown); the client was told to resend them",
+                           metadata: ["event_ids": "\(notWrittenIDs.joined(separator: ","))\(unanswered > notWrittenIDs.count ? ",…" : "")"])
         }
         let summary: [(String, JSONField)] = [
             ("accepted", .number(Int64(counts.accepted))), ("rejected", .number(Int64(counts.rejected))),
             ("duplicates", .number(Int64(counts.duplicate))), ("not_written", .number(Int64(counts.notWritten))),
+            ("unknown", .number(Int64(counts.unknown))),
             ("results", .raw(results.bytes)),
         ]
-        if counts.notWritten > 0 {
+        if unanswered > 0 {
             var headers = HTTPFields()
             headers[.retryAfter] = "5"
-            return problem(.serviceUnavailable, "broker unavailable",
-                           "\(counts.notWritten) events were not written; resend them (ids are idempotency keys)",
+            let detail = counts.unknown == 0
+                ? "\(counts.notWritten) events were not written; resend them (ids are idempotency keys)"
+                : "\(unanswered) events were not confirmed by the broker in time (\(counts.unknown) may have been written); resend them with the same ids: the consumers count each id once"
+            return problem(.serviceUnavailable, "broker unavailable", detail,
                            extra: summary, headers: headers)
         }
         if counts.accepted == 0 && counts.duplicate == 0 {
@@ -352,12 +391,20 @@ final class IngestService: Sendable {
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: writer.bytes)))
     }
 
-    /// An `application/problem+json` answer (RFC 9457).
+    /// An `application/problem+json` answer (RFC 9457); on a gateway route (`vendor` set) the
+    /// vendor's own error shape, with the problem details in its `problem` member.
     func problem(_ status: HTTPResponse.Status, _ title: String, _ detail: String,
-                         extra: [(String, JSONField)] = [], headers: HTTPFields = [:]) -> Response {
-        json(status, .object([("type", .string("about:blank")), ("title", .string(title)), ("status", .number(Int64(status.code))),
-                              ("detail", .string(detail))] + extra),
-             contentType: "application/problem+json", headers: headers)
+                 extra: [(String, JSONField)] = [], headers: HTTPFields = [:], vendor: GatewayAPI.Vendor? = nil) -> Response {
+        let problem = JSONField.object([("type", .string("about:blank")), ("title", .string(title)), ("status", .number(Int64(status.code))),
+                                        ("detail", .string(detail))] + extra)
+        guard let vendor else { return json(status, problem, contentType: "application/problem+json", headers: headers) }
+        var rendered = JSONWriter()
+        problem.write(to: &rendered)
+        let code = String(title.map { $0.isLetter || $0.isNumber ? Character($0.lowercased()) : "_" })
+        var fields = headers
+        fields[.contentType] = "application/json"
+        let body = GatewayErrorBody.render(vendor, status: status.code, message: detail, code: code, problem: rendered.bytes)
+        return Response(status: status, headers: fields, body: .init(byteBuffer: ByteBuffer(bytes: body)))
     }
 }
 

@@ -41,7 +41,8 @@ struct TallyIngest: AsyncParsableCommand {
     @Option(help: "Oldest accepted event time, in days before now.") var maxEventAgeDays = 35
     @Option(help: "Latest accepted event time, in minutes after now.") var maxEventFutureMinutes = 5
     @Flag(help: "Accept requests without an API key. For local development only; never in production.") var allowAnonymous = false
-    @Option(help: "How long the broker may take to acknowledge before events are answered not written (503).") var deliveryTimeoutMs = 10_000
+    @Option(help: "How long the broker may take to acknowledge an event before it is answered `unknown` (503, resend with the same id). The default outlasts a Kafka controller fail-over (11–13 s measured).")
+    var deliveryTimeoutMs = 30_000
 
     @Option(help: "Gateway: forward /v1/chat/completions and /v1/responses to this OpenAI-compatible base URL (e.g. https://api.openai.com). Env: TALLY_OPENAI_UPSTREAM; its key: TALLY_OPENAI_API_KEY.")
     var openaiUpstream: String?
@@ -50,6 +51,10 @@ struct TallyIngest: AsyncParsableCommand {
     @Option(help: "Gateway: a header naming the customer, trusted from keys that name no customer themselves.") var customerHeader: String?
     @Option(help: "Gateway: the rater's consumer group, whose offsets say which calls its balances already hold.") var raterGroup = "tally-rater"
     @Option(help: "Gateway: output tokens reserved for a call whose request sets no maximum.") var defaultOutputTokens: Int64 = 4096
+    @Option(help: "Gateway: for a customer whose overage policy can refuse, a call to a model no price book prices holds its tokens at this price per million tokens (the customer's currency), so it is never free. The usage itself is kept unbilled until the model is priced.")
+    var unpricedModelPrice = "75"
+    @Flag(help: "Gateway: refuse calls to unpriced models (402) for customers whose overage policy can refuse, instead of holding them at --unpriced-model-price.")
+    var refuseUnpricedModels = false
     @Option(help: "Gateway: the longest wait for the upstream's response head or its next chunk.") var upstreamTimeoutSeconds = 600
     @Option(help: "Gateway: largest request body in bytes.") var gatewayMaxBodyBytes = 32 << 20
 
@@ -89,8 +94,12 @@ struct TallyIngest: AsyncParsableCommand {
                 guard let field = HTTPField.Name(name) else { throw ValidationError("--customer-header: \"\(name)\" is no HTTP header name") }
                 return field
             }
+            guard let unpricedNanos = Money.nanos(unpricedModelPrice), unpricedNanos >= 0 else {
+                throw ValidationError("--unpriced-model-price: \"\(unpricedModelPrice)\" is no non-negative decimal amount")
+            }
             let credit = CreditGuard(connection: try PostgresConnection(url: try database.databaseURL, logger: logger, searchPath: "tally"),
-                                     topic: kafka.topic, raterGroup: raterGroup, logger: logger)
+                                     topic: kafka.topic, raterGroup: raterGroup,
+                                     unpricedPolicy: refuseUnpricedModels ? .refuse : .hold(nanosPerMillionTokens: unpricedNanos), logger: logger)
             let proxy = Gateway(settings: .init(upstreams: upstreams, customerHeader: trustedHeader, defaultOutputTokens: defaultOutputTokens,
                                                   maxBodyBytes: gatewayMaxBodyBytes),
                                   service: service, client: UpstreamClient(idleTimeout: .seconds(upstreamTimeoutSeconds)), credit: credit, logger: logger)

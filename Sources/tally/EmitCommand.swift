@@ -85,7 +85,7 @@ enum EmitRunner {
     }
 
     static func report(_ summary: IngestClient.Summary) {
-        print("accepted \(summary.accepted), rejected \(summary.rejected), duplicates in request \(summary.duplicates), not written \(summary.notWritten), failed requests \(summary.failedRequests)")
+        print("accepted \(summary.accepted), rejected \(summary.rejected), duplicates in request \(summary.duplicates), not written or unconfirmed \(summary.notWritten), failed requests \(summary.failedRequests)")
         for (reason, count) in summary.reasons.sorted(by: { $0.value > $1.value }).prefix(10) {
             print("  \(count) × \(reason)")
         }

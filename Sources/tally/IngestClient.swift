@@ -80,7 +80,7 @@ final class IngestClient: @unchecked Sendable {
             switch result["status"]?.string {
             case "accepted": summary.accepted += 1
             case "duplicate_in_request": summary.duplicates += 1
-            case "not_written": summary.notWritten += 1
+            case "not_written", "unknown": summary.notWritten += 1
             default:
                 summary.rejected += 1
                 if case .array(let errors)? = result["errors"] {

@@ -65,6 +65,7 @@ struct Replay: ParsableCommand {
         var settings = ConsumerSettings(group: "tally-replay-\(replayed.rawValue)-\(id)", metricsPrefix: "tally_replay")
         settings.topic = kafka.topic
         settings.deadLetterTopic = kafka.deadLetterTopic
+        settings.partitioner = try kafka.partitioner
         settings.batchSize = batchSize
         settings.exitWhenCaughtUp = true
         settings.statsInterval = .seconds(3600)
@@ -77,10 +78,8 @@ struct Replay: ParsableCommand {
                               folder: WindowFolder(connection: try PostgresConnection(url: url, logger: logger, searchPath: shadow.searchPath)))
             : RaterStore(connection: replayConnection, group: settings.group, topic: settings.topic, instanceID: instance, logger: logger)
         if let subset { store = PartitionSubsetStore(store, partitions: subset) }
-        var properties = try kafka.extraProperties
         // A group of one member: a short session makes the join quick.
-        properties["session.timeout.ms"] = properties["session.timeout.ms"] ?? "6000"
-        let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: properties)
+        let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.groupMemberProperties(sessionTimeoutMs: 6000))
         let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: SharedFlag())
         try loop.run()
         meter.finish(loop.stats)
@@ -298,8 +297,14 @@ struct Reconcile: ParsableCommand {
         let logger = makeLogger(logging, label: "tally.reconcile")
         let reconciler = Reconciler(connection: try connect(database, label: "tally.reconcile"),
                                     kafka: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties),
-                                    topic: kafka.topic, aggregatorGroup: aggregatorGroup, raterGroup: raterGroup, logger: logger)
+                                    topic: kafka.topic, aggregatorGroup: aggregatorGroup, raterGroup: raterGroup,
+                                    partitioner: try kafka.partitioner, logger: logger)
         let result = try reconciler.run(customerID: customer, partition: partition)
+        for (partition, start) in result.logStarts.sorted(by: { $0.key < $1.key }) {
+            // Said first: it explains the mismatches below.
+            print("partition \(partition): the log now starts at offset \(start), not 0 (retention or deleted records): what records "
+                  + "0..<\(start) counted cannot be recounted, so their windows and charges show as mismatches", to: &standardError)
+        }
         if !result.mismatches.isEmpty {
             print(TableRenderer.render(header: ["table", "row", "recounted from the topic", "stored"], rows: result.mismatches.map {
                 [$0.table, $0.key, $0.recounted, $0.stored]

@@ -56,7 +56,18 @@ struct Status: ParsableCommand {
             SELECT model, count(*)::text, min(event_time)::text, max(event_time)::text FROM unpriced_usage GROUP BY model ORDER BY count(*) DESC, model
             """)
         let unrateable = try connection.query("SELECT count(*)::text, coalesce(max(reason), '') FROM unrateable_records").rows[0]
+        // One line per consumer group and reason; a customer split over partitions shows here as wrong_partition.
+        let setAside = try connection.query("""
+            SELECT consumer_group, reason_code, count(*)::text, min(reason) FROM dead_letters WHERE topic = $1
+            GROUP BY 1, 2 ORDER BY 1, 2
+            """, [kafka.topic])
         var text = ""
+        if setAside.rowCount > 0 {
+            text += "\nrecords set aside (in tally.dead_letters and the .dlq topic; nothing of them was counted):\n"
+            text += TableRenderer.render(header: ["group", "reason", "records", "e.g."], rows: setAside.rows.map { row in
+                row.enumerated().map { $0.offset == 3 ? String(($0.element ?? "").prefix(160)) : $0.element ?? "" }
+            }, format: "table", numericFrom: 2)
+        }
         if unpriced.rowCount > 0 {
             text += "\nunpriced usage (no price book prices the model at the event time; in tally.unpriced_usage):\n"
             text += TableRenderer.render(header: ["model", "events", "first", "last"], rows: unpriced.rows.map { $0.map { $0 ?? "" } },

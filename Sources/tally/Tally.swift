@@ -52,17 +52,49 @@ struct Topics: ParsableCommand {
         @Option(help: "Partitions of a new topic. Consumers scale up to this many instances.")
         var partitions = 4
 
-        @Option(help: "Replication factor of a new topic (1 for a single broker).")
-        var replicationFactor = 1
+        @Option(help: "Replication factor of a new topic. Default: the broker's default.replication.factor.")
+        var replicationFactor: Int?
+
+        @Option(help: "retention.ms of the usage and dead-letter topics. Default -1, kept forever: the log is what replays rebuild every bill from.")
+        var retentionMs: Int64 = -1
+
+        func validate() throws {
+            guard partitions > 0 else { throw ValidationError("--partitions must be positive") }
+            if let replicationFactor, replicationFactor <= 0 { throw ValidationError("--replication-factor must be positive") }
+            guard retentionMs >= -1 else { throw ValidationError("--retention-ms is -1 (forever) or a number of milliseconds") }
+        }
 
         func run() throws {
             let logger = makeLogger(logging, label: "tally.topics")
             let admin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
-            // The alerts topic carries the rater's low-balance alerts and top-up requests.
-            for topic in [kafka.topic, kafka.deadLetterTopic, "tally.alerts"] {
-                let created = try admin.createTopic(topic, partitions: partitions, replicationFactor: replicationFactor)
-                let count = try admin.partitionCount(of: topic)
-                print("\(topic): \(created ? "created" : "exists"), \(count) partitions")
+            // The alerts topic carries the rater's low-balance alerts and top-up requests: the
+            // broker's retention suits it. Every topic is tried even when one fails.
+            var failed: [String] = []
+            for (topic, retained) in [(kafka.topic, true), (kafka.deadLetterTopic, true), ("tally.alerts", false)] {
+                do {
+                    let created = try admin.createTopic(topic, partitions: partitions, replicationFactor: replicationFactor ?? -1,
+                                                        config: retained ? ["retention.ms": String(retentionMs)] : [:])
+                    // Right after a creation another broker may not know the topic yet: ask again.
+                    let count = try Self.retrying { () throws(KafkaError) in try admin.partitionCount(of: topic) }
+                    print("\(topic): \(created ? "created" : "exists"), \(count) partitions"
+                          + (created && retained ? ", retention.ms=\(retentionMs)" : ""))
+                } catch {
+                    print("\(topic): \(error)", to: &standardError)
+                    failed.append(topic)
+                }
+            }
+            if !failed.isEmpty { throw ExitCode(1) }
+        }
+
+        /// Tries `body` for up to 30 s while it fails with a retryable error.
+        static func retrying<T>(_ body: () throws(KafkaError) -> T) throws(KafkaError) -> T {
+            let deadline = ContinuousClock.now + .seconds(30)
+            while true {
+                switch Result(catching: body) {
+                case .success(let value): return value
+                case .failure(let error) where error.isRetryable && ContinuousClock.now < deadline: Thread.sleep(forTimeInterval: 0.5)
+                case .failure(let error): throw error
+                }
             }
         }
     }

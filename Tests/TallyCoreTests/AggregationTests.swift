@@ -37,7 +37,46 @@ final class AggregationTests: XCTestCase {
         XCTAssertEqual(later.accepted.map(\.position.offset), [10])
         XCTAssertEqual(later.duplicates, 2)
         XCTAssertEqual(later.conflicts.count, 1)
-        XCTAssertEqual(Deduplicator.keys(of: batch).sorted(), [DedupKey(customerID: "c", eventID: "e1"), DedupKey(customerID: "c", eventID: "e2")])
+        XCTAssertEqual(Deduplicator.keys(of: batch).sorted(), [DedupKey(customerID: "c", source: "s", eventID: "e1"), DedupKey(customerID: "c", source: "s", eventID: "e2")])
+    }
+
+    /// CloudEvents 1.0: source + id is an event's identity. Id 1 from app://chat (100 tokens) and
+    /// id 1 from app://search (200 tokens) are two events: 300 tokens, no conflict.
+    func testTheSameIdFromTwoSourcesIsTwoEvents() {
+        var chat = event("1", input: 100)
+        chat.source = "app://chat"
+        var search = event("1", input: 200)
+        search.source = "app://search"
+        let batch = [PositionedEvent(event: chat, position: LogPosition(partition: 0, offset: 0)),
+                     PositionedEvent(event: search, position: LogPosition(partition: 0, offset: 1)),
+                     PositionedEvent(event: search, position: LogPosition(partition: 0, offset: 2))]
+        let decision = Deduplicator.decide(batch, stored: [:])
+        XCTAssertEqual(decision.accepted.map(\.event.inputTokens).reduce(0, +), 300)
+        XCTAssertEqual(decision.duplicates, 1, "the resent search event")
+        XCTAssertTrue(decision.conflicts.isEmpty)
+        // Grants are the wallet's idempotency keys: one id is one grant, whichever source sent it.
+        XCTAssertEqual(PositionedGrant(grant: grant(source: "cli"), position: LogPosition(partition: 0, offset: 3)).key,
+                       PositionedGrant(grant: grant(source: "api"), position: LogPosition(partition: 0, offset: 4)).key)
+    }
+
+    /// A grant sent again with a new time (a retry, `tally grant` run twice) is a duplicate; another
+    /// amount under its id is a conflict.
+    func testAGrantRetriedWithANewTimeIsADuplicate() {
+        let first = PositionedGrant(grant: grant(source: "cli"), position: LogPosition(partition: 0, offset: 0))
+        var later = grant(source: "api")
+        later.time = EventTime(microseconds: later.time.microseconds + 60_000_000)
+        var more = grant(source: "cli")
+        more.amountNanos += 1
+        let decision = Deduplicator.decide([first, PositionedGrant(grant: later, position: LogPosition(partition: 0, offset: 1)),
+                                            PositionedGrant(grant: more, position: LogPosition(partition: 0, offset: 2))], stored: [:])
+        XCTAssertEqual(decision.accepted.map(\.position.offset), [0])
+        XCTAssertEqual(decision.duplicates, 1)
+        XCTAssertEqual(decision.conflicts.map(\.position.offset), [2])
+    }
+
+    private func grant(source: String) -> GrantEvent {
+        GrantEvent(id: "g1", source: source, subject: "c", time: EventTime(microseconds: 1_000_000), amountNanos: 100_000_000_000,
+                   currency: Currency("USD")!, priority: GrantEvent.defaultPriority, expiresAt: nil, grantSource: .purchase, extensions: [:])
     }
 
     func testSameIdForDifferentCustomersIsNotADuplicate() {
@@ -111,7 +150,7 @@ final class AggregationTests: XCTestCase {
 
     func testKeyCacheKeepsTheNewerGenerationsAndForgetsOnRequest() {
         var cache = DedupKeyCache(generationSize: 3)
-        let keys = (0..<7).map { DedupKey(customerID: "c\($0 % 2)", eventID: "e\($0)") }
+        let keys = (0..<7).map { DedupKey(customerID: "c\($0 % 2)", source: "s", eventID: "e\($0)") }
         for (index, key) in keys.enumerated() { cache.insert(key, contentHash: UInt64(index)) }
         // Generations of 3: e0–e2 filled the first, e3–e5 replaced it, e6 starts a third.
         XCTAssertEqual(cache.count, 4)
@@ -119,8 +158,8 @@ final class AggregationTests: XCTestCase {
         XCTAssertNil(cache[keys[2]])
         XCTAssertEqual(cache[keys[3]], 3)
         XCTAssertEqual(cache[keys[6]], 6)
-        XCTAssertNil(cache[DedupKey(customerID: "c1", eventID: "e6")], "the customer is part of the key")
-        XCTAssertNil(cache[DedupKey(customerID: "c0e", eventID: "6")], "the separator keeps the halves apart")
+        XCTAssertNil(cache[DedupKey(customerID: "c1", source: "s", eventID: "e6")], "the customer is part of the key")
+        XCTAssertNil(cache[DedupKey(customerID: "c0e", source: "s", eventID: "6")], "the separator keeps the halves apart")
         cache.insert(keys[6], contentHash: 60)
         XCTAssertEqual(cache[keys[6]], 60, "a later fingerprint replaces the earlier")
         cache.removeAll()

@@ -115,6 +115,48 @@ final class GatewayTests: XCTestCase {
         XCTAssertEqual(try scanner.counts()?.get(), TokenCounts(input: 125, output: 15, cacheRead: 100))
     }
 
+    /// Issue #20: a customer with `--overage stop` and 0.01 of credit calls a model no price book
+    /// prices, ~5,000 tokens a call. Held at the default 75.00 per 1M tokens (5,000 × 75 / 1M =
+    /// 0.375): the first call is admitted (credit is left) and its hold leaves −0.365, so the second
+    /// is refused; under `.refuse` every call is. Never free.
+    func testUnpricedModelsAreNeverFreeUnderAStopPolicy() {
+        let expected = TokenCounts(input: 4_000, output: 1_000)
+        XCTAssertNil(CallChargeEstimate.nanos(expected, model: "no-price-model", customer: BillingProfile(customerID: "c"),
+                                              catalog: PriceCatalog(books: []), at: EventTime("2026-03-01T00:00:00Z")!))
+        let policy = UnpricedModelPolicy.hold(nanosPerMillionTokens: 75_000_000_000)
+        XCTAssertEqual(policy.holdNanos(expected), 375_000_000)
+        var credit = CreditReservations()
+        let snapshot = WalletSnapshot(balanceNanos: 10_000_000, raterNextOffsets: [:])
+        guard case .admitted = credit.admit("c", estimateNanos: policy.holdNanos(expected)!, snapshot: snapshot, policy: .stop) else {
+            return XCTFail("0.01 is left: the first call goes")
+        }
+        XCTAssertEqual(credit.admit("c", estimateNanos: policy.holdNanos(expected)!, snapshot: snapshot, policy: .stop),
+                       .refused(availableNanos: -365_000_000))
+        XCTAssertNil(UnpricedModelPolicy.refuse.holdNanos(expected))
+        // Extreme counts saturate; one token at the smallest price still holds one nano-unit.
+        XCTAssertEqual(policy.holdNanos(TokenCounts(input: Int64.max, output: Int64.max)), Money.maxNanos)
+        XCTAssertEqual(UnpricedModelPolicy.hold(nanosPerMillionTokens: 1).holdNanos(TokenCounts(input: 1, output: 0)), 1)
+    }
+
+    /// Gateway errors in each vendor's own shape, so their SDKs show the message; the problem
+    /// details stay beside it.
+    func testGatewayErrorsTakeEachVendorsShape() throws {
+        let problem = Array(#"{"type":"about:blank","title":"insufficient credit","status":402}"#.utf8)
+        let openAI = try JSONValue.parse(GatewayErrorBody.render(.openai, status: 402, message: "not enough credit", code: "insufficient_credit", problem: problem)).get()
+        XCTAssertEqual(openAI["error"]?["message"]?.string, "not enough credit")
+        XCTAssertEqual(openAI["error"]?["type"]?.string, "insufficient_quota")
+        XCTAssertEqual(openAI["error"]?["code"]?.string, "insufficient_credit")
+        XCTAssertEqual(openAI["error"]?["param"], .null)
+        XCTAssertEqual(openAI["problem"]?["title"]?.string, "insufficient credit")
+        let anthropic = try JSONValue.parse(GatewayErrorBody.render(.anthropic, status: 402, message: "not enough credit", code: "x", problem: problem)).get()
+        XCTAssertEqual(anthropic["type"]?.string, "error")
+        XCTAssertEqual(anthropic["error"]?["type"]?.string, "billing_error")
+        XCTAssertEqual(anthropic["error"]?["message"]?.string, "not enough credit")
+        XCTAssertEqual(GatewayErrorBody.errorType(.anthropic, status: 401), "authentication_error")
+        XCTAssertEqual(GatewayErrorBody.errorType(.anthropic, status: 413), "invalid_request_error")
+        XCTAssertEqual(GatewayErrorBody.errorType(.openai, status: 502), "server_error")
+    }
+
     /// Issue #20: `max_tokens` 9,007,199,254,740,991 from a customer whose policy can refuse: the
     /// estimate saturates and the call is refused, nothing traps.
     func testTheLargestMaxTokensIsRefusedNotATrap() throws {
@@ -123,8 +165,8 @@ final class GatewayTests: XCTestCase {
             ModelPrices(model: "gpt-4o", prices: [.input: .perUnit(TokenRate.parse("2.50", perTokens: .perMillion)!),
                                                   .output: .perUnit(TokenRate.parse("10.00", perTokens: .perMillion)!)])])
         let expected = TokenCounts(input: request.inputTokenEstimate, output: try XCTUnwrap(request.maxOutputTokens))
-        let estimate = CallChargeEstimate.nanos(expected, model: "gpt-4o", customer: BillingProfile(customerID: "c"),
-                                                catalog: PriceCatalog(books: [book]), at: EventTime("2026-03-01T00:00:00Z")!)
+        let estimate = try XCTUnwrap(CallChargeEstimate.nanos(expected, model: "gpt-4o", customer: BillingProfile(customerID: "c"),
+                                                              catalog: PriceCatalog(books: [book]), at: EventTime("2026-03-01T00:00:00Z")!))
         XCTAssertEqual(estimate, Money.maxNanos, "2^53 − 1 output tokens at 10.00 per 1M are 90 billion: past an amount's range")
         var credit = CreditReservations()
         let snapshot = WalletSnapshot(balanceNanos: 10_000_000, raterNextOffsets: [:])

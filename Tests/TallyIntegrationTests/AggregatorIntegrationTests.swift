@@ -56,27 +56,31 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertTrue(second.log.contains("duplicates="), "progress is logged")
     }
 
-    /// The key cache is a hint: an event id stored through one commit lane (or instance) and
-    /// re-sent on a partition another lane commits is still found, by the key's unique
-    /// constraint and a look-up, and counted once.
-    func testAKeyTheCacheLacksIsStillADuplicate() async throws {
+    /// An event re-sent on another partition than its customer's (a producer hashing keys another
+    /// way) is set aside as `wrong_partition` with its reason, never counted twice, while the copy on
+    /// the customer's own partition counts once; two commit lanes, so the copies meet no shared cache.
+    func testTheSameEventOnAnotherPartitionIsSetAsideNotCounted() async throws {
         let harness = try AggregatorHarness(partitions: 2)
         let warmUp = AggregatorHarness.events(count: 400, seed: 51)
-        try await harness.publish(Array(warmUp[..<200]), partition: 0)
-        try await harness.publish(Array(warmUp[200...]), partition: 1)
+        try await harness.publish(warmUp)
         let aggregator = try harness.startAggregator(["--commit-lanes", "2"])
         XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
-        // Both lanes looked their first keys up, found none, and now trust their caches.
         let resent = AggregatorHarness.events(count: 1, seed: 52, prefix: "resent")
-        try await harness.publish(resent, partition: 0)
+        let home = KeyPartitioner.murmur2.partition(of: resent[0].subject.utf8, partitions: 2)
+        try await harness.publish(resent)
         XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
         let more = AggregatorHarness.events(count: 50, seed: 53, prefix: "more")
-        try await harness.publish(resent + more, partition: 1)
+        try await harness.publish(resent, partition: 1 - home)
+        try await harness.publish(more)
         XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
         try harness.assertTotals(equal: AggregatorHarness.recount(warmUp + resent + more))
-        XCTAssertTrue(aggregator.log.contains("missing from the key cache"), aggregator.log)
         XCTAssertEqual(try harness.connection.query("SELECT partition FROM tally.usage_event_keys WHERE event_id = $1", [resent[0].id]).rows,
-                       [["0"]], "the first sighting keeps the key")
+                       [[String(home)]], "the copy on the customer's partition is the one counted")
+        let letters = try harness.connection.query("SELECT partition, reason_code, reason FROM tally.dead_letters").rows
+        XCTAssertEqual(letters.count, 1)
+        XCTAssertEqual(letters.first?[0], String(1 - home))
+        XCTAssertEqual(letters.first?[1], "wrong_partition")
+        XCTAssertTrue(letters.first?[2]?.contains("customer \(resent[0].subject) belongs on partition \(home) of 2") ?? false, "\(letters)")
         aggregator.signal(SIGTERM)
         XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
     }

@@ -156,7 +156,8 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertTrue(metrics.contains("tally_gateway_upstream_seconds"), metrics)
     }
 
-    /// A stop-policy customer with nothing left gets 402 with a problem+json body; the upstream is never called.
+    /// A stop-policy customer with nothing left gets 402 in the API's own error shape (what the
+    /// OpenAI and Anthropic SDKs read), the problem details beside it; the upstream is never called.
     func testAnExhaustedWalletGets402AndNoUpstreamCall() throws {
         try harness.tally(["customers", "set", "gw-broke", "--overage", "stop"])
         try startGateway()
@@ -165,12 +166,22 @@ final class GatewayIntegrationTests: XCTestCase {
         let refused = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: true), count: 3)
         for call in refused {
             XCTAssertEqual(call.status, 402, call.body)
-            XCTAssertEqual(call.headers["content-type"], "application/problem+json")
+            XCTAssertEqual(call.headers["content-type"], "application/json")
+            let error = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(call.body.utf8)) as? [String: Any])?["error"] as? [String: Any], call.body)
+            XCTAssertEqual(error["type"] as? String, "insufficient_quota")
+            XCTAssertTrue((error["message"] as? String)?.hasPrefix("not enough prepaid credit for this call") ?? false, call.body)
+            XCTAssertFalse((error["message"] as? String)?.contains("tally grant") ?? true, "the message is for the application's user")
             XCTAssertTrue(call.body.contains(#""title":"insufficient credit""#) && call.body.contains(#""customer":"gw-broke""#), call.body)
         }
+        let anthropic = try calls(gatewayURL + "/v1/messages", key: key, body: body(.messages, stream: false), keyHeader: "x-api-key")[0]
+        XCTAssertEqual(anthropic.status, 402, anthropic.body)
+        let document = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(anthropic.body.utf8)) as? [String: Any], anthropic.body)
+        XCTAssertEqual(document["type"] as? String, "error")
+        XCTAssertEqual((document["error"] as? [String: Any])?["type"] as? String, "billing_error")
         XCTAssertEqual(try upstreamCalls(), before, "no upstream call for a refused customer")
         XCTAssertTrue(try events(atLeast: 0).isEmpty)
         XCTAssertTrue(try httpGet(gatewayURL + "/metrics").body.contains(#"tally_gateway_refused_calls_total{api="chat_completions"} 3"#))
+        XCTAssertTrue(try httpGet(gatewayURL + "/metrics").body.contains(#"tally_gateway_refused_calls_total{api="messages"} 1"#))
         // A customer's key sends that customer's usage only.
         let other = try TallyIntegrationTests.http("POST", gatewayURL + "/v1/events", body: String(decoding: EventEncoder.encode(UsageEvent(
             id: "not-mine", source: "test", subject: "someone-else", time: EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1e6)),
@@ -196,6 +207,40 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertEqual(broke.status, 402, "the header's customer is the one checked: \(broke.body)")
         let events = try events(atLeast: 1)
         XCTAssertEqual(events.values.map(\.subject), ["gw-header-paying"])
+    }
+
+    /// Issue #20: a stop-policy customer with 0.01 of credit makes ten calls of ~5,000 tokens to a
+    /// model no price book prices. Held at the default 75.00 per 1M tokens, the first call (5,050
+    /// tokens: 0.37875) uses the credit up: it is answered, the other nine are refused, and they stay
+    /// refused once the rater has kept the call's usage aside as unpriced. With
+    /// --refuse-unpriced-models the refusal names the model.
+    func testUnpricedModelsAreNotFreeUnderAStopPolicy() async throws {
+        try harness.tally(["customers", "set", "gw-penny", "--overage", "stop"])
+        try await harness.publish([RaterIntegrationTests.grant("gw-penny-1", customer: "gw-penny", amount: "0.01",
+                                                               time: EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1e6) - 60_000_000).text)])
+        let rater = try harness.startRater(["--batch-size", "10"])
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        try startGateway()
+        let key = try customerKey("gw-penny")
+        let before = try upstreamCalls()
+        // The fake upstream reports 10 + body bytes / 8 input tokens: about 5,000 for a 40,000-byte prompt.
+        let prompt = String(repeating: "word ", count: 7_980)
+        let unpriced = #"{"model":"model-nobody-prices","max_tokens":40,"messages":[{"role":"user","content":"\#(prompt)"}]}"#
+        let results = try calls(gatewayURL + "/v1/chat/completions", key: key, body: unpriced, count: 10)
+        XCTAssertEqual(results.map(\.status), [200] + Array(repeating: 402, count: 9), results.map(\.body).joined(separator: "\n").suffix(2000).description)
+        XCTAssertEqual(try upstreamCalls(), before + 1)
+        // The rater keeps the call aside as unpriced (not debited); it still counts against the credit.
+        XCTAssertTrue(try TestStack.eventually { try harness.connection.query("SELECT count(*) FROM tally.unpriced_usage WHERE customer_id = 'gw-penny'").int64(0, 0) == 1 })
+        let later = try calls(gatewayURL + "/v1/chat/completions", key: key, body: unpriced)[0]
+        XCTAssertEqual(later.status, 402, later.body)
+        XCTAssertEqual(try upstreamCalls(), before + 1)
+        gateway.signal(SIGKILL)
+        gateway.wait()
+        try startGateway(["--refuse-unpriced-models"])
+        let refused = try calls(gatewayURL + "/v1/chat/completions", key: key, body: unpriced)[0]
+        XCTAssertEqual(refused.status, 402, refused.body)
+        XCTAssertTrue(refused.body.contains("calls to model-nobody-prices cannot be billed yet"), refused.body)
+        XCTAssertEqual(try upstreamCalls(), before + 1)
     }
 
     /// 50 concurrent calls on a wallet that holds a few calls' worth: some go through, the rest

@@ -3,11 +3,9 @@
 /// debit, computed later from the cumulative quantities, is exact; this only has to be safe, so
 /// it saturates at `Money.maxNanos` (a hold that large refuses the call) instead of trapping.
 public enum CallChargeEstimate {
-    public static func nanos(_ counts: TokenCounts, model: String, customer: BillingProfile, catalog: PriceCatalog, at time: EventTime) -> Int64 {
-        guard let match = catalog.match(customerID: customer.customerID, plan: customer.plan, model: model, at: time) else {
-            // An unpriced model is kept aside by the rater, not debited.
-            return 0
-        }
+    /// Nil when no price book prices `model` for the customer at `time` (see `UnpricedModelPolicy`).
+    public static func nanos(_ counts: TokenCounts, model: String, customer: BillingProfile, catalog: PriceCatalog, at time: EventTime) -> Int64? {
+        guard let match = catalog.match(customerID: customer.customerID, plan: customer.plan, model: model, at: time) else { return nil }
         let event = UsageEvent(id: "", source: "", subject: customer.customerID, time: time, model: model,
                                inputTokens: counts.input, outputTokens: counts.output, cacheReadInputTokens: counts.cacheRead,
                                cacheWriteInputTokens: counts.cacheWrite, cacheWrite1hInputTokens: counts.cacheWrite1h,
@@ -21,5 +19,24 @@ public enum CallChargeEstimate {
             total = Money.saturatingAdd(total, ceiling)
         }
         return total
+    }
+}
+
+/// What the gateway does with a call to a model no price book prices, for a customer whose
+/// overage policy can refuse. The rater keeps such usage aside unbilled (until the model is
+/// priced), so without a hold the call would be free however little credit is left.
+public enum UnpricedModelPolicy: Sendable, Equatable {
+    /// Hold every token (input and output) at this price per million tokens, in nano-units of
+    /// the customer's currency.
+    case hold(nanosPerMillionTokens: Int64)
+    /// Refuse the call (402).
+    case refuse
+
+    /// The hold for `counts`, rounded up and saturating at `Money.maxNanos`; nil under `.refuse`.
+    public func holdNanos(_ counts: TokenCounts) -> Int64? {
+        guard case .hold(let perMillion) = self else { return nil }
+        let tokens = Int128(max(counts.input, 0)) + Int128(max(counts.output, 0))
+        let nanos = (tokens * Int128(max(perMillion, 0)) + 999_999) / 1_000_000
+        return nanos > Int128(Money.maxNanos) ? Money.maxNanos : Int64(nanos)
     }
 }

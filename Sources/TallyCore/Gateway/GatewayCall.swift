@@ -244,3 +244,65 @@ private extension String {
         return String(text)
     }
 }
+
+/// An error answered on a gateway route, in the shape the vendor's own API and SDKs use, with the
+/// RFC 9457 problem details kept beside it (`problem`), so a client of either kind reads it.
+///
+/// Sources: OpenAI API reference, "Error codes" (`{"error":{"message","type","param","code"}}`);
+/// Anthropic API, "Errors" (`{"type":"error","error":{"type","message"}}`, 402 `billing_error`).
+public enum GatewayErrorBody {
+    /// The vendor's error type for an HTTP status.
+    public static func errorType(_ vendor: GatewayAPI.Vendor, status: Int) -> String {
+        switch (vendor, status) {
+        case (.anthropic, 401): "authentication_error"
+        case (.anthropic, 402): "billing_error"
+        case (.anthropic, 403): "permission_error"
+        case (.anthropic, 404): "not_found_error"
+        case (.anthropic, 429): "rate_limit_error"
+        case (.anthropic, 504): "timeout_error"
+        case (.anthropic, 529): "overloaded_error"
+        case (.anthropic, 500...): "api_error"
+        case (.anthropic, _): "invalid_request_error"
+        case (.openai, 402): "insufficient_quota"
+        case (.openai, 403): "permission_error"
+        case (.openai, 429): "rate_limit_exceeded"
+        case (.openai, 500...): "server_error"
+        case (.openai, _): "invalid_request_error"
+        }
+    }
+
+    /// The body: the vendor's error object, then `problem` holding `problem` (an RFC 9457 object,
+    /// already rendered). `code` is a stable snake_case code (OpenAI's `error.code`).
+    public static func render(_ vendor: GatewayAPI.Vendor, status: Int, message: String, code: String, problem: [UInt8]) -> [UInt8] {
+        var json = JSONWriter(capacity: problem.count + message.utf8.count + 128)
+        json.raw("{")
+        switch vendor {
+        case .openai:
+            json.key("error", first: true)
+            json.raw("{")
+            json.key("message", first: true)
+            json.string(message)
+            json.key("type")
+            json.string(errorType(vendor, status: status))
+            json.key("param")
+            json.raw("null")
+            json.key("code")
+            json.string(code)
+            json.raw("}")
+        case .anthropic:
+            json.key("type", first: true)
+            json.string("error")
+            json.key("error")
+            json.raw("{")
+            json.key("type", first: true)
+            json.string(errorType(vendor, status: status))
+            json.key("message")
+            json.string(message)
+            json.raw("}")
+        }
+        json.key("problem")
+        json.raw(problem)
+        json.raw("}")
+        return json.bytes
+    }
+}

@@ -1,0 +1,25 @@
+-- CloudEvents 1.0 makes source + id an event's identity; Tally scopes it to the customer. Keys
+-- stored before this migration have no source: they are marked chr(1) (no valid source holds a
+-- control character) and stand, as they did, for the id from every source. A promoted replay
+-- (tally replay --promote) rebuilds them with their sources from the log.
+-- Wallet grants are identified by their id alone (the wallet's idempotency key): source ''.
+ALTER TABLE tally.usage_event_keys ADD COLUMN event_source text COLLATE "C" NOT NULL DEFAULT chr(1);
+ALTER TABLE tally.usage_event_keys ALTER COLUMN event_source DROP DEFAULT;
+ALTER TABLE tally.usage_event_keys DROP CONSTRAINT usage_event_keys_pkey;
+ALTER TABLE tally.usage_event_keys ADD PRIMARY KEY (customer_id, event_id, event_source);
+
+ALTER TABLE tally.rater_event_keys ADD COLUMN event_source text COLLATE "C" NOT NULL DEFAULT chr(1);
+ALTER TABLE tally.rater_event_keys ALTER COLUMN event_source DROP DEFAULT;
+UPDATE tally.rater_event_keys k SET event_source = ''
+FROM tally.wallet_grants g
+WHERE g.customer_id = k.customer_id AND g.grant_id = k.event_id;
+ALTER TABLE tally.rater_event_keys DROP CONSTRAINT rater_event_keys_pkey;
+ALTER TABLE tally.rater_event_keys ADD PRIMARY KEY (customer_id, event_id, event_source);
+
+ALTER TABLE tally.unpriced_usage ADD COLUMN event_source text NOT NULL DEFAULT chr(1);
+ALTER TABLE tally.unpriced_usage ALTER COLUMN event_source DROP DEFAULT;
+ALTER TABLE tally.unpriced_usage DROP CONSTRAINT unpriced_usage_pkey;
+ALTER TABLE tally.unpriced_usage ADD PRIMARY KEY (customer_id, event_id, event_source);
+
+-- Which source sent the conflicting copy (NULL: recorded before this migration).
+ALTER TABLE tally.event_conflicts ADD COLUMN event_source text;

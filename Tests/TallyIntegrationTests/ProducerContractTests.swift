@@ -1,0 +1,127 @@
+import Foundation
+import TallyCore
+import TallyKafka
+import XCTest
+
+/// The producer contract (README, "Producing to the topic yourself") with a producer Tally did
+/// not write: Python's confluent-kafka beside tally-ingest, the aggregator counting both.
+final class ProducerContractTests: XCTestCase {
+    static let script = TestStack.root.appendingPathComponent("Tests/TallyIntegrationTests/Producers/confluent_produce.py").path
+
+    struct Delivery: Decodable {
+        let key: String
+        let partition: Int32?
+        let error: String?
+    }
+
+    /// Publishes `records` through confluent-kafka with `partitioner`; answers each one's partition.
+    func producePython(_ topic: String, partitioner: String, _ records: [[String: Any]]) throws -> [Delivery] {
+        let path = NSTemporaryDirectory() + "tally-records-\(UInt32.random(in: 0...UInt32.max)).jsonl"
+        let lines = try records.map { String(decoding: try JSONSerialization.data(withJSONObject: $0), as: UTF8.self) }
+        try lines.joined(separator: "\n").write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", Self.script, try TestStack.brokers, topic, partitioner, path])
+        XCTAssertEqual(status, 0, output)
+        let deliveries = try output.split(separator: "\n").filter { $0.hasPrefix("delivery ") }.map {
+            try JSONDecoder().decode(Delivery.self, from: Data($0.dropFirst("delivery ".count).utf8))
+        }
+        XCTAssertEqual(deliveries.count, records.count, output)
+        XCTAssertTrue(deliveries.allSatisfy { $0.error == nil }, output)
+        return deliveries
+    }
+
+    func usageValue(_ id: String, source: String, customer: String, input: Int64) -> String {
+        let time = EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000) - 60_000_000)
+        return String(decoding: EventEncoder.encode(UsageEvent(id: id, source: source, subject: customer, time: time, model: "gpt-4o",
+                                                               inputTokens: input, outputTokens: 1)), as: UTF8.self)
+    }
+
+    func testAJavaCompatibleProducerAndTallyIngestAgreeAndAStrayRecordIsReported() async throws {
+        let harness = try AggregatorHarness(partitions: 4)
+        let (keyStatus, keyOutput) = try ChildProcess.run(TestStack.executable("tally"), ["keys", "create", "--name", "contract", "--database-url", harness.databaseURL])
+        XCTAssertEqual(keyStatus, 0, keyOutput)
+        let apiKey = try XCTUnwrap(keyOutput.split(separator: "\n").first { $0.hasPrefix("tally_") }.map(String.init))
+        let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", harness.topic,
+                                                                             "--database-url", harness.databaseURL])
+        defer { ingest.signal(SIGKILL); ingest.wait() }
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on") }, ingest.log)
+        let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
+            ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""
+        })
+        let customers = (0..<24).map { "team-\($0)" }
+        var expected: [UsageEvent] = []
+        var partitionsOf: [String: Set<Int32>] = [:]
+
+        // 1. The team's own producer, with the Java client's partitioner.
+        let python = try producePython(harness.topic, partitioner: "murmur2_random", customers.map {
+            ["key": $0, "value": usageValue("py-\($0)", source: "app://python", customer: $0, input: 10)]
+        })
+        for delivery in python { partitionsOf[delivery.key, default: []].insert(delivery.partition!) }
+        // 2. tally-ingest, for the same customers; the same ids from another source are other events.
+        let batch = customers.map { usageValue("py-\($0)", source: "app://http", customer: $0, input: 100) }.joined(separator: "\n")
+        let response = try http("POST", "http://127.0.0.1:\(port)/v1/events", contentType: "application/x-ndjson", body: batch,
+                                authorization: "Bearer \(apiKey)")
+        XCTAssertEqual(response.status, 202, response.body)
+        let results = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(response.body.utf8)) as? [String: Any])?["results"] as? [[String: Any]])
+        XCTAssertEqual(results.count, customers.count)
+        for (index, result) in results.enumerated() {
+            XCTAssertEqual(result["status"] as? String, "accepted", "\(result)")
+            partitionsOf[customers[index], default: []].insert(Int32(try XCTUnwrap(result["partition"] as? Int)))
+        }
+        // 3. A CloudEvent in Kafka binary mode: attributes in ce_ headers, the value is its data.
+        let binary = try producePython(harness.topic, partitioner: "murmur2_random", [[
+            "key": customers[0], "value": #"{"model":"gpt-4o","input_tokens":1000,"output_tokens":1}"#,
+            "headers": ["ce_specversion": "1.0", "ce_id": "binary-1", "ce_source": "app://binary", "ce_type": "llm.usage",
+                        "ce_subject": customers[0], "ce_time": EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000)).text,
+                        "content-type": "application/json"],
+        ]])
+        partitionsOf[customers[0], default: []].insert(binary[0].partition!)
+        XCTAssertTrue(partitionsOf.values.allSatisfy { $0.count == 1 }, "every customer on one partition: \(partitionsOf)")
+        XCTAssertGreaterThan(Set(partitionsOf.values.map { $0.first! }).count, 1, "customers spread over partitions")
+
+        // 4. A producer on librdkafka's old default (CRC32): some customers land elsewhere.
+        let stray = try producePython(harness.topic, partitioner: "consistent_random", customers.map {
+            ["key": $0, "value": usageValue("crc-\($0)", source: "app://legacy", customer: $0, input: 1)]
+        })
+        let misplaced = stray.filter { !partitionsOf[$0.key]!.contains($0.partition!) }.map(\.key)
+        XCTAssertFalse(misplaced.isEmpty, "CRC32 and murmur2 disagree for some of 24 keys")
+
+        // What must be counted, worked out from the inputs: 10 + 100 per customer, the binary
+        // event's 1000, and the CRC32 records that happened to land on their customer's partition.
+        let time = EventTime(microseconds: 0)
+        for customer in customers {
+            expected.append(UsageEvent(id: "py-\(customer)", source: "app://python", subject: customer, time: time, model: "gpt-4o", inputTokens: 10, outputTokens: 1))
+            expected.append(UsageEvent(id: "py-\(customer)", source: "app://http", subject: customer, time: time, model: "gpt-4o", inputTokens: 100, outputTokens: 1))
+            if !misplaced.contains(customer) {
+                expected.append(UsageEvent(id: "crc-\(customer)", source: "app://legacy", subject: customer, time: time, model: "gpt-4o", inputTokens: 1, outputTokens: 1))
+            }
+        }
+        let aggregator = try harness.startAggregator()
+        defer { aggregator.signal(SIGKILL) }
+        // The log end, from the deliveries (Tansu's queried end is not exact).
+        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(90)) {
+            let letters = try harness.connection.query("SELECT count(*) FROM tally.dead_letters").int64(0, 0) ?? 0
+            let counted = try harness.connection.query("SELECT count(*) FROM tally.usage_event_keys").int64(0, 0) ?? 0
+            return letters == Int64(misplaced.count) && counted == Int64(expected.count + 1)
+        }, aggregator.log)
+        let totals = try harness.connection.query("""
+            SELECT customer_id, sum(input_tokens)::bigint FROM tally.usage_hourly GROUP BY 1
+            """).rows
+        var input: [String: Int64] = [:]
+        for row in totals { input[row[0]!] = Int64(row[1]!)! }
+        for customer in customers {
+            XCTAssertEqual(input[customer], 110 + (misplaced.contains(customer) ? 0 : 1) + (customer == customers[0] ? 1000 : 0), customer)
+        }
+        // Each stray record is reported with where its customer belongs, in the table, log and status.
+        let letters = try harness.connection.query("SELECT reason_code, reason FROM tally.dead_letters ORDER BY reason").rows
+        XCTAssertTrue(letters.allSatisfy { $0[0] == "wrong_partition" }, "\(letters)")
+        for customer in misplaced {
+            let home = partitionsOf[customer]!.first!
+            XCTAssertTrue(letters.contains { $0[1]!.contains("customer \(customer) belongs on partition \(home) of 4") }, "\(customer): \(letters)")
+        }
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(10)) { aggregator.log.contains(#""reason":"wrong_partition""#) }, aggregator.log)
+        let status = try harness.tally(["status", "--topic", harness.topic])
+        XCTAssertTrue(status.contains("records set aside (in tally.dead_letters"), status)
+        XCTAssertTrue(status.contains("wrong_partition"), status)
+    }
+}
