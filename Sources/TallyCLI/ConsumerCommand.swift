@@ -89,8 +89,8 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     if let delay = environment("TALLY_FAULT_COMMIT_DELAY_MS").flatMap(Int.init) { settings.faultCommitDelay = .milliseconds(delay) }
     settings.faultKillAfterCommits = environment("TALLY_FAULT_KILL_AFTER_COMMITS").flatMap(Int.init)
 
-    let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers,
-                                                properties: try kafka.groupMemberProperties(sessionTimeoutMs: options.sessionTimeoutMs))
+    let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties)
+        .groupMember(sessionTimeoutMs: options.sessionTimeoutMs)
     // One connection per commit lane (see `CommitLanes`), made before signals are caught.
     let connections = try (0..<options.commitLanes).map { _ in try database.connect(logger: logger) }
     let instanceID = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"

@@ -97,18 +97,6 @@ public struct KafkaOptions: ParsableArguments {
         }
     }
 
-    /// `extraProperties` for a consumer group member, with `session.timeout.ms` unless given or
-    /// unless the group uses Kafka 4's consumer protocol (KIP-848, `group.protocol=consumer`):
-    /// there the broker owns the session timeout (`group.consumer.session.timeout.ms`) and
-    /// librdkafka refuses the property.
-    public func groupMemberProperties(sessionTimeoutMs: Int) throws -> [String: String] {
-        var properties = try extraProperties
-        if properties["group.protocol"] != "consumer" && properties["session.timeout.ms"] == nil {
-            properties["session.timeout.ms"] = String(sessionTimeoutMs)
-        }
-        return properties
-    }
-
     private var userProperties: [String: String] {
         get throws {
             var properties: [String: String] = [:]

@@ -128,6 +128,22 @@ public struct PositionedGrant: DedupCandidate, Equatable {
     public var key: DedupKey { DedupKey(customerID: grant.subject, source: DedupKey.grantSource, eventID: grant.id) }
 }
 
+/// A decoded grant void and where it came from.
+public struct PositionedGrantVoid: DedupCandidate, Equatable {
+    public let void: GrantVoidEvent
+    public let position: LogPosition
+    public let contentHash: UInt64
+
+    public init(void: GrantVoidEvent, position: LogPosition) {
+        self.void = void
+        self.position = position
+        self.contentHash = ContentHash.of(void)
+    }
+
+    /// In the grants' namespace: one id is one wallet operation, whichever tool sent it.
+    public var key: DedupKey { DedupKey(customerID: void.subject, source: DedupKey.grantSource, eventID: void.id) }
+}
+
 /// An event id seen again with different content: the first (by offset) counts, this one is recorded.
 public struct EventConflict: Sendable, Equatable {
     public let key: DedupKey
@@ -232,6 +248,14 @@ public enum ContentHash {
             hasher.add(number)
         }
         hasher.addSortedByKey(grant.extensions)
+        return hasher.value
+    }
+
+    /// Fingerprint of a void: which grant it voids (its time, source and reason may differ in a retry).
+    public static func of(_ void: GrantVoidEvent) -> UInt64 {
+        var hasher = FNV()
+        hasher.add(UInt8(0x04))
+        for text in [void.id, void.subject, void.grantID] { hasher.add(text) }
         return hasher.value
     }
 

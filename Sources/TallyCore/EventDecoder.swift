@@ -85,6 +85,9 @@ public enum EventDecoder {
                 case .walletGrant:
                     try state.grant.decode(&reader, &state.violations)
                     state.dataDecoded = true
+                case .walletGrantVoid:
+                    try state.void.decode(&reader, &state.violations)
+                    state.dataDecoded = true
                 case nil:
                     // Type not known yet: keep the span, decode it once the envelope is read.
                     state.dataRange = try reader.skipValue()
@@ -111,6 +114,7 @@ private struct EnvelopeState {
     var dataRange: Range<Int>?
     var usage = UsageDataState()
     var grant = GrantDataState()
+    var void = GrantVoidDataState()
     var extensions: [String: String] = [:]
     var missing: [String] = []
 
@@ -127,6 +131,7 @@ private struct EnvelopeState {
             switch type {
             case .usage: try? usage.decode(&reader, &violations)
             case .walletGrant: try? grant.decode(&reader, &violations)
+            case .walletGrantVoid: try? void.decode(&reader, &violations)
             }
             dataDecoded = true
         }
@@ -143,6 +148,7 @@ private struct EnvelopeState {
             switch type {
             case .usage: usage.finish(&violations)
             case .walletGrant: grant.finish(&violations, eventTime: time)
+            case .walletGrantVoid: void.finish(&violations)
             case nil: break
             }
         }
@@ -155,6 +161,11 @@ private struct EnvelopeState {
                 id: id, source: source, subject: subject, time: time, amountNanos: amount, currency: currency,
                 priority: grant.priority ?? GrantEvent.defaultPriority, expiresAt: grant.expiresAt, grantSource: grantSource,
                 extensions: extensions)))
+        }
+        if type == .walletGrantVoid {
+            guard let grantID = void.grantID else { return .failure(.invalid(violations)) }
+            return .success(.grantVoid(GrantVoidEvent(id: id, source: source, subject: subject, time: time, grantID: grantID,
+                                                      reason: void.reason, extensions: extensions)))
         }
         guard type == .usage, let model = usage.model, let input = usage.inputTokens, let output = usage.outputTokens
         else { return .failure(.invalid(violations)) }
@@ -326,6 +337,32 @@ private struct GrantDataState {
     }
 }
 
+/// The `data` object of a `tally.wallet.grant.void` event.
+private struct GrantVoidDataState {
+    var grantID: String?
+    var reason: String?
+    var isObject = false
+
+    mutating func decode(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
+        isObject = try readDataObject(&reader, &violations) { (reader: inout JSONReader, field: GrantVoidField?, name: JSONKey, violations: inout [FieldViolation]) throws(JSONSyntaxError) in
+            let path = "data." + name.string
+            switch field {
+            case .grantID: grantID = try readString(&reader, path, length: EventLimits.idLength, forbidControl: true, violations: &violations)
+            case .reason: reason = try readString(&reader, path, length: 1...GrantVoidEvent.maxReasonLength, forbidControl: true, violations: &violations)
+            case nil:
+                try reader.skipValue()
+                violations.append(FieldViolation(path, "is not a field of tally.wallet.grant.void data"))
+            }
+        }
+    }
+
+    func finish(_ violations: inout [FieldViolation]) {
+        if isObject && grantID == nil && !violations.contains(where: { $0.path == "data.grant_id" }) {
+            violations.append(FieldViolation("data.grant_id", "is required: the id of the grant to void"))
+        }
+    }
+}
+
 /// Reads `data` member by member, rejecting duplicate keys; anything but an object is one
 /// violation. `member` gets each member's field (nil for a name it does not know) and name.
 /// Returns whether it was an object.
@@ -476,6 +513,13 @@ private enum UsageField: String, KnownMember {
     case inputTokens = "input_tokens", outputTokens = "output_tokens", cacheReadInputTokens = "cache_read_input_tokens",
          cacheWriteInputTokens = "cache_write_input_tokens", cacheWrite1hInputTokens = "cache_write_1h_input_tokens",
          reasoningOutputTokens = "reasoning_output_tokens"
+
+    static let names = MemberNames<Self>()
+}
+
+/// The `tally.wallet.grant.void` data members.
+private enum GrantVoidField: String, KnownMember {
+    case grantID = "grant_id", reason
 
     static let names = MemberNames<Self>()
 }

@@ -69,6 +69,8 @@ public struct IngestBatchParser: Sendable {
             case .success(.grant):
                 // Credit is granted through its own, separately authorized endpoint.
                 return .rejected([FieldViolation("type", "tally.wallet.grant events are posted to /v1/wallets/{customer}/grants")])
+            case .success(.grantVoid):
+                return .rejected([FieldViolation("type", "tally.wallet.grant.void events are posted to /v1/wallets/{customer}/grants/{grant}/void")])
             case .success(.usage(let event)):
                 let time = event.time.microseconds
                 if time < nowMicroseconds - maxAgeMicroseconds {

@@ -3,6 +3,7 @@
 public enum EventType: String, Sendable, CaseIterable {
     case usage = "llm.usage"
     case walletGrant = "tally.wallet.grant"
+    case walletGrantVoid = "tally.wallet.grant.void"
 }
 
 /// One model call's token usage: schema v1 (`schemas/usage-event.v1.json`).
@@ -65,11 +66,13 @@ public struct UsageEvent: Hashable, Sendable {
 public enum TallyEvent: Hashable, Sendable {
     case usage(UsageEvent)
     case grant(GrantEvent)
+    case grantVoid(GrantVoidEvent)
 
     public var id: String {
         switch self {
         case .usage(let event): event.id
         case .grant(let grant): grant.id
+        case .grantVoid(let void): void.id
         }
     }
 
@@ -77,6 +80,7 @@ public enum TallyEvent: Hashable, Sendable {
         switch self {
         case .usage(let event): event.subject
         case .grant(let grant): grant.subject
+        case .grantVoid(let void): void.subject
         }
     }
 }

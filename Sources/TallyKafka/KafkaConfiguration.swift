@@ -18,6 +18,26 @@ public struct KafkaConfiguration: Sendable {
         set { properties[key] = newValue }
     }
 
+    /// This configuration for a consumer group member: `session.timeout.ms` set to
+    /// `sessionTimeoutMs` unless given, and unless the group uses Kafka 4's consumer protocol
+    /// (KIP-848, `group.protocol=consumer`): there the broker owns the session timeout
+    /// (`group.consumer.session.timeout.ms`) and librdkafka refuses the property.
+    public func groupMember(sessionTimeoutMs: Int) -> KafkaConfiguration {
+        var copy = self
+        if copy["group.protocol"] != "consumer" && copy["session.timeout.ms"] == nil {
+            copy["session.timeout.ms"] = String(sessionTimeoutMs)
+        }
+        return copy
+    }
+
+    /// Properties only a consumer reads: a producer made from a consumer's configuration (the
+    /// dead-letter producer) leaves them out rather than warn about each.
+    static let consumerOnly: Set<String> = [
+        "session.timeout.ms", "heartbeat.interval.ms", "group.protocol", "group.remote.assignor", "partition.assignment.strategy",
+        "group.instance.id", "max.poll.interval.ms", "auto.offset.reset", "fetch.queue.backoff.ms", "enable.auto.commit",
+        "enable.auto.offset.store", "isolation.level",
+    ]
+
     /// Builds an `rd_kafka_conf_t`; the caller owns it until it is passed to `rd_kafka_new`.
     func makeConf() throws(KafkaError) -> OpaquePointer {
         guard let conf = rd_kafka_conf_new() else {

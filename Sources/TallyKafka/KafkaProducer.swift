@@ -89,6 +89,7 @@ public final class KafkaProducer: @unchecked Sendable {
 
     public init(configuration: KafkaConfiguration, logger: Logger) throws(KafkaError) {
         var configuration = configuration
+        for key in KafkaConfiguration.consumerOnly { configuration[key] = nil }
         // Invariant: an acknowledged record is written exactly once and durably.
         configuration["enable.idempotence"] = "true"
         configuration["acks"] = "all"

@@ -286,6 +286,8 @@ public final class ConsumerLoop: @unchecked Sendable {
                 }
             case .event(.grant(let grant)):
                 batch.grants.append(PositionedGrant(grant: grant, position: logPosition))
+            case .event(.grantVoid(let void)):
+                batch.voids.append(PositionedGrantVoid(void: void, position: logPosition))
             case .poison(let reason):
                 batch.deadLetters.append(DeadLetter(position: logPosition, reason: reason, key: records[index].key, value: records[index].value))
             }

@@ -23,6 +23,8 @@ public struct PreparedBatch: Sendable {
     public var deadLetters: [DeadLetter] = []
     /// Wallet grants: the rater credits them; the aggregator only moves past them.
     public var grants: [PositionedGrant] = []
+    /// Grant voids: the rater writes off what is left of the grant; the aggregator moves past them.
+    public var voids: [PositionedGrantVoid] = []
     /// Usage events sent again by `tally pricing rate-unpriced` (header `tally-rate-unpriced`): the
     /// rater rates those still kept unpriced once a price exists; to every other rule they are
     /// ordinary duplicates.
@@ -41,6 +43,7 @@ public struct PreparedBatch: Sendable {
         copy.events.removeAll { partitions.contains($0.position.partition) }
         copy.deadLetters.removeAll { partitions.contains($0.position.partition) }
         copy.grants.removeAll { partitions.contains($0.position.partition) }
+        copy.voids.removeAll { partitions.contains($0.position.partition) }
         copy.rateUnpricedAt = copy.rateUnpricedAt.filter { !partitions.contains($0.partition) }
         for partition in partitions { copy.moves.removeValue(forKey: partition) }
         return copy

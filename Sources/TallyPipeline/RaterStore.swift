@@ -5,7 +5,7 @@ import TallyPostgres
 /// SQL for a bigint of microseconds since the epoch as an exact timestamptz.
 let microsecondsToTimestamp = "'epoch'::timestamptz + interval '1 microsecond' *"
 /// SQL for a timestamptz column as exact microseconds since the epoch.
-func microseconds(_ column: String) -> String { "(extract(epoch FROM \(column)) * 1000000)::bigint" }
+public func microseconds(_ column: String) -> String { "(extract(epoch FROM \(column)) * 1000000)::bigint" }
 
 /// The Kafka header `tally pricing rate-unpriced` marks the unpriced events it sends again with.
 public let rateUnpricedHeader = "tally-rate-unpriced"
@@ -84,7 +84,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     private func apply(_ batch: PreparedBatch) throws -> DedupSummary {
         // 2. Dedup usage and grants together, in log order.
         let grants = InvariantBreak.wallet.isOn ? [] : batch.grants
-        let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant)).sorted { $0.position < $1.position }
+        let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant) + batch.voids.map(RaterRecord.grantVoid))
+            .sorted { $0.position < $1.position }
         let stored = try tables.storedHashes(of: records, table: "rater_event_keys")
         let decision = Deduplicator.decide(records, stored: stored)
         let retried = try unpricedSentAgain(records, batch: batch, decision: decision)
@@ -322,10 +323,12 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     private func insertUnrateable(_ records: [UnrateableRecord]) throws {
         guard !records.isEmpty else { return }
         let kinds = records.map { record -> (String, Int64) in
-            switch record.record {
-            case .usage(let usage): ("usage", usage.event.time.microseconds)
-            case .grant(let grant): ("grant", grant.grant.time.microseconds)
+            let kind = switch record.record {
+            case .usage: "usage"
+            case .grant: "grant"
+            case .grantVoid: "void"
             }
+            return (kind, record.record.time.microseconds)
         }
         try connection.query("""
             INSERT INTO unrateable_records (partition, record_offset, customer_id, event_id, kind, event_time, reason)

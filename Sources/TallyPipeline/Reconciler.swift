@@ -81,6 +81,11 @@ public struct Reconciler {
                 if record.offset < snapshot.raterOffsets[record.partition] ?? 0 {
                     raterRecords.append(.grant(PositionedGrant(grant: grant, position: position)))
                 }
+            case .grantVoid(let void):
+                // No charge of its own; in the dedup decision so its id is taken as the rater took it.
+                if record.offset < snapshot.raterOffsets[record.partition] ?? 0 {
+                    raterRecords.append(.grantVoid(PositionedGrantVoid(void: void, position: position)))
+                }
             }
         }
         // With one partition, stored rows of customers it does not hold are not this run's business;

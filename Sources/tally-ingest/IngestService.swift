@@ -20,6 +20,8 @@ final class IngestService: Sendable {
     let logger: Logger
     /// nil only with --allow-anonymous (local development).
     let authenticator: Authenticator?
+    /// Checks a grant's id against the grants credited (nil without a database: --allow-anonymous).
+    let grants: GrantRegistry?
 
     let requests = Counter(label: "tally_ingest_requests_total")
     let accepted = Counter(label: "tally_ingest_events_accepted_total")
@@ -48,9 +50,10 @@ final class IngestService: Sendable {
     var producer: KafkaProducer { producerBox.lock.withLock { producerBox.producer } }
 
     init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int,
-         authenticator: Authenticator?, logger: Logger) throws {
+         authenticator: Authenticator?, grants: GrantRegistry?, logger: Logger) throws {
         self.kafkaConfiguration = kafkaConfiguration
         self.authenticator = authenticator
+        self.grants = grants
         producerBox = ProducerBox(try KafkaProducer(configuration: kafkaConfiguration, logger: logger))
         self.admin = admin
         self.topic = topic
@@ -71,6 +74,12 @@ final class IngestService: Sendable {
         router.post("v1/wallets/:customer/grants") { request, context in
             try await self.authenticated(request) { key in
                 try await self.grant(request, customer: context.parameters.get("customer") ?? "", key: key)
+            }
+        }
+        router.post("v1/wallets/:customer/grants/:grant/void") { request, context in
+            try await self.authenticated(request) { key in
+                try await self.voidGrant(request, customer: context.parameters.get("customer") ?? "",
+                                         grantID: context.parameters.get("grant") ?? "", key: key)
             }
         }
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
@@ -211,6 +220,17 @@ final class IngestService: Sendable {
             let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
             return problem(.badRequest, "invalid grant", error.description, extra: [("errors", .array(errors))])
         case .success(let (grant, bytes)):
+            switch await grants?.check(grant) {
+            case .conflicting(let stored)?:
+                return problem(.conflict, "grant id already used",
+                               "grant \(grant.id) of \(customer) was credited as \(stored); a grant id names one grant: send another id for other terms",
+                               extra: [("id", .string(grant.id))])
+            case .unavailable?:
+                var headers = HTTPFields()
+                headers[.retryAfter] = "5"
+                return problem(.serviceUnavailable, "grant database unavailable", "the grant could not be checked; resend it", headers: headers)
+            case .publish?, nil: break
+            }
             switch await publishOne(ProducerRecord(topic: topic, key: Array(customer.utf8), value: bytes)) {
             case .success(let report):
                 logger.info("grant \(grant.id) of \(Money.format(nanos: grant.amountNanos)) \(grant.currency) for \(customer) accepted")
@@ -222,6 +242,38 @@ final class IngestService: Sendable {
                 headers[.retryAfter] = "5"
                 return problem(.serviceUnavailable, "broker unavailable",
                                "the grant was not written (\(error)); resend it: its id makes that safe", headers: headers)
+            }
+        }
+    }
+
+    /// Publishes a `tally.wallet.grant.void` for `grantID`; its id is `void-<grant id>`, so a retry
+    /// voids once. Body (optional): `{"reason": "...", "time": "..."}`. Answers 202 once the broker
+    /// acknowledged it; the rater then writes off what is left of the grant.
+    func voidGrant(_ request: Request, customer: String, grantID: String, key: APIKeyRecord?) async throws -> Response {
+        requests.increment()
+        if let key, !key.mayGrant {
+            return problem(.forbidden, "forbidden", "this API key may not void grants; create one with: tally keys create --grants")
+        }
+        guard let body = try await body(request, limit: 8 * 1024) else {
+            return problem(.contentTooLarge, "request body too large", "a void's body is at most 8 KiB")
+        }
+        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        switch GrantVoidRequest.event(customerID: customer, grantID: grantID, body: body, nowMicroseconds: now) {
+        case .failure(let error):
+            let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
+            return problem(.badRequest, "invalid void", error.description, extra: [("errors", .array(errors))])
+        case .success(let (void, bytes)):
+            switch await publishOne(ProducerRecord(topic: topic, key: Array(customer.utf8), value: bytes)) {
+            case .success(let report):
+                logger.info("void \(void.id) of grant \(grantID) for \(customer) accepted")
+                return json(.accepted, .object([("id", .string(void.id)), ("grant_id", .string(grantID)), ("status", .string("accepted")),
+                                                 ("partition", .number(Int64(report.partition))), ("offset", .number(report.offset))]))
+            case .failure(let error):
+                var headers = HTTPFields()
+                headers[.retryAfter] = "5"
+                return problem(.serviceUnavailable, "broker unavailable",
+                               "the void was \(error.code == .deliveryUnknown ? "perhaps not" : "not") written (\(error)); resend it: its id makes that safe",
+                               headers: headers)
             }
         }
     }

@@ -72,8 +72,10 @@ struct TallyIngest: AsyncParsableCommand {
         let authenticator = allowAnonymous ? nil
             : Authenticator(connection: try PostgresConnection(url: try database.databaseURL, logger: logger), logger: logger)
         if allowAnonymous { logger.warning("--allow-anonymous: accepting requests without an API key") }
+        let grants = allowAnonymous ? nil
+            : GrantRegistry(connection: try PostgresConnection(url: try database.databaseURL, logger: logger), logger: logger)
         let service = try IngestService(kafkaConfiguration: kafkaConfiguration, admin: admin, topic: kafka.topic, parser: parser,
-                                        maxBodyBytes: maxBodyBytes, authenticator: authenticator, logger: logger)
+                                        maxBodyBytes: maxBodyBytes, authenticator: authenticator, grants: grants, logger: logger)
         let router = Router()
         service.register(on: router, metrics: { registry.emitToString() })
         var gateway: Gateway?

@@ -357,6 +357,39 @@ struct Grant: AsyncParsableCommand {
     }
 }
 
+struct VoidGrant: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "void-grant",
+        abstract: "Void a grant: publish a tally.wallet.grant.void event; the rater writes off what is left of it.",
+        discussion: """
+            Credit already drawn stays drawn (it paid for usage). The void's id is void-<grant id>, so voiding twice \
+            voids once. A grant with nothing left is not changed; the void is kept in tally.unrateable_records with why.
+            """)
+    @OptionGroup var kafka: KafkaOptions
+    @OptionGroup var logging: LoggingOptions
+    @Option(help: "Customer id.") var customer: String
+    @Option(help: "The grant id to void.") var grant: String
+    @Option(help: "Why, for people.") var reason: String?
+    @Option(help: "Event time (RFC 3339). Default: now.") var time: String?
+
+    func run() async throws {
+        let logger = makeLogger(logging, label: "tally.void-grant")
+        let eventTime = try time.map { guard let t = EventTime($0) else { throw ValidationError("--time: expected RFC 3339") }; return t }
+            ?? EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000))
+        let void = GrantVoidEvent(id: GrantVoidEvent.id(voiding: grant), source: "tally-cli", subject: customer, time: eventTime,
+                                  grantID: grant, reason: reason)
+        // Validate exactly as the consumers will.
+        let bytes = EventEncoder.encode(void)
+        if case .failure(let error) = EventDecoder.decode(bytes) { throw ValidationError("invalid void: \(error)") }
+        let producer = try KafkaProducer(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
+        let report = try await producer.send(ProducerRecord(topic: kafka.topic, key: Array(customer.utf8), value: bytes))
+        await producer.close()
+        print(void.id)
+        print("voided grant \(grant) of \(customer) (partition \(report.partition), offset \(report.offset)); see tally balance once the rater has read it",
+              to: &standardError)
+    }
+}
+
 struct Balance: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show a customer's wallet: balance, grants with what is left and their expiry, recent ledger entries.")

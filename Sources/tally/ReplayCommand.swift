@@ -79,7 +79,7 @@ struct Replay: ParsableCommand {
             : RaterStore(connection: replayConnection, group: settings.group, topic: settings.topic, instanceID: instance, logger: logger)
         if let subset { store = PartitionSubsetStore(store, partitions: subset) }
         // A group of one member: a short session makes the join quick.
-        let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.groupMemberProperties(sessionTimeoutMs: 6000))
+        let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties).groupMember(sessionTimeoutMs: 6000)
         let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: SharedFlag())
         try loop.run()
         meter.finish(loop.stats)

@@ -6,7 +6,8 @@ import XCTest
 final class EventCorpusTests: XCTestCase {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
     static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures")
-    /// Usage events (`Fixtures/events`, `schemas/usage-event.v1.json`) or wallet grants (`Fixtures/grants`, `schemas/wallet-grant.v1.json`).
+    /// Usage events (`Fixtures/events`, `schemas/usage-event.v1.json`), wallet grants (`Fixtures/grants`,
+    /// `schemas/wallet-grant.v1.json`) or grant voids (`Fixtures/voids`, `schemas/wallet-grant-void.v1.json`).
     var corpus = fixtures.appendingPathComponent("events")
     var schema = "schemas/usage-event.v1.json"
 
@@ -39,6 +40,14 @@ final class EventCorpusTests: XCTestCase {
     }
 
     func testJSONSchemaAgreesWithSwiftValidator() throws {
+        try checkJSONSchemaAgreesWithSwiftValidator()
+    }
+
+    func testGrantVoidCorpus() throws {
+        corpus = Self.fixtures.appendingPathComponent("voids")
+        schema = "schemas/wallet-grant-void.v1.json"
+        try checkValidExamplesAreAccepted(atLeast: 3)
+        try checkInvalidExamplesAreRejectedAtTheExpectedPath()
         try checkJSONSchemaAgreesWithSwiftValidator()
     }
 

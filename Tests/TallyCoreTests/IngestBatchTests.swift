@@ -34,6 +34,12 @@ final class IngestBatchTests: XCTestCase {
         if case .failure(.malformed) = parse(event("a"), .batch) {} else { XCTFail("a batch must be an array") }
     }
 
+    /// Issue #20: id 1 from two sources in one request is two events, not duplicate_in_request.
+    func testTheSameIdFromAnotherSourceIsAnotherEvent() {
+        let other = event("a").replacingOccurrences(of: #""source":"s""#, with: #""source":"app://search""#)
+        XCTAssertEqual(statuses(parse("[" + event("a") + "," + other + "," + other + "]", .json)), ["valid", "valid", "duplicate:1"])
+    }
+
     func testEventTimeWindow() {
         XCTAssertEqual(statuses(parse(event("old", offsetMinutes: -35 * 24 * 60 - 1), .json)), ["rejected:time"])
         XCTAssertEqual(statuses(parse(event("ok", offsetMinutes: -35 * 24 * 60 + 1), .json)), ["valid"])

@@ -125,6 +125,31 @@ final class RatingEngineTests: XCTestCase {
         XCTAssertNil(outcome.ledger[3].grantID, "after expiry the charge is overage")
     }
 
+    /// A void writes off what is left of its grant and no more: a grant of 1.00, 8M input tokens of
+    /// "cheap" (0.0375 per 1M: 0.30) drawn from it, then the void takes the other 0.70; usage after
+    /// it (4M tokens, 0.15) is overage. A second void finds nothing left: it changes nothing, and says so.
+    func testAVoidWritesOffWhatIsLeftOfItsGrant() {
+        func void(_ id: String, grant: String, offset: Int64) -> RaterRecord {
+            .grantVoid(PositionedGrantVoid(void: GrantVoidEvent(id: id, source: "t", subject: "acme", time: EventTime("2026-03-12T00:00:00Z")!,
+                                                                grantID: grant, reason: "refund"),
+                                           position: LogPosition(partition: 0, offset: offset)))
+        }
+        let engine = RatingEngine(catalog: Self.catalog)
+        var state = RatingState()
+        let result = engine.apply([grant("g1", amount: "1.00", offset: 0), usage("e1", input: 8_000_000, offset: 1),
+                                   void("void-g1", grant: "g1", offset: 2), usage("e2", input: 4_000_000, offset: 3),
+                                   void("void-g1-again", grant: "g1", offset: 4)], to: &state)
+        let wallet = WalletKey(customerID: "acme", currency: Self.usd)
+        XCTAssertEqual(result.ledger.map(\.kind), [.grant, .usage, .void, .usage])
+        XCTAssertEqual(result.ledger.map(\.amountNanos), [1_000_000_000, -300_000_000, -700_000_000, -150_000_000])
+        XCTAssertEqual(result.ledger[2].grantID, "g1")
+        XCTAssertEqual(result.ledger[2].eventID, "void-g1")
+        XCTAssertEqual(result.ledger[3].grantID, nil, "nothing left to draw on: overage")
+        XCTAssertEqual(state[wallet: wallet]?.balanceNanos, -150_000_000)
+        XCTAssertEqual(result.unrateable.map(\.record.position.offset), [4])
+        XCTAssertTrue(result.unrateable.first?.reason.contains("grant g1 of customer acme has no credit left to void") ?? false)
+    }
+
     func testOneAlertAndOneTopUpRequestPerCrossing() {
         var profile = BillingProfile(customerID: "acme")
         profile.lowBalanceThresholdsNanos = [Money.nanos("0.5")!, Money.nanos("0.1")!]

@@ -133,10 +133,11 @@ final class AggregatorHarness: @unchecked Sendable {
     }
 
     /// The test's own recount of distinct events, written independently of the aggregator's code.
+    /// Per customer, what the windows must hold: each (customer, source, id) counted once, the first.
     static func recount(_ events: [UsageEvent]) -> [String: [Int128]] {
         var seen = Set<String>()
         var totals: [String: [Int128]] = [:]
-        for event in events where seen.insert(event.subject + "\u{1}" + event.id).inserted {
+        for event in events where seen.insert(event.subject + "\u{1}" + event.source + "\u{1}" + event.id).inserted {
             var row = totals[event.subject] ?? Array(repeating: 0, count: 7)
             row[0] += Int128(event.inputTokens)
             row[1] += Int128(event.outputTokens)

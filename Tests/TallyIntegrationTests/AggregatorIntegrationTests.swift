@@ -56,6 +56,40 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertTrue(second.log.contains("duplicates="), "progress is logged")
     }
 
+    /// Issue #20: CloudEvents identity. Id 1 from app://chat (100 tokens) and id 1 from app://search
+    /// (200 tokens) for one customer are two events: 300 tokens. A key stored before identities had
+    /// sources (migration 0014 marks it chr(1)) still stands for its id from any source, in every
+    /// batch: a re-send after the upgrade is a duplicate, never counted twice.
+    func testTheSameIdFromTwoSourcesIsTwoEventsAndOldKeysStillHold() async throws {
+        let harness = try AggregatorHarness(partitions: 2)
+        let time = EventTime("2026-11-30T10:00:00Z")!
+        func event(_ id: String, _ source: String, _ input: Int64, customer: String = "ce-acme") -> UsageEvent {
+            UsageEvent(id: id, source: source, subject: customer, time: time, model: "gpt-4o", inputTokens: input, outputTokens: 0)
+        }
+        // A key as an upgraded deployment holds it: the old event's id, no source.
+        let old = event("legacy-7", "app://before-upgrade", 50)
+        try harness.connection.query("""
+            INSERT INTO tally.usage_event_keys (customer_id, event_id, event_source, content_hash, partition, record_offset)
+            VALUES ($1, $2, chr(1), $3, 0, 0)
+            """, [old.subject, old.id, ContentHash.signed(ContentHash.of(old))])
+        try await harness.publish([event("1", "app://chat", 100), event("1", "app://search", 200), event("1", "app://search", 200), old])
+        let aggregator = try harness.startAggregator()
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        // A later batch, once the instance's cache has warmed: the old key still answers.
+        var changed = old
+        changed.source = "app://after-upgrade"
+        try await harness.publish([changed, event("2", "app://chat", 5)])
+        XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
+        // 100 + 200 + 5 tokens, three events; the old event's copies add nothing.
+        try harness.assertTotals(equal: ["ce-acme": [305, 0, 0, 0, 0, 305, 3]])
+        let input = try harness.connection.query("SELECT sum(input_tokens)::bigint FROM tally.usage_hourly WHERE customer_id = 'ce-acme'").int64(0, 0)
+        XCTAssertEqual(input, 305)
+        let conflicts = try harness.connection.query("SELECT event_id, event_source FROM tally.event_conflicts").rows
+        XCTAssertEqual(conflicts, [["legacy-7", "app://after-upgrade"]], "the old key answers for the new source; other content: a conflict, recorded")
+        aggregator.signal(SIGTERM)
+        XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
+    }
+
     /// An event re-sent on another partition than its customer's (a producer hashing keys another
     /// way) is set aside as `wrong_partition` with its reason, never counted twice, while the copy on
     /// the customer's own partition counts once; two commit lanes, so the copies meet no shared cache.

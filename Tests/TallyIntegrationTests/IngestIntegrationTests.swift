@@ -31,7 +31,7 @@ final class IngestIntegrationTests: XCTestCase {
     /// An authenticated request with this test's key.
     func http(_ method: String, _ url: String, contentType: String = "application/json", body: String? = nil,
           authorization: String? = nil, headers extraHeaders: [String: String] = [:]) throws -> HTTPResponse {
-        try TallyIntegrationTests.http(method, url, contentType: contentType, body: body, authorization: "Bearer \(key!)")
+        try TallyIntegrationTests.http(method, url, contentType: contentType, body: body, authorization: "Bearer \(key!)", headers: extraHeaders)
     }
 
     override func tearDown() {
@@ -111,6 +111,32 @@ final class IngestIntegrationTests: XCTestCase {
         XCTAssertEqual([anthropic.inputTokens, anthropic.cacheWriteInputTokens, anthropic.cacheReadInputTokens, anthropic.outputTokens],
                        [1521, 1000, 500, 393], "Anthropic input excludes cache reads and writes; Tally's includes them")
         XCTAssertEqual(anthropic.provider, "anthropic")
+    }
+
+    /// CloudEvents HTTP binary mode (what the CloudEvents SDK's to_binary sends): attributes in ce-
+    /// headers, the body is the data. Accepted as its structured equivalent; errors name the header.
+    func testBinaryModeCloudEventsAreAccepted() throws {
+        try start()
+        let time = EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000) - 60_000_000).text
+        let headers = ["ce-specversion": "1.0", "ce-id": "binary-http-1", "ce-source": "app%3A%2F%2Fsdk", "ce-type": "llm.usage",
+                       "ce-subject": "cust-binary", "ce-time": time]
+        let data = #"{"model":"gpt-4o","input_tokens":120,"output_tokens":30}"#
+        let accepted = try http("POST", base + "/v1/events", contentType: "application/json", body: data, headers: headers)
+        XCTAssertEqual(accepted.status, 202, accepted.body)
+        var missing = headers
+        missing["ce-subject"] = nil
+        let refused = try http("POST", base + "/v1/events", contentType: "application/json", body: data, headers: missing)
+        XCTAssertEqual(refused.status, 400, refused.body)
+        XCTAssertTrue(refused.body.contains(#""field":"ce-subject""#) && refused.body.contains("HTTP binary-mode CloudEvent"), refused.body)
+        let text = try http("POST", base + "/v1/events", contentType: "text/plain", body: "hello", headers: headers)
+        XCTAssertEqual(text.status, 400, text.body)
+        XCTAssertTrue(text.body.contains("with data of type text/plain"), text.body)
+        let records = try topicContents(expect: 1)
+        XCTAssertEqual(records.count, 1)
+        guard case .usage(let event)? = try? EventDecoder.decode(Array(records[0].value.utf8)).get() else { return XCTFail(records[0].value) }
+        XCTAssertEqual(event.source, "app://sdk", "header values are percent-decoded")
+        XCTAssertEqual(event.inputTokens, 120)
+        XCTAssertEqual(records[0].key, "cust-binary")
     }
 
     func testRequestErrors() throws {

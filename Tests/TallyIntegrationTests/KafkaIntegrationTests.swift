@@ -38,6 +38,21 @@ final class KafkaIntegrationTests: XCTestCase {
         return records
     }
 
+    /// Kafka 4's consumer protocol (KIP-848) refuses session.timeout.ms at client creation; a group
+    /// member's configuration leaves it out there, and sets it for the classic protocol.
+    func testAGroupMemberCanUseTheKIP848ConsumerProtocol() throws {
+        let brokers = try TestStack.brokers
+        let kip848 = KafkaConfiguration(brokers: brokers, properties: ["group.protocol": "consumer"])
+        XCTAssertThrowsError(try KafkaConsumer(configuration: kip848.groupMember(sessionTimeoutMs: 10_000).with("session.timeout.ms", "10000"),
+                                               groupID: "g", logger: TestStack.logger), "librdkafka refuses the pair: the test can fail")
+        XCTAssertNil(kip848.groupMember(sessionTimeoutMs: 10_000)["session.timeout.ms"])
+        let consumer = try KafkaConsumer(configuration: kip848.groupMember(sessionTimeoutMs: 10_000), groupID: "g", logger: TestStack.logger)
+        consumer.close()
+        XCTAssertEqual(KafkaConfiguration(brokers: brokers).groupMember(sessionTimeoutMs: 7_000)["session.timeout.ms"], "7000")
+        XCTAssertEqual(KafkaConfiguration(brokers: brokers, properties: ["session.timeout.ms": "45000"]).groupMember(sessionTimeoutMs: 7_000)["session.timeout.ms"],
+                       "45000", "an operator's own value wins")
+    }
+
     func testKeyedRecordsWithHeadersRoundTripThroughAGroup() async throws {
         let topic = try makeTopic()
         let reports = try await produce(topic, count: 200)
@@ -156,5 +171,13 @@ final class KafkaIntegrationTests: XCTestCase {
         }, "monitoring commit is visible to the group")
         XCTAssertEqual(try consumer.assignment(), [partition])
         consumer.close()
+    }
+}
+
+private extension KafkaConfiguration {
+    func with(_ key: String, _ value: String) -> KafkaConfiguration {
+        var copy = self
+        copy[key] = value
+        return copy
     }
 }

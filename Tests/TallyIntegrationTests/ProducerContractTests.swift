@@ -30,24 +30,31 @@ final class ProducerContractTests: XCTestCase {
         return deliveries
     }
 
-    func usageValue(_ id: String, source: String, customer: String, input: Int64) -> String {
+    func usageValue(_ id: String, source: String, customer: String, input: Int64, model: String = "gpt-4o") -> String {
         let time = EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000) - 60_000_000)
-        return String(decoding: EventEncoder.encode(UsageEvent(id: id, source: source, subject: customer, time: time, model: "gpt-4o",
+        return String(decoding: EventEncoder.encode(UsageEvent(id: id, source: source, subject: customer, time: time, model: model,
                                                                inputTokens: input, outputTokens: 1)), as: UTF8.self)
     }
 
-    func testAJavaCompatibleProducerAndTallyIngestAgreeAndAStrayRecordIsReported() async throws {
-        let harness = try AggregatorHarness(partitions: 4)
-        let (keyStatus, keyOutput) = try ChildProcess.run(TestStack.executable("tally"), ["keys", "create", "--name", "contract", "--database-url", harness.databaseURL])
+    /// Starts tally-ingest on the harness's topic and database; answers it, its base URL and an API key.
+    func startIngest(_ harness: AggregatorHarness, keyOptions: [String] = []) throws -> (process: ChildProcess, base: String, apiKey: String) {
+        let (keyStatus, keyOutput) = try ChildProcess.run(TestStack.executable("tally"),
+                                                          ["keys", "create", "--name", "contract", "--database-url", harness.databaseURL] + keyOptions)
         XCTAssertEqual(keyStatus, 0, keyOutput)
         let apiKey = try XCTUnwrap(keyOutput.split(separator: "\n").first { $0.hasPrefix("tally_") }.map(String.init))
         let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", harness.topic,
                                                                              "--database-url", harness.databaseURL])
-        defer { ingest.signal(SIGKILL); ingest.wait() }
         XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on") }, ingest.log)
         let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
             ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""
         })
+        return (ingest, "http://127.0.0.1:\(port)", apiKey)
+    }
+
+    func testAJavaCompatibleProducerAndTallyIngestAgreeAndAStrayRecordIsReported() async throws {
+        let harness = try AggregatorHarness(partitions: 4)
+        let (ingest, base, apiKey) = try startIngest(harness)
+        defer { ingest.signal(SIGKILL); ingest.wait() }
         let customers = (0..<24).map { "team-\($0)" }
         var expected: [UsageEvent] = []
         var partitionsOf: [String: Set<Int32>] = [:]
@@ -59,7 +66,7 @@ final class ProducerContractTests: XCTestCase {
         for delivery in python { partitionsOf[delivery.key, default: []].insert(delivery.partition!) }
         // 2. tally-ingest, for the same customers; the same ids from another source are other events.
         let batch = customers.map { usageValue("py-\($0)", source: "app://http", customer: $0, input: 100) }.joined(separator: "\n")
-        let response = try http("POST", "http://127.0.0.1:\(port)/v1/events", contentType: "application/x-ndjson", body: batch,
+        let response = try http("POST", base + "/v1/events", contentType: "application/x-ndjson", body: batch,
                                 authorization: "Bearer \(apiKey)")
         XCTAssertEqual(response.status, 202, response.body)
         let results = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(response.body.utf8)) as? [String: Any])?["results"] as? [[String: Any]])
@@ -123,5 +130,85 @@ final class ProducerContractTests: XCTestCase {
         let status = try harness.tally(["status", "--topic", harness.topic])
         XCTAssertTrue(status.contains("records set aside (in tally.dead_letters"), status)
         XCTAssertTrue(status.contains("wrong_partition"), status)
+    }
+
+    /// Issue #20, grants: a grant of 100.00 made with `tally grant` and three usage events of 3.50
+    /// from a murmur2 producer share one partition and one wallet: 89.50 left, drawn from the grant.
+    /// `tally grant` run again with the same id (a new time) is a retry, not a conflict; the same
+    /// id with 50.00 is refused at the API (409); a void writes off the 89.50 left, once however
+    /// often it is sent.
+    func testGrantsOnOneWalletRetriedRefusedAndVoided() async throws {
+        let harness = try AggregatorHarness(partitions: 4)
+        let book = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("prices") + ".yaml")
+        try """
+            book: default
+            effective_from: 2026-01-01T00:00:00Z
+            currency: USD
+            models:
+              - { model: flat-350, input: "3.50", output: "0" }
+            """.write(to: book, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: book) }
+        try harness.tally(["pricing", "apply", book.path])
+        let customer = "wallet-\(UInt32.random(in: 0...UInt32.max))"
+        func grantCLI() throws {
+            let (status, output) = try ChildProcess.run(TestStack.executable("tally"), ["grant", "--topic", harness.topic, "--customer", customer,
+                                                                                       "--amount", "100.00", "--id", "g-100"])
+            XCTAssertEqual(status, 0, output)
+        }
+        try grantCLI()
+        // 1,000,000 input tokens at 3.50 per 1M: 3.50 each.
+        _ = try producePython(harness.topic, partitioner: "murmur2_random", (1...3).map {
+            ["key": customer, "value": usageValue("use-\($0)", source: "app://java", customer: customer, input: 1_000_000, model: "flat-350")]
+        })
+        try grantCLI()
+        let rater = try harness.startRater()
+        defer { rater.signal(SIGKILL) }
+        func balance() throws -> String? {
+            try harness.connection.query("SELECT balance_nanos::text FROM tally.wallets WHERE customer_id = $1", [customer]).rows.first?[0] ?? nil
+        }
+        func ledger() throws -> [[String?]] {
+            try harness.connection.query("SELECT kind, amount_nanos::text, coalesce(grant_id, '') FROM tally.wallet_ledger WHERE customer_id = $1 ORDER BY partition, record_offset, seq", [customer]).rows
+        }
+        func ledgerText() -> String { (try? ledger()).map { "\($0)" } ?? "" }
+        XCTAssertTrue(try TestStack.eventually { try ledger().count == 4 }, "\((try? harness.connection.query("SELECT reason FROM tally.dead_letters UNION ALL SELECT reason FROM tally.unrateable_records UNION ALL SELECT model FROM tally.unpriced_usage").rows).map { "\($0)" } ?? "") \(rater.log.suffix(3000))")
+        XCTAssertTrue(try TestStack.eventually { try balance() == "89500000000" }, ledgerText())
+        XCTAssertEqual(try ledger().map { $0[0]! }, ["grant", "usage", "usage", "usage"])
+        XCTAssertEqual(try ledger().filter { $0[0] == "usage" }.map { $0[2]! }, ["g-100", "g-100", "g-100"], "drawn from the grant")
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.event_conflicts WHERE customer_id = $1", [customer]).int64(0, 0), 0,
+                       "the second tally grant is a retry")
+
+        let (ingest, base, _) = try startIngest(harness)
+        defer { ingest.signal(SIGKILL); ingest.wait() }
+        let grantKey = try startIngestKey(harness, ["--grants"])
+        let other = try http("POST", base + "/v1/wallets/\(customer)/grants", body: #"{"id":"g-100","amount":"50.00","currency":"USD","source":"purchase"}"#,
+                             authorization: "Bearer \(grantKey)")
+        XCTAssertEqual(other.status, 409, other.body)
+        XCTAssertTrue(other.body.contains("was credited as 100.00 USD"), other.body)
+        let retry = try http("POST", base + "/v1/wallets/\(customer)/grants", body: #"{"id":"g-100","amount":"100.00","currency":"USD","source":"purchase"}"#,
+                             authorization: "Bearer \(grantKey)")
+        XCTAssertEqual(retry.status, 202, "the same terms are a retry: \(retry.body)")
+
+        for _ in 0..<2 {
+            let void = try http("POST", base + "/v1/wallets/\(customer)/grants/g-100/void", body: #"{"reason":"refund of order 1042"}"#,
+                                authorization: "Bearer \(grantKey)")
+            XCTAssertEqual(void.status, 202, void.body)
+            XCTAssertTrue(void.body.contains(#""id":"void-g-100""#), void.body)
+        }
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"), ["void-grant", "--topic", harness.topic, "--customer", customer, "--grant", "g-100"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(try TestStack.eventually { try balance() == "0" }, ledgerText())
+        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(10)) { try harness.connection.query(
+            "SELECT count(*) FROM tally.rater_event_keys WHERE customer_id = $1", [customer]).int64(0, 0) == 5 }, "3 usage, 1 grant, 1 void")
+        XCTAssertEqual(try ledger().last.map { [$0[0]!, $0[1]!, $0[2]!] }, ["void", "-89500000000", "g-100"])
+        XCTAssertEqual(try ledger().count, 5, "one void, however often sent")
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.event_conflicts WHERE customer_id = $1", [customer]).int64(0, 0), 0)
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.unrateable_records WHERE customer_id = $1", [customer]).int64(0, 0), 0)
+    }
+
+    func startIngestKey(_ harness: AggregatorHarness, _ options: [String]) throws -> String {
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"),
+                                                    ["keys", "create", "--name", "grants", "--database-url", harness.databaseURL] + options)
+        XCTAssertEqual(status, 0, output)
+        return try XCTUnwrap(output.split(separator: "\n").first { $0.hasPrefix("tally_") }.map(String.init))
     }
 }

@@ -149,6 +149,8 @@ public struct WalletState: Hashable, Sendable {
 
 public enum LedgerKind: String, Sendable {
     case grant, usage, expiry
+    /// What was left of a grant when a `tally.wallet.grant.void` voided it.
+    case void
 }
 
 /// An append-only wallet ledger entry. (customer, partition, offset, seq) identifies it:
@@ -196,11 +198,13 @@ public struct TopUpRequest: Hashable, Sendable {
 public enum RaterRecord: DedupCandidate, Equatable {
     case usage(PositionedEvent)
     case grant(PositionedGrant)
+    case grantVoid(PositionedGrantVoid)
 
     public var key: DedupKey {
         switch self {
         case .usage(let event): event.key
         case .grant(let grant): grant.key
+        case .grantVoid(let void): void.key
         }
     }
 
@@ -208,6 +212,7 @@ public enum RaterRecord: DedupCandidate, Equatable {
         switch self {
         case .usage(let event): event.position
         case .grant(let grant): grant.position
+        case .grantVoid(let void): void.position
         }
     }
 
@@ -215,6 +220,7 @@ public enum RaterRecord: DedupCandidate, Equatable {
         switch self {
         case .usage(let event): event.contentHash
         case .grant(let grant): grant.contentHash
+        case .grantVoid(let void): void.contentHash
         }
     }
 
@@ -222,6 +228,16 @@ public enum RaterRecord: DedupCandidate, Equatable {
         switch self {
         case .usage(let event): event.keyFingerprint
         case .grant(let grant): grant.keyFingerprint
+        case .grantVoid(let void): void.keyFingerprint
+        }
+    }
+
+    /// The record's event time.
+    public var time: EventTime {
+        switch self {
+        case .usage(let positioned): positioned.event.time
+        case .grant(let positioned): positioned.grant.time
+        case .grantVoid(let positioned): positioned.void.time
         }
     }
 
@@ -372,14 +388,10 @@ public struct RatingEngine: Sendable {
             let record = pricedRecord.record
             effects.start(customerID: record.customerID, state: state)
             do {
-                let time: EventTime
-                switch record {
-                case .usage(let positioned): time = positioned.event.time
-                case .grant(let positioned): time = positioned.grant.time
-                }
-                try expireGrants(before: time.microseconds, position: record.position, effects: &effects)
+                try expireGrants(before: record.time.microseconds, position: record.position, effects: &effects)
                 switch record {
                 case .grant(let positioned): try credit(positioned, effects: &effects)
+                case .grantVoid(let positioned): try voidGrant(positioned, effects: &effects)
                 case .usage(let positioned):
                     if let charge = pricedRecord.charge {
                         try self.charge(positioned, charge, totals: state.charges, effects: &effects)
@@ -397,7 +409,7 @@ public struct RatingEngine: Sendable {
     }
 
     /// Writes off what is left of grants that expired by `now` (event time), at their expiry time.
-    private func expireGrants(before now: Int64, position: LogPosition, effects: inout RecordEffects) throws(RatingOverflow) {
+    private func expireGrants(before now: Int64, position: LogPosition, effects: inout RecordEffects) throws(RatingRefusal) {
         for key in effects.walletKeys {
             // Most records find nothing expired: look before building any list.
             guard effects.wallets[key]!.grants.contains(where: { $0.hasExpiredRemainder(by: now) }) else { continue }
@@ -412,7 +424,7 @@ public struct RatingEngine: Sendable {
                                            grantID: grant.grantID, eventID: grant.grantID, effectiveAt: EventTime(microseconds: grant.expiresAt!),
                                            periodStart: nil))
                 guard let balance = Money.subtracting(wallet.balanceNanos, grant.remainingNanos) else {
-                    throw RatingOverflow("expiring grant \(grant.grantID) takes wallet \(key.currency) below the smallest balance Tally stores")
+                    throw RatingRefusal("expiring grant \(grant.grantID) takes wallet \(key.currency) below the smallest balance Tally stores")
                 }
                 wallet.balanceNanos = balance
                 wallet.grants[index].remainingNanos = 0
@@ -422,13 +434,13 @@ public struct RatingEngine: Sendable {
         }
     }
 
-    private func credit(_ positioned: PositionedGrant, effects: inout RecordEffects) throws(RatingOverflow) {
+    private func credit(_ positioned: PositionedGrant, effects: inout RecordEffects) throws(RatingRefusal) {
         let grant = positioned.grant
         let key = WalletKey(customerID: grant.subject, currency: grant.currency)
         var wallet = effects.wallets[key] ?? WalletState()
         let before = wallet.balanceNanos
         guard let balance = Money.adding(wallet.balanceNanos, grant.amountNanos) else {
-            throw RatingOverflow("grant of \(Money.format(nanos: grant.amountNanos)) \(grant.currency) takes the wallet's balance "
+            throw RatingRefusal("grant of \(Money.format(nanos: grant.amountNanos)) \(grant.currency) takes the wallet's balance "
                 + "(\(Money.format(nanos: before))) past the largest Tally stores (\(Money.format(nanos: Money.maxNanos)))")
         }
         wallet.grants.append(GrantBalance(grantID: grant.id, amountNanos: grant.amountNanos, remainingNanos: grant.amountNanos,
@@ -442,25 +454,49 @@ public struct RatingEngine: Sendable {
         settle(key, from: before, at: grant.time.microseconds, position: positioned.position, effects: &effects)
     }
 
+    /// Writes off what is left of the voided grant, at the void's time. A void that finds no credit
+    /// left under that grant id changes nothing and is kept aside with the reason.
+    private func voidGrant(_ positioned: PositionedGrantVoid, effects: inout RecordEffects) throws(RatingRefusal) {
+        let void = positioned.void
+        for key in effects.walletKeys {
+            var wallet = effects.wallets[key]!
+            guard let index = wallet.grants.firstIndex(where: { $0.grantID == void.grantID && $0.remainingNanos > 0 }) else { continue }
+            let before = wallet.balanceNanos
+            let remaining = wallet.grants[index].remainingNanos
+            guard let balance = Money.subtracting(wallet.balanceNanos, remaining) else {
+                throw RatingRefusal("voiding grant \(void.grantID) takes wallet \(key.currency) below the smallest balance Tally stores")
+            }
+            effects.ledger(LedgerEntry(wallet: key, position: positioned.position, seq: effects.seq, kind: .void, amountNanos: -remaining,
+                                       grantID: void.grantID, eventID: void.id, effectiveAt: void.time, periodStart: nil))
+            wallet.balanceNanos = balance
+            wallet.grants[index].remainingNanos = 0
+            effects.wallets[key] = wallet
+            settle(key, from: before, at: void.time.microseconds, position: positioned.position, effects: &effects)
+            return
+        }
+        throw RatingRefusal("grant \(void.grantID) of customer \(void.subject) has no credit left to void (used up, expired, "
+            + "voided already, or never credited): nothing changed")
+    }
+
     private func charge(_ positioned: PositionedEvent, _ charge: UsageCharge, totals: [ChargeKey: ChargeTotal],
-                        effects: inout RecordEffects) throws(RatingOverflow) {
+                        effects: inout RecordEffects) throws(RatingRefusal) {
         let event = positioned.event
         var delta: Int64 = 0
         for (key, quantity, pricing) in charge.items {
             var total = effects.total(key, stored: totals, currency: charge.currency)
             guard let cumulative = Money.adding(total.quantity, quantity) else {
-                throw RatingOverflow("\(key.item.tokenType.rawValue) tokens of \(key.item.model) this period pass \(Int64.max)")
+                throw RatingRefusal("\(key.item.tokenType.rawValue) tokens of \(key.item.model) this period pass \(Int64.max)")
             }
             guard let amount = pricing.charge(cumulative) else {
                 func text(_ nanos: Int128?) -> String { nanos.map { Money.format(nanos: $0) } ?? "more than 10^29" }
                 let period = pricing.exactNanos(cumulative)
                 let own = period.flatMap { period in pricing.exactNanos(total.quantity).map { period - $0 } }
-                throw RatingOverflow("its \(quantity) \(key.item.tokenType.rawValue) tokens of \(key.item.model) cost \(text(own)) \(charge.currency), "
+                throw RatingRefusal("its \(quantity) \(key.item.tokenType.rawValue) tokens of \(key.item.model) cost \(text(own)) \(charge.currency), "
                     + "bringing the period's to \(text(period)) \(charge.currency), past the largest amount Tally stores "
                     + "(\(Money.format(nanos: Money.maxNanos)))")
             }
             guard let itemDelta = Money.subtracting(amount, total.amountNanos), let sum = Money.adding(delta, itemDelta) else {
-                throw RatingOverflow("the charge of one event passes the largest amount Tally stores (\(Money.format(nanos: Money.maxNanos)))")
+                throw RatingRefusal("the charge of one event passes the largest amount Tally stores (\(Money.format(nanos: Money.maxNanos)))")
             }
             delta = sum
             total.quantity = cumulative
@@ -472,7 +508,7 @@ public struct RatingEngine: Sendable {
         var wallet = effects.wallets[key] ?? WalletState()
         let before = wallet.balanceNanos
         guard let balance = Money.subtracting(wallet.balanceNanos, delta) else {
-            throw RatingOverflow("charging \(Money.format(nanos: delta)) \(charge.currency) takes the wallet's balance "
+            throw RatingRefusal("charging \(Money.format(nanos: delta)) \(charge.currency) takes the wallet's balance "
                 + "(\(Money.format(nanos: before))) past the smallest Tally stores")
         }
         func entry(_ amount: Int64, grant: String?) {
@@ -524,8 +560,9 @@ public struct RatingEngine: Sendable {
     }
 }
 
-/// Why a record cannot be rated: its arithmetic would leave the range Tally stores.
-struct RatingOverflow: Error {
+/// Why a record changes nothing: its arithmetic would leave the range Tally stores, or (a void)
+/// there is nothing for it to act on.
+struct RatingRefusal: Error {
     let reason: String
     init(_ reason: String) { self.reason = reason }
 }

@@ -23,3 +23,10 @@ ALTER TABLE tally.unpriced_usage ADD PRIMARY KEY (customer_id, event_id, event_s
 
 -- Which source sent the conflicting copy (NULL: recorded before this migration).
 ALTER TABLE tally.event_conflicts ADD COLUMN event_source text;
+
+-- A tally.wallet.grant.void writes off what is left of a grant (ledger kind 'void'); a void that
+-- finds nothing to write off is kept, with why, among the records that changed nothing.
+ALTER TABLE tally.wallet_ledger DROP CONSTRAINT wallet_ledger_kind_check;
+ALTER TABLE tally.wallet_ledger ADD CONSTRAINT wallet_ledger_kind_check CHECK (kind IN ('grant', 'usage', 'expiry', 'void'));
+ALTER TABLE tally.unrateable_records DROP CONSTRAINT unrateable_records_kind_check;
+ALTER TABLE tally.unrateable_records ADD CONSTRAINT unrateable_records_kind_check CHECK (kind IN ('usage', 'grant', 'void'));
