@@ -375,14 +375,14 @@ public final class ConsumerLoop: @unchecked Sendable {
             metrics.accepted.increment(by: outcome.summary.accepted)
             metrics.duplicates.increment(by: outcome.summary.duplicates)
             metrics.conflicts.increment(by: outcome.summary.conflicts.count)
-            logRecordsSetAside(flight.batch.deadLetters.filter { outcome.committed[$0.position.partition] != nil },
-                               conflicts: outcome.summary.conflicts)
-            metrics.deadLetters.increment(by: outcome.summary.deadLetters)
+            let setAside = flight.batch.deadLetters.filter { outcome.committed[$0.position.partition] != nil }
+            logRecordsSetAside(setAside, conflicts: outcome.summary.conflicts)
+            for letter in setAside { metrics.deadLetters(reason: letter.reason.code).increment() }
             metrics.grants.increment(by: outcome.summary.grants)
             metrics.unpriced.increment(by: outcome.summary.unpriced)
             metrics.unrateable.increment(by: outcome.summary.unrateable.count)
             for line in outcome.summary.unrateable { logger.error("record kept aside in tally.unrateable_records: \(line)") }
-            metrics.batchRecords.record(flight.batch.events.count + flight.batch.grants.count + flight.batch.deadLetters.count)
+            metrics.batchRecords.record(flight.batch.events.count + flight.batch.grants.count + flight.batch.voids.count + flight.batch.deadLetters.count)
             metrics.transactionSeconds.recordNanoseconds(outcome.commitTime.totalNanoseconds)
             for (partition, next) in outcome.committed {
                 if let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high {

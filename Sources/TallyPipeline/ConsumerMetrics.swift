@@ -9,7 +9,6 @@ final class ConsumerMetrics: @unchecked Sendable {
     let accepted: Counter
     let duplicates: Counter
     let conflicts: Counter
-    let deadLetters: Counter
     let grants: Counter
     /// Usage no price book prices: kept in `tally.unpriced_usage`, never billed at zero silently.
     let unpriced: Counter
@@ -20,6 +19,7 @@ final class ConsumerMetrics: @unchecked Sendable {
     let transactionSeconds: Metrics.Timer
     private let lock = NSLock()
     private var lagGauges: [Int32: Gauge] = [:]
+    private var deadLetterCounters: [String: Counter] = [:]
 
     init(prefix: String) {
         self.prefix = prefix
@@ -27,13 +27,22 @@ final class ConsumerMetrics: @unchecked Sendable {
         accepted = Counter(label: "\(prefix)_events_accepted_total")
         duplicates = Counter(label: "\(prefix)_duplicates_total")
         conflicts = Counter(label: "\(prefix)_conflicts_total")
-        deadLetters = Counter(label: "\(prefix)_dead_letters_total")
         grants = Counter(label: "\(prefix)_grants_total")
         unpriced = Counter(label: "\(prefix)_unpriced_events_total")
         unrateable = Counter(label: "\(prefix)_unrateable_records_total")
         fencedBatches = Counter(label: "\(prefix)_fenced_batches_total")
         batchRecords = Recorder(label: "\(prefix)_batch_records")
         transactionSeconds = Metrics.Timer(label: "\(prefix)_transaction_seconds")
+    }
+
+    /// Records set aside as poison, per reason code (`PoisonReason.code`, e.g. `wrong_partition`).
+    func deadLetters(reason: String) -> Counter {
+        lock.withLock {
+            if let counter = deadLetterCounters[reason] { return counter }
+            let counter = Counter(label: "\(prefix)_dead_letters_total", dimensions: [("reason", reason)])
+            deadLetterCounters[reason] = counter
+            return counter
+        }
     }
 
     /// Records between the committed offset and the log end, per partition.

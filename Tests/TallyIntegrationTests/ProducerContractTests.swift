@@ -205,6 +205,33 @@ final class ProducerContractTests: XCTestCase {
         XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.unrateable_records WHERE customer_id = $1", [customer]).int64(0, 0), 0)
     }
 
+    /// Issue #20: `tally topics create` keeps the usage and dead-letter topics forever
+    /// (retention.ms=-1, read back through the broker's DescribeConfigs by Python's AdminClient)
+    /// and takes the broker's replication factor; `--retention-ms` overrides.
+    func testTopicsCreateKeepsTheLogForever() throws {
+        let topic = TestStack.unique("test.topics")
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"), ["topics", "create", "--topic", topic, "--partitions", "3"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("\(topic): created, 3 partitions, retention.ms=-1"), output)
+        let other = TestStack.unique("test.topics")
+        let (otherStatus, otherOutput) = try ChildProcess.run(TestStack.executable("tally"), ["topics", "create", "--topic", other, "--retention-ms", "86400000"])
+        XCTAssertEqual(otherStatus, 0, otherOutput)
+        let script = """
+            import json, sys
+            from confluent_kafka.admin import AdminClient, ConfigResource
+            admin = AdminClient({"bootstrap.servers": sys.argv[1]})
+            found = {}
+            for resource, future in admin.describe_configs([ConfigResource("topic", name) for name in sys.argv[2:]]).items():
+                found[resource.name] = {k: v.value for k, v in future.result(timeout=10).items()}.get("retention.ms")
+            print(json.dumps(found))
+            """
+        let (describeStatus, described) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", script, try TestStack.brokers,
+                                                                               topic, topic + ".dlq", other])
+        XCTAssertEqual(describeStatus, 0, described)
+        let retention = try JSONDecoder().decode([String: String?].self, from: Data(described.split(separator: "\n").last.map(String.init)?.utf8 ?? "".utf8))
+        XCTAssertEqual(retention, [topic: "-1", topic + ".dlq": "-1", other: "86400000"])
+    }
+
     func startIngestKey(_ harness: AggregatorHarness, _ options: [String]) throws -> String {
         let (status, output) = try ChildProcess.run(TestStack.executable("tally"),
                                                     ["keys", "create", "--name", "grants", "--database-url", harness.databaseURL] + options)
