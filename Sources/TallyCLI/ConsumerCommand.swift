@@ -74,6 +74,7 @@ public struct ConsumerContext {
 /// environment, metrics and the ops endpoint, a PostgreSQL connection, signal handling.
 public func runConsumer(_ description: ConsumerDescription, options: ConsumerOptions, database: DatabaseOptions, kafka: KafkaOptions,
                         logging: LoggingOptions, ops: OpsOptions, makeStore: (ConsumerContext) throws -> any ConsumerStore) throws {
+    ProcessSetup.ignoreBrokenPipes()
     JSONLogHandler.bootstrap(service: description.service, level: logging.logLevel)
     let registry = OpsOptions.bootstrapMetrics()
     let logger = Logger(label: "tally.\(description.service)")

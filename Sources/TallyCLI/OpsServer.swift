@@ -71,7 +71,9 @@ public final class OpsServer: @unchecked Sendable {
     private func respond(_ client: Int32) {
         var request: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)
-        while request.count < 16_384 {
+        // The whole request within 2 s: a client trickling a byte a second must not hold the port.
+        let deadline = ContinuousClock.now + .seconds(2)
+        while request.count < 16_384 && ContinuousClock.now < deadline {
             let count = read(client, &buffer, buffer.count)
             if count <= 0 { break }
             request.append(contentsOf: buffer[0..<count])
@@ -95,7 +97,8 @@ public final class OpsServer: @unchecked Sendable {
         let response = Array(head.utf8) + payload
         var sent = 0
         while sent < response.count {
-            let count = response[sent...].withUnsafeBytes { write(client, $0.baseAddress, $0.count) }
+            // MSG_NOSIGNAL: a peer that reset the connection is an error here, never a SIGPIPE.
+            let count = response[sent...].withUnsafeBytes { send(client, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if count <= 0 { break }
             sent += count
         }
@@ -105,4 +108,13 @@ public final class OpsServer: @unchecked Sendable {
 public struct OpsServerError: Error, CustomStringConvertible {
     public let reason: String
     public var description: String { "ops HTTP server: \(reason)" }
+}
+
+/// Process-wide settings every Tally executable applies first.
+public enum ProcessSetup {
+    /// A write to a connection the peer reset raises SIGPIPE, which kills the process by default:
+    /// one port scan or health check could stop billing. Ignored, the write fails with EPIPE.
+    public static func ignoreBrokenPipes() {
+        signal(SIGPIPE, SIG_IGN)
+    }
 }

@@ -48,6 +48,18 @@ public struct IngestBatchParser: Sendable {
         self.maxFutureMicroseconds = maxFutureMicroseconds
     }
 
+    /// Why `time` lies outside the accepted window around `now`, or nil. Grants and voids sent to
+    /// the API keep to it too: an event dated far ahead would move every later record's "now".
+    public func timeViolation(_ time: EventTime, nowMicroseconds: Int64, path: String = "time") -> FieldViolation? {
+        if time.microseconds < nowMicroseconds - maxAgeMicroseconds {
+            return FieldViolation(path, "is more than \(maxAgeMicroseconds / 86_400_000_000) days in the past")
+        }
+        if time.microseconds > nowMicroseconds + maxFutureMicroseconds {
+            return FieldViolation(path, "is more than \(maxFutureMicroseconds / 60_000_000) minutes in the future")
+        }
+        return nil
+    }
+
     public func parse(_ body: [UInt8], format: IngestBodyFormat, nowMicroseconds: Int64) -> Result<[IngestOutcome], IngestRequestError> {
         let documents: [Result<[UInt8], JSONSyntaxError>]
         switch split(body, format: format) {
@@ -63,6 +75,9 @@ public struct IngestBatchParser: Sendable {
             case .failure(let error): return .rejected([FieldViolation("", error.description)])
             case .success(let value): bytes = value
             }
+            if bytes.count > EventLimits.maxEventBytes {
+                return .rejected([FieldViolation("", "the event is \(bytes.count) bytes; an event is at most \(EventLimits.maxEventBytes)")])
+            }
             switch EventDecoder.decode(bytes) {
             case .failure(let error):
                 return .rejected(error.violations)
@@ -72,13 +87,7 @@ public struct IngestBatchParser: Sendable {
             case .success(.grantVoid):
                 return .rejected([FieldViolation("type", "tally.wallet.grant.void events are posted to /v1/wallets/{customer}/grants/{grant}/void")])
             case .success(.usage(let event)):
-                let time = event.time.microseconds
-                if time < nowMicroseconds - maxAgeMicroseconds {
-                    return .rejected([FieldViolation("time", "is more than \(maxAgeMicroseconds / 86_400_000_000) days in the past")])
-                }
-                if time > nowMicroseconds + maxFutureMicroseconds {
-                    return .rejected([FieldViolation("time", "is more than \(maxFutureMicroseconds / 60_000_000) minutes in the future")])
-                }
+                if let violation = timeViolation(event.time, nowMicroseconds: nowMicroseconds) { return .rejected([violation]) }
                 let key = DedupKey(customerID: event.subject, source: event.source, eventID: event.id)
                 if let first = firstIndex[key] { return .duplicateInRequest(firstIndex: first) }
                 firstIndex[key] = index

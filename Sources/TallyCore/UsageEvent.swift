@@ -139,6 +139,9 @@ public enum EventLimits {
     public static let propertyKeyLength = 1...128
     public static let maxPropertyValueLength = 1024
     public static let maxTokens = JSONReader.maxInteger
-    /// Larger records are poison for the consumers (the ingest API's body limit is separate).
-    public static let maxEventBytes = 64 * 1024
+    /// The largest event, in bytes of its JSON: the ingest API refuses a larger one and the
+    /// consumers set a larger record aside, so what the API accepts the pipeline counts. The
+    /// schema bounds no event's size (extension attributes are open), so this is the bound: under
+    /// librdkafka's default `message.max.bytes` (1,000,000), with room for the key and headers.
+    public static let maxEventBytes = 960 * 1024
 }

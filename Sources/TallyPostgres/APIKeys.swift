@@ -50,6 +50,14 @@ public struct APIKeyStore {
         try connection.query("UPDATE tally.api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL", [keyID]).affectedRows == 1
     }
 
+    /// True when `key` has the shape every key has (`tally_` + 8 + `_` + 48 lower-case hex
+    /// digits): anything else is refused without a look-up, and never cached.
+    public static func isWellFormed(_ key: String) -> Bool {
+        let bytes = Array(key.utf8)
+        guard bytes.count == 63, bytes.starts(with: Array("tally_".utf8)), bytes[14] == UInt8(ascii: "_") else { return false }
+        return (bytes[6..<14] + bytes[15...]).allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
+    }
+
     /// The live key matching `key`, or nil.
     public func authenticate(_ key: String) throws -> APIKeyRecord? {
         let result = try connection.query("""

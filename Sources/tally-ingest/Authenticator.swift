@@ -31,6 +31,8 @@ final class Authenticator: @unchecked Sendable {
     func check(authorization: String?) async -> Outcome {
         guard let authorization, authorization.lowercased().hasPrefix("bearer ") else { return .denied }
         let key = String(authorization.dropFirst("bearer ".count)).trimmingCharacters(in: .whitespaces)
+        // A string no key can be costs no look-up and no memory: the cache holds 63-byte keys only.
+        guard APIKeyStore.isWellFormed(key) else { return .denied }
         return await withCheckedContinuation { continuation in
             queue.async { [self] in
                 let now = ContinuousClock.now

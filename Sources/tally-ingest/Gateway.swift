@@ -19,6 +19,16 @@ final class Gateway: Sendable {
         /// Scheme, host and port, e.g. https://api.openai.com; the API's path is appended.
         let baseURL: String
         let apiKey: String
+
+        /// `baseURL` with any user and password in it replaced by `***`: for logs and answers.
+        var displayURL: String { Self.redacted(baseURL) }
+
+        static func redacted(_ url: String) -> String {
+            guard var components = URLComponents(string: url), components.user != nil || components.password != nil else { return url }
+            components.user = "***"
+            components.password = nil
+            return components.string ?? "(an upstream URL)"
+        }
     }
 
     struct Settings: Sendable {
@@ -142,7 +152,7 @@ final class Gateway: Sendable {
 
         var upstreamRequest = URLRequest(url: URL(string: upstream.baseURL + api.path)!)
         upstreamRequest.httpMethod = "POST"
-        for field in request.headers where Self.forwardsRequestHeader(field.name.canonicalName) {
+        for field in request.headers where forwardsRequestHeader(field.name.canonicalName) {
             upstreamRequest.addValue(field.value, forHTTPHeaderField: field.name.rawName)
         }
         switch api.vendor {
@@ -169,10 +179,12 @@ final class Gateway: Sendable {
             credit.release(hold)
             if UpstreamClient.isTimeout(error) {
                 counters[api]!.timeouts.increment()
-                return service.problem(.gatewayTimeout, "upstream timed out", "\(upstream.baseURL) did not answer in time", vendor: api.vendor)
+                return service.problem(.gatewayTimeout, "upstream timed out", "\(upstream.displayURL) did not answer in time", vendor: api.vendor)
             }
             counters[api]!.unreachable.increment()
-            return service.problem(.badGateway, "upstream unreachable", "\(upstream.baseURL): \(error.localizedDescription)", vendor: api.vendor)
+            return service.problem(.badGateway, "upstream unreachable",
+                                   "\(upstream.displayURL): \(error.localizedDescription.replacingOccurrences(of: upstream.baseURL, with: upstream.displayURL))",
+                                   vendor: api.vendor)
         }
         upstreamLatency.recordNanoseconds((ContinuousClock.now - sent).totalNanoseconds)
 
@@ -308,15 +320,20 @@ final class Gateway: Sendable {
     }
 
     /// Hop-by-hop and credential headers stay here; Tally's own headers are for Tally.
-    static func forwardsRequestHeader(_ name: String) -> Bool {
+    /// Hop-by-hop headers (RFC 9110 §7.6.1), credentials, cookies and Tally's own headers stay
+    /// here; `customerHeader` (whom the call is for) is Tally's business, not the vendor's.
+    func forwardsRequestHeader(_ name: String) -> Bool {
         let name = name.lowercased()
         return !["host", "authorization", "x-api-key", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                 "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "content-type", "expect"].contains(name)
-            && !name.hasPrefix("x-tally-")
+                 "trailer", "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "content-type", "expect",
+                 "cookie"].contains(name)
+            && !name.hasPrefix("x-tally-") && name != settings.customerHeader?.canonicalName
     }
 
+    /// Hop-by-hop headers and cookies the vendor sets for the gateway never reach the caller.
     static func forwardsResponseHeader(_ name: String) -> Bool {
-        !["connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"].contains(name)
+        !["connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date", "te", "trailer",
+          "upgrade", "proxy-authenticate", "proxy-connection", "set-cookie", "set-cookie2", "alt-svc"].contains(name)
     }
 
     static func randomHex(_ bytes: Int) -> String {

@@ -73,13 +73,15 @@ final class IngestService: Sendable {
         }
         router.post("v1/wallets/:customer/grants") { request, context in
             try await self.authenticated(request) { key in
-                try await self.grant(request, customer: context.parameters.get("customer") ?? "", key: key)
+                guard let customer = Self.pathSegment(context.parameters.get("customer")) else { return self.badPath() }
+                return try await self.grant(request, customer: customer, key: key)
             }
         }
         router.post("v1/wallets/:customer/grants/:grant/void") { request, context in
             try await self.authenticated(request) { key in
-                try await self.voidGrant(request, customer: context.parameters.get("customer") ?? "",
-                                         grantID: context.parameters.get("grant") ?? "", key: key)
+                guard let customer = Self.pathSegment(context.parameters.get("customer")),
+                      let grantID = Self.pathSegment(context.parameters.get("grant")) else { return self.badPath() }
+                return try await self.voidGrant(request, customer: customer, grantID: grantID, key: key)
             }
         }
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
@@ -95,6 +97,29 @@ final class IngestService: Sendable {
             Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                      body: .init(byteBuffer: ByteBuffer(string: metrics())))
         }
+    }
+
+    /// A path segment percent-decoded once (`acme%20corp` is the customer `acme corp`); nil when
+    /// it is missing or not valid percent-encoded UTF-8.
+    static func pathSegment(_ raw: String?) -> String? {
+        guard let raw, !raw.isEmpty, let decoded = raw.removingPercentEncoding, !decoded.isEmpty else { return nil }
+        return decoded
+    }
+
+    func badPath() -> Response {
+        problem(.badRequest, "invalid path", "a path segment is empty or not valid percent-encoded UTF-8")
+    }
+
+    /// A grant key limited to a customer (`tally keys create --grants --customer C`) grants to C only.
+    func mayGrant(_ key: APIKeyRecord?, to customer: String) -> Response? {
+        guard let key else { return nil }
+        if !key.mayGrant {
+            return problem(.forbidden, "forbidden", "this API key may not grant or void credit; create one with: tally keys create --grants")
+        }
+        if let owner = key.customerID, owner != customer {
+            return problem(.forbidden, "forbidden", "this API key may only grant or void credit of customer \"\(owner)\"")
+        }
+        return nil
     }
 
     /// Runs `handler` for a request with a live API key (or any request with --allow-anonymous).
@@ -208,9 +233,7 @@ final class IngestService: Sendable {
     /// Publishes one wallet grant; answers 202 only once the broker acknowledged it.
     func grant(_ request: Request, customer: String, key: APIKeyRecord?) async throws -> Response {
         requests.increment()
-        if let key, !key.mayGrant {
-            return problem(.forbidden, "forbidden", "this API key may not grant credit; create one with: tally keys create --grants")
-        }
+        if let refusal = mayGrant(key, to: customer) { return refusal }
         guard let body = try await body(request) else {
             return problem(.contentTooLarge, "request body too large", "the limit is \(maxBodyBytes) bytes")
         }
@@ -220,6 +243,10 @@ final class IngestService: Sendable {
             let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
             return problem(.badRequest, "invalid grant", error.description, extra: [("errors", .array(errors))])
         case .success(let (grant, bytes)):
+            if let violation = parser.timeViolation(grant.time, nowMicroseconds: now) {
+                return problem(.badRequest, "invalid grant", violation.description,
+                               extra: [("errors", .array([.object([("field", .string(violation.path)), ("reason", .string(violation.reason))])]))])
+            }
             switch await grants?.check(grant) {
             case .conflicting(let stored)?:
                 return problem(.conflict, "grant id already used",
@@ -251,9 +278,7 @@ final class IngestService: Sendable {
     /// acknowledged it; the rater then writes off what is left of the grant.
     func voidGrant(_ request: Request, customer: String, grantID: String, key: APIKeyRecord?) async throws -> Response {
         requests.increment()
-        if let key, !key.mayGrant {
-            return problem(.forbidden, "forbidden", "this API key may not void grants; create one with: tally keys create --grants")
-        }
+        if let refusal = mayGrant(key, to: customer) { return refusal }
         guard let body = try await body(request, limit: 8 * 1024) else {
             return problem(.contentTooLarge, "request body too large", "a void's body is at most 8 KiB")
         }
@@ -263,6 +288,10 @@ final class IngestService: Sendable {
             let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
             return problem(.badRequest, "invalid void", error.description, extra: [("errors", .array(errors))])
         case .success(let (void, bytes)):
+            if let violation = parser.timeViolation(void.time, nowMicroseconds: now) {
+                return problem(.badRequest, "invalid void", violation.description,
+                               extra: [("errors", .array([.object([("field", .string(violation.path)), ("reason", .string(violation.reason))])]))])
+            }
             switch await publishOne(ProducerRecord(topic: topic, key: Array(customer.utf8), value: bytes)) {
             case .success(let report):
                 logger.info("void \(void.id) of grant \(grantID) for \(customer) accepted")

@@ -59,6 +59,7 @@ struct TallyIngest: AsyncParsableCommand {
     @Option(help: "Gateway: largest request body in bytes.") var gatewayMaxBodyBytes = 32 << 20
 
     func run() async throws {
+        ProcessSetup.ignoreBrokenPipes()
         JSONLogHandler.bootstrap(service: "tally-ingest", level: logging.logLevel)
         let registry = OpsOptions.bootstrapMetrics()
         let logger = Logger(label: "tally.ingest")
@@ -88,7 +89,7 @@ struct TallyIngest: AsyncParsableCommand {
         }
         for (vendor, upstream) in upstreams {
             guard let url = URL(string: upstream.baseURL + "/v1"), ["http", "https"].contains(url.scheme ?? ""), url.host != nil else {
-                throw ValidationError("--\(vendor.rawValue)-upstream: \"\(upstream.baseURL)\" is no http(s) base URL")
+                throw ValidationError("--\(vendor.rawValue)-upstream: \"\(upstream.displayURL)\" is no http(s) base URL")
             }
         }
         if !upstreams.isEmpty {
@@ -108,7 +109,7 @@ struct TallyIngest: AsyncParsableCommand {
             proxy.register(on: router)
             gateway = proxy
             for (vendor, upstream) in upstreams.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
-                logger.info("gateway: \(vendor.rawValue) calls go to \(upstream.baseURL)\(upstream.apiKey.isEmpty ? " (no upstream key set)" : "")")
+                logger.info("gateway: \(vendor.rawValue) calls go to \(upstream.displayURL)\(upstream.apiKey.isEmpty ? " (no upstream key set)" : "")")
             }
         }
         let listenHost = host ?? environment("TALLY_INGEST_HOST") ?? "0.0.0.0"

@@ -233,7 +233,7 @@ final class AggregationTests: XCTestCase {
 
     func testPoisonClassification() {
         XCTAssertEqual(ClassifiedRecord.classify(nil), .poison(PoisonReason(code: "empty", detail: "record has no value")))
-        guard case .poison(let oversize) = ClassifiedRecord.classify(Array(repeating: 0x20, count: 70_000)) else { return XCTFail() }
+        guard case .poison(let oversize) = ClassifiedRecord.classify(Array(repeating: 0x20, count: EventLimits.maxEventBytes + 1)) else { return XCTFail() }
         XCTAssertEqual(oversize.code, "oversize")
         guard case .poison(let malformed) = ClassifiedRecord.classify(Array("{".utf8)) else { return XCTFail() }
         XCTAssertEqual(malformed.code, "malformed_json")

@@ -40,6 +40,19 @@ final class IngestBatchTests: XCTestCase {
         XCTAssertEqual(statuses(parse("[" + event("a") + "," + other + "," + other + "]", .json)), ["valid", "valid", "duplicate:1"])
     }
 
+    /// Issue #21: what the API accepts the consumers count. An event past the consumers' limit
+    /// (an extension attribute of 1 MB) is refused here, with its size, instead of being accepted
+    /// and then set aside.
+    func testAnEventTheConsumersWouldSetAsideIsRefused() {
+        let big = event("big").replacingOccurrences(of: #""specversion":"1.0","#,
+                                                    with: #""specversion":"1.0","note":""# + String(repeating: "x", count: EventLimits.maxEventBytes) + #"","#)
+        let parser = IngestBatchParser(maxEvents: 3)
+        guard case .success(let outcomes) = parser.parse(Array(big.utf8), format: .json, nowMicroseconds: now),
+              case .rejected(let violations) = outcomes.first else { return XCTFail("refused") }
+        XCTAssertTrue(violations.first?.reason.contains("an event is at most \(EventLimits.maxEventBytes)") ?? false, "\(violations)")
+        guard case .event = ClassifiedRecord.classify(Array(event("fits").utf8)) else { return XCTFail() }
+    }
+
     func testEventTimeWindow() {
         XCTAssertEqual(statuses(parse(event("old", offsetMinutes: -35 * 24 * 60 - 1), .json)), ["rejected:time"])
         XCTAssertEqual(statuses(parse(event("ok", offsetMinutes: -35 * 24 * 60 + 1), .json)), ["valid"])

@@ -80,6 +80,26 @@ final class AggregatorHarness: @unchecked Sendable {
         return output
     }
 
+    /// Starts tally-ingest on the harness's topic and database; answers it, its base URL and an API key.
+    func startIngest(keyOptions: [String] = []) throws -> (process: ChildProcess, base: String, apiKey: String) {
+        let apiKey = try createKey(keyOptions)
+        let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", topic,
+                                                                             "--database-url", databaseURL])
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on") }, ingest.log)
+        let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
+            ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""
+        })
+        return (ingest, "http://127.0.0.1:\(port)", apiKey)
+    }
+
+    /// An API key in the harness's database, made with the real CLI.
+    func createKey(_ options: [String] = []) throws -> String {
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"),
+                                                    ["keys", "create", "--name", "contract", "--database-url", databaseURL] + options)
+        XCTAssertEqual(status, 0, output)
+        return try XCTUnwrap(output.split(separator: "\n").first { $0.hasPrefix("tally_") }.map(String.init))
+    }
+
     /// Starts an aggregator instance on this harness's topic, group and database.
     @discardableResult
     func startAggregator(_ extra: [String] = [], environment: [String: String] = [:]) throws -> ChildProcess {

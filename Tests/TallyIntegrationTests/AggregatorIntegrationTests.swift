@@ -284,7 +284,6 @@ final class AggregatorIntegrationTests: XCTestCase {
             ("malformed_json", Array("{not json".utf8)),
             ("schema_invalid", Array(#"{"specversion":"1.0","id":"x","source":"s","type":"llm.usage","subject":"c","time":"2026-01-01T00:00:00Z","data":{"model":"m","input_tokens":-5,"output_tokens":1}}"#.utf8)),
             ("unknown_type", Array(#"{"specversion":"1.0","id":"x","source":"s","type":"llm.other","subject":"c","time":"2026-01-01T00:00:00Z","data":{}}"#.utf8)),
-            ("oversize", Array(repeating: UInt8(ascii: "a"), count: 70_000)),
             ("malformed_json", [0xff, 0xfe, 0x00, 0x22]),
             // A valid event under another customer's key: it would sit in the wrong partition.
             ("key_mismatch", Array(#"{"specversion":"1.0","id":"x","source":"s","type":"llm.usage","subject":"not-the-key","time":"2026-01-01T00:00:00Z","data":{"model":"m","input_tokens":1,"output_tokens":1}}"#.utf8)),
@@ -299,6 +298,9 @@ final class AggregatorIntegrationTests: XCTestCase {
                 poisonCount[code, default: 0] += 1
             }
         }
+        // One record past the size limit (a megabyte: once is enough).
+        records.append((events[0].subject, Array(repeating: UInt8(ascii: "a"), count: EventLimits.maxEventBytes + 1)))
+        poisonCount["oversize"] = 1
         try await harness.publish(records)
         let aggregator = try harness.startAggregator()
         XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
@@ -308,7 +310,7 @@ final class AggregatorIntegrationTests: XCTestCase {
         var stored: [String: Int] = [:]
         for row in reasons { stored[row[0]!] = Int(row[1]!)! }
         XCTAssertEqual(stored, poisonCount)
-        XCTAssertEqual(stored.values.reduce(0, +), 1000)
+        XCTAssertEqual(stored.values.reduce(0, +), 1001)
 
         // The DLQ topic holds each poison record once, with its origin in the headers.
         let consumer = try KafkaConsumer(configuration: KafkaConfiguration(brokers: harness.brokers), groupID: nil, logger: TestStack.logger)
@@ -316,11 +318,11 @@ final class AggregatorIntegrationTests: XCTestCase {
         var dead: [ConsumerRecord] = []
         _ = TestStack.eventually(timeout: .seconds(30)) {
             dead += consumer.poll(maxRecords: 1000, timeout: .milliseconds(200))
-            return dead.count >= 1000
+            return dead.count >= 1001
         }
-        XCTAssertEqual(dead.count, 1000)
+        XCTAssertEqual(dead.count, 1001)
         let origins = Set(dead.map { "\(String(decoding: $0.header("tally.source.partition") ?? [], as: UTF8.self))/\(String(decoding: $0.header("tally.source.offset") ?? [], as: UTF8.self))" })
-        XCTAssertEqual(origins.count, 1000, "one DLQ record per poison record")
+        XCTAssertEqual(origins.count, 1001, "one DLQ record per poison record")
         XCTAssertTrue(dead.allSatisfy { $0.header("tally.source.topic").map { String(decoding: $0, as: UTF8.self) } == harness.topic })
         consumer.close()
 

@@ -134,6 +134,8 @@ final class GatewayIntegrationTests: XCTestCase {
                     XCTAssertEqual(through.body, straight.body, "\(api) stream=\(stream): the caller gets what the upstream sent")
                     XCTAssertEqual(through.headers["content-type"], straight.headers["content-type"])
                     XCTAssertEqual(through.headers["x-upstream"], "fake")
+                    XCTAssertNil(through.headers["set-cookie"], "a vendor's cookie is for the gateway, not its caller")
+                    XCTAssertNotNil(straight.headers["set-cookie"], "the fake upstream does set one")
                     let eventID = try XCTUnwrap(through.headers["x-tally-event-id"])
                     // A streamed chat completion went upstream with include_usage added at the front.
                     let sent = api == .chatCompletions && stream ? "{\"stream_options\":{\"include_usage\":true}," + body.dropFirst() : body
@@ -190,6 +192,21 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertTrue(other.body.contains("may only send events of customer"), other.body)
     }
 
+    /// Issue #21: an upstream URL with credentials in it is never echoed, in a 502 or in the log.
+    func testUpstreamCredentialsAreNeverEchoed() throws {
+        gateway = try ChildProcess(TestStack.executable("tally-ingest"), [
+            "--port", "0", "--host", "127.0.0.1", "--topic", harness.topic, "--database-url", harness.databaseURL,
+            "--openai-upstream", "http://proxy-user:proxy-secret@127.0.0.1:1", "--rater-group", harness.group,
+        ])
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { gateway.log.contains("listening on") }, gateway.log)
+        let range = try XCTUnwrap(gateway.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
+        gatewayURL = "http://127.0.0.1:" + (gateway.log[range].split(separator: ":").last.map(String.init) ?? "")
+        let call = try calls(gatewayURL + "/v1/chat/completions", key: try customerKey("gw-creds"), body: body(.chatCompletions, stream: false))[0]
+        XCTAssertEqual(call.status, 502, call.body)
+        XCTAssertTrue(call.body.contains("http://***@127.0.0.1:1"), call.body)
+        XCTAssertFalse(call.body.contains("proxy-secret") || gateway.log.contains("proxy-secret"), call.body + gateway.log)
+    }
+
     /// A key that names no customer may name one in the trusted header, or is refused.
     func testATrustedHeaderNamesTheCustomerOfAnApplicationKey() throws {
         try harness.tally(["customers", "set", "gw-header-broke", "--overage", "stop"])
@@ -202,6 +219,9 @@ final class GatewayIntegrationTests: XCTestCase {
         let named = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: false),
                               headers: ["X-Customer: gw-header-paying"])[0]
         XCTAssertEqual(named.status, 200, named.body)
+        let received = try XCTUnwrap(named.headers["x-received-headers"]).split(separator: ",")
+        XCTAssertFalse(received.contains("x-customer"), "whom a call is for stays with Tally: \(received)")
+        XCTAssertTrue(received.contains("authorization"), "the upstream key is sent: \(received)")
         let broke = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: false),
                               headers: ["X-Customer: gw-header-broke"])[0]
         XCTAssertEqual(broke.status, 402, "the header's customer is the one checked: \(broke.body)")

@@ -36,24 +36,9 @@ final class ProducerContractTests: XCTestCase {
                                                                inputTokens: input, outputTokens: 1)), as: UTF8.self)
     }
 
-    /// Starts tally-ingest on the harness's topic and database; answers it, its base URL and an API key.
-    func startIngest(_ harness: AggregatorHarness, keyOptions: [String] = []) throws -> (process: ChildProcess, base: String, apiKey: String) {
-        let (keyStatus, keyOutput) = try ChildProcess.run(TestStack.executable("tally"),
-                                                          ["keys", "create", "--name", "contract", "--database-url", harness.databaseURL] + keyOptions)
-        XCTAssertEqual(keyStatus, 0, keyOutput)
-        let apiKey = try XCTUnwrap(keyOutput.split(separator: "\n").first { $0.hasPrefix("tally_") }.map(String.init))
-        let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", harness.topic,
-                                                                             "--database-url", harness.databaseURL])
-        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on") }, ingest.log)
-        let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
-            ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""
-        })
-        return (ingest, "http://127.0.0.1:\(port)", apiKey)
-    }
-
     func testAJavaCompatibleProducerAndTallyIngestAgreeAndAStrayRecordIsReported() async throws {
         let harness = try AggregatorHarness(partitions: 4)
-        let (ingest, base, apiKey) = try startIngest(harness)
+        let (ingest, base, apiKey) = try harness.startIngest()
         defer { ingest.signal(SIGKILL); ingest.wait() }
         let customers = (0..<24).map { "team-\($0)" }
         var expected: [UsageEvent] = []
@@ -177,9 +162,9 @@ final class ProducerContractTests: XCTestCase {
         XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.event_conflicts WHERE customer_id = $1", [customer]).int64(0, 0), 0,
                        "the second tally grant is a retry")
 
-        let (ingest, base, _) = try startIngest(harness)
+        let (ingest, base, _) = try harness.startIngest()
         defer { ingest.signal(SIGKILL); ingest.wait() }
-        let grantKey = try startIngestKey(harness, ["--grants"])
+        let grantKey = try harness.createKey(["--grants"])
         let other = try http("POST", base + "/v1/wallets/\(customer)/grants", body: #"{"id":"g-100","amount":"50.00","currency":"USD","source":"purchase"}"#,
                              authorization: "Bearer \(grantKey)")
         XCTAssertEqual(other.status, 409, other.body)
@@ -232,10 +217,4 @@ final class ProducerContractTests: XCTestCase {
         XCTAssertEqual(retention, [topic: "-1", topic + ".dlq": "-1", other: "86400000"])
     }
 
-    func startIngestKey(_ harness: AggregatorHarness, _ options: [String]) throws -> String {
-        let (status, output) = try ChildProcess.run(TestStack.executable("tally"),
-                                                    ["keys", "create", "--name", "grants", "--database-url", harness.databaseURL] + options)
-        XCTAssertEqual(status, 0, output)
-        return try XCTUnwrap(output.split(separator: "\n").first { $0.hasPrefix("tally_") }.map(String.init))
-    }
 }
