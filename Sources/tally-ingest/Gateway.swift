@@ -200,23 +200,34 @@ final class Gateway: Sendable {
         let removeUsageChunk = call.addedUsageChunk
         let streamed = isEventStream
         let callEvent = event
-        return Response(status: HTTPResponse.Status(code: head.status), headers: headers, body: ResponseBody { [self] writer in
+        // The upstream is read to its end by a task of its own, not by the caller's response: a
+        // caller that leaves mid-stream does not stop the vendor generating (and billing) the
+        // rest, so the call is metered from the usage the vendor reports at the end.
+        let (toCaller, callerFeed) = AsyncThrowingStream<[UInt8], Error>.makeStream()
+        Task { [self] in
             var event = callEvent
             var scanner = ResponseUsageScanner(api: api, isEventStream: streamed, removeUsageChunk: removeUsageChunk)
-            do {
-                for try await chunk in stream {
-                    let forward = scanner.feed(chunk)
-                    if !forward.isEmpty { try await writer.write(ByteBuffer(bytes: forward)) }
-                }
-                let rest = scanner.finish()
-                if !rest.isEmpty { try await writer.write(ByteBuffer(bytes: rest)) }
-            } catch {
-                // The upstream broke off or the caller left: meter what was reported, and end
-                // the caller's response abnormally so a cut stream never looks complete.
-                meter.finish(&event, scanner: scanner, complete: false, gateway: self)
-                throw error
+            var callerLeft = false
+            func forward(_ bytes: [UInt8]) {
+                guard !bytes.isEmpty, case .terminated = callerFeed.yield(bytes) else { return }
+                callerLeft = true
             }
+            do {
+                for try await chunk in stream { forward(scanner.feed(chunk)) }
+                forward(scanner.finish())
+            } catch {
+                // The upstream broke off: meter what was reported, and end the caller's response
+                // abnormally so a cut stream never looks complete.
+                meter.finish(&event, scanner: scanner, complete: false, gateway: self)
+                callerFeed.finish(throwing: error)
+                return
+            }
+            if callerLeft { event.properties["caller_left"] = "true" }
             meter.finish(&event, scanner: scanner, complete: true, gateway: self)
+            callerFeed.finish()
+        }
+        return Response(status: HTTPResponse.Status(code: head.status), headers: headers, body: ResponseBody { writer in
+            for try await bytes in toCaller { try await writer.write(ByteBuffer(bytes: bytes)) }
             try await writer.finish(nil)
         })
     }

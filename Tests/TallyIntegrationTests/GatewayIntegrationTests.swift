@@ -192,6 +192,37 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertTrue(other.body.contains("may only send events of customer"), other.body)
     }
 
+    /// Issue #21: a caller that hangs up mid-stream no longer leaves the call unmetered. The
+    /// vendor generates (and bills) the whole answer; OpenAI reports streamed usage only in the
+    /// last chunk, so the gateway reads the upstream to its end and meters all 40 output tokens.
+    func testACallerLeavingMidStreamIsStillMetered() throws {
+        try startGateway()
+        let key = try customerKey("gw-leaver")
+        let body = body(.chatCompletions, stream: true, maxTokens: 40)
+        let script = """
+            import socket, struct, sys
+            port, key, body = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode()
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer " + key.encode()
+                      + b"\\r\\nContent-Type: application/json\\r\\nX-Fake-Fault: slow-stream\\r\\nContent-Length: "
+                      + str(len(body)).encode() + b"\\r\\n\\r\\n" + body)
+            first = s.recv(2000)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            """
+        let port = String(gatewayURL.split(separator: ":").last ?? "")
+        let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", script, port, key, body])
+        XCTAssertEqual(status, 0, output)
+        let events = try events(atLeast: 1)
+        XCTAssertEqual(events.count, 1, gateway.log)
+        let event = try XCTUnwrap(events.values.first)
+        let sent = "{\"stream_options\":{\"include_usage\":true}," + body.dropFirst()
+        XCTAssertEqual(counts(event), expectedCounts(.chatCompletions, upstreamBody: sent, maxTokens: 40))
+        XCTAssertEqual(event.properties["caller_left"], "true")
+        XCTAssertNil(event.properties["incomplete"], "the upstream finished")
+    }
+
     /// Issue #21: an upstream URL with credentials in it is never echoed, in a 502 or in the log.
     func testUpstreamCredentialsAreNeverEchoed() throws {
         gateway = try ChildProcess(TestStack.executable("tally-ingest"), [
