@@ -223,6 +223,65 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertNil(event.properties["incomplete"], "the upstream finished")
     }
 
+    /// Resident and peak resident memory of a process, in MiB (/proc/PID/status VmRSS, VmHWM).
+    func memory(_ process: ChildProcess) throws -> (rss: Int, peak: Int) {
+        let status = try String(contentsOfFile: "/proc/\(process.pid)/status", encoding: .utf8)
+        func field(_ name: String) -> Int {
+            let line = status.split(separator: "\n").first { $0.hasPrefix(name + ":") } ?? ""
+            return (Int(line.split(separator: " ").dropFirst().first { !$0.isEmpty }.map(String.init) ?? "") ?? 0) / 1024
+        }
+        return (field("VmRSS"), field("VmHWM"))
+    }
+
+    /// Issue #21: memory from outside is bounded. 2,000 requests with different 65 KB bogus keys
+    /// (each was cached) and two concurrent 30 MiB gateway requests (each parsed into a tree,
+    /// 830 MB apiece) now cost tally-ingest what the bodies themselves take. Figures printed.
+    func testHostileRequestsDoNotGrowMemory() throws {
+        try startGateway()
+        let port = String(gatewayURL.split(separator: ":").last ?? "")
+        let start = try memory(gateway)
+        let bogus = """
+            import sys, threading, urllib.request, urllib.error
+            port, count = sys.argv[1], int(sys.argv[2])
+            def worker(first):
+                for i in range(first, count, 8):
+                    key = "k%06d" % i + "x" * 65000
+                    req = urllib.request.Request("http://127.0.0.1:%s/v1/events" % port, data=b"{}", method="POST",
+                                                 headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+                    try:
+                        urllib.request.urlopen(req, timeout=30)
+                    except urllib.error.HTTPError as error:
+                        assert error.code in (401, 431), error.code
+            threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+            [t.start() for t in threads]; [t.join() for t in threads]
+            """
+        let (bogusStatus, bogusOutput) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", bogus, port, "2000"])
+        XCTAssertEqual(bogusStatus, 0, bogusOutput)
+        let afterKeys = try memory(gateway)
+        let key = try customerKey("gw-big")
+        let big = """
+            import sys, threading, urllib.request
+            port, key = sys.argv[1], sys.argv[2]
+            body = ('{"model":"gpt-4o","max_tokens":5,"messages":[{"role":"user","content":"' + "a" * (30 << 20) + '"}]}').encode()
+            statuses = []
+            def call():
+                req = urllib.request.Request("http://127.0.0.1:%s/v1/chat/completions" % port, data=body, method="POST",
+                                             headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+                statuses.append(urllib.request.urlopen(req, timeout=120).status)
+            threads = [threading.Thread(target=call) for _ in range(2)]
+            [t.start() for t in threads]; [t.join() for t in threads]
+            assert statuses == [200, 200], statuses
+            """
+        let (bigStatus, bigOutput) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", big, port, key])
+        XCTAssertEqual(bigStatus, 0, bigOutput)
+        let afterBodies = try memory(gateway)
+        print("tally-ingest memory (MiB): at start \(start.rss); after 2,000 bogus 65 KB keys \(afterKeys.rss) (peak \(afterKeys.peak)); "
+              + "peak with two concurrent 30 MiB gateway requests \(afterBodies.peak), after them \(afterBodies.rss)")
+        XCTAssertLessThan(afterKeys.rss - start.rss, 40, "bogus keys are not kept")
+        // Each request's body, the copy sent upstream and the client's copy: about 4 × 30 MiB a call.
+        XCTAssertLessThan(afterBodies.peak - afterKeys.rss, 400, "the bodies, not trees of them")
+    }
+
     /// Issue #21: an upstream URL with credentials in it is never echoed, in a 502 or in the log.
     func testUpstreamCredentialsAreNeverEchoed() throws {
         gateway = try ChildProcess(TestStack.executable("tally-ingest"), [

@@ -42,25 +42,55 @@ public struct GatewayRequest: Sendable, Equatable {
     /// brings are taken out of the stream again, so the caller sees what it asked for.
     public let addedUsageChunk: Bool
 
+    /// Reads the few top-level members the gateway needs and skips the rest in place: a request
+    /// of tens of megabytes (images, long contexts) costs its own bytes, not a tree of them.
     public static func parse(_ api: GatewayAPI, body: [UInt8]) -> Result<GatewayRequest, EventDecodingError> {
-        let document: JSONValue
-        switch JSONValue.parse(body) {
-        case .failure(let error): return .failure(.malformedJSON(error))
-        case .success(let value): document = value
+        var model: JSONValue?
+        var streamValue: JSONValue?
+        var streamOptions: JSONValue?
+        var limits: [String: JSONValue] = [:]
+        let read: Result<Void, JSONSyntaxError> = body.withUnsafeBufferPointer { buffer in
+            var reader = JSONReader(buffer)
+            do throws(JSONSyntaxError) {
+                guard try reader.peekKind() == .object else {
+                    try reader.skipValue()
+                    try reader.finish()
+                    return .success(())
+                }
+                var seen = Set<String>()
+                try reader.readMembers { (reader: inout JSONReader, key: JSONKey) throws(JSONSyntaxError) in
+                    let name = key.string
+                    guard seen.insert(name).inserted else { throw reader.error("duplicate key \"\(name)\"") }
+                    switch name {
+                    case "model": model = try JSONValue.read(&reader, depth: 1)
+                    case "stream": streamValue = try JSONValue.read(&reader, depth: 1)
+                    case "stream_options": streamOptions = try JSONValue.read(&reader, depth: 1)
+                    case "max_completion_tokens", "max_output_tokens", "max_tokens": limits[name] = try JSONValue.read(&reader, depth: 1)
+                    default: try reader.skipValue(depth: 1)
+                    }
+                }
+                try reader.finish()
+                return .success(())
+            } catch {
+                return .failure(error)
+            }
         }
-        guard case .object(let members) = document else { return .failure(.invalid([FieldViolation("", "the body must be a JSON object")])) }
-        guard case .string(let model)? = members["model"], !model.isEmpty else {
+        if case .failure(let error) = read { return .failure(.malformedJSON(error)) }
+        guard body.first(where: { ![0x20, 0x09, 0x0a, 0x0d].contains($0) }) == UInt8(ascii: "{") else {
+            return .failure(.invalid([FieldViolation("", "the body must be a JSON object")]))
+        }
+        guard case .string(let model)? = model, !model.isEmpty else {
             return .failure(.invalid([FieldViolation("model", "is required (a string)")]))
         }
-        let stream = members["stream"] == .bool(true)
+        let stream = streamValue == .bool(true)
         var maxOutput: Int64?
         for key in ["max_completion_tokens", "max_output_tokens", "max_tokens"] {
-            if case .integer(.value(let value))? = members[key], value > 0 { maxOutput = value; break }
+            if case .integer(.value(let value))? = limits[key], value > 0 { maxOutput = value; break }
         }
         var upstreamBody = body
         var added = false
         if api == .chatCompletions && stream {
-            switch members["stream_options"] {
+            switch streamOptions {
             case nil:
                 // Inserted after the opening brace: the caller's bytes stay as they were.
                 let brace = body.firstIndex(of: UInt8(ascii: "{"))!
