@@ -95,6 +95,10 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     // One connection per commit lane (see `CommitLanes`), made before signals are caught.
     let connections = try (0..<options.commitLanes).map { _ in try database.connect(logger: logger) }
     let instanceID = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
+    // Lane 0's connection is idle until the loop claims partitions, after this check.
+    let layoutConnection = connections[0]
+    let topic = settings.topic
+    settings.checkLayout = { layout in try layout.check(topic: topic, on: layoutConnection) }
     let stop = SharedFlag()
     let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
         signal(number, SIG_IGN)

@@ -8,6 +8,8 @@ public struct DedupKey: Hashable, Sendable, Comparable {
     /// The source of every wallet grant's key: a grant's id is the wallet's idempotency key
     /// whichever tool sent it.
     public static let grantSource = ""
+    /// The source of every grant void's key (a control character: no event's source holds one).
+    public static let grantVoidSource = "\u{2}"
     /// The source of a key stored before identities included it (migration 0014): it stands for
     /// the id from every source, as it did then. No valid source holds a control character.
     public static let anySource = "\u{1}"
@@ -140,8 +142,9 @@ public struct PositionedGrantVoid: DedupCandidate, Equatable {
         self.contentHash = ContentHash.of(void)
     }
 
-    /// In the grants' namespace: one id is one wallet operation, whichever tool sent it.
-    public var key: DedupKey { DedupKey(customerID: void.subject, source: DedupKey.grantSource, eventID: void.id) }
+    /// In a namespace of their own (a grant named `void-g1` is not the void of `g1`); one id is one
+    /// void, whichever tool sent it.
+    public var key: DedupKey { DedupKey(customerID: void.subject, source: DedupKey.grantVoidSource, eventID: void.id) }
 }
 
 /// An event id seen again with different content: the first (by offset) counts, this one is recorded.

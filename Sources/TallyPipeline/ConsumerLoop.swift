@@ -38,6 +38,10 @@ public struct ConsumerSettings: Sendable {
     /// returns, before anything else happens (env TALLY_FAULT_KILL_AFTER_COMMITS).
     public var faultKillAfterCommits: Int?
 
+    /// Called once at start with the topic's layout (the partitioner above, the broker's partition
+    /// count); throwing stops the loop before it consumes anything (see `TopicLayout`).
+    public var checkLayout: (@Sendable (TopicLayout) throws -> Void)?
+
     /// Called on the consumer thread after each committed batch (replay shows its progress with it).
     public var onProgress: (@Sendable (ConsumerProgress) -> Void)?
 
@@ -182,6 +186,7 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// Consumes until stopped (or caught up, with `exitWhenCaughtUp`), then leaves the group.
     public func run() throws {
         partitionCount = try readPartitionCount()
+        try settings.checkLayout?(TopicLayout(partitioner: settings.partitioner, partitions: partitionCount))
         try consumer.subscribe([settings.topic])
         var lastStats = ContinuousClock.now
         defer {

@@ -23,6 +23,10 @@ extension ConsumerRecord {
                 contentType = text
             }
         }
+        // A `content-type` of application/cloudevents… means structured mode, headers or not (Kafka binding §3.1).
+        if contentType?.lowercased().hasPrefix("application/cloudevents") == true {
+            return ClassifiedRecord.classify(value, key: .some(key), placement: placement)
+        }
         return ClassifiedRecord.classify(value, key: .some(key), placement: placement, binaryMode: (attributes, contentType))
     }
 }

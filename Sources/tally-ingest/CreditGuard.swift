@@ -64,7 +64,7 @@ final class CreditGuard: @unchecked Sendable {
                         continuation.resume(returning: .unpricedRefused(model: model))
                         return
                     }
-                    let snapshot = try snapshot(customerID, currency: profile.currency)
+                    let snapshot = try snapshot(customerID, profile: profile)
                     let admission = lock.withLock {
                         reservations.admit(customerID, estimateNanos: estimate, snapshot: snapshot, policy: profile.overage)
                     }
@@ -134,14 +134,16 @@ final class CreditGuard: @unchecked Sendable {
     /// Usage the rater keeps unpriced (`tally.unpriced_usage`) is not in the balance; under the
     /// hold policy it counts against it here, at the default price, until a price exists and the
     /// usage is rated (`tally pricing rate-unpriced`): calls to an unpriced model are never free.
-    private func snapshot(_ customerID: String, currency: Currency) throws -> WalletSnapshot {
+    private func snapshot(_ customerID: String, profile: BillingProfile) throws -> WalletSnapshot {
+        let currency = profile.currency
         let result = try connection.retrying(timeout: .seconds(2)) { connection in
             try connection.query("""
                 SELECT coalesce((SELECT balance_nanos FROM wallets WHERE customer_id = $1 AND currency = $2), 0),
                        coalesce((SELECT string_agg(partition || ':' || next_offset, ',') FROM consumer_offsets
                                  WHERE consumer_group = $3 AND topic = $4), ''),
-                       (SELECT coalesce(sum(input_tokens), 0)::text || ':' || coalesce(sum(output_tokens), 0)::text
-                        FROM unpriced_usage WHERE customer_id = $1)
+                       (SELECT string_agg(model || chr(1) || i || chr(1) || o, chr(2)) FROM
+                            (SELECT model, sum(input_tokens)::text AS i, sum(output_tokens)::text AS o
+                             FROM unpriced_usage WHERE customer_id = $1 GROUP BY model) AS m)
                 """, [customerID, currency.code, raterGroup, topic])
         }
         var offsets: [Int32: Int64] = [:]
@@ -150,8 +152,13 @@ final class CreditGuard: @unchecked Sendable {
             if parts.count == 2, let partition = Int32(parts[0]), let next = Int64(parts[1]) { offsets[partition] = next }
         }
         var balance = try result.int64(0, 0) ?? 0
-        let unpriced = (result.string(0, 2) ?? "0:0").split(separator: ":").map { Int64($0) ?? Int64.max }
-        if unpriced.count == 2, unpriced != [0, 0], let held = unpricedPolicy.holdNanos(TokenCounts(input: unpriced[0], output: unpriced[1])) {
+        // Only models still unpriced: once priced, the usage is rated by `tally pricing rate-unpriced`.
+        let now = EventTime(microseconds: Self.nowMicroseconds())
+        for entry in (result.string(0, 2) ?? "").split(separator: "\u{2}") {
+            let fields = entry.split(separator: "\u{1}", omittingEmptySubsequences: false).map(String.init)
+            guard fields.count == 3, lock.withLock({ catalog.match(customerID: profile.customerID, plan: profile.plan, model: fields[0], at: now) }) == nil,
+                  let held = unpricedPolicy.holdNanos(TokenCounts(input: Int64(fields[1]) ?? Int64.max, output: Int64(fields[2]) ?? Int64.max))
+            else { continue }
             balance = Money.saturatingAdd(balance, -held)
         }
         return WalletSnapshot(balanceNanos: balance, raterNextOffsets: offsets)

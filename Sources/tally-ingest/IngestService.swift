@@ -157,7 +157,11 @@ final class IngestService: Sendable {
 
     func events(_ request: Request, key: APIKeyRecord?) async throws -> Response {
         requests.increment()
-        if request.headers[HTTPField.Name("ce-specversion")!] != nil { return try await binaryModeEvent(request, key: key) }
+        // Structured mode wins when the content type says so (CloudEvents HTTP binding §3.3).
+        if request.headers[HTTPField.Name("ce-specversion")!] != nil,
+           !(request.headers[.contentType] ?? "").lowercased().hasPrefix("application/cloudevents") {
+            return try await binaryModeEvent(request, key: key)
+        }
         guard let format = IngestBodyFormat(contentType: request.headers[.contentType] ?? "application/json") else {
             return problem(.unsupportedMediaType, "unsupported content type",
                            "use application/json, application/cloudevents+json, application/cloudevents-batch+json or application/x-ndjson")

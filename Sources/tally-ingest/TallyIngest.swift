@@ -8,6 +8,7 @@ import NIOCore
 import TallyCLI
 import TallyCore
 import TallyKafka
+import TallyPipeline
 import TallyPostgres
 
 private extension String {
@@ -73,6 +74,17 @@ struct TallyIngest: AsyncParsableCommand {
         let authenticator = allowAnonymous ? nil
             : Authenticator(connection: try PostgresConnection(url: try database.databaseURL, logger: logger), logger: logger)
         if allowAnonymous { logger.warning("--allow-anonymous: accepting requests without an API key") }
+        if !allowAnonymous {
+            // Producing with another partitioner or partition count than the topic's recorded one
+            // would split customers (see `TopicLayout`); an unreachable broker is readiness's concern.
+            do {
+                let partitions = Int32(try admin.partitionCount(of: kafka.topic, timeout: .seconds(10)))
+                try TopicLayout(partitioner: try kafka.partitioner, partitions: partitions)
+                    .check(topic: kafka.topic, on: try PostgresConnection(url: try database.databaseURL, logger: logger))
+            } catch let error as KafkaError {
+                logger.warning("the layout of \(kafka.topic) could not be checked (\(error)); consumers check it when they start")
+            }
+        }
         let grants = allowAnonymous ? nil
             : GrantRegistry(connection: try PostgresConnection(url: try database.databaseURL, logger: logger), logger: logger)
         let service = try IngestService(kafkaConfiguration: kafkaConfiguration, admin: admin, topic: kafka.topic, parser: parser,

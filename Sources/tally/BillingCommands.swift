@@ -370,13 +370,15 @@ struct VoidGrant: AsyncParsableCommand {
     @Option(help: "Customer id.") var customer: String
     @Option(help: "The grant id to void.") var grant: String
     @Option(help: "Why, for people.") var reason: String?
+    @Option(help: "The void's id (idempotency key). Default: void-<grant id>; a void that found nothing to void needs another to try again.")
+    var id: String?
     @Option(help: "Event time (RFC 3339). Default: now.") var time: String?
 
     func run() async throws {
         let logger = makeLogger(logging, label: "tally.void-grant")
         let eventTime = try time.map { guard let t = EventTime($0) else { throw ValidationError("--time: expected RFC 3339") }; return t }
             ?? EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000))
-        let void = GrantVoidEvent(id: GrantVoidEvent.id(voiding: grant), source: "tally-cli", subject: customer, time: eventTime,
+        let void = GrantVoidEvent(id: id ?? GrantVoidEvent.id(voiding: grant), source: "tally-cli", subject: customer, time: eventTime,
                                   grantID: grant, reason: reason)
         // Validate exactly as the consumers will.
         let bytes = EventEncoder.encode(void)

@@ -66,6 +66,9 @@ struct Replay: ParsableCommand {
         settings.topic = kafka.topic
         settings.deadLetterTopic = kafka.deadLetterTopic
         settings.partitioner = try kafka.partitioner
+        let liveConnection = connection
+        let topic = kafka.topic
+        settings.checkLayout = { layout in try layout.check(topic: topic, on: liveConnection) }
         settings.batchSize = batchSize
         settings.exitWhenCaughtUp = true
         settings.statsInterval = .seconds(3600)

@@ -153,7 +153,8 @@ final class GatewayTests: XCTestCase {
         XCTAssertEqual(anthropic["error"]?["type"]?.string, "billing_error")
         XCTAssertEqual(anthropic["error"]?["message"]?.string, "not enough credit")
         XCTAssertEqual(GatewayErrorBody.errorType(.anthropic, status: 401), "authentication_error")
-        XCTAssertEqual(GatewayErrorBody.errorType(.anthropic, status: 413), "invalid_request_error")
+        XCTAssertEqual(GatewayErrorBody.errorType(.anthropic, status: 413), "request_too_large")
+        XCTAssertEqual(GatewayErrorBody.errorType(.anthropic, status: 400), "invalid_request_error")
         XCTAssertEqual(GatewayErrorBody.errorType(.openai, status: 502), "server_error")
     }
 

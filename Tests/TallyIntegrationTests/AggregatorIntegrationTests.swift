@@ -90,6 +90,29 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
     }
 
+    /// Review of #20: a topic's layout is recorded, and a process placing records otherwise does not
+    /// start: an upgraded deployment whose log was written with CRC32 (migration 0014 records that),
+    /// or a topic whose partition count changed, would split customers between partitions.
+    func testAConsumerRefusesATopicPlacedOtherwise() async throws {
+        let harness = try AggregatorHarness(partitions: 4)
+        try harness.connection.query("INSERT INTO tally.topic_layouts (topic, partitioner, partitions) VALUES ($1, 'crc32', 4)", [harness.topic])
+        let murmur = try harness.startAggregator()
+        XCTAssertEqual(murmur.wait(timeout: .seconds(60)), 1, murmur.log)
+        XCTAssertTrue(murmur.log.contains("was written with the crc32 partitioner"), murmur.log)
+        let crc = try harness.startAggregator(["--partitioner", "crc32", "--exit-when-caught-up"])
+        XCTAssertEqual(crc.wait(timeout: .seconds(60)), 0, "the recorded partitioner: consumed\n\(crc.log)")
+        try harness.connection.query("UPDATE tally.topic_layouts SET partitions = 2 WHERE topic = $1", [harness.topic])
+        let grown = try harness.startAggregator(["--partitioner", "crc32"])
+        XCTAssertEqual(grown.wait(timeout: .seconds(60)), 1, grown.log)
+        XCTAssertTrue(grown.log.contains("has 4 partitions, but its records were placed for 2"), grown.log)
+        // A new topic is recorded by the first process that uses it.
+        let fresh = try AggregatorHarness(partitions: 2)
+        let first = try fresh.startAggregator(["--exit-when-caught-up"])
+        XCTAssertEqual(first.wait(timeout: .seconds(60)), 0, first.log)
+        XCTAssertEqual(try fresh.connection.query("SELECT partitioner, partitions FROM tally.topic_layouts WHERE topic = $1", [fresh.topic]).rows,
+                       [["murmur2", "2"]])
+    }
+
     /// An event re-sent on another partition than its customer's (a producer hashing keys another
     /// way) is set aside as `wrong_partition` with its reason, never counted twice, while the copy on
     /// the customer's own partition counts once; two commit lanes, so the copies meet no shared cache.

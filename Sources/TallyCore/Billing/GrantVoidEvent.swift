@@ -56,8 +56,10 @@ extension EventEncoder {
 }
 
 /// The body of `POST /v1/wallets/{customer}/grants/{grant}/void` turned into a
-/// `tally.wallet.grant.void` event: `{"reason": "...", "time": "..."}`, both optional (time
-/// defaults to now); an empty body is `{}`. Validated by the event decoder; errors name the body's fields.
+/// `tally.wallet.grant.void` event: `{"id": "...", "reason": "...", "time": "..."}`, all optional
+/// (id defaults to `GrantVoidEvent.id(voiding:)`, time to now; a second void of a grant whose
+/// first found nothing to void needs an id of its own); an empty body is `{}`. Validated by the
+/// event decoder; errors name the body's fields.
 public enum GrantVoidRequest {
     public static func event(customerID: String, grantID: String, body: [UInt8], nowMicroseconds: Int64)
         -> Result<(GrantVoidEvent, [UInt8]), EventDecodingError> {
@@ -69,11 +71,11 @@ public enum GrantVoidRequest {
             fields = object
         }
         var violations: [FieldViolation] = []
-        for name in fields.keys.sorted() where !["reason", "time"].contains(name) {
-            violations.append(FieldViolation(name, "is not a field of a void: reason and time are"))
+        for name in fields.keys.sorted() where !["id", "reason", "time"].contains(name) {
+            violations.append(FieldViolation(name, "is not a field of a void: id, reason and time are"))
         }
         var text: [String: String] = [:]
-        for name in ["reason", "time"] {
+        for name in ["id", "reason", "time"] {
             guard let value = fields[name] else { continue }
             if let string = value.string { text[name] = string } else { violations.append(FieldViolation(name, "must be a string")) }
         }
@@ -81,7 +83,7 @@ public enum GrantVoidRequest {
         var json = JSONWriter()
         json.raw("{")
         json.key("specversion", first: true); json.string("1.0")
-        json.key("id"); json.string(GrantVoidEvent.id(voiding: grantID))
+        json.key("id"); json.string(text["id"] ?? GrantVoidEvent.id(voiding: grantID))
         json.key("source"); json.string("tally-ingest")
         json.key("type"); json.string(EventType.walletGrantVoid.rawValue)
         json.key("subject"); json.string(customerID)

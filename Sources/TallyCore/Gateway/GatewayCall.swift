@@ -288,6 +288,7 @@ public enum GatewayErrorBody {
         case (.anthropic, 402): "billing_error"
         case (.anthropic, 403): "permission_error"
         case (.anthropic, 404): "not_found_error"
+        case (.anthropic, 413): "request_too_large"
         case (.anthropic, 429): "rate_limit_error"
         case (.anthropic, 504): "timeout_error"
         case (.anthropic, 529): "overloaded_error"

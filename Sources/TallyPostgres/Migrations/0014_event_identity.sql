@@ -30,3 +30,19 @@ ALTER TABLE tally.wallet_ledger DROP CONSTRAINT wallet_ledger_kind_check;
 ALTER TABLE tally.wallet_ledger ADD CONSTRAINT wallet_ledger_kind_check CHECK (kind IN ('grant', 'usage', 'expiry', 'void'));
 ALTER TABLE tally.unrateable_records DROP CONSTRAINT unrateable_records_kind_check;
 ALTER TABLE tally.unrateable_records ADD CONSTRAINT unrateable_records_kind_check CHECK (kind IN ('usage', 'grant', 'void'));
+
+-- How a topic's records are placed: the partitioner its producers hash keys with and its
+-- partition count. Consumers and tally-ingest refuse to start when either differs from what is
+-- recorded, so a customer is never split between partitions by an upgrade or by partitions
+-- added later, and every decision about a record's placement is the same on replay.
+-- A topic consumed before this migration was written by tally-ingest with librdkafka's CRC32.
+CREATE TABLE tally.topic_layouts (
+    topic text PRIMARY KEY,
+    partitioner text NOT NULL CHECK (partitioner IN ('murmur2', 'crc32')),
+    partitions integer NOT NULL CHECK (partitions > 0),
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO tally.topic_layouts (topic, partitioner, partitions)
+SELECT topic, 'crc32', max(partition) + 1 FROM tally.consumer_offsets
+WHERE consumer_group NOT LIKE 'tally-replay-%'
+GROUP BY topic;
