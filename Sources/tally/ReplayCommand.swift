@@ -318,3 +318,26 @@ struct Reconcile: ParsableCommand {
         if !result.mismatches.isEmpty { throw ExitCode(1) }
     }
 }
+
+struct BackfillKeySources: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "backfill-key-sources",
+        abstract: "Give dedup keys stored before migration 0014 the source of their event, read from the log.",
+        discussion: """
+            Until then such a key stands for its id from any source, and the consumers look keys up on every batch. \
+            Safe while they run; run it once after upgrading. Keys whose record the log no longer holds keep standing \
+            for any source (they are counted as unreadable).
+            """)
+    @OptionGroup var database: DatabaseOptions
+    @OptionGroup var kafka: KafkaOptions
+    @OptionGroup var logging: LoggingOptions
+
+    func run() throws {
+        let logger = makeLogger(logging, label: "tally.backfill-key-sources")
+        let outcome = try KeySourceBackfill(connection: try connect(database, label: "tally.backfill-key-sources"),
+                                            kafka: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties),
+                                            topic: kafka.topic, logger: logger).run()
+        for (table, count) in outcome.filled.sorted(by: { $0.key < $1.key }) { print("\(table): \(count) filled in") }
+        print("\(outcome.unreadable) keys' records are no longer in the log; they keep standing for any source", to: &standardError)
+    }
+}

@@ -88,6 +88,16 @@ final class AggregatorIntegrationTests: XCTestCase {
         XCTAssertEqual(conflicts, [["legacy-7", "app://after-upgrade"]], "the old key answers for the new source; other content: a conflict, recorded")
         aggregator.signal(SIGTERM)
         XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)
+
+        // tally backfill-key-sources gives an old key its record's source: the key of id 1 from
+        // app://chat, as a pre-0014 deployment holds it, gets app://chat back. legacy-7's key points
+        // at another event's record (written by hand above), so it keeps standing for any source.
+        try harness.connection.query("UPDATE tally.usage_event_keys SET event_source = chr(1) WHERE event_id = '1' AND event_source = 'app://chat'")
+        let output = try harness.tally(["backfill-key-sources", "--topic", harness.topic])
+        XCTAssertTrue(output.contains("usage_event_keys: 1 filled in"), output)
+        XCTAssertEqual(try harness.connection.query("""
+            SELECT event_id, event_source = chr(1) FROM tally.usage_event_keys WHERE customer_id = 'ce-acme' ORDER BY 1, 2
+            """).rows, [["1", "f"], ["1", "f"], ["2", "f"], ["legacy-7", "t"]])
     }
 
     /// Review of #20: a topic's layout is recorded, and a process placing records otherwise does not
