@@ -85,7 +85,7 @@ final class AggregatorHarness: @unchecked Sendable {
         let apiKey = try createKey(keyOptions)
         let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", topic,
                                                                              "--database-url", databaseURL])
-        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on") }, ingest.log)
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on http://") }, ingest.log)
         let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
             ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""
         })
