@@ -11,6 +11,8 @@ public struct APIKeyRecord: Sendable, Equatable {
     public let mayGrant: Bool
     /// The customer a gateway call with this key is metered for, when the key is a customer's.
     public let customerID: String?
+    /// May name whom a gateway call is for in the gateway's customer header (keys without a customer only).
+    public let mayNameCustomer: Bool
 }
 
 /// Ingest API keys in `tally.api_keys`: created, listed, revoked, and checked by hash.
@@ -25,7 +27,8 @@ public struct APIKeyStore {
     }
 
     /// Creates a key and returns it; this is the only time it is visible.
-    public func create(name: String, environment: String?, mayGrant: Bool = false, customerID: String? = nil) throws -> (key: String, record: APIKeyRecord) {
+    public func create(name: String, environment: String?, mayGrant: Bool = false, customerID: String? = nil,
+                       mayNameCustomer: Bool = false) throws -> (key: String, record: APIKeyRecord) {
         var generator = SystemRandomNumberGenerator()
         func hex(_ count: Int) -> String {
             (0..<count).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
@@ -33,10 +36,10 @@ public struct APIKeyStore {
         let keyID = hex(4)
         let key = "tally_\(keyID)_\(hex(24))"
         let result = try connection.query("""
-            INSERT INTO tally.api_keys (key_id, key_hash, name, environment, may_grant, customer_id)
-            VALUES ($1, sha256(convert_to($2, 'UTF8')), $3, $4, $5, $6)
+            INSERT INTO tally.api_keys (key_id, key_hash, name, environment, may_grant, customer_id, may_name_customer)
+            VALUES ($1, sha256(convert_to($2, 'UTF8')), $3, $4, $5, $6, $7)
             RETURNING \(Self.columns)
-            """, [keyID, key, name, environment, mayGrant, customerID])
+            """, [keyID, key, name, environment, mayGrant, customerID, mayNameCustomer])
         return (key, Self.record(result, 0))
     }
 
@@ -67,11 +70,11 @@ public struct APIKeyStore {
         return result.rowCount == 1 ? Self.record(result, 0) : nil
     }
 
-    private static let columns = "key_id, name, environment, created_at::text, revoked_at::text, may_grant, customer_id"
+    private static let columns = "key_id, name, environment, created_at::text, revoked_at::text, may_grant, customer_id, may_name_customer"
 
     private static func record(_ result: PostgresResult, _ row: Int) -> APIKeyRecord {
         APIKeyRecord(keyID: result.string(row, 0) ?? "", name: result.string(row, 1) ?? "", environment: result.string(row, 2),
                      createdAt: result.string(row, 3) ?? "", revokedAt: result.string(row, 4), mayGrant: result.bool(row, 5) ?? false,
-                     customerID: result.string(row, 6))
+                     customerID: result.string(row, 6), mayNameCustomer: result.bool(row, 7) ?? false)
     }
 }

@@ -96,6 +96,12 @@ final class Gateway: Sendable {
         if let owner = key?.customerID {
             customerID = owner
         } else if let header = settings.customerHeader, let named = request.headers[header], !named.isEmpty {
+            // Naming who pays (and reading their credit in a 402) is a permission of its own.
+            guard key?.mayNameCustomer ?? true else {
+                return service.problem(.forbidden, "may not name a customer",
+                                       "this API key may not name the customer in \(header.rawName); create one with: tally keys create --names-customers",
+                                       vendor: api.vendor)
+            }
             customerID = named
         } else {
             return service.problem(.forbidden, "no customer", "this API key names no customer: create one with tally keys create --customer C"

@@ -22,6 +22,8 @@ final class IngestService: Sendable {
     let authenticator: Authenticator?
     /// Checks a grant's id against the grants credited (nil without a database: --allow-anonymous).
     let grants: GrantRegistry?
+    /// Requests per second per API key (nil: no limit).
+    let rateLimiter: KeyRateLimiter?
 
     let requests = Counter(label: "tally_ingest_requests_total")
     let accepted = Counter(label: "tally_ingest_events_accepted_total")
@@ -37,7 +39,7 @@ final class IngestService: Sendable {
 
     enum RejectionReason: String, CaseIterable {
         case unauthorized, bodyTooLarge = "body_too_large", malformedJSON = "malformed_json", tooManyEvents = "too_many_events"
-        case malformed, timeWindow = "time_window", invalid
+        case malformed, timeWindow = "time_window", invalid, rateLimited = "rate_limited"
     }
 
     /// The current producer; replaced when it hits a fatal error.
@@ -50,10 +52,11 @@ final class IngestService: Sendable {
     var producer: KafkaProducer { producerBox.lock.withLock { producerBox.producer } }
 
     init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int,
-         authenticator: Authenticator?, grants: GrantRegistry?, logger: Logger) throws {
+         authenticator: Authenticator?, grants: GrantRegistry?, rateLimiter: KeyRateLimiter?, logger: Logger) throws {
         self.kafkaConfiguration = kafkaConfiguration
         self.authenticator = authenticator
         self.grants = grants
+        self.rateLimiter = rateLimiter
         producerBox = ProducerBox(try KafkaProducer(configuration: kafkaConfiguration, logger: logger))
         self.admin = admin
         self.topic = topic
@@ -129,7 +132,15 @@ final class IngestService: Sendable {
         // Anthropic's clients send their key as x-api-key.
         let authorization = request.headers[.authorization] ?? request.headers[HTTPField.Name("x-api-key")!].map { "Bearer \($0)" }
         switch await authenticator.check(authorization: authorization) {
-        case .allowed(let key): return try await handler(key)
+        case .allowed(let key):
+            if let wait = rateLimiter?.wait(for: key.keyID) {
+                rejectedCounter(.rateLimited).increment()
+                var headers = HTTPFields()
+                headers[.retryAfter] = String(max(1, Int((Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18).rounded(.up))))
+                return problem(.tooManyRequests, "too many requests", "this API key is limited to its share of requests per second; retry after the Retry-After seconds",
+                               headers: headers, vendor: vendor)
+            }
+            return try await handler(key)
         case .denied:
             rejectedCounter(.unauthorized).increment()
             var headers = HTTPFields()

@@ -38,6 +38,8 @@ struct TallyIngest: AsyncParsableCommand {
     @Option(help: "Address to listen on. Env: TALLY_INGEST_HOST. Default: 0.0.0.0.") var host: String?
     @Option(help: "Port to listen on (0 picks a free one, logged at start). Env: TALLY_INGEST_PORT. Default: 8080.") var port: Int?
     @Option(help: "Largest request body in bytes; larger bodies get 413 before parsing.") var maxBodyBytes = 1 << 20
+    @Option(help: "Requests per second each API key may make (bursts of twice that); past it, 429 with Retry-After. 0: no limit.")
+    var maxRequestsPerKeyPerSecond = 0
     @Option(help: "Most events in one request; more get 413.") var maxBatchEvents = 10_000
     @Option(help: "Oldest accepted event time, in days before now.") var maxEventAgeDays = 35
     @Option(help: "Latest accepted event time, in minutes after now.") var maxEventFutureMinutes = 5
@@ -88,7 +90,8 @@ struct TallyIngest: AsyncParsableCommand {
         let grants = allowAnonymous ? nil
             : GrantRegistry(connection: try PostgresConnection(url: try database.databaseURL, logger: logger), logger: logger)
         let service = try IngestService(kafkaConfiguration: kafkaConfiguration, admin: admin, topic: kafka.topic, parser: parser,
-                                        maxBodyBytes: maxBodyBytes, authenticator: authenticator, grants: grants, logger: logger)
+                                        maxBodyBytes: maxBodyBytes, authenticator: authenticator, grants: grants,
+                                        rateLimiter: KeyRateLimiter(perSecond: maxRequestsPerKeyPerSecond), logger: logger)
         let router = Router()
         service.register(on: router, metrics: { registry.emitToString() })
         var gateway: Gateway?

@@ -15,12 +15,19 @@ struct Keys: ParsableCommand {
         @Option(help: "Limit the key to events of this data.environment.") var environment: String?
         @Flag(help: "Allow the key to grant wallet credit (POST /v1/wallets/{customer}/grants).") var grants = false
         @Option(help: "Make it a customer's key: gateway calls with it are metered for, and checked against the credit of, this customer.") var customer: String?
+        @Flag(help: "Allow the key (of no customer) to name whom a gateway call is for in tally-ingest's --customer-header: an application trusted to say so.")
+        var namesCustomers = false
+
+        func validate() throws {
+            if namesCustomers && customer != nil { throw ValidationError("--names-customers is for keys of no customer: a customer's key pays for its own calls") }
+        }
 
         func run() throws {
             let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
-            let (key, record) = try store.create(name: name, environment: environment, mayGrant: grants, customerID: customer)
+            let (key, record) = try store.create(name: name, environment: environment, mayGrant: grants, customerID: customer,
+                                                 mayNameCustomer: namesCustomers)
             print(key)
-            print("key id \(record.keyID)\(record.customerID.map { " of customer \($0)" } ?? "")\(record.environment.map { ", limited to environment \($0)" } ?? "")\(grants ? ", may grant credit" : ""): store it now, it is not shown again", to: &standardError)
+            print("key id \(record.keyID)\(record.customerID.map { " of customer \($0)" } ?? "")\(record.environment.map { ", limited to environment \($0)" } ?? "")\(grants ? ", may grant credit" : "")\(namesCustomers ? ", may name customers in the gateway" : ""): store it now, it is not shown again", to: &standardError)
         }
     }
 

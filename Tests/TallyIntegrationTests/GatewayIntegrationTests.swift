@@ -301,8 +301,13 @@ final class GatewayIntegrationTests: XCTestCase {
     func testATrustedHeaderNamesTheCustomerOfAnApplicationKey() throws {
         try harness.tally(["customers", "set", "gw-header-broke", "--overage", "stop"])
         try startGateway(["--customer-header", "X-Customer"])
-        let output = try harness.tally(["keys", "create", "--name", "app"])
-        let key = String(output[try XCTUnwrap(output.range(of: "tally_[0-9a-f]{8}_[0-9a-f]{48}", options: .regularExpression))])
+        // Issue #21: naming who pays is a permission of its own.
+        let plain = try harness.createKey()
+        let refused = try calls(gatewayURL + "/v1/chat/completions", key: plain, body: body(.chatCompletions, stream: false),
+                                headers: ["X-Customer: gw-header-paying"])[0]
+        XCTAssertEqual(refused.status, 403, refused.body)
+        XCTAssertTrue(refused.body.contains("--names-customers"), refused.body)
+        let key = try harness.createKey(["--names-customers"])
         let anonymous = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: false))[0]
         XCTAssertEqual(anonymous.status, 403, anonymous.body)
         XCTAssertTrue(anonymous.body.contains("X-Customer"), anonymous.body)

@@ -121,4 +121,40 @@ final class SecurityIntegrationTests: XCTestCase {
         XCTAssertTrue(keys.contains("acme corp"), "\(keys)")
         XCTAssertFalse(keys.contains("acme%20corp"))
     }
+
+    /// Finding 5: a per-key rate limit. 40 requests at once from one key against 5 per second
+    /// (bursts of 10): about 10 go, the rest get 429 with Retry-After; another key is unaffected.
+    func testAKeyPastItsRateGets429() throws {
+        let harness = try AggregatorHarness()
+        let greedy = try harness.createKey()
+        let other = try harness.createKey()
+        let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", harness.topic,
+                                                                             "--database-url", harness.databaseURL, "--max-requests-per-key-per-second", "5"])
+        defer { ingest.signal(SIGKILL); ingest.wait() }
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on http://") }, ingest.log)
+        let range = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
+        let base = "http://127.0.0.1:" + (ingest.log[range].split(separator: ":").last.map(String.init) ?? "")
+        let script = """
+            import sys, urllib.request, urllib.error
+            from concurrent.futures import ThreadPoolExecutor
+            url, key = sys.argv[1], sys.argv[2]
+            def call(_):
+                req = urllib.request.Request(url, data=b"{}", method="POST", headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+                try:
+                    return (urllib.request.urlopen(req, timeout=30).status, "")
+                except urllib.error.HTTPError as error:
+                    return (error.code, error.headers.get("Retry-After") or "")
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(call, range(40)))
+            print(sum(1 for s, _ in results if s == 429), all(r for s, r in results if s == 429))
+            """
+        let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", script, base + "/v1/events", greedy])
+        XCTAssertEqual(status, 0, output)
+        let fields = output.split(whereSeparator: \.isWhitespace)
+        let limited = Int(fields.first ?? "") ?? 0
+        XCTAssertGreaterThanOrEqual(limited, 20, output)
+        XCTAssertLessThan(limited, 40, output)
+        XCTAssertEqual(fields.last, "True", "every 429 says when to retry: \(output)")
+        XCTAssertEqual(try http("POST", base + "/v1/events", body: "{}", authorization: "Bearer \(other)").status, 400, "another key has its own share")
+    }
 }

@@ -46,3 +46,7 @@ INSERT INTO tally.topic_layouts (topic, partitioner, partitions)
 SELECT topic, 'crc32', max(partition) + 1 FROM tally.consumer_offsets
 WHERE consumer_group NOT LIKE 'tally-replay-%'
 GROUP BY topic;
+
+-- Keys that may name, in the gateway's customer header, whom a call is for (an application
+-- trusted to say so). Other keys without a customer are refused when they name one.
+ALTER TABLE tally.api_keys ADD COLUMN may_name_customer boolean NOT NULL DEFAULT false;
