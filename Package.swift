@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
     ],
     targets: [
         // C libraries: nothing but the module maps; each has exactly one Swift owner.
@@ -28,7 +29,7 @@ let package = Package(
             providers: [.apt(["libpq-dev"]), .brew(["libpq"])]),
 
         // Pure logic: events, validation, windows. No I/O, no C imports.
-        .target(name: "TallyCore"),
+        .target(name: "TallyCore", dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
         // The only target that calls rd_kafka_*.
         .target(
             name: "TallyKafka",
@@ -55,6 +56,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Hummingbird", package: "hummingbird"),
             ]),
 
         .executableTarget(

@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Logging
+import TallyCore
 import TallyKafka
 import TallyPipeline
 import TallyPostgres
@@ -73,7 +74,8 @@ public struct ConsumerContext {
 /// Runs a consumer loop until SIGTERM/SIGINT (or caught up): settings from flags and the
 /// environment, metrics and the ops endpoint, a PostgreSQL connection, signal handling.
 public func runConsumer(_ description: ConsumerDescription, options: ConsumerOptions, database: DatabaseOptions, kafka: KafkaOptions,
-                        logging: LoggingOptions, ops: OpsOptions, makeStore: (ConsumerContext) throws -> any ConsumerStore) throws {
+                        logging: LoggingOptions, ops: OpsOptions, creditKeys: CreditKeyOptions? = nil,
+                        makeStore: (ConsumerContext) throws -> any ConsumerStore) throws {
     ProcessSetup.ignoreBrokenPipes()
     JSONLogHandler.bootstrap(service: description.service, level: logging.logLevel)
     let registry = OpsOptions.bootstrapMetrics()
@@ -90,6 +92,9 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     if let delay = environment("TALLY_FAULT_COMMIT_DELAY_MS").flatMap(Int.init) { settings.faultCommitDelay = .milliseconds(delay) }
     settings.faultKillAfterCommits = environment("TALLY_FAULT_KILL_AFTER_COMMITS").flatMap(Int.init)
 
+    // A consumer that applies credit checks it was signed (nil for one that applies none).
+    let keyring = try creditKeys?.verifyingKeyring(logger: logger)
+
     let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties)
         .groupMember(sessionTimeoutMs: options.sessionTimeoutMs)
     // One connection per commit lane (see `CommitLanes`), made before signals are caught.
@@ -99,6 +104,10 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     let layoutConnection = connections[0]
     let topic = settings.topic
     settings.checkLayout = { layout in try layout.check(topic: topic, on: layoutConnection) }
+    if let keyring {
+        settings.creditVerifier = try CreditVerifier.load(keyring: keyring, topic: topic, on: layoutConnection)
+        logger.info("credit records are applied only when signed", metadata: ["credit_key_ids": "\(keyring.keys.map(\.id).joined(separator: ","))"])
+    }
     let stop = SharedFlag()
     let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
         signal(number, SIG_IGN)

@@ -1,107 +1,79 @@
 import Foundation
+import Hummingbird
 import Logging
+import NIOCore
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// A minimal HTTP/1.1 endpoint for operations: `/livez`, `/readyz` and `/metrics`.
+/// The operations endpoint of a consumer: `GET /livez`, `/readyz` and `/metrics`, served by
+/// Hummingbird on its own event loop beside the consumer's blocking loop.
 ///
-/// Consumers are blocking loops with no HTTP stack of their own; this serves
-/// the three GETs a scraper or an orchestrator sends, one short connection at a
-/// time, on a thread of its own. Every response closes the connection.
-public final class OpsServer: @unchecked Sendable {
+/// A connection that sends no complete request for `idleTimeout` (a silent client, or one
+/// trickling header bytes) is closed, and a reset connection is an error for that connection
+/// only, so no client can hold the port or stop the process (issue #21).
+public final class OpsServer: Sendable {
+    /// The bound port (the one the system picked when asked for port 0).
     public let port: Int
-    private let socket: Int32
-    private let logger: Logger
-    private let ready: @Sendable () -> Bool
-    private let metrics: @Sendable () -> String
+    private let task: Task<Void, Never>
 
-    /// Binds `host:port` (port 0 picks a free one, see `port`) and starts serving.
-    public init(host: String, port: Int, logger: Logger, ready: @escaping @Sendable () -> Bool,
+    /// Binds `host:port` and starts serving; throws when the address cannot be bound.
+    public init(host: String, port: Int, logger: Logger, idleTimeout: Duration = .seconds(5), ready: @escaping @Sendable () -> Bool,
                 metrics: @escaping @Sendable () -> String) throws {
-        self.logger = logger
-        self.ready = ready
-        self.metrics = metrics
-        let fd = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw OpsServerError(reason: "socket: \(String(cString: strerror(errno)))") }
-        var yes: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, socklen_t(MemoryLayout<Int32>.size))
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        guard inet_pton(AF_INET, host, &address.sin_addr) == 1 else {
-            close(fd)
-            throw OpsServerError(reason: "\(host) is not an IPv4 address")
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard bound == 0, listen(fd, 16) == 0 else {
-            let reason = String(cString: strerror(errno))
-            close(fd)
-            throw OpsServerError(reason: "bind \(host):\(port): \(reason)")
-        }
-        var actual = sockaddr_in()
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &actual) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-        }
-        self.port = Int(UInt16(bigEndian: actual.sin_port))
-        socket = fd
-        let thread = Thread { [self] in serve() }
-        thread.name = "tally.ops-http"
-        thread.start()
-    }
-
-    private func serve() {
-        while true {
-            let client = accept(socket, nil, nil)
-            if client < 0 {
-                if errno == EINTR { continue }
-                return
+        let router = Router()
+        router.get("livez") { _, _ in Self.text(.ok, "ok\n") }
+        router.get("readyz") { _, _ in ready() ? Self.text(.ok, "ready\n") : Self.text(.serviceUnavailable, "not ready\n") }
+        router.get("metrics") { _, _ in Self.text(.ok, metrics(), type: "text/plain; version=0.0.4; charset=utf-8") }
+        let started = StartSignal()
+        // Hummingbird's own lines (start, stop) are noise beside the consumer's: warnings only.
+        var quiet = logger
+        quiet.logLevel = .warning
+        let app = Application(
+            router: router,
+            server: .http1(configuration: .init(idleTimeout: .init(idleTimeout))),
+            configuration: .init(address: .hostname(host, port: port), serverName: "tally-ops"),
+            onServerRunning: { channel in started.finish(.success(channel.localAddress?.port ?? port)) },
+            logger: quiet)
+        task = Task.detached {
+            do {
+                // The consumer handles SIGTERM itself; the endpoint ends with the process.
+                try await app.runService(gracefulShutdownSignals: [])
+            } catch {
+                started.finish(.failure(OpsServerError(reason: "bind \(host):\(port): \(error)")))
             }
-            // A stuck client must not block the next scrape for long.
-            var timeout = timeval(tv_sec: 2, tv_usec: 0)
-            setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-            respond(client)
-            close(client)
+        }
+        switch started.wait(timeout: .seconds(30)) {
+        case .success(let bound)?: self.port = bound
+        case .failure(let error)?: throw error
+        case nil:
+            task.cancel()
+            throw OpsServerError(reason: "\(host):\(port) did not start listening within 30 s")
         }
     }
 
-    private func respond(_ client: Int32) {
-        var request: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        // The whole request within 2 s: a client trickling a byte a second must not hold the port.
-        let deadline = ContinuousClock.now + .seconds(2)
-        while request.count < 16_384 && ContinuousClock.now < deadline {
-            let count = read(client, &buffer, buffer.count)
-            if count <= 0 { break }
-            request.append(contentsOf: buffer[0..<count])
-            if request.count >= 4, request.suffix(4) == [13, 10, 13, 10] { break }
+    private static func text(_ status: HTTPResponse.Status, _ body: String, type: String = "text/plain") -> Response {
+        Response(status: status, headers: [.contentType: type], body: .init(byteBuffer: ByteBuffer(string: body)))
+    }
+}
+
+/// Hands the bound port (or why there is none) from the server's task to the starting thread.
+private final class StartSignal: @unchecked Sendable {
+    private let lock = NSLock()
+    private let semaphore = DispatchSemaphore(value: 0)
+    private var result: Result<Int, OpsServerError>?
+
+    func finish(_ outcome: Result<Int, OpsServerError>) {
+        let first = lock.withLock {
+            guard result == nil else { return false }
+            result = outcome
+            return true
         }
-        let line = String(decoding: request.prefix { $0 != 13 && $0 != 10 }, as: UTF8.self).split(separator: " ")
-        let (status, type, body): (String, String, String)
-        if line.count < 2 || line[0] != "GET" {
-            (status, type, body) = ("405 Method Not Allowed", "text/plain", "only GET\n")
-        } else {
-            switch line[1].split(separator: "?").first.map(String.init) ?? "" {
-            case "/livez": (status, type, body) = ("200 OK", "text/plain", "ok\n")
-            case "/readyz":
-                (status, type, body) = ready() ? ("200 OK", "text/plain", "ready\n") : ("503 Service Unavailable", "text/plain", "not ready\n")
-            case "/metrics": (status, type, body) = ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics())
-            default: (status, type, body) = ("404 Not Found", "text/plain", "not found\n")
-            }
-        }
-        let payload = Array(body.utf8)
-        let head = "HTTP/1.1 \(status)\r\nContent-Type: \(type)\r\nContent-Length: \(payload.count)\r\nConnection: close\r\n\r\n"
-        let response = Array(head.utf8) + payload
-        var sent = 0
-        while sent < response.count {
-            // MSG_NOSIGNAL: a peer that reset the connection is an error here, never a SIGPIPE.
-            let count = response[sent...].withUnsafeBytes { send(client, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if count <= 0 { break }
-            sent += count
-        }
+        if first { semaphore.signal() }
+    }
+
+    func wait(timeout: Duration) -> Result<Int, OpsServerError>? {
+        _ = semaphore.wait(timeout: .now() + .milliseconds(Int(timeout.components.seconds * 1000)))
+        return lock.withLock { result }
     }
 }
 

@@ -121,3 +121,52 @@ public struct LoggingOptions: ParsableArguments {
 
     public var logLevel: String { logLevelFlag ?? environment("TALLY_LOG_LEVEL") ?? "info" }
 }
+
+/// The credit signing keyring (see `CreditKeyring`): signers (tally-ingest, `tally grant`) sign
+/// grants and voids with its `sign` key; the rater and replays verify with every key it lists.
+public struct CreditKeyOptions: ParsableArguments {
+    @Option(name: .customLong("credit-keys-file"),
+            help: "The credit signing keyring: lines of `<key id> <hex secret> sign|verify` (make one with `tally credit-keys new`). Env: TALLY_CREDIT_KEYS_FILE.")
+    var creditKeysFileFlag: String?
+
+    public init() {}
+
+    public var path: String? { creditKeysFileFlag ?? environment("TALLY_CREDIT_KEYS_FILE") }
+
+    /// The keyring, or nil when none is configured. Errors name the file and line.
+    public func keyring(logger: Logger) throws -> CreditKeyring? {
+        guard let path else { return nil }
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw ValidationError("credit keys file \(path): cannot be read (\(error.localizedDescription))")
+        }
+        if let mode = (try? FileManager.default.attributesOfItem(atPath: path))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
+            // Compose and Kubernetes secrets are often mounted 0444: said, not refused.
+            logger.warning("credit keys file \(path) is readable by other users (mode \(String(mode, radix: 8))); whoever reads it can sign credit: chmod 600")
+        }
+        switch CreditKeyring.parse(text) {
+        case .success(let keyring): return keyring
+        case .failure(let error): throw ValidationError("credit keys file \(path): \(error)")
+        }
+    }
+
+    /// The keyring of a process that signs credit: it must hold a `sign` key.
+    public func signingKeyring(logger: Logger) throws -> CreditKeyring {
+        guard let keyring = try keyring(logger: logger) else {
+            throw ValidationError("signing credit needs the credit keys file: pass --credit-keys-file or set TALLY_CREDIT_KEYS_FILE (scripts/stack env prints it for the local stack; `tally credit-keys new` makes one)")
+        }
+        guard keyring.signingKey != nil else { throw ValidationError("credit keys file \(path ?? ""): no key is marked `sign`") }
+        return keyring
+    }
+
+    /// The keyring of a process that applies credit (the rater, a replay): refusing to start
+    /// without one is what keeps write access to the topic from minting credit.
+    public func verifyingKeyring(logger: Logger) throws -> CreditKeyring {
+        guard let keyring = try keyring(logger: logger) else {
+            throw ValidationError("applying credit needs the credit keys file, to tell grants tally-ingest signed from forged ones: pass --credit-keys-file or set TALLY_CREDIT_KEYS_FILE (`tally credit-keys new` makes one; docs/security.md)")
+        }
+        return keyring
+    }
+}

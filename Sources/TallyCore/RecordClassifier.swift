@@ -1,7 +1,7 @@
 /// Why a record in the topic is poison: it goes to the dead-letter topic, never stalls the consumer.
 public struct PoisonReason: Sendable, Equatable, CustomStringConvertible {
     /// Stable short code: `empty`, `oversize`, `malformed_json`, `schema_invalid`, `unknown_type`,
-    /// `key_mismatch`, `wrong_partition`.
+    /// `key_mismatch`, `wrong_partition`, `unsigned_credit` (see `CreditVerifier`).
     public let code: String
     public let detail: String
 

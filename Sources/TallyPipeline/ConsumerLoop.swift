@@ -38,6 +38,11 @@ public struct ConsumerSettings: Sendable {
     /// returns, before anything else happens (env TALLY_FAULT_KILL_AFTER_COMMITS).
     public var faultKillAfterCommits: Int?
 
+    /// Checks the signature of credit records (grants, voids) before they are applied; one that
+    /// fails is dead-lettered as `unsigned_credit`. Nil applies them unchecked: only for a consumer
+    /// that applies no credit (the aggregator).
+    public var creditVerifier: CreditVerifier?
+
     /// Called once at start with the topic's layout (the partitioner above, the broker's partition
     /// count); throwing stops the loop before it consumes anything (see `TopicLayout`).
     public var checkLayout: (@Sendable (TopicLayout) throws -> Void)?
@@ -290,9 +295,17 @@ public final class ConsumerLoop: @unchecked Sendable {
                     batch.events.append(PositionedEvent(event: madeUp, position: logPosition))
                 }
             case .event(.grant(let grant)):
-                batch.grants.append(PositionedGrant(grant: grant, position: logPosition))
+                if let refusal = creditRefusal(records[index]) {
+                    batch.deadLetters.append(DeadLetter(position: logPosition, reason: refusal, key: records[index].key, value: records[index].value))
+                } else {
+                    batch.grants.append(PositionedGrant(grant: grant, position: logPosition))
+                }
             case .event(.grantVoid(let void)):
-                batch.voids.append(PositionedGrantVoid(void: void, position: logPosition))
+                if let refusal = creditRefusal(records[index]) {
+                    batch.deadLetters.append(DeadLetter(position: logPosition, reason: refusal, key: records[index].key, value: records[index].value))
+                } else {
+                    batch.voids.append(PositionedGrantVoid(void: void, position: logPosition))
+                }
             case .poison(let reason):
                 batch.deadLetters.append(DeadLetter(position: logPosition, reason: reason, key: records[index].key, value: records[index].value))
             }
@@ -301,6 +314,13 @@ public final class ConsumerLoop: @unchecked Sendable {
         metrics.records.increment(by: stats.records - recordsBefore)
         for (partition, move) in batch.moves { readPosition[partition] = move.next }
         return batch
+    }
+
+    /// Why a credit record may not be applied (see `ConsumerSettings.creditVerifier`), or nil.
+    private func creditRefusal(_ record: ConsumerRecord) -> PoisonReason? {
+        guard let verifier = settings.creditVerifier else { return nil }
+        return verifier.refusal(partition: record.partition, offset: record.offset, signature: record.header(CreditKeyring.headerName),
+                                key: record.key, value: record.value, binaryMode: record.isBinaryModeCloudEvent)
     }
 
     /// Decoding is most of what this thread does per record: the second half of a large poll is

@@ -10,9 +10,7 @@ extension ConsumerRecord {
     ///   belongs (`wrong_partition` otherwise); nil skips the check.
     public func classified(partitions: Int32?, partitioner: KeyPartitioner) -> ClassifiedRecord {
         let placement = partitions.map { RecordPlacement(partition: partition, partitions: $0, partitioner: partitioner) }
-        guard !headers.isEmpty, headers.contains(where: { $0.name == "ce_specversion" }) else {
-            return ClassifiedRecord.classify(value, key: .some(key), placement: placement)
-        }
+        guard isBinaryModeCloudEvent else { return ClassifiedRecord.classify(value, key: .some(key), placement: placement) }
         var attributes: [(name: String, value: String)] = []
         var contentType: String?
         for header in headers {
@@ -23,10 +21,24 @@ extension ConsumerRecord {
                 contentType = text
             }
         }
-        // A `content-type` of application/cloudevents… means structured mode, headers or not (Kafka binding §3.1).
-        if contentType?.lowercased().hasPrefix("application/cloudevents") == true {
-            return ClassifiedRecord.classify(value, key: .some(key), placement: placement)
-        }
         return ClassifiedRecord.classify(value, key: .some(key), placement: placement, binaryMode: (attributes, contentType))
+    }
+
+    /// A CloudEvent in Kafka binary mode: a `ce_specversion` header and no `content-type` of
+    /// application/cloudevents… (which means structured mode, headers or not: Kafka binding §3.1).
+    public var isBinaryModeCloudEvent: Bool {
+        guard !headers.isEmpty, headers.contains(where: { $0.name == "ce_specversion" }) else { return false }
+        let contentType = headers.last(where: { $0.name.lowercased() == "content-type" })?.value
+        return !(contentType.map { String(decoding: $0, as: UTF8.self).lowercased().hasPrefix("application/cloudevents") } ?? false)
+    }
+}
+
+extension ProducerRecord {
+    /// A credit record (an encoded grant or void) keyed by its customer and signed with the
+    /// keyring's `sign` key (see `CreditKeyring`); nil when the keyring has none.
+    public static func signedCredit(topic: String, customerID: String, value: [UInt8], keyring: CreditKeyring) -> ProducerRecord? {
+        let key = Array(customerID.utf8)
+        guard let signature = keyring.signature(key: key, value: value) else { return nil }
+        return ProducerRecord(topic: topic, key: key, value: value, headers: [KafkaHeader(CreditKeyring.headerName, signature)])
     }
 }

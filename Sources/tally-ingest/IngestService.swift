@@ -24,6 +24,8 @@ final class IngestService: Sendable {
     let grants: GrantRegistry?
     /// Requests per second per API key (nil: no limit).
     let rateLimiter: KeyRateLimiter?
+    /// Signs grants and voids (nil: this instance publishes no credit; see `CreditKeyring`).
+    let creditKeyring: CreditKeyring?
 
     let requests = Counter(label: "tally_ingest_requests_total")
     let accepted = Counter(label: "tally_ingest_events_accepted_total")
@@ -52,8 +54,10 @@ final class IngestService: Sendable {
     var producer: KafkaProducer { producerBox.lock.withLock { producerBox.producer } }
 
     init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int,
-         authenticator: Authenticator?, grants: GrantRegistry?, rateLimiter: KeyRateLimiter?, logger: Logger) throws {
+         authenticator: Authenticator?, grants: GrantRegistry?, rateLimiter: KeyRateLimiter?, creditKeyring: CreditKeyring?,
+         logger: Logger) throws {
         self.kafkaConfiguration = kafkaConfiguration
+        self.creditKeyring = creditKeyring
         self.authenticator = authenticator
         self.grants = grants
         self.rateLimiter = rateLimiter
@@ -65,7 +69,8 @@ final class IngestService: Sendable {
         self.logger = logger
     }
 
-    func register(on router: Router<BasicRequestContext>, metrics: @escaping @Sendable () -> String) {
+    /// - Parameter publicMetrics: serve `/metrics` without an API key (otherwise a scrape needs one).
+    func register(on router: Router<BasicRequestContext>, publicMetrics: Bool, metrics: @escaping @Sendable () -> String) {
         router.post("v1/events") { request, _ in
             try await self.authenticated(request) { key in try await self.events(request, key: key) }
         }
@@ -96,9 +101,13 @@ final class IngestService: Sendable {
             return Response(status: broker && database ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain"],
                             body: .init(byteBuffer: ByteBuffer(string: text)))
         }
-        router.get("metrics") { _, _ in
-            Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                     body: .init(byteBuffer: ByteBuffer(string: metrics())))
+        router.get("metrics") { request, _ in
+            @Sendable func scrape() -> Response {
+                Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                         body: .init(byteBuffer: ByteBuffer(string: metrics())))
+            }
+            if publicMetrics { return scrape() }
+            return try await self.authenticated(request) { _ in scrape() }
         }
     }
 
@@ -115,6 +124,10 @@ final class IngestService: Sendable {
 
     /// A grant key limited to a customer (`tally keys create --grants --customer C`) grants to C only.
     func mayGrant(_ key: APIKeyRecord?, to customer: String) -> Response? {
+        guard creditKeyring != nil else {
+            return problem(.serviceUnavailable, "credit signing not configured",
+                           "this tally-ingest holds no credit signing key, and the rater applies only signed credit: start it with --credit-keys-file (docs/security.md)")
+        }
         guard let key else { return nil }
         if !key.mayGrant {
             return problem(.forbidden, "forbidden", "this API key may not grant or void credit; create one with: tally keys create --grants")
@@ -273,7 +286,7 @@ final class IngestService: Sendable {
                 return problem(.serviceUnavailable, "grant database unavailable", "the grant could not be checked; resend it", headers: headers)
             case .publish?, nil: break
             }
-            switch await publishOne(ProducerRecord(topic: topic, key: Array(customer.utf8), value: bytes)) {
+            switch await publishOne(signedCredit(customer, bytes)) {
             case .success(let report):
                 logger.info("grant \(grant.id) of \(Money.format(nanos: grant.amountNanos)) \(grant.currency) for \(customer) accepted")
                 return json(.accepted, .object([("id", .string(grant.id)), ("status", .string("accepted")),
@@ -307,7 +320,7 @@ final class IngestService: Sendable {
                 return problem(.badRequest, "invalid void", violation.description,
                                extra: [("errors", .array([.object([("field", .string(violation.path)), ("reason", .string(violation.reason))])]))])
             }
-            switch await publishOne(ProducerRecord(topic: topic, key: Array(customer.utf8), value: bytes)) {
+            switch await publishOne(signedCredit(customer, bytes)) {
             case .success(let report):
                 logger.info("void \(void.id) of grant \(grantID) for \(customer) accepted")
                 return json(.accepted, .object([("id", .string(void.id)), ("grant_id", .string(grantID)), ("status", .string("accepted")),
@@ -320,6 +333,11 @@ final class IngestService: Sendable {
                                headers: headers)
             }
         }
+    }
+
+    /// A grant or void record signed with the credit keyring (`mayGrant` checked there is one).
+    private func signedCredit(_ customer: String, _ bytes: [UInt8]) -> ProducerRecord {
+        ProducerRecord.signedCredit(topic: topic, customerID: customer, value: bytes, keyring: creditKeyring!)!
     }
 
     /// Publishes one record; the result is the broker's acknowledgement or why there is none.

@@ -34,6 +34,7 @@ struct TallyIngest: AsyncParsableCommand {
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var database: DatabaseOptions
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var creditKeys: CreditKeyOptions
 
     @Option(help: "Address to listen on. Env: TALLY_INGEST_HOST. Default: 0.0.0.0.") var host: String?
     @Option(help: "Port to listen on (0 picks a free one, logged at start). Env: TALLY_INGEST_PORT. Default: 8080.") var port: Int?
@@ -44,6 +45,10 @@ struct TallyIngest: AsyncParsableCommand {
     @Option(help: "Oldest accepted event time, in days before now.") var maxEventAgeDays = 35
     @Option(help: "Latest accepted event time, in minutes after now.") var maxEventFutureMinutes = 5
     @Flag(help: "Accept requests without an API key. For local development only; never in production.") var allowAnonymous = false
+    @Flag(help: "Serve /metrics without an API key (by default a scrape needs one, e.g. Prometheus' `authorization` setting).")
+    var publicMetrics = false
+    @Option(help: "Close a connection that sends no complete request head (or nothing at all) for this many seconds.")
+    var idleTimeoutSeconds = 30
     @Option(help: "How long the broker may take to acknowledge an event before it is answered `unknown` (503, resend with the same id). The default outlasts a Kafka controller fail-over (11–13 s measured).")
     var deliveryTimeoutMs = 30_000
 
@@ -60,6 +65,15 @@ struct TallyIngest: AsyncParsableCommand {
     var refuseUnpricedModels = false
     @Option(help: "Gateway: the longest wait for the upstream's response head or its next chunk.") var upstreamTimeoutSeconds = 600
     @Option(help: "Gateway: largest request body in bytes.") var gatewayMaxBodyBytes = 32 << 20
+
+    /// Grants and voids are signed with the keyring's `sign` key; without a keyring they are refused (503).
+    func creditKeyring(logger: Logger) throws -> CreditKeyring? {
+        guard creditKeys.path != nil else {
+            logger.warning("no credit keys file (--credit-keys-file): grants and voids are refused with 503")
+            return nil
+        }
+        return try creditKeys.signingKeyring(logger: logger)
+    }
 
     func run() async throws {
         ProcessSetup.ignoreBrokenPipes()
@@ -91,9 +105,10 @@ struct TallyIngest: AsyncParsableCommand {
             : GrantRegistry(connection: try PostgresConnection(url: try database.databaseURL, logger: logger), logger: logger)
         let service = try IngestService(kafkaConfiguration: kafkaConfiguration, admin: admin, topic: kafka.topic, parser: parser,
                                         maxBodyBytes: maxBodyBytes, authenticator: authenticator, grants: grants,
-                                        rateLimiter: KeyRateLimiter(perSecond: maxRequestsPerKeyPerSecond), logger: logger)
+                                        rateLimiter: KeyRateLimiter(perSecond: maxRequestsPerKeyPerSecond),
+                                        creditKeyring: try creditKeyring(logger: logger), logger: logger)
         let router = Router()
-        service.register(on: router, metrics: { registry.emitToString() })
+        service.register(on: router, publicMetrics: publicMetrics, metrics: { registry.emitToString() })
         var gateway: Gateway?
         var upstreams: [GatewayAPI.Vendor: Gateway.Upstream] = [:]
         if let url = openaiUpstream ?? environment("TALLY_OPENAI_UPSTREAM") {
@@ -131,6 +146,8 @@ struct TallyIngest: AsyncParsableCommand {
         let listenPort = port ?? environment("TALLY_INGEST_PORT").flatMap(Int.init) ?? 8080
         let app = Application(
             router: router,
+            // Silent connections and ones trickling a request head are closed after the idle timeout.
+            server: .http1(configuration: .init(idleTimeout: .seconds(Int64(idleTimeoutSeconds)))),
             configuration: .init(address: .hostname(listenHost, port: listenPort), serverName: "tally-ingest"),
             onServerRunning: { channel in
                 logger.info("listening on http://\(listenHost):\(channel.localAddress?.port ?? listenPort)")

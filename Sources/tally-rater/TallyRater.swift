@@ -13,7 +13,8 @@ struct TallyRater: ParsableCommand {
         discussion: """
             Reads the usage topic in its own consumer group (tally-rater) with its own offsets and dedup keys. \
             Usage is priced with the price book version in force at its event time (tally pricing apply); \
-            wallet grants (type tally.wallet.grant) credit wallets; charges debit them by grant priority, then \
+            wallet grants (type tally.wallet.grant) credit wallets when signed with a key of the credit keyring \
+            (--credit-keys-file; unsigned or forged ones are dead-lettered as unsigned_credit); charges debit them by grant priority, then \
             earliest expiry. Every batch's ledger entries, rated totals and offsets commit in one PostgreSQL \
             transaction. Low-balance alerts and top-up requests are published to the alerts topic after commit. \
             Env: TALLY_RATER_GROUP sets the group.
@@ -24,6 +25,7 @@ struct TallyRater: ParsableCommand {
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var logging: LoggingOptions
     @OptionGroup var ops: OpsOptions
+    @OptionGroup var creditKeys: CreditKeyOptions
 
     @Option(help: "Topic for low-balance alerts and top-up requests ('off' keeps them in PostgreSQL only). Default: tally.alerts.")
     var alertsTopic = "tally.alerts"
@@ -43,7 +45,8 @@ struct TallyRater: ParsableCommand {
                                               groupEnvironment: "TALLY_RATER_GROUP", metricsPrefix: "tally_rater")
         var relayStop: SharedFlag?
         let relayDone = DispatchSemaphore(value: 0)
-        try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
+        try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops,
+                        creditKeys: creditKeys) { context in
             if alertsTopic != "off" && context.lane == 0 {
                 // The relay has its own connection: it must not share the batch transaction's.
                 let relay = AlertRelay(connection: try database.connect(logger: context.logger),

@@ -323,10 +323,14 @@ struct Customers: ParsableCommand {
 
 struct Grant: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Grant prepaid credit: publish a tally.wallet.grant event to the usage topic.",
-        discussion: "The grant id is its idempotency key: publishing the same grant again credits once. Prints the grant id.")
+        abstract: "Grant prepaid credit: publish a signed tally.wallet.grant event to the usage topic.",
+        discussion: """
+            The grant id is its idempotency key: publishing the same grant again credits once. The record is signed with the \
+            credit keyring's sign key (--credit-keys-file), without which the rater would not apply it. Prints the grant id.
+            """)
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var creditKeys: CreditKeyOptions
     @Option(help: "Customer id.") var customer: String
     @Option(help: "Amount, e.g. 100.00.") var amount: String
     @Option(help: "ISO 4217 currency.") var currency = "USD"
@@ -349,8 +353,9 @@ struct Grant: AsyncParsableCommand {
         // Validate exactly as the consumers will.
         let bytes = EventEncoder.encode(grant)
         if case .failure(let error) = EventDecoder.decode(bytes) { throw ValidationError("invalid grant: \(error)") }
+        let keyring = try creditKeys.signingKeyring(logger: logger)
         let producer = try KafkaProducer(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
-        let report = try await producer.send(ProducerRecord(topic: kafka.topic, key: Array(customer.utf8), value: bytes))
+        let report = try await producer.send(ProducerRecord.signedCredit(topic: kafka.topic, customerID: customer, value: bytes, keyring: keyring)!)
         await producer.close()
         print(grant.id)
         print("granted \(Money.format(nanos: grant.amountNanos)) \(code) to \(customer) (partition \(report.partition), offset \(report.offset))", to: &standardError)
@@ -360,13 +365,14 @@ struct Grant: AsyncParsableCommand {
 struct VoidGrant: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "void-grant",
-        abstract: "Void a grant: publish a tally.wallet.grant.void event; the rater writes off what is left of it.",
+        abstract: "Void a grant: publish a signed tally.wallet.grant.void event; the rater writes off what is left of it.",
         discussion: """
             Credit already drawn stays drawn (it paid for usage). The void's id is void-<grant id>, so voiding twice \
             voids once. A grant with nothing left is not changed; the void is kept in tally.unrateable_records with why.
             """)
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var creditKeys: CreditKeyOptions
     @Option(help: "Customer id.") var customer: String
     @Option(help: "The grant id to void.") var grant: String
     @Option(help: "Why, for people.") var reason: String?
@@ -383,8 +389,9 @@ struct VoidGrant: AsyncParsableCommand {
         // Validate exactly as the consumers will.
         let bytes = EventEncoder.encode(void)
         if case .failure(let error) = EventDecoder.decode(bytes) { throw ValidationError("invalid void: \(error)") }
+        let keyring = try creditKeys.signingKeyring(logger: logger)
         let producer = try KafkaProducer(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties), logger: logger)
-        let report = try await producer.send(ProducerRecord(topic: kafka.topic, key: Array(customer.utf8), value: bytes))
+        let report = try await producer.send(ProducerRecord.signedCredit(topic: kafka.topic, customerID: customer, value: bytes, keyring: keyring)!)
         await producer.close()
         print(void.id)
         print("voided grant \(grant) of \(customer) (partition \(report.partition), offset \(report.offset)); see tally balance once the rater has read it",

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TallyCLI
+import TallyCore
 import TallyPostgres
 
 struct Keys: ParsableCommand {
@@ -62,5 +63,47 @@ nonisolated(unsafe) var standardError = StandardError()
 struct StandardError: TextOutputStream {
     mutating func write(_ string: String) {
         FileHandle.standardError.write(Data(string.utf8))
+    }
+}
+
+struct CreditKeys: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "credit-keys",
+        abstract: "Make and check the credit signing keyring (grants and voids are applied only when signed with one of its keys).",
+        discussion: """
+            The keyring is a file of lines `<key id> <hex secret> sign|verify`, readable only by tally-ingest, the rater and \
+            whoever runs tally grant. Rotate: append `tally credit-keys new` as the sign key, turn the old key to verify, restart \
+            the rater before tally-ingest; keep a verify key while records it signed stay in the log. See docs/security.md.
+            """,
+        subcommands: [New.self, Check.self])
+
+    struct New: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print a keyring line with a new random 256-bit secret.")
+        @Option(help: "The key id (1–64 of A–Z a–z 0–9 . _ -). Default: k<today>-<random>.") var id: String?
+        @Flag(help: "Mark the key verify (not sign).") var verify = false
+
+        func validate() throws {
+            if let id, !CreditKeyring.isValidKeyID(id) { throw ValidationError("--id: 1–64 of A–Z a–z 0–9 . _ -") }
+        }
+
+        func run() {
+            let today = EventTime.format(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000)).prefix(10).replacingOccurrences(of: "-", with: "")
+            let defaultID = "k\(today)-\(String(UInt16.random(in: 0...UInt16.max), radix: 16))"
+            print(CreditKeyring.newKeyLine(id: id ?? defaultID, use: verify ? "verify" : "sign"))
+        }
+    }
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Read the keyring as tally-ingest and the rater will, and list its key ids.")
+        @OptionGroup var creditKeys: CreditKeyOptions
+        @OptionGroup var logging: LoggingOptions
+
+        func run() throws {
+            guard let keyring = try creditKeys.keyring(logger: makeLogger(logging, label: "tally.credit-keys")) else {
+                throw ValidationError("no credit keys file: pass --credit-keys-file or set TALLY_CREDIT_KEYS_FILE")
+            }
+            for key in keyring.keys { print("\(key.id)\t\(key.signs ? "sign" : "verify")") }
+            if keyring.signingKey == nil { print("no key signs: tally-ingest and tally grant cannot publish credit with this file", to: &standardError) }
+        }
     }
 }

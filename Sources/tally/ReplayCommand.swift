@@ -22,6 +22,7 @@ struct Replay: ParsableCommand {
     @OptionGroup var database: DatabaseOptions
     @OptionGroup var kafka: KafkaOptions
     @OptionGroup var logging: LoggingOptions
+    @OptionGroup var creditKeys: CreditKeyOptions
 
     @Option(help: "aggregator or rater.") var consumer: String
     @Option(help: "Only these partitions, comma-separated (e.g. 0,3); their customers only.") var partitions: String?
@@ -51,6 +52,8 @@ struct Replay: ParsableCommand {
         let logger = makeLogger(logging, label: "tally.replay")
         let replayed = ReplayedConsumer(rawValue: consumer)!
         let subset = try partitionSet()
+        // A rater replay applies the credit the live rater applied: signed with a key of the keyring.
+        let creditKeyring = replayed == .rater ? try creditKeys.verifyingKeyring(logger: logger) : nil
         let book: PriceBook? = try pricing.map { path in
             do { return try PriceBookDocument.parse(try readText(path)) } catch let error as ConfigError { throw ValidationError("\(path): \(error)") }
         }
@@ -69,6 +72,7 @@ struct Replay: ParsableCommand {
         let liveConnection = connection
         let topic = kafka.topic
         settings.checkLayout = { layout in try layout.check(topic: topic, on: liveConnection) }
+        if let creditKeyring { settings.creditVerifier = try CreditVerifier.load(keyring: creditKeyring, topic: topic, on: connection) }
         settings.batchSize = batchSize
         settings.exitWhenCaughtUp = true
         settings.statsInterval = .seconds(3600)

@@ -48,7 +48,7 @@ final class AggregatorHarness: @unchecked Sendable {
 
     /// Publishes raw values keyed by customer and records the log end.
     func publish(_ records: [(key: String, value: [UInt8])]) async throws {
-        try await record(producer.send(records.map { ProducerRecord(topic: topic, key: Array($0.key.utf8), value: $0.value) }))
+        try await record(producer.send(records.map { TestStack.record(topic: topic, key: $0.key, value: $0.value) }))
     }
 
     func publish(_ events: [UsageEvent], partition: Int32? = nil) async throws {
@@ -81,10 +81,10 @@ final class AggregatorHarness: @unchecked Sendable {
     }
 
     /// Starts tally-ingest on the harness's topic and database; answers it, its base URL and an API key.
-    func startIngest(keyOptions: [String] = []) throws -> (process: ChildProcess, base: String, apiKey: String) {
+    func startIngest(keyOptions: [String] = [], extra: [String] = []) throws -> (process: ChildProcess, base: String, apiKey: String) {
         let apiKey = try createKey(keyOptions)
         let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", topic,
-                                                                             "--database-url", databaseURL])
+                                                                             "--database-url", databaseURL] + extra)
         XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on http://") }, ingest.log)
         let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
             ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""

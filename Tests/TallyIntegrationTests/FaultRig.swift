@@ -125,7 +125,7 @@ final class FaultRig: @unchecked Sendable {
         var pending = records
         while !pending.isEmpty {
             let used = lock.withLock { producer }
-            let results = await used.send(pending.map { ProducerRecord(topic: harness.topic, key: Array($0.key.utf8), value: $0.value) })
+            let results = await used.send(pending.map { TestStack.record(topic: harness.topic, key: $0.key, value: $0.value) })
             var failed: [(key: String, value: [UInt8], sent: SentRecord)] = []
             var replace = false
             lock.withLock {

@@ -44,6 +44,12 @@ final class GatewayIntegrationTests: XCTestCase {
         return String(output[range])
     }
 
+    /// tally-ingest's metrics, scraped with a key as Prometheus would (a scrape without one gets 401).
+    func metricsScrape() throws -> String {
+        XCTAssertEqual(try httpGet(gatewayURL + "/metrics").status, 401, "no key, no metrics")
+        return try http("GET", gatewayURL + "/metrics", authorization: "Bearer \(try customerKey("gw-metrics"))").body
+    }
+
     struct Call {
         let index: Int
         let status: Int
@@ -153,7 +159,7 @@ final class GatewayIntegrationTests: XCTestCase {
             XCTAssertNil(event.properties["incomplete"])
         }
         XCTAssertEqual(try upstreamCalls(), 24)
-        let metrics = try httpGet(gatewayURL + "/metrics").body
+        let metrics = try metricsScrape()
         XCTAssertTrue(metrics.contains(#"tally_gateway_proxied_calls_total{api="messages"} 4"#), metrics)
         XCTAssertTrue(metrics.contains("tally_gateway_upstream_seconds"), metrics)
     }
@@ -182,8 +188,8 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertEqual((document["error"] as? [String: Any])?["type"] as? String, "billing_error")
         XCTAssertEqual(try upstreamCalls(), before, "no upstream call for a refused customer")
         XCTAssertTrue(try events(atLeast: 0).isEmpty)
-        XCTAssertTrue(try httpGet(gatewayURL + "/metrics").body.contains(#"tally_gateway_refused_calls_total{api="chat_completions"} 3"#))
-        XCTAssertTrue(try httpGet(gatewayURL + "/metrics").body.contains(#"tally_gateway_refused_calls_total{api="messages"} 1"#))
+        XCTAssertTrue(try metricsScrape().contains(#"tally_gateway_refused_calls_total{api="chat_completions"} 3"#))
+        XCTAssertTrue(try metricsScrape().contains(#"tally_gateway_refused_calls_total{api="messages"} 1"#))
         // A customer's key sends that customer's usage only.
         let other = try TallyIntegrationTests.http("POST", gatewayURL + "/v1/events", body: String(decoding: EventEncoder.encode(UsageEvent(
             id: "not-mine", source: "test", subject: "someone-else", time: EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1e6)),
@@ -441,7 +447,7 @@ final class GatewayIntegrationTests: XCTestCase {
         let broken = try XCTUnwrap(byOutput[1], "\(events)")
         XCTAssertEqual(counts(broken), TokenCounts(input: input, output: 1, cacheRead: 4, cacheWrite: 2))
         XCTAssertEqual(broken.properties["incomplete"], "true")
-        let metrics = try httpGet(gatewayURL + "/metrics").body
+        let metrics = try metricsScrape()
         XCTAssertTrue(metrics.contains(#"tally_gateway_upstream_errors_total{api="chat_completions",kind="timeout"} 1"#), metrics)
         XCTAssertTrue(metrics.contains(#"tally_gateway_unmetered_calls_total{api="chat_completions"} 3"#), metrics)
     }

@@ -16,11 +16,15 @@ final class ProducerContractTests: XCTestCase {
 
     /// Publishes `records` through confluent-kafka with `partitioner`; answers each one's partition.
     func producePython(_ topic: String, partitioner: String, _ records: [[String: Any]]) throws -> [Delivery] {
+        try Self.producePython(topic, partitioner: partitioner, records)
+    }
+
+    static func producePython(_ topic: String, partitioner: String, _ records: [[String: Any]]) throws -> [Delivery] {
         let path = NSTemporaryDirectory() + "tally-records-\(UInt32.random(in: 0...UInt32.max)).jsonl"
         let lines = try records.map { String(decoding: try JSONSerialization.data(withJSONObject: $0), as: UTF8.self) }
         try lines.joined(separator: "\n").write(toFile: path, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(atPath: path) }
-        let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", Self.script, try TestStack.brokers, topic, partitioner, path])
+        let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", script, try TestStack.brokers, topic, partitioner, path])
         XCTAssertEqual(status, 0, output)
         let deliveries = try output.split(separator: "\n").filter { $0.hasPrefix("delivery ") }.map {
             try JSONDecoder().decode(Delivery.self, from: Data($0.dropFirst("delivery ".count).utf8))

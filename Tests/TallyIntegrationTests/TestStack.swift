@@ -1,5 +1,7 @@
 import Foundation
 import Logging
+import TallyCore
+import TallyKafka
 import XCTest
 
 /// The local stack the integration tests run against (started by `scripts/stack up`).
@@ -12,6 +14,27 @@ enum TestStack {
 
     static var brokers: String {
         get throws { try XCTUnwrap(ProcessInfo.processInfo.environment["TALLY_KAFKA_BROKERS"], "run the tests through scripts/test (TALLY_KAFKA_BROKERS is unset)") }
+    }
+
+    /// The stack's credit keyring (`TALLY_CREDIT_KEYS_FILE`): the rater applies only credit signed with it.
+    static let creditKeyring: CreditKeyring = {
+        guard let path = ProcessInfo.processInfo.environment["TALLY_CREDIT_KEYS_FILE"],
+              let text = try? String(contentsOfFile: path, encoding: .utf8), case .success(let keyring) = CreditKeyring.parse(text) else {
+            fatalError("run the tests through scripts/test (TALLY_CREDIT_KEYS_FILE is unset or unreadable)")
+        }
+        return keyring
+    }()
+
+    /// A record keyed by `key`; grants and voids are signed as tally-ingest signs them.
+    static func record(topic: String, key: String, value: [UInt8], partition: Int32? = nil) -> ProducerRecord {
+        let keyBytes = Array(key.utf8)
+        var headers: [KafkaHeader] = []
+        switch EventDecoder.decode(value) {
+        case .success(.grant), .success(.grantVoid):
+            headers = [KafkaHeader(CreditKeyring.headerName, creditKeyring.signature(key: keyBytes, value: value))]
+        default: break
+        }
+        return ProducerRecord(topic: topic, key: keyBytes, value: value, headers: headers, partition: partition)
     }
 
     static let logger: Logger = {
