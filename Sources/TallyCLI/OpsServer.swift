@@ -10,16 +10,18 @@ import Glibc
 /// Hummingbird on its own event loop beside the consumer's blocking loop.
 ///
 /// A connection that sends no complete request for `idleTimeout` (a silent client, or one
-/// trickling header bytes) is closed, and a reset connection is an error for that connection
-/// only, so no client can hold the port or stop the process (issue #21).
+/// trickling header bytes) is closed, at most `maxConnections` are open at once (more wait in
+/// the listen backlog: the consumer's file descriptors are also librdkafka's and libpq's), and a
+/// reset connection is an error for that connection only, so no client can hold the port or
+/// stop the process (issue #21).
 public final class OpsServer: Sendable {
     /// The bound port (the one the system picked when asked for port 0).
     public let port: Int
     private let task: Task<Void, Never>
 
     /// Binds `host:port` and starts serving; throws when the address cannot be bound.
-    public init(host: String, port: Int, logger: Logger, idleTimeout: Duration = .seconds(5), ready: @escaping @Sendable () -> Bool,
-                metrics: @escaping @Sendable () -> String) throws {
+    public init(host: String, port: Int, logger: Logger, idleTimeout: Duration = .seconds(5), maxConnections: Int = 32,
+                ready: @escaping @Sendable () -> Bool, metrics: @escaping @Sendable () -> String) throws {
         let router = Router()
         router.get("livez") { _, _ in Self.text(.ok, "ok\n") }
         router.get("readyz") { _, _ in ready() ? Self.text(.ok, "ready\n") : Self.text(.serviceUnavailable, "not ready\n") }
@@ -31,7 +33,8 @@ public final class OpsServer: Sendable {
         let app = Application(
             router: router,
             server: .http1(configuration: .init(idleTimeout: .init(idleTimeout))),
-            configuration: .init(address: .hostname(host, port: port), serverName: "tally-ops"),
+            configuration: .init(address: .hostname(host, port: port), serverName: "tally-ops",
+                                 availableConnectionsDelegate: .maximum(maxConnections, logger: quiet)),
             onServerRunning: { channel in started.finish(.success(channel.localAddress?.port ?? port)) },
             logger: quiet)
         task = Task.detached {
@@ -39,7 +42,10 @@ public final class OpsServer: Sendable {
                 // The consumer handles SIGTERM itself; the endpoint ends with the process.
                 try await app.runService(gracefulShutdownSignals: [])
             } catch {
-                started.finish(.failure(OpsServerError(reason: "bind \(host):\(port): \(error)")))
+                // Before it listened: the start fails with this. After: said, the consumer goes on.
+                if !started.finish(.failure(OpsServerError(reason: "bind \(host):\(port): \(error)"))) {
+                    logger.error("the ops endpoint stopped: \(error)")
+                }
             }
         }
         switch started.wait(timeout: .seconds(30)) {
@@ -62,13 +68,16 @@ private final class StartSignal: @unchecked Sendable {
     private let semaphore = DispatchSemaphore(value: 0)
     private var result: Result<Int, OpsServerError>?
 
-    func finish(_ outcome: Result<Int, OpsServerError>) {
+    /// False when the start was already decided.
+    @discardableResult
+    func finish(_ outcome: Result<Int, OpsServerError>) -> Bool {
         let first = lock.withLock {
             guard result == nil else { return false }
             result = outcome
             return true
         }
         if first { semaphore.signal() }
+        return first
     }
 
     func wait(timeout: Duration) -> Result<Int, OpsServerError>? {

@@ -142,7 +142,9 @@ public struct CreditKeyOptions: ParsableArguments {
         } catch {
             throw ValidationError("credit keys file \(path): cannot be read (\(error.localizedDescription))")
         }
-        if let mode = (try? FileManager.default.attributesOfItem(atPath: path))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
+        // Of the file itself, not of a symbolic link to it (Kubernetes mounts secrets through links).
+        let resolved = URL(fileURLWithPath: path).resolvingSymlinksInPath().path
+        if let mode = (try? FileManager.default.attributesOfItem(atPath: resolved))?[.posixPermissions] as? Int, mode & 0o077 != 0 {
             // Compose and Kubernetes secrets are often mounted 0444: said, not refused.
             logger.warning("credit keys file \(path) is readable by other users (mode \(String(mode, radix: 8))); whoever reads it can sign credit: chmod 600")
         }

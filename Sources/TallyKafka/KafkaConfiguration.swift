@@ -26,6 +26,8 @@ public struct KafkaConfiguration: Sendable {
         var copy = self
         if copy["group.protocol"] != "consumer" && copy["session.timeout.ms"] == nil {
             copy["session.timeout.ms"] = String(sessionTimeoutMs)
+            // Three heartbeats per session, as Kafka advises (librdkafka's default of 3 s would leave one).
+            if copy["heartbeat.interval.ms"] == nil { copy["heartbeat.interval.ms"] = String(max(1, sessionTimeoutMs / 3)) }
         }
         return copy
     }

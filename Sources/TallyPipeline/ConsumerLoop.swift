@@ -319,7 +319,8 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// Why a credit record may not be applied (see `ConsumerSettings.creditVerifier`), or nil.
     private func creditRefusal(_ record: ConsumerRecord) -> PoisonReason? {
         guard let verifier = settings.creditVerifier else { return nil }
-        return verifier.refusal(partition: record.partition, offset: record.offset, signature: record.header(CreditKeyring.headerName),
+        return verifier.refusal(topic: record.topic, partition: record.partition, offset: record.offset,
+                                signature: record.header(CreditKeyring.headerName),
                                 key: record.key, value: record.value, binaryMode: record.isBinaryModeCloudEvent)
     }
 

@@ -122,7 +122,10 @@ public final class ConsumerTables: @unchecked Sendable {
     struct StoredKeyMissedByCache: Error {}
 
     /// From this commit on, an instance that claimed earlier cannot commit these partitions.
-    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
+    /// - Parameter alsoInTransaction: more the store records in the claim's transaction, which
+    ///   fences the partitions' previous owner (the rater's credit signing horizon).
+    public func claim(_ partitions: [Int32],
+                      alsoInTransaction: (PostgresConnection, [Int32: PartitionClaim]) throws -> Void = { _, _ in }) throws -> [Int32: PartitionClaim] {
         guard !partitions.isEmpty else { return [:] }
         // Their previous owner stored keys this cache never saw (and a promoted replay may have
         // replaced keys without sources).
@@ -140,6 +143,7 @@ public final class ConsumerTables: @unchecked Sendable {
             for row in 0..<result.rowCount {
                 claims[Int32(try result.int64(row, 0)!)] = PartitionClaim(epoch: try result.int64(row, 2)!, nextOffset: try result.int64(row, 1)!)
             }
+            try alsoInTransaction(connection, claims)
             return claims
         }
     }

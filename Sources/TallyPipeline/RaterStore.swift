@@ -41,16 +41,43 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
 
     private var connection: PostgresConnection { tables.connection }
 
-    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String, logger: Logger) {
+    /// - Parameter creditHorizon: for the live rater, the horizon it records and fills on each
+    ///   claim (see `CreditSigningHorizon`); nil for a replay, which reads the recorded one.
+    private let creditHorizon: CreditSigningHorizon?
+
+    public init(connection: PostgresConnection, group: String, topic: String, instanceID: String, logger: Logger,
+                creditHorizon: CreditSigningHorizon? = nil) {
         tables = ConsumerTables(connection: connection, group: group, topic: topic, instanceID: instanceID)
         catalogStore = BillingCatalogStore(connection: connection)
         self.logger = logger
+        self.creditHorizon = creditHorizon
     }
 
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
         // Rows of newly owned customers may have been written by their previous owner.
         forgetState()
-        return try tables.claim(partitions)
+        return try tables.claim(partitions) { connection, claims in
+            guard let horizon = creditHorizon, !claims.isEmpty else { return }
+            // The first claim of a partition by a rater that checks signatures records where its
+            // group stands: credit before that was applied unsigned (by an older rater, now fenced
+            // by this claim) and stays applied, in replays too. Later claims find the row.
+            let sorted = claims.sorted { $0.key < $1.key }
+            let rows = try connection.query("""
+                WITH claimed AS (SELECT * FROM unnest($2::int[], $3::bigint[]) AS c(partition, next_offset)),
+                inserted AS (
+                    INSERT INTO tally.unsigned_credit_horizon (topic, partition, signed_from_offset)
+                    SELECT $1, partition, next_offset FROM claimed
+                    ON CONFLICT (topic, partition) DO NOTHING
+                    RETURNING partition, signed_from_offset)
+                SELECT partition, signed_from_offset FROM inserted
+                UNION ALL
+                SELECT h.partition, h.signed_from_offset FROM tally.unsigned_credit_horizon h JOIN claimed USING (partition)
+                WHERE h.topic = $1
+                """, [tables.topic, PostgresArray(sorted.map(\.key)), PostgresArray(sorted.map(\.value.nextOffset))])
+            for row in 0..<rows.rowCount {
+                horizon.set(Int32(try rows.int64(row, 0)!), try rows.int64(row, 1)!)
+            }
+        }
     }
 
     private func forgetState() {

@@ -38,7 +38,7 @@ extension ProducerRecord {
     /// keyring's `sign` key (see `CreditKeyring`); nil when the keyring has none.
     public static func signedCredit(topic: String, customerID: String, value: [UInt8], keyring: CreditKeyring) -> ProducerRecord? {
         let key = Array(customerID.utf8)
-        guard let signature = keyring.signature(key: key, value: value) else { return nil }
+        guard let signature = keyring.signature(topic: topic, key: key, value: value) else { return nil }
         return ProducerRecord(topic: topic, key: key, value: value, headers: [KafkaHeader(CreditKeyring.headerName, signature)])
     }
 }

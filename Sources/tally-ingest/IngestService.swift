@@ -107,7 +107,13 @@ final class IngestService: Sendable {
                          body: .init(byteBuffer: ByteBuffer(string: metrics())))
             }
             if publicMetrics { return scrape() }
-            return try await self.authenticated(request) { _ in scrape() }
+            return try await self.authenticated(request) { key in
+                // Operators' keys only: a customer's key may sit in that customer's own application.
+                if let owner = key?.customerID {
+                    return self.problem(.forbidden, "forbidden", "a key of customer \"\(owner)\" may not read the metrics; use a key of no customer")
+                }
+                return scrape()
+            }
         }
     }
 

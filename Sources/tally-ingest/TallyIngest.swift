@@ -49,6 +49,11 @@ struct TallyIngest: AsyncParsableCommand {
     var publicMetrics = false
     @Option(help: "Close a connection that sends no complete request head (or nothing at all) for this many seconds.")
     var idleTimeoutSeconds = 30
+    @Option(help: "Most connections open at once; more wait in the listen backlog.") var maxConnections = 512
+
+    func validate() throws {
+        guard idleTimeoutSeconds > 0, maxConnections > 0 else { throw ValidationError("--idle-timeout-seconds and --max-connections must be positive") }
+    }
     @Option(help: "How long the broker may take to acknowledge an event before it is answered `unknown` (503, resend with the same id). The default outlasts a Kafka controller fail-over (11–13 s measured).")
     var deliveryTimeoutMs = 30_000
 
@@ -148,7 +153,8 @@ struct TallyIngest: AsyncParsableCommand {
             router: router,
             // Silent connections and ones trickling a request head are closed after the idle timeout.
             server: .http1(configuration: .init(idleTimeout: .seconds(Int64(idleTimeoutSeconds)))),
-            configuration: .init(address: .hostname(listenHost, port: listenPort), serverName: "tally-ingest"),
+            configuration: .init(address: .hostname(listenHost, port: listenPort), serverName: "tally-ingest",
+                                 availableConnectionsDelegate: .maximum(maxConnections, logger: logger)),
             onServerRunning: { channel in
                 logger.info("listening on http://\(listenHost):\(channel.localAddress?.port ?? listenPort)")
             },

@@ -77,7 +77,7 @@ struct TallyRater: ParsableCommand {
                 relayStop = stop
             }
             return RaterStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
-                              instanceID: context.instanceID, logger: context.logger)
+                              instanceID: context.instanceID, logger: context.logger, creditHorizon: context.settings.creditVerifier?.horizon)
         }
         // The loop ended (signal or caught up): let the relay publish what the last batches committed.
         if let relayStop {

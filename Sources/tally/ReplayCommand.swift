@@ -72,7 +72,7 @@ struct Replay: ParsableCommand {
         let liveConnection = connection
         let topic = kafka.topic
         settings.checkLayout = { layout in try layout.check(topic: topic, on: liveConnection) }
-        if let creditKeyring { settings.creditVerifier = try CreditVerifier.load(keyring: creditKeyring, topic: topic, on: connection) }
+        if let creditKeyring { settings.creditVerifier = try CreditVerifier.recorded(keyring: creditKeyring, topic: topic, on: connection) }
         settings.batchSize = batchSize
         settings.exitWhenCaughtUp = true
         settings.statsInterval = .seconds(3600)

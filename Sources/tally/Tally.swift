@@ -35,6 +35,9 @@ struct Migrate: ParsableCommand {
         print(applied.isEmpty
             ? "schema tally is up to date (\(migrations.count) migrations)"
             : "applied migrations \(applied.map(String.init).joined(separator: ", ")) (\(migrations.count) in all)")
+        if try connection.query("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").string(0, 0) == "t" {
+            logger.warning("Tally connects as a PostgreSQL superuser, which can run programs on the database server (COPY … PROGRAM): give the services a role of their own that is not (docs/security.md)")
+        }
     }
 }
 

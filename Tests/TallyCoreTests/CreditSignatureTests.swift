@@ -19,6 +19,7 @@ final class CreditSignatureTests: XCTestCase {
             """)
         XCTAssertEqual(ring.keys.map(\.id), ["k2", "k1"])
         XCTAssertEqual(ring.signingKey?.id, "k2")
+        XCTAssertEqual(try keyring("k1 \(Self.secretA) sign\r\nk2 \(Self.secretB) verify\r\n").keys.map(\.id), ["k1", "k2"], "CRLF lines")
 
         let cases: [(String, String)] = [
             ("", "lists no key"),
@@ -44,22 +45,22 @@ final class CreditSignatureTests: XCTestCase {
     func testASignedRecordVerifiesUnderEveryKeyringHoldingItsKey() throws {
         let signer = try keyring("k1 \(Self.secretA) sign")
         let key = Array("cust-a".utf8)
-        let header = try XCTUnwrap(signer.signature(key: key, value: grantValue))
+        let header = try XCTUnwrap(signer.signature(topic: "tally.usage", key: key, value: grantValue))
         XCTAssertTrue(String(decoding: header, as: UTF8.self).hasPrefix("v1:k1:"))
         XCTAssertEqual(header.count, "v1:k1:".count + 64)
-        XCTAssertNil(signer.refusal(signature: header, key: key, value: grantValue))
+        XCTAssertNil(signer.refusal(signature: header, topic: "tally.usage", key: key, value: grantValue))
         // After rotation: k1 only verifies; the record it signed is still good.
         let rotated = try keyring("k2 \(Self.secretB) sign\nk1 \(Self.secretA) verify")
-        XCTAssertNil(rotated.refusal(signature: header, key: key, value: grantValue))
-        XCTAssertNotEqual(rotated.signature(key: key, value: grantValue), header, "new records are signed with k2")
+        XCTAssertNil(rotated.refusal(signature: header, topic: "tally.usage", key: key, value: grantValue))
+        XCTAssertNotEqual(rotated.signature(topic: "tally.usage", key: key, value: grantValue), header, "new records are signed with k2")
         // A keyring without k1 names the key it lacks; a verify-only keyring signs nothing.
         let other = try keyring("k2 \(Self.secretB) verify")
-        XCTAssertNil(other.signature(key: key, value: grantValue))
-        XCTAssertEqual(other.refusal(signature: header, key: key, value: grantValue),
+        XCTAssertNil(other.signature(topic: "tally.usage", key: key, value: grantValue))
+        XCTAssertEqual(other.refusal(signature: header, topic: "tally.usage", key: key, value: grantValue),
                        "signed with key id k1, which this keyring does not hold (it holds k2)")
         // The same key id with another secret is a forgery.
         let forger = try keyring("k1 \(Self.secretB) sign")
-        XCTAssertEqual(signer.refusal(signature: forger.signature(key: key, value: grantValue), key: key, value: grantValue),
+        XCTAssertEqual(signer.refusal(signature: forger.signature(topic: "tally.usage", key: key, value: grantValue), topic: "tally.usage", key: key, value: grantValue),
                        "the signature made with key id k1 does not match the record: it was altered or signed with another secret")
     }
 
@@ -68,34 +69,35 @@ final class CreditSignatureTests: XCTestCase {
     func testChangingAnyByteOfTheRecordBreaksTheSignature() throws {
         let ring = try keyring("k1 \(Self.secretA) sign")
         let key = Array("cust-a".utf8)
-        let header = try XCTUnwrap(ring.signature(key: key, value: grantValue))
+        let header = try XCTUnwrap(ring.signature(topic: "tally.usage", key: key, value: grantValue))
         var generator = SeededGenerator(seed: 2121)
         for _ in 0..<500 {
             var value = grantValue
             let index = Int.random(in: value.indices, using: &generator)
             value[index] ^= UInt8.random(in: 1...255, using: &generator)
-            XCTAssertNotNil(ring.refusal(signature: header, key: key, value: value), "byte \(index) changed")
+            XCTAssertNotNil(ring.refusal(signature: header, topic: "tally.usage", key: key, value: value), "byte \(index) changed")
         }
-        XCTAssertNotNil(ring.refusal(signature: header, key: Array("cust-b".utf8), value: grantValue), "another customer's key")
+        XCTAssertNotNil(ring.refusal(signature: header, topic: "tally.usage", key: Array("cust-b".utf8), value: grantValue), "another customer's key")
+        XCTAssertNotNil(ring.refusal(signature: header, topic: "staging.usage", key: key, value: grantValue), "copied into another topic")
         // Moving the boundary between key and value keeps the concatenation but not the length prefix.
-        XCTAssertNotNil(ring.refusal(signature: header, key: Array("cust-a{".utf8), value: Array(grantValue.dropFirst())))
+        XCTAssertNotNil(ring.refusal(signature: header, topic: "tally.usage", key: Array("cust-a{".utf8), value: Array(grantValue.dropFirst())))
         for malformed in ["", "v2:k1:00", "v1:k1", "v1:k1:zz", "v1:k1:" + String(repeating: "0", count: 63), "k1:" + String(repeating: "0", count: 64)] {
-            XCTAssertNotNil(ring.refusal(signature: Array(malformed.utf8), key: key, value: grantValue), malformed)
+            XCTAssertNotNil(ring.refusal(signature: Array(malformed.utf8), topic: "tally.usage", key: key, value: grantValue), malformed)
         }
-        XCTAssertEqual(ring.refusal(signature: nil, key: key, value: grantValue)?.hasPrefix("no tally-credit-signature header"), true)
+        XCTAssertEqual(ring.refusal(signature: nil, topic: "tally.usage", key: key, value: grantValue)?.hasPrefix("no tally-credit-signature header"), true)
     }
 
     func testCreditBeforeTheRecordedHorizonPredatesSigningAndBinaryModeIsRefused() throws {
-        let verifier = CreditVerifier(keyring: try keyring("k1 \(Self.secretA) sign"), unsignedBefore: [2: 100])
-        XCTAssertNil(verifier.refusal(partition: 2, offset: 99, signature: nil, key: nil, value: grantValue, binaryMode: false))
-        let refused = try XCTUnwrap(verifier.refusal(partition: 2, offset: 100, signature: nil, key: nil, value: grantValue, binaryMode: false))
+        let verifier = CreditVerifier(keyring: try keyring("k1 \(Self.secretA) sign"), horizon: CreditSigningHorizon([2: 100]))
+        XCTAssertNil(verifier.refusal(topic: "tally.usage", partition: 2, offset: 99, signature: nil, key: nil, value: grantValue, binaryMode: false))
+        let refused = try XCTUnwrap(verifier.refusal(topic: "tally.usage", partition: 2, offset: 100, signature: nil, key: nil, value: grantValue, binaryMode: false))
         XCTAssertEqual(refused.code, "unsigned_credit")
         XCTAssertTrue(refused.detail.hasSuffix("Nothing was credited or voided"), refused.detail)
-        XCTAssertNotNil(verifier.refusal(partition: 1, offset: 0, signature: nil, key: nil, value: grantValue, binaryMode: false), "no horizon on partition 1")
+        XCTAssertNotNil(verifier.refusal(topic: "tally.usage", partition: 1, offset: 0, signature: nil, key: nil, value: grantValue, binaryMode: false), "no horizon on partition 1")
         let key = Array("cust-a".utf8)
-        let signature = verifier.keyring.signature(key: key, value: grantValue)
-        XCTAssertNil(verifier.refusal(partition: 1, offset: 5, signature: signature, key: key, value: grantValue, binaryMode: false))
-        XCTAssertEqual(verifier.refusal(partition: 1, offset: 5, signature: signature, key: key, value: grantValue, binaryMode: true)?.code, "unsigned_credit")
+        let signature = verifier.keyring.signature(topic: "tally.usage", key: key, value: grantValue)
+        XCTAssertNil(verifier.refusal(topic: "tally.usage", partition: 1, offset: 5, signature: signature, key: key, value: grantValue, binaryMode: false))
+        XCTAssertEqual(verifier.refusal(topic: "tally.usage", partition: 1, offset: 5, signature: signature, key: key, value: grantValue, binaryMode: true)?.code, "unsigned_credit")
     }
 
     func testANewKeyLineIsAValidKeyringOfRandomSecrets() throws {

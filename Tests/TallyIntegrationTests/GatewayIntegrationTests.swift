@@ -47,7 +47,9 @@ final class GatewayIntegrationTests: XCTestCase {
     /// tally-ingest's metrics, scraped with a key as Prometheus would (a scrape without one gets 401).
     func metricsScrape() throws -> String {
         XCTAssertEqual(try httpGet(gatewayURL + "/metrics").status, 401, "no key, no metrics")
-        return try http("GET", gatewayURL + "/metrics", authorization: "Bearer \(try customerKey("gw-metrics"))").body
+        let customers = try http("GET", gatewayURL + "/metrics", authorization: "Bearer \(try customerKey("gw-metrics"))")
+        XCTAssertEqual(customers.status, 403, "a customer's key reads no metrics: \(customers.body)")
+        return try http("GET", gatewayURL + "/metrics", authorization: "Bearer \(try harness.createKey())").body
     }
 
     struct Call {

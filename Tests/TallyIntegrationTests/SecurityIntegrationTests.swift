@@ -201,13 +201,13 @@ final class SecurityIntegrationTests: XCTestCase {
 
     /// The HMAC of the documented credit signature (docs/security.md), computed by Python's own
     /// `hmac` module: an implementation independent of Tally's.
-    func pythonSignature(keyID: String, secretHex: String, key: String, value: String) throws -> String {
+    func pythonSignature(keyID: String, topic: String, secretHex: String, key: String, value: String) throws -> String {
         let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", """
             import hashlib, hmac, sys
-            key, value = sys.argv[2].encode(), sys.argv[3].encode()
-            message = b"tally-credit-v1\\x00" + len(key).to_bytes(4, "big") + key + value
+            topic, key, value = sys.argv[2].encode(), sys.argv[3].encode(), sys.argv[4].encode()
+            message = b"tally-credit-v1\\x00" + len(topic).to_bytes(4, "big") + topic + len(key).to_bytes(4, "big") + key + value
             print(hmac.new(bytes.fromhex(sys.argv[1]), message, hashlib.sha256).hexdigest())
-            """, secretHex, key, value])
+            """, secretHex, topic, key, value])
         XCTAssertEqual(status, 0, output)
         return "v1:\(keyID):" + output.trimmingCharacters(in: .whitespacesAndNewlines)
     }
@@ -238,7 +238,7 @@ final class SecurityIntegrationTests: XCTestCase {
                                      [harness.topic, Int64(legacyPartition), Int64(1)])
 
         let python = grantValue("g-python", customer: customer, amount: "100.00")
-        let pythonSigned = try pythonSignature(keyID: keyID, secretHex: secret, key: customer, value: python)
+        let pythonSigned = try pythonSignature(keyID: keyID, topic: harness.topic, secretHex: secret, key: customer, value: python)
         let forged = grantValue("g-forged", customer: customer, amount: "300.00")
         let small = grantValue("g-altered", customer: customer, amount: "1.00")
         let binaryData = #"{"amount":"50.00","currency":"USD","priority":100,"source":"purchase"}"#
@@ -249,7 +249,7 @@ final class SecurityIntegrationTests: XCTestCase {
             if let signature { headers["tally-credit-signature"] = signature }
             return ["key": customer, "value": value, "headers": headers]
         }
-        let forgedSignature = try pythonSignature(keyID: keyID, secretHex: String(repeating: "ab", count: 32), key: customer, value: forged)
+        let forgedSignature = try pythonSignature(keyID: keyID, topic: harness.topic, secretHex: String(repeating: "ab", count: 32), key: customer, value: forged)
         let binaryHeaders = ["ce_specversion": "1.0", "ce_id": "g-binary", "ce_source": "app://billing", "ce_type": "tally.wallet.grant",
                              "ce_subject": customer, "ce_time": "2026-11-30T00:00:00Z", "content-type": "application/json"]
         let records: [[String: Any]] = [
@@ -257,10 +257,10 @@ final class SecurityIntegrationTests: XCTestCase {
             record(forged, signature: forgedSignature),
             // Signed for 1.00, sent for 1000.00.
             record(small.replacingOccurrences(of: "\"1.00\"", with: "\"1000.00\""),
-                   signature: try pythonSignature(keyID: keyID, secretHex: secret, key: customer, value: small)),
+                   signature: try pythonSignature(keyID: keyID, topic: harness.topic, secretHex: secret, key: customer, value: small)),
             record(python, signature: pythonSigned),
             record(void),
-            record(binaryData, signature: try pythonSignature(keyID: keyID, secretHex: secret, key: customer, value: binaryData), headers: binaryHeaders),
+            record(binaryData, signature: try pythonSignature(keyID: keyID, topic: harness.topic, secretHex: secret, key: customer, value: binaryData), headers: binaryHeaders),
         ]
         _ = try ProducerContractTests.producePython(harness.topic, partitioner: "murmur2_random", records)
         // Through the API, signed by tally-ingest.
@@ -292,6 +292,11 @@ final class SecurityIntegrationTests: XCTestCase {
         XCTAssertEqual(reasons.filter { $0.contains("does not match the record") }.count, 2, "the forged and the altered grant: \(reasons)")
         XCTAssertEqual(reasons.filter { $0.contains("structured-mode") }.count, 1, "\(reasons)")
         XCTAssertEqual(try balances()["cust-legacy"], "7000000000", "credit from before signing stays applied")
+        // The rater recorded, on claiming each partition, where its group stood (0: a new group);
+        // the row made before it started (an older rater's position) was kept.
+        XCTAssertEqual(try harness.connection.query("SELECT partition, signed_from_offset FROM tally.unsigned_credit_horizon WHERE topic = $1 ORDER BY partition",
+                                                    [harness.topic]).rows.map { "\($0[0]!):\($0[1]!)" },
+                       (0..<4).map { "\($0):\($0 == legacyPartition ? 1 : 0)" })
         XCTAssertEqual(try harness.connection.query("SELECT grant_id FROM tally.wallet_grants WHERE customer_id = $1 ORDER BY grant_id", [customer]).rows.map { $0[0]! },
                        ["g-api", "g-python"])
         rater.signal(SIGTERM)

@@ -31,7 +31,7 @@ enum TestStack {
         var headers: [KafkaHeader] = []
         switch EventDecoder.decode(value) {
         case .success(.grant), .success(.grantVoid):
-            headers = [KafkaHeader(CreditKeyring.headerName, creditKeyring.signature(key: keyBytes, value: value))]
+            headers = [KafkaHeader(CreditKeyring.headerName, creditKeyring.signature(topic: topic, key: keyBytes, value: value))]
         default: break
         }
         return ProducerRecord(topic: topic, key: keyBytes, value: value, headers: headers, partition: partition)

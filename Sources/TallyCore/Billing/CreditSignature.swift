@@ -1,4 +1,5 @@
 import Crypto
+import Synchronization
 
 /// The secrets that sign and verify credit records: `tally.wallet.grant` and
 /// `tally.wallet.grant.void` events. Write access to the usage topic must not be a way to mint
@@ -6,10 +7,11 @@ import Crypto
 /// of these keys (docs/security.md, "Signed credit").
 ///
 /// The signature is a record header, `tally-credit-signature: v1:<key id>:<hex HMAC-SHA256>`
-/// (RFC 2104, FIPS 180-4), over the bytes `tally-credit-v1`, 0x00, the record key's length
-/// (4 bytes, big-endian), the record key and the record value. The value holds the event whole
-/// (structured mode), customer, id, amount and expiry included, so no part of a grant can be
-/// changed without the key; a copy sent again is the same grant and is deduplicated by its id.
+/// (RFC 2104, FIPS 180-4), over the bytes `tally-credit-v1`, 0x00, the topic's length (4 bytes,
+/// big-endian), the topic, the record key's length (4 bytes, big-endian), the record key and the
+/// record value. The value holds the event whole (structured mode), customer, id, amount and
+/// expiry included, so no part of a grant can be changed without the key, nor the grant copied
+/// into another topic; a copy sent again is the same grant and is deduplicated by its id.
 ///
 /// The keyring file has one key per line, `<key id> <secret: 64+ hex digits> sign|verify`, `#`
 /// comments. Signers (tally-ingest, `tally grant`) use the one `sign` key; verifiers (the rater,
@@ -39,9 +41,10 @@ public struct CreditKeyring: Sendable {
     /// Parses a keyring file. Errors name the line and the reason.
     public static func parse(_ text: String) -> Result<CreditKeyring, CreditKeyringError> {
         var keys: [Key] = []
-        for (index, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        // Split on every newline (\r\n is one Character in Swift, so not on "\n" alone).
+        for (index, raw) in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).enumerated() {
             let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
-            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" })
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
             guard !fields.isEmpty else { continue }
             func fail(_ reason: String) -> Result<CreditKeyring, CreditKeyringError> { .failure(CreditKeyringError(line: index + 1, reason: reason)) }
             guard fields.count == 3 else { return fail("expected `<key id> <hex secret> sign|verify`, found \(fields.count) fields") }
@@ -79,16 +82,16 @@ public struct CreditKeyring: Sendable {
         return "\(id) \(secret) \(use)"
     }
 
-    /// The header value that signs a record, or nil when this keyring has no `sign` key.
-    public func signature(key: [UInt8], value: [UInt8]) -> [UInt8]? {
+    /// The header value that signs a record of `topic`, or nil when this keyring has no `sign` key.
+    public func signature(topic: String, key: [UInt8], value: [UInt8]) -> [UInt8]? {
         guard let signer = signingKey else { return nil }
-        let mac = HMAC<SHA256>.authenticationCode(for: Self.message(key: key, value: value), using: signer.secret)
+        let mac = HMAC<SHA256>.authenticationCode(for: Self.message(topic: topic, key: key, value: value), using: signer.secret)
         return Array("v1:\(signer.id):".utf8) + Array(Hex.encode(Array(mac)).utf8)
     }
 
     /// Nil when `signature` (the header's value) proves the record was signed with a key of this
     /// keyring; otherwise why not, for the dead letter.
-    public func refusal(signature: [UInt8]?, key: [UInt8], value: [UInt8]) -> String? {
+    public func refusal(signature: [UInt8]?, topic: String, key: [UInt8], value: [UInt8]) -> String? {
         guard let signature else {
             return "no \(Self.headerName) header: credit is applied only when signed by tally-ingest or `tally grant` (docs/security.md)"
         }
@@ -101,17 +104,22 @@ public struct CreditKeyring: Sendable {
             return "signed with key id \(id), which this keyring does not hold (it holds \(keys.map(\.id).joined(separator: ", ")))"
         }
         guard let mac = Hex.decode(parts[2]), mac.count == SHA256.byteCount,
-              HMAC<SHA256>.isValidAuthenticationCode(mac, authenticating: Self.message(key: key, value: value), using: used.secret) else {
+              HMAC<SHA256>.isValidAuthenticationCode(mac, authenticating: Self.message(topic: topic, key: key, value: value), using: used.secret) else {
             return "the signature made with key id \(id) does not match the record: it was altered or signed with another secret"
         }
         return nil
     }
 
-    private static func message(key: [UInt8], value: [UInt8]) -> [UInt8] {
-        let length = UInt32(truncatingIfNeeded: key.count)
+    private static func message(topic: String, key: [UInt8], value: [UInt8]) -> [UInt8] {
+        func length(_ count: Int) -> [UInt8] {
+            let length = UInt32(truncatingIfNeeded: count)
+            return [UInt8(length >> 24), UInt8(truncatingIfNeeded: length >> 16), UInt8(truncatingIfNeeded: length >> 8), UInt8(truncatingIfNeeded: length)]
+        }
         var bytes = domain
-        bytes.reserveCapacity(domain.count + 4 + key.count + value.count)
-        bytes += [UInt8(length >> 24), UInt8(truncatingIfNeeded: length >> 16), UInt8(truncatingIfNeeded: length >> 8), UInt8(truncatingIfNeeded: length)]
+        bytes.reserveCapacity(domain.count + 8 + topic.utf8.count + key.count + value.count)
+        bytes += length(topic.utf8.count)
+        bytes += topic.utf8
+        bytes += length(key.count)
         bytes += key
         bytes += value
         return bytes
@@ -134,25 +142,40 @@ public struct CreditKeyringError: Error, Equatable, CustomStringConvertible {
 public struct CreditVerifier: Sendable {
     public let keyring: CreditKeyring
     /// Partition → the first offset whose credit records must be signed.
-    public let unsignedBefore: [Int32: Int64]
+    public let horizon: CreditSigningHorizon
 
-    public init(keyring: CreditKeyring, unsignedBefore: [Int32: Int64] = [:]) {
+    public init(keyring: CreditKeyring, horizon: CreditSigningHorizon = CreditSigningHorizon()) {
         self.keyring = keyring
-        self.unsignedBefore = unsignedBefore
+        self.horizon = horizon
     }
 
     /// Nil when the credit record at `partition`/`offset` may be applied; otherwise the dead
     /// letter's reason (code `unsigned_credit`).
-    public func refusal(partition: Int32, offset: Int64, signature: [UInt8]?, key: [UInt8]?, value: [UInt8]?, binaryMode: Bool) -> PoisonReason? {
-        if let horizon = unsignedBefore[partition], offset < horizon { return nil }
+    public func refusal(topic: String, partition: Int32, offset: Int64, signature: [UInt8]?, key: [UInt8]?, value: [UInt8]?,
+                        binaryMode: Bool) -> PoisonReason? {
+        if let horizon = horizon.offset(partition), offset < horizon { return nil }
         let detail: String?
         if binaryMode {
             detail = "credit records must be structured-mode CloudEvents (the signature covers the record value, not ce_ headers)"
         } else {
-            detail = keyring.refusal(signature: signature, key: key ?? [], value: value ?? [])
+            detail = keyring.refusal(signature: signature, topic: topic, key: key ?? [], value: value ?? [])
         }
         return detail.map { PoisonReason(code: "unsigned_credit", detail: "\($0). Nothing was credited or voided") }
     }
+}
+
+/// Per partition, the first offset whose credit records must be signed: those before it were
+/// applied unsigned by a rater that predates signing. Filled from `tally.unsigned_credit_horizon`
+/// (the live rater records a partition's row when it first claims it; see `RaterStore`) and read
+/// by the consumer thread; a partition without a row requires every credit record signed.
+public final class CreditSigningHorizon: Sendable {
+    private let offsets: Mutex<[Int32: Int64]>
+
+    public init(_ offsets: [Int32: Int64] = [:]) { self.offsets = Mutex(offsets) }
+
+    public func offset(_ partition: Int32) -> Int64? { offsets.withLock { $0[partition] } }
+
+    public func set(_ partition: Int32, _ offset: Int64) { offsets.withLock { $0[partition] = offset } }
 }
 
 /// Lower-case hexadecimal, as keyrings and signatures write bytes.

@@ -1,18 +1,17 @@
 -- Credit records (tally.wallet.grant, tally.wallet.grant.void) are applied only when signed with
--- a credit key (docs/security.md, "Signed credit"). Those already consumed when this migration
--- runs were applied unsigned: per partition, the first offset whose credit must be signed, so a
--- replay from offset zero applies exactly what the live run applied.
+-- a credit key (docs/security.md, "Signed credit"). Per partition, the first offset whose credit
+-- must be signed: the live rater records its group's position when it first claims a partition
+-- (in the claim's transaction, which fences any older rater), so credit an older rater applied
+-- unsigned stays applied, and a replay from offset zero applies exactly what the live run did.
+-- Not derived from the log: back it up with the configuration; delete a topic's rows when the
+-- topic is recreated.
 CREATE TABLE tally.unsigned_credit_horizon (
     topic text NOT NULL,
     partition integer NOT NULL CHECK (partition >= 0),
     signed_from_offset bigint NOT NULL CHECK (signed_from_offset >= 0),
+    recorded_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (topic, partition)
 );
-INSERT INTO tally.unsigned_credit_horizon (topic, partition, signed_from_offset)
-SELECT topic, partition, max(next_offset) FROM tally.consumer_offsets
-WHERE consumer_group NOT LIKE 'tally-replay-%'
-GROUP BY topic, partition
-HAVING max(next_offset) > 0;
 
 -- The dashboards' role (`tally_reader`, made by deploy/postgres/init-roles.sh or scripts/stack)
 -- reads the dashboard views and nothing else: not API key hashes, the ledger or customers' events.

@@ -1,0 +1,147 @@
+import Foundation
+import TallyCore
+import XCTest
+
+/// Issue #22: the local stack with its durable engine (Tansu on SeaweedFS S3) keeps the log and
+/// everything PostgreSQL holds across `stack down`/`up` and across kill -9 of the broker and of
+/// its storage. A private stack of its own (other ports, other folder), started by scripts/stack.
+final class DurableStackTests: XCTestCase {
+    var directory = ""
+    var environment: [String: String] = [:]
+
+    override func setUpWithError() throws {
+        let main = try XCTUnwrap(ProcessInfo.processInfo.environment["TALLY_STACK_DIR"], "run through scripts/test")
+        directory = main + "/" + TestStack.unique("stack-test")
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        // The PyPI packages and the LiteLLM file the main stack installed serve this one too.
+        for shared in ["python", "litellm"] {
+            try FileManager.default.createSymbolicLink(atPath: directory + "/" + shared, withDestinationPath: main + "/" + shared)
+        }
+        environment = ["TALLY_STACK_DIR": directory, "TALLY_PG_PORT": "55442", "TALLY_KAFKA_PORT": "19102", "TALLY_S3_PORT": "18433",
+                       "TALLY_BROKER_STORAGE": "s3", "TALLY_STACK_SKIP_BUILD": "1"]
+    }
+
+    override func tearDown() {
+        _ = try? stack("down")
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    @discardableResult
+    func stack(_ argument: String) throws -> String {
+        let (status, output) = try ChildProcess.run("/bin/bash", [TestStack.root.appendingPathComponent("scripts/stack").path, argument],
+                                                    environment: environment)
+        XCTAssertEqual(status, 0, "scripts/stack \(argument): \(output)")
+        return output
+    }
+
+    /// This stack's `scripts/stack env`, as a process environment.
+    func stackEnvironment() throws -> [String: String] {
+        var values = environment
+        // Its own settings (PATH and the library paths are the main stack's, which this process has).
+        for line in try stack("env").split(separator: "\n") where line.hasPrefix("export TALLY_") || line.hasPrefix("export PGPASSFILE=") {
+            let assignment = line.dropFirst("export ".count)
+            guard let equals = assignment.firstIndex(of: "=") else { continue }
+            values[String(assignment[..<equals])] = String(assignment[assignment.index(after: equals)...]).trimmingCharacters(in: CharacterSet(charactersIn: "'"))
+        }
+        values["TALLY_OPS_ADDRESS"] = "127.0.0.1:0"
+        return values
+    }
+
+    func testTheStackKeepsItsStateAcrossRestartsAndKills() throws {
+        try stack("up")
+        let env = try stackEnvironment()
+        func tally(_ arguments: [String]) throws -> String {
+            let (status, output) = try ChildProcess.run(TestStack.executable("tally"), arguments, environment: env)
+            XCTAssertEqual(status, 0, "tally \(arguments): \(output)")
+            return output
+        }
+        func sql(_ query: String) throws -> String {
+            let (status, output) = try ChildProcess.run("/usr/bin/env", ["psql", try XCTUnwrap(env["TALLY_DATABASE_URL"]), "-Atc", query], environment: env)
+            XCTAssertEqual(status, 0, output)
+            return output.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        // Configuration that is not in the log: a key, a price book, a customer's settings.
+        let key = try XCTUnwrap(try tally(["keys", "create", "--name", "durable", "--grants"]).split(separator: "\n").first { $0.hasPrefix("tally_") })
+        let book = directory + "/prices.yaml"
+        try """
+            book: default
+            effective_from: 2026-01-01T00:00:00Z
+            currency: USD
+            models:
+              - { model: durable-model, input: "2.00", output: "0" }
+            """.write(toFile: book, atomically: true, encoding: .utf8)
+        _ = try tally(["pricing", "apply", book])
+        _ = try tally(["customers", "set", "durable-cust", "--overage", "allow", "--overage-limit", "100"])
+
+        var processes: [ChildProcess] = []
+        func startServices() throws -> String {
+            let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1"], environment: env)
+            processes += [ingest, try ChildProcess(TestStack.executable("tally-aggregator"), [], environment: env),
+                          try ChildProcess(TestStack.executable("tally-rater"), [], environment: env)]
+            XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on http://") }, ingest.log)
+            let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
+                ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""
+            })
+            return "http://127.0.0.1:\(port)"
+        }
+        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        func events(_ ids: ClosedRange<Int>) -> String {
+            "[" + ids.map { index in
+                String(decoding: EventEncoder.encode(UsageEvent(id: "durable-\(index)", source: "app://durable", subject: "durable-cust",
+                                                                time: EventTime(microseconds: now - 60_000_000), model: "durable-model",
+                                                                inputTokens: 1000, outputTokens: 0)), as: UTF8.self)
+            }.joined(separator: ",") + "]"
+        }
+        var base = try startServices()
+        let grant = try http("POST", base + "/v1/wallets/durable-cust/grants", body: #"{"id":"g-durable","amount":"10.00","currency":"USD","source":"purchase"}"#,
+                             authorization: "Bearer \(key)")
+        XCTAssertEqual(grant.status, 202, grant.body)
+        let sent = try http("POST", base + "/v1/events", body: events(1...200), authorization: "Bearer \(key)")
+        XCTAssertEqual(sent.status, 202, sent.body)
+        // 200 events of 1,000 input tokens at 2.00 per million: 0.40 charged of the 10.00 granted.
+        XCTAssertTrue(try TestStack.eventually {
+            try sql("SELECT coalesce(sum(event_count), 0) FROM tally.usage_monthly") == "200"
+                && sql("SELECT balance_nanos FROM tally.wallets WHERE customer_id = 'durable-cust'") == "9600000000"
+        }, processes.map(\.log).joined().suffix(3000).description)
+        let period = String(EventTime.format(microseconds: now - 60_000_000).prefix(7))
+        _ = try tally(["invoices", "close", "--customer", "durable-cust", "--period", period, "--force"])
+
+        let stateQuery = """
+            SELECT concat_ws(' | ',
+              (SELECT count(*) FROM tally.api_keys), (SELECT string_agg(book_name || ' v' || version, ',') FROM tally.price_books),
+              (SELECT string_agg(customer_id, ',') FROM tally.customers),
+              (SELECT string_agg(invoice_id || '=' || total_due_nanos, ',') FROM tally.invoices),
+              (SELECT sum(event_count) FROM tally.usage_monthly), (SELECT balance_nanos FROM tally.wallets WHERE customer_id = 'durable-cust'),
+              (SELECT string_agg(consumer_group || ':' || partition || ':' || next_offset, ',' ORDER BY consumer_group, partition) FROM tally.consumer_offsets))
+            """
+        let before = try sql(stateQuery)
+        XCTAssertTrue(before.contains("| 200 | 9600000000 |"), before)
+
+        // What a laptop reboot does; `down` stops the services of this stack first.
+        try stack("down")
+        for process in processes { XCTAssertNotNil(process.wait(timeout: .seconds(5)), "stopped by stack down") }
+        processes.removeAll()
+        let restarted = try stack("up")
+        XCTAssertFalse(restarted.contains("empty log"), restarted)
+        XCTAssertEqual(try sql(stateQuery), before, "after stack down and up")
+
+        // kill -9 of the broker and of its storage server.
+        try stack("broker-kill")
+        try stack("s3-kill")
+        try stack("up")
+        XCTAssertEqual(try sql(stateQuery), before, "after kill -9 of the broker and the S3 server")
+        XCTAssertTrue(try tally(["reconcile"]).contains("0 mismatches"))
+
+        // New events after the restarts count once; the old ones sent again are duplicates.
+        base = try startServices()
+        let more = try http("POST", base + "/v1/events", body: events(181...250), authorization: "Bearer \(key)")
+        XCTAssertEqual(more.status, 202, more.body)
+        XCTAssertTrue(try TestStack.eventually {
+            try sql("SELECT sum(event_count) FROM tally.usage_monthly") == "250"
+                && sql("SELECT balance_nanos FROM tally.wallets WHERE customer_id = 'durable-cust'") == "9500000000"
+        }, processes.map(\.log).joined().suffix(3000).description)
+        let reconcile = try tally(["reconcile"])
+        XCTAssertTrue(reconcile.contains("0 mismatches"), reconcile)
+        for process in processes { process.signal(SIGTERM); _ = process.wait(timeout: .seconds(30)) }
+    }
+}
