@@ -62,17 +62,13 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             // group stands: credit before that was applied unsigned (by an older rater, now fenced
             // by this claim) and stays applied, in replays too. Later claims find the row.
             let sorted = claims.sorted { $0.key < $1.key }
+            // DO UPDATE of nothing, so that the row comes back whether this claim made it or not
+            // (DO NOTHING returns nothing for a row another transaction made meanwhile).
             let rows = try connection.query("""
-                WITH claimed AS (SELECT * FROM unnest($2::int[], $3::bigint[]) AS c(partition, next_offset)),
-                inserted AS (
-                    INSERT INTO tally.unsigned_credit_horizon (topic, partition, signed_from_offset)
-                    SELECT $1, partition, next_offset FROM claimed
-                    ON CONFLICT (topic, partition) DO NOTHING
-                    RETURNING partition, signed_from_offset)
-                SELECT partition, signed_from_offset FROM inserted
-                UNION ALL
-                SELECT h.partition, h.signed_from_offset FROM tally.unsigned_credit_horizon h JOIN claimed USING (partition)
-                WHERE h.topic = $1
+                INSERT INTO tally.unsigned_credit_horizon (topic, partition, signed_from_offset)
+                SELECT $1, partition, next_offset FROM unnest($2::int[], $3::bigint[]) AS c(partition, next_offset)
+                ON CONFLICT (topic, partition) DO UPDATE SET topic = EXCLUDED.topic
+                RETURNING partition, signed_from_offset
                 """, [tables.topic, PostgresArray(sorted.map(\.key)), PostgresArray(sorted.map(\.value.nextOffset))])
             for row in 0..<rows.rowCount {
                 horizon.set(Int32(try rows.int64(row, 0)!), try rows.int64(row, 1)!)
