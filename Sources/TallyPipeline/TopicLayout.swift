@@ -58,19 +58,3 @@ public struct TopicLayoutMismatch: Error, CustomStringConvertible {
             """
     }
 }
-
-extension CreditVerifier {
-    /// The verifier of a replay of `topic`: `keyring` and the horizon the live rater recorded
-    /// (`tally.unsigned_credit_horizon`, migration 0015).
-    public static func recorded(keyring: CreditKeyring, topic: String, on connection: PostgresConnection) throws -> CreditVerifier {
-        let rows = try connection.query("""
-            SELECT partition, signed_from_offset FROM tally.unsigned_credit_horizon WHERE topic = $1
-            """, [topic])
-        var unsignedBefore: [Int32: Int64] = [:]
-        for row in 0..<rows.rowCount {
-            guard let partition = try rows.int64(row, 0), let offset = try rows.int64(row, 1) else { continue }
-            unsignedBefore[Int32(partition)] = offset
-        }
-        return CreditVerifier(keyring: keyring, horizon: CreditSigningHorizon(unsignedBefore))
-    }
-}

@@ -85,11 +85,7 @@ final class AggregatorHarness: @unchecked Sendable {
         let apiKey = try createKey(keyOptions)
         let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", topic,
                                                                              "--database-url", databaseURL] + extra)
-        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on http://") }, ingest.log)
-        let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
-            ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""
-        })
-        return (ingest, "http://127.0.0.1:\(port)", apiKey)
+        return (ingest, try ingest.listeningURL(), apiKey)
     }
 
     /// An API key in the harness's database, made with the real CLI.
@@ -194,6 +190,13 @@ extension ChildProcess {
     var opsPort: Int? {
         guard let range = log.range(of: #"ops endpoint on http://[0-9.]+:([0-9]+)"#, options: .regularExpression) else { return nil }
         return Int(log[range].split(separator: ":").last ?? "")
+    }
+
+    /// Waits (up to 30 s) for tally-ingest's "listening on" line and answers its base URL on loopback.
+    func listeningURL(file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { log.contains("listening on http://") }, log, file: file, line: line)
+        let range = try XCTUnwrap(log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression), log, file: file, line: line)
+        return "http://127.0.0.1:" + (log[range].split(separator: ":").last.map(String.init) ?? "")
     }
 }
 

@@ -83,11 +83,7 @@ final class DurableStackTests: XCTestCase {
             let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1"], environment: env)
             processes += [ingest, try ChildProcess(TestStack.executable("tally-aggregator"), [], environment: env),
                           try ChildProcess(TestStack.executable("tally-rater"), [], environment: env)]
-            XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on http://") }, ingest.log)
-            let port = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression).map {
-                ingest.log[$0].split(separator: ":").last.map(String.init) ?? ""
-            })
-            return "http://127.0.0.1:\(port)"
+            return try ingest.listeningURL()
         }
         let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
         func events(_ ids: ClosedRange<Int>) -> String {
@@ -97,6 +93,13 @@ final class DurableStackTests: XCTestCase {
                                                                 inputTokens: 1000, outputTokens: 0)), as: UTF8.self)
             }.joined(separator: ",") + "]"
         }
+        /// Waits until the windows count `events` and durable-cust's balance is `balanceNanos`.
+        func waitUntilCounted(events: String, balanceNanos: String, line: UInt = #line) throws {
+            XCTAssertTrue(try TestStack.eventually {
+                try sql("SELECT coalesce(sum(event_count), 0) FROM tally.usage_monthly") == events
+                    && sql("SELECT balance_nanos FROM tally.wallets WHERE customer_id = 'durable-cust'") == balanceNanos
+            }, processes.map(\.log).joined().suffix(3000).description, line: line)
+        }
         var base = try startServices()
         let grant = try http("POST", base + "/v1/wallets/durable-cust/grants", body: #"{"id":"g-durable","amount":"10.00","currency":"USD","source":"purchase"}"#,
                              authorization: "Bearer \(key)")
@@ -104,10 +107,7 @@ final class DurableStackTests: XCTestCase {
         let sent = try http("POST", base + "/v1/events", body: events(1...200), authorization: "Bearer \(key)")
         XCTAssertEqual(sent.status, 202, sent.body)
         // 200 events of 1,000 input tokens at 2.00 per million: 0.40 charged of the 10.00 granted.
-        XCTAssertTrue(try TestStack.eventually {
-            try sql("SELECT coalesce(sum(event_count), 0) FROM tally.usage_monthly") == "200"
-                && sql("SELECT balance_nanos FROM tally.wallets WHERE customer_id = 'durable-cust'") == "9600000000"
-        }, processes.map(\.log).joined().suffix(3000).description)
+        try waitUntilCounted(events: "200", balanceNanos: "9600000000")
         let period = String(EventTime.format(microseconds: now - 60_000_000).prefix(7))
         _ = try tally(["invoices", "close", "--customer", "durable-cust", "--period", period, "--force"])
 
@@ -141,10 +141,7 @@ final class DurableStackTests: XCTestCase {
         base = try startServices()
         let more = try http("POST", base + "/v1/events", body: events(181...250), authorization: "Bearer \(key)")
         XCTAssertEqual(more.status, 202, more.body)
-        XCTAssertTrue(try TestStack.eventually {
-            try sql("SELECT sum(event_count) FROM tally.usage_monthly") == "250"
-                && sql("SELECT balance_nanos FROM tally.wallets WHERE customer_id = 'durable-cust'") == "9500000000"
-        }, processes.map(\.log).joined().suffix(3000).description)
+        try waitUntilCounted(events: "250", balanceNanos: "9500000000")
         let reconcile = try tally(["reconcile"])
         XCTAssertTrue(reconcile.contains("0 mismatches"), reconcile)
         for process in processes { process.signal(SIGTERM); _ = process.wait(timeout: .seconds(30)) }

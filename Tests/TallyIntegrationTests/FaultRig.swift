@@ -112,9 +112,7 @@ final class FaultRig: @unchecked Sendable {
             "--port", "0", "--host", "127.0.0.1", "--topic", harness.topic, "--database-url", harness.databaseURL,
         ], environment: breaking)
         ingest = process
-        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { process.log.contains("listening on http://") }, process.log)
-        let range = try XCTUnwrap(process.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
-        ingestURL = "http://127.0.0.1:" + (process.log[range].split(separator: ":").last.map(String.init) ?? "")
+        ingestURL = try process.listeningURL()
     }
 
     // MARK: The generator

@@ -33,9 +33,7 @@ final class GatewayIntegrationTests: XCTestCase {
             "--port", "0", "--host", "127.0.0.1", "--topic", harness.topic, "--database-url", harness.databaseURL,
             "--openai-upstream", upstreamURL, "--anthropic-upstream", upstreamURL, "--rater-group", harness.group,
         ] + extra, environment: ["TALLY_OPENAI_API_KEY": "sk-upstream", "TALLY_ANTHROPIC_API_KEY": "sk-upstream"])
-        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { gateway.log.contains("listening on http://") }, gateway.log)
-        let range = try XCTUnwrap(gateway.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
-        gatewayURL = "http://127.0.0.1:" + (gateway.log[range].split(separator: ":").last.map(String.init) ?? "")
+        gatewayURL = try gateway.listeningURL()
     }
 
     func customerKey(_ customer: String) throws -> String {
@@ -296,9 +294,7 @@ final class GatewayIntegrationTests: XCTestCase {
             "--port", "0", "--host", "127.0.0.1", "--topic", harness.topic, "--database-url", harness.databaseURL,
             "--openai-upstream", "http://proxy-user:proxy-secret@127.0.0.1:1", "--rater-group", harness.group,
         ])
-        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { gateway.log.contains("listening on http://") }, gateway.log)
-        let range = try XCTUnwrap(gateway.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
-        gatewayURL = "http://127.0.0.1:" + (gateway.log[range].split(separator: ":").last.map(String.init) ?? "")
+        gatewayURL = try gateway.listeningURL()
         let call = try calls(gatewayURL + "/v1/chat/completions", key: try customerKey("gw-creds"), body: body(.chatCompletions, stream: false))[0]
         XCTAssertEqual(call.status, 502, call.body)
         XCTAssertTrue(call.body.contains("http://***@127.0.0.1:1"), call.body)

@@ -23,9 +23,7 @@ final class IngestIntegrationTests: XCTestCase {
         let admin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: try TestStack.brokers), logger: TestStack.logger)
         try admin.createTopic(topic, partitions: 4)
         ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", topic] + extra)
-        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on http://") }, ingest.log)
-        let range = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
-        base = "http://127.0.0.1:" + (ingest.log[range].split(separator: ":").last.map(String.init) ?? "")
+        base = try ingest.listeningURL()
     }
 
     /// An authenticated request with this test's key.

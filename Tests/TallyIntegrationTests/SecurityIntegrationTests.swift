@@ -172,9 +172,7 @@ final class SecurityIntegrationTests: XCTestCase {
         let ingest = try ChildProcess(TestStack.executable("tally-ingest"), ["--port", "0", "--host", "127.0.0.1", "--topic", harness.topic,
                                                                              "--database-url", harness.databaseURL, "--max-requests-per-key-per-second", "5"])
         defer { ingest.signal(SIGKILL); ingest.wait() }
-        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { ingest.log.contains("listening on http://") }, ingest.log)
-        let range = try XCTUnwrap(ingest.log.range(of: #"listening on http://[0-9.]+:[0-9]+"#, options: .regularExpression))
-        let base = "http://127.0.0.1:" + (ingest.log[range].split(separator: ":").last.map(String.init) ?? "")
+        let base = try ingest.listeningURL()
         let script = """
             import sys, urllib.request, urllib.error
             from concurrent.futures import ThreadPoolExecutor
