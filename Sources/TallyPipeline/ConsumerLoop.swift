@@ -523,7 +523,7 @@ public final class ConsumerLoop: @unchecked Sendable {
     private func warnAboutPositionsPastTheLogEnd() {
         for (partition, claim) in owned {
             if let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high, claim.nextOffset > high {
-                logger.error("stored offset \(claim.nextOffset) of partition \(partition) is past the log end \(high): was the topic recreated? Replay or reset this group's offsets.")
+                logger.error("stored offset \(claim.nextOffset) of partition \(partition) is past the log end \(high): the log lost records this group counted, and records appended below \(claim.nextOffset) are skipped; `tally check-log` says what happened and the choices")
             }
         }
     }

@@ -223,7 +223,9 @@ public enum ReplayDiff {
 }
 
 public enum PromoteOutcome: Sendable, Equatable {
-    case promoted(customers: Int)
+    /// `pastLogEnd`: partitions where the live consumer stood past the log end (it counted records
+    /// this log does not hold); the replay, at the log end, replaced what it had counted.
+    case promoted(customers: Int, pastLogEnd: [Int32])
     /// The live consumer moved past the replay on these partitions: replay further, then retry.
     case liveAhead([Int32])
 }
@@ -240,8 +242,12 @@ extension ShadowSchema {
     /// state (the rater) sees the new version and reads the promoted state first. Nothing that
     /// arrived during the replay is lost or counted twice: it is in the replayed state exactly
     /// up to the offsets handed over. Price books the replay applied are added to the live catalog.
+    ///
+    /// A live consumer past the log end (`logEnds`, read before the handover) is not ahead of a
+    /// replay that reached that end: the log lost records it counted (new storage, a recreated
+    /// topic, acknowledged records lost), and the handover rebuilds its state from what the log holds.
     public func promote(on connection: PostgresConnection, liveGroup: String, replayGroup: String, topic: String,
-                        partitions: Set<Int32>?) throws -> PromoteOutcome {
+                        partitions: Set<Int32>?, logEnds: [Int32: Int64] = [:]) throws -> PromoteOutcome {
         try connection.transaction { connection -> PromoteOutcome in
             // A fold running now would move live window deltas while their customers' rows are
             // replaced: wait for it, and hold off the next until this commits.
@@ -256,9 +262,12 @@ extension ShadowSchema {
                 WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[]) ORDER BY partition FOR UPDATE
                 """, [liveGroup, topic, PostgresArray(chosen)])
             var ahead: [Int32] = []
+            var pastLogEnd: [Int32] = []
             for row in 0..<live.rowCount {
                 let partition = Int32(try live.int64(row, 0)!)
-                if try live.int64(row, 1)! > replayed[partition] ?? 0 { ahead.append(partition) }
+                let liveOffset = try live.int64(row, 1)!, replayOffset = replayed[partition] ?? 0
+                guard liveOffset > replayOffset else { continue }
+                if let end = logEnds[partition], replayOffset >= end, liveOffset > end { pastLogEnd.append(partition) } else { ahead.append(partition) }
             }
             if !ahead.isEmpty { return .liveAhead(ahead) }
 
@@ -305,7 +314,7 @@ extension ShadowSchema {
                 DO UPDATE SET next_offset = EXCLUDED.next_offset, state_version = o.state_version + 1
                 """, [liveGroup, topic, PostgresArray(chosen), PostgresArray(chosen.map { replayed[$0] ?? 0 })])
             let customers = try connection.query("SELECT count(*) FROM promoted_customers").int64(0, 0) ?? 0
-            return .promoted(customers: Int(customers))
+            return .promoted(customers: Int(customers), pastLogEnd: pastLogEnd)
         }
     }
 }

@@ -104,8 +104,16 @@ struct Replay: ParsableCommand {
             // The live consumer may have moved on during the replay: replay further until the
             // handover finds it at or behind the replay.
             for attempt in 1...20 {
-                switch try shadow.promote(on: connection, liveGroup: live, replayGroup: settings.group, topic: settings.topic, partitions: subset) {
-                case .promoted(let customers):
+                let replayedPartitions = Set(try connection.query("SELECT partition FROM \(shadow.name).consumer_offsets WHERE consumer_group = $1",
+                                                                  [settings.group]).rows.compactMap { $0[0].flatMap { Int32($0) } })
+                let ends = try kafka.logEnds(subset ?? replayedPartitions, logger: logger, confirmedOnly: true)
+                switch try shadow.promote(on: connection, liveGroup: live, replayGroup: settings.group, topic: settings.topic, partitions: subset,
+                                          logEnds: ends) {
+                case .promoted(let customers, let pastLogEnd):
+                    if !pastLogEnd.isEmpty {
+                        print("  the live consumer stood past the log end on partitions \(pastLogEnd): what it counted there that the log no longer holds is replaced by what the log holds",
+                              to: &standardError)
+                    }
                     try shadow.drop(on: connection)
                     print("promoted \(shadow.name) into tally: \(customers) customers\(subset.map { " of partitions \($0.sorted().map(String.init).joined(separator: ","))" } ?? ""); the live consumer continues from the replayed offsets",
                           to: &standardError)

@@ -31,7 +31,7 @@ struct Status: ParsableCommand {
         for row in 0..<rows.rowCount {
             positions.append((rows.string(row, 0)!, Int32(try rows.int64(row, 1)!), try rows.int64(row, 2)!, rows.string(row, 3)!, rows.string(row, 4)!))
         }
-        let ends = try logEnds(Set(positions.map(\.partition)), logger: logger)
+        let ends = try kafka.logEnds(Set(positions.map(\.partition)), logger: logger)
         var worst: Int64 = 0
         let table = positions.map { position -> [String] in
             let end = ends[position.partition]
@@ -79,37 +79,5 @@ struct Status: ParsableCommand {
         }
         guard !text.isEmpty else { return }
         if format == "table" { print(text, terminator: "") } else { print(text, terminator: "", to: &standardError) }
-    }
-
-    /// The log end of each partition: the larger of the queried end and the end carried by a
-    /// fetch (Tansu answers the query with the last batch's base offset + 1; Apache Kafka answers
-    /// it exactly, and a fetch never reports more than the true end).
-    func logEnds(_ partitions: Set<Int32>, logger: Logger) throws -> [Int32: Int64] {
-        guard !partitions.isEmpty else { return [:] }
-        let consumer = try KafkaConsumer(configuration: KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties),
-                                         groupID: nil, logger: logger)
-        defer { consumer.close() }
-        var ends: [Int32: Int64] = [:]
-        var starts: [TopicPartition: Int64] = [:]
-        for partition in partitions {
-            let topicPartition = TopicPartition(kafka.topic, partition)
-            let queried = try consumer.queryWatermarks(topicPartition)
-            ends[partition] = queried.high
-            // Fetch the last record the query knows of: the response carries the true end.
-            starts[topicPartition] = max(queried.low, queried.high - 1)
-        }
-        try consumer.assign(starts)
-        let deadline = ContinuousClock.now + .seconds(5)
-        var seen = Set<Int32>()
-        while seen.count < partitions.count && ContinuousClock.now < deadline {
-            _ = consumer.poll(maxRecords: 1000, timeout: .milliseconds(200))
-            for partition in partitions {
-                if let cached = consumer.cachedWatermarks(TopicPartition(kafka.topic, partition)) {
-                    ends[partition] = max(ends[partition] ?? 0, cached.high)
-                    seen.insert(partition)
-                }
-            }
-        }
-        return ends
     }
 }

@@ -7,7 +7,7 @@ import XCTest
 /// A private database, topic pair and group for one consumer test, and helpers to drive it.
 final class AggregatorHarness: @unchecked Sendable {
     let databaseURL: String
-    let topic: String
+    private(set) var topic: String
     let group: String
     let connection: PostgresConnection
     let brokers: String
@@ -62,6 +62,16 @@ final class AggregatorHarness: @unchecked Sendable {
             let report = try result.get()
             logEnd[report.partition] = max(logEnd[report.partition] ?? 0, report.offset + 1)
         }
+    }
+
+    /// Moves the harness to a new, empty topic pair, as a broker on new storage presents its log:
+    /// later publishes, consumers and waits use it; PostgreSQL is left as it is.
+    func moveToNewTopic(partitions: Int = 4) throws {
+        let kafkaAdmin = try KafkaAdmin(configuration: KafkaConfiguration(brokers: brokers), logger: TestStack.logger)
+        topic = TestStack.unique("test.usage")
+        try kafkaAdmin.createTopic(topic, partitions: partitions)
+        try kafkaAdmin.createTopic(topic + ".dlq", partitions: partitions)
+        logEnd = [:]
     }
 
     /// Records the log end of a topic another harness published to.

@@ -184,6 +184,68 @@ final class ReplayIntegrationTests: XCTestCase {
         XCTAssertEqual(live.wait(timeout: .seconds(30)), 0, live.log)
     }
 
+    /// A log that lost records the aggregator had counted (here: the broker comes back on storage
+    /// that holds the same records but the last 40): `tally check-log` names each partition and
+    /// changes nothing; `--keep` keeps what was counted and counts what comes next exactly once;
+    /// `replay --promote` rebuilds the state from what the log holds even though the live group
+    /// stands past its end.
+    func testALogThatLostCountedRecordsIsFoundAndEitherChoiceIsExact() async throws {
+        let harness = try AggregatorHarness()
+        let kept = AggregatorHarness.events(count: 600, seed: 17, customers: 12)
+        let lost = AggregatorHarness.events(count: 40, seed: 18, customers: 12, prefix: "lost")
+        try await harness.publish(kept)
+        try await harness.publish(lost)
+        let counted = harness.logEnd
+        let first = try harness.startAggregator()
+        XCTAssertTrue(try harness.waitUntilConsumed(), first.log)
+        first.signal(SIGTERM)
+        XCTAssertEqual(first.wait(timeout: .seconds(30)), 0, first.log)
+
+        // The same records in the same order, without the last 40; PostgreSQL as the consumer left it.
+        let oldTopic = harness.topic
+        try harness.moveToNewTopic()
+        try await harness.publish(kept)
+        let survived = harness.logEnd
+        try harness.connection.query("UPDATE tally.consumer_offsets SET topic = $1 WHERE topic = $2", [harness.topic, oldTopic])
+        try harness.connection.query("UPDATE tally.topic_layouts SET topic = $1 WHERE topic = $2", [harness.topic, oldTopic])
+        let shortened = counted.keys.filter { counted[$0]! > survived[$0] ?? 0 }.sorted()
+        XCTAssertEqual(shortened.reduce(0) { $0 + counted[$1]! - (survived[$1] ?? 0) }, 40)
+
+        let check = try harness.tallyStatus(["check-log", "--topic", harness.topic])
+        XCTAssertEqual(check.status, 1, check.output)
+        for partition in shortened {
+            XCTAssertTrue(check.output.contains("group \(harness.group), partition \(partition): counted up to offset \(counted[partition]!), the log ends at \(survived[partition] ?? 0)"),
+                          check.output)
+        }
+        XCTAssertTrue(check.output.contains("tally replay --consumer aggregator --live-group \(harness.group) --promote") && check.output.contains("tally check-log --keep"),
+                      check.output)
+        XCTAssertEqual(try harness.storedOffsets(), counted, "checking changes nothing")
+
+        // Keep: what was counted stays; new events and a producer's re-send of ten lost ones count once.
+        let kept2 = try harness.tallyStatus(["check-log", "--topic", harness.topic, "--keep"])
+        XCTAssertEqual(kept2.status, 0, kept2.output)
+        XCTAssertEqual(try harness.storedOffsets().filter { $0.value > 0 }, survived.filter { $0.value > 0 })
+        let after = AggregatorHarness.events(count: 100, seed: 19, customers: 12, prefix: "after")
+        try await harness.publish(after + lost.prefix(10))
+        let second = try harness.startAggregator()
+        XCTAssertTrue(try harness.waitUntilConsumed(), second.log)
+        try harness.assertTotals(equal: AggregatorHarness.recount(kept + lost + after))
+        XCTAssertEqual(try harness.tallyStatus(["check-log", "--topic", harness.topic]).status, 0)
+        second.signal(SIGTERM)
+        XCTAssertEqual(second.wait(timeout: .seconds(30)), 0, second.log)
+
+        // Rebuild: PostgreSQL says partition 1 was counted 3 records further than the log goes; the
+        // replay rebuilds every partition from what the log holds, lost records gone.
+        try harness.connection.query("UPDATE tally.consumer_offsets SET next_offset = next_offset + 3 WHERE topic = $1 AND partition = 1", [harness.topic])
+        let rebuild = try harness.tallyStatus(["replay", "--consumer", "aggregator", "--topic", harness.topic, "--live-group", harness.group, "--promote"])
+        XCTAssertEqual(rebuild.status, 0, rebuild.output)
+        XCTAssertTrue(rebuild.output.contains("stood past the log end on partitions [1]"), rebuild.output)
+        XCTAssertEqual(try harness.storedOffsets().filter { $0.value > 0 }, harness.logEnd.filter { $0.value > 0 })
+        try harness.assertTotals(equal: AggregatorHarness.recount(kept + after + lost.prefix(10)))
+        let reconcile = try harness.tallyStatus(["reconcile", "--topic", harness.topic, "--aggregator-group", harness.group, "--rater-group", "none"])
+        XCTAssertEqual(reconcile.status, 0, reconcile.output)
+    }
+
     /// The dashboard views over a known dataset, checked against the test's own recount.
     func testDashboardViewsMatchTheDataset() async throws {
         let (harness, events) = try await preparedHarness()
