@@ -96,7 +96,15 @@ let package = Package(
             name: "tally-bench",
             dependencies: ["TallyCore", "TallyKafka", "TallyPipeline", .product(name: "Logging", package: "swift-log")]),
 
+        // In-memory twins of the pipeline's I/O (record source, dead-letter sink, stores) and
+        // fault decorators, for in-process tests; no executable links it.
+        .target(name: "TallyTesting", dependencies: ["TallyCore", "TallyKafka", "TallyPipeline"]),
+
         .testTarget(name: "TallyCoreTests", dependencies: ["TallyCore"], resources: [.copy("Fixtures")]),
+        // The consumer loop in-process: fencing, resync, rebalances, lanes, poison records, determinism.
+        .testTarget(
+            name: "TallyPipelineTests",
+            dependencies: ["TallyCore", "TallyKafka", "TallyPipeline", "TallyTesting", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "TallyIntegrationTests",
             dependencies: ["TallyCore", "TallyKafka", "TallyPostgres"],

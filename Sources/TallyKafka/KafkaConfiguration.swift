@@ -91,6 +91,11 @@ public struct KafkaHeader: Hashable, Sendable {
 public struct Watermarks: Hashable, Sendable {
     public let low: Int64
     public let high: Int64
+
+    public init(low: Int64, high: Int64) {
+        self.low = low
+        self.high = high
+    }
 }
 
 /// Helpers for `rd_kafka_topic_partition_list_t`, which never leaves this target.

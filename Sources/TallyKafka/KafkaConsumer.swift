@@ -15,6 +15,17 @@ public struct ConsumerRecord: Sendable {
 
     public var topicPartition: TopicPartition { TopicPartition(topic, partition) }
 
+    public init(topic: String, partition: Int32, offset: Int64, key: [UInt8]?, value: [UInt8]?,
+                headers: [KafkaHeader] = [], timestampMilliseconds: Int64? = nil) {
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.timestampMilliseconds = timestampMilliseconds
+    }
+
     public func header(_ name: String) -> [UInt8]? {
         headers.last(where: { $0.name == name })?.value ?? nil
     }
@@ -147,6 +158,13 @@ public final class KafkaConsumer: @unchecked Sendable {
             _ = context.rebalance?(.revoked(owned, lost: true))
             _ = rd_kafka_assign(rk, nil)
         }
+    }
+
+    /// Joins the group and subscribes to `topics` with `onRebalance` as the rebalance handler
+    /// (replacing the one given at creation); assignments arrive through `poll`.
+    public func subscribe(_ topics: [String], onRebalance: @escaping (RebalanceEvent) -> [TopicPartition: Int64]) throws(KafkaError) {
+        context.rebalance = onRebalance
+        try subscribe(topics)
     }
 
     /// Joins the group and subscribes to `topics`; assignments arrive through `poll`.

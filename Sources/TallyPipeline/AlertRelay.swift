@@ -60,28 +60,28 @@ public final class AlertRelay: @unchecked Sendable {
                 """)
             var records: [ProducerRecord] = []
             for row in 0..<alerts.rowCount {
-                records.append(record(type: "tally.wallet.low_balance", id: alerts.string(row, 0)!, customer: alerts.string(row, 1)!,
-                                      time: alerts.string(row, 5)!, fields: [
-                                          ("currency", alerts.string(row, 2)!),
-                                          ("threshold", Money.format(nanos: try alerts.int64(row, 3)!)),
-                                          ("balance", Money.format(nanos: try alerts.int64(row, 4)!)),
+                records.append(record(type: "tally.wallet.low_balance", id: try alerts.value(row, 0, as: String.self), customer: try alerts.value(row, 1, as: String.self),
+                                      time: try alerts.value(row, 5, as: String.self), fields: [
+                                          ("currency", try alerts.value(row, 2, as: String.self)),
+                                          ("threshold", Money.format(nanos: try alerts.value(row, 3, as: Int64.self))),
+                                          ("balance", Money.format(nanos: try alerts.value(row, 4, as: Int64.self))),
                                       ]))
             }
             for row in 0..<topUps.rowCount {
-                records.append(record(type: "tally.wallet.topup_requested", id: topUps.string(row, 0)!, customer: topUps.string(row, 1)!,
-                                      time: topUps.string(row, 6)!, fields: [
-                                          ("currency", topUps.string(row, 2)!),
-                                          ("below", Money.format(nanos: try topUps.int64(row, 3)!)),
-                                          ("amount", Money.format(nanos: try topUps.int64(row, 4)!)),
-                                          ("balance", Money.format(nanos: try topUps.int64(row, 5)!)),
+                records.append(record(type: "tally.wallet.topup_requested", id: try topUps.value(row, 0, as: String.self), customer: try topUps.value(row, 1, as: String.self),
+                                      time: try topUps.value(row, 6, as: String.self), fields: [
+                                          ("currency", try topUps.value(row, 2, as: String.self)),
+                                          ("below", Money.format(nanos: try topUps.value(row, 3, as: Int64.self))),
+                                          ("amount", Money.format(nanos: try topUps.value(row, 4, as: Int64.self))),
+                                          ("balance", Money.format(nanos: try topUps.value(row, 5, as: Int64.self))),
                                       ]))
             }
             guard !records.isEmpty else { return 0 }
             guard producer.sendAll(records, what: "alert publish", shouldStop: { stop.isSet }) else { return 0 }
             try connection.query("UPDATE balance_alerts SET published_at = now() WHERE alert_id = ANY($1::text[])",
-                                 [PostgresArray((0..<alerts.rowCount).map { alerts.string($0, 0)! })])
+                                 [PostgresArray((0..<alerts.rowCount).map { try alerts.value($0, 0, as: String.self) })])
             try connection.query("UPDATE topup_requests SET published_at = now() WHERE request_id = ANY($1::text[])",
-                                 [PostgresArray((0..<topUps.rowCount).map { topUps.string($0, 0)! })])
+                                 [PostgresArray((0..<topUps.rowCount).map { try topUps.value($0, 0, as: String.self) })])
             return records.count
         }
     }

@@ -34,7 +34,7 @@ public struct BillingCatalogStore {
             UNION SELECT model FROM rated_usage WHERE period_start + interval '1 month' > $1::timestamptz - interval '35 days'
             ORDER BY 1
             """, [book.effectiveFrom.text])
-        return (0..<usage.rowCount).map { usage.string($0, 0)! }.filter { previous.prices(for: $0) != nil && book.prices(for: $0) == nil }
+        return try (0..<usage.rowCount).map { try usage.value($0, 0, as: String.self) }.filter { previous.prices(for: $0) != nil && book.prices(for: $0) == nil }
     }
 
     /// Stores a book as the next version of its (name, customer); returns that version, or the
@@ -47,8 +47,8 @@ public struct BillingCatalogStore {
             let latest = try connection.query("""
                 SELECT version, document FROM price_books WHERE book_name = $1 AND book_customer = $2 ORDER BY version DESC LIMIT 1
                 """, [book.name, book.customerID ?? ""])
-            if latest.rowCount == 1, latest.string(0, 1) == document { return (Int(try latest.int64(0, 0)!), false) }
-            let version = latest.rowCount == 1 ? Int(try latest.int64(0, 0)!) + 1 : 1
+            if latest.rowCount == 1, latest.string(0, 1) == document { return (Int(try latest.value(0, 0, as: Int64.self)), false) }
+            let version = latest.rowCount == 1 ? Int(try latest.value(0, 0, as: Int64.self)) + 1 : 1
             try connection.query("""
                 INSERT INTO price_books (book_name, book_customer, version, effective_from, currency, document)
                 VALUES ($1, $2, $3, $4::timestamptz, $5, $6)
@@ -65,9 +65,9 @@ public struct BillingCatalogStore {
             ORDER BY book_customer, book_name, version
             """, [name])
         return try (0..<result.rowCount).map { row in
-            PriceBookVersion(name: result.string(row, 0)!, customerID: result.string(row, 1).flatMap { $0.isEmpty ? nil : $0 },
-                             version: Int(try result.int64(row, 2)!), effectiveFrom: result.string(row, 3)!, currency: result.string(row, 4)!,
-                             appliedAt: result.string(row, 5)!, document: result.string(row, 6)!)
+            PriceBookVersion(name: try result.value(row, 0, as: String.self), customerID: result.string(row, 1).flatMap { $0.isEmpty ? nil : $0 },
+                             version: Int(try result.value(row, 2, as: Int64.self)), effectiveFrom: try result.value(row, 3, as: String.self), currency: try result.value(row, 4, as: String.self),
+                             appliedAt: try result.value(row, 5, as: String.self), document: try result.value(row, 6, as: String.self))
         }
     }
 
@@ -117,11 +117,11 @@ public struct BillingCatalogStore {
             """, [PostgresArray(customerIDs)])
         var profiles: [String: BillingProfile] = [:]
         for row in 0..<result.rowCount {
-            var profile = BillingProfile(customerID: result.string(row, 0)!)
-            profile.plan = result.string(row, 1)!
-            profile.currency = Currency(result.string(row, 2)!) ?? profile.currency
-            profile.anchorDay = Int(try result.int64(row, 3)!)
-            profile.subscriptionFeeNanos = try result.int64(row, 4)!
+            var profile = BillingProfile(customerID: try result.value(row, 0, as: String.self))
+            profile.plan = try result.value(row, 1, as: String.self)
+            profile.currency = Currency(try result.value(row, 2, as: String.self)) ?? profile.currency
+            profile.anchorDay = Int(try result.value(row, 3, as: Int64.self))
+            profile.subscriptionFeeNanos = try result.value(row, 4, as: Int64.self)
             profile.overage = result.string(row, 5) == "stop" ? .stop : .allow(limitNanos: try result.int64(row, 6))
             profile.lowBalanceThresholdsNanos = (result.string(row, 7) ?? "").split(separator: ",").compactMap { Int64($0) }
             if let below = try result.int64(row, 8), let amount = try result.int64(row, 9) {

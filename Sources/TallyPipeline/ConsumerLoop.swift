@@ -106,12 +106,12 @@ public final class ConsumerLoop: @unchecked Sendable {
     private let settings: ConsumerSettings
     private let store: any ConsumerStore
     /// Used on the commit queue only.
-    private let deadLetterProducer: BlockingProducer
+    private let deadLetterSink: any DeadLetterSink
     /// Touched on the commit queue only.
     private var commitsForFault = 0
     private let logger: Logger
     private let stopFlag: SharedFlag
-    private var consumer: KafkaConsumer!
+    private let consumer: any RecordSource
     /// Partitions this instance owns, with the epoch it claimed and its committed position.
     private var owned: [Int32: PartitionClaim] = [:]
     /// Where the next prepared batch starts per partition: ahead of `owned` while a batch is in flight.
@@ -134,22 +134,25 @@ public final class ConsumerLoop: @unchecked Sendable {
         var result: Result<BatchOutcome, Error> = .success(BatchOutcome())
     }
 
-    public init(kafka: KafkaConfiguration, store: any ConsumerStore, settings: ConsumerSettings,
-                logger: Logger, stop: SharedFlag) throws {
+    /// A loop over any record source and dead-letter sink (tests pass in-memory twins).
+    public init(source: any RecordSource, deadLetters: any DeadLetterSink, store: any ConsumerStore,
+                settings: ConsumerSettings, logger: Logger, stop: SharedFlag) {
         self.settings = settings
         self.metrics = ConsumerMetrics(prefix: settings.metricsPrefix)
         self.store = store
         self.logger = logger
         self.stopFlag = stop
-        deadLetterProducer = try BlockingProducer(configuration: kafka, logger: logger)
-        // The handler runs inside poll on this loop's thread; `self` outlives the consumer.
-        let handler = RebalanceHandler()
-        consumer = try KafkaConsumer(configuration: kafka, groupID: settings.group, logger: logger) { handler.loop?.rebalanced($0) ?? [:] }
-        handler.loop = self
+        self.consumer = source
+        self.deadLetterSink = deadLetters
     }
 
-    private final class RebalanceHandler: @unchecked Sendable {
-        weak var loop: ConsumerLoop?
+    /// A loop reading `settings.topic` in consumer group `settings.group` from Kafka, with its
+    /// dead letters published to `settings.deadLetterTopic`.
+    public convenience init(kafka: KafkaConfiguration, store: any ConsumerStore, settings: ConsumerSettings,
+                            logger: Logger, stop: SharedFlag) throws {
+        self.init(source: try KafkaConsumer(configuration: kafka, groupID: settings.group, logger: logger),
+                  deadLetters: try BlockingProducer(configuration: kafka, logger: logger),
+                  store: store, settings: settings, logger: logger, stop: stop)
     }
 
     private func rebalanced(_ event: RebalanceEvent) -> [TopicPartition: Int64] {
@@ -169,7 +172,7 @@ public final class ConsumerLoop: @unchecked Sendable {
                     }
                     logger.info("assigned partitions \(numbers.sorted()) at offsets \(claims.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.nextOffset)" })")
                     return Dictionary(uniqueKeysWithValues: claims.map { (TopicPartition(settings.topic, $0.key), $0.value.nextOffset) })
-                } catch let error as PostgresError where error.isRetryable && !stopFlag.isSet {
+                } catch let error as any RetryableFailure where error.isRetryable && !stopFlag.isSet {
                     logger.warning("claiming partitions failed, retrying: \(error)")
                     Thread.sleep(forTimeInterval: 0.5)
                 } catch {
@@ -192,7 +195,8 @@ public final class ConsumerLoop: @unchecked Sendable {
     public func run() throws {
         partitionCount = try readPartitionCount()
         try settings.checkLayout?(TopicLayout(partitioner: settings.partitioner, partitions: partitionCount))
-        try consumer.subscribe([settings.topic])
+        // The handler runs inside poll on this thread; the source lives no longer than the loop.
+        try consumer.subscribe([settings.topic]) { [unowned self] event in rebalanced(event) }
         var lastStats = ContinuousClock.now
         defer {
             // Whatever happens, nothing is left in flight when the group is left.
@@ -474,7 +478,7 @@ public final class ConsumerLoop: @unchecked Sendable {
                     outcome.resync.merge(offsets) { $1 }
                     pending = pending.removing(Set(offsets.keys))
                 }
-            } catch let error as PostgresError where error.isRetryable {
+            } catch let error as any RetryableFailure where error.isRetryable {
                 if stopFlag.isSet {
                     outcome.abandoned = true
                     outcome.commitTime = ContinuousClock.now - started
@@ -506,7 +510,7 @@ public final class ConsumerLoop: @unchecked Sendable {
                 KafkaHeader("tally.consumer.group", string: settings.group),
             ])
         }
-        return deadLetterProducer.sendAll(records, what: "dead-letter publish", shouldStop: { stopFlag.isSet })
+        return deadLetterSink.sendAll(records, what: "dead-letter publish", shouldStop: { stopFlag.isSet })
     }
 
     private func isCaughtUp() -> Bool {

@@ -6,6 +6,11 @@ import TallyPostgres
 public struct PartitionClaim: Sendable, Equatable {
     public var epoch: Int64
     public var nextOffset: Int64
+
+    public init(epoch: Int64, nextOffset: Int64) {
+        self.epoch = epoch
+        self.nextOffset = nextOffset
+    }
 }
 
 /// A poison record on its way to the dead-letter table.
@@ -71,6 +76,17 @@ public struct DedupSummary: Sendable, Equatable {
     public var unpriced = 0
     /// Rater only: records kept aside in `tally.unrateable_records`, one line each (logged by the loop).
     public var unrateable: [String] = []
+
+    public init(accepted: Int = 0, duplicates: Int = 0, conflicts: [EventConflict] = [], deadLetters: Int = 0,
+                grants: Int = 0, unpriced: Int = 0, unrateable: [String] = []) {
+        self.accepted = accepted
+        self.duplicates = duplicates
+        self.conflicts = conflicts
+        self.deadLetters = deadLetters
+        self.grants = grants
+        self.unpriced = unpriced
+        self.unrateable = unrateable
+    }
 }
 
 /// A consumer's state in PostgreSQL: what a batch changes, committed with its offsets.
@@ -141,7 +157,7 @@ public final class ConsumerTables: @unchecked Sendable {
                 """, [group, topic, instanceID, PostgresArray(partitions.sorted())])
             var claims: [Int32: PartitionClaim] = [:]
             for row in 0..<result.rowCount {
-                claims[Int32(try result.int64(row, 0)!)] = PartitionClaim(epoch: try result.int64(row, 2)!, nextOffset: try result.int64(row, 1)!)
+                claims[Int32(try result.value(row, 0, as: Int64.self))] = PartitionClaim(epoch: try result.value(row, 2, as: Int64.self), nextOffset: try result.value(row, 1, as: Int64.self))
             }
             try alsoInTransaction(connection, claims)
             return claims
@@ -196,9 +212,9 @@ public final class ConsumerTables: @unchecked Sendable {
                 var movedPartitions = Set<Int32>()
                 var stateVersions: [Int32: Int64] = [:]
                 for row in 0..<moved.rowCount {
-                    let partition = Int32(try moved.int64(row, 0)!)
+                    let partition = Int32(try moved.value(row, 0, as: Int64.self))
                     movedPartitions.insert(partition)
-                    stateVersions[partition] = try moved.int64(row, 1)!
+                    stateVersions[partition] = try moved.value(row, 1, as: Int64.self)
                 }
                 let missing = Set(partitions).subtracting(movedPartitions)
                 // Throwing rolls the transaction back before anything else was written.
@@ -228,10 +244,10 @@ public final class ConsumerTables: @unchecked Sendable {
         var fenced = Set(partitions)
         var resync: [Int32: Int64] = [:]
         for row in 0..<result.rowCount {
-            let partition = Int32(try result.int64(row, 0)!)
-            let epoch = try result.int64(row, 2)!
+            let partition = Int32(try result.value(row, 0, as: Int64.self))
+            let epoch = try result.value(row, 2, as: Int64.self)
             if epoch == batch.moves[partition]?.epoch {
-                resync[partition] = try result.int64(row, 1)!
+                resync[partition] = try result.value(row, 1, as: Int64.self)
                 fenced.remove(partition)
             }
         }
@@ -265,8 +281,8 @@ public final class ConsumerTables: @unchecked Sendable {
                   DedupKey.anySource])
         var cacheLacked = false
         for row in 0..<result.rowCount {
-            let key = keys[Int(try result.int64(row, 0)!) - 1]
-            let hash = UInt64(bitPattern: try result.int64(row, 1)!)
+            let key = keys[Int(try result.value(row, 0, as: Int64.self)) - 1]
+            let hash = UInt64(bitPattern: try result.value(row, 1, as: Int64.self))
             stored[key] = hash
             if keyCache[key] == nil { cacheLacked = true }
             // Committed already, so true whatever happens to this transaction.

@@ -54,14 +54,14 @@ public struct InvoiceStore {
             WHERE NOT EXISTS (SELECT 1 FROM invoices i WHERE i.customer_id = r.customer_id AND i.period_start = r.period_start)
             ORDER BY 1, 2
             """)
-        let customers = Array(Set((0..<open.rowCount).map { open.string($0, 0)! }))
+        let customers = Array(Set(try (0..<open.rowCount).map { try open.value($0, 0, as: String.self) }))
         let profiles = try catalog.profiles(customers)
         let priceCatalog = try catalog.loadCatalog()
         var closing = InvoiceClosing()
         for row in 0..<open.rowCount {
-            let customer = open.string(row, 0)!
+            let customer = try open.value(row, 0, as: String.self)
             let profile = profiles[customer] ?? BillingProfile(customerID: customer)
-            let period = profile.period(containing: try open.int64(row, 1)!)
+            let period = profile.period(containing: try open.value(row, 1, as: Int64.self))
             guard period.end <= cutoff else { continue }
             try close(customer: customer, profile: profile, period: period, catalog: priceCatalog, into: &closing)
         }
@@ -73,7 +73,7 @@ public struct InvoiceStore {
         let result = try connection.query("""
             SELECT customer_id FROM customers UNION SELECT DISTINCT customer_id FROM rated_usage
             """)
-        return (0..<result.rowCount).map { result.string($0, 0)! }
+        return try (0..<result.rowCount).map { try result.value($0, 0, as: String.self) }
     }
 
     private func close(customer: String, profile: BillingProfile, period: BillingPeriod, catalog: PriceCatalog,
@@ -81,10 +81,9 @@ public struct InvoiceStore {
         let currencies = try connection.query("""
             SELECT DISTINCT currency FROM rated_usage WHERE customer_id = $1 AND period_start <= \(microsecondsToTimestamp) $2::bigint
             """, [customer, period.start])
-        var codes = Set((0..<currencies.rowCount).map { currencies.string($0, 0)! })
-        codes.insert(profile.currency.code)
-        for code in codes.sorted() {
-            let currency = Currency(code)!
+        var currencySet = Set(try (0..<currencies.rowCount).map { try currencies.value($0, 0, parsedBy: Currency.init) })
+        currencySet.insert(profile.currency)
+        for currency in currencySet.sorted(by: { $0.code < $1.code }) {
             var inputs = InvoiceInputs(customerID: customer, period: period, currency: currency)
             if currency == profile.currency { inputs.subscriptionFeeNanos = profile.subscriptionFeeNanos }
             let time = EventTime(microseconds: period.start)
@@ -93,9 +92,9 @@ public struct InvoiceStore {
             if let book, book.currency == currency { inputs.minimumNanos = book.minimumPerPeriodNanos }
             let existing = try connection.query("""
                 SELECT invoice_id FROM invoices WHERE customer_id = $1 AND currency = $2 AND period_start = \(microsecondsToTimestamp) $3::bigint
-                """, [customer, code, period.start])
+                """, [customer, currency.code, period.start])
             if existing.rowCount > 0 {
-                closing.alreadyClosed.append(existing.string(0, 0)!)
+                closing.alreadyClosed.append(try existing.value(0, 0, as: String.self))
                 continue
             }
             try load(&inputs)
@@ -124,9 +123,9 @@ public struct InvoiceStore {
             FROM rated_usage WHERE customer_id = $1 AND currency = $2 AND \(periods)
             """, parameters)
         for row in 0..<charges.rowCount {
-            inputs.charges.append(RatedCharge(periodStart: try charges.int64(row, 0)!, item: try item(charges, row, from: 1),
-                                              quantity: try charges.int64(row, 7)!, amountNanos: try charges.int64(row, 8)!,
-                                              pricing: charges.string(row, 9)!))
+            inputs.charges.append(RatedCharge(periodStart: try charges.value(row, 0, as: Int64.self), item: try item(charges, row, from: 1),
+                                              quantity: try charges.value(row, 7, as: Int64.self), amountNanos: try charges.value(row, 8, as: Int64.self),
+                                              pricing: try charges.value(row, 9, as: String.self)))
         }
         let invoiced = try connection.query("""
             SELECT \(microseconds("l.covers_period_start")), l.book_name, l.book_customer, l.book_version, l.model, l.token_type,
@@ -136,28 +135,28 @@ public struct InvoiceStore {
             GROUP BY 1, 2, 3, 4, 5, 6, 7
             """, [inputs.customerID, inputs.currency.code])
         for row in 0..<invoiced.rowCount {
-            inputs.invoiced.append(InvoicedCharge(periodStart: try invoiced.int64(row, 0)!, item: try item(invoiced, row, from: 1),
-                                                  quantity: try invoiced.int128(row, 7)!, exactNanos: try invoiced.int128(row, 8)!))
+            inputs.invoiced.append(InvoicedCharge(periodStart: try invoiced.value(row, 0, as: Int64.self), item: try item(invoiced, row, from: 1),
+                                                  quantity: try invoiced.value(row, 7, as: Int128.self), exactNanos: try invoiced.value(row, 8, as: Int128.self)))
         }
         let drawn = try connection.query("""
             SELECT \(microseconds("period_start")), -sum(amount_nanos) FROM wallet_ledger
             WHERE customer_id = $1 AND currency = $2 AND kind = 'usage' AND grant_id IS NOT NULL AND \(periods)
             GROUP BY period_start
             """, parameters)
-        for row in 0..<drawn.rowCount { inputs.creditsDrawn[try drawn.int64(row, 0)!] = try drawn.int128(row, 1)! }
+        for row in 0..<drawn.rowCount { inputs.creditsDrawn[try drawn.value(row, 0, as: Int64.self)] = try drawn.value(row, 1, as: Int128.self) }
         let applied = try connection.query("""
             SELECT \(microseconds("l.covers_period_start")), -sum(l.exact_amount_nanos)
             FROM invoice_lines l JOIN invoices i USING (invoice_id)
             WHERE i.customer_id = $1 AND i.currency = $2 AND l.kind = 'credits' GROUP BY 1
             """, [inputs.customerID, inputs.currency.code])
-        for row in 0..<applied.rowCount { inputs.creditsInvoiced[try applied.int64(row, 0)!] = try applied.int128(row, 1)! }
+        for row in 0..<applied.rowCount { inputs.creditsInvoiced[try applied.value(row, 0, as: Int64.self)] = try applied.value(row, 1, as: Int128.self) }
     }
 
     /// The price item in six columns: book name, book customer, version, model, token type, context tier.
     private func item(_ result: PostgresResult, _ row: Int, from column: Int) throws -> PriceItem {
-        PriceItem(bookName: result.string(row, column)!, bookCustomer: result.string(row, column + 1)!,
-                  bookVersion: Int(try result.int64(row, column + 2)!), model: result.string(row, column + 3)!,
-                  tokenType: TokenType(rawValue: result.string(row, column + 4)!)!, contextAbove: try result.int64(row, column + 5) ?? 0)
+        PriceItem(bookName: try result.value(row, column, as: String.self), bookCustomer: try result.value(row, column + 1, as: String.self),
+                  bookVersion: Int(try result.value(row, column + 2, as: Int64.self)), model: try result.value(row, column + 3, as: String.self),
+                  tokenType: try result.value(row, column + 4, parsedBy: TokenType.init(rawValue:)), contextAbove: try result.int64(row, column + 5) ?? 0)
     }
 
     /// Stores the invoice and its lines; false when the period was closed concurrently.
@@ -196,9 +195,9 @@ public struct InvoiceStore {
             FROM invoices WHERE $1::text IS NULL OR customer_id = $1 ORDER BY period_start DESC, customer_id, currency
             """, [customerID])
         return try (0..<result.rowCount).map { row in
-            let currency = Currency(result.string(row, 3)!)!
-            return (result.string(row, 0)!, result.string(row, 1)!, result.string(row, 2)!, currency.code,
-                    currency.format(try result.int64(row, 4)!), result.string(row, 5)!)
+            let currency = try result.value(row, 3, parsedBy: Currency.init)
+            return (try result.value(row, 0, as: String.self), try result.value(row, 1, as: String.self), try result.value(row, 2, as: String.self), currency.code,
+                    currency.format(try result.value(row, 4, as: Int64.self)), try result.value(row, 5, as: String.self))
         }
     }
 
@@ -209,20 +208,20 @@ public struct InvoiceStore {
             WHERE customer_id = $1 AND to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') = $2 ORDER BY currency LIMIT 1
             """, [customerID, periodLabel])
         guard header.rowCount == 1 else { return nil }
-        let invoiceID = header.string(0, 0)!
+        let invoiceID = try header.value(0, 0, as: String.self)
         let lines = try connection.query("""
             SELECT kind, description, \(microseconds("covers_period_start")), book_name, book_customer, book_version, model, token_type,
                    context_above, quantity, unit_price, exact_amount_nanos, amount_nanos
             FROM invoice_lines WHERE invoice_id = $1 ORDER BY line_no
             """, [invoiceID])
         let parsed = try (0..<lines.rowCount).map { row in
-            InvoiceLine(kind: InvoiceLineKind(rawValue: lines.string(row, 0)!)!, description: lines.string(row, 1)!,
-                        coversPeriodStart: try lines.int64(row, 2)!, item: lines.isNull(row, 3) ? nil : try item(lines, row, from: 3),
-                        quantity: try lines.int64(row, 9), unitPrice: lines.string(row, 10), exactNanos: try lines.int64(row, 11)!,
-                        amountNanos: try lines.int64(row, 12)!)
+            InvoiceLine(kind: try lines.value(row, 0, parsedBy: InvoiceLineKind.init(rawValue:)), description: try lines.value(row, 1, as: String.self),
+                        coversPeriodStart: try lines.value(row, 2, as: Int64.self), item: lines.isNull(row, 3) ? nil : try item(lines, row, from: 3),
+                        quantity: try lines.int64(row, 9), unitPrice: lines.string(row, 10), exactNanos: try lines.value(row, 11, as: Int64.self),
+                        amountNanos: try lines.value(row, 12, as: Int64.self))
         }
         return Invoice(invoiceID: invoiceID, customerID: customerID,
-                       period: BillingPeriod(start: try header.int64(0, 1)!, end: try header.int64(0, 2)!),
-                       currency: Currency(header.string(0, 3)!)!, lines: parsed)
+                       period: BillingPeriod(start: try header.value(0, 1, as: Int64.self), end: try header.value(0, 2, as: Int64.self)),
+                       currency: try header.value(0, 3, parsedBy: Currency.init), lines: parsed)
     }
 }

@@ -40,7 +40,7 @@ public struct KeySourceBackfill {
             let grants = table == "rater_event_keys" ? " OR event_source = ''" : ""
             let rows = try connection.query("SELECT partition, record_offset FROM tally.\(table) WHERE event_source = $1\(grants)",
                                             [DedupKey.anySource])
-            for row in 0..<rows.rowCount { wanted[Int32(try rows.int64(row, 0)!), default: []].insert(try rows.int64(row, 1)!) }
+            for row in 0..<rows.rowCount { wanted[Int32(try rows.value(row, 0, as: Int64.self)), default: []].insert(try rows.value(row, 1, as: Int64.self)) }
         }
         var outcome = Outcome()
         guard !wanted.isEmpty else { return outcome }

@@ -71,7 +71,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                 RETURNING partition, signed_from_offset
                 """, [tables.topic, PostgresArray(sorted.map(\.key)), PostgresArray(sorted.map(\.value.nextOffset))])
             for row in 0..<rows.rowCount {
-                horizon.set(Int32(try rows.int64(row, 0)!), try rows.int64(row, 1)!)
+                horizon.set(Int32(try rows.value(row, 0, as: Int64.self)), try rows.value(row, 1, as: Int64.self))
             }
         }
     }
@@ -180,9 +180,9 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             """, chargeKeyArrays(list))
         for row in 0..<result.rowCount {
             let key = try chargeKey(result, row: row, from: 0)
-            state.charges[key] = ChargeTotal(quantity: try result.int64(row, 9)!, amountNanos: try result.int64(row, 10)!,
-                                             currency: Currency(result.string(row, 8)!)!)
-            storedCharges[key] = try result.int64(row, 11)!
+            state.charges[key] = ChargeTotal(quantity: try result.value(row, 9, as: Int64.self), amountNanos: try result.value(row, 10, as: Int64.self),
+                                             currency: try result.value(row, 8, parsedBy: Currency.init))
+            storedCharges[key] = try result.value(row, 11, as: Int64.self)
         }
     }
 
@@ -191,10 +191,10 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
 
     /// The charge key in the eight `chargeKeyColumns` of a result row, starting at column `first`.
     private func chargeKey(_ result: PostgresResult, row: Int, from first: Int) throws -> ChargeKey {
-        let item = PriceItem(bookName: result.string(row, first + 2)!, bookCustomer: result.string(row, first + 3)!,
-                             bookVersion: Int(try result.int64(row, first + 4)!), model: result.string(row, first + 5)!,
-                             tokenType: TokenType(rawValue: result.string(row, first + 6)!)!, contextAbove: try result.int64(row, first + 7)!)
-        return ChargeKey(customerID: result.string(row, first)!, periodStart: try result.int64(row, first + 1)!, item: item)
+        let item = PriceItem(bookName: try result.value(row, first + 2, as: String.self), bookCustomer: try result.value(row, first + 3, as: String.self),
+                             bookVersion: Int(try result.value(row, first + 4, as: Int64.self)), model: try result.value(row, first + 5, as: String.self),
+                             tokenType: try result.value(row, first + 6, parsedBy: TokenType.init(rawValue:)), contextAbove: try result.value(row, first + 7, as: Int64.self))
+        return ChargeKey(customerID: try result.value(row, first, as: String.self), periodStart: try result.value(row, first + 1, as: Int64.self), item: item)
     }
 
     private func chargeKeyArrays(_ keys: [ChargeKey]) -> [(any PostgresEncodable)?] {
@@ -237,7 +237,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             """, chargeKeyArrays(new) + [PostgresArray(totals.map(\.currency.code)), PostgresArray(totals.map(\.quantity)),
                                          PostgresArray(totals.map(\.amountNanos)), PostgresArray(pricing)])
         for row in 0..<inserted.rowCount {
-            storedCharges[try chargeKey(inserted, row: row, from: 1)] = try inserted.int64(row, 0)!
+            storedCharges[try chargeKey(inserted, row: row, from: 1)] = try inserted.value(row, 0, as: Int64.self)
         }
     }
 
@@ -249,8 +249,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             FROM wallets WHERE customer_id = ANY($1::text[])
             """, [PostgresArray(customers)])
         for row in 0..<result.rowCount {
-            let key = WalletKey(customerID: result.string(row, 0)!, currency: Currency(result.string(row, 1)!)!)
-            wallets[key] = WalletState(balanceNanos: try result.int64(row, 2)!, blocked: result.bool(row, 3)!, blockedSince: try result.int64(row, 4))
+            let key = WalletKey(customerID: try result.value(row, 0, as: String.self), currency: try result.value(row, 1, parsedBy: Currency.init))
+            wallets[key] = WalletState(balanceNanos: try result.value(row, 2, as: Int64.self), blocked: try result.value(row, 3, as: Bool.self), blockedSince: try result.int64(row, 4))
         }
         let grants = try connection.query("""
             SELECT customer_id, currency, grant_id, amount_nanos, remaining_nanos, priority, \(microseconds("expires_at")),
@@ -259,11 +259,11 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             ORDER BY customer_id, grant_id
             """, [PostgresArray(customers)])
         for row in 0..<grants.rowCount {
-            let key = WalletKey(customerID: grants.string(row, 0)!, currency: Currency(grants.string(row, 1)!)!)
+            let key = WalletKey(customerID: try grants.value(row, 0, as: String.self), currency: try grants.value(row, 1, parsedBy: Currency.init))
             wallets[key, default: WalletState()].grants.append(GrantBalance(
-                grantID: grants.string(row, 2)!, amountNanos: try grants.int64(row, 3)!, remainingNanos: try grants.int64(row, 4)!,
-                priority: try grants.int64(row, 5)!, expiresAt: try grants.int64(row, 6), grantedAt: try grants.int64(row, 7)!,
-                source: GrantSource(rawValue: grants.string(row, 8)!) ?? .purchase))
+                grantID: try grants.value(row, 2, as: String.self), amountNanos: try grants.value(row, 3, as: Int64.self), remainingNanos: try grants.value(row, 4, as: Int64.self),
+                priority: try grants.value(row, 5, as: Int64.self), expiresAt: try grants.int64(row, 6), grantedAt: try grants.value(row, 7, as: Int64.self),
+                source: GrantSource(rawValue: try grants.value(row, 8, as: String.self)) ?? .purchase))
         }
         for (key, wallet) in wallets { state[wallet: key] = wallet }
     }
@@ -385,7 +385,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
               ON u.customer_id = k.c AND u.event_id = k.e AND u.event_source IN (k.s, $4)
             """, [PostgresArray(candidates.map(\.key.customerID)), PostgresArray(candidates.map(\.key.source)),
                   PostgresArray(candidates.map(\.key.eventID)), DedupKey.anySource])
-        let keptIndices = Set(try (0..<kept.rowCount).map { Int(try kept.int64($0, 0)!) - 1 })
+        let keptIndices = Set(try (0..<kept.rowCount).map { Int(try kept.value($0, 0, as: Int64.self)) - 1 })
         return candidates.indices.filter { keptIndices.contains($0) }.map { candidates[$0] }
     }
 

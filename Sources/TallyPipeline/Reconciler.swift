@@ -104,7 +104,7 @@ public struct Reconciler {
             for (group, isAggregator) in [(aggregatorGroup, true), (raterGroup, false)] {
                 let result = try connection.query("SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2", [group, topic])
                 for row in 0..<result.rowCount {
-                    let partition = Int32(try result.int64(row, 0)!), offset = try result.int64(row, 1)!
+                    let partition = Int32(try result.value(row, 0, as: Int64.self)), offset = try result.value(row, 1, as: Int64.self)
                     if isAggregator { snapshot.aggregatorOffsets[partition] = offset } else { snapshot.raterOffsets[partition] = offset }
                 }
             }
@@ -114,9 +114,9 @@ public struct Reconciler {
                 FROM usage_windows WHERE $1::text IS NULL OR customer_id = $1
                 """, [customerID])
             for row in 0..<windows.rowCount {
-                let key = Self.windowKey(windows.string(row, 0)!, try windows.int64(row, 1)!, windows.string(row, 2)!, windows.string(row, 3)!,
-                                         windows.string(row, 4)!, windows.string(row, 5)!)
-                snapshot.windows[key] = (windows.string(row, 0)!, try (6...12).map { try windows.int128(row, $0)! })
+                let key = Self.windowKey(try windows.value(row, 0, as: String.self), try windows.value(row, 1, as: Int64.self), try windows.value(row, 2, as: String.self), try windows.value(row, 3, as: String.self),
+                                         try windows.value(row, 4, as: String.self), try windows.value(row, 5, as: String.self))
+                snapshot.windows[key] = (try windows.value(row, 0, as: String.self), try (6...12).map { try windows.value(row, $0, as: Int128.self) })
             }
             let charges = try connection.query("""
                 SELECT customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above,
@@ -124,11 +124,11 @@ public struct Reconciler {
                 FROM rated_usage WHERE $1::text IS NULL OR customer_id = $1
                 """, [customerID])
             for row in 0..<charges.rowCount {
-                let item = PriceItem(bookName: charges.string(row, 2)!, bookCustomer: charges.string(row, 3)!, bookVersion: Int(try charges.int64(row, 4)!),
-                                     model: charges.string(row, 5)!, tokenType: TokenType(rawValue: charges.string(row, 6)!)!,
-                                     contextAbove: try charges.int64(row, 7)!)
-                snapshot.charges[ChargeKey(customerID: charges.string(row, 0)!, periodStart: try charges.int64(row, 1)!, item: item)] =
-                    (try charges.int64(row, 8)!, try charges.int64(row, 9)!)
+                let item = PriceItem(bookName: try charges.value(row, 2, as: String.self), bookCustomer: try charges.value(row, 3, as: String.self), bookVersion: Int(try charges.value(row, 4, as: Int64.self)),
+                                     model: try charges.value(row, 5, as: String.self), tokenType: try charges.value(row, 6, parsedBy: TokenType.init(rawValue:)),
+                                     contextAbove: try charges.value(row, 7, as: Int64.self))
+                snapshot.charges[ChargeKey(customerID: try charges.value(row, 0, as: String.self), periodStart: try charges.value(row, 1, as: Int64.self), item: item)] =
+                    (try charges.value(row, 8, as: Int64.self), try charges.value(row, 9, as: Int64.self))
             }
             let store = BillingCatalogStore(connection: connection)
             snapshot.catalog = try store.loadCatalog()

@@ -139,8 +139,8 @@ public enum StateChecksum {
                 """, parameters)
             if result.rowCount == 0 { sums.append(TableChecksum(table: table, partition: nil, rows: 0, md5: "d41d8cd98f00b204e9800998ecf8427e")) }
             for row in 0..<result.rowCount {
-                sums.append(TableChecksum(table: table, partition: try result.int64(row, 0).map(Int32.init), rows: try result.int64(row, 1)!,
-                                          md5: result.string(row, 2)!))
+                sums.append(TableChecksum(table: table, partition: try result.int64(row, 0).map(Int32.init), rows: try result.value(row, 1, as: Int64.self),
+                                          md5: try result.value(row, 2, as: String.self)))
             }
         }
         return sums
@@ -179,7 +179,7 @@ public enum ReplayDiff {
                     let live = try result.int128(row, 2 + 2 * index) ?? 0
                     let replayed = try result.int128(row, 3 + 2 * index) ?? 0
                     if live != replayed {
-                        differences.append(ReplayDifference(customerID: result.string(row, 0)!, item: result.string(row, 1)!, measure: measure,
+                        differences.append(ReplayDifference(customerID: try result.value(row, 0, as: String.self), item: try result.value(row, 1, as: String.self), measure: measure,
                                                             live: live, replayed: replayed))
                     }
                 }
@@ -255,7 +255,7 @@ extension ShadowSchema {
             var replayed: [Int32: Int64] = [:]
             let replay = try connection.query("SELECT partition, next_offset FROM \(name).consumer_offsets WHERE consumer_group = $1 AND topic = $2",
                                               [replayGroup, topic])
-            for row in 0..<replay.rowCount { replayed[Int32(try replay.int64(row, 0)!)] = try replay.int64(row, 1)! }
+            for row in 0..<replay.rowCount { replayed[Int32(try replay.value(row, 0, as: Int64.self))] = try replay.value(row, 1, as: Int64.self) }
             let chosen = (partitions ?? Set(replayed.keys)).sorted()
             let live = try connection.query("""
                 SELECT partition, next_offset FROM tally.consumer_offsets
@@ -264,8 +264,8 @@ extension ShadowSchema {
             var ahead: [Int32] = []
             var pastLogEnd: [Int32] = []
             for row in 0..<live.rowCount {
-                let partition = Int32(try live.int64(row, 0)!)
-                let liveOffset = try live.int64(row, 1)!, replayOffset = replayed[partition] ?? 0
+                let partition = Int32(try live.value(row, 0, as: Int64.self))
+                let liveOffset = try live.value(row, 1, as: Int64.self), replayOffset = replayed[partition] ?? 0
                 guard liveOffset > replayOffset else { continue }
                 if let end = logEnds[partition], replayOffset >= end, liveOffset > end { pastLogEnd.append(partition) } else { ahead.append(partition) }
             }

@@ -65,7 +65,7 @@ public struct Migrator {
             let applied = try connection.query("SELECT version, checksum FROM tally.schema_migrations")
             var checksums: [Int: String] = [:]
             for row in 0..<applied.rowCount {
-                checksums[Int(try applied.int64(row, 0)!)] = applied.string(row, 1)
+                checksums[Int(try applied.value(row, 0, as: Int64.self))] = applied.string(row, 1)
             }
             var appliedNow: [Int] = []
             for migration in migrations {

@@ -129,13 +129,13 @@ struct Pricing: ParsableCommand {
                 WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR model = $2)
                 ORDER BY partition, record_offset
                 """, [customer, model])
-            let profiles = try store.profiles(Array(Set((0..<rows.rowCount).map { rows.string($0, 0)! })))
+            let profiles = try store.profiles(Array(Set((0..<rows.rowCount).map { try rows.value($0, 0, as: String.self) })))
             var records: [ProducerRecord] = []
             var stillUnpriced: [String: Int] = [:]
             var withoutDocument = 0
             for row in 0..<rows.rowCount {
-                let customerID = rows.string(row, 0)!, model = rows.string(row, 1)!
-                let time = EventTime(microseconds: try rows.int64(row, 2)!)
+                let customerID = try rows.value(row, 0, as: String.self), model = try rows.value(row, 1, as: String.self)
+                let time = EventTime(microseconds: try rows.value(row, 2, as: Int64.self))
                 let plan = profiles[customerID]?.plan ?? BillingProfile(customerID: customerID).plan
                 guard catalog.match(customerID: customerID, plan: plan, model: model, at: time) != nil else {
                     stillUnpriced[model, default: 0] += 1
@@ -414,9 +414,9 @@ struct Balance: ParsableCommand {
             """, [customer])
         guard balances.rowCount > 0 else { print("\(customer): no wallet yet (no grant or priced usage rated)"); return }
         for row in 0..<balances.rowCount {
-            let currency = Currency(balances.string(row, 0)!)!
-            let balance = try balances.int64(row, 1)!
-            print("\(customer) \(currency): balance \(Money.format(nanos: balance))\(balances.bool(row, 2)! ? "  (calls refused: credit exhausted)" : "")")
+            let currency = try balances.value(row, 0, parsedBy: Currency.init)
+            let balance = try balances.value(row, 1, as: Int64.self)
+            print("\(customer) \(currency): balance \(Money.format(nanos: balance))\(try balances.value(row, 2, as: Bool.self) ? "  (calls refused: credit exhausted)" : "")")
             if try balances.int64(row, 3) != balance { print("  warning: ledger sum \(balances.string(row, 3) ?? "0") differs from the running balance") }
         }
         let grants = try connection.query("""
@@ -427,8 +427,8 @@ struct Balance: ParsableCommand {
         print("\ngrants:")
         print(TableRenderer.render(header: ["grant", "source", "priority", "currency", "amount", "remaining", "expires_at"],
                                    rows: try (0..<grants.rowCount).map { row in
-                                       [grants.string(row, 0)!, grants.string(row, 1)!, grants.string(row, 2)!, grants.string(row, 3)!,
-                                        Money.format(nanos: try grants.int64(row, 4)!), Money.format(nanos: try grants.int64(row, 5)!), grants.string(row, 6)!]
+                                       [try grants.value(row, 0, as: String.self), try grants.value(row, 1, as: String.self), try grants.value(row, 2, as: String.self), try grants.value(row, 3, as: String.self),
+                                        Money.format(nanos: try grants.value(row, 4, as: Int64.self)), Money.format(nanos: try grants.value(row, 5, as: Int64.self)), try grants.value(row, 6, as: String.self)]
                                    }, format: "table", numericFrom: 7), terminator: "")
         let ledger = try connection.query("""
             SELECT to_char(effective_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), kind, currency, amount_nanos, coalesce(grant_id, ''), event_id
@@ -437,8 +437,8 @@ struct Balance: ParsableCommand {
         print("\nrecent ledger entries:")
         print(TableRenderer.render(header: ["effective_at", "kind", "currency", "amount", "grant", "event"],
                                    rows: try (0..<ledger.rowCount).map { row in
-                                       [ledger.string(row, 0)!, ledger.string(row, 1)!, ledger.string(row, 2)!,
-                                        Money.format(nanos: try ledger.int64(row, 3)!), ledger.string(row, 4)!, ledger.string(row, 5)!]
+                                       [try ledger.value(row, 0, as: String.self), try ledger.value(row, 1, as: String.self), try ledger.value(row, 2, as: String.self),
+                                        Money.format(nanos: try ledger.value(row, 3, as: Int64.self)), try ledger.value(row, 4, as: String.self), try ledger.value(row, 5, as: String.self)]
                                    }, format: "table", numericFrom: 6), terminator: "")
     }
 }

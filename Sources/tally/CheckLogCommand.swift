@@ -41,7 +41,7 @@ struct CheckLog: ParsableCommand {
             """, [topic, group])
         var positions: [(group: String, partition: Int32, next: Int64)] = []
         for row in 0..<rows.rowCount {
-            positions.append((rows.string(row, 0)!, Int32(try rows.int64(row, 1)!), try rows.int64(row, 2)!))
+            positions.append((try rows.value(row, 0, as: String.self), Int32(try rows.value(row, 1, as: Int64.self)), try rows.value(row, 2, as: Int64.self)))
         }
         let ends = try kafka.logEnds(Set(positions.map(\.partition)), logger: logger, confirmedOnly: true)
         let unread = Set(positions.map(\.partition)).subtracting(ends.keys).sorted()

@@ -173,7 +173,7 @@ struct ReplayReport {
             let result = try connection.query("SELECT partition, next_offset FROM \(schema).consumer_offsets WHERE consumer_group = $1 AND topic = $2",
                                               [group, topic])
             var offsets: [Int32: Int64] = [:]
-            for row in 0..<result.rowCount { offsets[Int32(try result.int64(row, 0)!)] = try result.int64(row, 1)! }
+            for row in 0..<result.rowCount { offsets[Int32(try result.value(row, 0, as: Int64.self))] = try result.value(row, 1, as: Int64.self) }
             return offsets
         }
         let live = try offsets("tally", liveGroup), replay = try offsets(shadow.name, replayGroup)

@@ -48,9 +48,9 @@ struct Report: ParsableCommand {
             WHERE customer_id = $1 AND day >= ($2::timestamptz AT TIME ZONE 'UTC')::date AND day < ($3::timestamptz AT TIME ZONE 'UTC')::date
             """, range)
         for row in 0..<usage.rowCount {
-            guard let day = index[usage.string(row, 1)!] else { continue }
-            tokens[usage.string(row, 0)!, default: Array(repeating: 0, count: days.count)][day] += try usage.int128(row, 2)!
-            events += try usage.int128(row, 3)!
+            guard let day = index[try usage.value(row, 1, as: String.self)] else { continue }
+            tokens[try usage.value(row, 0, as: String.self), default: Array(repeating: 0, count: days.count)][day] += try usage.value(row, 2, as: Int128.self)
+            events += try usage.value(row, 3, as: Int128.self)
         }
         let currency = range + [profile.currency.code]
         var spend = Array(repeating: Int128(0), count: days.count)
@@ -61,7 +61,7 @@ struct Report: ParsableCommand {
             GROUP BY 1
             """, currency)
         for row in 0..<ledger.rowCount {
-            guard let day = index[ledger.string(row, 0)!] else { continue }
+            guard let day = index[try ledger.value(row, 0, as: String.self)] else { continue }
             spend[day] = try ledger.int128(row, 1) ?? 0
             change[day] = try ledger.int128(row, 2) ?? 0
         }

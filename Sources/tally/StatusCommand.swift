@@ -29,7 +29,7 @@ struct Status: ParsableCommand {
             """, [kafka.topic, group, includeReplays])
         var positions: [(group: String, partition: Int32, next: Int64, committed: String, owner: String)] = []
         for row in 0..<rows.rowCount {
-            positions.append((rows.string(row, 0)!, Int32(try rows.int64(row, 1)!), try rows.int64(row, 2)!, rows.string(row, 3)!, rows.string(row, 4)!))
+            positions.append((try rows.value(row, 0, as: String.self), Int32(try rows.value(row, 1, as: Int64.self)), try rows.value(row, 2, as: Int64.self), try rows.value(row, 3, as: String.self), try rows.value(row, 4, as: String.self)))
         }
         let ends = try kafka.logEnds(Set(positions.map(\.partition)), logger: logger)
         var worst: Int64 = 0
