@@ -29,6 +29,10 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
 
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { try tables.claim(partitions) }
 
+    public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
+        try tables.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
+    }
+
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
         // Stateless between batches: a promoted state (replay) needs nothing here.

@@ -72,6 +72,10 @@ public final class CommitLanes: ConsumerStore, @unchecked Sendable {
         return .committed(summary)
     }
 
+    public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
+        try lanes[lane(of: partition)].recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
+    }
+
     public func settle() throws {
         for lane in lanes { try lane.settle() }
     }

@@ -126,6 +126,12 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// The topic's partition count, read at start: where each customer's records belong.
     private var partitionCount: Int32 = 0
     private var nextSettleAttempt = ContinuousClock.now
+    /// Partitions whose log ends below their stored offset, with the end first seen: not read
+    /// (see `stopReadingPartitionsPastTheLogEnd`). `unrecordedGaps`: not yet in `tally.log_gaps`.
+    private var gapped: [Int32: Int64] = [:]
+    private var unrecordedGaps = Set<Int32>()
+    /// A log end below the stored offset seen once, not yet confirmed: when, and the end seen first.
+    private var suspectedGaps: [Int32: (since: ContinuousClock.Instant, end: Int64)] = [:]
 
     /// True once partitions were claimed and while commits succeed; false while PostgreSQL is away.
     public var isReady: Bool { readiness.isSet }
@@ -169,6 +175,9 @@ public final class ConsumerLoop: @unchecked Sendable {
                     for (partition, claim) in claims {
                         owned[partition] = claim
                         readPosition[partition] = claim.nextOffset
+                        gapped.removeValue(forKey: partition)
+                        unrecordedGaps.remove(partition)
+                        suspectedGaps.removeValue(forKey: partition)
                     }
                     logger.info("assigned partitions \(numbers.sorted()) at offsets \(claims.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.nextOffset)" })")
                     return Dictionary(uniqueKeysWithValues: claims.map { (TopicPartition(settings.topic, $0.key), $0.value.nextOffset) })
@@ -185,6 +194,9 @@ public final class ConsumerLoop: @unchecked Sendable {
             for partition in partitions {
                 owned.removeValue(forKey: partition.partition)
                 readPosition.removeValue(forKey: partition.partition)
+                gapped.removeValue(forKey: partition.partition)
+                unrecordedGaps.remove(partition.partition)
+                suspectedGaps.removeValue(forKey: partition.partition)
             }
             logger.info("\(lost ? "lost" : "revoked") partitions \(partitions.map(\.partition).sorted())")
             return [:]
@@ -207,6 +219,7 @@ public final class ConsumerLoop: @unchecked Sendable {
         while !stopFlag.isSet {
             let records = consumer.poll(maxRecords: settings.batchSize, timeout: settings.batchTimeout)
             if let error = deferredError { throw error }
+            try stopReadingPartitionsPastTheLogEnd(records)
             if !records.isEmpty {
                 let started = ContinuousClock.now
                 var batch = prepare(records)
@@ -231,6 +244,10 @@ public final class ConsumerLoop: @unchecked Sendable {
             }
             if settings.exitWhenCaughtUp && records.isEmpty && inFlight == nil && isCaughtUp() {
                 settleStore()
+                // The partitions not read cannot be: the run did not reach the log end, and says why.
+                if !gapped.isEmpty {
+                    throw LogEndsBelowStoredOffset(topic: settings.topic, ends: gapped, stored: owned.mapValues(\.nextOffset))
+                }
                 logger.info("caught up with the log end of partitions \(owned.keys.sorted())")
                 return
             }
@@ -276,7 +293,7 @@ public final class ConsumerLoop: @unchecked Sendable {
         for index in records.indices {
             let partition = records[index].partition
             let offset = records[index].offset
-            guard let claim = owned[partition], let start = readPosition[partition] else { continue }
+            guard let claim = owned[partition], gapped[partition] == nil, let start = readPosition[partition] else { continue }
             let position = batch.moves[partition]?.next ?? start
             guard offset >= position else { continue }
             if position == 0 && offset > 0 && batch.moves[partition] == nil {
@@ -515,20 +532,59 @@ public final class ConsumerLoop: @unchecked Sendable {
 
     private func isCaughtUp() -> Bool {
         guard !owned.isEmpty else { return false }
-        for (partition, claim) in owned {
+        for (partition, claim) in owned where gapped[partition] == nil {
             guard let marks = consumer.cachedWatermarks(TopicPartition(settings.topic, partition)),
                   claim.nextOffset >= marks.high else { return false }
         }
         return true
     }
 
-    /// A stored position past the log end means the topic was recreated or truncated under
-    /// us; records below it would be skipped, so say so loudly instead of idling silently.
-    private func warnAboutPositionsPastTheLogEnd() {
-        for (partition, claim) in owned {
-            if let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high, claim.nextOffset > high {
-                logger.error("stored offset \(claim.nextOffset) of partition \(partition) is past the log end \(high): the log lost records this group counted, and records appended below \(claim.nextOffset) are skipped; `tally check-log` says what happened and the choices")
+    /// A partition whose log ends below the offset this group stored lost records the group
+    /// counted (new broker storage, a recreated topic, acknowledged records lost). Records appended
+    /// below that offset would be taken for counted ones and skipped, even once the log grows past
+    /// it again, so the partition is not read any more: the gap is recorded in `tally.log_gaps`
+    /// with the end first seen, where `tally check-log` finds it and offers the choices; the
+    /// other partitions go on. Checked after every poll, before its records are prepared.
+    ///
+    /// A new partition leader may report a high watermark behind the old one's for a moment, so
+    /// an end below the stored offset counts as a gap once records below the read position arrive
+    /// (the consumer was reset to the log start: the broker no longer has that offset) or once it
+    /// lasted 30 seconds. The end recorded is the first one seen.
+    private func stopReadingPartitionsPastTheLogEnd(_ records: [ConsumerRecord]) throws {
+        for (partition, claim) in owned where gapped[partition] == nil {
+            guard let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high, high < claim.nextOffset else {
+                suspectedGaps.removeValue(forKey: partition)
+                continue
             }
+            let suspicion = suspectedGaps[partition] ?? (ContinuousClock.now, high)
+            suspectedGaps[partition] = suspicion
+            let position = readPosition[partition] ?? claim.nextOffset
+            let reset = records.contains { $0.partition == partition && $0.offset < position }
+            guard reset || ContinuousClock.now - suspicion.since >= .seconds(30) else { continue }
+            suspectedGaps.removeValue(forKey: partition)
+            gapped[partition] = suspicion.end
+            unrecordedGaps.insert(partition)
+            logger.error("partition \(partition) ends at offset \(suspicion.end), below the stored offset \(claim.nextOffset): the log lost records this group counted; the partition is not read until an operator chooses (tally check-log)")
+        }
+        guard !unrecordedGaps.isEmpty else { return }
+        // The store's connection is free only with nothing in flight.
+        _ = try awaitInFlight()
+        for partition in unrecordedGaps.sorted() {
+            guard let claim = owned[partition], let end = gapped[partition] else { continue }
+            do {
+                try store.recordLogGap(partition: partition, storedOffset: claim.nextOffset, logEnd: end)
+                unrecordedGaps.remove(partition)
+            } catch let error as any RetryableFailure where error.isRetryable {
+                logger.warning("recording the log gap of partition \(partition) failed, retrying: \(error)")
+                return
+            }
+        }
+    }
+
+    /// Said again every stats interval while a partition is not read.
+    private func warnAboutPositionsPastTheLogEnd() {
+        for (partition, end) in gapped.sorted(by: { $0.key < $1.key }) {
+            logger.error("partition \(partition) is not read: its log ended at \(end), below the stored offset \(owned[partition]?.nextOffset ?? -1); see tally check-log")
         }
     }
 
@@ -537,5 +593,19 @@ public final class ConsumerLoop: @unchecked Sendable {
             let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high
             return "\(partition):\(high.map { String(max(0, $0 - owned[partition]!.nextOffset)) } ?? "?")"
         }.joined(separator: ",")
+    }
+}
+
+/// A run that must reach the log end (`exitWhenCaughtUp`) found partitions whose log ends below
+/// the stored offset: it cannot, and says which.
+public struct LogEndsBelowStoredOffset: Error, CustomStringConvertible {
+    public let topic: String
+    public let ends: [Int32: Int64]
+    public let stored: [Int32: Int64]
+
+    public var description: String {
+        "the log of \(topic) ends below the stored offsets on partitions "
+            + ends.keys.sorted().map { "\($0) (log end \(ends[$0]!), stored \(stored[$0] ?? -1))" }.joined(separator: ", ")
+            + ": it lost records that were counted; see tally check-log"
     }
 }

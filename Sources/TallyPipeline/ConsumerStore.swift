@@ -97,6 +97,9 @@ public protocol ConsumerStore: AnyObject, Sendable {
     func commit(_ batch: PreparedBatch) throws -> CommitOutcome
     /// Deferred upkeep, done while the loop is idle (no batch in flight, a poll found nothing).
     func settle() throws
+    /// Records that `partition`'s log ends at `logEnd`, below the offset this group stored
+    /// (`tally.log_gaps`); the first record of a gap is kept. Called with no batch in flight.
+    func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws
 }
 
 extension ConsumerStore {
@@ -359,6 +362,14 @@ public final class ConsumerTables: @unchecked Sendable {
     }
 
     /// Dead letters, idempotent by position.
+    /// See `ConsumerStore.recordLogGap`.
+    public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
+        try connection.query("""
+            INSERT INTO tally.log_gaps (consumer_group, topic, partition, stored_offset, log_end) VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (consumer_group, topic, partition) DO NOTHING
+            """, [group, topic, partition, storedOffset, logEnd])
+    }
+
     public func insertDeadLetters(_ letters: [DeadLetter]) throws {
         guard !letters.isEmpty, !InvariantBreak.deadLetters.isOn else { return }
         // The value is kept up to 64 KiB; record_size says how large it was.

@@ -53,6 +53,10 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         self.creditHorizon = creditHorizon
     }
 
+    public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
+        try tables.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
+    }
+
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
         // Rows of newly owned customers may have been written by their previous owner.
         forgetState()

@@ -89,6 +89,9 @@ public final class PartitionSubsetStore: ConsumerStore, @unchecked Sendable {
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome { try inner.commit(batch) }
 
     public func settle() throws { try inner.settle() }
+    public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
+        try inner.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
+    }
 }
 
 /// One table's fingerprint: row count and an md5 over its rows in a fixed order, leaving out
@@ -243,11 +246,14 @@ extension ShadowSchema {
     /// arrived during the replay is lost or counted twice: it is in the replayed state exactly
     /// up to the offsets handed over. Price books the replay applied are added to the live catalog.
     ///
-    /// A live consumer past the log end (`logEnds`, read before the handover) is not ahead of a
-    /// replay that reached that end: the log lost records it counted (new storage, a recreated
-    /// topic, acknowledged records lost), and the handover rebuilds its state from what the log holds.
+    /// A live consumer past the log end is not ahead of a replay that reached that end: the log
+    /// lost records it counted (new storage, a recreated topic, acknowledged records lost), and the
+    /// handover rebuilds its state from what the log holds, clears the partition's recorded gap
+    /// and lowers its credit signing horizon to the handed-over offset (records from there on get
+    /// no unsigned allowance). `logEnds` is asked only when the live group stands past the replay,
+    /// after its offset rows are locked, so a live commit cannot slip past the ends it reads.
     public func promote(on connection: PostgresConnection, liveGroup: String, replayGroup: String, topic: String,
-                        partitions: Set<Int32>?, logEnds: [Int32: Int64] = [:]) throws -> PromoteOutcome {
+                        partitions: Set<Int32>?, logEnds: () throws -> [Int32: Int64] = { [:] }) throws -> PromoteOutcome {
         try connection.transaction { connection -> PromoteOutcome in
             // A fold running now would move live window deltas while their customers' rows are
             // replaced: wait for it, and hold off the next until this commits.
@@ -263,11 +269,13 @@ extension ShadowSchema {
                 """, [liveGroup, topic, PostgresArray(chosen)])
             var ahead: [Int32] = []
             var pastLogEnd: [Int32] = []
+            var ends: [Int32: Int64]?
             for row in 0..<live.rowCount {
                 let partition = Int32(try live.value(row, 0, as: Int64.self))
                 let liveOffset = try live.value(row, 1, as: Int64.self), replayOffset = replayed[partition] ?? 0
                 guard liveOffset > replayOffset else { continue }
-                if let end = logEnds[partition], replayOffset >= end, liveOffset > end { pastLogEnd.append(partition) } else { ahead.append(partition) }
+                if ends == nil { ends = try logEnds() }
+                if let end = ends?[partition], replayOffset >= end, liveOffset > end { pastLogEnd.append(partition) } else { ahead.append(partition) }
             }
             if !ahead.isEmpty { return .liveAhead(ahead) }
 
@@ -313,6 +321,14 @@ extension ShadowSchema {
                 ON CONFLICT (consumer_group, topic, partition)
                 DO UPDATE SET next_offset = EXCLUDED.next_offset, state_version = o.state_version + 1
                 """, [liveGroup, topic, PostgresArray(chosen), PostgresArray(chosen.map { replayed[$0] ?? 0 })])
+            try connection.query("DELETE FROM tally.log_gaps WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])",
+                                 [liveGroup, topic, PostgresArray(chosen)])
+            if !pastLogEnd.isEmpty {
+                try connection.query("""
+                    UPDATE tally.unsigned_credit_horizon AS h SET signed_from_offset = least(h.signed_from_offset, x.next)
+                    FROM unnest($2::int[], $3::bigint[]) AS x(partition, next) WHERE h.topic = $1 AND h.partition = x.partition
+                    """, [topic, PostgresArray(pastLogEnd), PostgresArray(pastLogEnd.map { replayed[$0] ?? 0 })])
+            }
             let customers = try connection.query("SELECT count(*) FROM promoted_customers").int64(0, 0) ?? 0
             return .promoted(customers: Int(customers), pastLogEnd: pastLogEnd)
         }

@@ -27,6 +27,7 @@ public final class InMemoryDatabase: @unchecked Sendable {
     private var deadLetters: [LogPosition: String] = [:]
     private var conflicts: [LogPosition: DedupKey] = [:]
     private var transactions = 0
+    private var gaps: [Int32: Int64] = [:]
 
     public init() {}
 
@@ -34,6 +35,18 @@ public final class InMemoryDatabase: @unchecked Sendable {
         lock.withLock {
             Snapshot(offsets: offsets.mapValues(\.next), keys: keys, windows: windows, deadLetters: deadLetters, conflicts: conflicts)
         }
+    }
+
+    /// Per partition, the log end the first consumer to find the log shorter than its stored offset saw.
+    public var logGaps: [Int32: Int64] { lock.withLock { gaps } }
+
+    func recordLogGap(partition: Int32, logEnd: Int64) {
+        lock.withLock { if gaps[partition] == nil { gaps[partition] = logEnd } }
+    }
+
+    /// Sets a partition's stored offset, as a database that outlived its log holds it.
+    public func setStoredOffset(partition: Int32, to next: Int64) {
+        lock.withLock { offsets[partition, default: StoredOffset(next: 0, epoch: 0)].next = next }
     }
 
     /// Committed batch transactions.
@@ -107,6 +120,10 @@ public final class InMemoryConsumerStore: ConsumerStore, @unchecked Sendable {
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { database.claim(partitions) }
 
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome { database.commit(batch) }
+
+    public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
+        database.recordLogGap(partition: partition, logEnd: logEnd)
+    }
 }
 
 /// A store failure the loop retries, as it retries a lost PostgreSQL connection.
@@ -170,4 +187,8 @@ public final class FaultyStore: ConsumerStore, @unchecked Sendable {
     }
 
     public func settle() throws { try inner.settle() }
+
+    public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
+        try inner.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
+    }
 }

@@ -92,6 +92,9 @@ public final class ScriptedRecordSource: RecordSource, @unchecked Sendable {
         var records: [ConsumerRecord] = []
         let limit = min(maxRecords, recordsPerPoll)
         for partition in positions.keys.sorted() where records.count < limit {
+            // Past the log end: the broker answers "offset out of range" and the consumer starts
+            // again at the log start, as librdkafka does with auto.offset.reset=earliest.
+            if positions[partition]! > topic.end(partition) { positions[partition] = 0 }
             let taken = topic.records(partition, from: positions[partition]!, limit: limit - records.count)
             records += taken
             positions[partition]! += Int64(taken.count)

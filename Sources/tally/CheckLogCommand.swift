@@ -32,81 +32,122 @@ struct CheckLog: ParsableCommand {
 
     func run() throws {
         let logger = makeLogger(logging, label: "tally.check-log")
-        let connection = try connect(database, label: "tally.check-log")
         let topic = kafka.topic
-        let rows = try connection.query("""
-            SELECT consumer_group, partition, next_offset FROM consumer_offsets
-            WHERE topic = $1 AND ($2::text IS NULL OR consumer_group = $2) AND consumer_group NOT LIKE 'tally-replay-%' AND next_offset > 0
-            ORDER BY consumer_group, partition
-            """, [topic, group])
-        var positions: [(group: String, partition: Int32, next: Int64)] = []
-        for row in 0..<rows.rowCount {
-            positions.append((try rows.value(row, 0, as: String.self), Int32(try rows.value(row, 1, as: Int64.self)), try rows.value(row, 2, as: Int64.self)))
+        if let group, group.hasPrefix("tally-replay-") {
+            print("\(group) is a replay group: replays read from offset zero into a shadow schema and are not checked", to: &standardError)
         }
-        let ends = try kafka.logEnds(Set(positions.map(\.partition)), logger: logger, confirmedOnly: true)
-        let unread = Set(positions.map(\.partition)).subtracting(ends.keys).sorted()
+        // Whatever stops the check (PostgreSQL or the broker away) is not a finding: exit 2.
+        func checking<T>(_ what: String, _ body: () throws -> T) throws -> T {
+            do { return try body() } catch {
+                print("could not \(what): \(error)", to: &standardError)
+                throw ExitCode(2)
+            }
+        }
+        let connection = try checking("connect to PostgreSQL") { try connect(database, label: "tally.check-log") }
+        var positions: [Int32: [String: Int64]] = [:]
+        var gaps: [Int32: [String: (end: Int64, detectedAt: String)]] = [:]
+        try checking("read the stored offsets") {
+            let rows = try connection.query("""
+                SELECT consumer_group, partition, next_offset FROM consumer_offsets
+                WHERE topic = $1 AND ($2::text IS NULL OR consumer_group = $2) AND consumer_group NOT LIKE 'tally-replay-%' AND next_offset > 0
+                """, [topic, group])
+            for row in 0..<rows.rowCount {
+                positions[try rows.value(row, 1, as: Int32.self), default: [:]][try rows.value(row, 0, as: String.self)] = try rows.value(row, 2, as: Int64.self)
+            }
+            let recorded = try connection.query("""
+                SELECT consumer_group, partition, log_end, to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') FROM log_gaps
+                WHERE topic = $1 AND ($2::text IS NULL OR consumer_group = $2)
+                """, [topic, group])
+            for row in 0..<recorded.rowCount {
+                gaps[try recorded.value(row, 1, as: Int32.self), default: [:]][try recorded.value(row, 0, as: String.self)] =
+                    (try recorded.value(row, 2, as: Int64.self), try recorded.value(row, 3, as: String.self))
+            }
+        }
+        let ends = try checking("read the log ends of \(topic)") {
+            try kafka.logEnds(Set(positions.keys), logger: logger, confirmedOnly: true)
+        }
+        let unread = Set(positions.keys).subtracting(ends.keys).sorted()
         if !unread.isEmpty {
             print("could not read the log end of partitions \(unread.map(String.init).joined(separator: ",")) of \(topic) (is the broker up?)",
                   to: &standardError)
             throw ExitCode(2)
         }
-        let past = positions.filter { $0.next > ends[$0.partition]! }
-        guard !past.isEmpty else {
-            print("the log of \(topic) holds everything the consumers counted (\(positions.count) stored offsets checked)")
+        // Per group and partition: the stored offset, and where counting must go on from: the end
+        // first seen by the consumer that found the gap, else the log end now.
+        var findings: [(group: String, partition: Int32, stored: Int64, resumeAt: Int64, line: String)] = []
+        for (partition, groups) in positions.sorted(by: { $0.key < $1.key }) {
+            for (name, stored) in groups.sorted(by: { $0.key < $1.key }) {
+                let end = ends[partition]!
+                if let gap = gaps[partition]?[name] {
+                    findings.append((name, partition, stored, min(gap.end, end),
+                                     "group \(name), partition \(partition): counted up to offset \(stored); its consumer found the log ending at \(gap.end) "
+                                        + "at \(gap.detectedAt) and stopped reading the partition (the log ends at \(end) now)"))
+                } else if stored > end {
+                    findings.append((name, partition, stored, end,
+                                     "group \(name), partition \(partition): counted up to offset \(stored), the log ends at \(end) "
+                                        + "(\(stored - end) counted records are not in this log)"))
+                }
+            }
+        }
+        guard !findings.isEmpty else {
+            print("the log of \(topic) holds everything the consumers counted (\(positions.values.map(\.count).reduce(0, +)) stored offsets checked)")
             return
         }
         if keep {
             try connection.transaction { connection in
-                for position in past {
-                    let end = ends[position.partition]!
+                for finding in findings {
                     // state_version: a consumer caching state (the rater) reads it again before going on.
                     try connection.query("""
                         UPDATE consumer_offsets SET next_offset = $4, state_version = state_version + 1
                         WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND next_offset > $4
-                        """, [position.group, topic, position.partition, end])
-                    // Unsigned credit below the horizon was accepted from the earlier log; this one's records
-                    // below its end were never read by the live rater and get no such allowance.
+                        """, [finding.group, topic, finding.partition, finding.resumeAt])
+                    try connection.query("DELETE FROM log_gaps WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+                                         [finding.group, topic, finding.partition])
+                    // Unsigned credit below the horizon was accepted from the earlier log; records of
+                    // this one from where counting resumes get no such allowance.
                     try connection.query("""
                         UPDATE unsigned_credit_horizon SET signed_from_offset = least(signed_from_offset, $3)
                         WHERE topic = $1 AND partition = $2
-                        """, [topic, position.partition, end])
+                        """, [topic, finding.partition, finding.resumeAt])
                 }
             }
-            for position in past {
-                print("group \(position.group), partition \(position.partition): stored offset \(position.next) -> \(ends[position.partition]!) (the log end)")
+            for finding in findings {
+                print("group \(finding.group), partition \(finding.partition): stored offset \(finding.stored) -> \(finding.resumeAt)")
             }
-            print("kept what was counted; the consumers count \(topic) from its log end once restarted")
+            print("kept what was counted; restart the groups' consumers: they count \(topic) from these offsets")
             return
         }
         print("the log of \(topic) no longer holds everything the consumers counted:")
-        for position in past {
-            let end = ends[position.partition]!
-            print("  group \(position.group), partition \(position.partition): counted up to offset \(position.next), the log ends at \(end)"
-                  + " (\(position.next - end) counted records are not in this log)")
-        }
-        let groups = Set(past.map(\.group)).sorted()
+        for finding in findings { print("  " + finding.line) }
+        let groups = Set(findings.map(\.group)).sorted()
         print("""
             The broker started on new storage, the topic was recreated, or acknowledged records were lost.
             Records appended at those offsets would be taken for counted ones and skipped. Nothing was changed. Either:
               rebuild the derived state from what the log holds (issued invoices stay; a closed period that
-              comes out different shows on the next invoice as a credit or debit note):
+              comes out different shows on the next invoice as a credit or debit note), then restart the consumers:
             \(groups.map { "    tally replay --consumer \(Self.consumer(of: $0)) --live-group \($0) --promote" }.joined(separator: "\n"))
-              or keep what was counted and count on from the log end (stop the consumers first, restart them after):
+              or keep what was counted and count on from where the log ended (stop the consumers first, restart them after):
                 tally check-log --keep\(group.map { " --group \($0)" } ?? "")
             """)
         throw ExitCode(1)
     }
 
-    /// The consumer a group belongs to, by Tally's naming; `aggregator` when the name says nothing.
-    static func consumer(of group: String) -> String { group.contains("rater") ? "rater" : "aggregator" }
+    /// The consumer of Tally's default groups; for another group, the choice is the operator's.
+    static func consumer(of group: String) -> String {
+        switch group {
+        case "tally-aggregator": "aggregator"
+        case "tally-rater": "rater"
+        default: "aggregator|rater"
+        }
+    }
 }
 
 extension KafkaOptions {
     /// The log end of each partition: the larger of the queried end and the end carried by a
     /// fetch (Tansu answers the query with the last batch's base offset + 1; Apache Kafka answers
     /// it exactly, and a fetch never reports more than the true end).
-    /// - Parameter confirmedOnly: leave out partitions no fetch answered within five seconds,
-    ///   instead of reporting the queried end for them.
+    /// - Parameter confirmedOnly: only ends a fetch reported (partitions no fetch answered within
+    ///   five seconds are left out), never the queried end.
     func logEnds(_ partitions: Set<Int32>, logger: Logger, confirmedOnly: Bool = false) throws -> [Int32: Int64] {
         guard !partitions.isEmpty else { return [:] }
         let consumer = try KafkaConsumer(configuration: KafkaConfiguration(brokers: try brokers, properties: try extraProperties),
@@ -128,7 +169,9 @@ extension KafkaOptions {
             _ = consumer.poll(maxRecords: 1000, timeout: .milliseconds(200))
             for partition in partitions {
                 if let cached = consumer.cachedWatermarks(TopicPartition(topic, partition)) {
-                    fetched[partition] = max(queried[partition]!, cached.high)
+                    // Confirmed: a fetch's end alone (Tansu's queried end can be wrong either way
+                    // after a crash); otherwise the larger of the two (the queried end is low on Tansu).
+                    fetched[partition] = confirmedOnly ? cached.high : max(queried[partition]!, cached.high)
                 }
             }
         }

@@ -106,12 +106,12 @@ struct Replay: ParsableCommand {
             for attempt in 1...20 {
                 let replayedPartitions = Set(try connection.query("SELECT partition FROM \(shadow.name).consumer_offsets WHERE consumer_group = $1",
                                                                   [settings.group]).rows.compactMap { $0[0].flatMap { Int32($0) } })
-                let ends = try kafka.logEnds(subset ?? replayedPartitions, logger: logger, confirmedOnly: true)
+                let ends = { try kafka.logEnds(subset ?? replayedPartitions, logger: logger, confirmedOnly: true) }
                 switch try shadow.promote(on: connection, liveGroup: live, replayGroup: settings.group, topic: settings.topic, partitions: subset,
                                           logEnds: ends) {
                 case .promoted(let customers, let pastLogEnd):
                     if !pastLogEnd.isEmpty {
-                        print("  the live consumer stood past the log end on partitions \(pastLogEnd): what it counted there that the log no longer holds is replaced by what the log holds",
+                        print("  the live consumer stood past the log end on partitions \(pastLogEnd): what it counted there that the log no longer holds is replaced by what the log holds; restart the live consumers",
                               to: &standardError)
                     }
                     try shadow.drop(on: connection)

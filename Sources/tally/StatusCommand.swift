@@ -61,7 +61,15 @@ struct Status: ParsableCommand {
             SELECT consumer_group, reason_code, count(*)::text, min(reason) FROM dead_letters WHERE topic = $1
             GROUP BY 1, 2 ORDER BY 1, 2
             """, [kafka.topic])
+        let gaps = try connection.query("""
+            SELECT consumer_group, partition::text, stored_offset::text, log_end::text FROM log_gaps WHERE topic = $1 ORDER BY 1, 2::int
+            """, [kafka.topic])
         var text = ""
+        if gaps.rowCount > 0 {
+            text += "\npartitions not read: their log ended below the stored offset (in tally.log_gaps; the choices: tally check-log):\n"
+            text += TableRenderer.render(header: ["group", "partition", "stored_offset", "log_end_seen"], rows: gaps.rows.map { $0.map { $0 ?? "" } },
+                                         format: "table", numericFrom: 1)
+        }
         if setAside.rowCount > 0 {
             text += "\nrecords set aside (in tally.dead_letters and the .dlq topic; nothing of them was counted):\n"
             text += TableRenderer.render(header: ["group", "reason", "records", "e.g."], rows: setAside.rows.map { row in

@@ -217,19 +217,42 @@ final class ReplayIntegrationTests: XCTestCase {
             XCTAssertTrue(check.output.contains("group \(harness.group), partition \(partition): counted up to offset \(counted[partition]!), the log ends at \(survived[partition] ?? 0)"),
                           check.output)
         }
-        XCTAssertTrue(check.output.contains("tally replay --consumer aggregator --live-group \(harness.group) --promote") && check.output.contains("tally check-log --keep"),
+        XCTAssertTrue(check.output.contains("tally replay --consumer aggregator|rater --live-group \(harness.group) --promote") && check.output.contains("tally check-log --keep"),
                       check.output)
         XCTAssertEqual(try harness.storedOffsets(), counted, "checking changes nothing")
 
-        // Keep: what was counted stays; new events and a producer's re-send of ten lost ones count once.
+        // A consumer started on the shortened log does not read those partitions, even once new
+        // events take the log past the offsets it stored: it records where the log ended.
+        let running = try harness.startAggregator()
+        XCTAssertTrue(try TestStack.eventually {
+            try harness.connection.query("SELECT count(*) FROM tally.log_gaps WHERE topic = $1", [harness.topic]).scalar == String(shortened.count)
+        }, running.log)
+        let gapEnds = try harness.connection.query("SELECT partition, log_end FROM tally.log_gaps WHERE topic = $1 ORDER BY 1", [harness.topic]).rows
+        XCTAssertEqual(gapEnds, shortened.map { [String($0), String(survived[$0] ?? 0)] })
+        let early = AggregatorHarness.events(count: 200, seed: 20, customers: 12, prefix: "early")
+        try await harness.publish(early)
+        try await Task.sleep(for: .seconds(3))
+        running.signal(SIGTERM)
+        XCTAssertEqual(running.wait(timeout: .seconds(30)), 0, running.log)
+        for partition in shortened { XCTAssertEqual(try harness.storedOffsets()[partition], counted[partition], "partition \(partition) was not read") }
+        let stalled = try harness.tallyStatus(["check-log", "--topic", harness.topic])
+        XCTAssertEqual(stalled.status, 1, stalled.output)
+        for partition in shortened {
+            XCTAssertTrue(stalled.output.contains("group \(harness.group), partition \(partition): counted up to offset \(counted[partition]!); its consumer found the log ending at \(survived[partition] ?? 0)"),
+                          stalled.output)
+        }
+
+        // Keep: what was counted stays; counting goes on from where the log ended, so the early
+        // events count, and new ones and a producer's re-send of ten lost ones count once.
         let kept2 = try harness.tallyStatus(["check-log", "--topic", harness.topic, "--keep"])
         XCTAssertEqual(kept2.status, 0, kept2.output)
-        XCTAssertEqual(try harness.storedOffsets().filter { $0.value > 0 }, survived.filter { $0.value > 0 })
+        for partition in shortened { XCTAssertEqual(try harness.storedOffsets()[partition], survived[partition] ?? 0) }
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.log_gaps").scalar, "0")
         let after = AggregatorHarness.events(count: 100, seed: 19, customers: 12, prefix: "after")
         try await harness.publish(after + lost.prefix(10))
         let second = try harness.startAggregator()
         XCTAssertTrue(try harness.waitUntilConsumed(), second.log)
-        try harness.assertTotals(equal: AggregatorHarness.recount(kept + lost + after))
+        try harness.assertTotals(equal: AggregatorHarness.recount(kept + lost + early + after))
         XCTAssertEqual(try harness.tallyStatus(["check-log", "--topic", harness.topic]).status, 0)
         second.signal(SIGTERM)
         XCTAssertEqual(second.wait(timeout: .seconds(30)), 0, second.log)
@@ -241,7 +264,7 @@ final class ReplayIntegrationTests: XCTestCase {
         XCTAssertEqual(rebuild.status, 0, rebuild.output)
         XCTAssertTrue(rebuild.output.contains("stood past the log end on partitions [1]"), rebuild.output)
         XCTAssertEqual(try harness.storedOffsets().filter { $0.value > 0 }, harness.logEnd.filter { $0.value > 0 })
-        try harness.assertTotals(equal: AggregatorHarness.recount(kept + after + lost.prefix(10)))
+        try harness.assertTotals(equal: AggregatorHarness.recount(kept + early + after + lost.prefix(10)))
         let reconcile = try harness.tallyStatus(["reconcile", "--topic", harness.topic, "--aggregator-group", harness.group, "--rater-group", "none"])
         XCTAssertEqual(reconcile.status, 0, reconcile.output)
     }

@@ -155,6 +155,25 @@ final class ConsumerLoopTests: XCTestCase {
         XCTAssertEqual(database.snapshot.offsets, logEnds(topic))
     }
 
+    /// The database says partition 1 was counted further than its log goes (the broker lost
+    /// records): the partition is not read, the gap is recorded with the log end, the other
+    /// partitions are counted, and a run that must reach the log end says why it cannot.
+    func testAPartitionWhoseLogEndsBelowItsStoredOffsetIsNotRead() throws {
+        let topic = InMemoryTopic()
+        let sent = events(300, seed: 8)
+        for event in sent { topic.append(event) }
+        let database = InMemoryDatabase()
+        let end = topic.end(1)
+        database.setStoredOffset(partition: 1, to: end + 5)
+        XCTAssertThrowsError(try run(topic, store: InMemoryConsumerStore(database: database))) { error in
+            XCTAssertTrue("\(error)".contains("partitions 1 (log end \(end), stored \(end + 5))"), "\(error)")
+        }
+        XCTAssertEqual(database.logGaps, [1: end])
+        XCTAssertEqual(database.snapshot.offsets[1], end + 5, "nothing of partition 1 was committed")
+        let elsewhere = sent.filter { KeyPartitioner.murmur2.partition(of: Array($0.subject.utf8), partitions: 4) != 1 }
+        XCTAssertEqual(database.monthlyTotals, recount(elsewhere))
+    }
+
     /// The state after the log depends only on the log: not on batch boundaries, the number of
     /// commit lanes, or a rebalance. Duplicates, conflicts and poison included.
     func testTheStateDependsOnlyOnTheLog() throws {
