@@ -98,7 +98,11 @@ let package = Package(
 
         // In-memory twins of the pipeline's I/O (record source, dead-letter sink, stores) and
         // fault decorators, for in-process tests; no executable links it.
-        .target(name: "TallyTesting", dependencies: ["TallyCore", "TallyKafka", "TallyPipeline"]),
+        .target(name: "TallyTesting", dependencies: ["TallyCore", "TallyKafka", "TallyPostgres", "TallyPipeline"]),
+        // Test-only: the consumers with TallyTesting's fault decorators, for the fault suite.
+        .executableTarget(
+            name: "tally-faults",
+            dependencies: ["TallyCLI", "TallyTesting", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
 
         .testTarget(name: "TallyCoreTests", dependencies: ["TallyCore"], resources: [.copy("Fixtures")]),
         // The consumer loop in-process: fencing, resync, rebalances, lanes, poison records, determinism.

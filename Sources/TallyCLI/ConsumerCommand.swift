@@ -74,10 +74,16 @@ public struct ConsumerContext {
     public let stop: SharedFlag
 }
 
+/// Wraps a consumer's whole store (every commit lane) before the loop runs. Test builds pass
+/// TallyTesting's fault decorators (`tally-faults`); the production executables pass none. Gets
+/// the loop's settings and a way to open another PostgreSQL connection.
+public typealias StoreDecorator = (_ store: any ConsumerStore, _ settings: ConsumerSettings,
+                                   _ connect: () throws -> PostgresConnection) throws -> any ConsumerStore
+
 /// Runs a consumer loop until SIGTERM/SIGINT (or caught up): settings from flags and the
 /// environment, metrics and the ops endpoint, a PostgreSQL connection, signal handling.
 public func runConsumer(_ description: ConsumerDescription, options: ConsumerOptions, database: DatabaseOptions, kafka: KafkaOptions,
-                        logging: LoggingOptions, ops: OpsOptions, creditKeys: CreditKeyOptions? = nil,
+                        logging: LoggingOptions, ops: OpsOptions, creditKeys: CreditKeyOptions? = nil, decorate: StoreDecorator? = nil,
                         makeStore: (ConsumerContext) throws -> any ConsumerStore) throws {
     ProcessSetup.ignoreBrokenPipes()
     JSONLogHandler.bootstrap(service: description.service, level: logging.logLevel)
@@ -92,8 +98,6 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     settings.batchTimeout = .milliseconds(options.batchTimeoutMs)
     settings.statsInterval = .seconds(options.statsIntervalSeconds)
     settings.exitWhenCaughtUp = options.exitWhenCaughtUp
-    if let delay = environment("TALLY_FAULT_COMMIT_DELAY_MS").flatMap(Int.init) { settings.faultCommitDelay = .milliseconds(delay) }
-    settings.faultKillAfterCommits = environment("TALLY_FAULT_KILL_AFTER_COMMITS").flatMap(Int.init)
 
     // A consumer that applies credit checks it was signed (nil for one that applies none).
     let keyring = try creditKeys?.verifyingKeyring(logger: logger)
@@ -128,7 +132,8 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
         try makeStore(ConsumerContext(connection: connection, lane: lane, kafka: kafkaConfiguration, settings: settings,
                                       instanceID: instanceID, logger: logger, stop: stop))
     }
-    let store = lanes.count == 1 ? lanes[0] : CommitLanes(lanes)
+    let laneStore = lanes.count == 1 ? lanes[0] : CommitLanes(lanes)
+    let store = try decorate?(laneStore, settings, { try database.connect(logger: logger) }) ?? laneStore
     logger.info("starting", metadata: ["group": "\(settings.group)", "topic": "\(settings.topic)", "instance": "\(instanceID)"])
     let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: stop)
     let opsServer = try ops.start(registry: registry, logger: logger, ready: { loop.isReady })

@@ -31,12 +31,6 @@ public struct ConsumerSettings: Sendable {
     public var statsInterval = Duration.seconds(10)
     /// Exit once every assigned partition is consumed to its log end (demo, bench, replay).
     public var exitWhenCaughtUp = false
-    /// Fault injection for tests: a pause between preparing a batch and committing it,
-    /// so a SIGSTOP lands while a batch is in flight (env TALLY_FAULT_COMMIT_DELAY_MS).
-    public var faultCommitDelay: Duration?
-    /// Fault injection for tests: SIGKILL this process right after its n-th PostgreSQL commit
-    /// returns, before anything else happens (env TALLY_FAULT_KILL_AFTER_COMMITS).
-    public var faultKillAfterCommits: Int?
 
     /// Checks the signature of credit records (grants, voids) before they are applied; one that
     /// fails is dead-lettered as `unsigned_credit`. Nil applies them unchecked: only for a consumer
@@ -107,8 +101,6 @@ public final class ConsumerLoop: @unchecked Sendable {
     private let store: any ConsumerStore
     /// Used on the commit queue only.
     private let deadLetterSink: any DeadLetterSink
-    /// Touched on the commit queue only.
-    private var commitsForFault = 0
     private let logger: Logger
     private let stopFlag: SharedFlag
     private let consumer: any RecordSource
@@ -307,14 +299,8 @@ public final class ConsumerLoop: @unchecked Sendable {
             }
             switch classified[index] {
             case .event(.usage(let event)):
-                if InvariantBreak.drop.isOn && offset % 50 == 0 { break }
                 batch.events.append(PositionedEvent(event: event, position: logPosition))
                 if !records[index].headers.isEmpty, records[index].header(rateUnpricedHeader) != nil { batch.rateUnpricedAt.insert(logPosition) }
-                if InvariantBreak.phantom.isOn && settings.metricsPrefix == "tally_aggregator" && batch.events.count == 1 {
-                    var madeUp = event
-                    madeUp.id += "-phantom-\(offset)"
-                    batch.events.append(PositionedEvent(event: madeUp, position: logPosition))
-                }
             case .event(.grant(let grant)):
                 if let refusal = creditRefusal(records[index]) {
                     batch.deadLetters.append(DeadLetter(position: logPosition, reason: refusal, key: records[index].key, value: records[index].value))
@@ -468,9 +454,6 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// retried through database outages until it lands or the loop stops.
     private func write(_ batch: PreparedBatch) throws -> BatchOutcome {
         var outcome = BatchOutcome()
-        if let delay = settings.faultCommitDelay {
-            Thread.sleep(forTimeInterval: delay.totalSeconds)
-        }
         guard publishDeadLetters(batch.deadLetters) else {
             outcome.abandoned = true
             return outcome
@@ -481,8 +464,6 @@ public final class ConsumerLoop: @unchecked Sendable {
             do {
                 switch try store.commit(pending) {
                 case .committed(let summary):
-                    commitsForFault += 1
-                    if commitsForFault == settings.faultKillAfterCommits { kill(getpid(), SIGKILL) }
                     readiness.set(true)
                     for (partition, move) in pending.moves { outcome.committed[partition] = move.next }
                     outcome.summary = summary

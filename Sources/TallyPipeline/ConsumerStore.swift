@@ -207,11 +207,10 @@ public final class ConsumerTables: @unchecked Sendable {
                     UPDATE consumer_offsets AS o SET next_offset = m.next, committed_at = now()
                     FROM unnest($3::int[], $4::bigint[], $5::bigint[], $6::bigint[]) AS m(partition, expected, next, epoch)
                     WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition
-                      AND ((o.next_offset = m.expected AND o.owner_epoch = m.epoch) OR $7)
+                      AND o.next_offset = m.expected AND o.owner_epoch = m.epoch
                     RETURNING o.partition, o.state_version
                     """, [group, topic, PostgresArray(partitions), PostgresArray(partitions.map { batch.moves[$0]!.expected }),
-                          PostgresArray(partitions.map { batch.moves[$0]!.next }), PostgresArray(partitions.map { batch.moves[$0]!.epoch }),
-                          InvariantBreak.fencing.isOn])
+                          PostgresArray(partitions.map { batch.moves[$0]!.next }), PostgresArray(partitions.map { batch.moves[$0]!.epoch })])
                 var movedPartitions = Set<Int32>()
                 var stateVersions: [Int32: Int64] = [:]
                 for row in 0..<moved.rowCount {
@@ -264,7 +263,7 @@ public final class ConsumerTables: @unchecked Sendable {
     /// transaction if it was not. After such a miss, keys are looked up in PostgreSQL until a
     /// look-up finds nothing the cache lacked.
     public func storedHashes<Candidate: DedupCandidate>(of candidates: [Candidate], table: String) throws -> [DedupKey: UInt64] {
-        guard !candidates.isEmpty, !InvariantBreak.dedup.isOn else { return [:] }
+        guard !candidates.isEmpty else { return [:] }
         var stored: [DedupKey: UInt64] = [:]
         guard lookUpStoredKeys else {
             for candidate in candidates {
@@ -308,7 +307,7 @@ public final class ConsumerTables: @unchecked Sendable {
     /// Stores the keys of newly counted events (COPY: they are new unless the cache missed one,
     /// which the primary key turns into `StoredKeyMissedByCache`).
     public func storeKeys<Candidate: DedupCandidate>(_ accepted: [Candidate], table: String) throws {
-        guard !accepted.isEmpty, !InvariantBreak.dedup.isOn else { return }
+        guard !accepted.isEmpty else { return }
         do {
             try connection.copyIn("COPY \(table) (customer_id, event_id, event_source, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
                                   format: .binary, rows: accepted.keyOrder()) { index, fields in
@@ -371,7 +370,7 @@ public final class ConsumerTables: @unchecked Sendable {
     }
 
     public func insertDeadLetters(_ letters: [DeadLetter]) throws {
-        guard !letters.isEmpty, !InvariantBreak.deadLetters.isOn else { return }
+        guard !letters.isEmpty else { return }
         // The value is kept up to 64 KiB; record_size says how large it was.
         try connection.query("""
             INSERT INTO dead_letters (consumer_group, topic, partition, record_offset, reason_code, reason, record_key, record_value, record_size)

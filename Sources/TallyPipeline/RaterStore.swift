@@ -110,7 +110,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
 
     private func apply(_ batch: PreparedBatch) throws -> DedupSummary {
         // 2. Dedup usage and grants together, in log order.
-        let grants = InvariantBreak.wallet.isOn ? [] : batch.grants
+        let grants = batch.grants
         let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant) + batch.voids.map(RaterRecord.grantVoid))
             .sorted { $0.position < $1.position }
         let stored = try tables.storedHashes(of: records, table: "rater_event_keys")

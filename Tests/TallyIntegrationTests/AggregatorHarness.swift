@@ -118,8 +118,11 @@ final class AggregatorHarness: @unchecked Sendable {
         try startConsumer("tally-rater", extra, environment: environment)
     }
 
+    /// A consumer asked for a deliberate break or a fault knob runs as the test-only `tally-faults`:
+    /// the same command with TallyTesting's fault decorators around its store.
     private func startConsumer(_ executable: String, _ extra: [String], environment: [String: String]) throws -> ChildProcess {
-        let process = try ChildProcess(TestStack.executable(executable), [
+        let faulty = environment.keys.contains { $0 == "TALLY_DEBUG_BREAK" || $0.hasPrefix("TALLY_FAULT_") }
+        let process = try ChildProcess(TestStack.executable(faulty ? "tally-faults" : executable), (faulty ? [executable] : []) + [
             "--database-url", databaseURL, "--topic", topic, "--group", group,
             "--session-timeout-ms", "6000", "--stats-interval-seconds", "2", "--batch-size", "2000",
             "--ops-address", "127.0.0.1:0",

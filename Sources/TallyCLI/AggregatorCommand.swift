@@ -1,10 +1,10 @@
 import ArgumentParser
-import TallyCLI
 import TallyPipeline
 
-@main
-struct TallyAggregator: ParsableCommand {
-    static let configuration = CommandConfiguration(
+/// `tally-aggregator`: its flags and its run, here so a test build can run the same command with
+/// its store decorated (`run(decorate:)`; see `TallyTesting.ConsumerFaults`).
+public struct AggregatorCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
         commandName: "tally-aggregator",
         abstract: "Tally's dedup/aggregation consumer: exactly-once usage windows in PostgreSQL.",
         discussion: """
@@ -24,16 +24,21 @@ struct TallyAggregator: ParsableCommand {
     @Option(help: "Fold window deltas into the hourly windows once this many rows wait (and whenever idle).")
     var windowFoldRows = 200_000
 
-    func validate() throws {
+    public init() {}
+
+    public func validate() throws {
         guard windowFoldRows > 0 else { throw ValidationError("--window-fold-rows must be positive") }
     }
 
-    func run() throws {
+    public func run() throws { try run(decorate: nil) }
+
+    /// - Parameter decorate: wraps the consumer's store (test builds only; production passes nil).
+    public func run(decorate: StoreDecorator?) throws {
         let description = ConsumerDescription(service: "tally-aggregator", defaultGroup: "tally-aggregator",
                                               groupEnvironment: "TALLY_AGGREGATOR_GROUP", metricsPrefix: "tally_aggregator")
         // One folder for all lanes, on a connection of its own.
         var folder: WindowFolder?
-        try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops) { context in
+        try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops, decorate: decorate) { context in
             let shared = try folder ?? WindowFolder(connection: database.connect(logger: context.logger))
             folder = shared
             return AggregatorStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,

@@ -1,13 +1,13 @@
 import ArgumentParser
 import Dispatch
 import Foundation
-import TallyCLI
 import TallyCore
 import TallyPipeline
 
-@main
-struct TallyRater: ParsableCommand {
-    static let configuration = CommandConfiguration(
+/// `tally-rater`: its flags and its run, here so a test build can run the same command with its
+/// store decorated (`run(decorate:)`; see `TallyTesting.ConsumerFaults`).
+public struct RaterCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
         commandName: "tally-rater",
         abstract: "Tally's rating/wallet consumer: prices usage, debits prepaid wallets, raises alerts.",
         discussion: """
@@ -33,20 +33,25 @@ struct TallyRater: ParsableCommand {
     @Option(help: "Close each customer's billing period into an invoice once the latest rated event time is this many hours past the period end (off when omitted; see tally invoices close).")
     var closeInvoicesAfterGraceHours: Int?
 
-    func validate() throws {
+    public init() {}
+
+    public func validate() throws {
         if let hours = closeInvoicesAfterGraceHours, hours < 0 { throw ValidationError("--close-invoices-after-grace-hours must be 0 or more") }
         if closeInvoicesAfterGraceHours != nil && alertsTopic == "off" {
             throw ValidationError("--close-invoices-after-grace-hours runs beside the alert relay; it needs --alerts-topic")
         }
     }
 
-    func run() throws {
+    public func run() throws { try run(decorate: nil) }
+
+    /// - Parameter decorate: wraps the consumer's store (test builds only; production passes nil).
+    public func run(decorate: StoreDecorator?) throws {
         let description = ConsumerDescription(service: "tally-rater", defaultGroup: "tally-rater",
                                               groupEnvironment: "TALLY_RATER_GROUP", metricsPrefix: "tally_rater")
         var relayStop: SharedFlag?
         let relayDone = DispatchSemaphore(value: 0)
         try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops,
-                        creditKeys: creditKeys) { context in
+                        creditKeys: creditKeys, decorate: decorate) { context in
             if alertsTopic != "off" && context.lane == 0 {
                 // The relay has its own connection: it must not share the batch transaction's.
                 let relay = AlertRelay(connection: try database.connect(logger: context.logger),

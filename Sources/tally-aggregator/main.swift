@@ -1,0 +1,3 @@
+import TallyCLI
+
+AggregatorCommand.main()

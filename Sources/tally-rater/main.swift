@@ -1,0 +1,3 @@
+import TallyCLI
+
+RaterCommand.main()
