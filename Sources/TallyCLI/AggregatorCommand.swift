@@ -3,7 +3,7 @@ import TallyPipeline
 
 /// `tally-aggregator`: its flags and its run, here so a test build can run the same command with
 /// its store decorated (`run(decorate:)`; see `TallyTesting.ConsumerFaults`).
-public struct AggregatorCommand: ParsableCommand {
+public struct AggregatorCommand: DecoratableConsumerCommand {
     public static let configuration = CommandConfiguration(
         commandName: "tally-aggregator",
         abstract: "Tally's dedup/aggregation consumer: exactly-once usage windows in PostgreSQL.",

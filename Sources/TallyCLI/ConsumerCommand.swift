@@ -80,6 +80,11 @@ public struct ConsumerContext {
 public typealias StoreDecorator = (_ store: any ConsumerStore, _ settings: ConsumerSettings,
                                    _ connect: () throws -> PostgresConnection) throws -> any ConsumerStore
 
+/// A consumer executable's command whose store a test build may decorate (`tally-faults`).
+public protocol DecoratableConsumerCommand: ParsableCommand {
+    func run(decorate: StoreDecorator?) throws
+}
+
 /// Runs a consumer loop until SIGTERM/SIGINT (or caught up): settings from flags and the
 /// environment, metrics and the ops endpoint, a PostgreSQL connection, signal handling.
 public func runConsumer(_ description: ConsumerDescription, options: ConsumerOptions, database: DatabaseOptions, kafka: KafkaOptions,

@@ -6,7 +6,7 @@ import TallyPipeline
 
 /// `tally-rater`: its flags and its run, here so a test build can run the same command with its
 /// store decorated (`run(decorate:)`; see `TallyTesting.ConsumerFaults`).
-public struct RaterCommand: ParsableCommand {
+public struct RaterCommand: DecoratableConsumerCommand {
     public static let configuration = CommandConfiguration(
         commandName: "tally-rater",
         abstract: "Tally's rating/wallet consumer: prices usage, debits prepaid wallets, raises alerts.",

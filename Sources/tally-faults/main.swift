@@ -9,21 +9,19 @@ import TallyTesting
 let arguments = Array(CommandLine.arguments.dropFirst())
 let faults = ConsumerFaults.fromEnvironment()
 let decorate: StoreDecorator = { store, settings, connect in try faults.decorate(store, settings: settings, connect: connect) }
+
+/// Parses and runs `command` with its store decorated, exiting as ArgumentParser does on an error.
+func runDecorated<Command: DecoratableConsumerCommand>(_ command: Command.Type, _ arguments: [String], decorate: @escaping StoreDecorator) {
+    do {
+        try Command.parse(arguments).run(decorate: decorate)
+    } catch {
+        Command.exit(withError: error)
+    }
+}
+
 switch arguments.first {
-case "tally-aggregator":
-    do {
-        let command = try AggregatorCommand.parse(Array(arguments.dropFirst()))
-        try command.run(decorate: decorate)
-    } catch {
-        AggregatorCommand.exit(withError: error)
-    }
-case "tally-rater":
-    do {
-        let command = try RaterCommand.parse(Array(arguments.dropFirst()))
-        try command.run(decorate: decorate)
-    } catch {
-        RaterCommand.exit(withError: error)
-    }
+case "tally-aggregator": runDecorated(AggregatorCommand.self, Array(arguments.dropFirst()), decorate: decorate)
+case "tally-rater": runDecorated(RaterCommand.self, Array(arguments.dropFirst()), decorate: decorate)
 default:
     print("usage: tally-faults tally-aggregator|tally-rater [options]")
     Foundation.exit(2)

@@ -33,6 +33,21 @@ final class ConsumerLoopTests: XCTestCase {
         return totals
     }
 
+    /// A topic holding `count` generated events, and the events.
+    func topic(with count: Int, seed: UInt64) -> (InMemoryTopic, [UsageEvent]) {
+        let topic = InMemoryTopic()
+        let sent = events(count, seed: seed)
+        for event in sent { topic.append(event) }
+        return (topic, sent)
+    }
+
+    /// Checks the database holds exactly `expected`'s counts and stands at the log end.
+    func assertCountedExactly(_ expected: [UsageEvent], in database: InMemoryDatabase, topic: InMemoryTopic,
+                              file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(database.monthlyTotals, recount(expected), file: file, line: line)
+        XCTAssertEqual(database.snapshot.offsets, logEnds(topic), "the loop moved past every record", file: file, line: line)
+    }
+
     func settings(_ topic: InMemoryTopic, batchSize: Int = 20_000) -> ConsumerSettings {
         var settings = ConsumerSettings(group: "tally-aggregator", metricsPrefix: "tally_aggregator")
         settings.topic = topic.name
@@ -59,9 +74,7 @@ final class ConsumerLoopTests: XCTestCase {
     }
 
     func testPoisonRecordsAreSetAsideAndEverythingElseCountsOnce() throws {
-        let topic = InMemoryTopic()
-        let sent = events(300, seed: 1)
-        for event in sent { topic.append(event) }
+        let (topic, sent) = self.topic(with: 300, seed: 1)
         for event in sent.prefix(30) { topic.append(event) }
         let poison: [(String, String)] = [
             ("{oops", "malformed_json"),
@@ -87,9 +100,7 @@ final class ConsumerLoopTests: XCTestCase {
     /// Instance A loses its partitions to B between two batches without noticing (a zombie):
     /// its next commit is fenced and writes nothing; B resumes from the stored offsets.
     func testAZombieInstanceIsFencedAndNothingCountsTwice() throws {
-        let topic = InMemoryTopic()
-        let sent = events(400, seed: 3)
-        for event in sent { topic.append(event) }
+        let (topic, sent) = self.topic(with: 400, seed: 3)
         let database = InMemoryDatabase()
         let instanceB = InMemoryConsumerStore(database: database)
         let stopA = SharedFlag()
@@ -103,16 +114,13 @@ final class ConsumerLoopTests: XCTestCase {
         XCTAssertEqual(database.committedTransactions, 2, "the fenced batch wrote nothing")
 
         try run(topic, store: instanceB)
-        XCTAssertEqual(database.monthlyTotals, recount(sent))
-        XCTAssertEqual(database.snapshot.offsets, logEnds(topic))
+        assertCountedExactly(sent, in: database, topic: topic)
     }
 
     /// A COMMIT that landed but whose reply was lost: the retry finds the offsets moved under its
     /// own epoch, writes nothing, and the loop resumes from the stored offsets.
     func testALostCommitReplyResyncsInsteadOfCountingTwice() throws {
-        let topic = InMemoryTopic()
-        let sent = events(300, seed: 4)
-        for event in sent { topic.append(event) }
+        let (topic, sent) = self.topic(with: 300, seed: 4)
         let database = InMemoryDatabase()
         let store = FaultyStore(InMemoryConsumerStore(database: database), faults: [2: .loseCommitReply])
         let loop = try run(topic, store: store, source: ScriptedRecordSource(topic: topic, recordsPerPoll: 50))
@@ -124,9 +132,7 @@ final class ConsumerLoopTests: XCTestCase {
     /// Partitions revoked and assigned again while a batch is in flight: the batch is finished
     /// before the rebalance is acted on, and reading resumes from the stored offsets.
     func testARebalanceDuringABatchFinishesTheBatchFirst() throws {
-        let topic = InMemoryTopic()
-        let sent = events(400, seed: 5)
-        for event in sent { topic.append(event) }
+        let (topic, sent) = self.topic(with: 400, seed: 5)
         let database = InMemoryDatabase()
         let source = ScriptedRecordSource(topic: topic, recordsPerPoll: 30)
         let moved = [TopicPartition(topic.name, 1), TopicPartition(topic.name, 3)]
@@ -134,16 +140,13 @@ final class ConsumerLoopTests: XCTestCase {
         source.schedule(.assigned(moved), atPoll: 6)
         let store = FaultyStore(InMemoryConsumerStore(database: database), commitDelay: .milliseconds(5))
         try run(topic, store: store, source: source)
-        XCTAssertEqual(database.monthlyTotals, recount(sent))
-        XCTAssertEqual(database.snapshot.offsets, logEnds(topic))
+        assertCountedExactly(sent, in: database, topic: topic)
     }
 
     /// Two commit lanes, the second failing once after the first committed its part: the retry
     /// writes only the second part, and the first part's counts are reported once.
     func testCommitLanesLandPartOfABatchOnce() throws {
-        let topic = InMemoryTopic()
-        let sent = events(300, seed: 6)
-        for event in sent { topic.append(event) }
+        let (topic, sent) = self.topic(with: 300, seed: 6)
         for event in sent.prefix(20) { topic.append(event) }
         let database = InMemoryDatabase()
         let lanes = CommitLanes([InMemoryConsumerStore(database: database),
@@ -159,9 +162,7 @@ final class ConsumerLoopTests: XCTestCase {
     /// records): the partition is not read, the gap is recorded with the log end, the other
     /// partitions are counted, and a run that must reach the log end says why it cannot.
     func testAPartitionWhoseLogEndsBelowItsStoredOffsetIsNotRead() throws {
-        let topic = InMemoryTopic()
-        let sent = events(300, seed: 8)
-        for event in sent { topic.append(event) }
+        let (topic, sent) = self.topic(with: 300, seed: 8)
         let database = InMemoryDatabase()
         let end = topic.end(1)
         database.setStoredOffset(partition: 1, to: end + 5)
