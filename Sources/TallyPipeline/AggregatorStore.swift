@@ -33,6 +33,8 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
         try tables.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
     }
 
+    public func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64] { try tables.recordedLogGaps(partitions) }
+
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
         // Stateless between batches: a promoted state (replay) needs nothing here.

@@ -76,6 +76,15 @@ public final class CommitLanes: ConsumerStore, @unchecked Sendable {
         try lanes[lane(of: partition)].recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
     }
 
+    public func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64] {
+        var gaps: [Int32: Int64] = [:]
+        for (index, store) in lanes.enumerated() {
+            let mine = partitions.filter { lane(of: $0) == index }
+            if !mine.isEmpty { gaps.merge(try store.recordedLogGaps(mine)) { $1 } }
+        }
+        return gaps
+    }
+
     public func settle() throws {
         for lane in lanes { try lane.settle() }
     }

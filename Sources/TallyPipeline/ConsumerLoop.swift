@@ -163,13 +163,19 @@ public final class ConsumerLoop: @unchecked Sendable {
             while true {
                 do {
                     let claims = try store.claim(numbers)
+                    // A gap recorded earlier (by this group's instance that owned the partition
+                    // before) still holds: the partition stays unread until an operator chooses.
+                    let recordedGaps = try store.recordedLogGaps(numbers)
                     readiness.set(true)
                     for (partition, claim) in claims {
                         owned[partition] = claim
                         readPosition[partition] = claim.nextOffset
-                        gapped.removeValue(forKey: partition)
+                        gapped[partition] = recordedGaps[partition]
                         unrecordedGaps.remove(partition)
                         suspectedGaps.removeValue(forKey: partition)
+                    }
+                    if !recordedGaps.isEmpty {
+                        logger.error("partitions \(recordedGaps.keys.sorted()) are not read: their log ended below the stored offset (tally.log_gaps); see tally check-log")
                     }
                     logger.info("assigned partitions \(numbers.sorted()) at offsets \(claims.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.nextOffset)" })")
                     return Dictionary(uniqueKeysWithValues: claims.map { (TopicPartition(settings.topic, $0.key), $0.value.nextOffset) })
@@ -211,7 +217,7 @@ public final class ConsumerLoop: @unchecked Sendable {
         while !stopFlag.isSet {
             let records = consumer.poll(maxRecords: settings.batchSize, timeout: settings.batchTimeout)
             if let error = deferredError { throw error }
-            try stopReadingPartitionsPastTheLogEnd(records)
+            if try stopReadingPartitionsPastTheLogEnd(records) { return }
             if !records.isEmpty {
                 let started = ContinuousClock.now
                 var batch = prepare(records)
@@ -527,29 +533,36 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// with the end first seen, where `tally check-log` finds it and offers the choices; the
     /// other partitions go on. Checked after every poll, before its records are prepared.
     ///
-    /// A new partition leader may report a high watermark behind the old one's for a moment, so
-    /// an end below the stored offset counts as a gap once records below the read position arrive
-    /// (the consumer was reset to the log start: the broker no longer has that offset) or once it
-    /// lasted 30 seconds. The end recorded is the first one seen.
-    private func stopReadingPartitionsPastTheLogEnd(_ records: [ConsumerRecord]) throws {
+    /// Evidence: records below the read position (Apache Kafka answered "offset out of range" and
+    /// the consumer went back to the log start: a fetch never returns records below where it
+    /// asked otherwise), or a high watermark below the stored offset for 30 seconds (Tansu answers
+    /// a fetch past its log end with nothing, so only the watermark tells). A new Kafka partition
+    /// leader may report a watermark behind the old one's until its followers catch up, which is
+    /// why the watermark alone must last. The window is a trade-off: records appended past the
+    /// stored offset within it on such a broker are read, and the ones below it are then missed.
+    /// The end recorded is the first watermark seen below the stored offset, else the lowest
+    /// record below it.
+    /// - Returns: true when the batch in flight was abandoned (the loop is stopping).
+    private func stopReadingPartitionsPastTheLogEnd(_ records: [ConsumerRecord]) throws -> Bool {
         for (partition, claim) in owned where gapped[partition] == nil {
-            guard let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high, high < claim.nextOffset else {
-                suspectedGaps.removeValue(forKey: partition)
+            let position = readPosition[partition] ?? claim.nextOffset
+            let lowestBelow = records.lazy.filter { $0.partition == partition && $0.offset < position }.map(\.offset).min()
+            let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high
+            if let high, high < claim.nextOffset, suspectedGaps[partition] == nil { suspectedGaps[partition] = (ContinuousClock.now, high) }
+            let suspicion = suspectedGaps[partition]
+            guard lowestBelow != nil || (suspicion.map { ContinuousClock.now - $0.since >= .seconds(30) } ?? false) else {
+                if let high, high >= claim.nextOffset { suspectedGaps.removeValue(forKey: partition) }
                 continue
             }
-            let suspicion = suspectedGaps[partition] ?? (ContinuousClock.now, high)
-            suspectedGaps[partition] = suspicion
-            let position = readPosition[partition] ?? claim.nextOffset
-            let reset = records.contains { $0.partition == partition && $0.offset < position }
-            guard reset || ContinuousClock.now - suspicion.since >= .seconds(30) else { continue }
+            let end = suspicion?.end ?? lowestBelow!
             suspectedGaps.removeValue(forKey: partition)
-            gapped[partition] = suspicion.end
+            gapped[partition] = end
             unrecordedGaps.insert(partition)
-            logger.error("partition \(partition) ends at offset \(suspicion.end), below the stored offset \(claim.nextOffset): the log lost records this group counted; the partition is not read until an operator chooses (tally check-log)")
+            logger.error("partition \(partition) ends at offset \(end), below the stored offset \(claim.nextOffset): the log lost records this group counted; the partition is not read until an operator chooses (tally check-log)")
         }
-        guard !unrecordedGaps.isEmpty else { return }
+        guard !unrecordedGaps.isEmpty else { return false }
         // The store's connection is free only with nothing in flight.
-        _ = try awaitInFlight()
+        if try awaitInFlight().abandoned { return true }
         for partition in unrecordedGaps.sorted() {
             guard let claim = owned[partition], let end = gapped[partition] else { continue }
             do {
@@ -557,9 +570,10 @@ public final class ConsumerLoop: @unchecked Sendable {
                 unrecordedGaps.remove(partition)
             } catch let error as any RetryableFailure where error.isRetryable {
                 logger.warning("recording the log gap of partition \(partition) failed, retrying: \(error)")
-                return
+                return false
             }
         }
+        return false
     }
 
     /// Said again every stats interval while a partition is not read.

@@ -100,6 +100,9 @@ public protocol ConsumerStore: AnyObject, Sendable {
     /// Records that `partition`'s log ends at `logEnd`, below the offset this group stored
     /// (`tally.log_gaps`); the first record of a gap is kept. Called with no batch in flight.
     func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws
+    /// The recorded gaps of these partitions (end first seen, by partition): a claim must not
+    /// read them again until an operator chose (`tally check-log --keep`, `tally replay --promote`).
+    func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64]
 }
 
 extension ConsumerStore {
@@ -360,7 +363,6 @@ public final class ConsumerTables: @unchecked Sendable {
                   PostgresArray(conflicts.map(\.key.source))])
     }
 
-    /// Dead letters, idempotent by position.
     /// See `ConsumerStore.recordLogGap`.
     public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         try connection.query("""
@@ -369,6 +371,17 @@ public final class ConsumerTables: @unchecked Sendable {
             """, [group, topic, partition, storedOffset, logEnd])
     }
 
+    /// See `ConsumerStore.recordedLogGaps`.
+    public func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64] {
+        let rows = try connection.query("""
+            SELECT partition, log_end FROM tally.log_gaps WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])
+            """, [group, topic, PostgresArray(partitions)])
+        var gaps: [Int32: Int64] = [:]
+        for row in 0..<rows.rowCount { gaps[try rows.value(row, 0, as: Int32.self)] = try rows.value(row, 1, as: Int64.self) }
+        return gaps
+    }
+
+    /// Dead letters, idempotent by position.
     public func insertDeadLetters(_ letters: [DeadLetter]) throws {
         guard !letters.isEmpty else { return }
         // The value is kept up to 64 KiB; record_size says how large it was.

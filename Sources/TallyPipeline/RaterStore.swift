@@ -57,6 +57,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         try tables.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
     }
 
+    public func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64] { try tables.recordedLogGaps(partitions) }
+
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
         // Rows of newly owned customers may have been written by their previous owner.
         forgetState()

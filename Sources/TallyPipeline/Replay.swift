@@ -92,6 +92,7 @@ public final class PartitionSubsetStore: ConsumerStore, @unchecked Sendable {
     public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         try inner.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
     }
+    public func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64] { try inner.recordedLogGaps(partitions) }
 }
 
 /// One table's fingerprint: row count and an md5 over its rows in a fixed order, leaving out

@@ -74,6 +74,7 @@ final class BrokenStore: ConsumerStore, @unchecked Sendable {
     func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         try inner.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
     }
+    func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64] { try inner.recordedLogGaps(partitions) }
 
     func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
         if let delay = faults.commitDelay {
@@ -96,8 +97,8 @@ final class BrokenStore: ConsumerStore, @unchecked Sendable {
         if faults.breaks.contains(.deadLetters) { batch.deadLetters = [] }
         if faults.breaks.contains(.wallet) { batch.grants = [] }
         let restoreEpochs = try forceOffsets(batch)
+        defer { try? restoreEpochs() }
         let outcome = try inner.commit(batch)
-        try restoreEpochs()
         if case .committed = outcome {
             commits += 1
             if commits == faults.killAfterCommits { kill(getpid(), SIGKILL) }
@@ -107,7 +108,8 @@ final class BrokenStore: ConsumerStore, @unchecked Sendable {
 
     /// The fencing break: set each moved partition's stored offset and epoch to what this batch
     /// expects, so the store's compare-and-set passes whoever owns the partition now; afterwards
-    /// the owner's epoch goes back, so only the offset moved (as a commit without the check would).
+    /// the owner's epoch goes back where this batch's is still there, so only the offset moved (as a
+    /// commit without the check would) and a claim made meanwhile stands.
     private func forceOffsets(_ batch: PreparedBatch) throws -> () throws -> Void {
         guard let connection = fencingConnection, !batch.moves.isEmpty else { return {} }
         let partitions = batch.moves.keys.sorted()
@@ -126,9 +128,10 @@ final class BrokenStore: ConsumerStore, @unchecked Sendable {
             let kept = epochs.keys.sorted()
             try connection.query("""
                 UPDATE tally.consumer_offsets AS o SET owner_epoch = m.epoch
-                FROM unnest($3::int[], $4::bigint[]) AS m(partition, epoch)
-                WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition
-                """, [settings.group, settings.topic, PostgresArray(kept), PostgresArray(kept.map { epochs[$0]! })])
+                FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS m(partition, epoch, forced)
+                WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition AND o.owner_epoch = m.forced
+                """, [settings.group, settings.topic, PostgresArray(kept), PostgresArray(kept.map { epochs[$0]! }),
+                      PostgresArray(kept.map { batch.moves[$0]!.epoch })])
         }
     }
 }

@@ -124,6 +124,8 @@ public final class InMemoryConsumerStore: ConsumerStore, @unchecked Sendable {
     public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         database.recordLogGap(partition: partition, logEnd: logEnd)
     }
+
+    public func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64] { database.logGaps.filter { partitions.contains($0.key) } }
 }
 
 /// A store failure the loop retries, as it retries a lost PostgreSQL connection.
@@ -191,4 +193,6 @@ public final class FaultyStore: ConsumerStore, @unchecked Sendable {
     public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         try inner.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
     }
+
+    public func recordedLogGaps(_ partitions: [Int32]) throws -> [Int32: Int64] { try inner.recordedLogGaps(partitions) }
 }

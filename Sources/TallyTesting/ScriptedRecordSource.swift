@@ -75,6 +75,9 @@ public final class ScriptedRecordSource: RecordSource, @unchecked Sendable {
         self.recordsPerPoll = recordsPerPoll
     }
 
+    /// Scheduled rebalances not delivered yet (a test checks its script ran).
+    public var undeliveredRebalances: Int { script.values.reduce(0) { $0 + $1.count } }
+
     /// Delivers `event` during poll number `poll` (1-based; the first poll assigns first).
     public func schedule(_ event: RebalanceEvent, atPoll poll: Int) {
         script[poll, default: []].append(event)

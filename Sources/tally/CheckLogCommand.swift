@@ -35,6 +35,7 @@ struct CheckLog: ParsableCommand {
         let topic = kafka.topic
         if let group, group.hasPrefix("tally-replay-") {
             print("\(group) is a replay group: replays read from offset zero into a shadow schema and are not checked", to: &standardError)
+            return
         }
         // Whatever stops the check (PostgreSQL or the broker away) is not a finding: exit 2.
         func checking<T>(_ what: String, _ body: () throws -> T) throws -> T {

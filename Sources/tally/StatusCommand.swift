@@ -62,7 +62,8 @@ struct Status: ParsableCommand {
             GROUP BY 1, 2 ORDER BY 1, 2
             """, [kafka.topic])
         let gaps = try connection.query("""
-            SELECT consumer_group, partition::text, stored_offset::text, log_end::text FROM log_gaps WHERE topic = $1 ORDER BY 1, 2::int
+            SELECT consumer_group, partition::text, stored_offset::text, log_end::text FROM log_gaps
+            WHERE topic = $1 AND consumer_group NOT LIKE 'tally-replay-%' ORDER BY 1, 2::int
             """, [kafka.topic])
         var text = ""
         if gaps.rowCount > 0 {

@@ -32,6 +32,7 @@ final class ConfigDocumentTests: XCTestCase {
         }
         XCTAssertEqual(error("a: 1\nb: 2\na: 3")?.message, "duplicate key")
         XCTAssertEqual(error("a: 1\nb: 2\na: 3")?.path, "a")
+        XCTAssertEqual(error("1: x\n\"1\": y")?.line, 2, "keys compare as text")
         XCTAssertEqual(error("a: [1, 2\nb: 3")?.line, 2)
         XCTAssertNotNil(error("a: 1\n---\nb: 2"), "one document only")
         XCTAssertEqual(error("a:\n\t- 1")?.line, 2, "a tab is not indentation")

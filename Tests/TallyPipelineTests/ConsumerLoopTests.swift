@@ -173,6 +173,15 @@ final class ConsumerLoopTests: XCTestCase {
         XCTAssertEqual(database.snapshot.offsets[1], end + 5, "nothing of partition 1 was committed")
         let elsewhere = sent.filter { KeyPartitioner.murmur2.partition(of: Array($0.subject.utf8), partitions: 4) != 1 }
         XCTAssertEqual(database.monthlyTotals, recount(elsewhere))
+
+        // Restarted after the log grew past the stored offset: the recorded gap still holds, so
+        // the records appended below the stored offset are not taken for counted ones.
+        let later = events(200, seed: 9, prefix: "later").filter { KeyPartitioner.murmur2.partition(of: Array($0.subject.utf8), partitions: 4) == 1 }
+        for event in later { topic.append(event) }
+        XCTAssertGreaterThan(topic.end(1), end + 5)
+        XCTAssertThrowsError(try run(topic, store: InMemoryConsumerStore(database: database)))
+        XCTAssertEqual(database.snapshot.offsets[1], end + 5, "still nothing of partition 1")
+        XCTAssertEqual(database.monthlyTotals, recount(elsewhere))
     }
 
     /// The state after the log depends only on the log: not on batch boundaries, the number of
@@ -195,10 +204,11 @@ final class ConsumerLoopTests: XCTestCase {
             let stores: [any ConsumerStore] = (0..<lanes).map { _ in InMemoryConsumerStore(database: database) }
             let source = ScriptedRecordSource(topic: topic, recordsPerPoll: recordsPerPoll)
             if rebalance {
-                source.schedule(.revoked([TopicPartition(topic.name, 2)], lost: true), atPoll: 4)
-                source.schedule(.assigned([TopicPartition(topic.name, 2)]), atPoll: 5)
+                source.schedule(.revoked([TopicPartition(topic.name, 2)], lost: true), atPoll: 2)
+                source.schedule(.assigned([TopicPartition(topic.name, 2)]), atPoll: 3)
             }
             try run(topic, store: lanes == 1 ? stores[0] : CommitLanes(stores), source: source)
+            XCTAssertEqual(source.undeliveredRebalances, 0, "the scripted rebalance happened")
             return database.snapshot
         }
         let reference = try replay(recordsPerPoll: .max, lanes: 1)

@@ -151,6 +151,10 @@ enum YAMLDocument {
                 guard case .scalar(let name) = key else {
                     throw ConfigError(line: key.mark?.line ?? line, path: "", message: "a key must be a plain value")
                 }
+                // As text: `1:` and `"1":` are one key here, whatever YAML makes of them.
+                guard !members.contains(where: { $0.key == name.string }) else {
+                    throw ConfigError(line: key.mark?.line ?? line, path: name.string, message: "duplicate key")
+                }
                 members.append((name.string, try self.node(value, depth: depth + 1)))
             }
             return ConfigNode(.map(members), line: line)
