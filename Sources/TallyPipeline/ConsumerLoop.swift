@@ -118,12 +118,18 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// The topic's partition count, read at start: where each customer's records belong.
     private var partitionCount: Int32 = 0
     private var nextSettleAttempt = ContinuousClock.now
-    /// Partitions whose log ends below their stored offset, with the end first seen: not read
-    /// (see `stopReadingPartitionsPastTheLogEnd`). `unrecordedGaps`: not yet in `tally.log_gaps`.
-    private var gapped: [Int32: Int64] = [:]
-    private var unrecordedGaps = Set<Int32>()
-    /// A log end below the stored offset seen once, not yet confirmed: when, and the end seen first.
-    private var suspectedGaps: [Int32: (since: ContinuousClock.Instant, end: Int64)] = [:]
+    /// What a partition's log end below its stored offset means so far (see
+    /// `stopReadingPartitionsPastTheLogEnd`): seen, and since when; or a gap (not read), and
+    /// whether it is in `tally.log_gaps` yet.
+    private enum LogEndFinding {
+        case suspected(since: ContinuousClock.Instant, end: Int64)
+        case gap(end: Int64, recorded: Bool)
+    }
+    private var logEndFindings: [Int32: LogEndFinding] = [:]
+    /// The partitions not read, with the log end first seen.
+    private var gapped: [Int32: Int64] {
+        logEndFindings.compactMapValues { if case .gap(let end, _) = $0 { end } else { nil } }
+    }
 
     /// True once partitions were claimed and while commits succeed; false while PostgreSQL is away.
     public var isReady: Bool { readiness.isSet }
@@ -170,9 +176,7 @@ public final class ConsumerLoop: @unchecked Sendable {
                     for (partition, claim) in claims {
                         owned[partition] = claim
                         readPosition[partition] = claim.nextOffset
-                        gapped[partition] = recordedGaps[partition]
-                        unrecordedGaps.remove(partition)
-                        suspectedGaps.removeValue(forKey: partition)
+                        logEndFindings[partition] = recordedGaps[partition].map { .gap(end: $0, recorded: true) }
                     }
                     if !recordedGaps.isEmpty {
                         logger.error("partitions \(recordedGaps.keys.sorted()) are not read: their log ended below the stored offset (tally.log_gaps); see tally check-log")
@@ -192,9 +196,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             for partition in partitions {
                 owned.removeValue(forKey: partition.partition)
                 readPosition.removeValue(forKey: partition.partition)
-                gapped.removeValue(forKey: partition.partition)
-                unrecordedGaps.remove(partition.partition)
-                suspectedGaps.removeValue(forKey: partition.partition)
+                logEndFindings.removeValue(forKey: partition.partition)
             }
             logger.info("\(lost ? "lost" : "revoked") partitions \(partitions.map(\.partition).sorted())")
             return [:]
@@ -291,7 +293,8 @@ public final class ConsumerLoop: @unchecked Sendable {
         for index in records.indices {
             let partition = records[index].partition
             let offset = records[index].offset
-            guard let claim = owned[partition], gapped[partition] == nil, let start = readPosition[partition] else { continue }
+            guard let claim = owned[partition], let start = readPosition[partition] else { continue }
+            if case .gap = logEndFindings[partition] { continue }
             let position = batch.moves[partition]?.next ?? start
             guard offset >= position else { continue }
             if position == 0 && offset > 0 && batch.moves[partition] == nil {
@@ -519,7 +522,8 @@ public final class ConsumerLoop: @unchecked Sendable {
 
     private func isCaughtUp() -> Bool {
         guard !owned.isEmpty else { return false }
-        for (partition, claim) in owned where gapped[partition] == nil {
+        for (partition, claim) in owned {
+            if case .gap = logEndFindings[partition] { continue }
             guard let marks = consumer.cachedWatermarks(TopicPartition(settings.topic, partition)),
                   claim.nextOffset >= marks.high else { return false }
         }
@@ -544,30 +548,40 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// record below it.
     /// - Returns: true when the batch in flight was abandoned (the loop is stopping).
     private func stopReadingPartitionsPastTheLogEnd(_ records: [ConsumerRecord]) throws -> Bool {
-        for (partition, claim) in owned where gapped[partition] == nil {
-            let position = readPosition[partition] ?? claim.nextOffset
-            let lowestBelow = records.lazy.filter { $0.partition == partition && $0.offset < position }.map(\.offset).min()
+        // One pass over the poll (it is on the hot path): per partition, the lowest record below its read position.
+        var below: [Int32: Int64] = [:]
+        for index in records.indices {
+            let partition = records[index].partition, offset = records[index].offset
+            if let position = readPosition[partition], offset < position, offset < below[partition] ?? .max { below[partition] = offset }
+        }
+        for (partition, claim) in owned {
+            if case .gap = logEndFindings[partition] { continue }
+            let lowestBelow = below[partition]
             let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high
-            if let high, high < claim.nextOffset, suspectedGaps[partition] == nil { suspectedGaps[partition] = (ContinuousClock.now, high) }
-            let suspicion = suspectedGaps[partition]
+            if let high, high < claim.nextOffset, logEndFindings[partition] == nil {
+                logEndFindings[partition] = .suspected(since: ContinuousClock.now, end: high)
+            }
+            var suspicion: (since: ContinuousClock.Instant, end: Int64)?
+            if case .suspected(let since, let end) = logEndFindings[partition] { suspicion = (since, end) }
             guard lowestBelow != nil || (suspicion.map { ContinuousClock.now - $0.since >= .seconds(30) } ?? false) else {
-                if let high, high >= claim.nextOffset { suspectedGaps.removeValue(forKey: partition) }
+                if let high, high >= claim.nextOffset { logEndFindings.removeValue(forKey: partition) }
                 continue
             }
             let end = suspicion?.end ?? lowestBelow!
-            suspectedGaps.removeValue(forKey: partition)
-            gapped[partition] = end
-            unrecordedGaps.insert(partition)
+            logEndFindings[partition] = .gap(end: end, recorded: false)
             logger.error("partition \(partition) ends at offset \(end), below the stored offset \(claim.nextOffset): the log lost records this group counted; the partition is not read until an operator chooses (tally check-log)")
         }
-        guard !unrecordedGaps.isEmpty else { return false }
+        let unrecorded = logEndFindings.compactMap { partition, finding -> (partition: Int32, end: Int64)? in
+            if case .gap(let end, recorded: false) = finding { (partition, end) } else { nil }
+        }.sorted { $0.partition < $1.partition }
+        guard !unrecorded.isEmpty else { return false }
         // The store's connection is free only with nothing in flight.
         if try awaitInFlight().abandoned { return true }
-        for partition in unrecordedGaps.sorted() {
-            guard let claim = owned[partition], let end = gapped[partition] else { continue }
+        for (partition, end) in unrecorded {
+            guard let claim = owned[partition] else { continue }
             do {
                 try store.recordLogGap(partition: partition, storedOffset: claim.nextOffset, logEnd: end)
-                unrecordedGaps.remove(partition)
+                logEndFindings[partition] = .gap(end: end, recorded: true)
             } catch let error as any RetryableFailure where error.isRetryable {
                 logger.warning("recording the log gap of partition \(partition) failed, retrying: \(error)")
                 return false

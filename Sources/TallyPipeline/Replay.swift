@@ -322,14 +322,9 @@ extension ShadowSchema {
                 ON CONFLICT (consumer_group, topic, partition)
                 DO UPDATE SET next_offset = EXCLUDED.next_offset, state_version = o.state_version + 1
                 """, [liveGroup, topic, PostgresArray(chosen), PostgresArray(chosen.map { replayed[$0] ?? 0 })])
-            try connection.query("DELETE FROM tally.log_gaps WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])",
-                                 [liveGroup, topic, PostgresArray(chosen)])
-            if !pastLogEnd.isEmpty {
-                try connection.query("""
-                    UPDATE tally.unsigned_credit_horizon AS h SET signed_from_offset = least(h.signed_from_offset, x.next)
-                    FROM unnest($2::int[], $3::bigint[]) AS x(partition, next) WHERE h.topic = $1 AND h.partition = x.partition
-                    """, [topic, PostgresArray(pastLogEnd), PostgresArray(pastLogEnd.map { replayed[$0] ?? 0 })])
-            }
+            try LogLoss.clearGaps(group: liveGroup, topic: topic, partitions: chosen, on: connection)
+            try LogLoss.lowerCreditHorizon(topic: topic, resumeAt: Dictionary(uniqueKeysWithValues: pastLogEnd.map { ($0, replayed[$0] ?? 0) }),
+                                           on: connection)
             let customers = try connection.query("SELECT count(*) FROM promoted_customers").int64(0, 0) ?? 0
             return .promoted(customers: Int(customers), pastLogEnd: pastLogEnd)
         }

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import TallyCLI
 import TallyKafka
+import TallyPipeline
 import TallyPostgres
 
 struct CheckLog: ParsableCommand {
@@ -102,15 +103,12 @@ struct CheckLog: ParsableCommand {
                         UPDATE consumer_offsets SET next_offset = $4, state_version = state_version + 1
                         WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND next_offset > $4
                         """, [finding.group, topic, finding.partition, finding.resumeAt])
-                    try connection.query("DELETE FROM log_gaps WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
-                                         [finding.group, topic, finding.partition])
-                    // Unsigned credit below the horizon was accepted from the earlier log; records of
-                    // this one from where counting resumes get no such allowance.
-                    try connection.query("""
-                        UPDATE unsigned_credit_horizon SET signed_from_offset = least(signed_from_offset, $3)
-                        WHERE topic = $1 AND partition = $2
-                        """, [topic, finding.partition, finding.resumeAt])
+                    try LogLoss.clearGaps(group: finding.group, topic: topic, partitions: [finding.partition], on: connection)
                 }
+                // Where two groups resume differently on a partition, the lower offset: least() keeps it either way.
+                try LogLoss.lowerCreditHorizon(topic: topic, resumeAt: findings.reduce(into: [:]) { lowest, finding in
+                    lowest[finding.partition] = min(lowest[finding.partition] ?? .max, finding.resumeAt)
+                }, on: connection)
             }
             for finding in findings {
                 print("group \(finding.group), partition \(finding.partition): stored offset \(finding.stored) -> \(finding.resumeAt)")
