@@ -78,7 +78,7 @@ final class BrokenStore: ConsumerStore, @unchecked Sendable {
 
     func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
         if let delay = faults.commitDelay {
-            Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18)
+            Thread.sleep(forTimeInterval: delay.totalSeconds)
         }
         var batch = batch
         if faults.breaks.contains(.drop) { batch.events.removeAll { $0.position.offset % 50 == 0 } }

@@ -176,7 +176,7 @@ public final class FaultyStore: ConsumerStore, @unchecked Sendable {
             return (attempts, faults.removeValue(forKey: attempts))
         }
         beforeCommit?(attempt)
-        if let commitDelay { Thread.sleep(forTimeInterval: Double(commitDelay.components.seconds) + Double(commitDelay.components.attoseconds) / 1e18) }
+        if let commitDelay { Thread.sleep(forTimeInterval: commitDelay.totalSeconds) }
         switch fault {
         case .failBeforeCommit?:
             throw TransientStoreFailure("connection lost before commit \(attempt)")

@@ -155,7 +155,7 @@ final class IngestService: Sendable {
             if let wait = rateLimiter?.wait(for: key.keyID) {
                 rejectedCounter(.rateLimited).increment()
                 var headers = HTTPFields()
-                headers[.retryAfter] = String(max(1, Int((Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18).rounded(.up))))
+                headers[.retryAfter] = String(max(1, Int(wait.totalSeconds.rounded(.up))))
                 return problem(.tooManyRequests, "too many requests", "this API key is limited to its share of requests per second; retry after the Retry-After seconds",
                                headers: headers, vendor: vendor)
             }

@@ -1,4 +1,5 @@
 import Foundation
+import TallyCore
 
 /// Requests per second per API key (a token bucket holding up to two seconds' worth): a key past
 /// it is answered `429` with `Retry-After`, so one client cannot take the ingest API from others.
@@ -22,7 +23,7 @@ final class KeyRateLimiter: @unchecked Sendable {
         return lock.withLock {
             var bucket = buckets[keyID] ?? (burst, now)
             let elapsed = now - bucket.at
-            bucket.tokens = min(burst, bucket.tokens + perSecond * (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18))
+            bucket.tokens = min(burst, bucket.tokens + perSecond * elapsed.totalSeconds)
             bucket.at = now
             defer { buckets[keyID] = bucket }
             guard bucket.tokens >= 1 else { return .milliseconds(Int(((1 - bucket.tokens) / perSecond * 1000).rounded(.up))) }
