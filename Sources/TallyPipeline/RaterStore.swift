@@ -91,7 +91,6 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
 
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
-        try reloadCatalogIfChanged()
         try forgetProfilesIfChanged()
         if state.charges.count > maxCachedCharges { forgetState() }
         do {
@@ -99,6 +98,10 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                 // A replay promoted new state under us: what is cached is stale.
                 if versions.contains(where: { partition, version in stateVersions[partition].map { $0 != version } ?? false }) { forgetState() }
                 stateVersions.merge(versions) { $1 }
+                // Read after the offset rows are locked: a promote that committed while this
+                // batch waited for them added its price books, and the batch lands after the
+                // handover, so it is rated with them (read before the lock, it kept the old ones).
+                try reloadCatalogIfChanged()
                 return try apply(batch)
             }
             if case .committed = outcome {} else { forgetState() }

@@ -184,6 +184,61 @@ final class ReplayIntegrationTests: XCTestCase {
         XCTAssertEqual(live.wait(timeout: .seconds(30)), 0, live.log)
     }
 
+    /// A rater batch whose commit waited behind a promote's handover lands after it, so it is
+    /// rated with the price books the promote added: the rater reads the catalog once its offset
+    /// rows are locked. Here a transaction stands in for the promote (it holds the live group's
+    /// offset rows, the new version is applied meanwhile, and it bumps `state_version` as a
+    /// promote does), so the interleaving that made the promote test intermittent happens every time.
+    func testABatchCommittedBehindAPromoteIsRatedWithItsPriceBooks() async throws {
+        let harness = try AggregatorHarness()
+        try RaterIntegrationTests.applyPrices(harness)
+        try await harness.publish(AggregatorHarness.events(count: 300, seed: 7, customers: 6).map { ($0.subject, EventEncoder.encode($0)) })
+        let live = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), live.log)
+        let versionOneRows = "SELECT md5(string_agg(to_jsonb(r)::text, '|' ORDER BY customer_id, period_start, model, token_type)) FROM tally.rated_usage r WHERE book_version = 1"
+        let versionOneBefore = try harness.connection.query(versionOneRows).scalar
+
+        let handover = try PostgresConnection(url: harness.databaseURL, logger: TestStack.logger)
+        let handoverPID = try handover.query("SELECT pg_backend_pid()").scalar
+        try handover.query("BEGIN")
+        try handover.query("SELECT 1 FROM tally.consumer_offsets WHERE consumer_group = $1 FOR UPDATE", [harness.group])
+        let behind = AggregatorHarness.events(count: 60, seed: 8, customers: 6, prefix: "behind")
+        try await harness.publish(behind.map { ($0.subject, EventEncoder.encode($0)) })
+        // The rater has prepared a batch and waits for the offset rows.
+        let deadline = ContinuousClock.now + .seconds(60)
+        var waiting = false
+        while !waiting && ContinuousClock.now < deadline {
+            waiting = try harness.connection.query("""
+                SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+                  AND pid::text <> $1 AND query LIKE '%UPDATE consumer_offsets%'
+                """, [handoverPID]).scalar != "0"
+            if !waiting { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        XCTAssertTrue(waiting, "the rater's commit waits for the offset rows\n\(live.log)")
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("new-prices") + ".yaml")
+        try RaterIntegrationTests.priceBook.replacingOccurrences(of: #"output: "10.00""#, with: #"output: "12.00""#)
+            .write(to: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: file) }
+        XCTAssertTrue(try harness.tally(["pricing", "apply", file.path]).contains("applied default version 2"))
+        try handover.query("UPDATE tally.consumer_offsets SET state_version = state_version + 1 WHERE consumer_group = $1", [harness.group])
+        try handover.query("COMMIT")
+        XCTAssertTrue(try harness.waitUntilConsumed(), live.log)
+
+        XCTAssertEqual(try harness.connection.query(versionOneRows).scalar, versionOneBefore, "no usage that came after the handover is rated with version 1")
+        // Every (customer, model) of the later events that the book prices has a version-2 row.
+        let priced = Set(RaterIntegrationTests.priceBook.split(separator: "\n").compactMap { line -> String? in
+            guard let start = line.range(of: "model: ") else { return nil }
+            return String(line[start.upperBound...].prefix { $0 != "," })
+        })
+        let expected = Set(behind.filter { priced.contains($0.model) }.map { "\($0.subject) \($0.model)" })
+        XCTAssertFalse(expected.isEmpty)
+        let versionTwo = Set(try harness.connection.query("SELECT DISTINCT customer_id || ' ' || model FROM tally.rated_usage WHERE book_version = 2")
+            .rows.compactMap { $0[0] })
+        XCTAssertEqual(versionTwo, expected)
+        live.signal(SIGTERM)
+        XCTAssertEqual(live.wait(timeout: .seconds(30)), 0, live.log)
+    }
+
     /// A log that lost records the aggregator had counted (here: the broker comes back on storage
     /// that holds the same records but the last 40): `tally check-log` names each partition and
     /// changes nothing; `--keep` keeps what was counted and counts what comes next exactly once;
