@@ -67,8 +67,9 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        .executableTarget(
-            name: "tally-ingest",
+        // The ingest API and LLM gateway (tally-ingest), a library so tests can decorate its router.
+        .target(
+            name: "TallyIngest",
             dependencies: [
                 "TallyCore", "TallyKafka", "TallyPostgres", "TallyPipeline", "TallyCLI",
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -77,6 +78,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
+        .executableTarget(name: "tally-ingest", dependencies: ["TallyIngest", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .executableTarget(
             name: "tally-aggregator",
             dependencies: [
@@ -99,11 +101,14 @@ let package = Package(
 
         // In-memory twins of the pipeline's I/O (record source, dead-letter sink, stores) and
         // fault decorators, for in-process tests; no executable links it.
-        .target(name: "TallyTesting", dependencies: ["TallyCore", "TallyKafka", "TallyPostgres", "TallyPipeline"]),
-        // Test-only: the consumers with TallyTesting's fault decorators, for the fault suite.
+        .target(
+            name: "TallyTesting",
+            dependencies: ["TallyCore", "TallyKafka", "TallyPostgres", "TallyPipeline", .product(name: "Hummingbird", package: "hummingbird")]),
+        // Test-only: the consumers and tally-ingest with TallyTesting's fault decorators, for the fault suite.
         .executableTarget(
             name: "tally-faults",
-            dependencies: ["TallyCLI", "TallyTesting", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+            dependencies: ["TallyCLI", "TallyIngest", "TallyTesting", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Hummingbird", package: "hummingbird")]),
 
         .testTarget(name: "TallyCoreTests", dependencies: ["TallyCore"], resources: [.copy("Fixtures")]),
         // The consumer loop in-process: fencing, resync, rebalances, lanes, poison records, determinism.

@@ -1,11 +1,13 @@
 import ArgumentParser
 import Foundation
+import Hummingbird
 import TallyCLI
+import TallyIngest
 import TallyTesting
 
-// Test-only: the production consumer commands with TallyTesting's fault decorators, chosen by
-// the environment (see `ConsumerFaults`). The fault suite runs `tally-faults tally-aggregator …`
-// where it needs a deliberate break or a fault knob; nothing ships it.
+// Test-only: the production commands with TallyTesting's fault decorators, chosen by the
+// environment (see `ConsumerFaults` and `ForcedServerErrors`). The fault suite runs
+// `tally-faults tally-aggregator …` where it needs a deliberate break or a fault knob; nothing ships it.
 let arguments = Array(CommandLine.arguments.dropFirst())
 let faults = ConsumerFaults.fromEnvironment()
 let decorate: StoreDecorator = { store, settings, connect in try faults.decorate(store, settings: settings, connect: connect) }
@@ -22,7 +24,14 @@ func runDecorated<Command: DecoratableConsumerCommand>(_ command: Command.Type, 
 switch arguments.first {
 case "tally-aggregator": runDecorated(AggregatorCommand.self, Array(arguments.dropFirst()), decorate: decorate)
 case "tally-rater": runDecorated(RaterCommand.self, Array(arguments.dropFirst()), decorate: decorate)
+case "tally-ingest":
+    let forceServerErrors = ForcedServerErrors<BasicRequestContext>.requested()
+    do {
+        try await IngestCommand.parse(Array(arguments.dropFirst())).run { router in if forceServerErrors { router.add(middleware: ForcedServerErrors()) } }
+    } catch {
+        IngestCommand.exit(withError: error)
+    }
 default:
-    print("usage: tally-faults tally-aggregator|tally-rater [options]")
+    print("usage: tally-faults tally-aggregator|tally-rater|tally-ingest [options]")
     Foundation.exit(2)
 }

@@ -108,7 +108,8 @@ final class FaultRig: @unchecked Sendable {
     func startIngest() throws {
         let output = try harness.tally(["keys", "create", "--name", "faults"])
         ingestKey = String(output[try XCTUnwrap(output.range(of: "tally_[0-9a-f]{8}_[0-9a-f]{48}", options: .regularExpression))])
-        let process = try ChildProcess(TestStack.executable("tally-ingest"), [
+        // A deliberate break runs the test-only tally-faults (see `AggregatorHarness.start`).
+        let process = try ChildProcess(TestStack.executable(breaking.isEmpty ? "tally-ingest" : "tally-faults"), (breaking.isEmpty ? [] : ["tally-ingest"]) + [
             "--port", "0", "--host", "127.0.0.1", "--topic", harness.topic, "--database-url", harness.databaseURL,
         ], environment: breaking)
         ingest = process

@@ -478,7 +478,7 @@ final class IngestService: Sendable {
         }
         if counts.accepted == 0 && counts.duplicate == 0 {
             let detail = single ? firstViolations.map(\.description).joined(separator: "; ") : "no event in the request is valid"
-            return problem(InvariantBreak.serverErrors.isOn ? .internalServerError : .badRequest, "invalid event", detail, extra: summary)
+            return problem(.badRequest, "invalid event", detail, extra: summary)
         }
         return json(.accepted, .object(summary))
     }

@@ -15,9 +15,16 @@ private extension String {
     func trimmingSuffix(_ suffix: String) -> String { hasSuffix(suffix) ? String(dropLast(suffix.count)) : self }
 }
 
-@main
-struct TallyIngest: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(
+/// Extra middleware for the ingest router, for tests (the fault suite's forced server errors);
+/// production runs none.
+public typealias IngestRouterDecorator = @Sendable (Router<BasicRequestContext>) -> Void
+
+/// `tally-ingest`: the ingest API and LLM gateway, a Hummingbird application with graceful
+/// shutdown. The executable is this command and nothing else.
+public struct IngestCommand: AsyncParsableCommand {
+    public init() {}
+
+    public static let configuration = CommandConfiguration(
         commandName: "tally-ingest",
         abstract: "Tally's ingest API: validates usage events and publishes them to the usage topic.",
         discussion: """
@@ -51,7 +58,7 @@ struct TallyIngest: AsyncParsableCommand {
     var idleTimeoutSeconds = 30
     @Option(help: "Most connections open at once; more wait in the listen backlog.") var maxConnections = 512
 
-    func validate() throws {
+    public func validate() throws {
         guard idleTimeoutSeconds > 0, maxConnections > 0 else { throw ValidationError("--idle-timeout-seconds and --max-connections must be positive") }
     }
     @Option(help: "How long the broker may take to acknowledge an event before it is answered `unknown` (503, resend with the same id). The default outlasts a Kafka controller fail-over (11–13 s measured).")
@@ -80,7 +87,10 @@ struct TallyIngest: AsyncParsableCommand {
         return try creditKeys.signingKeyring(logger: logger)
     }
 
-    func run() async throws {
+    public func run() async throws { try await run(decorate: { _ in }) }
+
+    /// Runs the service with `decorate` applied to its router before it serves.
+    public func run(decorate: IngestRouterDecorator) async throws {
         ProcessSetup.ignoreBrokenPipes()
         JSONLogHandler.bootstrap(service: "tally-ingest", level: logging.logLevel)
         let registry = OpsOptions.bootstrapMetrics()
@@ -113,6 +123,7 @@ struct TallyIngest: AsyncParsableCommand {
                                         rateLimiter: KeyRateLimiter(perSecond: maxRequestsPerKeyPerSecond),
                                         creditKeyring: try creditKeyring(logger: logger), logger: logger)
         let router = Router()
+        decorate(router)
         service.register(on: router, publicMetrics: publicMetrics, metrics: { registry.emitToString() })
         var gateway: Gateway?
         var upstreams: [GatewayAPI.Vendor: Gateway.Upstream] = [:]
