@@ -30,15 +30,15 @@ public struct AggregatorCommand: DecoratableConsumerCommand {
         guard windowFoldRows > 0 else { throw ValidationError("--window-fold-rows must be positive") }
     }
 
-    public func run() throws { try run(decorate: nil) }
+    public func run() async throws { try await run(decorate: nil) }
 
     /// - Parameter decorate: wraps the consumer's store (test builds only; production passes nil).
-    public func run(decorate: StoreDecorator?) throws {
+    public func run(decorate: StoreDecorator?) async throws {
         let description = ConsumerDescription(service: "tally-aggregator", defaultGroup: "tally-aggregator",
                                               groupEnvironment: "TALLY_AGGREGATOR_GROUP", metricsPrefix: "tally_aggregator")
         // One folder for all lanes, on a connection of its own.
         var folder: WindowFolder?
-        try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops, decorate: decorate) { context in
+        try await runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops, decorate: decorate) { context in
             let shared = try folder ?? WindowFolder(connection: database.connect(logger: context.logger))
             folder = shared
             return AggregatorStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,

@@ -1,7 +1,7 @@
 import ArgumentParser
-import Dispatch
 import Foundation
 import Logging
+import ServiceLifecycle
 import TallyCore
 import TallyKafka
 import TallyPipeline
@@ -62,16 +62,14 @@ public struct ConsumerDescription: Sendable {
     }
 }
 
-/// Everything a consumer's store and helpers need to be built.
+/// Everything a consumer's store needs to be built.
 public struct ConsumerContext {
-    /// This lane's own connection (see `CommitLanes`); lane 0 also runs per-process helpers.
+    /// This lane's own connection (see `CommitLanes`).
     public let connection: PostgresConnection
     public let lane: Int
-    public let kafka: KafkaConfiguration
     public let settings: ConsumerSettings
     public let instanceID: String
     public let logger: Logger
-    public let stop: SharedFlag
 }
 
 /// Wraps a consumer's whole store (every commit lane) before the loop runs. Test builds pass
@@ -81,15 +79,20 @@ public typealias StoreDecorator = (_ store: any ConsumerStore, _ settings: Consu
                                    _ connect: () throws -> PostgresConnection) throws -> any ConsumerStore
 
 /// A consumer executable's command whose store a test build may decorate (`tally-faults`).
-public protocol DecoratableConsumerCommand: ParsableCommand {
-    func run(decorate: StoreDecorator?) throws
+public protocol DecoratableConsumerCommand: AsyncParsableCommand {
+    func run(decorate: StoreDecorator?) async throws
 }
 
-/// Runs a consumer loop until SIGTERM/SIGINT (or caught up): settings from flags and the
-/// environment, metrics and the ops endpoint, a PostgreSQL connection, signal handling.
+/// Runs a consumer until SIGTERM/SIGINT (or caught up): settings from flags and the environment,
+/// metrics, PostgreSQL connections, and a service group of the consumer loop, the ops endpoint
+/// and `helpers` (the rater's alert relay). On a signal the loop finishes its batch and leaves
+/// the group first, then the ops endpoint stops, then the helpers (in reverse order of start).
+/// - Parameter helpers: more services, given the Kafka settings and the logger; they start
+///   first and stop last.
 public func runConsumer(_ description: ConsumerDescription, options: ConsumerOptions, database: DatabaseOptions, kafka: KafkaOptions,
                         logging: LoggingOptions, ops: OpsOptions, creditKeys: CreditKeyOptions? = nil, decorate: StoreDecorator? = nil,
-                        makeStore: (ConsumerContext) throws -> any ConsumerStore) throws {
+                        helpers: (KafkaConfiguration, Logger) throws -> [any Service] = { _, _ in [] },
+                        makeStore: (ConsumerContext) throws -> any ConsumerStore) async throws {
     ProcessSetup.ignoreBrokenPipes()
     JSONLogHandler.bootstrap(service: description.service, level: logging.logLevel)
     let registry = OpsOptions.bootstrapMetrics()
@@ -109,7 +112,7 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
 
     let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: try kafka.extraProperties)
         .groupMember(sessionTimeoutMs: options.sessionTimeoutMs)
-    // One connection per commit lane (see `CommitLanes`), made before signals are caught.
+    // One connection per commit lane (see `CommitLanes`).
     let connections = try (0..<options.commitLanes).map { _ in try database.connect(logger: logger) }
     let instanceID = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
     // Lane 0's connection is idle until the loop claims partitions, after this check.
@@ -122,26 +125,28 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
         logger.info("credit records are applied only when signed", metadata: ["credit_key_ids": "\(keyring.keys.map(\.id).joined(separator: ","))"])
     }
     let stop = SharedFlag()
-    let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
-        signal(number, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-        source.setEventHandler {
-            logger.info("signal \(number): finishing the batch and leaving the group")
-            stop.set()
-        }
-        source.resume()
-        return source
-    }
-    defer { signals.forEach { $0.cancel() } }
     let lanes = try connections.enumerated().map { lane, connection in
-        try makeStore(ConsumerContext(connection: connection, lane: lane, kafka: kafkaConfiguration, settings: settings,
-                                      instanceID: instanceID, logger: logger, stop: stop))
+        try makeStore(ConsumerContext(connection: connection, lane: lane, settings: settings,
+                                      instanceID: instanceID, logger: logger))
     }
     let laneStore = lanes.count == 1 ? lanes[0] : CommitLanes(lanes)
     let store = try decorate?(laneStore, settings, { try database.connect(logger: logger) }) ?? laneStore
     logger.info("starting", metadata: ["group": "\(settings.group)", "topic": "\(settings.topic)", "instance": "\(instanceID)"])
     let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: stop)
-    let opsServer = try ops.start(registry: registry, logger: logger, ready: { loop.isReady })
-    try loop.run()
-    _ = opsServer
+
+    var services = try helpers(kafkaConfiguration, logger).map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
+    if let endpoint = try ops.service(registry: registry, logger: logger, ready: { loop.isReady }) {
+        services.append(.init(service: endpoint))
+    }
+    // The loop's own end (--exit-when-caught-up) stops the others gracefully: the relay's last
+    // pass still publishes what the last batches committed.
+    services.append(.init(service: ThreadService(description: "tally.consumer", stop: stop,
+                                                 onStop: { logger.info("stopping: finishing the batch and leaving the group") },
+                                                 body: { try loop.run() }),
+                          successTerminationBehavior: .gracefullyShutdownGroup))
+    // The group's own lines (each service starting and stopping) are noise beside the consumer's.
+    var quiet = logger
+    quiet.logLevel = .warning
+    try await ServiceGroup(configuration: ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint],
+                                                                    logger: quiet)).run()
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Logging
 import Metrics
 import Prometheus
+import ServiceLifecycle
 
 /// Where a service serves `/livez`, `/readyz` and `/metrics`.
 public struct OpsOptions: ParsableArguments {
@@ -19,16 +20,15 @@ public struct OpsOptions: ParsableArguments {
         return registry
     }
 
-    /// Starts the ops endpoint serving `registry`; nil when disabled.
-    public func start(registry: PrometheusCollectorRegistry, logger: Logger, ready: @escaping @Sendable () -> Bool) throws -> OpsServer? {
+    /// The ops endpoint serving `registry`, as a service; nil when disabled.
+    /// - Throws: `ValidationError` when the address is no host:port.
+    public func service(registry: PrometheusCollectorRegistry, logger: Logger, ready: @escaping @Sendable () -> Bool) throws -> (any Service)? {
         let address = opsAddressFlag ?? environment("TALLY_OPS_ADDRESS") ?? "0.0.0.0:9464"
         if address == "off" { return nil }
         guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]), (0...65535).contains(port) else {
             throw ValidationError("--ops-address \(address): expected host:port")
         }
-        let server = try OpsServer(host: String(address[..<colon]), port: port, logger: logger, ready: ready,
+        return OpsEndpoint.service(host: String(address[..<colon]), port: port, logger: logger, ready: ready,
                                    metrics: { registry.emitToString() })
-        logger.info("ops endpoint on http://\(address[..<colon]):\(server.port) (/livez /readyz /metrics)")
-        return server
     }
 }

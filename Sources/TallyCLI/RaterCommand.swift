@@ -1,7 +1,9 @@
 import ArgumentParser
-import Dispatch
 import Foundation
+import Logging
+import ServiceLifecycle
 import TallyCore
+import TallyKafka
 import TallyPipeline
 
 /// `tally-rater`: its flags and its run, here so a test build can run the same command with its
@@ -42,52 +44,43 @@ public struct RaterCommand: DecoratableConsumerCommand {
         }
     }
 
-    public func run() throws { try run(decorate: nil) }
+    public func run() async throws { try await run(decorate: nil) }
 
     /// - Parameter decorate: wraps the consumer's store (test builds only; production passes nil).
-    public func run(decorate: StoreDecorator?) throws {
+    public func run(decorate: StoreDecorator?) async throws {
         let description = ConsumerDescription(service: "tally-rater", defaultGroup: "tally-rater",
                                               groupEnvironment: "TALLY_RATER_GROUP", metricsPrefix: "tally_rater")
-        var relayStop: SharedFlag?
-        let relayDone = DispatchSemaphore(value: 0)
-        try runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops,
-                        creditKeys: creditKeys, decorate: decorate) { context in
-            if alertsTopic != "off" && context.lane == 0 {
-                // The relay has its own connection: it must not share the batch transaction's.
-                let relay = AlertRelay(connection: try database.connect(logger: context.logger),
-                                       producer: try BlockingProducer(configuration: context.kafka, logger: context.logger),
-                                       topic: alertsTopic, logger: context.logger)
-                let stop = context.stop
-                let grace = closeInvoicesAfterGraceHours.map { Duration.seconds(Int64($0) * 3600) }
-                let logger = context.logger
-                let thread = Thread {
-                    // A refused invoice is tried again every pass: said once per process, not every second.
-                    var refusalsLogged = Set<String>()
-                    relay.run(stop: stop, eachPass: grace.map { grace in
-                        { connection in
-                            let closing = try InvoiceStore(connection: connection).closeDue(grace: grace)
-                            for invoice in closing.closed {
-                                logger.info("closed \(invoice.invoiceID): total due \(invoice.currency.format(invoice.totalDueNanos)) \(invoice.currency)")
-                            }
-                            // The other customers' periods closed; this one stays open.
-                            for reason in closing.refused where refusalsLogged.insert(reason).inserted {
-                                logger.error("invoice not closed: \(reason)")
-                            }
-                        }
-                    })
-                    relayDone.signal()
+        try await runConsumer(description, options: consumer, database: database, kafka: kafka, logging: logging, ops: ops,
+                              creditKeys: creditKeys, decorate: decorate, helpers: relay) { context in
+            RaterStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
+                       instanceID: context.instanceID, logger: context.logger, creditHorizon: context.settings.creditVerifier?.horizon)
+        }
+    }
+
+    /// The alert relay (and, with a grace period, the invoice closer) as a service beside the loop;
+    /// it has its own connection: it must not share a batch transaction's.
+    private func relay(kafka: KafkaConfiguration, logger: Logger) throws -> [any Service] {
+        guard alertsTopic != "off" else { return [] }
+        let relay = AlertRelay(connection: try database.connect(logger: logger),
+                               producer: try BlockingProducer(configuration: kafka, logger: logger),
+                               topic: alertsTopic, logger: logger)
+        let grace = closeInvoicesAfterGraceHours.map { Duration.seconds(Int64($0) * 3600) }
+        let stop = SharedFlag()
+        return [ThreadService(description: "tally.alert-relay", stop: stop) {
+            // A refused invoice is tried again every pass: said once per process, not every second.
+            var refusalsLogged = Set<String>()
+            relay.run(stop: stop, eachPass: grace.map { grace in
+                { connection in
+                    let closing = try InvoiceStore(connection: connection).closeDue(grace: grace)
+                    for invoice in closing.closed {
+                        logger.info("closed \(invoice.invoiceID): total due \(invoice.currency.format(invoice.totalDueNanos)) \(invoice.currency)")
+                    }
+                    // The other customers' periods closed; this one stays open.
+                    for reason in closing.refused where refusalsLogged.insert(reason).inserted {
+                        logger.error("invoice not closed: \(reason)")
+                    }
                 }
-                thread.name = "tally.alert-relay"
-                thread.start()
-                relayStop = stop
-            }
-            return RaterStore(connection: context.connection, group: context.settings.group, topic: context.settings.topic,
-                              instanceID: context.instanceID, logger: context.logger, creditHorizon: context.settings.creditVerifier?.horizon)
-        }
-        // The loop ended (signal or caught up): let the relay publish what the last batches committed.
-        if let relayStop {
-            relayStop.set()
-            _ = relayDone.wait(timeout: .now() + 30)
-        }
+            })
+        }]
     }
 }

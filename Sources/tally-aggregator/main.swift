@@ -1,3 +1,3 @@
 import TallyCLI
 
-AggregatorCommand.main()
+await runAsync(AggregatorCommand.self)

@@ -13,17 +13,17 @@ let faults = ConsumerFaults.fromEnvironment()
 let decorate: StoreDecorator = { store, settings, connect in try faults.decorate(store, settings: settings, connect: connect) }
 
 /// Parses and runs `command` with its store decorated, exiting as ArgumentParser does on an error.
-func runDecorated<Command: DecoratableConsumerCommand>(_ command: Command.Type, _ arguments: [String], decorate: @escaping StoreDecorator) {
+func runDecorated<Command: DecoratableConsumerCommand>(_ command: Command.Type, _ arguments: [String], decorate: @escaping StoreDecorator) async {
     do {
-        try Command.parse(arguments).run(decorate: decorate)
+        try await Command.parse(arguments).run(decorate: decorate)
     } catch {
         Command.exit(withError: error)
     }
 }
 
 switch arguments.first {
-case "tally-aggregator": runDecorated(AggregatorCommand.self, Array(arguments.dropFirst()), decorate: decorate)
-case "tally-rater": runDecorated(RaterCommand.self, Array(arguments.dropFirst()), decorate: decorate)
+case "tally-aggregator": await runDecorated(AggregatorCommand.self, Array(arguments.dropFirst()), decorate: decorate)
+case "tally-rater": await runDecorated(RaterCommand.self, Array(arguments.dropFirst()), decorate: decorate)
 case "tally-ingest":
     let forceServerErrors = ForcedServerErrors<BasicRequestContext>.requested()
     do {

@@ -1,3 +1,3 @@
 import TallyCLI
 
-RaterCommand.main()
+await runAsync(RaterCommand.self)
