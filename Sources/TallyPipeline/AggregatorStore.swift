@@ -125,7 +125,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     /// Every hourly window in `schema`, folded or not, as the view `tally.usage_windows` has
     /// them; for schemas that have no such view (a replay's), and for comparisons that must not
     /// depend on when folds ran.
-    public static func windowsQuery(schema: String) -> String {
+    public static func windowsQuery(schema: SQLIdentifier) -> String {
         let columns = "customer_id, window_start, model, feature, provider, environment, " + measureColumns.joined(separator: ", ")
         return """
             SELECT customer_id, window_start, model, feature, provider, environment, \(measureColumns.map { "sum(\($0)) AS \($0)" }.joined(separator: ", "))

@@ -278,7 +278,7 @@ public final class ConsumerTables: @unchecked Sendable {
         // A key stored before identities had sources (`DedupKey.anySource`) answers for its id
         // from every source; an exact key wins over it.
         let result = try connection.query("""
-            SELECT DISTINCT ON (u.i) u.i, k.content_hash FROM \(table) k
+            SELECT DISTINCT ON (u.i) u.i, k.content_hash FROM \(SQLIdentifier(table)) k
             JOIN unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(customer_id, event_source, event_id, i)
               ON k.customer_id = u.customer_id AND k.event_id = u.event_id AND k.event_source IN (u.event_source, $4)
             ORDER BY u.i, k.event_source = $4
@@ -302,7 +302,7 @@ public final class ConsumerTables: @unchecked Sendable {
     /// Whether `table` still holds keys stored before identities had sources; asked once per claim.
     private func hasKeysOfAnySource(_ table: String) throws -> Bool {
         if let known = keysOfAnySource[table] { return known }
-        let found = try connection.query("SELECT EXISTS (SELECT 1 FROM \(table) WHERE event_source = $1)", [DedupKey.anySource]).rows[0][0] == "t"
+        let found = try connection.query("SELECT EXISTS (SELECT 1 FROM \(SQLIdentifier(table)) WHERE event_source = $1)", [DedupKey.anySource]).rows[0][0] == "t"
         keysOfAnySource[table] = found
         return found
     }
@@ -312,7 +312,7 @@ public final class ConsumerTables: @unchecked Sendable {
     public func storeKeys<Candidate: DedupCandidate>(_ accepted: [Candidate], table: String) throws {
         guard !accepted.isEmpty else { return }
         do {
-            try connection.copyIn("COPY \(table) (customer_id, event_id, event_source, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
+            try connection.copyIn("COPY \(SQLIdentifier(table)) (customer_id, event_id, event_source, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
                                   format: .binary, rows: accepted.keyOrder()) { index, fields in
                 let key = accepted[index].key
                 fields.add(key.customerID)

@@ -38,7 +38,7 @@ public struct KeySourceBackfill {
         var wanted: [Int32: Set<Int64>] = [:]
         for table in Self.tables {
             let grants = table == "rater_event_keys" ? " OR event_source = ''" : ""
-            let rows = try connection.query("SELECT partition, record_offset FROM tally.\(table) WHERE event_source = $1\(grants)",
+            let rows = try connection.query("SELECT partition, record_offset FROM \(SQLIdentifier.tally.qualifying(table)) WHERE event_source = $1\(grants)",
                                             [DedupKey.anySource])
             for row in 0..<rows.rowCount { wanted[Int32(try rows.value(row, 0, as: Int64.self)), default: []].insert(try rows.value(row, 1, as: Int64.self)) }
         }
@@ -80,7 +80,7 @@ public struct KeySourceBackfill {
                 let hash = table == "unpriced_usage" ? "" : ", content_hash = coalesce(u.h::bigint, k.content_hash)"
                 let grants = table == "rater_event_keys" ? " OR k.event_source = ''" : ""
                 outcome.filled[table] = try connection.query("""
-                    UPDATE tally.\(table) k SET event_source = u.s\(hash)
+                    UPDATE \(SQLIdentifier.tally.qualifying(table)) k SET event_source = u.s\(hash)
                     FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $6::text[], $7::text[]) AS u(p, o, s, h, c, e)
                     WHERE k.partition = u.p AND k.record_offset = u.o AND k.customer_id = u.c AND k.event_id = u.e
                       AND (k.event_source = $5\(grants))

@@ -29,35 +29,37 @@ public struct ShadowSchema: Sendable {
     public let name: String
     public let consumer: ReplayedConsumer
 
+    /// The schema's name for SQL text.
+    public var schema: SQLIdentifier { SQLIdentifier(name) }
+
     public init(name: String, consumer: ReplayedConsumer) {
         self.name = name
         self.consumer = consumer
     }
 
     /// The search path a replay's connection uses.
-    public var searchPath: String { "\(name), tally" }
+    public var searchPath: String { "\(schema), tally" }
 
     /// Creates the empty tables; with `pricing`, also a copy of the price books with that book
     /// applied on top, so that only the replay sees it. Returns the version it got there.
     public func create(on connection: PostgresConnection, databaseURL: String, pricing: PriceBook? = nil) throws -> Int? {
         try connection.transaction { connection in
-            // The name is generated (letters, digits, underscores), never user text.
-            try connection.execute(script: "CREATE SCHEMA \(name)")
+            try connection.execute(script: "CREATE SCHEMA \(schema)")
             // Operational tables too, so a replay's rows vanish with its schema.
             for table in consumer.tables + (consumer == .aggregator ? ["ingest_latency"] : []) {
-                try connection.execute(script: "CREATE TABLE \(name).\(table) (LIKE tally.\(table) INCLUDING ALL)")
+                try connection.execute(script: "CREATE TABLE \(schema.qualifying(table)) (LIKE \(SQLIdentifier.tally.qualifying(table)) INCLUDING ALL)")
                 // LIKE leaves storage parameters behind; the fill factors that keep updates HOT
                 // matter as much to a replay as to the live consumer.
                 if let options = try connection.query("""
                     SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = $1::regclass
-                    """, ["tally.\(table)"]).scalar {
-                    try connection.execute(script: "ALTER TABLE \(name).\(table) SET (\(options))")
+                    """, [SQLIdentifier.tally.qualifying(table)]).scalar {
+                    try connection.execute(script: "ALTER TABLE \(schema.qualifying(table)) SET (\(options))")
                 }
             }
             if pricing != nil {
                 try connection.execute(script: """
-                    CREATE TABLE \(name).price_books (LIKE tally.price_books INCLUDING ALL);
-                    INSERT INTO \(name).price_books SELECT * FROM tally.price_books;
+                    CREATE TABLE \(schema).price_books (LIKE tally.price_books INCLUDING ALL);
+                    INSERT INTO \(schema).price_books SELECT * FROM tally.price_books;
                     """)
             }
         }
@@ -67,7 +69,7 @@ public struct ShadowSchema: Sendable {
     }
 
     public func drop(on connection: PostgresConnection) throws {
-        try connection.execute(script: "DROP SCHEMA IF EXISTS \(name) CASCADE")
+        try connection.execute(script: "DROP SCHEMA IF EXISTS \(schema) CASCADE")
     }
 }
 
@@ -110,14 +112,14 @@ public enum StateChecksum {
 
     /// Checksums of a consumer's tables in `schema`, per table and, where a table has a
     /// partition column, per partition. `group` selects the rows of shared tables.
-    public static func compute(_ connection: PostgresConnection, schema: String, consumer: ReplayedConsumer, group: String,
+    public static func compute(_ connection: PostgresConnection, schema: SQLIdentifier, consumer: ReplayedConsumer, group: String,
                                partitions: Set<Int32>? = nil, perPartition: Bool = true) throws -> [TableChecksum] {
         var sums: [TableChecksum] = []
         // Window deltas are summed into the windows: when folds ran is not state.
         for table in consumer.tables where table != "usage_window_deltas" {
             let columns = try connection.query("""
                 SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2
-                """, [schema, table]).rows.compactMap { $0[0] }
+                """, [schema.name, table]).rows.compactMap { $0[0] }
             let hasPartition = columns.contains("partition")
             var conditions: [String] = []
             var parameters: [(any PostgresEncodable)?] = []
@@ -129,13 +131,13 @@ public enum StateChecksum {
             if let partitions, hasPartition { conditions.append("partition = ANY(\(bind(PostgresArray(partitions.sorted())))::int[])") }
             // Rows of tables keyed by customer only: the customers the chosen partitions hold.
             if let partitions, !hasPartition, columns.contains("customer_id") {
-                conditions.append("customer_id IN (SELECT customer_id FROM \(schema).\(consumer.keysTable) WHERE partition = ANY(\(bind(PostgresArray(partitions.sorted())))::int[]))")
+                conditions.append("customer_id IN (SELECT customer_id FROM \(schema.qualifying(consumer.keysTable)) WHERE partition = ANY(\(bind(PostgresArray(partitions.sorted())))::int[]))")
             }
             let filter = conditions.isEmpty ? "" : "WHERE " + conditions.joined(separator: " AND ")
             let removed = volatileColumns.filter(columns.contains).map { "'\($0)'" }
             let rowText = removed.isEmpty ? "to_jsonb(t)::text" : "(to_jsonb(t) - ARRAY[\(removed.joined(separator: ","))]::text[])::text"
             let grouping = hasPartition && perPartition ? "partition" : "NULL::int"
-            let source = table == "usage_windows_hourly" ? "(\(AggregatorStore.windowsQuery(schema: schema)))" : "\(schema).\(table)"
+            let source = table == "usage_windows_hourly" ? "(\(AggregatorStore.windowsQuery(schema: schema)))" : "\(schema.qualifying(table))"
             let result = try connection.query("""
                 SELECT \(grouping), count(*), md5(coalesce(string_agg(row_text, '|' ORDER BY row_text), ''))
                 FROM (SELECT \(hasPartition ? "partition" : "NULL::int AS partition"), \(rowText) AS row_text FROM \(source) t \(filter)) rows
@@ -171,8 +173,8 @@ public enum ReplayDiff {
         // $1 empty: every customer.
         let scope = """
             (cardinality($1::int[]) = 0 OR customer_id IN
-               (SELECT customer_id FROM \(shadow.name).\(consumer.keysTable) WHERE partition = ANY($1::int[])
-                UNION SELECT customer_id FROM tally.\(consumer.keysTable) WHERE partition = ANY($1::int[])))
+               (SELECT customer_id FROM \(shadow.schema.qualifying(consumer.keysTable)) WHERE partition = ANY($1::int[])
+                UNION SELECT customer_id FROM \(SQLIdentifier.tally.qualifying(consumer.keysTable)) WHERE partition = ANY($1::int[])))
             """
         let parameters: [(any PostgresEncodable)?] = [PostgresArray((partitions ?? []).sorted())]
         var differences: [ReplayDifference] = []
@@ -192,7 +194,7 @@ public enum ReplayDiff {
         switch consumer {
         case .rater:
             // Per line item across price book versions: a pricing change moves usage to the new version.
-            let items = { (schema: String) in """
+            let items = { (schema: SQLIdentifier) in """
                 SELECT customer_id, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') || ' ' || model || ' ' || token_type
                            || CASE WHEN context_above > 0 THEN ' above ' || context_above ELSE '' END AS item,
                        sum(quantity) AS quantity, sum(amount_nanos) AS amount
@@ -200,24 +202,24 @@ public enum ReplayDiff {
                 """ }
             try collect("""
                 SELECT coalesce(l.customer_id, r.customer_id), coalesce(l.item, r.item), l.quantity, r.quantity, l.amount, r.amount
-                FROM (\(items("tally"))) l FULL OUTER JOIN (\(items(shadow.name))) r ON l.customer_id = r.customer_id AND l.item = r.item
+                FROM (\(items(.tally))) l FULL OUTER JOIN (\(items(shadow.schema))) r ON l.customer_id = r.customer_id AND l.item = r.item
                 ORDER BY 1, 2
                 """, measures: ["quantity", "amount_nanos"])
-            let balances = { (schema: String) in "SELECT customer_id, currency, balance_nanos FROM \(schema).wallets WHERE \(scope)" }
+            let balances = { (schema: SQLIdentifier) in "SELECT customer_id, currency, balance_nanos FROM \(schema).wallets WHERE \(scope)" }
             try collect("""
                 SELECT coalesce(l.customer_id, r.customer_id), 'wallet ' || coalesce(l.currency, r.currency), l.balance_nanos, r.balance_nanos
-                FROM (\(balances("tally"))) l FULL OUTER JOIN (\(balances(shadow.name))) r ON l.customer_id = r.customer_id AND l.currency = r.currency
+                FROM (\(balances(.tally))) l FULL OUTER JOIN (\(balances(shadow.schema))) r ON l.customer_id = r.customer_id AND l.currency = r.currency
                 ORDER BY 1, 2
                 """, measures: ["balance_nanos"])
         case .aggregator:
-            let windows = { (schema: String) in """
+            let windows = { (schema: SQLIdentifier) in """
                 SELECT customer_id, model AS item, sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cache_read_input_tokens) AS cr,
                        sum(cache_write_input_tokens) AS cw, sum(reasoning_output_tokens) AS r, sum(event_count) AS n
                 FROM (\(AggregatorStore.windowsQuery(schema: schema))) w WHERE \(scope) GROUP BY 1, 2
                 """ }
             try collect("""
                 SELECT coalesce(l.customer_id, r.customer_id), coalesce(l.item, r.item), l.i, r.i, l.o, r.o, l.cr, r.cr, l.cw, r.cw, l.r, r.r, l.n, r.n
-                FROM (\(windows("tally"))) l FULL OUTER JOIN (\(windows(shadow.name))) r ON l.customer_id = r.customer_id AND l.item = r.item
+                FROM (\(windows(.tally))) l FULL OUTER JOIN (\(windows(shadow.schema))) r ON l.customer_id = r.customer_id AND l.item = r.item
                 ORDER BY 1, 2
                 """, measures: ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens",
                                 "reasoning_output_tokens", "event_count"])
@@ -260,7 +262,7 @@ extension ShadowSchema {
             // replaced: wait for it, and hold off the next until this commits.
             if consumer == .aggregator { try connection.query("SELECT pg_advisory_xact_lock($1)", [AggregatorStore.foldLock]) }
             var replayed: [Int32: Int64] = [:]
-            let replay = try connection.query("SELECT partition, next_offset FROM \(name).consumer_offsets WHERE consumer_group = $1 AND topic = $2",
+            let replay = try connection.query("SELECT partition, next_offset FROM \(schema).consumer_offsets WHERE consumer_group = $1 AND topic = $2",
                                               [replayGroup, topic])
             for row in 0..<replay.rowCount { replayed[Int32(try replay.value(row, 0, as: Int64.self))] = try replay.value(row, 1, as: Int64.self) }
             let chosen = (partitions ?? Set(replayed.keys)).sorted()
@@ -283,38 +285,38 @@ extension ShadowSchema {
             let scope: [(any PostgresEncodable)?] = [PostgresArray(chosen)]
             try connection.query("""
                 CREATE TEMPORARY TABLE promoted_customers ON COMMIT DROP AS
-                SELECT customer_id FROM \(name).\(consumer.keysTable) WHERE partition = ANY($1::int[])
-                UNION SELECT customer_id FROM tally.\(consumer.keysTable) WHERE partition = ANY($1::int[])
+                SELECT customer_id FROM \(schema.qualifying(consumer.keysTable)) WHERE partition = ANY($1::int[])
+                UNION SELECT customer_id FROM \(SQLIdentifier.tally.qualifying(consumer.keysTable)) WHERE partition = ANY($1::int[])
                 """, scope)
             for table in consumer.tables where table != "consumer_offsets" {
                 let columns = try connection.query("""
                     SELECT column_name FROM information_schema.columns WHERE table_schema = 'tally' AND table_name = $1 AND column_name <> 'id'
                     ORDER BY ordinal_position
                     """, [table]).rows.compactMap { $0[0] }
-                let list = columns.joined(separator: ", ")
+                let list = columns.map { SQLIdentifier($0).description }.joined(separator: ", ")
                 if columns.contains("consumer_group") {
                     // Shared tables: this consumer's rows of these partitions, under the live group's name.
-                    let selected = columns.map { $0 == "consumer_group" ? "$2::text" : $0 }.joined(separator: ", ")
-                    try connection.query("DELETE FROM tally.\(table) WHERE consumer_group = $2 AND partition = ANY($1::int[])", scope + [liveGroup])
-                    try connection.query("INSERT INTO tally.\(table) (\(list)) SELECT \(selected) FROM \(name).\(table) WHERE partition = ANY($1::int[])",
+                    let selected = columns.map { $0 == "consumer_group" ? "$2::text" : SQLIdentifier($0).description }.joined(separator: ", ")
+                    try connection.query("DELETE FROM \(SQLIdentifier.tally.qualifying(table)) WHERE consumer_group = $2 AND partition = ANY($1::int[])", scope + [liveGroup])
+                    try connection.query("INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(selected) FROM \(schema.qualifying(table)) WHERE partition = ANY($1::int[])",
                                          scope + [liveGroup])
-                } else if columns.contains("published_at"), let id = columns.first {
+                } else if columns.contains("published_at"), let id = columns.first.map(SQLIdentifier.init) {
                     // Alerts and top-up requests already published keep their stamp: same id, same crossing.
                     try connection.query("""
-                        DELETE FROM tally.\(table) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)
-                          AND \(id) NOT IN (SELECT \(id) FROM \(name).\(table))
+                        DELETE FROM \(SQLIdentifier.tally.qualifying(table)) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)
+                          AND \(id) NOT IN (SELECT \(id) FROM \(schema.qualifying(table)))
                         """)
                     try connection.query("""
-                        INSERT INTO tally.\(table) (\(list)) SELECT \(list) FROM \(name).\(table)
+                        INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(list) FROM \(schema.qualifying(table))
                         WHERE customer_id IN (SELECT customer_id FROM promoted_customers) ON CONFLICT DO NOTHING
                         """)
                 } else {
-                    try connection.query("DELETE FROM tally.\(table) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)")
-                    try connection.query("INSERT INTO tally.\(table) (\(list)) SELECT \(list) FROM \(name).\(table) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)")
+                    try connection.query("DELETE FROM \(SQLIdentifier.tally.qualifying(table)) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)")
+                    try connection.query("INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(list) FROM \(schema.qualifying(table)) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)")
                 }
             }
-            if consumer == .rater, try connection.query("SELECT to_regclass($1)", ["\(name).price_books"]).scalar != nil {
-                try connection.query("INSERT INTO tally.price_books SELECT * FROM \(name).price_books ON CONFLICT DO NOTHING")
+            if consumer == .rater, try connection.query("SELECT to_regclass($1)", ["\(schema).price_books"]).scalar != nil {
+                try connection.query("INSERT INTO tally.price_books SELECT * FROM \(schema).price_books ON CONFLICT DO NOTHING")
             }
             try connection.query("""
                 INSERT INTO tally.consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, state_version)

@@ -104,7 +104,7 @@ struct Replay: ParsableCommand {
             // The live consumer may have moved on during the replay: replay further until the
             // handover finds it at or behind the replay.
             for attempt in 1...20 {
-                let replayedPartitions = Set(try connection.query("SELECT partition FROM \(shadow.name).consumer_offsets WHERE consumer_group = $1",
+                let replayedPartitions = Set(try connection.query("SELECT partition FROM \(shadow.schema).consumer_offsets WHERE consumer_group = $1",
                                                                   [settings.group]).rows.compactMap { $0[0].flatMap { Int32($0) } })
                 let ends = { try kafka.logEnds(subset ?? replayedPartitions, logger: logger, confirmedOnly: true) }
                 switch try shadow.promote(on: connection, liveGroup: live, replayGroup: settings.group, topic: settings.topic, partitions: subset,
@@ -169,19 +169,19 @@ struct ReplayReport {
 
     static func build(connection: PostgresConnection, shadow: ShadowSchema, liveGroup: String, replayGroup: String, topic: String,
                       partitions: Set<Int32>?) throws -> ReplayReport {
-        func offsets(_ schema: String, _ group: String) throws -> [Int32: Int64] {
+        func offsets(_ schema: SQLIdentifier, _ group: String) throws -> [Int32: Int64] {
             let result = try connection.query("SELECT partition, next_offset FROM \(schema).consumer_offsets WHERE consumer_group = $1 AND topic = $2",
                                               [group, topic])
             var offsets: [Int32: Int64] = [:]
             for row in 0..<result.rowCount { offsets[Int32(try result.value(row, 0, as: Int64.self))] = try result.value(row, 1, as: Int64.self) }
             return offsets
         }
-        let live = try offsets("tally", liveGroup), replay = try offsets(shadow.name, replayGroup)
+        let live = try offsets(.tally, liveGroup), replay = try offsets(shadow.schema, replayGroup)
         let chosen = partitions ?? Set(live.keys).union(replay.keys)
         let positions = chosen.sorted().map { (partition: $0, live: live[$0], replayed: replay[$0]) }
-        let liveSums = try StateChecksum.compute(connection, schema: "tally", consumer: shadow.consumer, group: liveGroup,
+        let liveSums = try StateChecksum.compute(connection, schema: .tally, consumer: shadow.consumer, group: liveGroup,
                                                  partitions: partitions, perPartition: false)
-        let replaySums = try StateChecksum.compute(connection, schema: shadow.name, consumer: shadow.consumer, group: replayGroup,
+        let replaySums = try StateChecksum.compute(connection, schema: shadow.schema, consumer: shadow.consumer, group: replayGroup,
                                                    partitions: partitions, perPartition: false)
         let checksums = zip(liveSums, replaySums).map { (table: $0.table, live: $0, replayed: $1) }
         return ReplayReport(shadow: shadow, positions: positions,
@@ -277,10 +277,10 @@ struct Checksum: ParsableCommand {
         let connection = try connect(database, label: "tally.checksum")
         var chosenGroup = group ?? replayed.liveGroup
         if group == nil && schema != "tally",
-           let replayGroup = try connection.query("SELECT consumer_group FROM \(schema).consumer_offsets LIMIT 1").scalar {
+           let replayGroup = try connection.query("SELECT consumer_group FROM \(SQLIdentifier(schema).qualifying("consumer_offsets")) LIMIT 1").scalar {
             chosenGroup = replayGroup
         }
-        let sums = try StateChecksum.compute(connection, schema: schema, consumer: replayed, group: chosenGroup)
+        let sums = try StateChecksum.compute(connection, schema: SQLIdentifier(schema), consumer: replayed, group: chosenGroup)
         print(TableRenderer.render(header: ["table", "partition", "rows", "md5"], rows: sums.map {
             [$0.table, $0.partition.map(String.init) ?? "all", String($0.rows), $0.md5]
         }, format: format, numericFrom: 2), terminator: "")

@@ -30,6 +30,23 @@ final class PostgresIntegrationTests: XCTestCase {
         XCTAssertNil(try connection.query("SELECT NULL::text").string(0, 0))
     }
 
+    /// Interpolated, an identifier is one quoted name whatever it holds: case, spaces, an
+    /// embedded double quote and text that would end the statement unquoted.
+    func testIdentifiersAreQuotedWhateverTheyHold() throws {
+        XCTAssertEqual(SQLIdentifier("tally").description, #""tally""#)
+        XCTAssertEqual(SQLIdentifier(#"a"b"#).description, #""a""b""#)
+        XCTAssertEqual(SQLIdentifier.tally.qualifying("usage_windows_hourly"), #""tally"."usage_windows_hourly""#)
+        let odd = SQLIdentifier(TestStack.unique("Odd \"schema\"; DROP SCHEMA tally CASCADE; --"))
+        defer { try? connection.execute(script: "DROP SCHEMA IF EXISTS \(odd) CASCADE") }
+        try connection.execute(script: "CREATE SCHEMA \(odd); CREATE TABLE \(odd.qualifying("Rows")) (\(SQLIdentifier("Value")) int)")
+        try connection.query("INSERT INTO \(odd.qualifying("Rows")) VALUES (7)")
+        XCTAssertEqual(try connection.query("SELECT \(SQLIdentifier("Value")) FROM \(odd.qualifying("Rows"))").scalar, "7")
+        XCTAssertEqual(try connection.query("""
+            SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'Rows'
+            """, [odd.name]).scalar, "Value", "the names are stored as given")
+        XCTAssertEqual(try connection.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'tally'").scalar, "1")
+    }
+
     func testErrorsCarrySQLStateAndTransactionsRollBack() throws {
         try connection.query("INSERT INTO \(schema!).items (id, name) VALUES (1, 'a')")
         XCTAssertThrowsError(try connection.query("INSERT INTO \(schema!).items (id, name) VALUES (1, 'b')")) { error in
