@@ -170,19 +170,20 @@ public struct InvoiceStore {
                       invoice.totalDueNanos, InvoiceBuilder.json(invoice)])
             guard inserted.affectedRows == 1 else { return false }
             let lines = invoice.lines
-            try connection.query("""
+            try connection.query(bound: """
                 INSERT INTO invoice_lines (invoice_id, line_no, kind, description, covers_period_start, book_name, book_customer, book_version,
                     model, token_type, context_above, quantity, unit_price, exact_amount_nanos, amount_nanos)
-                SELECT $1, n, k, d, \(microsecondsToTimestamp) c, b, bc, v, m, t, ca, q, u, e, a
-                FROM unnest($2::int[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::int[], $9::text[], $10::text[],
-                            $11::bigint[], $12::bigint[], $13::text[], $14::bigint[], $15::bigint[]) AS x(n, k, d, c, b, bc, v, m, t, ca, q, u, e, a)
-                """, [invoice.invoiceID, PostgresArray(Array(1...lines.count)), PostgresArray(lines.map(\.kind.rawValue)),
-                      PostgresArray(lines.map(\.description)), PostgresArray(lines.map(\.coversPeriodStart)),
-                      PostgresArray(lines.map(\.item?.bookName)), PostgresArray(lines.map(\.item?.bookCustomer)),
-                      PostgresArray(lines.map { $0.item.map { String($0.bookVersion) } }), PostgresArray(lines.map(\.item?.model)),
-                      PostgresArray(lines.map(\.item?.tokenType.rawValue)), PostgresArray(lines.map { $0.item.map { String($0.contextAbove) } }),
-                      PostgresArray(lines.map { $0.quantity.map(String.init) }),
-                      PostgresArray(lines.map(\.unitPrice)), PostgresArray(lines.map(\.exactNanos)), PostgresArray(lines.map(\.amountNanos))])
+                SELECT \(invoice.invoiceID), n, k, d, \(unescaped: microsecondsToTimestamp) c, b, bc, v, m, t, ca, q, u, e, a
+                FROM unnest(\(PostgresArray(Array(1...lines.count)))::int[], \(PostgresArray(lines.map(\.kind.rawValue)))::text[],
+                            \(PostgresArray(lines.map(\.description)))::text[], \(PostgresArray(lines.map(\.coversPeriodStart)))::bigint[],
+                            \(PostgresArray(lines.map(\.item?.bookName)))::text[], \(PostgresArray(lines.map(\.item?.bookCustomer)))::text[],
+                            \(PostgresArray(lines.map { $0.item.map { String($0.bookVersion) } }))::int[],
+                            \(PostgresArray(lines.map(\.item?.model)))::text[], \(PostgresArray(lines.map(\.item?.tokenType.rawValue)))::text[],
+                            \(PostgresArray(lines.map { $0.item.map { String($0.contextAbove) } }))::bigint[],
+                            \(PostgresArray(lines.map { $0.quantity.map(String.init) }))::bigint[], \(PostgresArray(lines.map(\.unitPrice)))::text[],
+                            \(PostgresArray(lines.map(\.exactNanos)))::bigint[], \(PostgresArray(lines.map(\.amountNanos)))::bigint[])
+                     AS x(n, k, d, c, b, bc, v, m, t, ca, q, u, e, a)
+                """)
             return true
         }
     }

@@ -428,20 +428,21 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
 
     private func insertUnpriced(_ events: [PositionedEvent]) throws {
         guard !events.isEmpty else { return }
-        try connection.query("""
+        try connection.query(bound: """
             INSERT INTO unpriced_usage (customer_id, event_id, model, event_time, partition, record_offset, input_tokens, output_tokens,
                 cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, document, event_source)
-            SELECT c, e, m, \(microsecondsToTimestamp) t, p, o, i, out, cr, cw, r, d, s
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[], $8::bigint[],
-                        $9::bigint[], $10::bigint[], $11::bigint[], $12::text[], $13::text[]) AS x(c, e, m, t, p, o, i, out, cr, cw, r, d, s)
+            SELECT c, e, m, \(unescaped: microsecondsToTimestamp) t, p, o, i, out, cr, cw, r, d, s
+            FROM unnest(\(PostgresArray(events.map(\.event.subject)))::text[], \(PostgresArray(events.map(\.event.id)))::text[],
+                        \(PostgresArray(events.map(\.event.model)))::text[], \(PostgresArray(events.map(\.event.time.microseconds)))::bigint[],
+                        \(PostgresArray(events.map(\.position.partition)))::int[], \(PostgresArray(events.map(\.position.offset)))::bigint[],
+                        \(PostgresArray(events.map(\.event.inputTokens)))::bigint[], \(PostgresArray(events.map(\.event.outputTokens)))::bigint[],
+                        \(PostgresArray(events.map(\.event.cacheReadInputTokens)))::bigint[],
+                        \(PostgresArray(events.map(\.event.cacheWriteInputTokens)))::bigint[],
+                        \(PostgresArray(events.map(\.event.reasoningOutputTokens)))::bigint[],
+                        \(PostgresArray(events.map { String(decoding: EventEncoder.encode($0.event), as: UTF8.self) }))::text[],
+                        \(PostgresArray(events.map(\.event.source)))::text[]) AS x(c, e, m, t, p, o, i, out, cr, cw, r, d, s)
             ON CONFLICT DO NOTHING
-            """, [PostgresArray(events.map(\.event.subject)), PostgresArray(events.map(\.event.id)), PostgresArray(events.map(\.event.model)),
-                  PostgresArray(events.map(\.event.time.microseconds)), PostgresArray(events.map(\.position.partition)),
-                  PostgresArray(events.map(\.position.offset)), PostgresArray(events.map(\.event.inputTokens)),
-                  PostgresArray(events.map(\.event.outputTokens)), PostgresArray(events.map(\.event.cacheReadInputTokens)),
-                  PostgresArray(events.map(\.event.cacheWriteInputTokens)), PostgresArray(events.map(\.event.reasoningOutputTokens)),
-                  PostgresArray(events.map { String(decoding: EventEncoder.encode($0.event), as: UTF8.self) }),
-                  PostgresArray(events.map(\.event.source))])
+            """)
     }
 }
 

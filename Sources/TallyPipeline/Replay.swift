@@ -52,7 +52,7 @@ public struct ShadowSchema: Sendable {
                 // matter as much to a replay as to the live consumer.
                 if let options = try connection.query("""
                     SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = $1::regclass
-                    """, [SQLIdentifier.tally.qualifying(table)]).scalar {
+                    """, [SQLIdentifier.tally.qualifying(table).description]).scalar {
                     try connection.execute(script: "ALTER TABLE \(schema.qualifying(table)) SET (\(options))")
                 }
             }

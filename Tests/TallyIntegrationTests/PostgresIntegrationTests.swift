@@ -35,7 +35,7 @@ final class PostgresIntegrationTests: XCTestCase {
     func testIdentifiersAreQuotedWhateverTheyHold() throws {
         XCTAssertEqual(SQLIdentifier("tally").description, #""tally""#)
         XCTAssertEqual(SQLIdentifier(#"a"b"#).description, #""a""b""#)
-        XCTAssertEqual(SQLIdentifier.tally.qualifying("usage_windows_hourly"), #""tally"."usage_windows_hourly""#)
+        XCTAssertEqual(SQLIdentifier.tally.qualifying("usage_windows_hourly").description, #""tally"."usage_windows_hourly""#)
         let odd = SQLIdentifier(TestStack.unique("Odd \"schema\"; DROP SCHEMA tally CASCADE; --"))
         defer { try? connection.execute(script: "DROP SCHEMA IF EXISTS \(odd) CASCADE") }
         try connection.execute(script: "CREATE SCHEMA \(odd); CREATE TABLE \(odd.qualifying("Rows")) (\(SQLIdentifier("Value")) int)")
@@ -45,6 +45,23 @@ final class PostgresIntegrationTests: XCTestCase {
             SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'Rows'
             """, [odd.name]).scalar, "Value", "the names are stored as given")
         XCTAssertEqual(try connection.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'tally'").scalar, "1")
+    }
+
+    /// Interpolated values are bound in order (text sent verbatim, nil as NULL, arrays as
+    /// arrays); identifiers are quoted; only `unescaped:` fragments go into the text as they are.
+    func testInterpolatedQueriesBindEveryValue() throws {
+        let hostile = "o'brien\"; DROP TABLE items; -- $1 \u{202E}"
+        let none: String? = nil
+        let query: PostgresQuery = """
+            INSERT INTO \(SQLIdentifier(schema!).qualifying("items")) (id, name, payload)
+            SELECT i, \(hostile), \(none) FROM unnest(\(PostgresArray([Int64(5), 6]))::bigint[]) AS x(i) WHERE \(unescaped: "1 = 1")
+            """
+        XCTAssertEqual(query.parameters.count, 3)
+        XCTAssertTrue(query.sql.contains("SELECT i, $1, $2 FROM unnest($3::bigint[])"), query.sql)
+        XCTAssertFalse(query.sql.contains("brien"))
+        XCTAssertEqual(try connection.query(bound: query).affectedRows, 2)
+        let rows = try connection.query(bound: "SELECT id, name, payload IS NULL FROM \(SQLIdentifier(schema!)).items WHERE name = \(hostile) ORDER BY id")
+        XCTAssertEqual(rows.rows.map { $0.map { $0 ?? "NULL" } }, [["5", hostile, "t"], ["6", hostile, "t"]])
     }
 
     func testErrorsCarrySQLStateAndTransactionsRollBack() throws {
