@@ -80,7 +80,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     }
 
     /// Folds whatever deltas are waiting: the loop calls this when a poll found nothing.
-    public func settle() throws {
+    public func idleUpkeep() throws {
         guard mayHaveDeltas else { return }
         // A fold still running would hold the lock, and this one would move nothing.
         folder.wait()

@@ -85,8 +85,8 @@ public final class CommitLanes: ConsumerStore, @unchecked Sendable {
         return gaps
     }
 
-    public func settle() throws {
-        for lane in lanes { try lane.settle() }
+    public func idleUpkeep() throws {
+        for lane in lanes { try lane.idleUpkeep() }
     }
 
     /// Runs each job on its own thread but the last, which runs on this one.

@@ -117,7 +117,7 @@ public final class ConsumerLoop: @unchecked Sendable {
     private let readiness = SharedFlag()
     /// The topic's partition count, read at start: where each customer's records belong.
     private var partitionCount: Int32 = 0
-    private var nextSettleAttempt = ContinuousClock.now
+    private var nextUpkeepAttempt = ContinuousClock.now
     /// What a partition's log end below its stored offset means so far (see
     /// `stopReadingPartitionsPastTheLogEnd`): seen, and since when; or a gap (not read), and
     /// whether it is in `tally.log_gaps` yet.
@@ -224,18 +224,18 @@ public final class ConsumerLoop: @unchecked Sendable {
                 let started = ContinuousClock.now
                 var batch = prepare(records)
                 stats.prepareTime += ContinuousClock.now - started
-                // The previous batch must be settled before this one can go: it moves the
+                // The previous batch must have committed before this one can go: it moves the
                 // offsets this one starts from.
                 let previous = try awaitInFlight()
                 if previous.abandoned { return }
                 batch = batch.removing(previous.fenced.union(previous.resync.keys))
                 if !batch.moves.isEmpty { submit(batch) }
             } else if inFlight != nil {
-                // Idle poll: settle the batch in flight so progress and caught-up checks are current.
+                // Idle poll: finish the batch in flight so progress and caught-up checks are current.
                 if try awaitInFlight().abandoned { return }
             } else {
                 // Idle with nothing in flight: the store's connection is free for its upkeep.
-                settleStore()
+                runIdleUpkeep()
             }
             if ContinuousClock.now - lastStats >= settings.statsInterval {
                 lastStats = ContinuousClock.now
@@ -243,7 +243,7 @@ public final class ConsumerLoop: @unchecked Sendable {
                 warnAboutPositionsPastTheLogEnd()
             }
             if settings.exitWhenCaughtUp && records.isEmpty && inFlight == nil && isCaughtUp() {
-                settleStore()
+                runIdleUpkeep()
                 // The partitions not read cannot be: the run did not reach the log end, and says why.
                 if !gapped.isEmpty {
                     throw LogEndsBelowStoredOffset(topic: settings.topic, ends: gapped, stored: owned.mapValues(\.nextOffset))
@@ -272,13 +272,13 @@ public final class ConsumerLoop: @unchecked Sendable {
 
     /// The store's deferred upkeep (the aggregator folds its window deltas). Its failure loses
     /// nothing and stops nothing: it is tried again at the next idle poll.
-    private func settleStore() {
-        guard ContinuousClock.now >= nextSettleAttempt else { return }
+    private func runIdleUpkeep() {
+        guard ContinuousClock.now >= nextUpkeepAttempt else { return }
         do {
-            try store.settle()
+            try store.idleUpkeep()
         } catch {
             // Likely PostgreSQL is away: one warning per attempt, not one per idle poll.
-            nextSettleAttempt = ContinuousClock.now + .seconds(5)
+            nextUpkeepAttempt = ContinuousClock.now + .seconds(5)
             logger.warning("store upkeep failed, retrying in 5 s: \(error)")
         }
     }

@@ -96,7 +96,7 @@ public protocol ConsumerStore: AnyObject, Sendable {
     /// Applies a batch and moves its offsets in one transaction (fenced).
     func commit(_ batch: PreparedBatch) throws -> CommitOutcome
     /// Deferred upkeep, done while the loop is idle (no batch in flight, a poll found nothing).
-    func settle() throws
+    func idleUpkeep() throws
     /// Records that `partition`'s log ends at `logEnd`, below the offset this group stored
     /// (`tally.log_gaps`); the first record of a gap is kept. Called with no batch in flight.
     func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws
@@ -106,7 +106,7 @@ public protocol ConsumerStore: AnyObject, Sendable {
 }
 
 extension ConsumerStore {
-    public func settle() throws {}
+    public func idleUpkeep() throws {}
 }
 
 /// What every consumer store shares: fenced offsets, dedup-key lookups, conflicts and dead letters.

@@ -90,7 +90,7 @@ public final class PartitionSubsetStore: ConsumerStore, @unchecked Sendable {
 
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome { try inner.commit(batch) }
 
-    public func settle() throws { try inner.settle() }
+    public func idleUpkeep() throws { try inner.idleUpkeep() }
     public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         try inner.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
     }

@@ -70,7 +70,7 @@ final class BrokenStore: ConsumerStore, @unchecked Sendable {
     }
 
     func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { try inner.claim(partitions) }
-    func settle() throws { try inner.settle() }
+    func idleUpkeep() throws { try inner.idleUpkeep() }
     func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         try inner.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
     }

@@ -188,7 +188,7 @@ public final class FaultyStore: ConsumerStore, @unchecked Sendable {
         }
     }
 
-    public func settle() throws { try inner.settle() }
+    public func idleUpkeep() throws { try inner.idleUpkeep() }
 
     public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         try inner.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)

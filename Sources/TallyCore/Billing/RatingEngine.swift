@@ -430,7 +430,7 @@ public struct RatingEngine: Sendable {
                 wallet.grants[index].remainingNanos = 0
             }
             effects.wallets[key] = wallet
-            settle(key, from: before, at: now, position: position, effects: &effects)
+            applyBalanceChange(key, from: before, at: now, position: position, effects: &effects)
         }
     }
 
@@ -451,7 +451,7 @@ public struct RatingEngine: Sendable {
         effects.ledger(LedgerEntry(wallet: key, position: positioned.position, seq: effects.seq, kind: .grant, amountNanos: grant.amountNanos,
                                    grantID: grant.id, eventID: grant.id, effectiveAt: grant.time, periodStart: nil))
         effects.grantsCredited += 1
-        settle(key, from: before, at: grant.time.microseconds, position: positioned.position, effects: &effects)
+        applyBalanceChange(key, from: before, at: grant.time.microseconds, position: positioned.position, effects: &effects)
     }
 
     /// Writes off what is left of the voided grant, at the void's time. A void that finds no credit
@@ -471,7 +471,7 @@ public struct RatingEngine: Sendable {
             wallet.balanceNanos = balance
             wallet.grants[index].remainingNanos = 0
             effects.wallets[key] = wallet
-            settle(key, from: before, at: void.time.microseconds, position: positioned.position, effects: &effects)
+            applyBalanceChange(key, from: before, at: void.time.microseconds, position: positioned.position, effects: &effects)
             return
         }
         throw RatingRefusal("grant \(void.grantID) of customer \(void.subject) has no credit left to void (used up, expired, "
@@ -533,12 +533,12 @@ public struct RatingEngine: Sendable {
         }
         wallet.balanceNanos = balance
         effects.wallets[key] = wallet
-        settle(key, from: before, at: event.time.microseconds, position: positioned.position, effects: &effects)
+        applyBalanceChange(key, from: before, at: event.time.microseconds, position: positioned.position, effects: &effects)
     }
 
     /// After a balance change: one alert per threshold crossed downwards, one top-up request
     /// per crossing of the rule's threshold, and the refuse-calls flag.
-    private func settle(_ key: WalletKey, from before: Int64, at time: Int64, position: LogPosition, effects: inout RecordEffects) {
+    private func applyBalanceChange(_ key: WalletKey, from before: Int64, at time: Int64, position: LogPosition, effects: inout RecordEffects) {
         effects.touchedWallets.insert(key)
         let profile = effects.profile
         var wallet = effects.wallets[key]!
