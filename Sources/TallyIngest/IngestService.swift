@@ -274,12 +274,10 @@ final class IngestService: Sendable {
         let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
         switch GrantRequest.event(customerID: customer, body: body, nowMicroseconds: now) {
         case .failure(let error):
-            let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
-            return problem(.badRequest, "invalid grant", error.description, extra: [("errors", .array(errors))])
+            return fieldErrors("invalid grant", error.description, error.violations)
         case .success(let (grant, bytes)):
             if let violation = parser.timeViolation(grant.time, nowMicroseconds: now) {
-                return problem(.badRequest, "invalid grant", violation.description,
-                               extra: [("errors", .array([.object([("field", .string(violation.path)), ("reason", .string(violation.reason))])]))])
+                return fieldErrors("invalid grant", violation.description, [violation])
             }
             switch await grants?.check(grant) {
             case .conflicting(let stored)?:
@@ -319,12 +317,10 @@ final class IngestService: Sendable {
         let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
         switch GrantVoidRequest.event(customerID: customer, grantID: grantID, body: body, nowMicroseconds: now) {
         case .failure(let error):
-            let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
-            return problem(.badRequest, "invalid void", error.description, extra: [("errors", .array(errors))])
+            return fieldErrors("invalid void", error.description, error.violations)
         case .success(let (void, bytes)):
             if let violation = parser.timeViolation(void.time, nowMicroseconds: now) {
-                return problem(.badRequest, "invalid void", violation.description,
-                               extra: [("errors", .array([.object([("field", .string(violation.path)), ("reason", .string(violation.reason))])]))])
+                return fieldErrors("invalid void", violation.description, [violation])
             }
             switch await publishOne(signedCredit(customer, bytes)) {
             case .success(let report):
@@ -359,8 +355,13 @@ final class IngestService: Sendable {
         if case .malformedJSON(let syntax) = error {
             return problem(.badRequest, "malformed JSON", syntax.description, extra: [("position", .number(Int64(syntax.offset)))], vendor: vendor)
         }
-        let errors = error.violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
-        return problem(.badRequest, "invalid request", error.description, extra: [("errors", .array(errors))], vendor: vendor)
+        return fieldErrors("invalid request", error.description, error.violations, vendor: vendor)
+    }
+
+    /// A 400 whose `errors` name each field and why: `[{"field": …, "reason": …}]`.
+    private func fieldErrors(_ title: String, _ detail: String, _ violations: [FieldViolation], vendor: GatewayAPI.Vendor? = nil) -> Response {
+        let errors = violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
+        return problem(.badRequest, title, detail, extra: [("errors", .array(errors))], vendor: vendor)
     }
 
     /// A key limited to an environment may only send events of that environment; a customer's

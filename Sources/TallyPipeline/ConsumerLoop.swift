@@ -80,13 +80,10 @@ public struct ConsumerProgress: Sendable {
 
 /// The outcome of committing one batch, applied on the consumer thread.
 struct BatchOutcome: Sendable {
-    var committed: [Int32: Int64] = [:]
+    /// What became of the batch's partitions, for `PartitionOwnership`.
+    var commit = PartitionOwnership.CommitResult()
     var summary = DedupSummary()
-    var fenced = Set<Int32>()
-    var resync: [Int32: Int64] = [:]
     var commitTime = Duration.zero
-    /// Stopped before the batch was written (database or broker still away).
-    var abandoned = false
 }
 
 /// A consumer (aggregator or rater): poll a batch, write its effect and its offsets in one
@@ -104,10 +101,10 @@ public final class ConsumerLoop: @unchecked Sendable {
     private let logger: Logger
     private let stopFlag: SharedFlag
     private let consumer: any RecordSource
-    /// Partitions this instance owns, with the epoch it claimed and its committed position.
-    private var owned: [Int32: PartitionClaim] = [:]
-    /// Where the next prepared batch starts per partition: ahead of `owned` while a batch is in flight.
-    private var readPosition: [Int32: Int64] = [:]
+    /// Partitions this instance owns: the epoch claimed, the committed and the read position.
+    private var ownership = PartitionOwnership()
+    /// The partitions owned, with the epoch claimed and the committed position.
+    private var owned: [Int32: PartitionClaim] { ownership.claims }
     private let commitQueue = DispatchQueue(label: "tally.consumer.commit")
     private var inFlight: (batch: PreparedBatch, done: DispatchSemaphore, outcome: OutcomeBox)?
     /// A non-retryable failure seen inside a rebalance callback, rethrown by the loop.
@@ -173,16 +170,16 @@ public final class ConsumerLoop: @unchecked Sendable {
                     // before) still holds: the partition stays unread until an operator chooses.
                     let recordedGaps = try store.recordedLogGaps(numbers)
                     readiness.set(true)
-                    for (partition, claim) in claims {
-                        owned[partition] = claim
-                        readPosition[partition] = claim.nextOffset
+                    let action = ownership.claimed(claims)
+                    for partition in claims.keys {
                         logEndFindings[partition] = recordedGaps[partition].map { .gap(end: $0, recorded: true) }
                     }
                     if !recordedGaps.isEmpty {
                         logger.error("partitions \(recordedGaps.keys.sorted()) are not read: their log ended below the stored offset (tally.log_gaps); see tally check-log")
                     }
                     logger.info("assigned partitions \(numbers.sorted()) at offsets \(claims.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.nextOffset)" })")
-                    return Dictionary(uniqueKeysWithValues: claims.map { (TopicPartition(settings.topic, $0.key), $0.value.nextOffset) })
+                    guard case .seek(let offsets) = action else { return [:] }
+                    return topicPartitions(offsets)
                 } catch let error as any RetryableFailure where error.isRetryable && !stopFlag.isSet {
                     logger.warning("claiming partitions failed, retrying: \(error)")
                     Thread.sleep(forTimeInterval: 0.5)
@@ -193,11 +190,8 @@ public final class ConsumerLoop: @unchecked Sendable {
                 }
             }
         case .revoked(let partitions, let lost):
-            for partition in partitions {
-                owned.removeValue(forKey: partition.partition)
-                readPosition.removeValue(forKey: partition.partition)
-                logEndFindings.removeValue(forKey: partition.partition)
-            }
+            ownership.revoked(partitions.map(\.partition))
+            for partition in partitions { logEndFindings.removeValue(forKey: partition.partition) }
             logger.info("\(lost ? "lost" : "revoked") partitions \(partitions.map(\.partition).sorted())")
             return [:]
         }
@@ -227,12 +221,12 @@ public final class ConsumerLoop: @unchecked Sendable {
                 // The previous batch must have committed before this one can go: it moves the
                 // offsets this one starts from.
                 let previous = try awaitInFlight()
-                if previous.abandoned { return }
-                batch = batch.removing(previous.fenced.union(previous.resync.keys))
+                if previous.commit.abandoned { return }
+                batch = batch.removing(previous.commit.fenced.union(previous.commit.resync.keys))
                 if !batch.moves.isEmpty { submit(batch) }
             } else if inFlight != nil {
                 // Idle poll: finish the batch in flight so progress and caught-up checks are current.
-                if try awaitInFlight().abandoned { return }
+                if try awaitInFlight().commit.abandoned { return }
             } else {
                 // Idle with nothing in flight: the store's connection is free for its upkeep.
                 runIdleUpkeep()
@@ -293,7 +287,8 @@ public final class ConsumerLoop: @unchecked Sendable {
         for index in records.indices {
             let partition = records[index].partition
             let offset = records[index].offset
-            guard let claim = owned[partition], let start = readPosition[partition] else { continue }
+            guard let owner = ownership.start(of: partition) else { continue }
+            let claim = owner.claim, start = owner.offset
             if case .gap = logEndFindings[partition] { continue }
             let position = batch.moves[partition]?.next ?? start
             guard offset >= position else { continue }
@@ -328,7 +323,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             batch.moves[partition] = (expected: start, next: offset + 1, epoch: claim.epoch)
         }
         metrics.records.increment(by: stats.records - recordsBefore)
-        for (partition, move) in batch.moves { readPosition[partition] = move.next }
+        ownership.prepared(batch.moves)
         return batch
     }
 
@@ -399,13 +394,10 @@ public final class ConsumerLoop: @unchecked Sendable {
         flight.done.wait()
         let outcome = try flight.outcome.result.get()
         stats.commitTime += outcome.commitTime
-        if outcome.abandoned {
-            // Not written: read these partitions again from their committed offsets.
-            for partition in flight.batch.moves.keys { readPosition[partition] = owned[partition]?.nextOffset }
-            return outcome
-        }
-        if !outcome.committed.isEmpty {
-            for (partition, next) in outcome.committed { owned[partition]?.nextOffset = next }
+        // Not written (abandoned): these partitions are read again from their committed offsets.
+        let action = ownership.applied(outcome.commit, partitions: flight.batch.moves.keys)
+        if outcome.commit.abandoned { return outcome }
+        if !outcome.commit.committed.isEmpty {
             stats.batches += 1
             stats.accepted += outcome.summary.accepted
             stats.duplicates += outcome.summary.duplicates
@@ -417,7 +409,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             metrics.accepted.increment(by: outcome.summary.accepted)
             metrics.duplicates.increment(by: outcome.summary.duplicates)
             metrics.conflicts.increment(by: outcome.summary.conflicts.count)
-            let setAside = flight.batch.deadLetters.filter { outcome.committed[$0.position.partition] != nil }
+            let setAside = flight.batch.deadLetters.filter { outcome.commit.committed[$0.position.partition] != nil }
             logRecordsSetAside(setAside, conflicts: outcome.summary.conflicts)
             for letter in setAside { metrics.deadLetters(reason: letter.reason.code).increment() }
             metrics.grants.increment(by: outcome.summary.grants)
@@ -426,35 +418,27 @@ public final class ConsumerLoop: @unchecked Sendable {
             for line in outcome.summary.unrateable { logger.error("record kept aside in tally.unrateable_records: \(line)") }
             metrics.batchRecords.record(flight.batch.events.count + flight.batch.grants.count + flight.batch.voids.count + flight.batch.deadLetters.count)
             metrics.transactionSeconds.recordNanoseconds(outcome.commitTime.totalNanoseconds)
-            for (partition, next) in outcome.committed {
+            for (partition, next) in outcome.commit.committed {
                 if let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high {
                     metrics.lag(partition: partition).record(max(0, high - next))
                 }
             }
             // For lag monitoring only; we never resume from Kafka's offsets.
-            consumer.commitForMonitoring(Dictionary(uniqueKeysWithValues: outcome.committed.map { (TopicPartition(settings.topic, $0.key), $0.value) }))
+            consumer.commitForMonitoring(topicPartitions(outcome.commit.committed))
             if let onProgress = settings.onProgress {
                 onProgress(ConsumerProgress(positions: Dictionary(uniqueKeysWithValues: owned.map { partition, claim in
                     (partition, (claim.nextOffset, consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high))
                 }), stats: stats))
             }
         }
-        if !outcome.fenced.isEmpty {
+        if !outcome.commit.fenced.isEmpty {
             stats.fencedBatches += 1
             metrics.fencedBatches.increment()
-            logger.warning("fenced on partitions \(outcome.fenced.sorted()): another instance owns them now; dropping their records")
-            for partition in outcome.fenced {
-                owned.removeValue(forKey: partition)
-                readPosition.removeValue(forKey: partition)
-            }
+            logger.warning("fenced on partitions \(outcome.commit.fenced.sorted()): another instance owns them now; dropping their records")
         }
-        if !outcome.resync.isEmpty {
-            logger.warning("stored offsets moved under our own epoch (an earlier commit landed); resuming from \(outcome.resync)")
-            for (partition, offset) in outcome.resync {
-                owned[partition]?.nextOffset = offset
-                readPosition[partition] = offset
-            }
-            try? consumer.seek(Dictionary(uniqueKeysWithValues: outcome.resync.map { (TopicPartition(settings.topic, $0.key), $0.value) }))
+        if case .seek(let offsets)? = action {
+            logger.warning("stored offsets moved under our own epoch (an earlier commit landed); resuming from \(offsets)")
+            try? consumer.seek(topicPartitions(offsets))
         }
         return outcome
     }
@@ -464,7 +448,7 @@ public final class ConsumerLoop: @unchecked Sendable {
     private func write(_ batch: PreparedBatch) throws -> BatchOutcome {
         var outcome = BatchOutcome()
         guard publishDeadLetters(batch.deadLetters) else {
-            outcome.abandoned = true
+            outcome.commit.abandoned = true
             return outcome
         }
         let started = ContinuousClock.now
@@ -474,20 +458,20 @@ public final class ConsumerLoop: @unchecked Sendable {
                 switch try store.commit(pending) {
                 case .committed(let summary):
                     readiness.set(true)
-                    for (partition, move) in pending.moves { outcome.committed[partition] = move.next }
+                    for (partition, move) in pending.moves { outcome.commit.committed[partition] = move.next }
                     outcome.summary = summary
                     outcome.commitTime = ContinuousClock.now - started
                     return outcome
                 case .fenced(let partitions):
-                    outcome.fenced.formUnion(partitions)
+                    outcome.commit.fenced.formUnion(partitions)
                     pending = pending.removing(partitions)
                 case .resync(let offsets):
-                    outcome.resync.merge(offsets) { $1 }
+                    outcome.commit.resync.merge(offsets) { $1 }
                     pending = pending.removing(Set(offsets.keys))
                 }
             } catch let error as any RetryableFailure where error.isRetryable {
                 if stopFlag.isSet {
-                    outcome.abandoned = true
+                    outcome.commit.abandoned = true
                     outcome.commitTime = ContinuousClock.now - started
                     return outcome
                 }
@@ -552,7 +536,7 @@ public final class ConsumerLoop: @unchecked Sendable {
         var below: [Int32: Int64] = [:]
         for index in records.indices {
             let partition = records[index].partition, offset = records[index].offset
-            if let position = readPosition[partition], offset < position, offset < below[partition] ?? .max { below[partition] = offset }
+            if let position = ownership.readPositions[partition], offset < position, offset < below[partition] ?? .max { below[partition] = offset }
         }
         for (partition, claim) in owned {
             if case .gap = logEndFindings[partition] { continue }
@@ -576,7 +560,7 @@ public final class ConsumerLoop: @unchecked Sendable {
         }.sorted { $0.partition < $1.partition }
         guard !unrecorded.isEmpty else { return false }
         // The store's connection is free only with nothing in flight.
-        if try awaitInFlight().abandoned { return true }
+        if try awaitInFlight().commit.abandoned { return true }
         for (partition, end) in unrecorded {
             guard let claim = owned[partition] else { continue }
             do {
@@ -597,10 +581,14 @@ public final class ConsumerLoop: @unchecked Sendable {
         }
     }
 
+    private func topicPartitions(_ offsets: [Int32: Int64]) -> [TopicPartition: Int64] {
+        Dictionary(uniqueKeysWithValues: offsets.map { (TopicPartition(settings.topic, $0.key), $0.value) })
+    }
+
     private func lag() -> String {
-        owned.keys.sorted().map { partition -> String in
+        owned.sorted { $0.key < $1.key }.map { partition, claim -> String in
             let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high
-            return "\(partition):\(high.map { String(max(0, $0 - owned[partition]!.nextOffset)) } ?? "?")"
+            return "\(partition):\(high.map { String(max(0, $0 - claim.nextOffset)) } ?? "?")"
         }.joined(separator: ",")
     }
 }

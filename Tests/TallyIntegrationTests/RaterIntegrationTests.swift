@@ -342,6 +342,9 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
         rater.signal(SIGTERM)
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+        // Stopped right after its last commit: the relay stops after the loop and publishes what it raised.
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.balance_alerts WHERE published_at IS NULL")
+                       + int64(harness, "SELECT count(*) FROM tally.topup_requests WHERE published_at IS NULL"), 0, rater.log)
         let alerts = try harness.connection.query("SELECT threshold_nanos / 1000000000, balance_nanos / 1000000000 FROM tally.balance_alerts ORDER BY partition, record_offset, alert_id").rows
         XCTAssertEqual(alerts, [["5", "4"], ["1", "0"], ["5", "4"]])
         XCTAssertEqual(try harness.connection.query("SELECT balance_nanos / 1000000000 FROM tally.topup_requests").rows, [["0"]],
