@@ -66,7 +66,6 @@ public struct ConsumerDescription: Sendable {
 public struct ConsumerContext {
     /// This lane's own connection (see `CommitLanes`).
     public let connection: PostgresConnection
-    public let lane: Int
     public let settings: ConsumerSettings
     public let instanceID: String
     public let logger: Logger
@@ -87,8 +86,7 @@ public protocol DecoratableConsumerCommand: AsyncParsableCommand {
 /// metrics, PostgreSQL connections, and a service group of the consumer loop, the ops endpoint
 /// and `helpers` (the rater's alert relay). On a signal the loop finishes its batch and leaves
 /// the group first, then the ops endpoint stops, then the helpers (in reverse order of start).
-/// - Parameter helpers: more services, given the Kafka settings and the logger; they start
-///   first and stop last.
+/// - Parameter helpers: more services, given the Kafka settings and the logger; they stop last.
 public func runConsumer(_ description: ConsumerDescription, options: ConsumerOptions, database: DatabaseOptions, kafka: KafkaOptions,
                         logging: LoggingOptions, ops: OpsOptions, creditKeys: CreditKeyOptions? = nil, decorate: StoreDecorator? = nil,
                         helpers: (KafkaConfiguration, Logger) throws -> [any Service] = { _, _ in [] },
@@ -125,8 +123,8 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
         logger.info("credit records are applied only when signed", metadata: ["credit_key_ids": "\(keyring.keys.map(\.id).joined(separator: ","))"])
     }
     let stop = SharedFlag()
-    let lanes = try connections.enumerated().map { lane, connection in
-        try makeStore(ConsumerContext(connection: connection, lane: lane, settings: settings,
+    let lanes = try connections.map { connection in
+        try makeStore(ConsumerContext(connection: connection, settings: settings,
                                       instanceID: instanceID, logger: logger))
     }
     let laneStore = lanes.count == 1 ? lanes[0] : CommitLanes(lanes)
@@ -135,14 +133,20 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: stop)
 
     var services = try helpers(kafkaConfiguration, logger).map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
-    if let endpoint = try ops.service(registry: registry, logger: logger, ready: { loop.isReady }) {
-        services.append(.init(service: endpoint))
+    let endpoint = try ops.endpoint(registry: registry, logger: logger, ready: { loop.isReady })
+    if let endpoint {
+        // It returns early only when it failed after serving (logged): the consumer goes on.
+        services.append(.init(service: endpoint, successTerminationBehavior: .ignore))
     }
     // The loop's own end (--exit-when-caught-up) stops the others gracefully: the relay's last
-    // pass still publishes what the last batches committed.
+    // pass still publishes what the last batches committed. It claims no partition before the
+    // ops endpoint listens: an address that cannot be bound ends the process first.
     services.append(.init(service: ThreadService(description: "tally.consumer", stop: stop,
                                                  onStop: { logger.info("stopping: finishing the batch and leaving the group") },
-                                                 body: { try loop.run() }),
+                                                 body: {
+                                                     guard endpoint?.started.wait() ?? true else { return }
+                                                     try loop.run()
+                                                 }),
                           successTerminationBehavior: .gracefullyShutdownGroup))
     // The group's own lines (each service starting and stopping) are noise beside the consumer's.
     var quiet = logger

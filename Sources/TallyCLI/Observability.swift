@@ -2,7 +2,6 @@ import ArgumentParser
 import Logging
 import Metrics
 import Prometheus
-import ServiceLifecycle
 
 /// Where a service serves `/livez`, `/readyz` and `/metrics`.
 public struct OpsOptions: ParsableArguments {
@@ -22,13 +21,13 @@ public struct OpsOptions: ParsableArguments {
 
     /// The ops endpoint serving `registry`, as a service; nil when disabled.
     /// - Throws: `ValidationError` when the address is no host:port.
-    public func service(registry: PrometheusCollectorRegistry, logger: Logger, ready: @escaping @Sendable () -> Bool) throws -> (any Service)? {
+    func endpoint(registry: PrometheusCollectorRegistry, logger: Logger, ready: @escaping @Sendable () -> Bool) throws -> OpsEndpoint? {
         let address = opsAddressFlag ?? environment("TALLY_OPS_ADDRESS") ?? "0.0.0.0:9464"
         if address == "off" { return nil }
         guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]), (0...65535).contains(port) else {
             throw ValidationError("--ops-address \(address): expected host:port")
         }
-        return OpsEndpoint.service(host: String(address[..<colon]), port: port, logger: logger, ready: ready,
-                                   metrics: { registry.emitToString() })
+        return OpsEndpoint(host: String(address[..<colon]), port: port, logger: logger, ready: ready,
+                           metrics: { registry.emitToString() })
     }
 }

@@ -178,8 +178,7 @@ public final class ConsumerLoop: @unchecked Sendable {
                         logger.error("partitions \(recordedGaps.keys.sorted()) are not read: their log ended below the stored offset (tally.log_gaps); see tally check-log")
                     }
                     logger.info("assigned partitions \(numbers.sorted()) at offsets \(claims.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.nextOffset)" })")
-                    guard case .seek(let offsets) = action else { return [:] }
-                    return topicPartitions(offsets)
+                    switch action { case .seek(let offsets): return topicPartitions(offsets) }
                 } catch let error as any RetryableFailure where error.isRetryable && !stopFlag.isSet {
                     logger.warning("claiming partitions failed, retrying: \(error)")
                     Thread.sleep(forTimeInterval: 0.5)

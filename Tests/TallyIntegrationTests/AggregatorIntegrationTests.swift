@@ -3,6 +3,24 @@ import TallyCore
 import TallyKafka
 import XCTest
 
+    /// An ops address already in use ends a consumer with an error naming it before it claims
+    /// any partition: no offset row of its group, no epoch bumped, no rebalance caused.
+    func testAnOpsAddressInUseEndsTheConsumerBeforeItClaims() async throws {
+        let harness = try AggregatorHarness()
+        try await harness.publish(AggregatorHarness.events(count: 50, seed: 3))
+        let first = try harness.startAggregator()
+        XCTAssertTrue(try harness.waitUntilConsumed(), first.log)
+        let port = try XCTUnwrap(first.opsPort, first.log)
+        let second = try harness.startAggregator(["--group", harness.group + "-second", "--ops-address", "127.0.0.1:\(port)"])
+        XCTAssertNotNil(second.wait(timeout: .seconds(30)), "it ends on its own\n\(second.log)")
+        XCTAssertNotEqual(second.wait(timeout: .zero), 0, second.log)
+        XCTAssertTrue(second.log.contains("ops HTTP server: bind 127.0.0.1:\(port)"), second.log)
+        XCTAssertFalse(second.log.contains("assigned partitions"), second.log)
+        XCTAssertEqual(try harness.storedOffsets(group: harness.group + "-second"), [:])
+        first.signal(SIGTERM)
+        XCTAssertEqual(first.wait(timeout: .seconds(30)), 0, first.log)
+    }
+
 /// The real tally-aggregator against the real broker and PostgreSQL.
 final class AggregatorIntegrationTests: XCTestCase {
     /// Duplicates in one batch, at later offsets and re-sent after a restart, plus conflicts:
