@@ -324,8 +324,9 @@ public enum PriceBookDocument {
     }
 }
 
-/// Reads the members of one map, remembering which were used so unknown ones are reported.
-private struct Fields {
+/// Reads the members of one map, remembering which were used so unknown ones are reported
+/// (price books and meter catalogs).
+struct Fields {
     let node: ConfigNode
     let path: String
     private(set) var remaining: [String]
