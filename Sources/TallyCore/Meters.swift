@@ -78,6 +78,20 @@ public struct MeterCatalog: Sendable, Equatable {
         return MeterCatalog(meters)
     }
 
+    /// Why this catalog cannot follow `previous`, or nil when it can. A declared meter is never
+    /// changed or removed: its stored windows were folded with its aggregation and dimensions, and
+    /// merging them with values of another kind would be meaningless (OpenMeter and Stripe also
+    /// keep a meter's aggregation fixed). Declare a meter under a new name instead.
+    public func refusal(following previous: MeterCatalog) -> String? {
+        for (name, before) in previous.meters.sorted(by: { $0.key < $1.key }) {
+            guard let now = meters[name] else { return "meter \(name) is missing: a declared meter stays declared" }
+            if now.aggregation != before.aggregation || now.dimensions != before.dimensions {
+                return "meter \(name) changes its aggregation or dimensions: declare a meter under a new name instead"
+            }
+        }
+        return nil
+    }
+
     private static func parseMeter(_ node: ConfigNode, path: String) throws(ConfigError) -> MeterDefinition {
         var fields = Fields(node, path: path)
         try fields.requireMap()
@@ -200,6 +214,7 @@ public enum MeterWindowValue: Sendable, Equatable {
         case (.max(let a), .max(let b)): .max(Swift.max(a, b))
         case (.latest(let t1, let p1, _), .latest(let t2, let p2, _)): (t1, p1) >= (t2, p2) ? self : other
         case (.unique(let a), .unique(let b)): .unique(a.union(b))
+        // Never met: a catalog cannot change a declared meter's aggregation (`refusal(following:)`).
         default: preconditionFailure("meter windows of different aggregations: \(self), \(other)")
         }
     }

@@ -126,6 +126,26 @@ final class MeterWindowTests: XCTestCase {
         }
     }
 
+    /// A new catalog may add meters and change units; it may not drop a meter or change how its
+    /// stored windows were folded.
+    func testANewCatalogKeepsEveryDeclaredMeterAsItWasFolded() {
+        XCTAssertNil(catalog.refusal(following: catalog))
+        var added = Array(catalog.meters.values)
+        added.append(MeterDefinition(name: "images", unit: "image", aggregation: .sum))
+        XCTAssertNil(MeterCatalog(added).refusal(following: catalog))
+        let renamedUnit = catalog.meters.values.map { $0.name == "seats" ? MeterDefinition(name: "seats", unit: "licence", aggregation: .latest) : $0 }
+        XCTAssertNil(MeterCatalog(renamedUnit).refusal(following: catalog), "the unit is a label")
+        let dropped = catalog.meters.values.filter { $0.name != "tool_calls" }
+        XCTAssertEqual(MeterCatalog(dropped).refusal(following: catalog), "meter tool_calls is missing: a declared meter stays declared")
+        for changed in [MeterDefinition(name: "web_searches", unit: "request", aggregation: .max, dimensions: ["team"]),
+                        MeterDefinition(name: "web_searches", unit: "request", aggregation: .sum, dimensions: ["team", "status"]),
+                        MeterDefinition(name: "end_users", unit: "user", aggregation: .uniqueCount(property: "run_id"))] {
+            let catalogNow = MeterCatalog(catalog.meters.values.map { $0.name == changed.name ? changed : $0 })
+            XCTAssertEqual(catalogNow.refusal(following: catalog),
+                           "meter \(changed.name) changes its aggregation or dimensions: declare a meter under a new name instead")
+        }
+    }
+
     func testTheCatalogIsReadAndEveryMistakeNamesItsField() throws {
         let catalog = try MeterCatalog.parse("""
             meters:
