@@ -231,6 +231,14 @@ public enum ContentHash {
         }
         hasher.add(event.reasoningOutputTokens)
         hasher.addSortedByKey(event.properties)
+        // Only when set, like the 1-hour split: events without meters keep their stored hashes.
+        if !event.meters.isEmpty {
+            hasher.add(UInt8(0x1c))
+            for (name, quantity) in event.meters.sorted(by: { $0.key < $1.key }) {
+                hasher.add(name)
+                hasher.add(quantity)
+            }
+        }
         hasher.add(UInt8(0x1e))
         hasher.addSortedByKey(event.extensions)
         return hasher.value

@@ -167,15 +167,16 @@ private struct EnvelopeState {
             return .success(.grantVoid(GrantVoidEvent(id: id, source: source, subject: subject, time: time, grantID: grantID,
                                                       reason: void.reason, extensions: extensions)))
         }
-        guard type == .usage, let model = usage.model, let input = usage.inputTokens, let output = usage.outputTokens
-        else { return .failure(.invalid(violations)) }
+        guard type == .usage else { return .failure(.invalid(violations)) }
+        // A meter-only event (checked in `finish`) has no model and no tokens.
+        let model = usage.model ?? "", input = usage.inputTokens ?? 0, output = usage.outputTokens ?? 0
         return .success(.usage(UsageEvent(
             id: id, source: source, subject: subject, time: time, model: model,
             provider: usage.provider, feature: usage.feature, environment: usage.environment,
             inputTokens: input, outputTokens: output,
             cacheReadInputTokens: usage.cacheRead ?? 0, cacheWriteInputTokens: usage.cacheWrite ?? 0,
             cacheWrite1hInputTokens: usage.cacheWrite1h ?? 0,
-            reasoningOutputTokens: usage.reasoning ?? 0, properties: usage.properties, extensions: extensions)))
+            reasoningOutputTokens: usage.reasoning ?? 0, properties: usage.properties, meters: usage.meters, extensions: extensions)))
     }
 }
 
@@ -192,6 +193,7 @@ private struct UsageDataState {
     var cacheWrite1h: Int64?
     var reasoning: Int64?
     var properties: [String: String] = [:]
+    var meters: [String: Int64] = [:]
     var isObject = false
 
     mutating func decode(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
@@ -210,6 +212,7 @@ private struct UsageDataState {
             case .cacheWrite1hInputTokens: cacheWrite1h = try readTokens(&reader, path(), &violations)
             case .reasoningOutputTokens: reasoning = try readTokens(&reader, path(), &violations)
             case .properties: try readProperties(&reader, &violations)
+            case .meters: try readMeters(&reader, &violations)
             case nil:
                 try reader.skipValue()
                 violations.append(FieldViolation(path(), "is not a field of llm.usage data"))
@@ -249,9 +252,45 @@ private struct UsageDataState {
         }
     }
 
+    /// `meters`: an object of meter names to whole quantities.
+    private mutating func readMeters(_ reader: inout JSONReader, _ violations: inout [FieldViolation]) throws(JSONSyntaxError) {
+        let kind = try reader.peekKind()
+        guard kind == .object else {
+            try reader.skipValue()
+            violations.append(FieldViolation("data.meters", "must be an object of meter names to integers, found \(kind.name)"))
+            return
+        }
+        sawMeters = true
+        var count = 0
+        try reader.readObject { (reader: inout JSONReader, name: String) throws(JSONSyntaxError) in
+            count += 1
+            let path = { "data.meters." + name }
+            if meters[name] != nil { throw reader.error("duplicate key \"\(name)\"") }
+            let quantity = try readTokens(&reader, path(), &violations)
+            guard MeterDefinition.isValidName(name) else {
+                violations.append(FieldViolation(path(), "is not a meter name: lower-case letters, digits and _, starting with a letter, at most 64"))
+                return
+            }
+            if let quantity { meters[name] = quantity }
+        }
+        if count > EventLimits.maxMeters {
+            violations.append(FieldViolation("data.meters", "must have at most \(EventLimits.maxMeters) entries"))
+        }
+    }
+
+    var sawMeters = false
+
     func finish(_ violations: inout [FieldViolation]) {
         guard isObject else { return }
-        if model == nil || inputTokens == nil || outputTokens == nil {
+        let tokenFields = inputTokens != nil || outputTokens != nil || cacheRead != nil || cacheWrite != nil || cacheWrite1h != nil || reasoning != nil
+        // Either a model call (model and both token counts) or a meter-only event (meters, no
+        // model, no token field): schema v1's `oneOf`.
+        let meterOnly = model == nil && !tokenFields && sawMeters
+        if meterOnly {
+            if meters.isEmpty && !violations.contains(where: { $0.path.hasPrefix("data.meters") }) {
+                violations.append(FieldViolation("data.meters", "must name at least one meter in an event without a model"))
+            }
+        } else if model == nil || inputTokens == nil || outputTokens == nil {
             requireFields(&violations)
         }
         if let inputTokens, (cacheRead ?? 0) + (cacheWrite ?? 0) > inputTokens {
@@ -509,7 +548,7 @@ private enum EnvelopeField: String, KnownMember {
 
 /// The `llm.usage` data members.
 private enum UsageField: String, KnownMember {
-    case model, provider, feature, environment, properties
+    case model, provider, feature, environment, properties, meters
     case inputTokens = "input_tokens", outputTokens = "output_tokens", cacheReadInputTokens = "cache_read_input_tokens",
          cacheWriteInputTokens = "cache_write_input_tokens", cacheWrite1hInputTokens = "cache_write_1h_input_tokens",
          reasoningOutputTokens = "reasoning_output_tokens"

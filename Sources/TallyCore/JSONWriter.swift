@@ -62,19 +62,34 @@ public enum EventEncoder {
         writeEnvelope(&json, id: event.id, source: event.source, type: EventType.usage.rawValue, subject: event.subject,
                       time: event.time.text, extensions: event.extensions)
         json.raw("{")
-        json.key("model", first: true); json.string(event.model)
-        if let provider = event.provider { json.key("provider"); json.string(provider) }
-        if let feature = event.feature { json.key("feature"); json.string(feature) }
-        if let environment = event.environment { json.key("environment"); json.string(environment) }
-        json.key("input_tokens"); json.integer(event.inputTokens)
-        json.key("output_tokens"); json.integer(event.outputTokens)
-        json.key("cache_read_input_tokens"); json.integer(event.cacheReadInputTokens)
-        json.key("cache_write_input_tokens"); json.integer(event.cacheWriteInputTokens)
-        // Written only when set, so a v1 event without the split encodes as it always did.
-        if event.cacheWrite1hInputTokens != 0 { json.key("cache_write_1h_input_tokens"); json.integer(event.cacheWrite1hInputTokens) }
-        json.key("reasoning_output_tokens"); json.integer(event.reasoningOutputTokens)
+        // A meter-only event has no model and no token fields (schema v1 allows either form).
+        var first = true
+        func key(_ name: String) {
+            json.key(name, first: first)
+            first = false
+        }
+        if event.isModelCall { key("model"); json.string(event.model) }
+        if let provider = event.provider { key("provider"); json.string(provider) }
+        if let feature = event.feature { key("feature"); json.string(feature) }
+        if let environment = event.environment { key("environment"); json.string(environment) }
+        if event.isModelCall {
+            key("input_tokens"); json.integer(event.inputTokens)
+            key("output_tokens"); json.integer(event.outputTokens)
+            key("cache_read_input_tokens"); json.integer(event.cacheReadInputTokens)
+            key("cache_write_input_tokens"); json.integer(event.cacheWriteInputTokens)
+            // Written only when set, so a v1 event without the split encodes as it always did.
+            if event.cacheWrite1hInputTokens != 0 { key("cache_write_1h_input_tokens"); json.integer(event.cacheWrite1hInputTokens) }
+            key("reasoning_output_tokens"); json.integer(event.reasoningOutputTokens)
+        }
+        if !event.meters.isEmpty {
+            key("meters"); json.raw("{")
+            for (index, (name, quantity)) in event.meters.sorted(by: { $0.key < $1.key }).enumerated() {
+                json.key(name, first: index == 0); json.integer(quantity)
+            }
+            json.raw("}")
+        }
         if !event.properties.isEmpty {
-            json.key("properties"); json.raw("{")
+            key("properties"); json.raw("{")
             for (index, (name, value)) in event.properties.sorted(by: { $0.key < $1.key }).enumerated() {
                 json.key(name, first: index == 0); json.string(value)
             }

@@ -18,6 +18,17 @@ public struct MeterDefinition: Sendable, Hashable {
         case latest
         /// The number of distinct values of one property (end users, runs).
         case uniqueCount(property: String)
+
+        /// As the catalog and the windows' `aggregation` column spell it.
+        public var name: String {
+            switch self {
+            case .sum: "sum"
+            case .count: "count"
+            case .max: "max"
+            case .latest: "latest"
+            case .uniqueCount: "unique_count"
+            }
+        }
     }
 
     /// `[a-z][a-z0-9_]*`, at most 64 characters.
@@ -76,6 +87,29 @@ public struct MeterCatalog: Sendable, Equatable {
             meters.append(meter)
         }
         return MeterCatalog(meters)
+    }
+
+    /// The catalog as JSON, meters sorted by name: what `tally meters apply` stores, and what
+    /// `parse` reads back to an equal catalog.
+    public var canonicalJSON: String {
+        var json = JSONWriter()
+        json.raw("{")
+        json.key("meters", first: true); json.raw("[")
+        for (index, meter) in meters.values.sorted(by: { $0.name < $1.name }).enumerated() {
+            json.raw(index == 0 ? "\n  {" : ",\n  {")
+            json.key("name", first: true); json.string(meter.name)
+            json.key("unit"); json.string(meter.unit)
+            json.key("aggregation"); json.string(meter.aggregation.name)
+            if case .uniqueCount(let property) = meter.aggregation { json.key("property"); json.string(property) }
+            if !meter.dimensions.isEmpty {
+                json.key("dimensions"); json.raw("[")
+                for (i, dimension) in meter.dimensions.enumerated() { if i > 0 { json.raw(",") }; json.string(dimension) }
+                json.raw("]")
+            }
+            json.raw("}")
+        }
+        json.raw("\n]}\n")
+        return String(decoding: json.bytes, as: UTF8.self)
     }
 
     /// Why this catalog cannot follow `previous`, or nil when it can. A declared meter is never
@@ -154,6 +188,25 @@ public struct MeterReading: Sendable, Hashable {
     }
 }
 
+extension MeterReading {
+    /// The readings of one counted event, one per meter it carries. A dimension or unique-count
+    /// property may name one of the event's labels (`model`, `provider`, `feature`,
+    /// `environment`) as well as a property; the label wins over a property of the same name.
+    public static func of(_ positioned: PositionedEvent) -> [MeterReading] {
+        let event = positioned.event
+        guard !event.meters.isEmpty else { return [] }
+        var properties = event.properties
+        if event.isModelCall { properties["model"] = event.model }
+        if let provider = event.provider { properties["provider"] = provider }
+        if let feature = event.feature { properties["feature"] = feature }
+        if let environment = event.environment { properties["environment"] = environment }
+        return event.meters.sorted(by: { $0.key < $1.key }).map { meter, quantity in
+            MeterReading(meter: meter, customerID: event.subject, time: event.time.microseconds, position: positioned.position,
+                         quantity: quantity, properties: properties)
+        }
+    }
+}
+
 /// A meter's window: one meter, one customer, one granularity and start, one value per declared
 /// dimension (empty when the reading lacks the property).
 public struct MeterWindowKey: Sendable, Hashable {
@@ -224,12 +277,15 @@ public enum MeterWindows {
     /// The windows `readings` touch at every granularity, each folded from the readings
     /// themselves: a day's MAX, LATEST and UNIQUE_COUNT are the day's, not made of its hours.
     /// Readings of meters the catalog does not declare are left out (the API refuses them).
-    public static func fold(_ readings: [MeterReading], catalog: MeterCatalog) -> [MeterWindowKey: MeterWindowValue] {
+    /// `granularities` selects the windows made: the aggregator stores hours only (its view
+    /// derives days and months from them exactly).
+    public static func fold(_ readings: [MeterReading], catalog: MeterCatalog,
+                            granularities: [Granularity] = Granularity.allCases) -> [MeterWindowKey: MeterWindowValue] {
         var windows: [MeterWindowKey: MeterWindowValue] = [:]
         for reading in readings {
             guard let meter = catalog.meters[reading.meter], let value = MeterWindowValue.of(reading, meter.aggregation) else { continue }
             let dimensions = meter.dimensions.map { reading.properties[$0] ?? "" }
-            for granularity in Granularity.allCases {
+            for granularity in granularities {
                 let key = MeterWindowKey(meter: meter.name, customerID: reading.customerID, granularity: granularity,
                                          start: granularity.windowStart(reading.time), dimensions: dimensions)
                 windows[key] = windows[key].map { $0.merged(with: value) } ?? value
@@ -241,5 +297,17 @@ public enum MeterWindows {
     /// Adds `other`'s windows to `windows` (a batch's to what was stored).
     public static func merge(_ other: [MeterWindowKey: MeterWindowValue], into windows: inout [MeterWindowKey: MeterWindowValue]) {
         windows.merge(other) { $0.merged(with: $1) }
+    }
+
+    /// A window's dimension values as a JSON object of the meter's dimension names (the
+    /// `dimensions` column): `{"status":"error","team":"search"}`.
+    public static func dimensionsJSON(_ key: MeterWindowKey, _ meter: MeterDefinition) -> String {
+        var json = JSONWriter(capacity: 64)
+        json.raw("{")
+        for (index, (name, value)) in zip(meter.dimensions, key.dimensions).enumerated() {
+            json.key(name, first: index == 0); json.string(value)
+        }
+        json.raw("}")
+        return String(decoding: json.bytes, as: UTF8.self)
     }
 }

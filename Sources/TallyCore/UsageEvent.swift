@@ -6,11 +6,14 @@ public enum EventType: String, Sendable, CaseIterable {
     case walletGrantVoid = "tally.wallet.grant.void"
 }
 
-/// One model call's token usage: schema v1 (`schemas/usage-event.v1.json`).
+/// One model call's token usage, its meter quantities, or both: schema v1
+/// (`schemas/usage-event.v1.json`).
 ///
 /// Token counts follow the OpenTelemetry GenAI convention: `inputTokens`
 /// includes the cache-read and cache-write subsets, `outputTokens` includes
-/// the reasoning subset.
+/// the reasoning subset. An event with meters and no model (a vector search
+/// of an agent, an image stored) is no model call: its `model` is empty and
+/// its token counts are 0; it adds to meter windows only.
 public struct UsageEvent: Hashable, Sendable {
     public var id: String
     public var source: String
@@ -31,18 +34,23 @@ public struct UsageEvent: Hashable, Sendable {
     public var cacheWrite1hInputTokens: Int64
     public var reasoningOutputTokens: Int64
     public var properties: [String: String]
+    /// Quantities of named meters (`web_search_requests: 2`), whole units of each meter's unit,
+    /// 0 to `EventLimits.maxTokens`; names follow `MeterDefinition.isValidName`.
+    public var meters: [String: Int64]
     /// CloudEvents attributes Tally does not interpret (extensions, `datacontenttype`,
     /// `dataschema`), as their raw JSON text, so the event passes through losslessly.
     public var extensions: [String: String]
 
     public var customerID: String { subject }
     public var totalTokens: Int64 { inputTokens + outputTokens }
+    /// False for a meter-only event, which has no model, no tokens and no token windows.
+    public var isModelCall: Bool { !model.isEmpty }
 
     public init(id: String, source: String, subject: String, time: EventTime, model: String,
                 provider: String? = nil, feature: String? = nil, environment: String? = nil,
                 inputTokens: Int64, outputTokens: Int64, cacheReadInputTokens: Int64 = 0,
                 cacheWriteInputTokens: Int64 = 0, cacheWrite1hInputTokens: Int64 = 0, reasoningOutputTokens: Int64 = 0,
-                properties: [String: String] = [:], extensions: [String: String] = [:]) {
+                properties: [String: String] = [:], meters: [String: Int64] = [:], extensions: [String: String] = [:]) {
         self.id = id
         self.source = source
         self.subject = subject
@@ -58,6 +66,7 @@ public struct UsageEvent: Hashable, Sendable {
         self.cacheWrite1hInputTokens = cacheWrite1hInputTokens
         self.reasoningOutputTokens = reasoningOutputTokens
         self.properties = properties
+        self.meters = meters
         self.extensions = extensions
     }
 }
@@ -139,6 +148,8 @@ public enum EventLimits {
     public static let propertyKeyLength = 1...128
     public static let maxPropertyValueLength = 1024
     public static let maxTokens = JSONReader.maxInteger
+    /// Meters one event may carry; each quantity is at most `maxTokens`.
+    public static let maxMeters = 32
     /// The largest event, in bytes of its JSON: the ingest API refuses a larger one and the
     /// consumers set a larger record aside, so what the API accepts the pipeline counts. The
     /// schema bounds no event's size (extension attributes are open), so this is the bound: under

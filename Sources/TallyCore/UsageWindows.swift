@@ -136,7 +136,9 @@ public struct WindowDeltas: Sendable, Equatable {
         self.granularities = granularities
     }
 
+    /// Adds a model call's tokens; a meter-only event has none (its meters have windows of their own).
     public mutating func add(_ event: UsageEvent) {
+        guard event.isModelCall else { return }
         let dimensions = UsageDimensions(event)
         let measures = UsageMeasures(event)
         for granularity in granularities {

@@ -120,6 +120,9 @@ public struct IngestCommand: AsyncParsableCommand {
             : GrantRegistry(connection: try PostgresConnection(url: try database.databaseURL, logger: logger), logger: logger)
         let service = try IngestService(kafkaConfiguration: kafkaConfiguration, admin: admin, topic: kafka.topic, parser: parser,
                                         maxBodyBytes: maxBodyBytes, authenticator: authenticator, grants: grants,
+                                        meters: allowAnonymous ? nil
+                                            : MeterRegistry(connection: try PostgresConnection(url: try database.databaseURL, logger: logger, searchPath: "tally"),
+                                                            logger: logger),
                                         rateLimiter: KeyRateLimiter(perSecond: maxRequestsPerKeyPerSecond),
                                         creditKeyring: try creditKeyring(logger: logger), logger: logger)
         let router = Router()

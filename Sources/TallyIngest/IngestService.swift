@@ -22,6 +22,8 @@ final class IngestService: Sendable {
     let authenticator: Authenticator?
     /// Checks a grant's id against the grants credited (nil without a database: --allow-anonymous).
     let grants: GrantRegistry?
+    /// Refuses events naming meters the catalog does not declare; nil accepts any (`--allow-anonymous`).
+    let meters: MeterRegistry?
     /// Requests per second per API key (nil: no limit).
     let rateLimiter: KeyRateLimiter?
     /// Signs grants and voids (nil: this instance publishes no credit; see `CreditKeyring`).
@@ -54,12 +56,13 @@ final class IngestService: Sendable {
     var producer: KafkaProducer { producerBox.lock.withLock { producerBox.producer } }
 
     init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int,
-         authenticator: Authenticator?, grants: GrantRegistry?, rateLimiter: KeyRateLimiter?, creditKeyring: CreditKeyring?,
-         logger: Logger) throws {
+         authenticator: Authenticator?, grants: GrantRegistry?, meters: MeterRegistry? = nil, rateLimiter: KeyRateLimiter?,
+         creditKeyring: CreditKeyring?, logger: Logger) throws {
         self.kafkaConfiguration = kafkaConfiguration
         self.creditKeyring = creditKeyring
         self.authenticator = authenticator
         self.grants = grants
+        self.meters = meters
         self.rateLimiter = rateLimiter
         producerBox = ProducerBox(try KafkaProducer(configuration: kafkaConfiguration, logger: logger))
         self.admin = admin
@@ -212,7 +215,7 @@ final class IngestService: Sendable {
             return problem(.badRequest, "no events", "the request holds no event")
         case .success(let outcomes):
             let isSingle = format == .json && body.first(where: { ![0x20, 0x09, 0x0a, 0x0d].contains($0) }) != UInt8(ascii: "[")
-            return await publish(limited(outcomes, to: key), single: isSingle)
+            return await publish(await refusingUndeclaredMeters(limited(outcomes, to: key)), single: isSingle)
         }
     }
 
@@ -239,7 +242,7 @@ final class IngestService: Sendable {
                 guard case .rejected(let violations) = outcome else { return outcome }
                 return .rejected(BinaryModeEvent.attributed(violations, binding: .http))
             }
-            return await publish(limited(attributed, to: key), single: true)
+            return await publish(await refusingUndeclaredMeters(limited(attributed, to: key)), single: true)
         }
     }
 
@@ -362,6 +365,14 @@ final class IngestService: Sendable {
     private func fieldErrors(_ title: String, _ detail: String, _ violations: [FieldViolation], vendor: GatewayAPI.Vendor? = nil) -> Response {
         let errors = violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
         return problem(.badRequest, title, detail, extra: [("errors", .array(errors))], vendor: vendor)
+    }
+
+    /// Meters a client names must be declared. Meters Tally's own provider mappers and gateway
+    /// fill are not checked: the call they meter has happened, and the aggregator keeps readings
+    /// of an undeclared meter until it is declared.
+    private func refusingUndeclaredMeters(_ outcomes: [IngestOutcome]) async -> [IngestOutcome] {
+        guard let meters else { return outcomes }
+        return await meters.refusingUndeclared(outcomes)
     }
 
     /// A key limited to an environment may only send events of that environment; a customer's

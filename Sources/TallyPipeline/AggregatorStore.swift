@@ -19,12 +19,15 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     private var mayHaveDeltas = true
     /// Runs the folds the threshold asks for, beside the next batches.
     private let folder: WindowFolder
+    /// Meter windows, written in the batch's transaction.
+    private let meterWriter: MeterWindowWriter
 
     public init(connection: PostgresConnection, group: String, topic: String, instanceID: String, folder: WindowFolder,
                 foldThreshold: Int = 200_000) {
         tables = ConsumerTables(connection: connection, group: group, topic: topic, instanceID: instanceID)
         self.foldThreshold = foldThreshold
         self.folder = folder
+        meterWriter = MeterWindowWriter(connection: connection)
     }
 
     public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { try tables.claim(partitions) }
@@ -54,6 +57,8 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             }
             try appendDeltas(hourly)
             appendedRows = hourly.count
+            // 4b. The counted events' meter readings, into their windows (hours; views derive the rest).
+            try meterWriter.commit(decision.accepted)
             // 5. Conflicts and dead letters, idempotent by position.
             try tables.insertConflicts(decision.conflicts)
             try tables.insertDeadLetters(batch.deadLetters)

@@ -53,6 +53,11 @@ public struct Reconciler {
         var charges: [ChargeKey: (quantity: Int64, amount: Int64)] = [:]
         var profiles: [String: BillingProfile] = [:]
         var catalog = PriceCatalog(books: [])
+        var meterCatalog = MeterCatalog([])
+        /// Hourly meter windows: display key → (customer, figure).
+        var meterWindows: [String: (customer: String, value: String)] = [:]
+        /// Readings kept for undeclared meters: "customer meter" → (customer, count).
+        var undeclared: [String: (customer: String, count: Int)] = [:]
     }
 
     public func run(customerID: String?, partition: Int32?) throws -> ReconcileResult {
@@ -91,7 +96,9 @@ public struct Reconciler {
         // With one partition, stored rows of customers it does not hold are not this run's business;
         // otherwise every stored row must be explained by the log.
         let onlyRecounted = partition != nil
-        compareWindows(Deduplicator.decide(usage, stored: [:]).accepted, snapshot: snapshot, onlyRecounted: onlyRecounted, result: &result)
+        let counted = Deduplicator.decide(usage, stored: [:]).accepted
+        compareWindows(counted, snapshot: snapshot, onlyRecounted: onlyRecounted, result: &result)
+        compareMeters(counted, snapshot: snapshot, onlyRecounted: onlyRecounted, result: &result)
         compareCharges(Deduplicator.decide(raterRecords, stored: [:]).accepted, snapshot: snapshot, onlyRecounted: onlyRecounted, result: &result)
         return result
     }
@@ -129,6 +136,27 @@ public struct Reconciler {
                                      contextAbove: try charges.value(row, 7, as: Int64.self))
                 snapshot.charges[ChargeKey(customerID: try charges.value(row, 0, as: String.self), periodStart: try charges.value(row, 1, as: Int64.self), item: item)] =
                     (try charges.value(row, 8, as: Int64.self), try charges.value(row, 9, as: Int64.self))
+            }
+            snapshot.meterCatalog = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
+            let meterWindows = try connection.query("""
+                SELECT customer_id, meter, \(microseconds("window_start")), dimensions::text, value::text
+                FROM meter_windows WHERE granularity = 'hour' AND ($1::text IS NULL OR customer_id = $1)
+                """, [customerID])
+            for row in 0..<meterWindows.rowCount {
+                var dimensions: [String: String] = [:]
+                if case .success(.object(let members)) = JSONValue.parse(Array(try meterWindows.value(row, 3, as: String.self).utf8)) {
+                    for case (let name, .string(let value)) in members { dimensions[name] = value }
+                }
+                let customer = try meterWindows.value(row, 0, as: String.self)
+                let key = Self.meterWindowKey(customer, try meterWindows.value(row, 1, as: String.self), try meterWindows.value(row, 2, as: Int64.self), dimensions)
+                snapshot.meterWindows[key] = (customer, try meterWindows.value(row, 4, as: String.self))
+            }
+            let undeclared = try connection.query("""
+                SELECT customer_id, meter, count(*) FROM meter_undeclared_readings WHERE $1::text IS NULL OR customer_id = $1 GROUP BY 1, 2
+                """, [customerID])
+            for row in 0..<undeclared.rowCount {
+                let customer = try undeclared.value(row, 0, as: String.self)
+                snapshot.undeclared["\(customer) \(try undeclared.value(row, 1, as: String.self))"] = (customer, Int(try undeclared.value(row, 2, as: Int64.self)))
             }
             let store = BillingCatalogStore(connection: connection)
             snapshot.catalog = try store.loadCatalog()
@@ -185,6 +213,38 @@ public struct Reconciler {
                 result.mismatches.append(ReconcileMismatch(table: "usage_windows_hourly", key: key,
                                                            recounted: expected.map { "\($0)" } ?? "no row", stored: actual.map { "\($0)" } ?? "no row"))
             }
+        }
+    }
+
+    private static func meterWindowKey(_ customer: String, _ meter: String, _ start: Int64, _ dimensions: [String: String]) -> String {
+        "\(customer) \(meter) \(EventTime.format(microseconds: start))" + dimensions.sorted { $0.key < $1.key }.map { " \($0.key)=\($0.value)" }.joined()
+    }
+
+    /// Hourly meter windows folded afresh from the counted events with the catalog in force (a
+    /// meter declared late had its earlier readings folded when it was declared), and the
+    /// readings kept for meters still undeclared.
+    private func compareMeters(_ events: [PositionedEvent], snapshot: Snapshot, onlyRecounted: Bool, result: inout ReconcileResult) {
+        let readings = events.flatMap(MeterReading.of)
+        var recounted: [String: String] = [:]
+        for (key, value) in MeterWindows.fold(readings, catalog: snapshot.meterCatalog, granularities: [.hour]) {
+            guard let meter = snapshot.meterCatalog.meters[key.meter] else { continue }
+            let dimensions = Dictionary(zip(meter.dimensions, key.dimensions)) { first, _ in first }
+            recounted[Self.meterWindowKey(key.customerID, key.meter, key.start, dimensions)] = String(value.result)
+        }
+        var undeclared: [String: Int] = [:]
+        for reading in readings where snapshot.meterCatalog.meters[reading.meter] == nil { undeclared["\(reading.customerID) \(reading.meter)", default: 0] += 1 }
+        let customers = Set(events.map(\.event.subject))
+        let stored = snapshot.meterWindows.filter { !onlyRecounted || customers.contains($0.value.customer) }.mapValues(\.value)
+        for key in Set(recounted.keys).union(stored.keys).sorted() {
+            result.windowsCompared += 1
+            if recounted[key] != stored[key] {
+                result.mismatches.append(ReconcileMismatch(table: "meter_windows_hourly", key: key, recounted: recounted[key] ?? "no row", stored: stored[key] ?? "no row"))
+            }
+        }
+        let storedUndeclared = snapshot.undeclared.filter { !onlyRecounted || customers.contains($0.value.customer) }.mapValues(\.count)
+        for key in Set(undeclared.keys).union(storedUndeclared.keys).sorted() where undeclared[key] != storedUndeclared[key] {
+            result.mismatches.append(ReconcileMismatch(table: "meter_undeclared_readings", key: key, recounted: "\(undeclared[key] ?? 0) readings",
+                                                       stored: "\(storedUndeclared[key] ?? 0) readings"))
         }
     }
 

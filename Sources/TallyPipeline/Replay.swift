@@ -16,7 +16,8 @@ public enum ReplayedConsumer: String, Sendable, CaseIterable {
     public var tables: [String] {
         let shared = ["consumer_offsets", "dead_letters", "event_conflicts"]
         switch self {
-        case .aggregator: return shared + ["usage_event_keys", "usage_windows_hourly", "usage_window_deltas"]
+        case .aggregator: return shared + ["usage_event_keys", "usage_windows_hourly", "usage_window_deltas", "meter_windows_hourly",
+                                           "meter_unique_values_hourly", "meter_undeclared_readings"]
         case .rater: return shared + ["rater_event_keys", "rated_usage", "unpriced_usage", "unrateable_records", "wallet_ledger", "wallet_grants", "wallets",
                                       "balance_alerts", "topup_requests"]
         }

@@ -65,6 +65,10 @@ struct Status: ParsableCommand {
             SELECT consumer_group, partition::text, stored_offset::text, log_end::text FROM log_gaps
             WHERE topic = $1 AND consumer_group NOT LIKE 'tally-replay-%' ORDER BY 1, 2::int
             """, [kafka.topic])
+        let undeclared = try connection.query("""
+            SELECT meter, count(*)::text, min(event_time)::text, max(event_time)::text FROM meter_undeclared_readings
+            GROUP BY meter ORDER BY count(*) DESC, meter
+            """)
         var text = ""
         if gaps.rowCount > 0 {
             text += "\npartitions not read: their log ended below the stored offset (in tally.log_gaps; the choices: tally check-log):\n"
@@ -80,6 +84,11 @@ struct Status: ParsableCommand {
         if unpriced.rowCount > 0 {
             text += "\nunpriced usage (no price book prices the model at the event time; in tally.unpriced_usage):\n"
             text += TableRenderer.render(header: ["model", "events", "first", "last"], rows: unpriced.rows.map { $0.map { $0 ?? "" } },
+                                         format: "table", numericFrom: 1)
+        }
+        if undeclared.rowCount > 0 {
+            text += "\nreadings of undeclared meters (kept in tally.meter_undeclared_readings; tally meters apply folds them into windows):\n"
+            text += TableRenderer.render(header: ["meter", "readings", "first", "last"], rows: undeclared.rows.map { $0.map { $0 ?? "" } },
                                          format: "table", numericFrom: 1)
         }
         if unrateable[0] != "0" {

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import TallyCLI
 import TallyCore
+import TallyPipeline
 import TallyPostgres
 
 struct Usage: ParsableCommand {
@@ -19,9 +20,12 @@ struct Usage: ParsableCommand {
     @Option(help: "Window size: hour, day or month.") var granularity: Granularity = .day
     @Option(help: "Comma-separated dimensions to split by: model, feature, provider, environment.") var groupBy = ""
     @Option(help: "table, json or csv.") var format: Format = .table
+    @Option(help: "Show this meter's windows instead of tokens; --group-by then names the meter's declared dimensions.") var meter: String?
 
     func parsedGroupBy() throws -> Set<String> {
-        let names = Set(groupBy.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+        let names = Set(groupByList)
+        // A meter's dimensions are checked against its declaration when the catalog is read.
+        guard meter == nil else { return names }
         for name in names where !Self.dimensions.dropFirst().contains(name) {
             throw ValidationError("--group-by \(name): expected some of model, feature, provider, environment")
         }
@@ -35,9 +39,15 @@ struct Usage: ParsableCommand {
         }
     }
 
+    var groupByList: [String] {
+        var seen = Set<String>()
+        return groupBy.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty && seen.insert($0).inserted }
+    }
+
     func run() throws {
         let split = try parsedGroupBy()
-        let connection = try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.usage"))
+        let connection = try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.usage"), searchPath: "tally")
+        if let meter { return try runMeter(meter, connection: connection) }
         // The view is one of three fixed names; the grouping is switched by bound booleans.
         let view = switch granularity {
         case .hour: "tally.usage_hourly"
@@ -67,6 +77,24 @@ struct Usage: ParsableCommand {
             shown.map { result.string(row, columnIndex[$0]!) ?? "" } + (6..<13).map { result.string(row, $0) ?? "0" }
         }
         print(TableRenderer.render(header: header, rows: rows, format: format.rawValue, numericFrom: shown.count), terminator: "")
+    }
+
+    private func runMeter(_ meter: String, connection: PostgresConnection) throws {
+        let granularity: TallyCore.Granularity = switch granularity {
+        case .hour: .hour
+        case .day: .day
+        case .month: .month
+        }
+        let dimensions = groupByList
+        let rows: [MeterUsageRow]
+        do {
+            rows = try MeterUsageQuery.run(connection, meter: meter, granularity: granularity, customerID: customer, from: from, to: to, groupBy: dimensions)
+        } catch let failure as MeterUsageQuery.Failure {
+            throw ValidationError("--meter \(meter): \(failure)")
+        }
+        print(TableRenderer.render(header: ["window_start", "customer"] + dimensions + [meter],
+                                   rows: rows.map { [$0.windowStart, $0.customerID] + $0.dimensions + [$0.value] },
+                                   format: format.rawValue, numericFrom: dimensions.count + 2), terminator: "")
     }
 }
 

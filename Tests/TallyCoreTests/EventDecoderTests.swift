@@ -116,12 +116,35 @@ final class EventDecoderTests: XCTestCase {
 
     func testEncoderRoundTrips() throws {
         var generator = LoadGenerator(seed: 3, customers: 5, duplicateRate: 0, startMicroseconds: 1_790_000_000_123_456)
-        for _ in 0..<500 {
+        for index in 0..<500 {
             var event = generator.next().event
             event.properties["quote\"and\\slash"] = "line\nbreak\u{1}🚀"
             event.extensions["ext"] = #"{"a":[1,2]}"#
+            if index % 3 == 0 { event.meters = ["web_search_requests": Int64(index), "z_last": EventLimits.maxTokens] }
+            if index % 5 == 0 {
+                // A meter-only event: no model, no tokens.
+                event = UsageEvent(id: event.id, source: event.source, subject: event.subject, time: event.time, model: "",
+                                   feature: "retrieval", inputTokens: 0, outputTokens: 0, properties: event.properties,
+                                   meters: ["vector_searches": 1], extensions: event.extensions)
+            }
             XCTAssertEqual(try EventDecoder.decode(EventEncoder.encode(event)).get(), .usage(event))
         }
+    }
+
+    func testMeterOnlyEventsHaveNoModelCall() throws {
+        let text = #"{"specversion":"1.0","id":"v1","source":"app://agent","type":"llm.usage","subject":"acme","time":"2026-03-01T12:00:00Z","data":{"meters":{"vector_searches":3},"properties":{"end_user":"u1"}}}"#
+        guard case .usage(let event) = try EventDecoder.decode(text).get() else { return XCTFail("not a usage event") }
+        XCTAssertFalse(event.isModelCall)
+        XCTAssertEqual(event.meters, ["vector_searches": 3])
+        XCTAssertEqual([event.inputTokens, event.outputTokens], [0, 0])
+        // The same meters beside a model call, and the same event without meters, fingerprint apart.
+        var call = event
+        call.model = "gpt-4o"
+        XCTAssertTrue(call.isModelCall)
+        var bare = call
+        bare.meters = [:]
+        XCTAssertNotEqual(ContentHash.of(call), ContentHash.of(bare))
+        XCTAssertNotEqual(ContentHash.of(call), ContentHash.of(event))
     }
 
     func testEventTimeParsesAndFormatsUTC() {

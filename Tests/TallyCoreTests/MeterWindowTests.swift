@@ -175,4 +175,32 @@ final class MeterWindowTests: XCTestCase {
             }
         }
     }
+
+    /// What `tally meters apply` stores reads back to the same catalog, names with quotes included.
+    func testTheCanonicalFormReadsBackToTheSameCatalog() throws {
+        let catalog = MeterCatalog([
+            MeterDefinition(name: "web_search_requests", unit: "request \"web\"", aggregation: .sum, dimensions: ["team", "status"]),
+            MeterDefinition(name: "active_end_users", unit: "user", aggregation: .uniqueCount(property: "end_user")),
+            MeterDefinition(name: "seats", unit: "seat", aggregation: .latest),
+            MeterDefinition(name: "peak", unit: "token", aggregation: .max, dimensions: ["model"]),
+            MeterDefinition(name: "calls", unit: "call", aggregation: .count),
+        ])
+        XCTAssertEqual(try MeterCatalog.parse(catalog.canonicalJSON), catalog)
+        XCTAssertEqual(try MeterCatalog.parse(catalog.canonicalJSON).canonicalJSON, catalog.canonicalJSON)
+    }
+
+    /// An event's labels are dimensions too, and win over a property of the same name.
+    func testReadingsCarryTheEventsLabelsAsProperties() {
+        let event = UsageEvent(id: "e", source: "s", subject: "acme", time: EventTime(microseconds: 7), model: "gpt-4o", provider: "openai",
+                               feature: "summaries", inputTokens: 1, outputTokens: 1, properties: ["feature": "spoofed", "team": "a"],
+                               meters: ["b_meter": 2, "a_meter": 1])
+        let readings = MeterReading.of(PositionedEvent(event: event, position: LogPosition(partition: 1, offset: 9)))
+        XCTAssertEqual(readings.map(\.meter), ["a_meter", "b_meter"])
+        XCTAssertEqual(readings[1].quantity, 2)
+        XCTAssertEqual(readings[0].properties, ["feature": "summaries", "team": "a", "model": "gpt-4o", "provider": "openai"])
+        XCTAssertEqual(readings[0].position, LogPosition(partition: 1, offset: 9))
+        var meterOnly = event
+        meterOnly.model = ""
+        XCTAssertNil(MeterReading.of(PositionedEvent(event: meterOnly, position: LogPosition(partition: 1, offset: 9)))[0].properties["model"])
+    }
 }

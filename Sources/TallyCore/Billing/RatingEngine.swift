@@ -327,7 +327,7 @@ public struct RatingEngine: Sendable {
         }
         var matches: [MatchKey: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?] = [:]
         return records.map { record in
-            guard case .usage(let positioned) = record else { return PricedRecord(record: record, charge: nil) }
+            guard case .usage(let positioned) = record, positioned.event.isModelCall else { return PricedRecord(record: record, charge: nil) }
             let event = positioned.event
             let profile = profiles[event.subject] ?? BillingProfile(customerID: event.subject)
             let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
@@ -395,7 +395,8 @@ public struct RatingEngine: Sendable {
                 case .usage(let positioned):
                     if let charge = pricedRecord.charge {
                         try self.charge(positioned, charge, totals: state.charges, effects: &effects)
-                    } else {
+                    } else if positioned.event.isModelCall {
+                        // A meter-only event has no tokens to price (its meters have windows of their own).
                         result.unpriced.append(positioned)
                     }
                 }

@@ -1,0 +1,299 @@
+import Foundation
+import TallyCore
+import TallyPostgres
+
+/// One stored version of the meter catalog.
+public struct MeterCatalogVersion: Sendable {
+    public let version: Int
+    public let appliedAt: String
+    public let catalog: MeterCatalog
+}
+
+/// What `MeterCatalogStore.apply` did.
+public struct MeterCatalogApplied: Sendable {
+    /// The version now in force.
+    public let version: Int
+    /// False when the catalog equals the latest version (applying a file twice changes nothing).
+    public let created: Bool
+    /// Readings counted while their meter was undeclared, now folded into its windows.
+    public let foldedReadings: Int
+}
+
+/// Why a meter catalog was not applied.
+public struct MeterCatalogRefusal: Error, CustomStringConvertible {
+    public let description: String
+}
+
+/// The meter catalog's versions in PostgreSQL (`tally meters apply`, `tally meters list`).
+public struct MeterCatalogStore {
+    public let connection: PostgresConnection
+
+    public init(connection: PostgresConnection) { self.connection = connection }
+
+    /// Every version, oldest first.
+    public func versions() throws -> [MeterCatalogVersion] {
+        let result = try connection.query("""
+            SELECT version, to_char(applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), document FROM meter_catalogs ORDER BY version
+            """)
+        return try (0..<result.rowCount).map { row in
+            MeterCatalogVersion(version: Int(try result.value(row, 0, as: Int64.self)), appliedAt: try result.value(row, 1, as: String.self),
+                                catalog: try MeterCatalog.parse(try result.value(row, 2, as: String.self)))
+        }
+    }
+
+    /// The catalog in force, or nil before the first `tally meters apply`.
+    public func latest() throws -> MeterCatalogVersion? {
+        let result = try connection.query("""
+            SELECT version, to_char(applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), document FROM meter_catalogs ORDER BY version DESC LIMIT 1
+            """)
+        guard result.rowCount == 1 else { return nil }
+        return MeterCatalogVersion(version: Int(try result.value(0, 0, as: Int64.self)), appliedAt: try result.value(0, 1, as: String.self),
+                                   catalog: try MeterCatalog.parse(try result.value(0, 2, as: String.self)))
+    }
+
+    /// The latest version's number, 0 before the first apply: a cheap check for a change.
+    public func latestVersion() throws -> Int {
+        Int(try connection.query("SELECT coalesce(max(version), 0) FROM meter_catalogs").value(0, 0, as: Int64.self))
+    }
+
+    /// Stores `catalog` as the next version. A meter it declares for the first time gets the
+    /// readings the aggregator kept while it was undeclared folded into its windows, in the
+    /// same transaction and with every consumer's offset rows locked, so no batch commits in
+    /// between: the windows are those a replay with the meter declared from the start builds.
+    ///
+    /// Throws `MeterCatalogRefusal` when the catalog drops or changes a declared meter, or
+    /// while a replay's shadow schema exists (its readings would be folded by no one).
+    public func apply(_ catalog: MeterCatalog) throws -> MeterCatalogApplied {
+        try connection.transaction { connection in
+            try connection.query("SELECT pg_advisory_xact_lock(hashtext('tally.meter_catalogs'))")
+            let previous = try MeterCatalogStore(connection: connection).latest()
+            if let previous, previous.catalog == catalog { return MeterCatalogApplied(version: previous.version, created: false, foldedReadings: 0) }
+            if let previous, let refusal = catalog.refusal(following: previous.catalog) { throw MeterCatalogRefusal(description: refusal) }
+            let replays = try connection.query("""
+                SELECT table_schema FROM information_schema.tables
+                WHERE table_name = 'meter_undeclared_readings' AND table_schema <> 'tally' ORDER BY 1
+                """).rows.compactMap { $0[0] }
+            if !replays.isEmpty {
+                throw MeterCatalogRefusal(description: "a replay is running in schema \(replays.joined(separator: ", ")): finish or drop it (tally replay --drop), then apply")
+            }
+            // Batches wait here rather than commit with the catalog this transaction replaces.
+            try connection.query("SELECT 1 FROM consumer_offsets ORDER BY consumer_group, topic, partition FOR UPDATE")
+            let version = (previous?.version ?? 0) + 1
+            try connection.query("INSERT INTO meter_catalogs (version, document) VALUES ($1, $2)", [version, catalog.canonicalJSON])
+            let declared = catalog.meters.keys.filter { previous?.catalog.meters[$0] == nil }.sorted()
+            let readings = try MeterWindowWriter.undeclaredReadings(of: declared, on: connection)
+            try MeterWindowWriter.write(MeterWindows.fold(readings, catalog: catalog, granularities: [.hour]), catalog: catalog, on: connection)
+            try connection.query("DELETE FROM meter_undeclared_readings WHERE meter = ANY($1::text[])", [PostgresArray(declared)])
+            return MeterCatalogApplied(version: version, created: true, foldedReadings: readings.count)
+        }
+    }
+}
+
+/// The aggregator's meter windows: folds the readings of a batch's counted events into
+/// `meter_windows_hourly` and `meter_unique_values_hourly` inside the batch's transaction, and
+/// keeps readings of undeclared meters in `meter_undeclared_readings`.
+public final class MeterWindowWriter {
+    private let connection: PostgresConnection
+    private var catalog = MeterCatalog([])
+    private var catalogVersion = 0
+
+    public init(connection: PostgresConnection) { self.connection = connection }
+
+    /// Called inside the batch's transaction after its offset rows are locked, so the catalog
+    /// read is the one no `tally meters apply` can change before the batch commits.
+    func commit(_ accepted: [PositionedEvent]) throws {
+        var readings: [MeterReading] = []
+        var eventIDs: [LogPosition: String] = [:]
+        for positioned in accepted where !positioned.event.meters.isEmpty {
+            readings += MeterReading.of(positioned)
+            eventIDs[positioned.position] = positioned.event.id
+        }
+        // Token-only batches pay nothing for meters.
+        guard !readings.isEmpty else { return }
+        let version = try MeterCatalogStore(connection: connection).latestVersion()
+        if version != catalogVersion {
+            catalog = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
+            catalogVersion = version
+        }
+        try Self.write(MeterWindows.fold(readings, catalog: catalog, granularities: [.hour]), catalog: catalog, on: connection)
+        let undeclared = readings.filter { catalog.meters[$0.meter] == nil }
+        if !undeclared.isEmpty { try Self.storeUndeclared(undeclared, eventIDs: eventIDs, on: connection) }
+    }
+
+    /// Adds hourly windows to the stored ones (the merge of `MeterWindowValue`, in SQL).
+    static func write(_ windows: [MeterWindowKey: MeterWindowValue], catalog: MeterCatalog, on connection: PostgresConnection) throws {
+        guard !windows.isEmpty else { return }
+        var rows: [(key: MeterWindowKey, dimensions: String, value: MeterWindowValue)] = []
+        var unique: [(key: MeterWindowKey, dimensions: String, value: String)] = []
+        for (key, value) in windows {
+            guard let meter = catalog.meters[key.meter] else { continue }
+            let dimensions = MeterWindows.dimensionsJSON(key, meter)
+            if case .unique(let values) = value {
+                for distinct in values { unique.append((key, dimensions, distinct)) }
+            } else {
+                rows.append((key, dimensions, value))
+            }
+        }
+        if !rows.isEmpty {
+            func latest(_ value: MeterWindowValue) -> (time: Int64, position: LogPosition)? {
+                if case .latest(let time, let position, _) = value { (time, position) } else { nil }
+            }
+            func aggregation(_ value: MeterWindowValue) -> String {
+                switch value {
+                case .sum: "sum"
+                case .count: "count"
+                case .max: "max"
+                case .latest: "latest"
+                case .unique: "unique_count"
+                }
+            }
+            try connection.query(bound: """
+                INSERT INTO meter_windows_hourly AS w (customer_id, meter, window_start, dimensions, aggregation, value,
+                    latest_event_time, latest_partition, latest_offset)
+                SELECT c, m, \(unescaped: microsecondsToTimestamp) s, d::jsonb, a, v, \(unescaped: microsecondsToTimestamp) lt, lp, lo
+                FROM unnest(\(PostgresArray(rows.map(\.key.customerID)))::text[], \(PostgresArray(rows.map(\.key.meter)))::text[],
+                            \(PostgresArray(rows.map(\.key.start)))::bigint[], \(PostgresArray(rows.map(\.dimensions)))::text[],
+                            \(PostgresArray(rows.map { aggregation($0.value) }))::text[], \(PostgresArray(rows.map { String($0.value.result) }))::numeric[],
+                            \(PostgresArray(rows.map { latest($0.value).map { String($0.time) } }))::bigint[],
+                            \(PostgresArray(rows.map { latest($0.value).map { String($0.position.partition) } }))::int[],
+                            \(PostgresArray(rows.map { latest($0.value).map { String($0.position.offset) } }))::bigint[])
+                     AS x(c, m, s, d, a, v, lt, lp, lo)
+                ON CONFLICT (customer_id, meter, window_start, dimensions) DO UPDATE SET
+                    value = CASE w.aggregation
+                        WHEN 'max' THEN greatest(w.value, EXCLUDED.value)
+                        WHEN 'latest' THEN CASE WHEN \(unescaped: newer) THEN EXCLUDED.value ELSE w.value END
+                        ELSE w.value + EXCLUDED.value END,
+                    latest_event_time = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_event_time ELSE w.latest_event_time END,
+                    latest_partition = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_partition ELSE w.latest_partition END,
+                    latest_offset = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_offset ELSE w.latest_offset END
+                """)
+        }
+        if !unique.isEmpty {
+            try connection.query(bound: """
+                INSERT INTO meter_unique_values_hourly (customer_id, meter, window_start, dimensions, value)
+                SELECT c, m, \(unescaped: microsecondsToTimestamp) s, d::jsonb, v
+                FROM unnest(\(PostgresArray(unique.map(\.key.customerID)))::text[], \(PostgresArray(unique.map(\.key.meter)))::text[],
+                            \(PostgresArray(unique.map(\.key.start)))::bigint[], \(PostgresArray(unique.map(\.dimensions)))::text[],
+                            \(PostgresArray(unique.map(\.value)))::text[]) AS x(c, m, s, d, v)
+                ON CONFLICT DO NOTHING
+                """)
+        }
+    }
+
+    /// The stored LATEST reading is older than the incoming one (NULL, so false, for other kinds).
+    private static let newer = "(EXCLUDED.latest_event_time, EXCLUDED.latest_partition, EXCLUDED.latest_offset) > (w.latest_event_time, w.latest_partition, w.latest_offset)"
+
+    private static func storeUndeclared(_ readings: [MeterReading], eventIDs: [LogPosition: String], on connection: PostgresConnection) throws {
+        func json(_ properties: [String: String]) -> String {
+            var json = JSONWriter(capacity: 64)
+            json.raw("{")
+            for (index, (name, value)) in properties.sorted(by: { $0.key < $1.key }).enumerated() { json.key(name, first: index == 0); json.string(value) }
+            json.raw("}")
+            return String(decoding: json.bytes, as: UTF8.self)
+        }
+        // Idempotent by log position: a batch sent again after a lost commit reply adds nothing.
+        try connection.query(bound: """
+            INSERT INTO meter_undeclared_readings (partition, record_offset, meter, customer_id, event_id, event_time, quantity, properties)
+            SELECT p, o, m, c, e, \(unescaped: microsecondsToTimestamp) t, q, j::jsonb
+            FROM unnest(\(PostgresArray(readings.map(\.position.partition)))::int[], \(PostgresArray(readings.map(\.position.offset)))::bigint[],
+                        \(PostgresArray(readings.map(\.meter)))::text[], \(PostgresArray(readings.map(\.customerID)))::text[],
+                        \(PostgresArray(readings.map { eventIDs[$0.position] ?? "" }))::text[], \(PostgresArray(readings.map(\.time)))::bigint[],
+                        \(PostgresArray(readings.map(\.quantity)))::bigint[], \(PostgresArray(readings.map { json($0.properties) }))::text[])
+                 AS x(p, o, m, c, e, t, q, j)
+            ON CONFLICT DO NOTHING
+            """)
+    }
+
+    /// The kept readings of `meters`, in log order.
+    static func undeclaredReadings(of meters: [String], on connection: PostgresConnection) throws -> [MeterReading] {
+        guard !meters.isEmpty else { return [] }
+        let result = try connection.query("""
+            SELECT meter, customer_id, \(microseconds("event_time")), partition, record_offset, quantity, properties::text
+            FROM meter_undeclared_readings WHERE meter = ANY($1::text[]) ORDER BY partition, record_offset, meter
+            """, [PostgresArray(meters)])
+        return try (0..<result.rowCount).map { row in
+            var properties: [String: String] = [:]
+            if case .success(.object(let members)) = JSONValue.parse(Array(try result.value(row, 6, as: String.self).utf8)) {
+                for case (let name, .string(let value)) in members { properties[name] = value }
+            }
+            return MeterReading(meter: try result.value(row, 0, as: String.self), customerID: try result.value(row, 1, as: String.self),
+                                time: try result.value(row, 2, as: Int64.self),
+                                position: LogPosition(partition: Int32(try result.value(row, 3, as: Int64.self)), offset: try result.value(row, 4, as: Int64.self)),
+                                quantity: try result.value(row, 5, as: Int64.self), properties: properties)
+        }
+    }
+}
+
+/// One row of a meter usage query: a window, its customer, the chosen dimensions' values.
+public struct MeterUsageRow: Sendable, Equatable {
+    /// RFC 3339 (UTC) start of the window.
+    public let windowStart: String
+    public let customerID: String
+    /// The values of the dimensions grouped by, in the order asked.
+    public let dimensions: [String]
+    /// The window's figure, in the meter's unit.
+    public let value: String
+}
+
+/// Meter windows at any granularity and grouping, each exact: read from the hourly rows and
+/// the unique values themselves, so a day's UNIQUE_COUNT with a dimension collapsed is the
+/// count of the union, and a LATEST is the latest reading's across the collapsed windows.
+public enum MeterUsageQuery {
+    public enum Failure: Error, CustomStringConvertible {
+        case unknownMeter(String)
+        case notADimension(meter: String, name: String, declared: [String])
+
+        public var description: String {
+            switch self {
+            case .unknownMeter(let name): "meter \(name) is not declared (tally meters list)"
+            case .notADimension(let meter, let name, let declared):
+                "\(name) is not a dimension of meter \(meter): it declares \(declared.isEmpty ? "none" : declared.joined(separator: ", "))"
+            }
+        }
+    }
+
+    /// - Parameters:
+    ///   - granularity: window size; windows start at UTC hour, day or month boundaries.
+    ///   - from, to: RFC 3339 bounds on the window start (inclusive, exclusive).
+    ///   - groupBy: dimension names the meter declares; the others are collapsed.
+    /// - Throws: `Failure` for an undeclared meter or dimension, `PostgresError`.
+    public static func run(_ connection: PostgresConnection, meter name: String, granularity: Granularity, customerID: String? = nil,
+                           from: String? = nil, to: String? = nil, groupBy: [String] = []) throws -> [MeterUsageRow] {
+        guard let meter = try MeterCatalogStore(connection: connection).latest()?.catalog.meters[name] else { throw Failure.unknownMeter(name) }
+        for dimension in groupBy where !meter.dimensions.contains(dimension) {
+            throw Failure.notADimension(meter: name, name: dimension, declared: meter.dimensions)
+        }
+        let unit = switch granularity {
+        case .hour: "hour"
+        case .day: "day"
+        case .month: "month"
+        }
+        let figure = switch meter.aggregation {
+        case .sum, .count: "sum(value)"
+        case .max: "max(value)"
+        case .latest: "(array_agg(value ORDER BY latest_event_time DESC, latest_partition DESC, latest_offset DESC))[1]"
+        case .uniqueCount: "count(DISTINCT value)"
+        }
+        let table = if case .uniqueCount = meter.aggregation { "meter_unique_values_hourly" } else { "meter_windows_hourly" }
+        // The chosen dimensions' values as one JSON array, in the order asked.
+        let query: PostgresQuery = """
+            SELECT to_char(date_trunc(\(unit)::text, window_start, 'UTC') AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), customer_id,
+                   (SELECT jsonb_agg(dimensions->d ORDER BY n) FROM unnest(\(PostgresArray(groupBy))::text[]) WITH ORDINALITY AS x(d, n)),
+                   \(unescaped: figure)::text
+            FROM \(SQLIdentifier(table))
+            WHERE meter = \(name) AND (\(customerID)::text IS NULL OR customer_id = \(customerID)::text)
+              AND (\(from)::timestamptz IS NULL OR window_start >= date_trunc(\(unit)::text, \(from)::timestamptz, 'UTC'))
+              AND (\(to)::timestamptz IS NULL OR window_start < \(to)::timestamptz)
+            GROUP BY 1, 2, 3 ORDER BY 2, 1, 3
+            """
+        let result = try connection.query(bound: query)
+        return try (0..<result.rowCount).map { row in
+            var values: [String] = []
+            if let text = result.string(row, 2), case .success(.array(let elements)) = JSONValue.parse(Array(text.utf8)) {
+                values = elements.map { if case .string(let value) = $0 { value } else { "" } }
+            }
+            return MeterUsageRow(windowStart: try result.value(row, 0, as: String.self), customerID: try result.value(row, 1, as: String.self),
+                                 dimensions: values, value: try result.value(row, 3, as: String.self))
+        }
+    }
+}
