@@ -42,7 +42,15 @@ public struct LoadGenerator: Sendable {
     public var startMicroseconds: Int64
     public var spacingMicroseconds: Int64
     public var idPrefix: String
+    /// Adds what `examples/meters/agent-meters.yaml` declares: properties `team`, `end_user` and
+    /// `status` on every event, `active_end_users` on every event, `tool_calls` on 30% and
+    /// `web_search_requests` on 10%; every 20th event becomes a meter-only `vector_searches`
+    /// step. Drawn from a generator of their own, so the token stream is the same as without.
+    public var meters = false
+    public static let teams = ["search", "support", "sales", "growth", "infra", "data", "mobile", "web"]
     private var random: SeededGenerator
+    /// Meters draw from a generator of their own, so the rest of the stream is the same with or without.
+    private var meterRandom: SeededGenerator
     private var emitted = 0
     private var recent: [UsageEvent] = []
 
@@ -54,6 +62,7 @@ public struct LoadGenerator: Sendable {
         self.spacingMicroseconds = spacingMicroseconds
         self.idPrefix = idPrefix
         random = SeededGenerator(seed: seed)
+        meterRandom = SeededGenerator(seed: seed ^ 0x6d65_7465_7273)
     }
 
     /// The next event; a duplicate of a recent one with probability `duplicateRate`.
@@ -72,7 +81,7 @@ public struct LoadGenerator: Sendable {
         let cacheWrite = Int64.random(in: 0...4, using: &random) == 0 ? Int64.random(in: 0...(input - cacheRead), using: &random) : 0
         let output = Int64.random(in: 1...2000, using: &random)
         let reasoning = model.reasons ? Int64.random(in: 0...output, using: &random) : 0
-        let event = UsageEvent(
+        let generated = UsageEvent(
             id: "\(idPrefix)-\(index)", source: "tally://loadgen", subject: "cust-\(customer)",
             time: EventTime(microseconds: startMicroseconds + Int64(index) * spacingMicroseconds),
             model: model.name, provider: model.provider,
@@ -81,7 +90,28 @@ public struct LoadGenerator: Sendable {
             inputTokens: input, outputTokens: output, cacheReadInputTokens: cacheRead,
             cacheWriteInputTokens: cacheWrite, reasoningOutputTokens: reasoning,
             properties: ["region": customer % 2 == 0 ? "eu" : "us"])
+        let event = meters ? withMeters(generated, customer: customer, index: index) : generated
         if recent.count < 256 { recent.append(event) } else { recent[index % 256] = event }
         return (event, false)
+    }
+
+    private mutating func withMeters(_ base: UsageEvent, customer: Int, index: Int) -> UsageEvent {
+        var event = base
+        let roll = Int.random(in: 0..<100, using: &meterRandom)
+        event.properties["team"] = Self.teams[customer % Self.teams.count]
+        event.properties["end_user"] = "user-\(customer)-\(Int.random(in: 0..<20, using: &meterRandom))"
+        event.properties["status"] = roll < 95 ? "success" : roll < 98 ? "error" : "retry"
+        var meters: [String: Int64] = ["active_end_users": 1]
+        if Int.random(in: 0..<10, using: &meterRandom) < 3 { meters["tool_calls"] = Int64.random(in: 1...3, using: &meterRandom) }
+        if Int.random(in: 0..<10, using: &meterRandom) == 0 { meters["web_search_requests"] = Int64.random(in: 1...3, using: &meterRandom) }
+        if index % 20 == 19 {
+            // An agent's retrieval step: no model call, no tokens.
+            event = UsageEvent(id: event.id, source: event.source, subject: event.subject, time: event.time, model: "",
+                               feature: "retrieval", inputTokens: 0, outputTokens: 0, properties: event.properties,
+                               meters: ["vector_searches": Int64.random(in: 1...4, using: &meterRandom), "active_end_users": 1])
+            return event
+        }
+        event.meters = meters
+        return event
     }
 }

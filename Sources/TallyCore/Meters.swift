@@ -208,7 +208,8 @@ extension MeterReading {
 }
 
 /// A meter's window: one meter, one customer, one granularity and start, one value per declared
-/// dimension (empty when the reading lacks the property).
+/// dimension (empty when the reading lacks the property). Texts compare byte for byte, as
+/// PostgreSQL keys them (`ExactText`).
 public struct MeterWindowKey: Sendable, Hashable {
     public let meter: String
     public let customerID: String
@@ -224,6 +225,17 @@ public struct MeterWindowKey: Sendable, Hashable {
         self.start = start
         self.dimensions = dimensions
     }
+
+    public static func == (a: MeterWindowKey, b: MeterWindowKey) -> Bool {
+        a.granularity == b.granularity && a.start == b.start && ExactText.equal(a.meter, b.meter) && ExactText.equal(a.customerID, b.customerID)
+            && a.dimensions.count == b.dimensions.count && zip(a.dimensions, b.dimensions).allSatisfy(ExactText.equal)
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(granularity)
+        hasher.combine(start)
+        for text in [meter, customerID] + dimensions { ExactText.hash(text, into: &hasher) }
+    }
 }
 
 /// What a meter's window holds so far. Merging is associative and commutative, so the windows
@@ -234,9 +246,9 @@ public enum MeterWindowValue: Sendable, Equatable {
     case count(Int128)
     case max(Int64)
     case latest(time: Int64, position: LogPosition, quantity: Int64)
-    /// The distinct values themselves: a day's or month's count is that of the union, never a
-    /// sum of the hours' counts.
-    case unique(Set<String>)
+    /// The distinct values themselves (byte for byte): a day's or month's count is that of the
+    /// union, never a sum of the hours' counts.
+    case unique(Set<ExactText>)
 
     /// The window's figure.
     public var result: Int128 {
@@ -255,7 +267,7 @@ public enum MeterWindowValue: Sendable, Equatable {
         case .count: .count(1)
         case .max: .max(reading.quantity)
         case .latest: .latest(time: reading.time, position: reading.position, quantity: reading.quantity)
-        case .uniqueCount(let property): reading.properties[property].map { .unique([$0]) }
+        case .uniqueCount(let property): reading.properties[property].map { .unique([ExactText($0)]) }
         }
     }
 

@@ -19,6 +19,11 @@
 /// - `bedrock` (Converse `usage`): `inputTokens` excludes `cacheReadInputTokens`
 ///   and `cacheWriteInputTokens`, so input is their sum. `cacheDetails` splits the
 ///   cache writes by lifetime: entries `{ "ttl": "1h" | "5m", "inputTokens": n }`.
+///
+/// Beside tokens, Anthropic's usage reports its server tools, billed per use:
+/// `server_tool_use.web_search_requests` and `web_fetch_requests` (Anthropic API,
+/// "Web search tool" and "Web fetch tool", usage) become the standard meters of
+/// the same names (`StandardMeter`).
 public enum UsageProvider: String, Sendable, CaseIterable {
     case openai
     case openaiResponses = "openai-responses"
@@ -37,7 +42,60 @@ public enum UsageProvider: String, Sendable, CaseIterable {
     }
 }
 
-/// Canonical token counts.
+/// Meters Tally fills itself from what a provider reports, under these names: a meter catalog
+/// that declares them (with the unit and aggregation it wants) gets their windows. Only
+/// quantities above 0 are written.
+public enum StandardMeter: String, CaseIterable, Sendable {
+    /// Server-side web searches (Anthropic `server_tool_use.web_search_requests`; OpenAI
+    /// Responses `web_search_call` output items).
+    case webSearchRequests = "web_search_requests"
+    /// Server-side page fetches (Anthropic `server_tool_use.web_fetch_requests`).
+    case webFetchRequests = "web_fetch_requests"
+    /// Calls of the caller's own tools the model asked for (OpenAI `tool_calls`, Responses
+    /// `function_call` items, Anthropic `tool_use` content blocks).
+    case toolCalls = "tool_calls"
+    /// OpenAI Responses `file_search_call` output items.
+    case fileSearchRequests = "file_search_requests"
+    /// OpenAI Responses `image_generation_call` output items.
+    case imagesGenerated = "images_generated"
+    /// OpenAI Responses `code_interpreter_call` output items.
+    case codeInterpreterCalls = "code_interpreter_calls"
+}
+
+/// How a model call ended: the `status` property the gateway and the provider usage endpoints
+/// write on every event they make, with the call's `attempt` number where it is known, so meter
+/// windows (a dimension `status`) and reports can show what failed and retried calls cost.
+public enum CallStatus: String, CaseIterable, Sendable {
+    /// Answered in full, at the first attempt (or the attempt is not known).
+    case success
+    /// Answered in full at a later attempt: the earlier ones failed or timed out.
+    case retry
+    /// The provider answered with an error, or its stream reported one; tokens it reports
+    /// used are still billed.
+    case error
+    /// Cut short: the stream broke off or the caller went away before the end.
+    case cancelled
+
+    /// The property names.
+    public static let property = "status"
+    public static let attemptProperty = "attempt"
+
+    /// - Parameters:
+    ///   - errorReported: a streamed response carried an error event.
+    ///   - brokeOff: the upstream's response ended before its end.
+    ///   - callerLeft: the caller stopped reading before the end.
+    public init(upstreamStatus: Int, errorReported: Bool, brokeOff: Bool, callerLeft: Bool, attempt: Int?) {
+        if !(200..<300).contains(upstreamStatus) || errorReported {
+            self = .error
+        } else if brokeOff || callerLeft {
+            self = .cancelled
+        } else {
+            self = (attempt ?? 1) > 1 ? .retry : .success
+        }
+    }
+}
+
+/// Canonical token counts, and the standard meters the usage object reports.
 public struct TokenCounts: Equatable, Sendable {
     public var input: Int64
     public var output: Int64
@@ -46,6 +104,8 @@ public struct TokenCounts: Equatable, Sendable {
     /// The 1-hour part of `cacheWrite`.
     public var cacheWrite1h: Int64 = 0
     public var reasoning: Int64 = 0
+    /// Standard meters reported beside the tokens (`StandardMeter` names), quantities above 0.
+    public var meters: [String: Int64] = [:]
 
     public init(input: Int64, output: Int64, cacheRead: Int64 = 0, cacheWrite: Int64 = 0, cacheWrite1h: Int64 = 0, reasoning: Int64 = 0) {
         self.input = input
@@ -103,7 +163,7 @@ public enum ProviderUsageMapper {
             }
             return total
         }
-        let counts: TokenCounts
+        var counts: TokenCounts
         switch provider {
         case .openai:
             counts = TokenCounts(input: count(["prompt_tokens"], required: true), output: count(["completion_tokens"], required: true),
@@ -126,6 +186,12 @@ public enum ProviderUsageMapper {
             counts = cachedApart(input: "inputTokens", cacheRead: "cacheReadInputTokens",
                                  cacheWrite: "cacheWriteInputTokens", output: "outputTokens", oneHour: bedrockOneHour())
         }
+        if provider == .anthropic {
+            for meter in [StandardMeter.webSearchRequests, .webFetchRequests] {
+                let quantity = count(["server_tool_use", meter.rawValue], required: false)
+                if quantity > 0 { counts.meters[meter.rawValue] = quantity }
+            }
+        }
         if !violations.isEmpty { return .failure(.invalid(violations)) }
         if counts.cacheRead + counts.cacheWrite > counts.input || counts.reasoning > counts.output {
             return .failure(.invalid([FieldViolation(path, "inconsistent counts: cached tokens exceed input or reasoning exceeds output")]))
@@ -142,7 +208,9 @@ public enum ProviderUsageMapper {
 
 /// Builds a canonical event from a provider-native request:
 /// `{"id", "customer", "model", "time", "usage": {…}}` plus optional `source`,
-/// `feature`, `environment` and `properties`.
+/// `feature`, `environment`, `properties`, `status` (a `CallStatus`; `success` when
+/// not given, as a usage object comes with an answered call) and `attempt` (1 for the
+/// first try). Standard meters the usage object reports are filled in.
 ///
 /// - Important: the result is encoded, not yet validated against schema v1
 ///   (lengths, limits): pass it through `IngestBatchParser` like any other event.
@@ -183,6 +251,18 @@ public enum ProviderEventBuilder {
                 violations.append(FieldViolation("properties", "must be an object of strings"))
             }
         }
+        let status = text("status", required: false) ?? CallStatus.success.rawValue
+        if CallStatus(rawValue: status) == nil {
+            violations.append(FieldViolation("status", "must be one of \(CallStatus.allCases.map(\.rawValue).joined(separator: ", "))"))
+        }
+        properties[CallStatus.property] = status
+        if let attempt = members["attempt"] {
+            if case .integer(.value(let number)) = attempt, (1...1000).contains(number) {
+                properties[CallStatus.attemptProperty] = String(number)
+            } else {
+                violations.append(FieldViolation("attempt", "must be an integer from 1 to 1000"))
+            }
+        }
         let time = timeText.flatMap(EventTime.init)
         if timeText != nil && time == nil {
             violations.append(FieldViolation("time", "must be an RFC 3339 date-time with offset, e.g. 2026-01-01T12:00:00Z"))
@@ -201,7 +281,7 @@ public enum ProviderEventBuilder {
                                provider: provider.providerLabel, feature: feature, environment: environment,
                                inputTokens: counts.input, outputTokens: counts.output, cacheReadInputTokens: counts.cacheRead,
                                cacheWriteInputTokens: counts.cacheWrite, cacheWrite1hInputTokens: counts.cacheWrite1h,
-                               reasoningOutputTokens: counts.reasoning, properties: properties)
+                               reasoningOutputTokens: counts.reasoning, properties: properties, meters: counts.meters)
         return .success(EventEncoder.encode(event))
     }
 }

@@ -42,6 +42,16 @@ public struct UsageDimensions: Hashable, Sendable, Comparable {
     public static func < (a: UsageDimensions, b: UsageDimensions) -> Bool {
         (a.customerID, a.model, a.feature, a.provider, a.environment) < (b.customerID, b.model, b.feature, b.provider, b.environment)
     }
+
+    /// Byte for byte, as PostgreSQL keys the window rows (`ExactText` says why).
+    public static func == (a: UsageDimensions, b: UsageDimensions) -> Bool {
+        ExactText.equal(a.customerID, b.customerID) && ExactText.equal(a.model, b.model) && ExactText.equal(a.feature, b.feature)
+            && ExactText.equal(a.provider, b.provider) && ExactText.equal(a.environment, b.environment)
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        for text in [customerID, model, feature, provider, environment] { ExactText.hash(text, into: &hasher) }
+    }
 }
 
 /// Token sums of a window. Additive, so deltas from any batch split add up to the same totals.
@@ -166,4 +176,29 @@ public struct WindowDeltas: Sendable, Equatable {
     }
 
     public var isEmpty: Bool { windows.values.allSatisfy(\.isEmpty) }
+}
+
+/// Text compared and hashed byte for byte (its UTF-8), as PostgreSQL compares `text` keys.
+///
+/// Swift's `String` equality is Unicode canonical equivalence: "é" (U+00E9) equals "e" + U+0301.
+/// Keys that PostgreSQL keeps apart must not be merged in memory, or how a stream is cut into
+/// batches would decide whether two such values share a window (a replay would differ).
+public struct ExactText: Hashable, Sendable, Comparable, CustomStringConvertible {
+    public let text: String
+
+    public init(_ text: String) { self.text = text }
+
+    public static func == (a: ExactText, b: ExactText) -> Bool { a.text.utf8.elementsEqual(b.text.utf8) }
+    public static func < (a: ExactText, b: ExactText) -> Bool { a.text.utf8.lexicographicallyPrecedes(b.text.utf8) }
+    public func hash(into hasher: inout Hasher) { Self.hash(text, into: &hasher) }
+    public var description: String { text }
+
+    /// Feeds `text`'s UTF-8 bytes (and their count, so consecutive texts cannot run together).
+    public static func hash(_ text: String, into hasher: inout Hasher) {
+        var copy = text
+        copy.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+        hasher.combine(text.utf8.count)
+    }
+
+    public static func equal(_ a: String, _ b: String) -> Bool { a.utf8.elementsEqual(b.utf8) }
 }

@@ -117,11 +117,15 @@ final class Gateway: Sendable {
         }
         // The event is checked before the call (customer id, model, feature, environment), so a
         // call is never made that could not be metered.
-        let event = UsageEvent(id: "gw_" + Self.randomHex(12), source: "tally://gateway/\(api.rawValue)", subject: customerID,
+        var event = UsageEvent(id: "gw_" + Self.randomHex(12), source: "tally://gateway/\(api.rawValue)", subject: customerID,
                                time: EventTime(microseconds: receivedAt), model: call.model, provider: api.usageProvider.providerLabel,
                                feature: request.headers[HTTPField.Name("x-tally-feature")!],
                                environment: key?.environment ?? request.headers[HTTPField.Name("x-tally-environment")!],
                                inputTokens: 0, outputTokens: 0)
+        // OpenAI's and Anthropic's SDKs number their retries in x-stainless-retry-count (0 first).
+        if let retries = request.headers[HTTPField.Name("x-stainless-retry-count")!].flatMap({ Int($0) }), (0..<1000).contains(retries) {
+            event.properties[CallStatus.attemptProperty] = String(retries + 1)
+        }
         if case .rejected(let violations) = validate(event) {
             return service.problem(.badRequest, "call cannot be metered", violations.map(\.description).joined(separator: "; "), vendor: api.vendor)
         }
@@ -282,6 +286,10 @@ final class Gateway: Sendable {
             event.cacheWriteInputTokens = counts.cacheWrite
             event.cacheWrite1hInputTokens = counts.cacheWrite1h
             event.reasoningOutputTokens = counts.reasoning
+            event.meters = counts.meters
+            event.properties[CallStatus.property] = CallStatus(upstreamStatus: upstreamStatus, errorReported: scanner.sawErrorEvent, brokeOff: !complete,
+                                                               callerLeft: event.properties["caller_left"] == "true",
+                                                               attempt: event.properties[CallStatus.attemptProperty].flatMap { Int($0) }).rawValue
             event.properties["gateway_api"] = api.rawValue
             event.properties["upstream_status"] = String(upstreamStatus)
             if let id = scanner.responseID { event.properties["response_id"] = id }

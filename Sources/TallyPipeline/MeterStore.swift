@@ -51,21 +51,25 @@ public struct MeterCatalogStore {
                                    catalog: try MeterCatalog.parse(try result.value(0, 2, as: String.self)))
     }
 
+    /// Taken exclusively by `apply` and shared by each aggregator batch with meters before it
+    /// reads the catalog (any constant works; this one spells "tallymet").
+    static let catalogLock: Int64 = 0x7461_6c6c_796d_6574
+
     /// The latest version's number, 0 before the first apply: a cheap check for a change.
     public func latestVersion() throws -> Int {
         Int(try connection.query("SELECT coalesce(max(version), 0) FROM meter_catalogs").value(0, 0, as: Int64.self))
     }
 
-    /// Stores `catalog` as the next version. A meter it declares for the first time gets the
-    /// readings the aggregator kept while it was undeclared folded into its windows, in the
-    /// same transaction and with every consumer's offset rows locked, so no batch commits in
+    /// Stores `catalog` as the next version. The readings the aggregator kept while a meter was
+    /// undeclared are folded into its windows in the same transaction, which holds the lock every
+    /// batch with meters takes (shared) before it reads the catalog, so no batch commits in
     /// between: the windows are those a replay with the meter declared from the start builds.
     ///
     /// Throws `MeterCatalogRefusal` when the catalog drops or changes a declared meter, or
     /// while a replay's shadow schema exists (its readings would be folded by no one).
     public func apply(_ catalog: MeterCatalog) throws -> MeterCatalogApplied {
         try connection.transaction { connection in
-            try connection.query("SELECT pg_advisory_xact_lock(hashtext('tally.meter_catalogs'))")
+            try connection.query("SELECT pg_advisory_xact_lock($1)", [Self.catalogLock])
             let previous = try MeterCatalogStore(connection: connection).latest()
             if let previous, previous.catalog == catalog { return MeterCatalogApplied(version: previous.version, created: false, foldedReadings: 0) }
             if let previous, let refusal = catalog.refusal(following: previous.catalog) { throw MeterCatalogRefusal(description: refusal) }
@@ -76,11 +80,9 @@ public struct MeterCatalogStore {
             if !replays.isEmpty {
                 throw MeterCatalogRefusal(description: "a replay is running in schema \(replays.joined(separator: ", ")): finish or drop it (tally replay --drop), then apply")
             }
-            // Batches wait here rather than commit with the catalog this transaction replaces.
-            try connection.query("SELECT 1 FROM consumer_offsets ORDER BY consumer_group, topic, partition FOR UPDATE")
             let version = (previous?.version ?? 0) + 1
             try connection.query("INSERT INTO meter_catalogs (version, document) VALUES ($1, $2)", [version, catalog.canonicalJSON])
-            let declared = catalog.meters.keys.filter { previous?.catalog.meters[$0] == nil }.sorted()
+            let declared = catalog.meters.keys.sorted()
             let readings = try MeterWindowWriter.undeclaredReadings(of: declared, on: connection)
             try MeterWindowWriter.write(MeterWindows.fold(readings, catalog: catalog, granularities: [.hour]), catalog: catalog, on: connection)
             try connection.query("DELETE FROM meter_undeclared_readings WHERE meter = ANY($1::text[])", [PostgresArray(declared)])
@@ -110,6 +112,8 @@ public final class MeterWindowWriter {
         }
         // Token-only batches pay nothing for meters.
         guard !readings.isEmpty else { return }
+        // Released at COMMIT: no apply changes the catalog between this read and this batch's commit.
+        try connection.query("SELECT pg_advisory_xact_lock_shared($1)", [MeterCatalogStore.catalogLock])
         let version = try MeterCatalogStore(connection: connection).latestVersion()
         if version != catalogVersion {
             catalog = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
@@ -129,7 +133,7 @@ public final class MeterWindowWriter {
             guard let meter = catalog.meters[key.meter] else { continue }
             let dimensions = MeterWindows.dimensionsJSON(key, meter)
             if case .unique(let values) = value {
-                for distinct in values { unique.append((key, dimensions, distinct)) }
+                for distinct in values { unique.append((key, dimensions, distinct.text)) }
             } else {
                 rows.append((key, dimensions, value))
             }
@@ -149,8 +153,8 @@ public final class MeterWindowWriter {
             }
             try connection.query(bound: """
                 INSERT INTO meter_windows_hourly AS w (customer_id, meter, window_start, dimensions, aggregation, value,
-                    latest_event_time, latest_partition, latest_offset)
-                SELECT c, m, \(unescaped: microsecondsToTimestamp) s, d::jsonb, a, v, \(unescaped: microsecondsToTimestamp) lt, lp, lo
+                    latest_event_us, latest_partition, latest_offset)
+                SELECT c, m, \(unescaped: microsecondsToTimestamp) s, d::jsonb, a, v, lt, lp, lo
                 FROM unnest(\(PostgresArray(rows.map(\.key.customerID)))::text[], \(PostgresArray(rows.map(\.key.meter)))::text[],
                             \(PostgresArray(rows.map(\.key.start)))::bigint[], \(PostgresArray(rows.map(\.dimensions)))::text[],
                             \(PostgresArray(rows.map { aggregation($0.value) }))::text[], \(PostgresArray(rows.map { String($0.value.result) }))::numeric[],
@@ -158,12 +162,12 @@ public final class MeterWindowWriter {
                             \(PostgresArray(rows.map { latest($0.value).map { String($0.position.partition) } }))::int[],
                             \(PostgresArray(rows.map { latest($0.value).map { String($0.position.offset) } }))::bigint[])
                      AS x(c, m, s, d, a, v, lt, lp, lo)
-                ON CONFLICT (customer_id, meter, window_start, dimensions) DO UPDATE SET
+                ON CONFLICT (customer_id, meter, window_start, md5(dimensions::text)) DO UPDATE SET
                     value = CASE w.aggregation
                         WHEN 'max' THEN greatest(w.value, EXCLUDED.value)
                         WHEN 'latest' THEN CASE WHEN \(unescaped: newer) THEN EXCLUDED.value ELSE w.value END
                         ELSE w.value + EXCLUDED.value END,
-                    latest_event_time = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_event_time ELSE w.latest_event_time END,
+                    latest_event_us = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_event_us ELSE w.latest_event_us END,
                     latest_partition = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_partition ELSE w.latest_partition END,
                     latest_offset = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_offset ELSE w.latest_offset END
                 """)
@@ -181,7 +185,7 @@ public final class MeterWindowWriter {
     }
 
     /// The stored LATEST reading is older than the incoming one (NULL, so false, for other kinds).
-    private static let newer = "(EXCLUDED.latest_event_time, EXCLUDED.latest_partition, EXCLUDED.latest_offset) > (w.latest_event_time, w.latest_partition, w.latest_offset)"
+    private static let newer = "(EXCLUDED.latest_event_us, EXCLUDED.latest_partition, EXCLUDED.latest_offset) > (w.latest_event_us, w.latest_partition, w.latest_offset)"
 
     private static func storeUndeclared(_ readings: [MeterReading], eventIDs: [LogPosition: String], on connection: PostgresConnection) throws {
         func json(_ properties: [String: String]) -> String {
@@ -271,7 +275,7 @@ public enum MeterUsageQuery {
         let figure = switch meter.aggregation {
         case .sum, .count: "sum(value)"
         case .max: "max(value)"
-        case .latest: "(array_agg(value ORDER BY latest_event_time DESC, latest_partition DESC, latest_offset DESC))[1]"
+        case .latest: "(array_agg(value ORDER BY latest_event_us DESC, latest_partition DESC, latest_offset DESC))[1]"
         case .uniqueCount: "count(DISTINCT value)"
         }
         let table = if case .uniqueCount = meter.aggregation { "meter_unique_values_hourly" } else { "meter_windows_hourly" }
@@ -282,8 +286,8 @@ public enum MeterUsageQuery {
                    \(unescaped: figure)::text
             FROM \(SQLIdentifier(table))
             WHERE meter = \(name) AND (\(customerID)::text IS NULL OR customer_id = \(customerID)::text)
-              AND (\(from)::timestamptz IS NULL OR window_start >= date_trunc(\(unit)::text, \(from)::timestamptz, 'UTC'))
-              AND (\(to)::timestamptz IS NULL OR window_start < \(to)::timestamptz)
+              AND (\(from)::timestamptz IS NULL OR date_trunc(\(unit)::text, window_start, 'UTC') >= \(from)::timestamptz)
+              AND (\(to)::timestamptz IS NULL OR date_trunc(\(unit)::text, window_start, 'UTC') < \(to)::timestamptz)
             GROUP BY 1, 2, 3 ORDER BY 2, 1, 3
             """
         let result = try connection.query(bound: query)

@@ -153,6 +153,7 @@ struct LoadGen: AsyncParsableCommand {
     @Option(help: "Milliseconds of event time between events.") var spacingMs: Int64 = 1000
     @Option(help: "Records per second to send (0: as fast as possible).") var rate = 0
     @Option(help: "Prefix of event ids.") var idPrefix = "evt"
+    @Flag(help: "Add meters, dimensions and meter-only events (declare examples/meters/agent-meters.yaml first).") var meters = false
     @Flag(help: "Publish to the topic with the Kafka producer instead of printing NDJSON.") var produce = false
     @Flag(help: "Send to tally-ingest over HTTP (see --ingest-url, --api-key) instead of printing NDJSON.") var toIngest = false
     @Option(help: "Events per HTTP request with --to-ingest.") var batchSize = 1000
@@ -168,6 +169,7 @@ struct LoadGen: AsyncParsableCommand {
         var generator = LoadGenerator(seed: seed, customers: customers, duplicateRate: duplicateRate,
                                       startMicroseconds: startTime.microseconds, spacingMicroseconds: spacingMs * 1000,
                                       idPrefix: idPrefix)
+        generator.meters = meters
         var distinct = 0
         var duplicates = 0
         if toIngest {

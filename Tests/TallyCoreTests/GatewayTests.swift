@@ -193,6 +193,44 @@ final class GatewayTests: XCTestCase {
         XCTAssertNil(none.counts(), "an error without usage meters nothing")
     }
 
+    /// Tool calls and server tools in each API's response, whole and streamed in pieces of any
+    /// size: a chat tool call counts once however many deltas it spans, a Responses stream's
+    /// output is counted from its last response object only.
+    func testToolCallsAndWebSearchesAreCountedFromTheResponse() throws {
+        let chatWhole = #"{"id":"c1","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","tool_calls":[{"id":"call_0","type":"function","function":{"name":"a","arguments":"{}"}},{"id":"call_1","type":"function","function":{"name":"b","arguments":"{}"}}]}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#
+        var whole = ResponseUsageScanner(api: .chatCompletions, isEventStream: false, removeUsageChunk: false)
+        _ = whole.feed(bytes(chatWhole))
+        _ = whole.finish()
+        XCTAssertEqual(try whole.counts()?.get().meters, ["tool_calls": 2])
+
+        let chatStream = [#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_0","function":{"name":"a","arguments":""}}]}}]}"#,
+                          #"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}]}"#,
+                          #"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#].map { "data: \($0)\n\n" }.joined() + "data: [DONE]\n\n"
+        for size in [1, 7, 4096] {
+            let (_, streamed) = pass(chatStream, api: .chatCompletions, size: size)
+            XCTAssertEqual(try streamed.counts()?.get().meters, ["tool_calls": 1], "chunks of \(size)")
+        }
+
+        let output = #"[{"type":"web_search_call","id":"ws_0"},{"type":"web_search_call","id":"ws_1"},{"type":"function_call","call_id":"c"},{"type":"image_generation_call","id":"ig"},{"type":"file_search_call","id":"fs"},{"type":"code_interpreter_call","id":"ci"},{"type":"message"}]"#
+        let responses = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"output\":[],\"usage\":null}}\n\n"
+            + "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"output\":\(output),\"usage\":{\"input_tokens\":4,\"output_tokens\":3}}}\n\n"
+        let (_, streamedResponses) = pass(responses, api: .responses, size: 5)
+        XCTAssertEqual(try streamedResponses.counts()?.get().meters, ["web_search_requests": 2, "tool_calls": 1, "images_generated": 1,
+                                                                        "file_search_requests": 1, "code_interpreter_calls": 1])
+
+        let messages = [#"{"type":"message_start","message":{"id":"m","model":"claude-sonnet-4","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#,
+                        #"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+                        #"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"t","name":"lookup","input":{}}}"#,
+                        #"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":9,"server_tool_use":{"web_search_requests":2}}}"#]
+            .map { "event: x\ndata: \($0)\n\n" }.joined()
+        let (_, streamedMessages) = pass(messages, api: .messages, size: 3)
+        XCTAssertEqual(try streamedMessages.counts()?.get().meters, ["tool_calls": 1, "web_search_requests": 2])
+        var wholeMessage = ResponseUsageScanner(api: .messages, isEventStream: false, removeUsageChunk: false)
+        _ = wholeMessage.feed(bytes(#"{"id":"m","type":"message","content":[{"type":"text","text":"x"},{"type":"tool_use","id":"a"},{"type":"tool_use","id":"b"}],"usage":{"input_tokens":1,"output_tokens":1}}"#))
+        _ = wholeMessage.finish()
+        XCTAssertEqual(try wholeMessage.counts()?.get().meters, ["tool_calls": 2])
+    }
+
     func testMarginalCeilingsBoundEveryPricingModel() {
         let rate = { (perMillion: String) in TokenRate.parse(perMillion, perTokens: .perMillion)! }
         XCTAssertEqual(PricingModel.perUnit(rate("2")).marginalCeiling(1_000_000), 2_000_000_000)

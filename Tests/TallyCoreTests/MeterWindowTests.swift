@@ -121,7 +121,7 @@ final class MeterWindowTests: XCTestCase {
             case .latest:
                 let last = members.max { ($0.time, $0.position) < ($1.time, $1.position) }!
                 windows[key] = .latest(time: last.time, position: last.position, quantity: last.quantity)
-            case .uniqueCount(let property): windows[key] = .unique(Set(members.compactMap { $0.properties[property] }))
+            case .uniqueCount(let property): windows[key] = .unique(Set(members.compactMap { $0.properties[property].map(ExactText.init) }))
             }
         }
     }
@@ -202,5 +202,28 @@ final class MeterWindowTests: XCTestCase {
         var meterOnly = event
         meterOnly.model = ""
         XCTAssertNil(MeterReading.of(PositionedEvent(event: meterOnly, position: LogPosition(partition: 1, offset: 9)))[0].properties["model"])
+    }
+
+    /// "é" as one code point and as "e" + a combining accent are equal Swift strings but two
+    /// values to PostgreSQL: they stay two values and two windows, in one batch as in two.
+    func testCanonicallyEquivalentTextsStayApartAsPostgreSQLKeepsThem() {
+        let catalog = MeterCatalog([MeterDefinition(name: "users", unit: "user", aggregation: .uniqueCount(property: "end_user"), dimensions: ["team"])])
+        let composed = "caf\u{E9}", decomposed = "cafe\u{301}"
+        XCTAssertEqual(composed, decomposed, "Swift's equality")
+        let readings = [composed, decomposed].enumerated().map { index, text in
+            MeterReading(meter: "users", customerID: "acme", time: 0, position: LogPosition(partition: 0, offset: Int64(index)), quantity: 1,
+                         properties: ["end_user": text, "team": text])
+        }
+        let together = MeterWindows.fold(readings, catalog: catalog, granularities: [.hour])
+        var apart = MeterWindows.fold([readings[0]], catalog: catalog, granularities: [.hour])
+        MeterWindows.merge(MeterWindows.fold([readings[1]], catalog: catalog, granularities: [.hour]), into: &apart)
+        XCTAssertEqual(together.count, 2, "one window per team value")
+        XCTAssertEqual(together, apart)
+        XCTAssertEqual(together.values.map(\.result), [1, 1])
+        var deltas = WindowDeltas(granularities: [.hour])
+        for model in [composed, decomposed] {
+            deltas.add(UsageEvent(id: model, source: "s", subject: "acme", time: EventTime(microseconds: 0), model: model, inputTokens: 1, outputTokens: 1))
+        }
+        XCTAssertEqual(deltas.windows[.hour]?.count, 2, "token windows keep the two models apart too")
     }
 }

@@ -32,6 +32,51 @@ final class ProviderUsageTests: XCTestCase {
         XCTAssertEqual(try map(.bedrock, usage).get(), TokenCounts(input: 2540, output: 120, cacheRead: 2000, cacheWrite: 500))
     }
 
+    /// Anthropic's server tools (web search, web fetch) are standard meters; zero is left out.
+    func testAnthropicServerToolUseBecomesStandardMeters() throws {
+        let usage = #"{"input_tokens":105,"output_tokens":512,"server_tool_use":{"web_search_requests":3,"web_fetch_requests":0}}"#
+        var expected = TokenCounts(input: 105, output: 512)
+        expected.meters = ["web_search_requests": 3]
+        XCTAssertEqual(try map(.anthropic, usage).get(), expected)
+        XCTAssertEqual(map(.anthropic, #"{"input_tokens":1,"output_tokens":1,"server_tool_use":{"web_fetch_requests":1.5}}"#),
+                       .failure(.invalid([FieldViolation("usage.server_tool_use.web_fetch_requests", "must be an integer ≥ 0")])))
+        // Another provider's object with the same member is not read for it.
+        XCTAssertEqual(try map(.openai, #"{"prompt_tokens":1,"completion_tokens":1,"server_tool_use":{"web_search_requests":3}}"#).get().meters, [:])
+    }
+
+    /// The provider endpoint's event: standard meters, and the call's status (success unless said) and attempt.
+    func testProviderEventsCarryMetersStatusAndAttempt() throws {
+        func build(_ extra: String) -> Result<UsageEvent, EventDecodingError> {
+            let body = #"{"id":"p1","customer":"acme","model":"claude-sonnet-4-5","time":"2026-03-01T12:00:00Z","usage":{"input_tokens":1,"output_tokens":1,"server_tool_use":{"web_search_requests":2}}"# + extra + "}"
+            return ProviderEventBuilder.build(.anthropic, body: Array(body.utf8)).flatMap { bytes in
+                EventDecoder.decode(bytes).flatMap { event in
+                    guard case .usage(let usage) = event else { return .failure(.invalid([])) }
+                    return .success(usage)
+                }
+            }
+        }
+        let plain = try build("").get()
+        XCTAssertEqual(plain.meters, ["web_search_requests": 2])
+        XCTAssertEqual(plain.properties, ["status": "success"])
+        XCTAssertEqual(try build(#","status":"error","attempt":3"#).get().properties, ["status": "error", "attempt": "3"])
+        func refused(_ extra: String) -> [String] {
+            if case .failure(let error) = build(extra) { error.violations.map(\.path) } else { [] }
+        }
+        XCTAssertEqual(refused(#","status":"failed""#), ["status"])
+        XCTAssertEqual(refused(#","attempt":0"#), ["attempt"])
+    }
+
+    /// How a call ended, from what the gateway saw.
+    func testCallStatusFromWhatTheGatewaySaw() {
+        XCTAssertEqual(CallStatus(upstreamStatus: 200, errorReported: false, brokeOff: false, callerLeft: false, attempt: nil), .success)
+        XCTAssertEqual(CallStatus(upstreamStatus: 200, errorReported: false, brokeOff: false, callerLeft: false, attempt: 1), .success)
+        XCTAssertEqual(CallStatus(upstreamStatus: 200, errorReported: false, brokeOff: false, callerLeft: false, attempt: 2), .retry)
+        XCTAssertEqual(CallStatus(upstreamStatus: 529, errorReported: false, brokeOff: false, callerLeft: false, attempt: 2), .error)
+        XCTAssertEqual(CallStatus(upstreamStatus: 200, errorReported: true, brokeOff: false, callerLeft: false, attempt: nil), .error)
+        XCTAssertEqual(CallStatus(upstreamStatus: 200, errorReported: false, brokeOff: true, callerLeft: false, attempt: nil), .cancelled)
+        XCTAssertEqual(CallStatus(upstreamStatus: 200, errorReported: false, brokeOff: false, callerLeft: true, attempt: 3), .cancelled)
+    }
+
     func testMissingAndInvalidCountsNameTheField() {
         XCTAssertEqual(map(.openai, #"{"completion_tokens":3}"#), .failure(.invalid([FieldViolation("usage.prompt_tokens", "is required")])))
         XCTAssertEqual(map(.anthropic, #"{"input_tokens":-1,"output_tokens":2}"#), .failure(.invalid([FieldViolation("usage.input_tokens", "must be an integer ≥ 0")])))

@@ -157,11 +157,63 @@ final class GatewayIntegrationTests: XCTestCase {
             XCTAssertEqual(event.subject, "gw-alice")
             XCTAssertEqual(event.feature, "support-bot")
             XCTAssertNil(event.properties["incomplete"])
+            XCTAssertEqual(event.properties["status"], "success")
+            XCTAssertNil(event.properties["attempt"], "no SDK retry header, no attempt")
+            XCTAssertEqual(event.meters, [:], "no tools, no meters")
         }
         XCTAssertEqual(try upstreamCalls(), 24)
         let metrics = try metricsScrape()
         XCTAssertTrue(metrics.contains(#"tally_gateway_proxied_calls_total{api="messages"} 4"#), metrics)
         XCTAssertTrue(metrics.contains("tally_gateway_upstream_seconds"), metrics)
+    }
+
+    /// Tool calls and web searches each API reports, whole and streamed, become the standard
+    /// meters of the call's one event, with its status and attempt (from the SDKs' retry header);
+    /// the aggregator folds them into meter windows split by status.
+    func testToolCallsAndWebSearchesAreMeteredWithTheCallsStatus() throws {
+        try harness.tally(["meters", "apply", try MeterIntegrationTests.write("""
+            meters:
+              - { name: tool_calls, unit: call, aggregation: sum, dimensions: [status] }
+              - { name: web_search_requests, unit: search, aggregation: sum, dimensions: [status] }
+            """)])
+        try startGateway()
+        let key = try customerKey("gw-tools")
+        let bodies: [GatewayAPI: (body: String, meters: [String: Int64])] = [
+            .chatCompletions: (#"{"model":"gpt-4o","max_tokens":12,"stream":STREAM,"tools":[{"type":"function","function":{"name":"lookup"}},{"type":"function","function":{"name":"book"}}],"messages":[{"role":"user","content":"Book it"}]}"#,
+                               ["tool_calls": 2]),
+            .responses: (#"{"model":"gpt-4o","max_output_tokens":12,"stream":STREAM,"tools":[{"type":"web_search_preview"},{"type":"function","name":"lookup"}],"input":"Find it"}"#,
+                         ["tool_calls": 1, "web_search_requests": 1]),
+            .messages: (#"{"model":"claude-sonnet-4","max_tokens":12,"stream":STREAM,"tools":[{"type":"web_search_20250305","name":"web_search"},{"name":"lookup","input_schema":{}}],"messages":[{"role":"user","content":"Find it"}]}"#,
+                        ["tool_calls": 1, "web_search_requests": 1]),
+        ]
+        var expected: [String: [String: Int64]] = [:]
+        for (api, call) in bodies {
+            for stream in [false, true] {
+                let through = try calls(gatewayURL + api.path, key: key, body: call.body.replacingOccurrences(of: "STREAM", with: String(stream)),
+                                        keyHeader: api == .messages ? "x-api-key" : "authorization", headers: ["x-stainless-retry-count: 1"])[0]
+                XCTAssertEqual(through.status, 200, "\(api) stream=\(stream): \(through.body)")
+                expected[try XCTUnwrap(through.headers["x-tally-event-id"])] = call.meters
+            }
+        }
+        let failed = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: false), headers: ["X-Fake-Fault: error-500"])[0]
+        XCTAssertEqual(failed.status, 500)
+        let events = try events(atLeast: expected.count)
+        XCTAssertEqual(Set(events.keys), Set(expected.keys))
+        for (id, meters) in expected {
+            XCTAssertEqual(events[id]?.meters, meters, id)
+            XCTAssertEqual(events[id]?.properties["status"], "retry", "a second attempt that succeeded")
+            XCTAssertEqual(events[id]?.properties["attempt"], "2")
+        }
+        // Its own group: the harness's is the rater group the gateway's credit check reads.
+        let aggregator = try harness.startAggregator(["--group", harness.group + "-aggregator"])
+        // The gateway wrote the records, so the harness knows no log end: wait for the keys.
+        XCTAssertTrue(try TestStack.eventually { try harness.connection.query("SELECT count(*) FROM tally.usage_event_keys").scalar == String(expected.count) },
+                      aggregator.log)
+        // Two tool calls per chat completion, one per responses and messages call: (2 + 1 + 1) × 2.
+        XCTAssertEqual(try harness.tally(["usage", "--meter", "tool_calls", "--granularity", "month", "--group-by", "status", "--format", "csv"])
+                           .split(separator: "\n").dropFirst().map { $0.split(separator: ",").dropFirst().joined(separator: ",") },
+                       ["gw-tools,retry,8"])
+        XCTAssertTrue(try harness.tally(["usage", "--meter", "web_search_requests", "--granularity", "month", "--format", "csv"]).hasSuffix(",gw-tools,4\n"))
     }
 
     /// A stop-policy customer with nothing left gets 402 in the API's own error shape (what the
@@ -442,9 +494,11 @@ final class GatewayIntegrationTests: XCTestCase {
         let erred = try XCTUnwrap(byOutput[7], "\(events)")
         XCTAssertEqual(counts(erred), TokenCounts(input: input, output: 7, cacheRead: 4, cacheWrite: 2))
         XCTAssertEqual(erred.properties["incomplete"], "true")
+        XCTAssertEqual(erred.properties["status"], "error", "the stream reported an error")
         let broken = try XCTUnwrap(byOutput[1], "\(events)")
         XCTAssertEqual(counts(broken), TokenCounts(input: input, output: 1, cacheRead: 4, cacheWrite: 2))
         XCTAssertEqual(broken.properties["incomplete"], "true")
+        XCTAssertEqual(broken.properties["status"], "cancelled", "the stream broke off")
         let metrics = try metricsScrape()
         XCTAssertTrue(metrics.contains(#"tally_gateway_upstream_errors_total{api="chat_completions",kind="timeout"} 1"#), metrics)
         XCTAssertTrue(metrics.contains(#"tally_gateway_unmetered_calls_total{api="chat_completions"} 3"#), metrics)

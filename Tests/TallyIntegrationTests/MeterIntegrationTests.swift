@@ -218,6 +218,40 @@ final class MeterIntegrationTests: XCTestCase {
         XCTAssertTrue(listed.contains("active_end_users,user,unique_count,end_user,team,1"), listed)
     }
 
+    /// Anthropic's usage object reports its server tools: /v1/usage/anthropic turns them into the
+    /// standard meters, with the call's status and attempt, and they land in meter windows.
+    func testProviderUsageObjectsFillTheStandardMeters() throws {
+        let harness = try AggregatorHarness()
+        try harness.tally(["meters", "apply", try Self.write("""
+            meters:
+              - { name: web_search_requests, unit: search, aggregation: sum, dimensions: [status] }
+              - { name: web_fetch_requests, unit: fetch, aggregation: sum }
+            """)])
+        let (ingest, base, key) = try harness.startIngest()
+        defer { ingest.signal(SIGKILL); ingest.wait() }
+        let now = EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000)).text
+        func post(_ id: String, _ extra: String, searches: Int, fetches: Int) throws -> HTTPResponse {
+            try http("POST", base + "/v1/usage/anthropic", body: """
+                {"id": "\(id)", "customer": "acme", "model": "claude-sonnet-4-5", "time": "\(now)"\(extra),
+                 "usage": {"input_tokens": 10, "output_tokens": 5, "server_tool_use": {"web_search_requests": \(searches), "web_fetch_requests": \(fetches)}}}
+                """, authorization: "Bearer \(key)")
+        }
+        XCTAssertEqual(try post("u1", "", searches: 3, fetches: 1).status / 100, 2)
+        XCTAssertEqual(try post("u2", #", "status": "error", "attempt": 2"#, searches: 2, fetches: 0).status / 100, 2)
+        let wrong = try post("u3", #", "status": "maybe""#, searches: 1, fetches: 0)
+        XCTAssertEqual(wrong.status, 400)
+        XCTAssertTrue(wrong.body.contains(#""field":"status""#), wrong.body)
+        let negative = try post("u4", "", searches: -1, fetches: 0)
+        XCTAssertTrue(negative.body.contains("usage.server_tool_use.web_search_requests"), negative.body)
+        let aggregator = try harness.startAggregator()
+        // Ingest wrote the records, so the harness knows no log end: wait for the two events' keys.
+        XCTAssertTrue(try TestStack.eventually { try harness.connection.query("SELECT count(*) FROM tally.usage_event_keys").scalar == "2" }, aggregator.log)
+        let searches = try harness.tally(["usage", "--meter", "web_search_requests", "--granularity", "day", "--group-by", "status", "--format", "csv"])
+        XCTAssertEqual(searches.split(separator: "\n").dropFirst().map { $0.split(separator: ",").dropFirst().joined(separator: ",") },
+                       ["acme,error,2", "acme,success,3"])
+        XCTAssertTrue(try harness.tally(["usage", "--meter", "web_fetch_requests", "--format", "csv"]).hasSuffix(",acme,1\n"))
+    }
+
     /// The ingest API refuses a meter the catalog does not declare, naming the field; declared
     /// meters and meter-only events are accepted.
     func testTheIngestAPIRefusesUndeclaredMeters() throws {

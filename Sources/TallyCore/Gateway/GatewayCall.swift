@@ -124,6 +124,12 @@ public struct ResponseUsageScanner: Sendable {
     public private(set) var responseID: String?
     /// The stream reported an error event or stopped before its end.
     public private(set) var sawErrorEvent = false
+    /// Standard meters counted from the response's content: tool calls the model asked for
+    /// (chat completions, messages), added up chunk by chunk.
+    private var contentMeters: [String: Int64] = [:]
+    /// Standard meters counted from a Responses API `output` array; the latest response object
+    /// seen wins (a stream sends it empty at the start and whole at the end).
+    private var outputMeters: [String: Int64] = [:]
 
     /// Bodies larger than this are forwarded but not read for usage.
     static let maxWholeBody = 16 << 20
@@ -213,9 +219,36 @@ public struct ResponseUsageScanner: Sendable {
         switch api {
         case .chatCompletions:
             take(members)
+            // A whole body's `message.tool_calls`, or a chunk's `delta.tool_calls` (a call's
+            // first delta carries its id, the later ones only more arguments).
+            if case .array(let choices)? = members["choices"] {
+                for choice in choices {
+                    for part in ["message", "delta"] {
+                        guard case .array(let calls)? = choice[part]?["tool_calls"] else { continue }
+                        add(.toolCalls, Int64(calls.filter { $0["id"]?.string != nil }.count))
+                    }
+                }
+            }
         case .responses:
             // Streamed: response.created / .completed / .incomplete / .failed carry the response.
-            if case .object(let response)? = members["response"] { take(response) } else { take(members) }
+            let response: [String: JSONValue]
+            if case .object(let inner)? = members["response"] { response = inner } else { response = members }
+            take(response)
+            if case .array(let items)? = response["output"] {
+                var counted: [String: Int64] = [:]
+                for item in items {
+                    let meter: StandardMeter? = switch item["type"]?.string {
+                    case "function_call": .toolCalls
+                    case "web_search_call": .webSearchRequests
+                    case "file_search_call": .fileSearchRequests
+                    case "image_generation_call": .imagesGenerated
+                    case "code_interpreter_call": .codeInterpreterCalls
+                    default: nil
+                    }
+                    if let meter { counted[meter.rawValue, default: 0] += 1 }
+                }
+                outputMeters = counted
+            }
         case .messages:
             switch members["type"] {
             case .string("message_start")?:
@@ -224,10 +257,20 @@ public struct ResponseUsageScanner: Sendable {
                 // Cumulative counts; they win over message_start's. A null count means "unchanged":
                 // Anthropic sends "input_tokens": null in the last delta of some streams.
                 if case .object(let delta)? = members["usage"] { merge(delta) }
+            case .string("content_block_start")?:
+                if members["content_block"]?["type"] == .string("tool_use") { add(.toolCalls, 1) }
             default:
                 take(members)
+                if case .array(let blocks)? = members["content"] {
+                    add(.toolCalls, Int64(blocks.filter { $0["type"] == .string("tool_use") }.count))
+                }
             }
         }
+    }
+
+    private mutating func add(_ meter: StandardMeter, _ quantity: Int64) {
+        guard quantity > 0 else { return }
+        contentMeters[meter.rawValue, default: 0] += quantity
     }
 
     private mutating func take(_ object: [String: JSONValue]) {
@@ -262,7 +305,12 @@ public struct ResponseUsageScanner: Sendable {
     /// The reported usage as canonical counts, or why there is none.
     public func counts() -> Result<TokenCounts, EventDecodingError>? {
         guard let usage else { return nil }
-        return ProviderUsageMapper.map(api.usageProvider, usage: .object(usage))
+        return ProviderUsageMapper.map(api.usageProvider, usage: .object(usage)).map { counts in
+            var counts = counts
+            counts.meters.merge(contentMeters) { $0 + $1 }
+            counts.meters.merge(outputMeters) { $0 + $1 }
+            return counts
+        }
     }
 }
 

@@ -13,7 +13,10 @@ CREATE TABLE tally.meter_catalogs (
 -- Hourly windows of SUM, COUNT, MAX and LATEST meters. `dimensions` holds the value of each
 -- declared dimension ('' when the event lacks the property). Day and month follow from the hours
 -- exactly (sum of sums and counts, max of maxima, the latest of the latest), in `meter_windows`.
--- LATEST is decided by event time, then log position, so a replay decides the same.
+-- LATEST is decided by event time (microseconds, exact), then log position, so a replay decides
+-- the same. The key holds an MD5 of the dimensions, not the values themselves: 8 dimension
+-- values of up to 1,024 characters would pass a btree entry's limit (2,704 bytes) and stop the
+-- batch that carries them.
 CREATE TABLE tally.meter_windows_hourly (
     customer_id text NOT NULL,
     meter text NOT NULL,
@@ -21,28 +24,35 @@ CREATE TABLE tally.meter_windows_hourly (
     dimensions jsonb NOT NULL,
     aggregation text NOT NULL CHECK (aggregation IN ('sum', 'count', 'max', 'latest')),
     value numeric NOT NULL CHECK (value >= 0),
-    latest_event_time timestamptz,
+    latest_event_us bigint,
     latest_partition integer,
     latest_offset bigint,
-    CHECK ((aggregation = 'latest') = (latest_event_time IS NOT NULL AND latest_partition IS NOT NULL AND latest_offset IS NOT NULL)),
-    PRIMARY KEY (customer_id, meter, window_start, dimensions)
+    CHECK ((aggregation = 'latest') = (latest_event_us IS NOT NULL AND latest_partition IS NOT NULL AND latest_offset IS NOT NULL))
 ) WITH (fillfactor = 70);  -- batches update their hours in place: room for HOT updates
+CREATE UNIQUE INDEX meter_windows_hourly_key ON tally.meter_windows_hourly (customer_id, meter, window_start, md5(dimensions::text));
+-- All customers' windows of one meter (tally usage --meter without --customer, dashboards).
+CREATE INDEX meter_windows_hourly_meter ON tally.meter_windows_hourly (meter, window_start);
 
 -- The distinct values a UNIQUE_COUNT meter saw per hour: a day's or month's count is that of the
 -- union of its hours' values, never a sum of hourly counts.
+-- Keyed by MD5s of the dimensions and the value, for the entry size limit: two distinct values
+-- with one MD5 would count once (a deliberate collision at worst; no accidental one is known).
 CREATE TABLE tally.meter_unique_values_hourly (
     customer_id text NOT NULL,
     meter text NOT NULL,
     window_start timestamptz NOT NULL,
     dimensions jsonb NOT NULL,
-    value text NOT NULL,
-    PRIMARY KEY (customer_id, meter, window_start, dimensions, value)
+    value text NOT NULL
 );
+CREATE UNIQUE INDEX meter_unique_values_hourly_key ON tally.meter_unique_values_hourly
+    (customer_id, meter, window_start, md5(dimensions::text), md5(value));
+CREATE INDEX meter_unique_values_hourly_meter ON tally.meter_unique_values_hourly (meter, window_start);
 
 -- Readings of meters the catalog did not declare when the aggregator counted their event
 -- (producers other than the ingest API, which refuses them). Nothing is dropped: `tally meters
--- apply` folds the readings of a meter it declares into its windows, under the aggregator's
--- offset locks, so the windows equal those of a replay with the meter declared from the start.
+-- apply` folds the readings of a meter it declares into its windows, holding the lock every
+-- batch with meters takes shared, so the windows equal a replay's with the meter declared from
+-- the start.
 CREATE TABLE tally.meter_undeclared_readings (
     partition integer NOT NULL,
     record_offset bigint NOT NULL,
@@ -63,7 +73,7 @@ SELECT g.granularity, w.customer_id, w.meter, date_trunc(g.granularity, w.window
        w.aggregation,
        CASE w.aggregation
            WHEN 'max' THEN max(w.value)
-           WHEN 'latest' THEN (array_agg(w.value ORDER BY w.latest_event_time DESC, w.latest_partition DESC, w.latest_offset DESC))[1]
+           WHEN 'latest' THEN (array_agg(w.value ORDER BY w.latest_event_us DESC, w.latest_partition DESC, w.latest_offset DESC))[1]
            ELSE sum(w.value)
        END AS value
 FROM tally.meter_windows_hourly w CROSS JOIN (VALUES ('hour'), ('day'), ('month')) AS g(granularity)
