@@ -12,6 +12,11 @@ public struct PriceBookVersion: Sendable {
     public let document: String
 }
 
+/// Why a price book was not stored.
+public struct PriceBookRefusal: Error, CustomStringConvertible {
+    public let description: String
+}
+
 /// Price books and customer billing settings in PostgreSQL.
 public struct BillingCatalogStore {
     public let connection: PostgresConnection
@@ -39,7 +44,24 @@ public struct BillingCatalogStore {
 
     /// Stores a book as the next version of its (name, customer); returns that version, or the
     /// latest one when it is identical (applying the same file twice changes nothing).
+    ///
+    /// Throws `PriceBookRefusal` when the book prices a meter the meter catalog does not
+    /// declare as a SUM or COUNT meter: those are charged per unit over a billing period
+    /// (a MAX, LATEST or UNIQUE_COUNT figure is no sum of events' quantities).
     public func apply(_ book: PriceBook) throws -> (version: Int, created: Bool) {
+        if !book.meters.isEmpty {
+            let declared = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
+            for price in book.meters {
+                guard let meter = declared.meters[price.meter] else {
+                    throw PriceBookRefusal(description: "meters: \(price.meter) is not a declared meter (tally meters apply, tally meters list)")
+                }
+                switch meter.aggregation {
+                case .sum, .count: break
+                default:
+                    throw PriceBookRefusal(description: "meters: \(price.meter) is a \(meter.aggregation.name) meter; only sum and count meters are priced")
+                }
+            }
+        }
         let document = PriceBookDocument.canonicalJSON(book)
         return try connection.transaction { connection in
             // Serializes concurrent applies of the same book (any constant prefix works).

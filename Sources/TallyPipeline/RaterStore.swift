@@ -166,12 +166,13 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         cachedCustomers.formUnion(customers)
     }
 
-    /// Price books are read once and again whenever one is applied.
+    /// Price books (and the meter catalog) are read once and again whenever one is applied.
     private func reloadCatalogIfChanged() throws {
-        let stamp = try catalogStore.catalogStamp()
+        let meterStore = MeterCatalogStore(connection: connection)
+        let stamp = try catalogStore.catalogStamp() + "/meters \(try meterStore.latestVersion())"
         guard stamp != catalogStamp else { return }
         let catalog = try catalogStore.loadCatalog()
-        engine = RatingEngine(catalog: catalog)
+        engine = RatingEngine(catalog: catalog, meters: try meterStore.latest()?.catalog ?? MeterCatalog([]))
         catalogStamp = stamp
         logger.info("price catalog loaded: \(catalog.books.count) book versions")
     }
@@ -231,7 +232,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let totals = new.map { state.charges[$0]! }
         let pricing = new.map { key in
             if let text = pricingText[key.item] { return text }
-            let text = engine.catalog.pricing(of: key.item).map { $0.pricing.describe($0.book.currency) + key.item.contextTierText } ?? ""
+            let text = engine.catalog.pricing(of: key.item).map { $0.pricing.describe(key.item, currency: $0.book.currency) } ?? ""
             pricingText[key.item] = text
             return text
         }

@@ -251,7 +251,7 @@ public struct Reconciler {
     private func compareCharges(_ records: [RaterRecord], snapshot: Snapshot, onlyRecounted: Bool, result: inout ReconcileResult) {
         var state = RatingState()
         state.profiles = snapshot.profiles
-        _ = RatingEngine(catalog: snapshot.catalog).apply(records, to: &state)
+        _ = RatingEngine(catalog: snapshot.catalog, meters: snapshot.meterCatalog).apply(records, to: &state)
         let customers = Set(records.map(\.customerID))
         let stored = snapshot.charges.filter { !onlyRecounted || customers.contains($0.key.customerID) }
         for key in Set(state.charges.keys).union(stored.keys).sorted() {

@@ -49,9 +49,11 @@ struct Pricing: ParsableCommand {
                 print("warning: \(model) has usage in the 35 days before \(book.effectiveFrom) or since, and no price in this version of "
                       + "\(book.name): from \(book.effectiveFrom) its events go to tally.unpriced_usage, not billed", to: &standardError)
             }
-            let (version, created) = try store.apply(book)
+            let version: Int, created: Bool
+            do { (version, created) = try store.apply(book) } catch let refusal as PriceBookRefusal { throw ValidationError("\(file): \(refusal)") }
             let owner = book.customerID.map { " (override for \($0))" } ?? ""
-            print(created ? "applied \(book.name)\(owner) version \(version): \(book.models.count) models, effective from \(book.effectiveFrom)"
+            let meters = book.meters.isEmpty ? "" : " and \(book.meters.count) meters"
+            print(created ? "applied \(book.name)\(owner) version \(version): \(book.models.count) models\(meters), effective from \(book.effectiveFrom)"
                           : "\(book.name)\(owner) version \(version) is identical; nothing stored")
         }
     }
@@ -215,18 +217,25 @@ enum PriceBookDiff {
             case (nil, let added?): lines.append("+ \(model): \(describe(added, b.currency))")
             case (let removed?, nil): lines.append("- \(model): \(describe(removed, a.currency))")
             case (let before?, let after?):
-                for type in TokenType.allCases where before.prices[type] != after.prices[type] {
+                for type in TokenType.tokens where before.prices[type] != after.prices[type] {
                     lines.append("~ \(model) \(type.rawValue): \(before.prices[type]?.describe(a.currency) ?? "unset") → \(after.prices[type]?.describe(b.currency) ?? "unset")")
                 }
                 if before.aliases != after.aliases { lines.append("~ \(model) aliases: \(before.aliases) → \(after.aliases)") }
             case (nil, nil): break
             }
         }
+        for meter in Set(a.meters.map(\.meter)).union(b.meters.map(\.meter)).sorted() {
+            let before = a.price(ofMeter: meter), after = b.price(ofMeter: meter)
+            guard before != after else { continue }
+            let text = { (price: PricingModel?, currency: Currency) in price?.describeMeter(currency, unit: "unit") ?? "unset" }
+            lines.append(before == nil ? "+ meter \(meter): \(text(after, b.currency))" : after == nil ? "- meter \(meter): \(text(before, a.currency))"
+                         : "~ meter \(meter): \(text(before, a.currency)) → \(text(after, b.currency))")
+        }
         return lines.isEmpty ? ["no differences"] : lines
     }
 
     static func describe(_ model: ModelPrices, _ currency: Currency) -> String {
-        TokenType.allCases.compactMap { type in model.prices[type].map { "\(type.rawValue) \($0.describe(currency))" } }.joined(separator: "; ")
+        TokenType.tokens.compactMap { type in model.prices[type].map { "\(type.rawValue) \($0.describe(currency))" } }.joined(separator: "; ")
     }
 }
 

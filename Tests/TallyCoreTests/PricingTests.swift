@@ -176,6 +176,32 @@ final class PriceBookDocumentTests: XCTestCase {
         XCTAssertEqual(try PriceBookDocument.parse(json), book)
     }
 
+    /// A book may price meters (per unit, any pricing model), and may price only meters.
+    func testMeterPricesParseAndRoundTrip() throws {
+        let book = try PriceBookDocument.parse("""
+            effective_from: 2026-01-01T00:00:00Z
+            currency: USD
+            meters:
+              - { meter: vector_searches, price: "0.002" }
+              - { meter: web_search_requests, price: { package: { size: 1000, price: "10.00" } } }
+              - { meter: images, price: { graduated: [{ up_to: 100, price: "0.04" }, { price: "0.0125" }] } }
+            """)
+        XCTAssertTrue(book.models.isEmpty)
+        XCTAssertEqual(book.price(ofMeter: "vector_searches"), .perUnit(TokenRate.parse("0.002", perTokens: .perToken)!))
+        XCTAssertEqual(book.price(ofMeter: "web_search_requests"), .package(size: 1000, priceNanos: 10_000_000_000))
+        let canonical = PriceBookDocument.canonicalJSON(book)
+        XCTAssertTrue(canonical.contains(#""price":"0.002""#), canonical)
+        XCTAssertEqual(try PriceBookDocument.parse(canonical), book)
+        for (text, path) in [("meters:\n  - { meter: Bad, price: \"1\" }", "meters[0].meter"),
+                             ("meters:\n  - { meter: a }", "meters[0].price"),
+                             ("meters:\n  - { meter: a, price: \"1\" }\n  - { meter: a, price: \"2\" }", "meters[1].meter"),
+                             ("meters: []", "models")] {
+            XCTAssertThrowsError(try PriceBookDocument.parse("effective_from: 2026-01-01T00:00:00Z\ncurrency: USD\n" + text)) { error in
+                XCTAssertEqual((error as? ConfigError)?.path, path, "\(text): \(error)")
+            }
+        }
+    }
+
     func testErrorsNameTheLineAndField() {
         func error(_ text: String) -> ConfigError? {
             do { _ = try PriceBookDocument.parse(text); return nil } catch { return error }

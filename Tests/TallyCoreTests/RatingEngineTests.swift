@@ -179,6 +179,53 @@ final class RatingEngineTests: XCTestCase {
         XCTAssertTrue(outcome.ledger.isEmpty)
     }
 
+    /// Meters are priced like tokens, per unit of the meter: per unit, package, graduated and
+    /// volume over the period's cumulative units; a COUNT meter charges one unit per event;
+    /// a meter-only event is charged by its meters; an unpriced model call charges nothing.
+    func testMetersArePricedPerUnitOverThePeriod() {
+        func unitRate(_ text: String) -> TokenRate { TokenRate.parse(text, perTokens: .perToken)! }
+        let book = PriceBook(name: "default", version: 1, effectiveFrom: EventTime("2026-01-01T00:00:00Z")!, currency: Self.usd,
+                             models: Self.catalog.books[0].models, meters: [
+            MeterPrice(meter: "vector_searches", pricing: .perUnit(unitRate("0.002"))),
+            MeterPrice(meter: "web_search_requests", pricing: .package(size: 1_000, priceNanos: Money.nanos("10.00")!)),
+            MeterPrice(meter: "images", pricing: .graduated([PriceTier(upTo: 100, rate: unitRate("0.04")), PriceTier(upTo: nil, rate: unitRate("0.02"))])),
+            MeterPrice(meter: "calls", pricing: .volume([PriceTier(upTo: 2, rate: unitRate("1.00")), PriceTier(upTo: nil, rate: unitRate("0.50"))])),
+        ])
+        let meterCatalog = MeterCatalog([MeterDefinition(name: "calls", unit: "call", aggregation: .count),
+                                         MeterDefinition(name: "images", unit: "image", aggregation: .sum)])
+        let engine = RatingEngine(catalog: PriceCatalog(books: [book]), meters: meterCatalog)
+        func event(_ id: String, model: String = "", input: Int64 = 0, meters: [String: Int64], offset: Int64) -> RaterRecord {
+            .usage(PositionedEvent(event: UsageEvent(id: id, source: "t", subject: "acme", time: EventTime("2026-03-10T00:00:00Z")!, model: model,
+                                                     inputTokens: input, outputTokens: 0, meters: meters),
+                                   position: LogPosition(partition: 0, offset: offset)))
+        }
+        var state = RatingState()
+        let records = [
+            event("v1", meters: ["vector_searches": 3], offset: 0),
+            event("w1", model: "cheap", input: 1_000_000, meters: ["web_search_requests": 1_500, "calls": 5], offset: 1),
+            event("i1", meters: ["images": 150, "calls": 9, "unpriced_meter": 4], offset: 2),
+            event("x1", model: "mystery", input: 10, meters: ["vector_searches": 1_000], offset: 3),
+        ]
+        // Any batching: the same totals.
+        for record in records { _ = engine.apply([record], to: &state) }
+        var together = RatingState()
+        let result = engine.apply(records, to: &together)
+        XCTAssertEqual(result.unpriced.map(\.event.id), ["x1"], "the unpriced model call is kept whole, its meters too")
+        XCTAssertEqual(state.charges, together.charges)
+        func charged(_ meter: String) -> ChargeTotal? {
+            state.charges[ChargeKey(customerID: "acme", periodStart: EventTime("2026-03-01T00:00:00Z")!.microseconds,
+                                    item: PriceItem(bookName: "default", bookCustomer: "", bookVersion: 1, model: meter, tokenType: .meter))]
+        }
+        // 3 × 0.002; 1,500 searches are 2 started blocks of 1,000 at 10.00; 100 × 0.04 + 50 × 0.02;
+        // a count meter: 2 events, 2 units, in the first volume tier at 1.00.
+        XCTAssertEqual(charged("vector_searches").map { [$0.quantity, $0.amountNanos] }, [3, 6_000_000])
+        XCTAssertEqual(charged("web_search_requests").map { [$0.quantity, $0.amountNanos] }, [1_500, 20_000_000_000])
+        XCTAssertEqual(charged("images").map { [$0.quantity, $0.amountNanos] }, [150, 5_000_000_000])
+        XCTAssertEqual(charged("calls").map { [$0.quantity, $0.amountNanos] }, [2, 2_000_000_000])
+        XCTAssertNil(charged("unpriced_meter"))
+        XCTAssertEqual(state.charges.count, 4 + 1, "the four meters and the model call's input")
+    }
+
     func testOverageLimitBlocksBelowTheLimit() {
         XCTAssertFalse(OveragePolicy.allow(limitNanos: 100).blocks(balanceNanos: -100))
         XCTAssertTrue(OveragePolicy.allow(limitNanos: 100).blocks(balanceNanos: -101))

@@ -204,6 +204,59 @@ final class MeterIntegrationTests: XCTestCase {
         XCTAssertTrue(checksum.contains("meter_unique_values_hourly") && checksum.contains("meter_undeclared_readings"), checksum)
     }
 
+    /// A standalone meter event (an agent's vector search) and a model call's web searches are
+    /// priced by the book's meter prices, invoiced on lines that name the meter and the book, and
+    /// a replay of the rater rebuilds the same charges.
+    func testMetersArePricedAndInvoiced() async throws {
+        let harness = try AggregatorHarness()
+        try harness.tally(["meters", "apply", try Self.write("""
+            meters:
+              - { name: vector_searches, unit: search, aggregation: sum }
+              - { name: web_search_requests, unit: search, aggregation: sum }
+              - { name: active_end_users, unit: user, aggregation: unique_count, property: end_user }
+            """)])
+        let book = """
+            book: default
+            effective_from: 2026-01-01T00:00:00Z
+            currency: USD
+            models:
+              - { model: gpt-4o, input: "2.50", output: "10.00" }
+            meters:
+              - { meter: vector_searches, price: "0.002" }
+              - { meter: web_search_requests, price: { package: { size: 1000, price: "10.00" } } }
+            """
+        let refused = try harness.tallyStatus(["pricing", "apply", try Self.write(book + "\n  - { meter: active_end_users, price: \"1\" }\n")])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.output.contains("active_end_users is a unique_count meter; only sum and count meters are priced"), refused.output)
+        XCTAssertTrue(try harness.tally(["pricing", "apply", try Self.write(book)]).contains("1 models and 2 meters"))
+        let time = EventTime("2026-10-05T10:00:00Z")!
+        func event(_ id: String, model: String = "", input: Int64 = 0, output: Int64 = 0, meters: [String: Int64]) -> UsageEvent {
+            UsageEvent(id: id, source: "app://agent", subject: "vs-cust", time: time, model: model, inputTokens: input, outputTokens: output, meters: meters)
+        }
+        try await harness.publish([event("s1", meters: ["vector_searches": 2]), event("s2", meters: ["vector_searches": 5]),
+                                   event("s3", meters: ["vector_searches": 1_000]),
+                                   event("c1", model: "gpt-4o", input: 1_000, output: 100, meters: ["web_search_requests": 3])])
+        let rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        XCTAssertTrue(try harness.tally(["invoices", "close", "--period", "2026-10"]).contains("closed 1 invoices"))
+        let lines = try harness.connection.query("""
+            SELECT description, quantity::text, exact_amount_nanos::text, book_name || ' v' || book_version FROM tally.invoice_lines
+            WHERE invoice_id = 'INV-2026-10-vs-cust-USD' AND token_type = 'meter' ORDER BY line_no
+            """).rows.map { $0.map { $0 ?? "" } }
+        // 1,007 searches at 0.002; 3 web searches are one started block of 1,000 at 10.00.
+        XCTAssertEqual(lines, [["vector_searches (meter)", "1007", "2014000000", "default v1"],
+                               ["web_search_requests (meter)", "3", "10000000000", "default v1"]])
+        // With the call's tokens (0.0025 + 0.001), 12.0175 rounds to 12.02.
+        XCTAssertEqual(try harness.connection.query("SELECT total_due_nanos FROM tally.invoices WHERE invoice_id = 'INV-2026-10-vs-cust-USD'").scalar,
+                       "12020000000")
+        let replay = try harness.tallyStatus(["replay", "--topic", harness.topic, "--live-group", harness.group, "--consumer", "rater", "--dry-run"])
+        XCTAssertEqual(replay.status, 0, replay.output)
+        XCTAssertTrue(replay.output.contains("identical: the replay rebuilt the live state exactly"), replay.output)
+        // A new version's meter prices show in the diff.
+        try harness.tally(["pricing", "apply", try Self.write(book.replacingOccurrences(of: #"price: "0.002""#, with: #"price: "0.0015""#))])
+        XCTAssertEqual(try harness.tally(["pricing", "diff", "default", "--from", "1"]), "~ meter vector_searches: 0.002 USD / unit → 0.0015 USD / unit\n")
+    }
+
     /// A catalog version may add meters but never drop one or change its aggregation.
     func testACatalogVersionThatChangesADeclaredMeterIsRefused() throws {
         let harness = try AggregatorHarness()

@@ -140,7 +140,7 @@ public enum InvoiceBuilder {
         }
         let current = inputs.charges.filter { $0.periodStart == inputs.period.start }.sorted { $0.item < $1.item }
         for charge in current {
-            line(.usage, "\(charge.item.model) \(label(charge.item.tokenType)) tokens\(charge.item.contextTierText)", covers: charge.periodStart, item: charge.item,
+            line(.usage, itemText(charge.item), covers: charge.periodStart, item: charge.item,
                  quantity: charge.quantity, unitPrice: charge.pricing, exact: Int128(charge.amountNanos))
         }
         // Late usage for closed periods: what is rated now minus what was invoiced.
@@ -165,7 +165,7 @@ public enum InvoiceBuilder {
             let periodLabel = BillingPeriod(start: charge.periodStart, end: charge.periodStart).label
             // Same quantity, other amount: the period was re-rated (a replay after a price change).
             let reason = quantity == 0 ? (exact < 0 ? "Credit note" : "Debit note") + " (repricing)" : "Late usage"
-            line(.adjustment, "\(reason) for \(periodLabel): \(charge.item.model) \(label(charge.item.tokenType)) tokens\(charge.item.contextTierText)",
+            line(.adjustment, "\(reason) for \(periodLabel): \(itemText(charge.item))",
                  covers: charge.periodStart, item: charge.item, quantity: lineQuantity, unitPrice: charge.pricing, exact: exact)
         }
         // Rounded one by one, the usage lines would add up to more (or less) than their exact sum
@@ -249,7 +249,13 @@ public enum InvoiceBuilder {
         case .cacheWrite: "cache write"
         case .cacheWrite1h: "cache write (1 h)"
         case .reasoning: "reasoning"
+        case .meter: "meter"
         }
+    }
+
+    /// What a line charges: "gpt-4o output tokens", "vector_searches (meter)".
+    static func itemText(_ item: PriceItem) -> String {
+        item.tokenType == .meter ? "\(item.model) (meter)" : "\(item.model) \(label(item.tokenType)) tokens\(item.contextTierText)"
     }
 
     /// The invoice as JSON: amounts as exact decimal strings in the currency's minor unit.

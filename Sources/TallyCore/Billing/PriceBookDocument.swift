@@ -21,6 +21,9 @@
 ///     output: "10.00"
 ///     context_tiers:              # a request with more input tokens is priced whole at these
 ///       - { above_input_tokens: 200000, input: "2.50", output: "15.00" }
+/// meters:                         # optional: prices per unit of a meter (tally meters apply)
+///   - { meter: vector_searches, price: "0.002" }
+///   - { meter: web_search_requests, price: { package: { size: 1000, price: "10.00" } } }
 /// ```
 ///
 /// Token types: `input`, `output`, `cache_read`, `cache_write` (5-minute writes, or all writes
@@ -39,8 +42,28 @@ public enum PriceBookDocument {
         let currency = try fields.currency("currency")
         let unit = try fields.unit("unit") ?? .perMillion
         let minimum = try fields.optionalMoney("minimum_per_period")
-        guard let modelsNode = fields.take("models"), case .list(let modelNodes) = modelsNode.value, !modelNodes.isEmpty else {
-            throw ConfigError(line: root["models"]?.line ?? root.line, path: "models", message: "a non-empty list of models is required")
+        let modelsNode = fields.take("models")
+        let metersNode = fields.take("meters")
+        var modelNodes: [ConfigNode] = []
+        if let modelsNode {
+            guard case .list(let nodes) = modelsNode.value else { throw ConfigError(line: modelsNode.line, path: "models", message: "must be a list of models") }
+            modelNodes = nodes
+        }
+        var meters: [MeterPrice] = []
+        if let metersNode {
+            guard case .list(let nodes) = metersNode.value else {
+                throw ConfigError(line: metersNode.line, path: "meters", message: "must be a list of { meter, price }")
+            }
+            for (index, node) in nodes.enumerated() {
+                let price = try parseMeterPrice(node, path: "meters[\(index)]")
+                guard !meters.contains(where: { $0.meter == price.meter }) else {
+                    throw ConfigError(line: node.line, path: "meters[\(index)].meter", message: "\"\(price.meter)\" is priced twice in this book")
+                }
+                meters.append(price)
+            }
+        }
+        guard !modelNodes.isEmpty || !meters.isEmpty else {
+            throw ConfigError(line: root["models"]?.line ?? root.line, path: "models", message: "a non-empty list of models (or of meters) is required")
         }
         try fields.rejectUnknown()
         var models: [ModelPrices] = []
@@ -55,7 +78,19 @@ public enum PriceBookDocument {
             models.append(model)
         }
         return PriceBook(name: name, customerID: customerID, effectiveFrom: effectiveFrom, currency: currency,
-                         minimumPerPeriodNanos: minimum, models: models)
+                         minimumPerPeriodNanos: minimum, models: models, meters: meters)
+    }
+
+    /// `{ meter, price }`: the price is per unit of the meter, in any pricing model.
+    private static func parseMeterPrice(_ node: ConfigNode, path: String) throws(ConfigError) -> MeterPrice {
+        var fields = Fields(node, path: path)
+        try fields.requireMap()
+        guard let (meter, at) = try fields.scalar("meter") else { throw fields.error(at: node, "meter", "is required") }
+        guard MeterDefinition.isValidName(meter) else { throw fields.error(at: at, "meter", "\"\(meter)\" is not a meter name") }
+        guard let priceNode = fields.take("price") else { throw fields.error(at: node, "price", "is required (per unit of the meter)") }
+        let pricing = try parsePrice(priceNode, path: "\(path).price", unit: .perToken)
+        try fields.rejectUnknown()
+        return MeterPrice(meter: meter, pricing: pricing)
     }
 
     private static func parseModel(_ node: ConfigNode, path: String, unit: PriceUnit) throws(ConfigError) -> ModelPrices {
@@ -103,7 +138,7 @@ public enum PriceBookDocument {
     /// The prices a map names, one per token type.
     private static func parsePrices(_ fields: inout Fields, path: String, unit: PriceUnit) throws(ConfigError) -> [TokenType: PricingModel] {
         var prices: [TokenType: PricingModel] = [:]
-        for type in TokenType.allCases {
+        for type in TokenType.tokens {
             if let priceNode = fields.take(type.rawValue) {
                 prices[type] = try parsePrice(priceNode, path: "\(path).\(type.rawValue)", unit: unit)
             }
@@ -209,32 +244,45 @@ public enum PriceBookDocument {
             }
             json.raw("}")
         }
-        json.raw("\n]}\n")
+        json.raw(book.models.isEmpty ? "]" : "\n]")
+        if !book.meters.isEmpty {
+            json.key("meters"); json.raw("[")
+            for (index, price) in book.meters.enumerated() {
+                json.raw(index == 0 ? "\n  {" : ",\n  {")
+                json.key("meter", first: true); json.string(price.meter)
+                json.key("price"); write(price.pricing, to: &json, perUnit: true)
+                json.raw("}")
+            }
+            json.raw("\n]")
+        }
+        json.raw("}\n")
         return String(decoding: json.bytes, as: UTF8.self)
     }
 
     /// One member per priced token type, in `TokenType` order (the twin of `parsePrices`).
     private static func write(_ prices: [TokenType: PricingModel], to json: inout JSONWriter) {
-        for type in TokenType.allCases {
+        for type in TokenType.tokens {
             guard let price = prices[type] else { continue }
             json.key(type.rawValue)
             write(price, to: &json)
         }
     }
 
-    private static func write(_ price: PricingModel, to json: inout JSONWriter) {
+    /// `perUnit`: a meter's price, written per unit (read back with `PriceUnit.perToken`).
+    private static func write(_ price: PricingModel, to json: inout JSONWriter, perUnit: Bool = false) {
+        let text = { (rate: TokenRate) in perUnit ? rate.perUnitText : rate.perMillionText }
         func tiers(_ list: [PriceTier]) {
             json.raw("[")
             for (index, tier) in list.enumerated() {
                 json.raw(index == 0 ? "{" : ",{")
                 if let upTo = tier.upTo { json.key("up_to", first: true); json.integer(upTo); json.key("price") } else { json.key("price", first: true) }
-                json.string(tier.rate.perMillionText)
+                json.string(text(tier.rate))
                 json.raw("}")
             }
             json.raw("]")
         }
         switch price {
-        case .perUnit(let rate): json.string(rate.perMillionText)
+        case .perUnit(let rate): json.string(text(rate))
         case .package(let size, let nanos):
             json.raw("{\"package\":{\"size\":\(size),\"price\":"); json.string(Money.format(nanos: nanos)); json.raw("}}")
         case .graduated(let list): json.raw("{\"graduated\":"); tiers(list); json.raw("}")

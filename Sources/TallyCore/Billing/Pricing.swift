@@ -8,6 +8,11 @@ public enum TokenType: String, Sendable, CaseIterable, Comparable {
     /// 1-hour cache writes: Anthropic bills them at 2× the input price, 5-minute ones at 1.25×.
     case cacheWrite1h = "cache_write_1h"
     case reasoning
+    /// Not a token: the units of a meter (`PriceItem.model` then names the meter).
+    case meter
+
+    /// The token types a model's prices name (every case but `meter`).
+    public static let tokens: [TokenType] = [.input, .output, .cacheRead, .cacheWrite, .cacheWrite1h, .reasoning]
 
     public static func < (a: TokenType, b: TokenType) -> Bool {
         allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
@@ -39,6 +44,11 @@ public struct TokenRate: Hashable, Sendable, Comparable {
     /// The price per 1M tokens as decimal text, at least two decimals as prices are written ("2.50").
     public var perMillionText: String {
         Money.format(unitsPerToken, scale: Self.scale - 6, minimumFractionDigits: 2)
+    }
+
+    /// The price of one unit (a meter's) as decimal text, at least two decimals ("0.002").
+    public var perUnitText: String {
+        Money.format(unitsPerToken, scale: Self.scale, minimumFractionDigits: 2)
     }
 
     /// Exact cost of `tokens` tokens in 10^-24 units; nil when it exceeds 128 bits.
@@ -146,6 +156,24 @@ public enum PricingModel: Hashable, Sendable {
         case .volume(let list): return "volume: \(tiers(list)) (\(currency))"
         }
     }
+
+    /// How a price item's pricing reads on invoices and in `rated_usage.pricing`.
+    public func describe(_ item: PriceItem, currency: Currency) -> String {
+        item.tokenType == .meter ? describeMeter(currency, unit: "unit") : describe(currency) + item.contextTierText
+    }
+
+    /// As `describe`, for a meter's prices, which are per unit of the meter.
+    public func describeMeter(_ currency: Currency, unit: String) -> String {
+        func tiers(_ tiers: [PriceTier]) -> String {
+            tiers.map { tier in "\(tier.rate.perUnitText)" + (tier.upTo.map { " up to \($0)" } ?? " above") }.joined(separator: ", ")
+        }
+        switch self {
+        case .perUnit(let rate): return "\(rate.perUnitText) \(currency) / \(unit)"
+        case .package(let size, let price): return "\(Money.format(nanos: price)) \(currency) per \(size) \(unit)"
+        case .graduated(let list): return "graduated per \(unit): \(tiers(list)) (\(currency))"
+        case .volume(let list): return "volume per \(unit): \(tiers(list)) (\(currency))"
+        }
+    }
 }
 
 /// Prices for whole requests whose input passes a size: "above 200,000 input tokens the whole
@@ -236,9 +264,11 @@ public struct PriceBook: Hashable, Sendable {
     /// Charged on the invoice when a period's usage comes to less.
     public let minimumPerPeriodNanos: Int64?
     public let models: [ModelPrices]
+    /// Prices of meters (per unit of each), charged like tokens over a billing period.
+    public let meters: [MeterPrice]
 
     public init(name: String, customerID: String? = nil, version: Int = 0, effectiveFrom: EventTime, currency: Currency,
-                minimumPerPeriodNanos: Int64? = nil, models: [ModelPrices]) {
+                minimumPerPeriodNanos: Int64? = nil, models: [ModelPrices], meters: [MeterPrice] = []) {
         self.name = name
         self.customerID = customerID
         self.version = version
@@ -246,7 +276,11 @@ public struct PriceBook: Hashable, Sendable {
         self.currency = currency
         self.minimumPerPeriodNanos = minimumPerPeriodNanos
         self.models = models
+        self.meters = meters
     }
+
+    /// The price of a meter, if this book has one.
+    public func price(ofMeter meter: String) -> PricingModel? { meters.first { $0.meter == meter }?.pricing }
 
     /// The model's prices: exact name or alias first, then aliases ending in `*` (longest prefix
     /// wins), then the same without a `provider/` prefix.
@@ -266,6 +300,17 @@ public struct PriceBook: Hashable, Sendable {
 }
 
 /// What an event's model is priced by, or nil when no book in force prices it.
+/// A meter's price in a book: `pricing` applies to a billing period's cumulative units.
+public struct MeterPrice: Hashable, Sendable {
+    public let meter: String
+    public let pricing: PricingModel
+
+    public init(meter: String, pricing: PricingModel) {
+        self.meter = meter
+        self.pricing = pricing
+    }
+}
+
 public struct PriceMatch: Sendable {
     public let book: PriceBook
     public let prices: ModelPrices
@@ -315,11 +360,23 @@ public struct PriceCatalog: Sendable {
         return nil
     }
 
+    /// The book in force that prices `meter` for the customer at `time`, and its price: the
+    /// customer's override first, then the plan, as for models.
+    public func match(customerID: String, plan: String, meter: String, at time: EventTime) -> (book: PriceBook, pricing: PricingModel)? {
+        if let override = books.first(where: { $0.customerID == customerID && $0.effectiveFrom <= time }), let pricing = override.price(ofMeter: meter) {
+            return (override, pricing)
+        }
+        if let book = book(named: plan, at: time), let pricing = book.price(ofMeter: meter) { return (book, pricing) }
+        return nil
+    }
+
     /// The book version and pricing a stored price item refers to.
     public func pricing(of item: PriceItem) -> (book: PriceBook, pricing: PricingModel)? {
         guard let book = books.first(where: {
             $0.name == item.bookName && ($0.customerID ?? "") == item.bookCustomer && $0.version == item.bookVersion
-        }), let pricing = book.models.first(where: { $0.model == item.model })?.prices(contextAbove: item.contextAbove)?[item.tokenType]
+        }) else { return nil }
+        if item.tokenType == .meter { return book.price(ofMeter: item.model).map { (book, $0) } }
+        guard let pricing = book.models.first(where: { $0.model == item.model })?.prices(contextAbove: item.contextAbove)?[item.tokenType]
         else { return nil }
         return (book, pricing)
     }

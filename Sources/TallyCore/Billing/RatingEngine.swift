@@ -311,48 +311,94 @@ public struct RatingResult: Sendable {
 /// the rounded charge of the period's total quantity, however the log is cut into batches.
 public struct RatingEngine: Sendable {
     public let catalog: PriceCatalog
+    /// Whether a priced meter counts events (1 unit each) or sums their quantities.
+    public let meters: MeterCatalog
 
-    public init(catalog: PriceCatalog) { self.catalog = catalog }
+    public init(catalog: PriceCatalog, meters: MeterCatalog = MeterCatalog([])) {
+        self.catalog = catalog
+        self.meters = meters
+    }
 
     /// What prices each record, worked out once: the store reads the keys to load from it,
     /// then `apply` charges with it.
     public func price(_ records: [RaterRecord], profiles: [String: BillingProfile]) -> [PricedRecord] {
-        // One customer kind, plan, model and stretch of time always match the same prices: each
-        // is looked up (and its price items built) once per batch, not once per event.
-        struct MatchKey: Hashable {
-            let customerID: String
-            let plan: String
-            let model: String
-            let stretch: Int
-        }
         var matches: [MatchKey: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?] = [:]
+        var meterMatches: [MatchKey: (item: PriceItem, currency: Currency, pricing: PricingModel)?] = [:]
         return records.map { record in
-            guard case .usage(let positioned) = record, positioned.event.isModelCall else { return PricedRecord(record: record, charge: nil) }
+            guard case .usage(let positioned) = record else { return PricedRecord(record: record, charge: nil) }
             let event = positioned.event
             let profile = profiles[event.subject] ?? BillingProfile(customerID: event.subject)
-            let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
-                               model: event.model, stretch: catalog.stretch(containing: event.time))
-            let found: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?
-            if let cached = matches[key] {
-                found = cached
-            } else {
-                found = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time).map { match in
-                    let tiers = [0] + match.prices.contextTiers.map(\.aboveInputTokens)
-                    return (match, Dictionary(uniqueKeysWithValues: tiers.map { tier in
-                        (tier, Dictionary(uniqueKeysWithValues: TokenType.allCases.map { ($0, item(match, $0, contextAbove: tier)) }))
-                    }))
-                }
-                matches[key] = .some(found)
-            }
-            guard let (match, items) = found else { return PricedRecord(record: record, charge: nil) }
             let period = profile.period(containing: event.time.microseconds)
-            let (tier, prices) = match.prices.applicable(to: event)
-            let charges = ModelPrices.quantities(event, prices: prices).map { type, quantity in
-                (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: items[tier]![type]!), quantity: quantity,
-                 pricing: prices[type]!)
+            var currency: Currency?
+            var charges: [(key: ChargeKey, quantity: Int64, pricing: PricingModel)] = []
+            if event.isModelCall {
+                guard let (bookCurrency, items) = modelCharges(event, profile: profile, period: period, matches: &matches) else {
+                    return PricedRecord(record: record, charge: nil)
+                }
+                currency = bookCurrency
+                charges = items
             }
-            return PricedRecord(record: record, charge: UsageCharge(currency: match.book.currency, periodStart: period.start, items: charges))
+            // Meters: each priced by the book in force that prices it (the customer's override,
+            // then the plan). One charge has one currency: a meter priced in another is not
+            // charged with this event (books of one customer share a currency in practice).
+            for (meter, quantity) in event.meters.sorted(by: { $0.key < $1.key }) {
+                let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
+                                   model: meter, stretch: catalog.stretch(containing: event.time))
+                let found: (item: PriceItem, currency: Currency, pricing: PricingModel)?
+                if let cached = meterMatches[key] {
+                    found = cached
+                } else {
+                    found = catalog.match(customerID: event.subject, plan: profile.plan, meter: meter, at: event.time).map { book, pricing in
+                        (PriceItem(bookName: book.name, bookCustomer: book.customerID ?? "", bookVersion: book.version, model: meter, tokenType: .meter),
+                         book.currency, pricing)
+                    }
+                    meterMatches[key] = .some(found)
+                }
+                guard let found, currency == nil || currency == found.currency else { continue }
+                let units = meters.meters[meter]?.aggregation == .count ? 1 : quantity
+                guard units > 0 else { continue }
+                currency = found.currency
+                charges.append((ChargeKey(customerID: event.subject, periodStart: period.start, item: found.item), units, found.pricing))
+            }
+            guard let currency else { return PricedRecord(record: record, charge: nil) }
+            return PricedRecord(record: record, charge: UsageCharge(currency: currency, periodStart: period.start, items: charges))
         }
+    }
+
+    /// One customer kind, plan, model (or meter) and stretch of time always match the same prices:
+    /// each is looked up (and its price items built) once per batch, not once per event.
+    private struct MatchKey: Hashable {
+        let customerID: String
+        let plan: String
+        let model: String
+        let stretch: Int
+    }
+
+    /// A model call's token charges at the prices that match it, or nil when none does (unpriced).
+    private func modelCharges(_ event: UsageEvent, profile: BillingProfile, period: BillingPeriod,
+                              matches: inout [MatchKey: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?])
+        -> (Currency, [(key: ChargeKey, quantity: Int64, pricing: PricingModel)])? {
+        let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
+                           model: event.model, stretch: catalog.stretch(containing: event.time))
+        let found: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?
+        if let cached = matches[key] {
+            found = cached
+        } else {
+            found = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time).map { match in
+                let tiers = [0] + match.prices.contextTiers.map(\.aboveInputTokens)
+                return (match, Dictionary(uniqueKeysWithValues: tiers.map { tier in
+                    (tier, Dictionary(uniqueKeysWithValues: TokenType.tokens.map { ($0, item(match, $0, contextAbove: tier)) }))
+                }))
+            }
+            matches[key] = .some(found)
+        }
+        guard let (match, items) = found else { return nil }
+        let (tier, prices) = match.prices.applicable(to: event)
+        let charges = ModelPrices.quantities(event, prices: prices).map { type, quantity in
+            (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: items[tier]![type]!), quantity: quantity,
+             pricing: prices[type]!)
+        }
+        return (match.book.currency, charges)
     }
 
     /// The charge keys priced usage touches that `state` lacks (to load their cumulative totals first).
