@@ -45,7 +45,8 @@ public struct LoadGenerator: Sendable {
     /// Adds what `examples/meters/agent-meters.yaml` declares: properties `team`, `end_user` and
     /// `status` on every event, `active_end_users` on every event, `tool_calls` on 30% and
     /// `web_search_requests` on 10%; every 20th event becomes a meter-only `vector_searches`
-    /// step. Drawn from a generator of their own, so the token stream is the same as without.
+    /// step (no model call). Drawn from a generator of their own, so the other events' tokens are
+    /// those of the stream without meters.
     public var meters = false
     public static let teams = ["search", "support", "sales", "growth", "infra", "data", "mobile", "web"]
     private var random: SeededGenerator

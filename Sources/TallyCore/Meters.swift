@@ -306,6 +306,63 @@ public enum MeterWindows {
         return windows
     }
 
+    /// The hourly windows of counted events' meters: what `fold` makes of `MeterReading.of` of
+    /// each event (`MeterWindowTests` checks they agree), without a reading or a copy of the
+    /// properties per meter, and adding to each window in place: the aggregator's hot path.
+    /// Also answers the readings of meters the catalog does not declare, with their event ids.
+    public static func foldHours(_ events: [PositionedEvent], catalog: MeterCatalog)
+        -> (windows: [MeterWindowKey: MeterWindowValue], undeclared: [(reading: MeterReading, eventID: String)]) {
+        var sums: [MeterWindowKey: Int128] = [:]
+        var maxima: [MeterWindowKey: Int64] = [:]
+        var latest: [MeterWindowKey: (time: Int64, position: LogPosition, quantity: Int64)] = [:]
+        var uniques: [MeterWindowKey: Set<ExactText>] = [:]
+        var undeclared: [(reading: MeterReading, eventID: String)] = []
+        for positioned in events {
+            let event = positioned.event
+            guard !event.meters.isEmpty else { continue }
+            let start = Granularity.hour.windowStart(event.time.microseconds)
+            // As `MeterReading.of`: the event's labels win over properties of the same name.
+            func value(_ name: String) -> String? {
+                switch name {
+                case "model": event.isModelCall ? event.model : event.properties[name]
+                case "provider": event.provider ?? event.properties[name]
+                case "feature": event.feature ?? event.properties[name]
+                case "environment": event.environment ?? event.properties[name]
+                default: event.properties[name]
+                }
+            }
+            var sawUndeclared = false
+            for (name, quantity) in event.meters {
+                guard let meter = catalog.meters[name] else {
+                    sawUndeclared = true
+                    continue
+                }
+                let key = MeterWindowKey(meter: name, customerID: event.subject, granularity: .hour, start: start,
+                                         dimensions: meter.dimensions.map { value($0) ?? "" })
+                switch meter.aggregation {
+                case .sum: sums[key, default: 0] += Int128(quantity)
+                case .count: sums[key, default: 0] += 1
+                case .max: maxima[key] = Swift.max(maxima[key] ?? quantity, quantity)
+                case .latest:
+                    if let stored = latest[key], (stored.time, stored.position) >= (event.time.microseconds, positioned.position) { continue }
+                    latest[key] = (event.time.microseconds, positioned.position, quantity)
+                case .uniqueCount(let property):
+                    if let distinct = value(property) { uniques[key, default: []].insert(ExactText(distinct)) }
+                }
+            }
+            if sawUndeclared {
+                for reading in MeterReading.of(positioned) where catalog.meters[reading.meter] == nil { undeclared.append((reading, event.id)) }
+            }
+        }
+        var windows: [MeterWindowKey: MeterWindowValue] = [:]
+        windows.reserveCapacity(sums.count + maxima.count + latest.count + uniques.count)
+        for (key, sum) in sums { windows[key] = catalog.meters[key.meter]?.aggregation == .count ? .count(sum) : .sum(sum) }
+        for (key, maximum) in maxima { windows[key] = .max(maximum) }
+        for (key, last) in latest { windows[key] = .latest(time: last.time, position: last.position, quantity: last.quantity) }
+        for (key, values) in uniques { windows[key] = .unique(values) }
+        return (windows, undeclared)
+    }
+
     /// Adds `other`'s windows to `windows` (a batch's to what was stored).
     public static func merge(_ other: [MeterWindowKey: MeterWindowValue], into windows: inout [MeterWindowKey: MeterWindowValue]) {
         windows.merge(other) { $0.merged(with: $1) }

@@ -208,9 +208,10 @@ public enum ProviderUsageMapper {
 
 /// Builds a canonical event from a provider-native request:
 /// `{"id", "customer", "model", "time", "usage": {…}}` plus optional `source`,
-/// `feature`, `environment`, `properties`, `status` (a `CallStatus`; `success` when
-/// not given, as a usage object comes with an answered call) and `attempt` (1 for the
-/// first try). Standard meters the usage object reports are filled in.
+/// `feature`, `environment`, `properties`, `status` (a `CallStatus`; when not given, a
+/// `status` property is kept, else an answered call is a `success`, or a `retry` past its
+/// first `attempt`) and `attempt` (1 for the first try). Standard meters the usage object
+/// reports are filled in.
 ///
 /// - Important: the result is encoded, not yet validated against schema v1
 ///   (lengths, limits): pass it through `IngestBatchParser` like any other event.
@@ -251,17 +252,26 @@ public enum ProviderEventBuilder {
                 violations.append(FieldViolation("properties", "must be an object of strings"))
             }
         }
-        let status = text("status", required: false) ?? CallStatus.success.rawValue
-        if CallStatus(rawValue: status) == nil {
-            violations.append(FieldViolation("status", "must be one of \(CallStatus.allCases.map(\.rawValue).joined(separator: ", "))"))
-        }
-        properties[CallStatus.property] = status
-        if let attempt = members["attempt"] {
-            if case .integer(.value(let number)) = attempt, (1...1000).contains(number) {
+        var attempt: Int64?
+        if let value = members["attempt"] {
+            if case .integer(.value(let number)) = value, (1...1000).contains(number) {
+                attempt = number
                 properties[CallStatus.attemptProperty] = String(number)
             } else {
                 violations.append(FieldViolation("attempt", "must be an integer from 1 to 1000"))
             }
+        }
+        // The `status` field, else a `status` property the caller set itself, else how the
+        // gateway would see an answered call: a retry after the first attempt, a success.
+        if let status = text("status", required: false) {
+            if CallStatus(rawValue: status) == nil {
+                violations.append(FieldViolation("status", "must be one of \(CallStatus.allCases.map(\.rawValue).joined(separator: ", "))"))
+            } else if let own = properties[CallStatus.property], own != status {
+                violations.append(FieldViolation("properties.status", "is \"\(own)\" where status is \"\(status)\": give one"))
+            }
+            properties[CallStatus.property] = status
+        } else if properties[CallStatus.property] == nil {
+            properties[CallStatus.property] = ((attempt ?? 1) > 1 ? CallStatus.retry : .success).rawValue
         }
         let time = timeText.flatMap(EventTime.init)
         if timeText != nil && time == nil {

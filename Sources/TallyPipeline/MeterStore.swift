@@ -104,14 +104,8 @@ public final class MeterWindowWriter {
     /// Called inside the batch's transaction after its offset rows are locked, so the catalog
     /// read is the one no `tally meters apply` can change before the batch commits.
     func commit(_ accepted: [PositionedEvent]) throws {
-        var readings: [MeterReading] = []
-        var eventIDs: [LogPosition: String] = [:]
-        for positioned in accepted where !positioned.event.meters.isEmpty {
-            readings += MeterReading.of(positioned)
-            eventIDs[positioned.position] = positioned.event.id
-        }
         // Token-only batches pay nothing for meters.
-        guard !readings.isEmpty else { return }
+        guard accepted.contains(where: { !$0.event.meters.isEmpty }) else { return }
         // Released at COMMIT: no apply changes the catalog between this read and this batch's commit.
         try connection.query("SELECT pg_advisory_xact_lock_shared($1)", [MeterCatalogStore.catalogLock])
         let version = try MeterCatalogStore(connection: connection).latestVersion()
@@ -119,9 +113,9 @@ public final class MeterWindowWriter {
             catalog = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
             catalogVersion = version
         }
-        try Self.write(MeterWindows.fold(readings, catalog: catalog, granularities: [.hour]), catalog: catalog, on: connection)
-        let undeclared = readings.filter { catalog.meters[$0.meter] == nil }
-        if !undeclared.isEmpty { try Self.storeUndeclared(undeclared, eventIDs: eventIDs, on: connection) }
+        let (windows, undeclared) = MeterWindows.foldHours(accepted, catalog: catalog)
+        try Self.write(windows, catalog: catalog, on: connection)
+        if !undeclared.isEmpty { try Self.storeUndeclared(undeclared, on: connection) }
     }
 
     /// Adds hourly windows to the stored ones (the merge of `MeterWindowValue`, in SQL).
@@ -187,7 +181,8 @@ public final class MeterWindowWriter {
     /// The stored LATEST reading is older than the incoming one (NULL, so false, for other kinds).
     private static let newer = "(EXCLUDED.latest_event_us, EXCLUDED.latest_partition, EXCLUDED.latest_offset) > (w.latest_event_us, w.latest_partition, w.latest_offset)"
 
-    private static func storeUndeclared(_ readings: [MeterReading], eventIDs: [LogPosition: String], on connection: PostgresConnection) throws {
+    private static func storeUndeclared(_ undeclared: [(reading: MeterReading, eventID: String)], on connection: PostgresConnection) throws {
+        let readings = undeclared.map(\.reading)
         func json(_ properties: [String: String]) -> String {
             var json = JSONWriter(capacity: 64)
             json.raw("{")
@@ -201,7 +196,7 @@ public final class MeterWindowWriter {
             SELECT p, o, m, c, e, \(unescaped: microsecondsToTimestamp) t, q, j::jsonb
             FROM unnest(\(PostgresArray(readings.map(\.position.partition)))::int[], \(PostgresArray(readings.map(\.position.offset)))::bigint[],
                         \(PostgresArray(readings.map(\.meter)))::text[], \(PostgresArray(readings.map(\.customerID)))::text[],
-                        \(PostgresArray(readings.map { eventIDs[$0.position] ?? "" }))::text[], \(PostgresArray(readings.map(\.time)))::bigint[],
+                        \(PostgresArray(undeclared.map(\.eventID)))::text[], \(PostgresArray(readings.map(\.time)))::bigint[],
                         \(PostgresArray(readings.map(\.quantity)))::bigint[], \(PostgresArray(readings.map { json($0.properties) }))::text[])
                  AS x(p, o, m, c, e, t, q, j)
             ON CONFLICT DO NOTHING

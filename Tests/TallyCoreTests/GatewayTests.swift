@@ -210,6 +210,15 @@ final class GatewayTests: XCTestCase {
             let (_, streamed) = pass(chatStream, api: .chatCompletions, size: size)
             XCTAssertEqual(try streamed.counts()?.get().meters, ["tool_calls": 1], "chunks of \(size)")
         }
+        // LiteLLM, DeepSeek and Qwen repeat a call's id on each delta: still one call per index.
+        let repeated = [#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_0","function":{"name":"a","arguments":""}}]}}]}"#,
+                        #"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_0","function":{"arguments":"{}"}}]}}]}"#,
+                        #"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_1","function":{"name":"b","arguments":"{}"}}]}}]}"#,
+                        #"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#].map { "data: \($0)\n\n" }.joined()
+        XCTAssertEqual(try pass(repeated, api: .chatCompletions, size: 9).1.counts()?.get().meters, ["tool_calls": 2])
+        // A Responses stream that fails on a 200 is the call's error.
+        let failed = "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"id\":\"r\",\"status\":\"failed\",\"usage\":{\"input_tokens\":4,\"output_tokens\":0}}}\n\n"
+        XCTAssertTrue(pass(failed, api: .responses, size: 6).1.sawErrorEvent)
 
         let output = #"[{"type":"web_search_call","id":"ws_0"},{"type":"web_search_call","id":"ws_1"},{"type":"function_call","call_id":"c"},{"type":"image_generation_call","id":"ig"},{"type":"file_search_call","id":"fs"},{"type":"code_interpreter_call","id":"ci"},{"type":"message"}]"#
         let responses = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"output\":[],\"usage\":null}}\n\n"

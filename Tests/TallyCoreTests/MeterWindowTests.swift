@@ -226,4 +226,41 @@ final class MeterWindowTests: XCTestCase {
         }
         XCTAssertEqual(deltas.windows[.hour]?.count, 2, "token windows keep the two models apart too")
     }
+
+    /// The aggregator's fold straight from events equals the reference fold of their readings,
+    /// labels, missing properties, meter-only events and undeclared meters included.
+    func testFoldingEventsEqualsFoldingTheirReadings() {
+        let catalog = MeterCatalog([
+            MeterDefinition(name: "searches", unit: "search", aggregation: .sum, dimensions: ["team", "feature"]),
+            MeterDefinition(name: "calls", unit: "call", aggregation: .count),
+            MeterDefinition(name: "peak", unit: "token", aggregation: .max, dimensions: ["model"]),
+            MeterDefinition(name: "seats", unit: "seat", aggregation: .latest, dimensions: ["environment"]),
+            MeterDefinition(name: "users", unit: "user", aggregation: .uniqueCount(property: "end_user"), dimensions: ["provider"]),
+        ])
+        var random = SplitMix(seed: 99)
+        func pick<T>(_ values: [T]) -> T { values[Int(random.next() % UInt64(values.count))] }
+        for round in 0..<20 {
+            var events: [PositionedEvent] = []
+            for index in 0..<300 {
+                var properties: [String: String] = [:]
+                if let team = pick(["a", "b", nil] as [String?]) { properties["team"] = team }
+                if let user = pick(["u1", "u2", "u3", nil] as [String?]) { properties["end_user"] = user }
+                if random.next() % 4 == 0 { properties["feature"] = "spoofed"; properties["model"] = "prop-model" }
+                var meters: [String: Int64] = [:]
+                for name in ["searches", "calls", "peak", "seats", "users", "undeclared"] where random.next() % 2 == 0 {
+                    meters[name] = Int64(random.next() % 5)
+                }
+                let customer = "c\(index % 3)"
+                let event = UsageEvent(id: "e\(round)-\(index)", source: "s", subject: customer,
+                                       time: EventTime(microseconds: Int64(random.next() % 4) * 3_600_000_000 + Int64(random.next() % 1000)),
+                                       model: pick(["gpt-4o", ""]), provider: pick(["openai", nil]), feature: pick(["chat", nil]),
+                                       environment: pick(["prod", nil]), inputTokens: 0, outputTokens: 0, properties: properties, meters: meters)
+                events.append(PositionedEvent(event: event, position: LogPosition(partition: Int32(index % 3), offset: Int64(index))))
+            }
+            let (windows, undeclared) = MeterWindows.foldHours(events, catalog: catalog)
+            XCTAssertEqual(windows, MeterWindows.fold(events.flatMap(MeterReading.of), catalog: catalog, granularities: [.hour]), "round \(round)")
+            XCTAssertEqual(undeclared.map(\.reading), events.flatMap(MeterReading.of).filter { $0.meter == "undeclared" })
+            XCTAssertEqual(undeclared.map(\.eventID), events.filter { $0.event.meters["undeclared"] != nil }.map(\.event.id))
+        }
+    }
 }

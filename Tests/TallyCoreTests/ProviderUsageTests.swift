@@ -59,11 +59,14 @@ final class ProviderUsageTests: XCTestCase {
         XCTAssertEqual(plain.meters, ["web_search_requests": 2])
         XCTAssertEqual(plain.properties, ["status": "success"])
         XCTAssertEqual(try build(#","status":"error","attempt":3"#).get().properties, ["status": "error", "attempt": "3"])
+        XCTAssertEqual(try build(#","attempt":2"#).get().properties, ["status": "retry", "attempt": "2"], "as the gateway would say")
+        XCTAssertEqual(try build(#","properties":{"status":"draft"}"#).get().properties, ["status": "draft"], "the caller's own property is kept")
         func refused(_ extra: String) -> [String] {
             if case .failure(let error) = build(extra) { error.violations.map(\.path) } else { [] }
         }
         XCTAssertEqual(refused(#","status":"failed""#), ["status"])
         XCTAssertEqual(refused(#","attempt":0"#), ["attempt"])
+        XCTAssertEqual(refused(#","status":"error","properties":{"status":"draft"}"#), ["properties.status"])
     }
 
     /// How a call ended, from what the gateway saw.

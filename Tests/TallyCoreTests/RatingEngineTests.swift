@@ -224,6 +224,15 @@ final class RatingEngineTests: XCTestCase {
         XCTAssertEqual(charged("calls").map { [$0.quantity, $0.amountNanos] }, [2, 2_000_000_000])
         XCTAssertNil(charged("unpriced_meter"))
         XCTAssertEqual(state.charges.count, 4 + 1, "the four meters and the model call's input")
+
+        // A meter priced in another currency than the event's tokens: the event is kept aside whole.
+        let euros = PriceBook(name: "default", customerID: "acme", version: 1, effectiveFrom: EventTime("2026-02-01T00:00:00Z")!, currency: Currency("EUR")!,
+                              models: [], meters: [MeterPrice(meter: "vector_searches", pricing: .perUnit(unitRate("0.001")))])
+        var mixed = RatingState()
+        let refused = RatingEngine(catalog: PriceCatalog(books: [book, euros]), meters: meterCatalog)
+            .apply([event("m1", model: "cheap", input: 10, meters: ["vector_searches": 1], offset: 0)], to: &mixed)
+        XCTAssertEqual(refused.unrateable.map(\.reason), ["meter vector_searches is priced in EUR (book default v1), the event's other charges in USD: one event is charged in one currency"])
+        XCTAssertTrue(mixed.charges.isEmpty)
     }
 
     func testOverageLimitBlocksBelowTheLimit() {

@@ -249,6 +249,15 @@ public struct UsageCharge: Sendable {
     public let currency: Currency
     public let periodStart: Int64
     public let items: [(key: ChargeKey, quantity: Int64, pricing: PricingModel)]
+    /// Why the event cannot be charged at all (it is then kept in `unrateable_records`).
+    public var refusal: String?
+
+    public init(currency: Currency, periodStart: Int64, items: [(key: ChargeKey, quantity: Int64, pricing: PricingModel)], refusal: String? = nil) {
+        self.currency = currency
+        self.periodStart = periodStart
+        self.items = items
+        self.refusal = refusal
+    }
 }
 
 /// A record with its charge worked out (usage no price book prices, and grants, have none).
@@ -339,8 +348,9 @@ public struct RatingEngine: Sendable {
                 charges = items
             }
             // Meters: each priced by the book in force that prices it (the customer's override,
-            // then the plan). One charge has one currency: a meter priced in another is not
-            // charged with this event (books of one customer share a currency in practice).
+            // then the plan). One event is charged in one currency: a meter priced in another
+            // makes the event unrateable, with the reason, rather than charged in part.
+            var refusal: String?
             for (meter, quantity) in event.meters.sorted(by: { $0.key < $1.key }) {
                 let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
                                    model: meter, stretch: catalog.stretch(containing: event.time))
@@ -354,14 +364,19 @@ public struct RatingEngine: Sendable {
                     }
                     meterMatches[key] = .some(found)
                 }
-                guard let found, currency == nil || currency == found.currency else { continue }
+                guard let found else { continue }
+                if let currency, currency != found.currency {
+                    refusal = refusal ?? "meter \(meter) is priced in \(found.currency) (book \(found.item.bookName) v\(found.item.bookVersion)), "
+                        + "the event's other charges in \(currency): one event is charged in one currency"
+                    continue
+                }
                 let units = meters.meters[meter]?.aggregation == .count ? 1 : quantity
                 guard units > 0 else { continue }
                 currency = found.currency
                 charges.append((ChargeKey(customerID: event.subject, periodStart: period.start, item: found.item), units, found.pricing))
             }
             guard let currency else { return PricedRecord(record: record, charge: nil) }
-            return PricedRecord(record: record, charge: UsageCharge(currency: currency, periodStart: period.start, items: charges))
+            return PricedRecord(record: record, charge: UsageCharge(currency: currency, periodStart: period.start, items: charges, refusal: refusal))
         }
     }
 
@@ -433,13 +448,14 @@ public struct RatingEngine: Sendable {
         for pricedRecord in priced {
             let record = pricedRecord.record
             effects.start(customerID: record.customerID, state: state)
-            do {
+            do throws(RatingRefusal) {
                 try expireGrants(before: record.time.microseconds, position: record.position, effects: &effects)
                 switch record {
                 case .grant(let positioned): try credit(positioned, effects: &effects)
                 case .grantVoid(let positioned): try voidGrant(positioned, effects: &effects)
                 case .usage(let positioned):
                     if let charge = pricedRecord.charge {
+                        if let refusal = charge.refusal { throw RatingRefusal(refusal) }
                         try self.charge(positioned, charge, totals: state.charges, effects: &effects)
                     } else if positioned.event.isModelCall {
                         // A meter-only event has no tokens to price (its meters have windows of their own).
@@ -525,6 +541,11 @@ public struct RatingEngine: Sendable {
             + "voided already, or never credited): nothing changed")
     }
 
+    /// "output tokens of gpt-4o", "units of meter vector_searches".
+    static func unitsText(_ item: PriceItem) -> String {
+        item.tokenType == .meter ? "units of meter \(item.model)" : "\(item.tokenType.rawValue) tokens of \(item.model)"
+    }
+
     private func charge(_ positioned: PositionedEvent, _ charge: UsageCharge, totals: [ChargeKey: ChargeTotal],
                         effects: inout RecordEffects) throws(RatingRefusal) {
         let event = positioned.event
@@ -532,13 +553,13 @@ public struct RatingEngine: Sendable {
         for (key, quantity, pricing) in charge.items {
             var total = effects.total(key, stored: totals, currency: charge.currency)
             guard let cumulative = Money.adding(total.quantity, quantity) else {
-                throw RatingRefusal("\(key.item.tokenType.rawValue) tokens of \(key.item.model) this period pass \(Int64.max)")
+                throw RatingRefusal("\(Self.unitsText(key.item)) this period pass \(Int64.max)")
             }
             guard let amount = pricing.charge(cumulative) else {
                 func text(_ nanos: Int128?) -> String { nanos.map { Money.format(nanos: $0) } ?? "more than 10^29" }
                 let period = pricing.exactNanos(cumulative)
                 let own = period.flatMap { period in pricing.exactNanos(total.quantity).map { period - $0 } }
-                throw RatingRefusal("its \(quantity) \(key.item.tokenType.rawValue) tokens of \(key.item.model) cost \(text(own)) \(charge.currency), "
+                throw RatingRefusal("its \(quantity) \(Self.unitsText(key.item)) cost \(text(own)) \(charge.currency), "
                     + "bringing the period's to \(text(period)) \(charge.currency), past the largest amount Tally stores "
                     + "(\(Money.format(nanos: Money.maxNanos)))")
             }

@@ -125,8 +125,11 @@ public struct ResponseUsageScanner: Sendable {
     /// The stream reported an error event or stopped before its end.
     public private(set) var sawErrorEvent = false
     /// Standard meters counted from the response's content: tool calls the model asked for
-    /// (chat completions, messages), added up chunk by chunk.
+    /// (messages), added up chunk by chunk.
     private var contentMeters: [String: Int64] = [:]
+    /// A chat completion's tool calls, each once: "choice/index" (a stream's deltas of one call
+    /// share its index; some servers repeat its id on every delta), or the id in a whole body.
+    private var chatToolCalls = Set<String>()
     /// Standard meters counted from a Responses API `output` array; the latest response object
     /// seen wins (a stream sends it empty at the start and whole at the end).
     private var outputMeters: [String: Int64] = [:]
@@ -219,17 +222,29 @@ public struct ResponseUsageScanner: Sendable {
         switch api {
         case .chatCompletions:
             take(members)
-            // A whole body's `message.tool_calls`, or a chunk's `delta.tool_calls` (a call's
-            // first delta carries its id, the later ones only more arguments).
+            // A whole body's `message.tool_calls`, or a chunk's `delta.tool_calls`, whose deltas
+            // of one call share its `index` (OpenAI sends the id in the first only; LiteLLM,
+            // DeepSeek and Qwen repeat it).
             if case .array(let choices)? = members["choices"] {
-                for choice in choices {
+                for (position, choice) in choices.enumerated() {
+                    let choiceIndex = choice["index"].flatMap { if case .integer(.value(let value)) = $0 { value } else { nil } } ?? Int64(position)
                     for part in ["message", "delta"] {
                         guard case .array(let calls)? = choice[part]?["tool_calls"] else { continue }
-                        add(.toolCalls, Int64(calls.filter { $0["id"]?.string != nil }.count))
+                        for (order, call) in calls.enumerated() {
+                            if case .integer(.value(let index))? = call["index"] {
+                                chatToolCalls.insert("\(choiceIndex)/\(index)")
+                            } else if let id = call["id"]?.string {
+                                chatToolCalls.insert("\(choiceIndex)/id \(id)")
+                            } else if part == "message" {
+                                chatToolCalls.insert("\(choiceIndex)/\(order)")
+                            }
+                        }
                     }
                 }
             }
         case .responses:
+            // A failed response arrives on a 200 stream: it is the call's error.
+            if members["type"] == .string("response.failed") { sawErrorEvent = true }
             // Streamed: response.created / .completed / .incomplete / .failed carry the response.
             let response: [String: JSONValue]
             if case .object(let inner)? = members["response"] { response = inner } else { response = members }
@@ -238,7 +253,7 @@ public struct ResponseUsageScanner: Sendable {
                 var counted: [String: Int64] = [:]
                 for item in items {
                     let meter: StandardMeter? = switch item["type"]?.string {
-                    case "function_call": .toolCalls
+                    case "function_call", "custom_tool_call", "mcp_call", "computer_call", "local_shell_call": .toolCalls
                     case "web_search_call": .webSearchRequests
                     case "file_search_call": .fileSearchRequests
                     case "image_generation_call": .imagesGenerated
@@ -308,6 +323,7 @@ public struct ResponseUsageScanner: Sendable {
         return ProviderUsageMapper.map(api.usageProvider, usage: .object(usage)).map { counts in
             var counts = counts
             counts.meters.merge(contentMeters) { $0 + $1 }
+            if !chatToolCalls.isEmpty { counts.meters[StandardMeter.toolCalls.rawValue, default: 0] += Int64(chatToolCalls.count) }
             counts.meters.merge(outputMeters) { $0 + $1 }
             return counts
         }

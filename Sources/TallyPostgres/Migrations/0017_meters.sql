@@ -46,7 +46,6 @@ CREATE TABLE tally.meter_unique_values_hourly (
 );
 CREATE UNIQUE INDEX meter_unique_values_hourly_key ON tally.meter_unique_values_hourly
     (customer_id, meter, window_start, md5(dimensions::text), md5(value));
-CREATE INDEX meter_unique_values_hourly_meter ON tally.meter_unique_values_hourly (meter, window_start);
 
 -- Readings of meters the catalog did not declare when the aggregator counted their event
 -- (producers other than the ingest API, which refuses them). Nothing is dropped: `tally meters
