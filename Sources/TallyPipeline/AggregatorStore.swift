@@ -57,8 +57,8 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             }
             try appendDeltas(hourly)
             appendedRows = hourly.count
-            // 4b. The counted events' meter readings, into their windows (hours; views derive the rest).
-            try meterWriter.commit(decision.accepted)
+            // 4b. The counted events' meter readings, into hourly window deltas (views derive the rest).
+            appendedRows += try meterWriter.commit(decision.accepted)
             // 5. Conflicts and dead letters, idempotent by position.
             try tables.insertConflicts(decision.conflicts)
             try tables.insertDeadLetters(batch.deadLetters)
@@ -123,6 +123,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
                     event_count = w.event_count + EXCLUDED.event_count
                 """)
             try connection.query("DELETE FROM usage_window_deltas")
+            try MeterWindowWriter.foldDeltas(on: connection)
         }
         return true
     }

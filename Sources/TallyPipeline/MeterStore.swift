@@ -84,16 +84,18 @@ public struct MeterCatalogStore {
             try connection.query("INSERT INTO meter_catalogs (version, document) VALUES ($1, $2)", [version, catalog.canonicalJSON])
             let declared = catalog.meters.keys.sorted()
             let readings = try MeterWindowWriter.undeclaredReadings(of: declared, on: connection)
-            try MeterWindowWriter.write(MeterWindows.fold(readings, catalog: catalog, granularities: [.hour]), catalog: catalog, on: connection)
+            // As deltas, which the aggregator's next fold merges; readers see them at once.
+            _ = try MeterWindowWriter.appendDeltas(MeterWindows.fold(readings, catalog: catalog, granularities: [.hour]), catalog: catalog, on: connection)
             try connection.query("DELETE FROM meter_undeclared_readings WHERE meter = ANY($1::text[])", [PostgresArray(declared)])
             return MeterCatalogApplied(version: version, created: true, foldedReadings: readings.count)
         }
     }
 }
 
-/// The aggregator's meter windows: folds the readings of a batch's counted events into
-/// `meter_windows_hourly` and `meter_unique_values_hourly` inside the batch's transaction, and
-/// keeps readings of undeclared meters in `meter_undeclared_readings`.
+/// The aggregator's meter windows: folds the readings of a batch's counted events into hourly
+/// windows and appends them to `meter_window_deltas` and `meter_unique_value_deltas` inside the
+/// batch's transaction (folded into `meter_windows_hourly` and `meter_unique_values_hourly` in
+/// bulk, `AggregatorStore.fold`), and keeps readings of undeclared meters aside.
 public final class MeterWindowWriter {
     private let connection: PostgresConnection
     private var catalog = MeterCatalog([])
@@ -102,10 +104,11 @@ public final class MeterWindowWriter {
     public init(connection: PostgresConnection) { self.connection = connection }
 
     /// Called inside the batch's transaction after its offset rows are locked, so the catalog
-    /// read is the one no `tally meters apply` can change before the batch commits.
-    func commit(_ accepted: [PositionedEvent]) throws {
+    /// read is the one no `tally meters apply` can change before the batch commits. Returns the
+    /// delta rows it appended.
+    func commit(_ accepted: [PositionedEvent]) throws -> Int {
         // Token-only batches pay nothing for meters.
-        guard accepted.contains(where: { !$0.event.meters.isEmpty }) else { return }
+        guard accepted.contains(where: { !$0.event.meters.isEmpty }) else { return 0 }
         // Released at COMMIT: no apply changes the catalog between this read and this batch's commit.
         try connection.query("SELECT pg_advisory_xact_lock_shared($1)", [MeterCatalogStore.catalogLock])
         let version = try MeterCatalogStore(connection: connection).latestVersion()
@@ -114,15 +117,16 @@ public final class MeterWindowWriter {
             catalogVersion = version
         }
         let (windows, undeclared) = MeterWindows.foldHours(accepted, catalog: catalog)
-        try Self.write(windows, catalog: catalog, on: connection)
+        let appended = try Self.appendDeltas(windows, catalog: catalog, on: connection)
         if !undeclared.isEmpty { try Self.storeUndeclared(undeclared, on: connection) }
+        return appended
     }
 
-    /// Adds hourly windows to the stored ones (the merge of `MeterWindowValue`, in SQL).
-    static func write(_ windows: [MeterWindowKey: MeterWindowValue], catalog: MeterCatalog, on connection: PostgresConnection) throws {
-        guard !windows.isEmpty else { return }
+    /// One COPY per table, into tables without an index: the cheap part of a batch.
+    static func appendDeltas(_ windows: [MeterWindowKey: MeterWindowValue], catalog: MeterCatalog, on connection: PostgresConnection) throws -> Int {
         var rows: [(key: MeterWindowKey, dimensions: String, value: MeterWindowValue)] = []
         var unique: [(key: MeterWindowKey, dimensions: String, value: String)] = []
+        rows.reserveCapacity(windows.count)
         for (key, value) in windows {
             guard let meter = catalog.meters[key.meter] else { continue }
             let dimensions = MeterWindows.dimensionsJSON(key, meter)
@@ -133,49 +137,102 @@ public final class MeterWindowWriter {
             }
         }
         if !rows.isEmpty {
-            func latest(_ value: MeterWindowValue) -> (time: Int64, position: LogPosition)? {
-                if case .latest(let time, let position, _) = value { (time, position) } else { nil }
-            }
-            func aggregation(_ value: MeterWindowValue) -> String {
-                switch value {
-                case .sum: "sum"
-                case .count: "count"
-                case .max: "max"
-                case .latest: "latest"
-                case .unique: "unique_count"
+            try connection.copyIn("""
+                COPY meter_window_deltas (customer_id, meter, window_start, dimensions, aggregation, value, latest_event_us, latest_partition,
+                    latest_offset) FROM STDIN
+                """, format: .text, rows: rows) { row, fields in
+                fields.add(row.key.customerID)
+                fields.add(row.key.meter)
+                fields.add(EventTime.format(microseconds: row.key.start))
+                fields.add(row.dimensions)
+                fields.add(Self.aggregation(row.value))
+                fields.add(String(row.value.result))
+                if case .latest(let time, let position, _) = row.value {
+                    fields.add(time)
+                    fields.add(position.partition)
+                    fields.add(position.offset)
+                } else {
+                    fields.addNull()
+                    fields.addNull()
+                    fields.addNull()
                 }
             }
-            try connection.query(bound: """
-                INSERT INTO meter_windows_hourly AS w (customer_id, meter, window_start, dimensions, aggregation, value,
-                    latest_event_us, latest_partition, latest_offset)
-                SELECT c, m, \(unescaped: microsecondsToTimestamp) s, d::jsonb, a, v, lt, lp, lo
-                FROM unnest(\(PostgresArray(rows.map(\.key.customerID)))::text[], \(PostgresArray(rows.map(\.key.meter)))::text[],
-                            \(PostgresArray(rows.map(\.key.start)))::bigint[], \(PostgresArray(rows.map(\.dimensions)))::text[],
-                            \(PostgresArray(rows.map { aggregation($0.value) }))::text[], \(PostgresArray(rows.map { String($0.value.result) }))::numeric[],
-                            \(PostgresArray(rows.map { latest($0.value).map { String($0.time) } }))::bigint[],
-                            \(PostgresArray(rows.map { latest($0.value).map { String($0.position.partition) } }))::int[],
-                            \(PostgresArray(rows.map { latest($0.value).map { String($0.position.offset) } }))::bigint[])
-                     AS x(c, m, s, d, a, v, lt, lp, lo)
-                ON CONFLICT (customer_id, meter, window_start, md5(dimensions::text)) DO UPDATE SET
-                    value = CASE w.aggregation
-                        WHEN 'max' THEN greatest(w.value, EXCLUDED.value)
-                        WHEN 'latest' THEN CASE WHEN \(unescaped: newer) THEN EXCLUDED.value ELSE w.value END
-                        ELSE w.value + EXCLUDED.value END,
-                    latest_event_us = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_event_us ELSE w.latest_event_us END,
-                    latest_partition = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_partition ELSE w.latest_partition END,
-                    latest_offset = CASE WHEN \(unescaped: newer) THEN EXCLUDED.latest_offset ELSE w.latest_offset END
-                """)
         }
         if !unique.isEmpty {
-            try connection.query(bound: """
-                INSERT INTO meter_unique_values_hourly (customer_id, meter, window_start, dimensions, value)
-                SELECT c, m, \(unescaped: microsecondsToTimestamp) s, d::jsonb, v
-                FROM unnest(\(PostgresArray(unique.map(\.key.customerID)))::text[], \(PostgresArray(unique.map(\.key.meter)))::text[],
-                            \(PostgresArray(unique.map(\.key.start)))::bigint[], \(PostgresArray(unique.map(\.dimensions)))::text[],
-                            \(PostgresArray(unique.map(\.value)))::text[]) AS x(c, m, s, d, v)
-                ON CONFLICT DO NOTHING
-                """)
+            try connection.copyIn("COPY meter_unique_value_deltas (customer_id, meter, window_start, dimensions, value) FROM STDIN",
+                                  format: .text, rows: unique) { row, fields in
+                fields.add(row.key.customerID)
+                fields.add(row.key.meter)
+                fields.add(EventTime.format(microseconds: row.key.start))
+                fields.add(row.dimensions)
+                fields.add(row.value)
+            }
         }
+        return rows.count + unique.count
+    }
+
+    static func aggregation(_ value: MeterWindowValue) -> String {
+        switch value {
+        case .sum: "sum"
+        case .count: "count"
+        case .max: "max"
+        case .latest: "latest"
+        case .unique: "unique_count"
+        }
+    }
+
+    /// Moves every meter delta row into the hourly tables, merged per window; run by
+    /// `AggregatorStore.fold` in its REPEATABLE READ transaction, before it deletes the rows.
+    static func foldDeltas(on connection: PostgresConnection) throws {
+        try connection.query("""
+            INSERT INTO meter_windows_hourly AS w (customer_id, meter, window_start, dimensions, aggregation, value)
+            SELECT customer_id, meter, window_start, dimensions, aggregation, CASE aggregation WHEN 'max' THEN max(value) ELSE sum(value) END
+            FROM meter_window_deltas WHERE aggregation <> 'latest'
+            GROUP BY customer_id, meter, window_start, dimensions, aggregation
+            ON CONFLICT (customer_id, meter, window_start, md5(dimensions::text)) DO UPDATE SET
+                value = CASE w.aggregation WHEN 'max' THEN greatest(w.value, EXCLUDED.value) ELSE w.value + EXCLUDED.value END
+            """)
+        try connection.query("""
+            INSERT INTO meter_windows_hourly AS w (customer_id, meter, window_start, dimensions, aggregation, value,
+                latest_event_us, latest_partition, latest_offset)
+            SELECT DISTINCT ON (customer_id, meter, window_start, md5(dimensions::text))
+                   customer_id, meter, window_start, dimensions, aggregation, value, latest_event_us, latest_partition, latest_offset
+            FROM meter_window_deltas WHERE aggregation = 'latest'
+            ORDER BY customer_id, meter, window_start, md5(dimensions::text), latest_event_us DESC, latest_partition DESC, latest_offset DESC
+            ON CONFLICT (customer_id, meter, window_start, md5(dimensions::text)) DO UPDATE SET
+                value = CASE WHEN \(newer) THEN EXCLUDED.value ELSE w.value END,
+                latest_event_us = CASE WHEN \(newer) THEN EXCLUDED.latest_event_us ELSE w.latest_event_us END,
+                latest_partition = CASE WHEN \(newer) THEN EXCLUDED.latest_partition ELSE w.latest_partition END,
+                latest_offset = CASE WHEN \(newer) THEN EXCLUDED.latest_offset ELSE w.latest_offset END
+            """)
+        try connection.query("""
+            INSERT INTO meter_unique_values_hourly (customer_id, meter, window_start, dimensions, value)
+            SELECT DISTINCT customer_id, meter, window_start, dimensions, value FROM meter_unique_value_deltas
+            ON CONFLICT DO NOTHING
+            """)
+        try connection.query("DELETE FROM meter_window_deltas")
+        try connection.query("DELETE FROM meter_unique_value_deltas")
+    }
+
+    /// The hourly windows in `schema`, folded or not, one row per window as a fold leaves it:
+    /// for checksums, which must not depend on when folds ran.
+    public static func hourlyWindowsQuery(schema: SQLIdentifier) -> String {
+        let columns = "customer_id, meter, window_start, dimensions, aggregation, value, latest_event_us, latest_partition, latest_offset"
+        let order = "ORDER BY latest_event_us DESC, latest_partition DESC, latest_offset DESC"
+        return """
+            SELECT customer_id, meter, window_start, dimensions, aggregation,
+                   CASE aggregation WHEN 'max' THEN max(value) WHEN 'latest' THEN (array_agg(value \(order)))[1] ELSE sum(value) END AS value,
+                   (array_agg(latest_event_us \(order)))[1] AS latest_event_us, (array_agg(latest_partition \(order)))[1] AS latest_partition,
+                   (array_agg(latest_offset \(order)))[1] AS latest_offset
+            FROM (SELECT \(columns) FROM \(schema).meter_windows_hourly UNION ALL SELECT \(columns) FROM \(schema).meter_window_deltas) w
+            GROUP BY customer_id, meter, window_start, dimensions, aggregation
+            """
+    }
+
+    /// The distinct values in `schema`, folded or not.
+    public static func uniqueValuesQuery(schema: SQLIdentifier) -> String {
+        let columns = "customer_id, meter, window_start, dimensions, value"
+        return "SELECT DISTINCT \(columns) FROM (SELECT \(columns) FROM \(schema).meter_unique_values_hourly UNION ALL SELECT \(columns) FROM \(schema).meter_unique_value_deltas) u"
     }
 
     /// The stored LATEST reading is older than the incoming one (NULL, so false, for other kinds).
@@ -273,13 +330,20 @@ public enum MeterUsageQuery {
         case .latest: "(array_agg(value ORDER BY latest_event_us DESC, latest_partition DESC, latest_offset DESC))[1]"
         case .uniqueCount: "count(DISTINCT value)"
         }
-        let table = if case .uniqueCount = meter.aggregation { "meter_unique_values_hourly" } else { "meter_windows_hourly" }
+        // Folded rows and the deltas not folded yet.
+        let source = if case .uniqueCount = meter.aggregation {
+            "(SELECT customer_id, meter, window_start, dimensions, value FROM meter_unique_values_hourly UNION ALL "
+                + "SELECT customer_id, meter, window_start, dimensions, value FROM meter_unique_value_deltas) u"
+        } else {
+            "(SELECT customer_id, meter, window_start, dimensions, value, latest_event_us, latest_partition, latest_offset FROM meter_windows_hourly UNION ALL "
+                + "SELECT customer_id, meter, window_start, dimensions, value, latest_event_us, latest_partition, latest_offset FROM meter_window_deltas) w"
+        }
         // The chosen dimensions' values as one JSON array, in the order asked.
         let query: PostgresQuery = """
             SELECT to_char(date_trunc(\(unit)::text, window_start, 'UTC') AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), customer_id,
                    (SELECT jsonb_agg(dimensions->d ORDER BY n) FROM unnest(\(PostgresArray(groupBy))::text[]) WITH ORDINALITY AS x(d, n)),
                    \(unescaped: figure)::text
-            FROM \(SQLIdentifier(table))
+            FROM \(unescaped: source)
             WHERE meter = \(name) AND (\(customerID)::text IS NULL OR customer_id = \(customerID)::text)
               AND (\(from)::timestamptz IS NULL OR date_trunc(\(unit)::text, window_start, 'UTC') >= \(from)::timestamptz)
               AND (\(to)::timestamptz IS NULL OR date_trunc(\(unit)::text, window_start, 'UTC') < \(to)::timestamptz)

@@ -17,7 +17,7 @@ public enum ReplayedConsumer: String, Sendable, CaseIterable {
         let shared = ["consumer_offsets", "dead_letters", "event_conflicts"]
         switch self {
         case .aggregator: return shared + ["usage_event_keys", "usage_windows_hourly", "usage_window_deltas", "meter_windows_hourly",
-                                           "meter_unique_values_hourly", "meter_undeclared_readings"]
+                                           "meter_window_deltas", "meter_unique_values_hourly", "meter_unique_value_deltas", "meter_undeclared_readings"]
         case .rater: return shared + ["rater_event_keys", "rated_usage", "unpriced_usage", "unrateable_records", "wallet_ledger", "wallet_grants", "wallets",
                                       "balance_alerts", "topup_requests"]
         }
@@ -117,7 +117,7 @@ public enum StateChecksum {
                                partitions: Set<Int32>? = nil, perPartition: Bool = true) throws -> [TableChecksum] {
         var sums: [TableChecksum] = []
         // Window deltas are summed into the windows: when folds ran is not state.
-        for table in consumer.tables where table != "usage_window_deltas" {
+        for table in consumer.tables where !["usage_window_deltas", "meter_window_deltas", "meter_unique_value_deltas"].contains(table) {
             let columns = try connection.query("""
                 SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2
                 """, [schema.name, table]).rows.compactMap { $0[0] }
@@ -138,7 +138,12 @@ public enum StateChecksum {
             let removed = volatileColumns.filter(columns.contains).map { "'\($0)'" }
             let rowText = removed.isEmpty ? "to_jsonb(t)::text" : "(to_jsonb(t) - ARRAY[\(removed.joined(separator: ","))]::text[])::text"
             let grouping = hasPartition && perPartition ? "partition" : "NULL::int"
-            let source = table == "usage_windows_hourly" ? "(\(AggregatorStore.windowsQuery(schema: schema)))" : "\(schema.qualifying(table))"
+            let source = switch table {
+            case "usage_windows_hourly": "(\(AggregatorStore.windowsQuery(schema: schema)))"
+            case "meter_windows_hourly": "(\(MeterWindowWriter.hourlyWindowsQuery(schema: schema)))"
+            case "meter_unique_values_hourly": "(\(MeterWindowWriter.uniqueValuesQuery(schema: schema)))"
+            default: "\(schema.qualifying(table))"
+            }
             let result = try connection.query("""
                 SELECT \(grouping), count(*), md5(coalesce(string_agg(row_text, '|' ORDER BY row_text), ''))
                 FROM (SELECT \(hasPartition ? "partition" : "NULL::int AS partition"), \(rowText) AS row_text FROM \(source) t \(filter)) rows

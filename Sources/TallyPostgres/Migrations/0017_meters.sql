@@ -47,6 +47,29 @@ CREATE TABLE tally.meter_unique_values_hourly (
 CREATE UNIQUE INDEX meter_unique_values_hourly_key ON tally.meter_unique_values_hourly
     (customer_id, meter, window_start, md5(dimensions::text), md5(value));
 
+-- What batches add, appended without an index (one COPY per batch) and folded into the two
+-- tables above in bulk with the token window deltas (AggregatorStore.fold), as migration 0012
+-- does for tokens: upserting every touched window in every batch cost more than the rest of a
+-- batch's meter work. Readers see the union (`meter_windows`), so a fold changes no figure.
+CREATE TABLE tally.meter_window_deltas (
+    customer_id text NOT NULL,
+    meter text NOT NULL,
+    window_start timestamptz NOT NULL,
+    dimensions jsonb NOT NULL,
+    aggregation text NOT NULL,
+    value numeric NOT NULL,
+    latest_event_us bigint,
+    latest_partition integer,
+    latest_offset bigint
+);
+CREATE TABLE tally.meter_unique_value_deltas (
+    customer_id text NOT NULL,
+    meter text NOT NULL,
+    window_start timestamptz NOT NULL,
+    dimensions jsonb NOT NULL,
+    value text NOT NULL
+);
+
 -- Readings of meters the catalog did not declare when the aggregator counted their event
 -- (producers other than the ingest API, which refuses them). Nothing is dropped: `tally meters
 -- apply` folds the readings of a meter it declares into its windows, holding the lock every
@@ -75,10 +98,18 @@ SELECT g.granularity, w.customer_id, w.meter, date_trunc(g.granularity, w.window
            WHEN 'latest' THEN (array_agg(w.value ORDER BY w.latest_event_us DESC, w.latest_partition DESC, w.latest_offset DESC))[1]
            ELSE sum(w.value)
        END AS value
-FROM tally.meter_windows_hourly w CROSS JOIN (VALUES ('hour'), ('day'), ('month')) AS g(granularity)
+FROM (SELECT customer_id, meter, window_start, dimensions, aggregation, value, latest_event_us, latest_partition, latest_offset
+      FROM tally.meter_windows_hourly
+      UNION ALL
+      SELECT customer_id, meter, window_start, dimensions, aggregation, value, latest_event_us, latest_partition, latest_offset
+      FROM tally.meter_window_deltas) w
+     CROSS JOIN (VALUES ('hour'), ('day'), ('month')) AS g(granularity)
 GROUP BY g.granularity, w.customer_id, w.meter, date_trunc(g.granularity, w.window_start, 'UTC'), w.dimensions, w.aggregation
 UNION ALL
 SELECT g.granularity, u.customer_id, u.meter, date_trunc(g.granularity, u.window_start, 'UTC'), u.dimensions,
        'unique_count', count(DISTINCT u.value)
-FROM tally.meter_unique_values_hourly u CROSS JOIN (VALUES ('hour'), ('day'), ('month')) AS g(granularity)
+FROM (SELECT customer_id, meter, window_start, dimensions, value FROM tally.meter_unique_values_hourly
+      UNION ALL
+      SELECT customer_id, meter, window_start, dimensions, value FROM tally.meter_unique_value_deltas) u
+     CROSS JOIN (VALUES ('hour'), ('day'), ('month')) AS g(granularity)
 GROUP BY g.granularity, u.customer_id, u.meter, date_trunc(g.granularity, u.window_start, 'UTC'), u.dimensions;
