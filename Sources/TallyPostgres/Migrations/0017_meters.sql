@@ -28,7 +28,7 @@ CREATE TABLE tally.meter_windows_hourly (
     latest_partition integer,
     latest_offset bigint,
     CHECK ((aggregation = 'latest') = (latest_event_us IS NOT NULL AND latest_partition IS NOT NULL AND latest_offset IS NOT NULL))
-) WITH (fillfactor = 70);  -- batches update their hours in place: room for HOT updates
+) WITH (fillfactor = 70);  -- folds update the hours in place: room for HOT updates
 CREATE UNIQUE INDEX meter_windows_hourly_key ON tally.meter_windows_hourly (customer_id, meter, window_start, md5(dimensions::text));
 -- All customers' windows of one meter (tally usage --meter without --customer, dashboards).
 CREATE INDEX meter_windows_hourly_meter ON tally.meter_windows_hourly (meter, window_start);
@@ -51,16 +51,19 @@ CREATE UNIQUE INDEX meter_unique_values_hourly_key ON tally.meter_unique_values_
 -- tables above in bulk with the token window deltas (AggregatorStore.fold), as migration 0012
 -- does for tokens: upserting every touched window in every batch cost more than the rest of a
 -- batch's meter work. Readers see the union (`meter_windows`), so a fold changes no figure.
+-- The same checks as the folded table, so a row no fold could merge fails its own batch rather
+-- than every fold after it (which would hold up the token folds too).
 CREATE TABLE tally.meter_window_deltas (
     customer_id text NOT NULL,
     meter text NOT NULL,
     window_start timestamptz NOT NULL,
     dimensions jsonb NOT NULL,
-    aggregation text NOT NULL,
-    value numeric NOT NULL,
+    aggregation text NOT NULL CHECK (aggregation IN ('sum', 'count', 'max', 'latest')),
+    value numeric NOT NULL CHECK (value >= 0),
     latest_event_us bigint,
     latest_partition integer,
-    latest_offset bigint
+    latest_offset bigint,
+    CHECK ((aggregation = 'latest') = (latest_event_us IS NOT NULL AND latest_partition IS NOT NULL AND latest_offset IS NOT NULL))
 );
 CREATE TABLE tally.meter_unique_value_deltas (
     customer_id text NOT NULL,
