@@ -322,15 +322,7 @@ public enum MeterWindows {
             guard !event.meters.isEmpty else { continue }
             let start = Granularity.hour.windowStart(event.time.microseconds)
             // As `MeterReading.of`: the event's labels win over properties of the same name.
-            func value(_ name: String) -> String? {
-                switch name {
-                case "model": event.isModelCall ? event.model : event.properties[name]
-                case "provider": event.provider ?? event.properties[name]
-                case "feature": event.feature ?? event.properties[name]
-                case "environment": event.environment ?? event.properties[name]
-                default: event.properties[name]
-                }
-            }
+            let value = event.dimension
             var sawUndeclared = false
             for (name, quantity) in event.meters {
                 guard let meter = catalog.meters[name] else {

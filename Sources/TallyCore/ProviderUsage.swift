@@ -95,6 +95,25 @@ public enum CallStatus: String, CaseIterable, Sendable {
     }
 }
 
+/// Properties Tally fills from what a provider reports, beside `CallStatus`'s: price rules and
+/// meter dimensions can name them ("priority calls cost more", "the batch API at half price").
+public enum StandardProperty {
+    /// The provider's processing tier, as reported: OpenAI's response `service_tier` (`default`,
+    /// `flex`, `priority`, `scale`; API reference, "Chat Completions" and "Responses"), Anthropic's
+    /// `usage.service_tier` (`standard`, `priority`, `batch`; API reference, "Messages").
+    public static let serviceTier = "service_tier"
+    /// `"true"` for a call made through a batch API: Anthropic's `service_tier` `batch`, or the
+    /// provider usage endpoint's `batch` field (OpenAI's Batch API reports no tier of its own).
+    public static let batch = "batch"
+
+    /// Sets `service_tier` (and `batch` for Anthropic's `batch` tier) when a tier is known.
+    public static func apply(serviceTier: String?, to properties: inout [String: String]) {
+        guard let serviceTier else { return }
+        properties[Self.serviceTier] = serviceTier
+        if serviceTier == "batch" { properties[batch] = "true" }
+    }
+}
+
 /// Canonical token counts, and the standard meters the usage object reports.
 public struct TokenCounts: Equatable, Sendable {
     public var input: Int64
@@ -106,6 +125,8 @@ public struct TokenCounts: Equatable, Sendable {
     public var reasoning: Int64 = 0
     /// Standard meters reported beside the tokens (`StandardMeter` names), quantities above 0.
     public var meters: [String: Int64] = [:]
+    /// The service tier the usage object reports (Anthropic's `usage.service_tier`), if any.
+    public var serviceTier: String?
 
     public init(input: Int64, output: Int64, cacheRead: Int64 = 0, cacheWrite: Int64 = 0, cacheWrite1h: Int64 = 0, reasoning: Int64 = 0) {
         self.input = input
@@ -191,6 +212,8 @@ public enum ProviderUsageMapper {
                 let quantity = count(["server_tool_use", meter.rawValue], required: false)
                 if quantity > 0 { counts.meters[meter.rawValue] = quantity }
             }
+            // Only a short text is a tier: anything else is ignored rather than stored.
+            if let tier = usage["service_tier"]?.string, (1...64).contains(tier.utf8.count) { counts.serviceTier = tier }
         }
         if !violations.isEmpty { return .failure(.invalid(violations)) }
         if counts.cacheRead + counts.cacheWrite > counts.input || counts.reasoning > counts.output {
@@ -210,8 +233,9 @@ public enum ProviderUsageMapper {
 /// `{"id", "customer", "model", "time", "usage": {…}}` plus optional `source`,
 /// `feature`, `environment`, `properties`, `status` (a `CallStatus`; when not given, a
 /// `status` property is kept, else an answered call is a `success`, or a `retry` past its
-/// first `attempt`) and `attempt` (1 for the first try). Standard meters the usage object
-/// reports are filled in.
+/// first `attempt`), `attempt` (1 for the first try), `service_tier` (the response's, for
+/// OpenAI; Anthropic's is read from the usage object) and `batch` (true for a batch API call).
+/// Standard meters and properties (`StandardProperty`) the usage object reports are filled in.
 ///
 /// - Important: the result is encoded, not yet validated against schema v1
 ///   (lengths, limits): pass it through `IngestBatchParser` like any other event.
@@ -273,6 +297,13 @@ public enum ProviderEventBuilder {
         } else if properties[CallStatus.property] == nil {
             properties[CallStatus.property] = ((attempt ?? 1) > 1 ? CallStatus.retry : .success).rawValue
         }
+        let serviceTier = text("service_tier", required: false)
+        var batch = false
+        switch members["batch"] {
+        case nil, .null?: break
+        case .bool(let value)?: batch = value
+        default: violations.append(FieldViolation("batch", "must be true or false"))
+        }
         let time = timeText.flatMap(EventTime.init)
         if timeText != nil && time == nil {
             violations.append(FieldViolation("time", "must be an RFC 3339 date-time with offset, e.g. 2026-01-01T12:00:00Z"))
@@ -287,6 +318,8 @@ public enum ProviderEventBuilder {
             violations.append(FieldViolation("usage", "is required"))
         }
         guard violations.isEmpty, let id, let customer, let model, let time, let counts else { return .failure(.invalid(violations)) }
+        StandardProperty.apply(serviceTier: serviceTier ?? counts.serviceTier, to: &properties)
+        if batch { properties[StandardProperty.batch] = "true" }
         let event = UsageEvent(id: id, source: source, subject: customer, time: time, model: model,
                                provider: provider.providerLabel, feature: feature, environment: environment,
                                inputTokens: counts.input, outputTokens: counts.output, cacheReadInputTokens: counts.cacheRead,

@@ -46,6 +46,19 @@ public struct UsageEvent: Hashable, Sendable {
     /// False for a meter-only event, which has no model, no tokens and no token windows.
     public var isModelCall: Bool { !model.isEmpty }
 
+    /// The value of a dimension a meter catalog or a price rule names: one of the event's labels
+    /// (`model`, `provider`, `feature`, `environment`) or else a property of that name. The label
+    /// wins over a property of the same name; nil when the event has neither.
+    public func dimension(_ name: String) -> String? {
+        switch name {
+        case "model": isModelCall ? model : properties[name]
+        case "provider": provider ?? properties[name]
+        case "feature": feature ?? properties[name]
+        case "environment": environment ?? properties[name]
+        default: properties[name]
+        }
+    }
+
     public init(id: String, source: String, subject: String, time: EventTime, model: String,
                 provider: String? = nil, feature: String? = nil, environment: String? = nil,
                 inputTokens: Int64, outputTokens: Int64, cacheReadInputTokens: Int64 = 0,

@@ -25,32 +25,36 @@ public struct UsageDimensions: Hashable, Sendable, Comparable {
     public var feature: String
     public var provider: String
     public var environment: String
+    /// The call's `status` property (`CallStatus`: success, retry, error, cancelled), so windows
+    /// show what failed calls used.
+    public var status: String
 
-    public init(customerID: String, model: String, feature: String = "", provider: String = "", environment: String = "") {
+    public init(customerID: String, model: String, feature: String = "", provider: String = "", environment: String = "", status: String = "") {
         self.customerID = customerID
         self.model = model
         self.feature = feature
         self.provider = provider
         self.environment = environment
+        self.status = status
     }
 
     public init(_ event: UsageEvent) {
         self.init(customerID: event.subject, model: event.model, feature: event.feature ?? "",
-                  provider: event.provider ?? "", environment: event.environment ?? "")
+                  provider: event.provider ?? "", environment: event.environment ?? "", status: event.properties[CallStatus.property] ?? "")
     }
 
     public static func < (a: UsageDimensions, b: UsageDimensions) -> Bool {
-        (a.customerID, a.model, a.feature, a.provider, a.environment) < (b.customerID, b.model, b.feature, b.provider, b.environment)
+        (a.customerID, a.model, a.feature, a.provider, a.environment, a.status) < (b.customerID, b.model, b.feature, b.provider, b.environment, b.status)
     }
 
     /// Byte for byte, as PostgreSQL keys the window rows (`ExactText` says why).
     public static func == (a: UsageDimensions, b: UsageDimensions) -> Bool {
         ExactText.equal(a.customerID, b.customerID) && ExactText.equal(a.model, b.model) && ExactText.equal(a.feature, b.feature)
-            && ExactText.equal(a.provider, b.provider) && ExactText.equal(a.environment, b.environment)
+            && ExactText.equal(a.provider, b.provider) && ExactText.equal(a.environment, b.environment) && ExactText.equal(a.status, b.status)
     }
 
     public func hash(into hasher: inout Hasher) {
-        for text in [customerID, model, feature, provider, environment] { ExactText.hash(text, into: &hasher) }
+        for text in [customerID, model, feature, provider, environment, status] { ExactText.hash(text, into: &hasher) }
     }
 }
 

@@ -290,6 +290,7 @@ final class Gateway: Sendable {
             event.properties[CallStatus.property] = CallStatus(upstreamStatus: upstreamStatus, errorReported: scanner.sawErrorEvent, brokeOff: !complete,
                                                                callerLeft: event.properties["caller_left"] == "true",
                                                                attempt: event.properties[CallStatus.attemptProperty].flatMap { Int($0) }).rawValue
+            StandardProperty.apply(serviceTier: counts.serviceTier, to: &event.properties)
             event.properties["gateway_api"] = api.rawValue
             event.properties["upstream_status"] = String(upstreamStatus)
             if let id = scanner.responseID { event.properties["response_id"] = id }

@@ -108,12 +108,12 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             // Room to group a few hundred thousand rows in memory; the default 4 MB sorts them on disk.
             try connection.query("SET LOCAL work_mem = '256MB'")
             try connection.query("""
-                INSERT INTO usage_windows_hourly AS w (customer_id, window_start, model, feature, provider, environment, input_tokens,
+                INSERT INTO usage_windows_hourly AS w (\(keyColumns), input_tokens,
                     output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count)
-                SELECT customer_id, window_start, model, feature, provider, environment, sum(input_tokens), sum(output_tokens),
+                SELECT \(keyColumns), sum(input_tokens), sum(output_tokens),
                        sum(cache_read_input_tokens), sum(cache_write_input_tokens), sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
-                FROM usage_window_deltas GROUP BY customer_id, window_start, model, feature, provider, environment
-                ON CONFLICT (customer_id, window_start, model, feature, provider, environment) DO UPDATE SET
+                FROM usage_window_deltas GROUP BY \(keyColumns)
+                ON CONFLICT (\(keyColumns)) DO UPDATE SET
                     input_tokens = w.input_tokens + EXCLUDED.input_tokens,
                     output_tokens = w.output_tokens + EXCLUDED.output_tokens,
                     cache_read_input_tokens = w.cache_read_input_tokens + EXCLUDED.cache_read_input_tokens,
@@ -132,13 +132,16 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     /// them; for schemas that have no such view (a replay's), and for comparisons that must not
     /// depend on when folds ran.
     public static func windowsQuery(schema: SQLIdentifier) -> String {
-        let columns = "customer_id, window_start, model, feature, provider, environment, " + measureColumns.joined(separator: ", ")
+        let columns = keyColumns + ", " + measureColumns.joined(separator: ", ")
         return """
-            SELECT customer_id, window_start, model, feature, provider, environment, \(measureColumns.map { "sum(\($0)) AS \($0)" }.joined(separator: ", "))
+            SELECT \(keyColumns), \(measureColumns.map { "sum(\($0)) AS \($0)" }.joined(separator: ", "))
             FROM (SELECT \(columns) FROM \(schema).usage_windows_hourly UNION ALL SELECT \(columns) FROM \(schema).usage_window_deltas) w
-            GROUP BY customer_id, window_start, model, feature, provider, environment
+            GROUP BY \(keyColumns)
             """
     }
+
+    /// A window row's key: its customer, hour and `UsageDimensions`.
+    private static let keyColumns = "customer_id, window_start, model, feature, provider, environment, status"
 
     private static let measureColumns = ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens",
                                          "reasoning_output_tokens", "total_tokens", "event_count"]
@@ -149,7 +152,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     private func appendDeltas(_ rows: [WindowKey: UsageMeasures]) throws {
         guard !rows.isEmpty else { return }
         let sql = """
-            COPY usage_window_deltas (customer_id, window_start, model, feature, provider, environment, input_tokens, output_tokens,
+            COPY usage_window_deltas (\(Self.keyColumns), input_tokens, output_tokens,
                 cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count) FROM STDIN WITH (FORMAT binary)
             """
         func key(_ key: WindowKey, _ fields: inout CopyFields) {
@@ -160,6 +163,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             fields.add(dimensions.feature)
             fields.add(dimensions.provider)
             fields.add(dimensions.environment)
+            fields.add(dimensions.status)
         }
         // Delta rows are bigint: a window whose batch sum exceeds Int64 (a thousand events of the
         // largest valid counts) goes in as several rows that add up to it; folds sum them as numeric.

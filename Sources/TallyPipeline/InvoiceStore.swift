@@ -118,25 +118,25 @@ public struct InvoiceStore {
               (SELECT period_start FROM invoices WHERE customer_id = $1 AND currency = $2 AND period_start < \(microsecondsToTimestamp) $3::bigint))
             """
         let charges = try connection.query("""
-            SELECT \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above,
+            SELECT \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above, price_rule,
                    quantity, amount_nanos, pricing
             FROM rated_usage WHERE customer_id = $1 AND currency = $2 AND \(periods)
             """, parameters)
         for row in 0..<charges.rowCount {
             inputs.charges.append(RatedCharge(periodStart: try charges.value(row, 0, as: Int64.self), item: try item(charges, row, from: 1),
-                                              quantity: try charges.value(row, 7, as: Int64.self), amountNanos: try charges.value(row, 8, as: Int64.self),
-                                              pricing: try charges.value(row, 9, as: String.self)))
+                                              quantity: try charges.value(row, 8, as: Int64.self), amountNanos: try charges.value(row, 9, as: Int64.self),
+                                              pricing: try charges.value(row, 10, as: String.self)))
         }
         let invoiced = try connection.query("""
             SELECT \(microseconds("l.covers_period_start")), l.book_name, l.book_customer, l.book_version, l.model, l.token_type,
-                   coalesce(l.context_above, 0), sum(l.quantity), sum(l.exact_amount_nanos)
+                   coalesce(l.context_above, 0), coalesce(l.price_rule, ''), sum(l.quantity), sum(l.exact_amount_nanos)
             FROM invoice_lines l JOIN invoices i USING (invoice_id)
             WHERE i.customer_id = $1 AND i.currency = $2 AND l.kind IN ('usage', 'adjustment')
-            GROUP BY 1, 2, 3, 4, 5, 6, 7
+            GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
             """, [inputs.customerID, inputs.currency.code])
         for row in 0..<invoiced.rowCount {
             inputs.invoiced.append(InvoicedCharge(periodStart: try invoiced.value(row, 0, as: Int64.self), item: try item(invoiced, row, from: 1),
-                                                  quantity: try invoiced.value(row, 7, as: Int128.self), exactNanos: try invoiced.value(row, 8, as: Int128.self)))
+                                                  quantity: try invoiced.value(row, 8, as: Int128.self), exactNanos: try invoiced.value(row, 9, as: Int128.self)))
         }
         let drawn = try connection.query("""
             SELECT \(microseconds("period_start")), -sum(amount_nanos) FROM wallet_ledger
@@ -152,11 +152,12 @@ public struct InvoiceStore {
         for row in 0..<applied.rowCount { inputs.creditsInvoiced[try applied.value(row, 0, as: Int64.self)] = try applied.value(row, 1, as: Int128.self) }
     }
 
-    /// The price item in six columns: book name, book customer, version, model, token type, context tier.
+    /// The price item in seven columns: book name, book customer, version, model, token type, context tier, price rule.
     private func item(_ result: PostgresResult, _ row: Int, from column: Int) throws -> PriceItem {
         PriceItem(bookName: try result.value(row, column, as: String.self), bookCustomer: try result.value(row, column + 1, as: String.self),
                   bookVersion: Int(try result.value(row, column + 2, as: Int64.self)), model: try result.value(row, column + 3, as: String.self),
-                  tokenType: try result.value(row, column + 4, parsedBy: TokenType.init(rawValue:)), contextAbove: try result.int64(row, column + 5) ?? 0)
+                  tokenType: try result.value(row, column + 4, parsedBy: TokenType.init(rawValue:)), contextAbove: try result.int64(row, column + 5) ?? 0,
+                  rule: result.string(row, column + 6) ?? "")
     }
 
     /// Stores the invoice and its lines; false when the period was closed concurrently.
@@ -172,17 +173,18 @@ public struct InvoiceStore {
             let lines = invoice.lines
             try connection.query(bound: """
                 INSERT INTO invoice_lines (invoice_id, line_no, kind, description, covers_period_start, book_name, book_customer, book_version,
-                    model, token_type, context_above, quantity, unit_price, exact_amount_nanos, amount_nanos)
-                SELECT \(invoice.invoiceID), n, k, d, \(unescaped: microsecondsToTimestamp) c, b, bc, v, m, t, ca, q, u, e, a
+                    model, token_type, context_above, price_rule, quantity, unit_price, exact_amount_nanos, amount_nanos)
+                SELECT \(invoice.invoiceID), n, k, d, \(unescaped: microsecondsToTimestamp) c, b, bc, v, m, t, ca, ru, q, u, e, a
                 FROM unnest(\(PostgresArray(Array(1...lines.count)))::int[], \(PostgresArray(lines.map(\.kind.rawValue)))::text[],
                             \(PostgresArray(lines.map(\.description)))::text[], \(PostgresArray(lines.map(\.coversPeriodStart)))::bigint[],
                             \(PostgresArray(lines.map(\.item?.bookName)))::text[], \(PostgresArray(lines.map(\.item?.bookCustomer)))::text[],
                             \(PostgresArray(lines.map { $0.item.map { String($0.bookVersion) } }))::int[],
                             \(PostgresArray(lines.map(\.item?.model)))::text[], \(PostgresArray(lines.map(\.item?.tokenType.rawValue)))::text[],
                             \(PostgresArray(lines.map { $0.item.map { String($0.contextAbove) } }))::bigint[],
+                            \(PostgresArray(lines.map(\.item?.rule)))::text[],
                             \(PostgresArray(lines.map { $0.quantity.map(String.init) }))::bigint[], \(PostgresArray(lines.map(\.unitPrice)))::text[],
                             \(PostgresArray(lines.map(\.exactNanos)))::bigint[], \(PostgresArray(lines.map(\.amountNanos)))::bigint[])
-                     AS x(n, k, d, c, b, bc, v, m, t, ca, q, u, e, a)
+                     AS x(n, k, d, c, b, bc, v, m, t, ca, ru, q, u, e, a)
                 """)
             return true
         }
@@ -212,14 +214,14 @@ public struct InvoiceStore {
         let invoiceID = try header.value(0, 0, as: String.self)
         let lines = try connection.query("""
             SELECT kind, description, \(microseconds("covers_period_start")), book_name, book_customer, book_version, model, token_type,
-                   context_above, quantity, unit_price, exact_amount_nanos, amount_nanos
+                   context_above, price_rule, quantity, unit_price, exact_amount_nanos, amount_nanos
             FROM invoice_lines WHERE invoice_id = $1 ORDER BY line_no
             """, [invoiceID])
         let parsed = try (0..<lines.rowCount).map { row in
             InvoiceLine(kind: try lines.value(row, 0, parsedBy: InvoiceLineKind.init(rawValue:)), description: try lines.value(row, 1, as: String.self),
                         coversPeriodStart: try lines.value(row, 2, as: Int64.self), item: lines.isNull(row, 3) ? nil : try item(lines, row, from: 3),
-                        quantity: try lines.int64(row, 9), unitPrice: lines.string(row, 10), exactNanos: try lines.value(row, 11, as: Int64.self),
-                        amountNanos: try lines.value(row, 12, as: Int64.self))
+                        quantity: try lines.int64(row, 10), unitPrice: lines.string(row, 11), exactNanos: try lines.value(row, 12, as: Int64.self),
+                        amountNanos: try lines.value(row, 13, as: Int64.self))
         }
         return Invoice(invoiceID: invoiceID, customerID: customerID,
                        period: BillingPeriod(start: try header.value(0, 1, as: Int64.self), end: try header.value(0, 2, as: Int64.self)),

@@ -183,34 +183,37 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let result = try connection.query("""
             SELECT \(chargeKeyColumns), r.currency, r.quantity, r.amount_nanos, r.id
             FROM rated_usage r
-            JOIN unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[])
-                AS k(c, p, b, bc, v, m, t, ca)
+            JOIN unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[], $9::text[])
+                AS k(c, p, b, bc, v, m, t, ca, pr)
               ON r.customer_id = k.c AND r.period_start = \(microsecondsToTimestamp) k.p AND r.book_name = k.b
              AND r.book_customer = k.bc AND r.book_version = k.v AND r.model = k.m AND r.token_type = k.t AND r.context_above = k.ca
+             AND r.price_rule = k.pr
             """, chargeKeyArrays(list))
         for row in 0..<result.rowCount {
             let key = try chargeKey(result, row: row, from: 0)
-            state.charges[key] = ChargeTotal(quantity: try result.value(row, 9, as: Int64.self), amountNanos: try result.value(row, 10, as: Int64.self),
-                                             currency: try result.value(row, 8, parsedBy: Currency.init))
-            storedCharges[key] = try result.value(row, 11, as: Int64.self)
+            state.charges[key] = ChargeTotal(quantity: try result.value(row, 10, as: Int64.self), amountNanos: try result.value(row, 11, as: Int64.self),
+                                             currency: try result.value(row, 9, parsedBy: Currency.init))
+            storedCharges[key] = try result.value(row, 12, as: Int64.self)
         }
     }
 
     /// `rated_usage`'s key columns (unqualified), in the order `chargeKey(_:row:from:)` reads them.
-    private let chargeKeyColumns = "customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above"
+    private let chargeKeyColumns = "customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above, price_rule"
 
-    /// The charge key in the eight `chargeKeyColumns` of a result row, starting at column `first`.
+    /// The charge key in the nine `chargeKeyColumns` of a result row, starting at column `first`.
     private func chargeKey(_ result: PostgresResult, row: Int, from first: Int) throws -> ChargeKey {
         let item = PriceItem(bookName: try result.value(row, first + 2, as: String.self), bookCustomer: try result.value(row, first + 3, as: String.self),
                              bookVersion: Int(try result.value(row, first + 4, as: Int64.self)), model: try result.value(row, first + 5, as: String.self),
-                             tokenType: try result.value(row, first + 6, parsedBy: TokenType.init(rawValue:)), contextAbove: try result.value(row, first + 7, as: Int64.self))
+                             tokenType: try result.value(row, first + 6, parsedBy: TokenType.init(rawValue:)), contextAbove: try result.value(row, first + 7, as: Int64.self),
+                             rule: try result.value(row, first + 8, as: String.self))
         return ChargeKey(customerID: try result.value(row, first, as: String.self), periodStart: try result.value(row, first + 1, as: Int64.self), item: item)
     }
 
     private func chargeKeyArrays(_ keys: [ChargeKey]) -> [(any PostgresEncodable)?] {
         [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.periodStart)), PostgresArray(keys.map(\.item.bookName)),
          PostgresArray(keys.map(\.item.bookCustomer)), PostgresArray(keys.map(\.item.bookVersion)), PostgresArray(keys.map(\.item.model)),
-         PostgresArray(keys.map(\.item.tokenType.rawValue)), PostgresArray(keys.map(\.item.contextAbove))]
+         PostgresArray(keys.map(\.item.tokenType.rawValue)), PostgresArray(keys.map(\.item.contextAbove)),
+         PostgresArray(keys.map(\.item.rule))]
     }
 
     private func writeCharges(_ touched: Set<ChargeKey>) throws {
@@ -239,10 +242,10 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         // RETURNING promises no order: each id is matched to its key by the key's columns.
         let inserted = try connection.query("""
             INSERT INTO rated_usage (customer_id, period_start, book_name, book_customer, book_version, model, token_type, context_above,
-                currency, quantity, amount_nanos, pricing)
-            SELECT c, \(microsecondsToTimestamp) p, b, bc, v, m, t, ca, cur, q, a, pr
-            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[],
-                        $9::text[], $10::bigint[], $11::bigint[], $12::text[]) AS x(c, p, b, bc, v, m, t, ca, cur, q, a, pr)
+                price_rule, currency, quantity, amount_nanos, pricing)
+            SELECT c, \(microsecondsToTimestamp) p, b, bc, v, m, t, ca, ru, cur, q, a, pr
+            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[], $9::text[],
+                        $10::text[], $11::bigint[], $12::bigint[], $13::text[]) AS x(c, p, b, bc, v, m, t, ca, ru, cur, q, a, pr)
             RETURNING id, \(chargeKeyColumns)
             """, chargeKeyArrays(new) + [PostgresArray(totals.map(\.currency.code)), PostgresArray(totals.map(\.quantity)),
                                          PostgresArray(totals.map(\.amountNanos)), PostgresArray(pricing)])

@@ -117,25 +117,27 @@ public struct Reconciler {
             }
             let windows = try connection.query("""
                 SELECT customer_id, \(microseconds("window_start")), model, feature, provider, environment, input_tokens, output_tokens,
-                       cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count
+                       cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count, status
                 FROM usage_windows WHERE $1::text IS NULL OR customer_id = $1
                 """, [customerID])
             for row in 0..<windows.rowCount {
-                let key = Self.windowKey(try windows.value(row, 0, as: String.self), try windows.value(row, 1, as: Int64.self), try windows.value(row, 2, as: String.self), try windows.value(row, 3, as: String.self),
-                                         try windows.value(row, 4, as: String.self), try windows.value(row, 5, as: String.self))
+                let key = Self.windowKey(try windows.value(row, 1, as: Int64.self), UsageDimensions(
+                    customerID: try windows.value(row, 0, as: String.self), model: try windows.value(row, 2, as: String.self),
+                    feature: try windows.value(row, 3, as: String.self), provider: try windows.value(row, 4, as: String.self),
+                    environment: try windows.value(row, 5, as: String.self), status: try windows.value(row, 13, as: String.self)))
                 snapshot.windows[key] = (try windows.value(row, 0, as: String.self), try (6...12).map { try windows.value(row, $0, as: Int128.self) })
             }
             let charges = try connection.query("""
                 SELECT customer_id, \(microseconds("period_start")), book_name, book_customer, book_version, model, token_type, context_above,
-                       quantity, amount_nanos
+                       price_rule, quantity, amount_nanos
                 FROM rated_usage WHERE $1::text IS NULL OR customer_id = $1
                 """, [customerID])
             for row in 0..<charges.rowCount {
                 let item = PriceItem(bookName: try charges.value(row, 2, as: String.self), bookCustomer: try charges.value(row, 3, as: String.self), bookVersion: Int(try charges.value(row, 4, as: Int64.self)),
                                      model: try charges.value(row, 5, as: String.self), tokenType: try charges.value(row, 6, parsedBy: TokenType.init(rawValue:)),
-                                     contextAbove: try charges.value(row, 7, as: Int64.self))
+                                     contextAbove: try charges.value(row, 7, as: Int64.self), rule: try charges.value(row, 8, as: String.self))
                 snapshot.charges[ChargeKey(customerID: try charges.value(row, 0, as: String.self), periodStart: try charges.value(row, 1, as: Int64.self), item: item)] =
-                    (try charges.value(row, 8, as: Int64.self), try charges.value(row, 9, as: Int64.self))
+                    (try charges.value(row, 9, as: Int64.self), try charges.value(row, 10, as: Int64.self))
             }
             snapshot.meterCatalog = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
             let meterWindows = try connection.query("""
@@ -191,8 +193,9 @@ public struct Reconciler {
         return logStarts
     }
 
-    private static func windowKey(_ customer: String, _ start: Int64, _ model: String, _ feature: String, _ provider: String, _ environment: String) -> String {
-        "\(customer) \(EventTime.format(microseconds: start)) \(model) feature=\(feature) provider=\(provider) environment=\(environment)"
+    private static func windowKey(_ start: Int64, _ dimensions: UsageDimensions) -> String {
+        "\(dimensions.customerID) \(EventTime.format(microseconds: start)) \(dimensions.model) feature=\(dimensions.feature) "
+            + "provider=\(dimensions.provider) environment=\(dimensions.environment) status=\(dimensions.status)"
     }
 
     private func compareWindows(_ events: [PositionedEvent], snapshot: Snapshot, onlyRecounted: Bool, result: inout ReconcileResult) {
@@ -200,9 +203,7 @@ public struct Reconciler {
         for positioned in events { deltas.add(positioned.event) }
         var recounted: [String: [Int128]] = [:]
         for (key, measures) in deltas.rows(.hour) {
-            let dimensions = key.dimensions
-            recounted[Self.windowKey(dimensions.customerID, key.start, dimensions.model, dimensions.feature, dimensions.provider, dimensions.environment)] =
-                measures.values
+            recounted[Self.windowKey(key.start, key.dimensions)] = measures.values
         }
         let customers = Set(events.map(\.event.subject))
         let stored = snapshot.windows.filter { !onlyRecounted || customers.contains($0.value.customer) }.mapValues(\.measures)

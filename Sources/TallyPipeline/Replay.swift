@@ -202,7 +202,8 @@ public enum ReplayDiff {
             // Per line item across price book versions: a pricing change moves usage to the new version.
             let items = { (schema: SQLIdentifier) in """
                 SELECT customer_id, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') || ' ' || model || ' ' || token_type
-                           || CASE WHEN context_above > 0 THEN ' above ' || context_above ELSE '' END AS item,
+                           || CASE WHEN context_above > 0 THEN ' above ' || context_above ELSE '' END
+                           || CASE WHEN price_rule <> '' THEN ' rule ' || price_rule ELSE '' END AS item,
                        sum(quantity) AS quantity, sum(amount_nanos) AS amount
                 FROM \(schema).rated_usage WHERE \(scope) GROUP BY 1, 2
                 """ }

@@ -95,7 +95,11 @@ struct Pricing: ParsableCommand {
         @Option(help: "The newer version; the latest when omitted.") var to: Int?
 
         func run() throws {
-            let versions = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).versions(name: book)
+            let all = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).versions(name: book)
+            // One book: a customer's override when `book` is a customer with one, else the plan (not
+            // the overrides of customers whose plan it is, which share its name).
+            let overrides = all.filter { $0.customerID == book }
+            let versions = overrides.isEmpty ? all.filter { $0.name == book && $0.customerID == nil } : overrides
             guard let old = versions.first(where: { $0.version == from }),
                   let new = to.map({ wanted in versions.first { $0.version == wanted } }) ?? versions.last else {
                 throw ValidationError("no such versions of \(book)")
@@ -189,7 +193,9 @@ struct Pricing: ParsableCommand {
             for (model, reason) in imported.skipped { print("skipped \(model): \(reason)", to: &standardError) }
             for (model, reason) in imported.unmapped { print("imported \(model) without some prices: \(reason)", to: &standardError) }
             let tiered = imported.book.models.filter { !$0.contextTiers.isEmpty }.count
-            print("\(imported.book.models.count) models imported (\(tiered) with context tiers), \(imported.skipped.count) skipped, "
+            let ruled = imported.book.models.filter { !$0.rules.isEmpty }.count
+            print("\(imported.book.models.count) models imported (\(tiered) with context tiers, \(ruled) with batch or service-tier rules), "
+                + "\(imported.skipped.count) skipped, "
                 + "\(imported.unmapped.count) imported with prices Tally does not bill by token", to: &standardError)
             if apply {
                 let (version, _) = try BillingCatalogStore(connection: try connect(database, label: "tally.pricing")).apply(imported.book)
@@ -221,17 +227,42 @@ enum PriceBookDiff {
                     lines.append("~ \(model) \(type.rawValue): \(before.prices[type]?.describe(a.currency) ?? "unset") → \(after.prices[type]?.describe(b.currency) ?? "unset")")
                 }
                 if before.aliases != after.aliases { lines.append("~ \(model) aliases: \(before.aliases) → \(after.aliases)") }
+                lines += ruleLines(model, before.rules, after.rules) { rule, currency in describe(rule.prices, currency) }
             case (nil, nil): break
             }
         }
         for meter in Set(a.meters.map(\.meter)).union(b.meters.map(\.meter)).sorted() {
-            let before = a.price(ofMeter: meter), after = b.price(ofMeter: meter)
-            guard before != after else { continue }
-            let text = { (price: PricingModel?, currency: Currency) in price?.describeMeter(currency, unit: "unit") ?? "unset" }
-            lines.append(before == nil ? "+ meter \(meter): \(text(after, b.currency))" : after == nil ? "- meter \(meter): \(text(before, a.currency))"
-                         : "~ meter \(meter): \(text(before, a.currency)) → \(text(after, b.currency))")
+            let before = a.meterPrice(meter), after = b.meterPrice(meter)
+            if before?.pricing != after?.pricing {
+                let text = { (price: PricingModel?, currency: Currency) in price?.describeMeter(currency, unit: "unit") ?? "unset" }
+                lines.append(before == nil ? "+ meter \(meter): \(text(after?.pricing, b.currency))"
+                             : after == nil ? "- meter \(meter): \(text(before?.pricing, a.currency))"
+                             : "~ meter \(meter): \(text(before?.pricing, a.currency)) → \(text(after?.pricing, b.currency))")
+            }
+            lines += ruleLines("meter \(meter)", before?.rules ?? [], after?.rules ?? []) { rule, currency in
+                rule.prices.describeMeter(currency, unit: "unit")
+            }
         }
         return lines.isEmpty ? ["no differences"] : lines
+
+        /// Rules added, removed or changed (conditions or prices), by name.
+        func ruleLines<P>(_ subject: String, _ old: [PriceRule<P>], _ new: [PriceRule<P>],
+                          describe: (PriceRule<P>, Currency) -> String) -> [String] {
+            func text(_ rule: PriceRule<P>, _ currency: Currency) -> String {
+                "when " + rule.conditions.map { "\($0.dimension)=\($0.values.joined(separator: "|"))" }.joined(separator: ", ")
+                    + ": " + describe(rule, currency)
+            }
+            return Set(old.map(\.name)).union(new.map(\.name)).sorted().compactMap { name in
+                let before = old.first { $0.name == name }, after = new.first { $0.name == name }
+                switch (before, after) {
+                case (nil, let added?): return "+ \(subject) rule \(name): \(text(added, b.currency))"
+                case (let removed?, nil): return "- \(subject) rule \(name): \(text(removed, a.currency))"
+                case (let before?, let after?) where before != after || a.currency != b.currency:
+                    return "~ \(subject) rule \(name): \(text(before, a.currency)) → \(text(after, b.currency))"
+                default: return nil
+                }
+            }
+        }
     }
 
     static func describe(_ model: ModelPrices, _ currency: Currency) -> String {

@@ -147,6 +147,13 @@ final class ProviderPriceTests: XCTestCase {
                  "input_cost_per_token_above_200k_tokens": 2.5e-06, "output_cost_per_token_above_200k_tokens": 1.5e-05,
                  "input_cost_per_token_batches": 6.25e-07, "input_cost_per_audio_token": 0},
               "fine": {"input_cost_per_token": 1.1428571428571428e-06, "output_cost_per_token": 2e-06},
+              "gpt-4o": {"input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05, "cache_read_input_token_cost": 1.25e-06,
+                 "input_cost_per_token_batches": 1.25e-06, "output_cost_per_token_batches": 5e-06,
+                 "input_cost_per_token_priority": 4.25e-06, "output_cost_per_token_priority": 1.7e-05, "cache_read_input_token_cost_priority": 2.125e-06,
+                 "input_cost_per_audio_token_batches": 1e-06},
+              "gpt-5": {"input_cost_per_token": 1.25e-06, "output_cost_per_token": 1e-05,
+                 "input_cost_per_token_above_272k_tokens": 2.5e-06, "input_cost_per_token_flex": 6.25e-07,
+                 "input_cost_per_token_above_272k_tokens_flex": 1.25e-06},
               "claude-sonnet-4": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05, "cache_creation_input_token_cost": 3.75e-06,
                  "cache_creation_input_token_cost_above_1hr": 6e-06},
               "broken": {"input_cost_per_token": "free", "output_cost_per_token": 1e-06},
@@ -154,11 +161,24 @@ final class ProviderPriceTests: XCTestCase {
             }
             """
         let imported = try PriceBookDocument.importLiteLLM(litellm, name: "default", effectiveFrom: EventTime("2026-01-01T00:00:00Z")!, currency: Self.usd)
-        XCTAssertEqual(imported.book.models.map(\.model), ["claude-sonnet-4", "fine", "vertex/gemini-2.5-pro"])
+        XCTAssertEqual(imported.book.models.map(\.model), ["claude-sonnet-4", "fine", "gpt-4o", "gpt-5", "vertex/gemini-2.5-pro"])
         XCTAssertEqual(imported.skipped.map(\.model), ["broken", "too-fine"])
         XCTAssertTrue(imported.skipped.allSatisfy { $0.reason.contains("input_cost_per_token is not an exact non-negative price") }, "\(imported.skipped)")
-        XCTAssertEqual(imported.unmapped.map(\.model), ["vertex/gemini-2.5-pro"])
-        XCTAssertEqual(imported.unmapped.first?.reason, "not billed by token: input_cost_per_token_batches", "zero costs are not listed")
+        XCTAssertEqual(imported.unmapped.map(\.model), ["gpt-4o", "vertex/gemini-2.5-pro"])
+        XCTAssertEqual(imported.unmapped.map(\.reason), ["not billed by token: input_cost_per_audio_token_batches",
+                                                         "rule batch left out: no batches prices above 200000 input tokens"], "zero costs are not listed")
+        // Batch and service-tier costs become price rules on the batch and service_tier properties.
+        let gpt4o = try XCTUnwrap(imported.book.models.first { $0.model == "gpt-4o" })
+        XCTAssertEqual(gpt4o.rules.map(\.name), ["batch", "priority"])
+        XCTAssertEqual(gpt4o.rules[0].conditions, [PriceCondition(dimension: "batch", values: ["true"])])
+        XCTAssertEqual(gpt4o.rules[0].prices.prices, [.input: rate("1.25"), .output: rate("5.00"), .cacheRead: rate("1.25")],
+                       "the batch rule names no cached price: the model's stays")
+        XCTAssertEqual(gpt4o.rules[1].prices.prices, [.input: rate("4.25"), .output: rate("17.00"), .cacheRead: rate("2.125")])
+        let gpt5 = try XCTUnwrap(imported.book.models.first { $0.model == "gpt-5" })
+        XCTAssertEqual(gpt5.rules.map(\.name), ["flex"])
+        XCTAssertEqual(gpt5.rules[0].prices.contextTiers, [ContextTier(aboveInputTokens: 272_000, prices: [.input: rate("1.25")])])
+        XCTAssertEqual(try PriceBookDocument.parse(PriceBookDocument.canonicalJSON(imported.book)).models, imported.book.models,
+                       "the imported rules round-trip through the stored form")
         let byName = Dictionary(uniqueKeysWithValues: imported.book.models.map { ($0.model, $0) })
         XCTAssertEqual(byName["fine"]?.prices[.input], rate("1.1428571428571428"))
         XCTAssertEqual(byName["claude-sonnet-4"]?.prices[.cacheWrite1h], rate("6.00"))

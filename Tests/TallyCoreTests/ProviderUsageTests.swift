@@ -19,7 +19,29 @@ final class ProviderUsageTests: XCTestCase {
 
     func testAnthropicInputExcludesCacheReadsAndWrites() throws {
         let usage = #"{"input_tokens":21,"cache_creation_input_tokens":188086,"cache_read_input_tokens":5000,"output_tokens":393,"service_tier":"standard"}"#
-        XCTAssertEqual(try map(.anthropic, usage).get(), TokenCounts(input: 21 + 188_086 + 5000, output: 393, cacheRead: 5000, cacheWrite: 188_086))
+        var expected = TokenCounts(input: 21 + 188_086 + 5000, output: 393, cacheRead: 5000, cacheWrite: 188_086)
+        expected.serviceTier = "standard"
+        XCTAssertEqual(try map(.anthropic, usage).get(), expected)
+    }
+
+    /// The service tier becomes the `service_tier` property (and Anthropic's batch tier `batch`):
+    /// from Anthropic's usage object, or the endpoint's `service_tier` and `batch` fields.
+    func testProviderEventsCarryTheServiceTier() throws {
+        func properties(_ provider: UsageProvider, _ extra: String, usage: String) throws -> [String: String] {
+            let body = #"{"id":"e1","customer":"acme","model":"m","time":"2026-03-01T00:00:00Z","usage":\#(usage)\#(extra)}"#
+            let encoded = try ProviderEventBuilder.build(provider, body: Array(body.utf8)).get()
+            guard case .usage(let event) = try EventDecoder.decode(encoded).get() else { throw ConfigError(line: 0, path: "", message: "not a usage event") }
+            return event.properties
+        }
+        let anthropic = #"{"input_tokens":10,"output_tokens":5,"service_tier":"batch"}"#
+        XCTAssertEqual(try properties(.anthropic, "", usage: anthropic), ["status": "success", "service_tier": "batch", "batch": "true"])
+        let openai = #"{"prompt_tokens":10,"completion_tokens":5}"#
+        XCTAssertEqual(try properties(.openai, #","service_tier":"priority""#, usage: openai), ["status": "success", "service_tier": "priority"])
+        XCTAssertEqual(try properties(.openai, #","batch":true"#, usage: openai), ["status": "success", "batch": "true"])
+        XCTAssertEqual(try properties(.openai, "", usage: openai), ["status": "success"])
+        let wrong = ProviderEventBuilder.build(.openai, body: Array(#"{"id":"e1","customer":"acme","model":"m","time":"2026-03-01T00:00:00Z","usage":\#(openai),"batch":"yes"}"#.utf8))
+        guard case .failure(let error) = wrong else { return XCTFail("a batch that is not a boolean is refused") }
+        XCTAssertEqual(error.violations.map(\.path), ["batch"])
     }
 
     func testGeminiCandidatesExcludeThoughts() throws {

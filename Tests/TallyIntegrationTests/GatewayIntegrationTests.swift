@@ -159,6 +159,8 @@ final class GatewayIntegrationTests: XCTestCase {
             XCTAssertNil(event.properties["incomplete"])
             XCTAssertEqual(event.properties["status"], "success")
             XCTAssertNil(event.properties["attempt"], "no SDK retry header, no attempt")
+            // The service tier each API reports: OpenAI's response field, Anthropic's usage member.
+            XCTAssertEqual(event.properties["service_tier"], event.model.hasPrefix("claude") ? "standard" : "default", id)
             XCTAssertEqual(event.meters, [:], "no tools, no meters")
         }
         XCTAssertEqual(try upstreamCalls(), 24)
@@ -187,14 +189,24 @@ final class GatewayIntegrationTests: XCTestCase {
                         ["tool_calls": 1, "web_search_requests": 1]),
         ]
         var expected: [String: [String: Int64]] = [:]
+        var tiers: [String: String] = [:]
         for (api, call) in bodies {
             for stream in [false, true] {
                 let through = try calls(gatewayURL + api.path, key: key, body: call.body.replacingOccurrences(of: "STREAM", with: String(stream)),
                                         keyHeader: api == .messages ? "x-api-key" : "authorization", headers: ["x-stainless-retry-count: 1"])[0]
                 XCTAssertEqual(through.status, 200, "\(api) stream=\(stream): \(through.body)")
-                expected[try XCTUnwrap(through.headers["x-tally-event-id"])] = call.meters
+                let id = try XCTUnwrap(through.headers["x-tally-event-id"])
+                expected[id] = call.meters
+                tiers[id] = api == .messages ? "standard" : "default"
             }
         }
+        // A call at the priority tier says so, for price rules on `service_tier`.
+        let priority = try calls(gatewayURL + "/v1/responses", key: key, body: #"{"model":"gpt-4o","max_output_tokens":12,"service_tier":"priority","input":"Hi"}"#,
+                                 headers: ["x-stainless-retry-count: 1"])[0]
+        XCTAssertEqual(priority.status, 200, priority.body)
+        let priorityID = try XCTUnwrap(priority.headers["x-tally-event-id"])
+        expected[priorityID] = [:]
+        tiers[priorityID] = "priority"
         let failed = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body(.chatCompletions, stream: false), headers: ["X-Fake-Fault: error-500"])[0]
         XCTAssertEqual(failed.status, 500)
         let events = try events(atLeast: expected.count)
@@ -203,6 +215,7 @@ final class GatewayIntegrationTests: XCTestCase {
             XCTAssertEqual(events[id]?.meters, meters, id)
             XCTAssertEqual(events[id]?.properties["status"], "retry", "a second attempt that succeeded")
             XCTAssertEqual(events[id]?.properties["attempt"], "2")
+            XCTAssertEqual(events[id]?.properties["service_tier"], tiers[id], id)
         }
         // Its own group: the harness's is the rater group the gateway's credit check reads.
         let aggregator = try harness.startAggregator(["--group", harness.group + "-aggregator"])

@@ -307,6 +307,10 @@ final class MeterIntegrationTests: XCTestCase {
         XCTAssertEqual(searches.split(separator: "\n").dropFirst().map { $0.split(separator: ",").dropFirst().joined(separator: ",") },
                        ["acme,error,2", "acme,success,3"])
         XCTAssertTrue(try harness.tally(["usage", "--meter", "web_fetch_requests", "--format", "csv"]).hasSuffix(",acme,1\n"))
+        // The token windows split by status too: what the failed call used (10 input and 5 output tokens each).
+        let tokens = try harness.tally(["usage", "--granularity", "day", "--group-by", "status", "--format", "csv"])
+        XCTAssertEqual(tokens.split(separator: "\n").dropFirst().map { $0.split(separator: ",").dropFirst().joined(separator: ",") },
+                       ["acme,error,10,5,0,0,0,15,1", "acme,success,10,5,0,0,0,15,1"], tokens)
     }
 
     /// The ingest API refuses a meter the catalog does not declare, naming the field; declared

@@ -167,13 +167,18 @@ final class RaterIntegrationTests: XCTestCase {
         try harness.tally(["customers", "set", "acme", "--plan", "litellm"])
         let event = UsageEvent(id: "long", source: "t", subject: "acme", time: EventTime("2026-03-01T12:00:00Z")!, model: "gemini/gemini-2.5-pro",
                                inputTokens: 250_000, outputTokens: 1_000)
-        try await harness.publish([event])
+        // LiteLLM's gpt-4o batch price, 1.25 per 1M input tokens (half the 2.50 list price), as a rule.
+        let batch = UsageEvent(id: "batch", source: "t", subject: "acme", time: EventTime("2026-03-01T12:00:00Z")!, model: "gpt-4o",
+                               inputTokens: 1_000_000, outputTokens: 0, properties: ["batch": "true"])
+        try await harness.publish([event, batch])
         let rater = try harness.startRater()
         XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
         rater.signal(SIGTERM)
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
         XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id = 'long'"), 640_000_000)
-        XCTAssertEqual(try harness.connection.query("SELECT DISTINCT context_above FROM tally.rated_usage").rows, [["200000"]])
+        XCTAssertEqual(try harness.connection.query("SELECT DISTINCT context_above FROM tally.rated_usage WHERE model LIKE 'gemini%'").rows, [["200000"]])
+        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id = 'batch'"), 1_250_000_000)
+        XCTAssertEqual(try harness.connection.query("SELECT price_rule FROM tally.rated_usage WHERE model = 'gpt-4o'").rows, [["batch"]])
     }
 
     /// Issue #19: a period whose lines add up past the largest amount is refused with its reason,
@@ -433,6 +438,88 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertTrue(html.contains("<!DOCTYPE html>"))
         let json = try harness.tally(["invoices", "show", "--customer", "bob", "--period", "2026-10"])
         XCTAssertTrue(json.contains(#""total_due":"\#(usd.format(expectedOctober))""#), json)
+    }
+
+    /// Price rules through the real rater: a feature priced on its own, a service tier, the batch
+    /// API at half price and failed calls split onto lines of their own, each billed at its rule's
+    /// rates on lines that name the rule; a customer's override wins over the plan's rules; the
+    /// replay rebuilds the same charges and reconcile finds nothing amiss.
+    func testPriceRulesBillFeaturesAndServiceTiersAtTheirRates() async throws {
+        let harness = try AggregatorHarness()
+        let book = """
+            book: default
+            effective_from: 2026-01-01T00:00:00Z
+            currency: USD
+            models:
+              - model: gpt-4o
+                input: "2.50"
+                output: "10.00"
+                rules:
+                  - { rule: summaries, when: { feature: summarize }, input: "5.00", output: "20.00" }
+                  - { rule: priority, when: { service_tier: priority }, input: "4.25", output: "17.00" }
+                  - { rule: batch, when: { batch: "true" }, input: "1.25", output: "5.00" }
+                  - { rule: failed, when: { status: [error, cancelled] } }
+            """
+        XCTAssertTrue(try harness.tally(["pricing", "apply", try MeterIntegrationTests.write(book)]).contains("applied"))
+        try harness.tally(["pricing", "apply", try MeterIntegrationTests.write("""
+            book: default
+            customer: vip
+            effective_from: 2026-01-01T00:00:00Z
+            currency: USD
+            models:
+              - { model: gpt-4o, input: "2.00", output: "8.00" }
+            """)])
+        func call(_ id: String, customer: String = "rules-cust", feature: String? = nil, input: Int64, output: Int64,
+                  _ properties: [String: String] = [:]) -> UsageEvent {
+            UsageEvent(id: id, source: "app://rules", subject: customer, time: EventTime("2026-10-05T10:00:00Z")!, model: "gpt-4o",
+                       feature: feature, inputTokens: input, outputTokens: output, properties: properties)
+        }
+        try await harness.publish([
+            call("base", input: 1_000_000, output: 100_000),                                          // 2.50 + 1.00
+            call("sum", feature: "summarize", input: 200_000, output: 50_000),                        // 1.00 + 1.00
+            call("prio", input: 400_000, output: 100_000, ["service_tier": "priority"]),              // 1.70 + 1.70
+            call("batch", input: 2_000_000, output: 200_000, ["batch": "true"]),                      // 2.50 + 1.00
+            call("err", input: 100_000, output: 0, ["status": "error"]),                              // 0.25 at the base rate
+            // Two rules of one condition each hold: the first listed, summaries.
+            call("sum-prio", feature: "summarize", input: 100_000, output: 10_000, ["service_tier": "priority"]), // 0.50 + 0.20
+            call("vip", customer: "vip", feature: "summarize", input: 500_000, output: 0),             // the override: 1.00
+        ])
+        let rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        XCTAssertTrue(try harness.tally(["invoices", "close", "--period", "2026-10"]).contains("closed 2 invoices"))
+        let lines = try harness.connection.query("""
+            SELECT description, quantity::text, exact_amount_nanos::text, coalesce(price_rule, '') FROM tally.invoice_lines
+            WHERE invoice_id = 'INV-2026-10-rules-cust-USD' AND kind = 'usage' ORDER BY line_no
+            """).rows.map { $0.map { $0 ?? "" } }
+        XCTAssertEqual(lines, [
+            ["gpt-4o input tokens", "1000000", "2500000000", ""], ["gpt-4o output tokens", "100000", "1000000000", ""],
+            ["gpt-4o input tokens (rule batch)", "2000000", "2500000000", "batch"], ["gpt-4o output tokens (rule batch)", "200000", "1000000000", "batch"],
+            ["gpt-4o input tokens (rule failed)", "100000", "250000000", "failed"],
+            ["gpt-4o input tokens (rule priority)", "400000", "1700000000", "priority"], ["gpt-4o output tokens (rule priority)", "100000", "1700000000", "priority"],
+            ["gpt-4o input tokens (rule summaries)", "300000", "1500000000", "summaries"], ["gpt-4o output tokens (rule summaries)", "60000", "1200000000", "summaries"],
+        ])
+        XCTAssertEqual(try harness.connection.query("SELECT total_due_nanos FROM tally.invoices WHERE invoice_id = 'INV-2026-10-rules-cust-USD'").scalar,
+                       "13350000000")
+        XCTAssertEqual(try harness.connection.query("SELECT total_due_nanos FROM tally.invoices WHERE invoice_id = 'INV-2026-10-vip-USD'").scalar,
+                       "1000000000")
+        let json = try harness.tally(["invoices", "show", "--customer", "rules-cust", "--period", "2026-10"])
+        XCTAssertTrue(json.contains(#""price_rule":"priority""#), json)
+        XCTAssertEqual(try harness.connection.query("""
+            SELECT string_agg(price_rule || '=' || round(revenue, 2), ',' ORDER BY price_rule) FROM tally.dashboard_price_rule_revenue
+            WHERE token_type = 'output' AND currency = 'USD'
+            """).scalar, "=1.00,batch=1.00,priority=1.70,summaries=1.20")
+        let replay = try harness.tallyStatus(["replay", "--topic", harness.topic, "--live-group", harness.group, "--consumer", "rater", "--dry-run"])
+        XCTAssertEqual(replay.status, 0, replay.output)
+        XCTAssertTrue(replay.output.contains("identical: the replay rebuilt the live state exactly"), replay.output)
+        let reconcile = try harness.tallyStatus(["reconcile", "--topic", harness.topic, "--rater-group", harness.group,
+                                                 "--aggregator-group", harness.group + "-none"])
+        XCTAssertEqual(reconcile.status, 0, reconcile.output)
+        XCTAssertTrue(reconcile.output.contains("rated totals compared, 0 mismatches"), reconcile.output)
+        // A new version's rule prices show in the diff.
+        try harness.tally(["pricing", "apply", try MeterIntegrationTests.write(book.replacingOccurrences(of: #"input: "4.25""#, with: #"input: "4.50""#))])
+        XCTAssertEqual(try harness.tally(["pricing", "diff", "default", "--from", "1"]),
+                       "~ gpt-4o rule priority: when service_tier=priority: input 4.25 USD / 1M tokens; output 17.00 USD / 1M tokens → "
+                       + "when service_tier=priority: input 4.50 USD / 1M tokens; output 17.00 USD / 1M tokens\n")
     }
 
     /// With a grace, the rater closes a period by itself once rated event time is past its end plus

@@ -146,7 +146,7 @@ public enum InvoiceBuilder {
         // Late usage for closed periods: what is rated now minus what was invoiced.
         var invoiced: [String: (quantity: Int128, exact: Int128)] = [:]
         func key(_ period: Int64, _ item: PriceItem) -> String {
-            "\(period)|\(item.bookName)|\(item.bookCustomer)|\(item.bookVersion)|\(item.model)|\(item.tokenType.rawValue)|\(item.contextAbove)"
+            "\(period)|\(item.bookName)|\(item.bookCustomer)|\(item.bookVersion)|\(item.model)|\(item.tokenType.rawValue)|\(item.contextAbove)|\(item.rule)"
         }
         for entry in inputs.invoiced {
             invoiced[key(entry.periodStart, entry.item), default: (0, 0)].quantity += entry.quantity
@@ -253,9 +253,9 @@ public enum InvoiceBuilder {
         }
     }
 
-    /// What a line charges: "gpt-4o output tokens", "vector_searches (meter)".
+    /// What a line charges: "gpt-4o output tokens", "vector_searches (meter)", "gpt-4o input tokens (rule batch)".
     static func itemText(_ item: PriceItem) -> String {
-        item.tokenType == .meter ? "\(item.model) (meter)" : "\(item.model) \(label(item.tokenType)) tokens\(item.contextTierText)"
+        (item.tokenType == .meter ? "\(item.model) (meter)" : "\(item.model) \(label(item.tokenType)) tokens\(item.contextTierText)") + item.ruleText
     }
 
     /// The invoice as JSON: amounts as exact decimal strings in the currency's minor unit.
@@ -278,6 +278,7 @@ public enum InvoiceBuilder {
                 json.key("model"); json.string(item.model)
                 json.key("token_type"); json.string(item.tokenType.rawValue)
                 json.key("price_book"); json.string(item.bookCustomer.isEmpty ? "\(item.bookName) v\(item.bookVersion)" : "\(item.bookName) (\(item.bookCustomer)) v\(item.bookVersion)")
+                if !item.rule.isEmpty { json.key("price_rule"); json.string(item.rule) }
             }
             if let quantity = line.quantity { json.key("quantity"); json.integer(quantity) }
             if let unitPrice = line.unitPrice { json.key("unit_price"); json.string(unitPrice) }

@@ -21,10 +21,21 @@
 ///     output: "10.00"
 ///     context_tiers:              # a request with more input tokens is priced whole at these
 ///       - { above_input_tokens: 200000, input: "2.50", output: "15.00" }
+///     rules:                      # prices for calls with given dimensions (PriceRule)
+///       - rule: batch
+///         when: { batch: "true" } # a label or property → a value or a list of values
+///         input: "0.625"
+///         output: "5.00"
+///         context_tiers: [{ above_input_tokens: 200000, input: "1.25", output: "7.50" }]
 /// meters:                         # optional: prices per unit of a meter (tally meters apply)
 ///   - { meter: vector_searches, price: "0.002" }
 ///   - { meter: web_search_requests, price: { package: { size: 1000, price: "10.00" } } }
+///   - { meter: images, price: "0.04", rules: [{ rule: hd, when: { quality: hd }, price: "0.08" }] }
 /// ```
+///
+/// A rule's token prices replace the model's for the types it names; it has only its own context
+/// tiers (required when the model has some; a rule naming no price keeps the model's prices and
+/// tiers). Which prices a call gets: docs/pricing.md, "Price rules".
 ///
 /// Token types: `input`, `output`, `cache_read`, `cache_write` (5-minute writes, or all writes
 /// when there is no `cache_write_1h`), `cache_write_1h`, `reasoning`.
@@ -89,8 +100,12 @@ public enum PriceBookDocument {
         guard MeterDefinition.isValidName(meter) else { throw fields.error(at: at, "meter", "\"\(meter)\" is not a meter name") }
         guard let priceNode = fields.take("price") else { throw fields.error(at: node, "price", "is required (per unit of the meter)") }
         let pricing = try parsePrice(priceNode, path: "\(path).price", unit: .perToken)
+        let rules = try parseRules(fields.take("rules"), path: path) { (fields: inout Fields, rulePath: String, ruleNode: ConfigNode) throws(ConfigError) in
+            guard let node = fields.take("price") else { throw fields.error(at: ruleNode, "price", "is required (per unit of the meter)") }
+            return try parsePrice(node, path: "\(rulePath).price", unit: .perToken)
+        }
         try fields.rejectUnknown()
-        return MeterPrice(meter: meter, pricing: pricing)
+        return MeterPrice(meter: meter, pricing: pricing, rules: rules)
     }
 
     private static func parseModel(_ node: ConfigNode, path: String, unit: PriceUnit) throws(ConfigError) -> ModelPrices {
@@ -109,30 +124,104 @@ public enum PriceBookDocument {
         }
         let modelUnit = try fields.unit("unit") ?? unit
         let prices = try parsePrices(&fields, path: path, unit: modelUnit)
-        var tiers: [ContextTier] = []
-        if let tiersNode = fields.take("context_tiers") {
-            guard case .list(let items) = tiersNode.value, !items.isEmpty else {
-                throw fields.error(at: tiersNode, "context_tiers", "must be a list of { above_input_tokens, prices }")
-            }
-            for (index, item) in items.enumerated() {
-                let tierPath = "\(path).context_tiers[\(index)]"
-                var tierFields = Fields(item, path: tierPath)
-                try tierFields.requireMap()
-                let above = try tierFields.positiveInteger("above_input_tokens")
-                let tierPrices = try parsePrices(&tierFields, path: tierPath, unit: modelUnit)
-                try tierFields.rejectUnknown()
-                guard !tierPrices.isEmpty else { throw ConfigError(line: item.line, path: tierPath, message: "names no price") }
-                guard !tiers.contains(where: { $0.aboveInputTokens == above }) else {
-                    throw ConfigError(line: item.line, path: "\(tierPath).above_input_tokens", message: "\(above) is given twice")
-                }
-                tiers.append(ContextTier(aboveInputTokens: above, prices: tierPrices))
-            }
-        }
+        let tiers = try parseContextTiers(&fields, path: path, unit: modelUnit, allowEmpty: false) ?? []
+        let rulesNode = fields.take("rules")
         try fields.rejectUnknown()
         for required in [TokenType.input, .output] where prices[required] == nil {
             throw ConfigError(line: node.line, path: "\(path).\(required.rawValue)", message: "is required (a price per token type)")
         }
-        return ModelPrices(model: model, aliases: aliases, prices: prices, contextTiers: tiers)
+        let base = ModelPrices(model: model, aliases: aliases, prices: prices, contextTiers: tiers)
+        let rules = try parseRules(rulesNode, path: path) { (fields: inout Fields, rulePath: String, ruleNode: ConfigNode) throws(ConfigError) in
+            let named = try parsePrices(&fields, path: rulePath, unit: modelUnit)
+            let ownTiers = try parseContextTiers(&fields, path: rulePath, unit: modelUnit, allowEmpty: true)
+            // A rule that names no price splits its calls onto lines of their own at the model's
+            // prices, tiers included. One that does must say which context tiers it keeps: the
+            // model's are priced for the base rates, not the rule's (a batch discount above 200k).
+            if named.isEmpty && ownTiers == nil { return base.withoutAliases }
+            if ownTiers == nil && !tiers.isEmpty {
+                throw ConfigError(line: ruleNode.line, path: "\(rulePath).context_tiers",
+                                  message: "is required: \(model) has context tiers; give this rule's own (or [] for none)")
+            }
+            return ModelPrices(model: model, prices: prices.merging(named) { $1 }, contextTiers: ownTiers ?? [])
+        }
+        return ModelPrices(model: model, aliases: aliases, prices: prices, contextTiers: tiers, rules: rules)
+    }
+
+    /// `context_tiers: [{ above_input_tokens, <prices> }]`; nil when absent.
+    private static func parseContextTiers(_ fields: inout Fields, path: String, unit: PriceUnit, allowEmpty: Bool) throws(ConfigError) -> [ContextTier]? {
+        guard let tiersNode = fields.take("context_tiers") else { return nil }
+        guard case .list(let items) = tiersNode.value, allowEmpty || !items.isEmpty else {
+            throw fields.error(at: tiersNode, "context_tiers", "must be a list of { above_input_tokens, prices }")
+        }
+        var tiers: [ContextTier] = []
+        for (index, item) in items.enumerated() {
+            let tierPath = "\(path).context_tiers[\(index)]"
+            var tierFields = Fields(item, path: tierPath)
+            try tierFields.requireMap()
+            let above = try tierFields.positiveInteger("above_input_tokens")
+            let tierPrices = try parsePrices(&tierFields, path: tierPath, unit: unit)
+            try tierFields.rejectUnknown()
+            guard !tierPrices.isEmpty else { throw ConfigError(line: item.line, path: tierPath, message: "names no price") }
+            guard !tiers.contains(where: { $0.aboveInputTokens == above }) else {
+                throw ConfigError(line: item.line, path: "\(tierPath).above_input_tokens", message: "\(above) is given twice")
+            }
+            tiers.append(ContextTier(aboveInputTokens: above, prices: tierPrices))
+        }
+        return tiers
+    }
+
+    /// `rules: [{ rule, when: { dimension: value or [values] }, <prices> }]`, the prices read by `prices`.
+    private static func parseRules<Prices>(_ node: ConfigNode?, path: String,
+                                           prices: (inout Fields, String, ConfigNode) throws(ConfigError) -> Prices) throws(ConfigError) -> [PriceRule<Prices>] {
+        guard let node else { return [] }
+        guard case .list(let items) = node.value, !items.isEmpty else {
+            throw ConfigError(line: node.line, path: "\(path).rules", message: "must be a list of { rule, when, prices }")
+        }
+        var rules: [PriceRule<Prices>] = []
+        for (index, item) in items.enumerated() {
+            let rulePath = "\(path).rules[\(index)]"
+            var fields = Fields(item, path: rulePath)
+            try fields.requireMap()
+            guard let name = try fields.optionalLabel("rule") else { throw fields.error(at: item, "rule", "is required (a name, shown on invoice lines)") }
+            guard !rules.contains(where: { $0.name == name }) else { throw fields.error(at: item, "rule", "\"\(name)\" is named twice") }
+            guard let whenNode = fields.take("when") else {
+                throw fields.error(at: item, "when", "is required: a map of dimension to value (or list of values), e.g. { feature: summarize }")
+            }
+            let conditions = try parseConditions(whenNode, path: "\(rulePath).when")
+            let rulePrices = try prices(&fields, rulePath, item)
+            try fields.rejectUnknown()
+            rules.append(PriceRule(name: name, conditions: conditions, prices: rulePrices))
+        }
+        return rules
+    }
+
+    /// `{ feature: summarize, service_tier: [priority, scale] }`, sorted by dimension.
+    private static func parseConditions(_ node: ConfigNode, path: String) throws(ConfigError) -> [PriceCondition] {
+        guard case .map(let entries) = node.value, !entries.isEmpty else {
+            throw ConfigError(line: node.line, path: path, message: "must be a non-empty map of dimension to value (or list of values)")
+        }
+        var conditions: [PriceCondition] = []
+        for (dimension, valueNode) in entries {
+            let conditionPath = "\(path).\(dimension)"
+            guard !dimension.isEmpty, dimension.utf8.count <= 256, !dimension.utf8.contains(where: { $0 < 0x20 }) else {
+                throw ConfigError(line: valueNode.line, path: conditionPath, message: "a dimension is 1 to 256 characters without control characters")
+            }
+            guard dimension != "model" else {
+                throw ConfigError(line: valueNode.line, path: conditionPath, message: "the entry's model decides the model: give the other model an entry of its own")
+            }
+            var values: [String] = []
+            let items: [ConfigNode]
+            if case .list(let list) = valueNode.value { items = list } else { items = [valueNode] }
+            for item in items {
+                guard case .scalar(let value) = item.value, value.utf8.count <= 256 else {
+                    throw ConfigError(line: item.line, path: conditionPath, message: "must be a value of at most 256 bytes, or a non-empty list of them")
+                }
+                values.append(value)
+            }
+            guard !values.isEmpty else { throw ConfigError(line: valueNode.line, path: conditionPath, message: "must name at least one value") }
+            conditions.append(PriceCondition(dimension: dimension, values: values))
+        }
+        return conditions.sorted { $0.dimension < $1.dimension }
     }
 
     /// The prices a map names, one per token type.
@@ -232,15 +321,14 @@ public enum PriceBookDocument {
                 json.raw("]")
             }
             write(model.prices, to: &json)
-            if !model.contextTiers.isEmpty {
-                json.key("context_tiers"); json.raw("[")
-                for (i, tier) in model.contextTiers.enumerated() {
-                    json.raw(i == 0 ? "{" : ",{")
-                    json.key("above_input_tokens", first: true); json.integer(tier.aboveInputTokens)
-                    write(tier.prices, to: &json)
-                    json.raw("}")
+            if !model.contextTiers.isEmpty { write(model.contextTiers, to: &json) }
+            if !model.rules.isEmpty {
+                write(model.rules, to: &json) { rule, json in
+                    // The twin of the parser: a rule with the model's prices and tiers names neither.
+                    guard rule.prices != model.withoutAliases else { return }
+                    write(rule.prices.prices.filter { model.prices[$0.key] != $0.value }, to: &json)
+                    write(rule.prices.contextTiers, to: &json)
                 }
-                json.raw("]")
             }
             json.raw("}")
         }
@@ -251,12 +339,46 @@ public enum PriceBookDocument {
                 json.raw(index == 0 ? "\n  {" : ",\n  {")
                 json.key("meter", first: true); json.string(price.meter)
                 json.key("price"); write(price.pricing, to: &json, perUnit: true)
+                if !price.rules.isEmpty {
+                    write(price.rules, to: &json) { rule, json in json.key("price"); write(rule.prices, to: &json, perUnit: true) }
+                }
                 json.raw("}")
             }
             json.raw("\n]")
         }
         json.raw("}\n")
         return String(decoding: json.bytes, as: UTF8.self)
+    }
+
+    private static func write(_ tiers: [ContextTier], to json: inout JSONWriter) {
+        json.key("context_tiers"); json.raw("[")
+        for (i, tier) in tiers.enumerated() {
+            json.raw(i == 0 ? "{" : ",{")
+            json.key("above_input_tokens", first: true); json.integer(tier.aboveInputTokens)
+            write(tier.prices, to: &json)
+            json.raw("}")
+        }
+        json.raw("]")
+    }
+
+    /// `"rules":[{"rule","when",…}]`, each rule's prices written by `prices`.
+    private static func write<Prices>(_ rules: [PriceRule<Prices>], to json: inout JSONWriter, prices: (PriceRule<Prices>, inout JSONWriter) -> Void) {
+        json.key("rules"); json.raw("[")
+        for (index, rule) in rules.enumerated() {
+            json.raw(index == 0 ? "{" : ",{")
+            json.key("rule", first: true); json.string(rule.name)
+            json.key("when"); json.raw("{")
+            for (i, condition) in rule.conditions.enumerated() {
+                json.key(condition.dimension, first: i == 0)
+                json.raw("[")
+                for (j, value) in condition.values.enumerated() { if j > 0 { json.raw(",") }; json.string(value) }
+                json.raw("]")
+            }
+            json.raw("}")
+            prices(rule, &json)
+            json.raw("}")
+        }
+        json.raw("]")
     }
 
     /// One member per priced token type, in `TokenType` order (the twin of `parsePrices`).
@@ -306,6 +428,13 @@ public enum PriceBookDocument {
         "cache_creation_input_token_cost_above_1hr": .cacheWrite1h, "output_cost_per_reasoning_token": .reasoning,
     ]
 
+    /// LiteLLM's cost suffixes for the batch API and OpenAI's service tiers, and the rules they become.
+    private static let liteLLMRules: [(suffix: String, name: String, condition: PriceCondition)] = [
+        ("_batches", "batch", PriceCondition(dimension: StandardProperty.batch, values: ["true"])),
+        ("_priority", "priority", PriceCondition(dimension: StandardProperty.serviceTier, values: ["priority"])),
+        ("_flex", "flex", PriceCondition(dimension: StandardProperty.serviceTier, values: ["flex"])),
+    ]
+
     /// `"input_cost_per_token_above_200k_tokens"` → (`"input_cost_per_token"`, 200,000); other names → (name, 0).
     public static func contextTier(of field: String) -> (base: String, above: Int64) {
         let parts = field.split(separator: "_", omittingEmptySubsequences: false)
@@ -318,11 +447,13 @@ public enum PriceBookDocument {
     /// Turns LiteLLM's `model_prices_and_context_window.json` into a price book: every entry with
     /// per-token input and output costs, parsed exactly from their JSON text (e.g. `3e-06`,
     /// `1.1428571428571428e-06`), `*_above_<N>k_tokens` costs as context tiers (a request with more
-    /// than N × 1,000 input tokens is priced whole at them), and 1-hour cache writes.
+    /// than N × 1,000 input tokens is priced whole at them), 1-hour cache writes, and the costs of
+    /// the batch API and OpenAI's service tiers (`*_batches`, `*_priority`, `*_flex`) as the price
+    /// rules `batch` (when `batch` is `"true"`), `priority` and `flex` (when `service_tier` is so).
     ///
     /// Linear in the file's size. A model whose prices cannot be read is skipped with its reason,
-    /// never the whole import; cost fields Tally cannot bill (per image, second, character, query,
-    /// batch or service tier) are listed per model.
+    /// never the whole import; cost fields Tally cannot bill (per image, second, character or
+    /// query), and a rule whose prices do not cover the model's context tiers, are listed per model.
     /// - Throws: `ConfigError` when the file is not JSON or not an object of models.
     public static func importLiteLLM(_ text: String, name: String, effectiveFrom: EventTime, currency: Currency) throws(ConfigError) -> LiteLLMImport {
         let root = try ConfigNode.parseJSON(text)
@@ -337,10 +468,13 @@ public enum PriceBookDocument {
             }
             var prices: [TokenType: PricingModel] = [:]
             var tiers: [Int64: [TokenType: PricingModel]] = [:]
+            // Per rule (index into `liteLLMRules`), per context tier (0: none), per token type.
+            var rulePrices: [Int: [Int64: [TokenType: PricingModel]]] = [:]
             var notBilled: [String] = []
             var problem: String?
             for (field, node) in members where field.contains("cost") {
-                let (base, above) = contextTier(of: field)
+                let rule = liteLLMRules.firstIndex { field.hasSuffix($0.suffix) }
+                let (base, above) = contextTier(of: rule.map { String(field.dropLast(liteLLMRules[$0].suffix.count)) } ?? field)
                 guard let type = liteLLMFields[base] else {
                     // Zero costs bill nothing: only costs that would be owed are worth a line.
                     if case .scalar(let value) = node.value, let number = ExactDecimal(value), number.significand == 0 { continue }
@@ -351,7 +485,13 @@ public enum PriceBookDocument {
                     problem = "line \(node.line): \(field) is not an exact non-negative price of at most 24 decimals per token"
                     break
                 }
-                if above == 0 { prices[type] = .perUnit(rate) } else { tiers[above, default: [:]][type] = .perUnit(rate) }
+                if let rule {
+                    rulePrices[rule, default: [:]][above, default: [:]][type] = .perUnit(rate)
+                } else if above == 0 {
+                    prices[type] = .perUnit(rate)
+                } else {
+                    tiers[above, default: [:]][type] = .perUnit(rate)
+                }
             }
             if let problem {
                 skipped.append((model, problem))
@@ -363,8 +503,22 @@ public enum PriceBookDocument {
                 continue
             }
             if !notBilled.isEmpty { unmapped.append((model, "not billed by token: \(notBilled.sorted().joined(separator: ", "))")) }
+            var rules: [PriceRule<ModelPrices>] = []
+            for (index, byTier) in rulePrices.sorted(by: { $0.key < $1.key }) {
+                let rule = liteLLMRules[index]
+                // A rule has only its own context tiers: one that lacks the model's would bill long
+                // requests at the rule's base rates, so it is left out, and said.
+                let missing = Set(tiers.keys).subtracting(byTier.keys).sorted()
+                guard missing.isEmpty else {
+                    unmapped.append((model, "rule \(rule.name) left out: no \(rule.suffix.dropFirst()) prices above \(missing.map(String.init).joined(separator: ", ")) input tokens"))
+                    continue
+                }
+                rules.append(PriceRule(name: rule.name, conditions: [rule.condition], prices: ModelPrices(
+                    model: model, prices: prices.merging(byTier[0] ?? [:]) { $1 },
+                    contextTiers: byTier.filter { $0.key > 0 }.map { ContextTier(aboveInputTokens: $0.key, prices: $0.value) })))
+            }
             models.append(ModelPrices(model: model, prices: prices,
-                                      contextTiers: tiers.map { ContextTier(aboveInputTokens: $0.key, prices: $0.value) }))
+                                      contextTiers: tiers.map { ContextTier(aboveInputTokens: $0.key, prices: $0.value) }, rules: rules))
         }
         guard !models.isEmpty else { throw ConfigError(line: root.line, path: "", message: "no model has input and output per-token costs") }
         return LiteLLMImport(book: PriceBook(name: name, effectiveFrom: effectiveFrom, currency: currency, models: models),

@@ -191,6 +191,55 @@ public struct ContextTier: Hashable, Sendable {
     }
 }
 
+/// A price rule's condition: the event's `dimension` has one of `values`, compared byte for
+/// byte (as PostgreSQL compares text). A dimension is one of the event's labels (`provider`,
+/// `feature`, `environment`) or a property (`status`, `service_tier`, `batch`, `team`, …); the
+/// label wins over a property of the same name, as in meter windows (`UsageEvent.dimension`).
+/// An event without the dimension meets no condition on it.
+public struct PriceCondition: Hashable, Sendable {
+    public let dimension: String
+    /// One or more values, any of which meets the condition.
+    public let values: [String]
+
+    public init(dimension: String, values: [String]) {
+        self.dimension = dimension
+        self.values = values
+    }
+
+    public func holds(for event: UsageEvent) -> Bool {
+        guard let value = event.dimension(dimension) else { return false }
+        return values.contains { ExactText.equal($0, value) }
+    }
+}
+
+/// Prices for the events whose dimensions meet every one of `conditions`: a feature priced on
+/// its own, a service tier, the batch API, a region. `Prices` is a model's `ModelPrices` or a
+/// meter's `PricingModel`. Invoice lines name the rule that priced them.
+public struct PriceRule<Prices: Hashable & Sendable>: Hashable, Sendable {
+    /// Unique among one model's (or meter's) rules; shown on invoice lines.
+    public let name: String
+    /// At least one; all must hold.
+    public let conditions: [PriceCondition]
+    public let prices: Prices
+
+    public init(name: String, conditions: [PriceCondition], prices: Prices) {
+        self.name = name
+        self.conditions = conditions
+        self.prices = prices
+    }
+
+    /// The most specific rule that prices `event`: of the rules whose conditions all hold, the one
+    /// with the most conditions; of equally many, the first listed. Nil when none holds (the
+    /// base prices apply).
+    public static func select(_ rules: [PriceRule], for event: UsageEvent) -> PriceRule? {
+        var best: PriceRule?
+        for rule in rules where rule.conditions.count > (best?.conditions.count ?? 0) && rule.conditions.allSatisfy({ $0.holds(for: event) }) {
+            best = rule
+        }
+        return best
+    }
+}
+
 /// The prices of one model (and its aliases) in a price book.
 public struct ModelPrices: Hashable, Sendable {
     public let model: String
@@ -198,15 +247,35 @@ public struct ModelPrices: Hashable, Sendable {
     public let prices: [TokenType: PricingModel]
     /// Ascending by `aboveInputTokens`; a request takes the highest it passes.
     public let contextTiers: [ContextTier]
+    /// Prices for calls with given dimensions. A rule's `prices` are whole: the token types the
+    /// rule names at its prices, the others at the model's base prices, and only the rule's own
+    /// context tiers (see `PriceRule.select` for which rule wins).
+    public let rules: [PriceRule<ModelPrices>]
     /// Each tier's prices over the base ones, worked out once (rating asks per event).
     private let tierPrices: [[TokenType: PricingModel]]
 
-    public init(model: String, aliases: [String] = [], prices: [TokenType: PricingModel], contextTiers: [ContextTier] = []) {
+    public init(model: String, aliases: [String] = [], prices: [TokenType: PricingModel], contextTiers: [ContextTier] = [],
+                rules: [PriceRule<ModelPrices>] = []) {
         self.model = model
         self.aliases = aliases
         self.prices = prices
         self.contextTiers = contextTiers.sorted { $0.aboveInputTokens < $1.aboveInputTokens }
+        self.rules = rules
         tierPrices = self.contextTiers.map { tier in prices.merging(tier.prices) { $1 } }
+    }
+
+    /// The prices that apply to `event`: the rule that wins (its name) or the base prices ("").
+    public func resolve(for event: UsageEvent) -> (rule: String, prices: ModelPrices) {
+        guard !rules.isEmpty, let rule = PriceRule.select(rules, for: event) else { return ("", self) }
+        return (rule.name, rule.prices)
+    }
+
+    /// The same prices, tiers and rules, under the model's name alone (a rule's prices).
+    public var withoutAliases: ModelPrices { ModelPrices(model: model, prices: prices, contextTiers: contextTiers) }
+
+    /// The prices of the rule named `rule` ("" for the base prices).
+    public func prices(rule: String) -> ModelPrices? {
+        rule.isEmpty ? self : rules.first { $0.name == rule }?.prices
     }
 
     /// The context tier a request falls in (its `aboveInputTokens`, 0 for none) and the prices
@@ -224,6 +293,9 @@ public struct ModelPrices: Hashable, Sendable {
 
     /// The base prices and each tier's, for bounds that must hold whatever the request's size.
     public var allTierPrices: [[TokenType: PricingModel]] { [prices] + tierPrices }
+
+    /// The base prices and every rule's: for bounds that must hold whatever the call's dimensions.
+    public var allRulePrices: [ModelPrices] { [self] + rules.map(\.prices) }
 
     /// Billable quantities per token type of one event at its tier's prices.
     public func quantities(_ event: UsageEvent) -> [(TokenType, Int64)] {
@@ -279,8 +351,11 @@ public struct PriceBook: Hashable, Sendable {
         self.meters = meters
     }
 
-    /// The price of a meter, if this book has one.
-    public func price(ofMeter meter: String) -> PricingModel? { meters.first { $0.meter == meter }?.pricing }
+    /// The base price of a meter, if this book has one.
+    public func price(ofMeter meter: String) -> PricingModel? { meterPrice(meter)?.pricing }
+
+    /// A meter's prices (the base and its rules), if this book has them.
+    public func meterPrice(_ meter: String) -> MeterPrice? { meters.first { $0.meter == meter } }
 
     /// The model's prices: exact name or alias first, then aliases ending in `*` (longest prefix
     /// wins), then the same without a `provider/` prefix.
@@ -299,18 +374,32 @@ public struct PriceBook: Hashable, Sendable {
     }
 }
 
-/// What an event's model is priced by, or nil when no book in force prices it.
 /// A meter's price in a book: `pricing` applies to a billing period's cumulative units.
 public struct MeterPrice: Hashable, Sendable {
     public let meter: String
     public let pricing: PricingModel
+    /// Prices for readings with given dimensions (see `PriceRule.select` for which rule wins).
+    public let rules: [PriceRule<PricingModel>]
 
-    public init(meter: String, pricing: PricingModel) {
+    public init(meter: String, pricing: PricingModel, rules: [PriceRule<PricingModel>] = []) {
         self.meter = meter
         self.pricing = pricing
+        self.rules = rules
+    }
+
+    /// The pricing that applies to `event`'s reading: the rule that wins (its name) or the base ("").
+    public func resolve(for event: UsageEvent) -> (rule: String, pricing: PricingModel) {
+        guard !rules.isEmpty, let rule = PriceRule.select(rules, for: event) else { return ("", pricing) }
+        return (rule.name, rule.prices)
+    }
+
+    /// The pricing of the rule named `rule` ("" for the base price).
+    public func pricing(rule: String) -> PricingModel? {
+        rule.isEmpty ? pricing : rules.first { $0.name == rule }?.prices
     }
 }
 
+/// What an event's model is priced by, or nil when no book in force prices it.
 public struct PriceMatch: Sendable {
     public let book: PriceBook
     public let prices: ModelPrices
@@ -360,13 +449,13 @@ public struct PriceCatalog: Sendable {
         return nil
     }
 
-    /// The book in force that prices `meter` for the customer at `time`, and its price: the
+    /// The book in force that prices `meter` for the customer at `time`, and its prices: the
     /// customer's override first, then the plan, as for models.
-    public func match(customerID: String, plan: String, meter: String, at time: EventTime) -> (book: PriceBook, pricing: PricingModel)? {
-        if let override = books.first(where: { $0.customerID == customerID && $0.effectiveFrom <= time }), let pricing = override.price(ofMeter: meter) {
-            return (override, pricing)
+    public func match(customerID: String, plan: String, meter: String, at time: EventTime) -> (book: PriceBook, price: MeterPrice)? {
+        if let override = books.first(where: { $0.customerID == customerID && $0.effectiveFrom <= time }), let price = override.meterPrice(meter) {
+            return (override, price)
         }
-        if let book = book(named: plan, at: time), let pricing = book.price(ofMeter: meter) { return (book, pricing) }
+        if let book = book(named: plan, at: time), let price = book.meterPrice(meter) { return (book, price) }
         return nil
     }
 
@@ -375,8 +464,9 @@ public struct PriceCatalog: Sendable {
         guard let book = books.first(where: {
             $0.name == item.bookName && ($0.customerID ?? "") == item.bookCustomer && $0.version == item.bookVersion
         }) else { return nil }
-        if item.tokenType == .meter { return book.price(ofMeter: item.model).map { (book, $0) } }
-        guard let pricing = book.models.first(where: { $0.model == item.model })?.prices(contextAbove: item.contextAbove)?[item.tokenType]
+        if item.tokenType == .meter { return book.meterPrice(item.model)?.pricing(rule: item.rule).map { (book, $0) } }
+        guard let pricing = book.models.first(where: { $0.model == item.model })?.prices(rule: item.rule)?
+            .prices(contextAbove: item.contextAbove)?[item.tokenType]
         else { return nil }
         return (book, pricing)
     }

@@ -9,16 +9,20 @@ public struct PriceItem: Hashable, Sendable, Comparable {
     public let tokenType: TokenType
     /// The context tier (`ContextTier.aboveInputTokens`) of the requests it counts; 0 for the base prices.
     public let contextAbove: Int64
+    /// The price rule (`PriceRule.name`) of the model or meter that priced it; empty for the base prices.
+    public let rule: String
     /// Hashed once here: every usage event hashes its charge keys several times (see `ChargeKey`).
     private let hashCode: Int
 
-    public init(bookName: String, bookCustomer: String, bookVersion: Int, model: String, tokenType: TokenType, contextAbove: Int64 = 0) {
+    public init(bookName: String, bookCustomer: String, bookVersion: Int, model: String, tokenType: TokenType, contextAbove: Int64 = 0,
+                rule: String = "") {
         self.bookName = bookName
         self.bookCustomer = bookCustomer
         self.bookVersion = bookVersion
         self.model = model
         self.tokenType = tokenType
         self.contextAbove = contextAbove
+        self.rule = rule
         var hasher = Hasher()
         hasher.combine(bookName)
         hasher.combine(bookCustomer)
@@ -26,6 +30,7 @@ public struct PriceItem: Hashable, Sendable, Comparable {
         hasher.combine(model)
         hasher.combine(tokenType)
         hasher.combine(contextAbove)
+        hasher.combine(rule)
         hashCode = hasher.finalize()
     }
 
@@ -34,14 +39,18 @@ public struct PriceItem: Hashable, Sendable, Comparable {
     /// `" for requests above 200000 input tokens"` for a context tier's item, else empty.
     public var contextTierText: String { contextAbove > 0 ? " for requests above \(contextAbove) input tokens" : "" }
 
+    /// `" (rule summaries)"` for an item a price rule priced, else empty.
+    public var ruleText: String { rule.isEmpty ? "" : " (rule \(rule))" }
+
     public static func == (a: PriceItem, b: PriceItem) -> Bool {
         a.hashCode == b.hashCode && a.bookVersion == b.bookVersion && a.tokenType == b.tokenType && a.contextAbove == b.contextAbove
-            && a.model == b.model && a.bookName == b.bookName && a.bookCustomer == b.bookCustomer
+            && a.model == b.model && a.bookName == b.bookName && a.bookCustomer == b.bookCustomer && a.rule == b.rule
     }
 
     public static func < (a: PriceItem, b: PriceItem) -> Bool {
-        (a.bookName, a.bookCustomer, a.bookVersion, a.model, a.contextAbove, a.tokenType)
-            < (b.bookName, b.bookCustomer, b.bookVersion, b.model, b.contextAbove, b.tokenType)
+        // Tuples compare up to six members.
+        let first = (a.bookName, a.bookCustomer, a.bookVersion, a.model), other = (b.bookName, b.bookCustomer, b.bookVersion, b.model)
+        return first < other || (first == other && (a.rule, a.contextAbove, a.tokenType) < (b.rule, b.contextAbove, b.tokenType))
     }
 }
 
@@ -331,8 +340,8 @@ public struct RatingEngine: Sendable {
     /// What prices each record, worked out once: the store reads the keys to load from it,
     /// then `apply` charges with it.
     public func price(_ records: [RaterRecord], profiles: [String: BillingProfile]) -> [PricedRecord] {
-        var matches: [MatchKey: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?] = [:]
-        var meterMatches: [MatchKey: (item: PriceItem, currency: Currency, pricing: PricingModel)?] = [:]
+        var matches: [MatchKey: (match: PriceMatch, items: MatchItems)?] = [:]
+        var meterMatches: [MatchKey: (book: PriceBook, price: MeterPrice, items: [String: PriceItem])?] = [:]
         return records.map { record in
             guard case .usage(let positioned) = record else { return PricedRecord(record: record, charge: nil) }
             let event = positioned.event
@@ -354,26 +363,29 @@ public struct RatingEngine: Sendable {
             for (meter, quantity) in event.meters.sorted(by: { $0.key < $1.key }) {
                 let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
                                    model: meter, stretch: catalog.stretch(containing: event.time))
-                let found: (item: PriceItem, currency: Currency, pricing: PricingModel)?
+                let found: (book: PriceBook, price: MeterPrice, items: [String: PriceItem])?
                 if let cached = meterMatches[key] {
                     found = cached
                 } else {
-                    found = catalog.match(customerID: event.subject, plan: profile.plan, meter: meter, at: event.time).map { book, pricing in
-                        (PriceItem(bookName: book.name, bookCustomer: book.customerID ?? "", bookVersion: book.version, model: meter, tokenType: .meter),
-                         book.currency, pricing)
+                    found = catalog.match(customerID: event.subject, plan: profile.plan, meter: meter, at: event.time).map { book, price in
+                        (book, price, Dictionary(uniqueKeysWithValues: ([""] + price.rules.map(\.name)).map { rule in
+                            (rule, PriceItem(bookName: book.name, bookCustomer: book.customerID ?? "", bookVersion: book.version, model: meter,
+                                             tokenType: .meter, rule: rule))
+                        }))
                     }
                     meterMatches[key] = .some(found)
                 }
-                guard let found else { continue }
-                if let currency, currency != found.currency {
-                    refusal = refusal ?? "meter \(meter) is priced in \(found.currency) (book \(found.item.bookName) v\(found.item.bookVersion)), "
+                guard let (book, price, items) = found else { continue }
+                if let currency, currency != book.currency {
+                    refusal = refusal ?? "meter \(meter) is priced in \(book.currency) (book \(book.name) v\(book.version)), "
                         + "the event's other charges in \(currency): one event is charged in one currency"
                     continue
                 }
                 let units = meters.meters[meter]?.aggregation == .count ? 1 : quantity
                 guard units > 0 else { continue }
-                currency = found.currency
-                charges.append((ChargeKey(customerID: event.subject, periodStart: period.start, item: found.item), units, found.pricing))
+                currency = book.currency
+                let (rule, pricing) = price.resolve(for: event)
+                charges.append((ChargeKey(customerID: event.subject, periodStart: period.start, item: items[rule]!), units, pricing))
             }
             guard let currency else { return PricedRecord(record: record, charge: nil) }
             return PricedRecord(record: record, charge: UsageCharge(currency: currency, periodStart: period.start, items: charges, refusal: refusal))
@@ -390,27 +402,36 @@ public struct RatingEngine: Sendable {
     }
 
     /// A model call's token charges at the prices that match it, or nil when none does (unpriced).
+    /// A match's price items, built once per batch: per rule ("" for the base prices), per context
+    /// tier, per token type.
+    private typealias MatchItems = [String: [Int64: [TokenType: PriceItem]]]
+
     private func modelCharges(_ event: UsageEvent, profile: BillingProfile, period: BillingPeriod,
-                              matches: inout [MatchKey: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?])
+                              matches: inout [MatchKey: (match: PriceMatch, items: MatchItems)?])
         -> (Currency, [(key: ChargeKey, quantity: Int64, pricing: PricingModel)])? {
         let key = MatchKey(customerID: catalog.overrideCustomers.contains(event.subject) ? event.subject : "", plan: profile.plan,
                            model: event.model, stretch: catalog.stretch(containing: event.time))
-        let found: (match: PriceMatch, items: [Int64: [TokenType: PriceItem]])?
+        let found: (match: PriceMatch, items: MatchItems)?
         if let cached = matches[key] {
             found = cached
         } else {
             found = catalog.match(customerID: event.subject, plan: profile.plan, model: event.model, at: event.time).map { match in
-                let tiers = [0] + match.prices.contextTiers.map(\.aboveInputTokens)
-                return (match, Dictionary(uniqueKeysWithValues: tiers.map { tier in
-                    (tier, Dictionary(uniqueKeysWithValues: TokenType.tokens.map { ($0, item(match, $0, contextAbove: tier)) }))
-                }))
+                var items: MatchItems = [:]
+                for (rule, prices) in [("", match.prices)] + match.prices.rules.map({ ($0.name, $0.prices) }) {
+                    let tiers = [0] + prices.contextTiers.map(\.aboveInputTokens)
+                    items[rule] = Dictionary(uniqueKeysWithValues: tiers.map { tier in
+                        (tier, Dictionary(uniqueKeysWithValues: TokenType.tokens.map { ($0, item(match, $0, contextAbove: tier, rule: rule)) }))
+                    })
+                }
+                return (match, items)
             }
             matches[key] = .some(found)
         }
         guard let (match, items) = found else { return nil }
-        let (tier, prices) = match.prices.applicable(to: event)
+        let (rule, ruled) = match.prices.resolve(for: event)
+        let (tier, prices) = ruled.applicable(to: event)
         let charges = ModelPrices.quantities(event, prices: prices).map { type, quantity in
-            (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: items[tier]![type]!), quantity: quantity,
+            (key: ChargeKey(customerID: event.subject, periodStart: period.start, item: items[rule]![tier]![type]!), quantity: quantity,
              pricing: prices[type]!)
         }
         return (match.book.currency, charges)
@@ -425,9 +446,9 @@ public struct RatingEngine: Sendable {
         return missing
     }
 
-    private func item(_ match: PriceMatch, _ type: TokenType, contextAbove: Int64) -> PriceItem {
+    private func item(_ match: PriceMatch, _ type: TokenType, contextAbove: Int64, rule: String) -> PriceItem {
         PriceItem(bookName: match.book.name, bookCustomer: match.book.customerID ?? "", bookVersion: match.book.version,
-                  model: match.prices.model, tokenType: type, contextAbove: contextAbove)
+                  model: match.prices.model, tokenType: type, contextAbove: contextAbove, rule: rule)
     }
 
     /// Applies records (deduplicated, in log order per partition) to `state`, priced with its profiles.

@@ -10,15 +10,19 @@ public enum CallChargeEstimate {
                                inputTokens: counts.input, outputTokens: counts.output, cacheReadInputTokens: counts.cacheRead,
                                cacheWriteInputTokens: counts.cacheWrite, cacheWrite1hInputTokens: counts.cacheWrite1h,
                                reasoningOutputTokens: counts.reasoning)
-        var total: Int64 = 0
-        // The input size is itself an estimate: each token type at the dearest of the model's
-        // context tiers, so a request that turns out larger is still covered.
-        let tiers = match.prices.allTierPrices
-        for (type, quantity) in ModelPrices.quantities(event, prices: match.prices.applicable(to: event).prices) {
-            let ceiling = tiers.compactMap { $0[type]?.marginalCeiling(quantity) }.max() ?? 0
-            total = Money.saturatingAdd(total, ceiling)
-        }
-        return total
+        // The call's dimensions (its service tier, its status) are known only once it is answered:
+        // the dearest of the base prices and every rule's.
+        return match.prices.allRulePrices.map { prices in
+            var total: Int64 = 0
+            // The input size is itself an estimate: each token type at the dearest of the model's
+            // context tiers, so a request that turns out larger is still covered.
+            let tiers = prices.allTierPrices
+            for (type, quantity) in ModelPrices.quantities(event, prices: prices.applicable(to: event).prices) {
+                let ceiling = tiers.compactMap { $0[type]?.marginalCeiling(quantity) }.max() ?? 0
+                total = Money.saturatingAdd(total, ceiling)
+            }
+            return total
+        }.max()!
     }
 }
 

@@ -122,6 +122,8 @@ public struct ResponseUsageScanner: Sendable {
     public private(set) var usage: [String: JSONValue]?
     public private(set) var model: String?
     public private(set) var responseID: String?
+    /// OpenAI's response `service_tier` (Anthropic's is in the usage object).
+    public private(set) var serviceTier: String?
     /// The stream reported an error event or stopped before its end.
     public private(set) var sawErrorEvent = false
     /// Standard meters counted from the response's content: tool calls the model asked for
@@ -292,6 +294,7 @@ public struct ResponseUsageScanner: Sendable {
         if case .object(let reported)? = object["usage"] { merge(reported) }
         if let model = object["model"]?.string { self.model = model }
         if let id = object["id"]?.string { responseID = id }
+        if let tier = object["service_tier"]?.string, (1...64).contains(tier.utf8.count) { serviceTier = tier }
     }
 
     /// Later usage wins, member by member; a member reported as null keeps the earlier value.
@@ -325,6 +328,7 @@ public struct ResponseUsageScanner: Sendable {
             counts.meters.merge(contentMeters) { $0 + $1 }
             if !chatToolCalls.isEmpty { counts.meters[StandardMeter.toolCalls.rawValue, default: 0] += Int64(chatToolCalls.count) }
             counts.meters.merge(outputMeters) { $0 + $1 }
+            counts.serviceTier = counts.serviceTier ?? serviceTier
             return counts
         }
     }
