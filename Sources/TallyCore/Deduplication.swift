@@ -296,7 +296,8 @@ public enum ContentHash {
                 for (key, value) in pairs { add(key); add(value) }
                 return
             }
-            for key in pairs.keys.sorted() { add(key); add(pairs[key]!) }
+            // Sorted as pairs: no second lookup per key.
+            for (key, value) in pairs.sorted(by: { $0.key < $1.key }) { add(key); add(value) }
         }
 
         mutating func add(_ number: Int64) {

@@ -217,6 +217,9 @@ public struct MeterWindowKey: Sendable, Hashable {
     /// Microseconds since the Unix epoch (UTC) of the window's first instant.
     public let start: Int64
     public let dimensions: [String]
+    /// Hashed once: the aggregator looks a reading's window up several times (its batch's
+    /// windows, the stored unique values), and hashing the texts each time cost more than the rest.
+    private let hashCode: Int
 
     public init(meter: String, customerID: String, granularity: Granularity, start: Int64, dimensions: [String]) {
         self.meter = meter
@@ -224,18 +227,22 @@ public struct MeterWindowKey: Sendable, Hashable {
         self.granularity = granularity
         self.start = start
         self.dimensions = dimensions
+        var hasher = Hasher()
+        hasher.combine(granularity)
+        hasher.combine(start)
+        ExactText.hash(meter, into: &hasher)
+        ExactText.hash(customerID, into: &hasher)
+        for text in dimensions { ExactText.hash(text, into: &hasher) }
+        hashCode = hasher.finalize()
     }
 
     public static func == (a: MeterWindowKey, b: MeterWindowKey) -> Bool {
-        a.granularity == b.granularity && a.start == b.start && ExactText.equal(a.meter, b.meter) && ExactText.equal(a.customerID, b.customerID)
-            && a.dimensions.count == b.dimensions.count && zip(a.dimensions, b.dimensions).allSatisfy(ExactText.equal)
+        a.hashCode == b.hashCode && a.granularity == b.granularity && a.start == b.start && ExactText.equal(a.meter, b.meter)
+            && ExactText.equal(a.customerID, b.customerID) && a.dimensions.count == b.dimensions.count
+            && zip(a.dimensions, b.dimensions).allSatisfy(ExactText.equal)
     }
 
-    public func hash(into hasher: inout Hasher) {
-        hasher.combine(granularity)
-        hasher.combine(start)
-        for text in [meter, customerID] + dimensions { ExactText.hash(text, into: &hasher) }
-    }
+    public func hash(into hasher: inout Hasher) { hasher.combine(hashCode) }
 }
 
 /// What a meter's window holds so far. Merging is associative and commutative, so the windows

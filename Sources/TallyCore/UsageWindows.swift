@@ -192,7 +192,7 @@ public struct ExactText: Hashable, Sendable, Comparable, CustomStringConvertible
 
     public init(_ text: String) { self.text = text }
 
-    public static func == (a: ExactText, b: ExactText) -> Bool { a.text.utf8.elementsEqual(b.text.utf8) }
+    public static func == (a: ExactText, b: ExactText) -> Bool { equal(a.text, b.text) }
     public static func < (a: ExactText, b: ExactText) -> Bool { a.text.utf8.lexicographicallyPrecedes(b.text.utf8) }
     public func hash(into hasher: inout Hasher) { Self.hash(text, into: &hasher) }
     public var description: String { text }
@@ -204,5 +204,13 @@ public struct ExactText: Hashable, Sendable, Comparable, CustomStringConvertible
         hasher.combine(text.utf8.count)
     }
 
-    public static func equal(_ a: String, _ b: String) -> Bool { a.utf8.elementsEqual(b.utf8) }
+    public static func equal(_ a: String, _ b: String) -> Bool {
+        // Native and small strings hold contiguous UTF-8: compare the buffers (the generic
+        // sequence comparison was a hot spot of the aggregator's window lookups).
+        let contiguous = a.utf8.withContiguousStorageIfAvailable { x in
+            b.utf8.withContiguousStorageIfAvailable { y in x.count == y.count && x.elementsEqual(y) }
+        }
+        if let contiguous, let result = contiguous { return result }
+        return a.utf8.elementsEqual(b.utf8)
+    }
 }

@@ -30,7 +30,10 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
         meterWriter = MeterWindowWriter(connection: connection)
     }
 
-    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] { try tables.claim(partitions) }
+    public func claim(_ partitions: [Int32]) throws -> [Int32: PartitionClaim] {
+        meterWriter.forgetStoredValues()
+        return try tables.claim(partitions)
+    }
 
     public func recordLogGap(partition: Int32, storedOffset: Int64, logEnd: Int64) throws {
         try tables.recordLogGap(partition: partition, storedOffset: storedOffset, logEnd: logEnd)
@@ -40,9 +43,33 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
 
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
-        // Stateless between batches: a promoted state (replay) needs nothing here.
+        // Stateless between batches but for the meter writer's stored unique values, which any
+        // outcome but a commit forgets (a promoted state, a reset).
         var appendedRows = 0
-        let outcome = try tables.commit(batch) { _, _ in
+        let outcome: CommitOutcome
+        do {
+            outcome = try commitOnce(batch, appendedRows: &appendedRows)
+        } catch {
+            meterWriter.forgetStoredValues()
+            throw error
+        }
+        if case .committed = outcome {
+            meterWriter.batchCommitted()
+            rowsSinceFold += appendedRows
+            mayHaveDeltas = true
+        } else {
+            meterWriter.forgetStoredValues()
+        }
+        if rowsSinceFold >= foldThreshold {
+            // The batch has committed: a failed fold leaves the deltas to the next one.
+            rowsSinceFold = 0
+            folder.start()
+        }
+        return outcome
+    }
+
+    private func commitOnce(_ batch: PreparedBatch, appendedRows: inout Int) throws -> CommitOutcome {
+        try tables.commit(batch) { _, _ in
             // 2. Dedup against stored keys, then decide (pure) which events count.
             let stored = try tables.storedHashes(of: batch.events, table: "usage_event_keys")
             let decision = Deduplicator.decide(batch.events, stored: stored)
@@ -72,16 +99,6 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates,
                                 conflicts: decision.conflicts, deadLetters: batch.deadLetters.count)
         }
-        if case .committed = outcome {
-            rowsSinceFold += appendedRows
-            mayHaveDeltas = true
-        }
-        if rowsSinceFold >= foldThreshold {
-            // The batch has committed: a failed fold leaves the deltas to the next one.
-            rowsSinceFold = 0
-            folder.start()
-        }
-        return outcome
     }
 
     /// Folds whatever deltas are waiting: the loop calls this when a poll found nothing.

@@ -100,6 +100,23 @@ public final class MeterWindowWriter {
     private let connection: PostgresConnection
     private var catalog = MeterCatalog([])
     private var catalogVersion = 0
+    /// Distinct values of UNIQUE_COUNT meters that committed batches of this process stored, per
+    /// hourly window. A window keeps a set, so a value it has needs no delta row again: an agent
+    /// product's end users come back all hour, and writing and folding each again cost more than
+    /// the rest of its meters. Values never leave the tables while consumers run (a promotion
+    /// hands over a state built from the same records up to offsets no smaller; a reset deletes
+    /// the offsets too, so the next batch fails its offset check), and this is cleared on any
+    /// outcome but a commit and on every assignment, so a value here is always stored.
+    private var storedUniques = Set<StoredUniqueValue>()
+    /// What the batch being committed adds to `storedUniques` once it has committed.
+    private var pendingUniques: [StoredUniqueValue] = []
+    /// Past this many values the set starts over (at roughly 100 bytes a value).
+    static let storedUniquesLimit = 500_000
+
+    private struct StoredUniqueValue: Hashable {
+        let window: MeterWindowKey
+        let value: ExactText
+    }
 
     public init(connection: PostgresConnection) { self.connection = connection }
 
@@ -107,6 +124,7 @@ public final class MeterWindowWriter {
     /// read is the one no `tally meters apply` can change before the batch commits. Returns the
     /// delta rows it appended.
     func commit(_ accepted: [PositionedEvent]) throws -> Int {
+        pendingUniques.removeAll()
         // Token-only batches pay nothing for meters.
         guard accepted.contains(where: { !$0.event.meters.isEmpty }) else { return 0 }
         // Released at COMMIT: no apply changes the catalog between this read and this batch's commit.
@@ -116,10 +134,29 @@ public final class MeterWindowWriter {
             catalog = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
             catalogVersion = version
         }
-        let (windows, undeclared) = MeterWindows.foldHours(accepted, catalog: catalog)
+        var (windows, undeclared) = MeterWindows.foldHours(accepted, catalog: catalog)
+        for (key, value) in windows {
+            guard case .unique(let values) = value else { continue }
+            let new = values.filter { !storedUniques.contains(StoredUniqueValue(window: key, value: $0)) }
+            if new.count < values.count { windows[key] = new.isEmpty ? nil : .unique(new) }
+            pendingUniques += new.map { StoredUniqueValue(window: key, value: $0) }
+        }
         let appended = try Self.appendDeltas(windows, catalog: catalog, on: connection)
         if !undeclared.isEmpty { try Self.storeUndeclared(undeclared, on: connection) }
         return appended
+    }
+
+    /// The batch `commit` wrote has committed: its unique values are stored.
+    func batchCommitted() {
+        if storedUniques.count + pendingUniques.count > Self.storedUniquesLimit { storedUniques.removeAll() }
+        storedUniques.formUnion(pendingUniques)
+        pendingUniques.removeAll()
+    }
+
+    /// The batch did not commit, or the partitions changed hands: nothing is known stored.
+    func forgetStoredValues() {
+        storedUniques.removeAll()
+        pendingUniques.removeAll()
     }
 
     /// One COPY per table, into tables without an index: the cheap part of a batch.
@@ -205,9 +242,11 @@ public final class MeterWindowWriter {
                 latest_partition = CASE WHEN \(newer) THEN EXCLUDED.latest_partition ELSE w.latest_partition END,
                 latest_offset = CASE WHEN \(newer) THEN EXCLUDED.latest_offset ELSE w.latest_offset END
             """)
+        // No DISTINCT: DO NOTHING skips a row equal to one this statement inserted, and sorting
+        // the deltas first cost more than the inserts.
         try connection.query("""
             INSERT INTO meter_unique_values_hourly (customer_id, meter, window_start, dimensions, value)
-            SELECT DISTINCT customer_id, meter, window_start, dimensions, value FROM meter_unique_value_deltas
+            SELECT customer_id, meter, window_start, dimensions, value FROM meter_unique_value_deltas
             ON CONFLICT DO NOTHING
             """)
         try connection.query("DELETE FROM meter_window_deltas")
