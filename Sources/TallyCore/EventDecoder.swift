@@ -232,6 +232,7 @@ private struct UsageDataState {
             count += 1
             // Built only when a violation needs it: most events have none.
             let path = { "data.properties." + key }
+            if properties[key] != nil { throw reader.error("duplicate key \"\(key)\"") }
             // An ASCII key (the usual one) has as many scalars as bytes.
             let keyLength = key.utf8.allSatisfy({ $0 < 0x80 }) ? key.utf8.count : key.unicodeScalars.count
             if !EventLimits.propertyKeyLength.contains(keyLength) {
@@ -239,13 +240,12 @@ private struct UsageDataState {
             } else if containsControl(key) {
                 violations.append(FieldViolation(path(), "property names must not contain control characters"))
             }
-            let value = try readString(&reader, path(), length: 0...EventLimits.maxPropertyValueLength, forbidControl: false, violations: &violations)
-            // One hash of the key: the insert itself says whether it was there.
-            if let value, !value.utf8.contains(0) {
-                if properties.updateValue(value, forKey: key) != nil { throw reader.error("duplicate key \"\(key)\"") }
-            } else {
-                if properties[key] != nil { throw reader.error("duplicate key \"\(key)\"") }
-                if value != nil { violations.append(FieldViolation(path(), "must not contain NUL")) }
+            if let value = try readString(&reader, path(), length: 0...EventLimits.maxPropertyValueLength, forbidControl: false, violations: &violations) {
+                if value.utf8.contains(0) {
+                    violations.append(FieldViolation(path(), "must not contain NUL"))
+                } else {
+                    properties[key] = value
+                }
             }
         }
         if count > EventLimits.maxProperties {
@@ -266,17 +266,13 @@ private struct UsageDataState {
         try reader.readObject { (reader: inout JSONReader, name: String) throws(JSONSyntaxError) in
             count += 1
             let path = { "data.meters." + name }
+            if meters[name] != nil { throw reader.error("duplicate key \"\(name)\"") }
             let quantity = try readTokens(&reader, path(), &violations)
-            let valid = MeterDefinition.isValidName(name)
-            // One hash of the name: the insert itself says whether it was there.
-            if let quantity, valid {
-                if meters.updateValue(quantity, forKey: name) != nil { throw reader.error("duplicate key \"\(name)\"") }
-            } else if meters[name] != nil {
-                throw reader.error("duplicate key \"\(name)\"")
-            }
-            if !valid {
+            guard MeterDefinition.isValidName(name) else {
                 violations.append(FieldViolation(path(), "is not a meter name: lower-case letters, digits and _, starting with a letter, at most 64"))
+                return
             }
+            if let quantity { meters[name] = quantity }
         }
         if count > EventLimits.maxMeters {
             violations.append(FieldViolation("data.meters", "must have at most \(EventLimits.maxMeters) entries"))

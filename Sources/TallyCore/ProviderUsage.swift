@@ -80,6 +80,17 @@ public enum CallStatus: String, CaseIterable, Sendable {
     public static let property = "status"
     public static let attemptProperty = "attempt"
 
+    /// The token windows' `status`: the event's `status` property when it is one of these cases,
+    /// `other` for any other value (a caller's own text, up to a property's 1,024 characters,
+    /// would make unbounded window keys), empty when the event has none.
+    public static func dimension(of event: UsageEvent) -> String {
+        guard let value = event.properties[property] else { return "" }
+        switch value {
+        case "success", "retry", "error", "cancelled": return value
+        default: return "other"
+        }
+    }
+
     /// - Parameters:
     ///   - errorReported: a streamed response carried an error event.
     ///   - brokeOff: the upstream's response ended before its end.
@@ -105,6 +116,14 @@ public enum StandardProperty {
     /// `"true"` for a call made through a batch API: Anthropic's `service_tier` `batch`, or the
     /// provider usage endpoint's `batch` field (OpenAI's Batch API reports no tier of its own).
     public static let batch = "batch"
+
+    /// A tier as providers spell them (`default`, `priority`, `standard_only`): 1 to 64 of
+    /// `a-z`, `0-9`, `_` and `-`. Anything else a response says is ignored rather than stored.
+    public static func isTier(_ text: String) -> Bool {
+        (1...64).contains(text.utf8.count)
+            && text.utf8.allSatisfy { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0)
+                || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-") }
+    }
 
     /// Sets `service_tier` (and `batch` for Anthropic's `batch` tier) when a tier is known.
     public static func apply(serviceTier: String?, to properties: inout [String: String]) {
@@ -212,8 +231,7 @@ public enum ProviderUsageMapper {
                 let quantity = count(["server_tool_use", meter.rawValue], required: false)
                 if quantity > 0 { counts.meters[meter.rawValue] = quantity }
             }
-            // Only a short text is a tier: anything else is ignored rather than stored.
-            if let tier = usage["service_tier"]?.string, (1...64).contains(tier.utf8.count) { counts.serviceTier = tier }
+            if let tier = usage["service_tier"]?.string, StandardProperty.isTier(tier) { counts.serviceTier = tier }
         }
         if !violations.isEmpty { return .failure(.invalid(violations)) }
         if counts.cacheRead + counts.cacheWrite > counts.input || counts.reasoning > counts.output {
@@ -298,6 +316,9 @@ public enum ProviderEventBuilder {
             properties[CallStatus.property] = ((attempt ?? 1) > 1 ? CallStatus.retry : .success).rawValue
         }
         let serviceTier = text("service_tier", required: false)
+        if let serviceTier, !StandardProperty.isTier(serviceTier) {
+            violations.append(FieldViolation("service_tier", "must be 1 to 64 of a-z, 0-9, _ and - (the tier the provider reported)"))
+        }
         var batch = false
         switch members["batch"] {
         case nil, .null?: break

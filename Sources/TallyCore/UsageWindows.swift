@@ -25,8 +25,8 @@ public struct UsageDimensions: Hashable, Sendable, Comparable {
     public var feature: String
     public var provider: String
     public var environment: String
-    /// The call's `status` property (`CallStatus`: success, retry, error, cancelled), so windows
-    /// show what failed calls used.
+    /// How the call ended (`CallStatus.dimension`: success, retry, error, cancelled, `other` for
+    /// any other `status` property, empty without one), so windows show what failed calls used.
     public var status: String
 
     public init(customerID: String, model: String, feature: String = "", provider: String = "", environment: String = "", status: String = "") {
@@ -40,7 +40,7 @@ public struct UsageDimensions: Hashable, Sendable, Comparable {
 
     public init(_ event: UsageEvent) {
         self.init(customerID: event.subject, model: event.model, feature: event.feature ?? "",
-                  provider: event.provider ?? "", environment: event.environment ?? "", status: event.properties[CallStatus.property] ?? "")
+                  provider: event.provider ?? "", environment: event.environment ?? "", status: CallStatus.dimension(of: event))
     }
 
     public static func < (a: UsageDimensions, b: UsageDimensions) -> Bool {

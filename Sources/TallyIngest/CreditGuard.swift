@@ -80,13 +80,14 @@ final class CreditGuard: @unchecked Sendable {
         }
     }
 
-    /// The call finished having used `counts`: hold their charge until the rater debits it.
+    /// The call finished having used `counts`: hold their charge until the rater debits it, at
+    /// the price rule `call`'s labels and properties (its service tier, its status) pick.
     /// Returns how far the charge went past the estimate (0 when it did not).
-    func settle(_ hold: Int?, counts: TokenCounts, model: String, profile: BillingProfile) -> Int64 {
+    func settle(_ hold: Int?, counts: TokenCounts, call: UsageEvent, profile: BillingProfile) -> Int64 {
         guard let hold else { return 0 }
         return lock.withLock {
-            let actual = CallChargeEstimate.nanos(counts, model: model, customer: profile, catalog: catalog,
-                                                  at: EventTime(microseconds: Self.nowMicroseconds()))
+            let actual = CallChargeEstimate.nanos(counts, model: call.model, customer: profile, catalog: catalog,
+                                                  at: EventTime(microseconds: Self.nowMicroseconds()), call: call)
                 ?? unpricedPolicy.holdNanos(counts) ?? 0
             return reservations.settle(hold, actualNanos: actual)
         }

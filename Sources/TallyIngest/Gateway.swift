@@ -296,7 +296,7 @@ final class Gateway: Sendable {
             if let id = scanner.responseID { event.properties["response_id"] = id }
             if scanner.isEventStream { event.properties["stream"] = "true" }
             if !complete || scanner.sawErrorEvent { event.properties["incomplete"] = "true" }
-            let overshoot = gateway.credit.settle(hold, counts: counts, model: event.model, profile: profile)
+            let overshoot = gateway.credit.settle(hold, counts: counts, call: event, profile: profile)
             if overshoot > 0 {
                 gateway.overshootNanos.increment(by: overshoot)
                 gateway.overshotCalls.increment()

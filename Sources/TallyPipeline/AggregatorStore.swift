@@ -69,7 +69,9 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     }
 
     private func commitOnce(_ batch: PreparedBatch, appendedRows: inout Int) throws -> CommitOutcome {
-        try tables.commit(batch) { _, _ in
+        try tables.commit(batch) { _, versions in
+            // A replay promoted a state under us: what the meter writer knows stored may not be.
+            meterWriter.stateVersions(versions)
             // 2. Dedup against stored keys, then decide (pure) which events count.
             let stored = try tables.storedHashes(of: batch.events, table: "usage_event_keys")
             let decision = Deduplicator.decide(batch.events, stored: stored)

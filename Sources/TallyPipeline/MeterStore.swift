@@ -106,10 +106,14 @@ public final class MeterWindowWriter {
     /// the rest of its meters. Values never leave the tables while consumers run (a promotion
     /// hands over a state built from the same records up to offsets no smaller; a reset deletes
     /// the offsets too, so the next batch fails its offset check), and this is cleared on any
-    /// outcome but a commit and on every assignment, so a value here is always stored.
+    /// outcome but a commit, on every assignment and when a partition's `state_version` moves (a
+    /// promotion, whose replay may have read a log that no longer starts at offset 0), so a
+    /// value here is always stored.
     private var storedUniques = Set<StoredUniqueValue>()
     /// What the batch being committed adds to `storedUniques` once it has committed.
     private var pendingUniques: [StoredUniqueValue] = []
+    /// The partitions' `state_version`s the stored values were learned under.
+    private var knownStateVersions: [Int32: Int64] = [:]
     /// Past this many values the set starts over (at roughly 100 bytes a value).
     static let storedUniquesLimit = 500_000
 
@@ -157,6 +161,15 @@ public final class MeterWindowWriter {
     func forgetStoredValues() {
         storedUniques.removeAll()
         pendingUniques.removeAll()
+        knownStateVersions.removeAll()
+    }
+
+    /// The batch's partitions' `state_version`s, read with their offset rows locked.
+    func stateVersions(_ versions: [Int32: Int64]) {
+        if versions.contains(where: { partition, version in knownStateVersions[partition].map { $0 != version } ?? false }) {
+            storedUniques.removeAll()
+        }
+        knownStateVersions.merge(versions) { $1 }
     }
 
     /// One COPY per table, into tables without an index: the cheap part of a batch.

@@ -146,13 +146,20 @@ final class PriceRuleTests: XCTestCase {
         XCTAssertEqual(engine.catalog.pricing(of: item)?.pricing, rate("5.00"))
     }
 
-    /// The gateway's hold covers the dearest of the base prices and every rule's.
+    /// The gateway's hold covers the dearest of the base prices and every rule's; once the call
+    /// is answered, it settles at the rule the call's properties pick.
     func testTheGatewayHoldCoversEveryRule() throws {
         let catalog = PriceCatalog(books: [try PriceBookDocument.parse(Self.book)])
         let hold = CallChargeEstimate.nanos(TokenCounts(input: 1_000_000, output: 1_000_000), model: "gpt-4o",
                                             customer: BillingProfile(customerID: "acme"), catalog: catalog, at: EventTime("2026-03-10T00:00:00Z")!)
         // priority-summaries: input at the base 2.50, output at 30.00; priority: 4.25 + 17.00; summaries 5.00 + 20.00 = 25.00.
         XCTAssertEqual(hold, 32_500_000_000)
+        // Once answered, the call's own rule: a batch call settles at 1.25 + 5.00.
+        let batchCall = event(properties: ["batch": "true"])
+        let settled = CallChargeEstimate.nanos(TokenCounts(input: 1_000_000, output: 1_000_000), model: "gpt-4o",
+                                               customer: BillingProfile(customerID: "acme"), catalog: catalog, at: EventTime("2026-03-10T00:00:00Z")!,
+                                               call: batchCall)
+        XCTAssertEqual(settled, 6_250_000_000)
     }
 
     func testRulesParseRoundTripAndRefuseMistakes() throws {

@@ -166,7 +166,7 @@ final class ProviderPriceTests: XCTestCase {
         XCTAssertTrue(imported.skipped.allSatisfy { $0.reason.contains("input_cost_per_token is not an exact non-negative price") }, "\(imported.skipped)")
         XCTAssertEqual(imported.unmapped.map(\.model), ["gpt-4o", "vertex/gemini-2.5-pro"])
         XCTAssertEqual(imported.unmapped.map(\.reason), ["not billed by token: input_cost_per_audio_token_batches",
-                                                         "rule batch left out: no batches prices above 200000 input tokens"], "zero costs are not listed")
+                                                         "rule batch left out: its batches prices above 200000 input tokens do not cover the model's token types there"], "zero costs are not listed")
         // Batch and service-tier costs become price rules on the batch and service_tier properties.
         let gpt4o = try XCTUnwrap(imported.book.models.first { $0.model == "gpt-4o" })
         XCTAssertEqual(gpt4o.rules.map(\.name), ["batch", "priority"])

@@ -42,6 +42,21 @@ final class ProviderUsageTests: XCTestCase {
         let wrong = ProviderEventBuilder.build(.openai, body: Array(#"{"id":"e1","customer":"acme","model":"m","time":"2026-03-01T00:00:00Z","usage":\#(openai),"batch":"yes"}"#.utf8))
         guard case .failure(let error) = wrong else { return XCTFail("a batch that is not a boolean is refused") }
         XCTAssertEqual(error.violations.map(\.path), ["batch"])
+        let badTier = ProviderEventBuilder.build(.openai, body: Array(#"{"id":"e1","customer":"acme","model":"m","time":"2026-03-01T00:00:00Z","usage":\#(openai),"service_tier":"Pri ority"}"#.utf8))
+        guard case .failure(let tierError) = badTier else { return XCTFail("a tier outside a-z, 0-9, _ and - is refused") }
+        XCTAssertEqual(tierError.violations.map(\.path), ["service_tier"])
+    }
+
+    /// Token windows split by the call's status, bounded: a caller's own text is `other`.
+    func testTheWindowsStatusIsACallStatusOrOther() {
+        func status(_ properties: [String: String]) -> String {
+            UsageDimensions(UsageEvent(id: "e", source: "s", subject: "c", time: EventTime("2026-03-01T00:00:00Z")!, model: "m",
+                                       inputTokens: 1, outputTokens: 1, properties: properties)).status
+        }
+        XCTAssertEqual(status([:]), "")
+        XCTAssertEqual(["success", "retry", "error", "cancelled"].map { status(["status": $0]) }, ["success", "retry", "error", "cancelled"])
+        XCTAssertEqual(status(["status": String(repeating: "x", count: 1_024)]), "other")
+        XCTAssertEqual(status(["status": "Error"]), "other")
     }
 
     func testGeminiCandidatesExcludeThoughts() throws {

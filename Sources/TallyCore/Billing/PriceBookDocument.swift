@@ -506,11 +506,13 @@ public enum PriceBookDocument {
             var rules: [PriceRule<ModelPrices>] = []
             for (index, byTier) in rulePrices.sorted(by: { $0.key < $1.key }) {
                 let rule = liteLLMRules[index]
-                // A rule has only its own context tiers: one that lacks the model's would bill long
-                // requests at the rule's base rates, so it is left out, and said.
-                let missing = Set(tiers.keys).subtracting(byTier.keys).sorted()
+                // A rule has only its own context tiers: one without a price for each token type
+                // the model prices in a tier would bill long requests at the rule's base rates, so
+                // it is left out, and said.
+                let missing = tiers.filter { above, prices in !Set(prices.keys).isSubset(of: byTier[above]?.keys ?? [:].keys) }.keys.sorted()
                 guard missing.isEmpty else {
-                    unmapped.append((model, "rule \(rule.name) left out: no \(rule.suffix.dropFirst()) prices above \(missing.map(String.init).joined(separator: ", ")) input tokens"))
+                    unmapped.append((model, "rule \(rule.name) left out: its \(rule.suffix.dropFirst()) prices above "
+                        + "\(missing.map(String.init).joined(separator: ", ")) input tokens do not cover the model's token types there"))
                     continue
                 }
                 rules.append(PriceRule(name: rule.name, conditions: [rule.condition], prices: ModelPrices(

@@ -270,7 +270,7 @@ public struct ModelPrices: Hashable, Sendable {
         return (rule.name, rule.prices)
     }
 
-    /// The same prices, tiers and rules, under the model's name alone (a rule's prices).
+    /// The same prices and tiers, under the model's name alone, without rules (a rule's prices).
     public var withoutAliases: ModelPrices { ModelPrices(model: model, prices: prices, contextTiers: contextTiers) }
 
     /// The prices of the rule named `rule` ("" for the base prices).

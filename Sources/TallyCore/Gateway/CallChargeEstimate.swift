@@ -4,15 +4,19 @@
 /// it saturates at `Money.maxNanos` (a hold that large refuses the call) instead of trapping.
 public enum CallChargeEstimate {
     /// Nil when no price book prices `model` for the customer at `time` (see `UnpricedModelPolicy`).
-    public static func nanos(_ counts: TokenCounts, model: String, customer: BillingProfile, catalog: PriceCatalog, at time: EventTime) -> Int64? {
+    /// - Parameter call: the answered call's event, whose labels and properties pick the price
+    ///   rule that applies; nil before the call, when its service tier and status are not known
+    ///   yet: then the dearest of the base prices and every rule's.
+    public static func nanos(_ counts: TokenCounts, model: String, customer: BillingProfile, catalog: PriceCatalog, at time: EventTime,
+                             call: UsageEvent? = nil) -> Int64? {
         guard let match = catalog.match(customerID: customer.customerID, plan: customer.plan, model: model, at: time) else { return nil }
         let event = UsageEvent(id: "", source: "", subject: customer.customerID, time: time, model: model,
+                               provider: call?.provider, feature: call?.feature, environment: call?.environment,
                                inputTokens: counts.input, outputTokens: counts.output, cacheReadInputTokens: counts.cacheRead,
                                cacheWriteInputTokens: counts.cacheWrite, cacheWrite1hInputTokens: counts.cacheWrite1h,
-                               reasoningOutputTokens: counts.reasoning)
-        // The call's dimensions (its service tier, its status) are known only once it is answered:
-        // the dearest of the base prices and every rule's.
-        return match.prices.allRulePrices.map { prices in
+                               reasoningOutputTokens: counts.reasoning, properties: call?.properties ?? [:])
+        let candidates = call == nil ? match.prices.allRulePrices : [match.prices.resolve(for: event).prices]
+        return candidates.map { prices in
             var total: Int64 = 0
             // The input size is itself an estimate: each token type at the dearest of the model's
             // context tiers, so a request that turns out larger is still covered.

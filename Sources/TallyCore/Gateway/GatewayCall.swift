@@ -294,7 +294,7 @@ public struct ResponseUsageScanner: Sendable {
         if case .object(let reported)? = object["usage"] { merge(reported) }
         if let model = object["model"]?.string { self.model = model }
         if let id = object["id"]?.string { responseID = id }
-        if let tier = object["service_tier"]?.string, (1...64).contains(tier.utf8.count) { serviceTier = tier }
+        if let tier = object["service_tier"]?.string, StandardProperty.isTier(tier) { serviceTier = tier }
     }
 
     /// Later usage wins, member by member; a member reported as null keeps the earlier value.

@@ -1,9 +1,17 @@
 -- A model call's status (issue #24: success, retry, error, cancelled; the `status` property the
 -- gateway and the provider endpoints write) splits the token windows, so usage shows what failed
--- and cancelled calls used. '' for events without it. The views gain the column at their end
--- (CREATE OR REPLACE keeps the views built on them, and their grants).
-ALTER TABLE tally.usage_windows_hourly ADD COLUMN status text NOT NULL DEFAULT '';
-ALTER TABLE tally.usage_window_deltas ADD COLUMN status text NOT NULL DEFAULT '';
+-- and cancelled calls used: 'other' for any other value of the property, '' for events without
+-- it. The views gain the column at their end (CREATE OR REPLACE keeps the views built on them,
+-- and their grants).
+--
+-- Windows counted before this migration have '' where the log's events may carry a status, so
+-- `tally reconcile` and a replay's comparison show them as mismatches until the aggregator's
+-- state is rebuilt from the log: stop the aggregators, migrate, start the new binaries, then
+-- `tally replay --consumer aggregator --live-group G --promote` (docs/replay.md).
+ALTER TABLE tally.usage_windows_hourly ADD COLUMN status text NOT NULL DEFAULT ''
+    CHECK (status IN ('', 'success', 'retry', 'error', 'cancelled', 'other'));
+ALTER TABLE tally.usage_window_deltas ADD COLUMN status text NOT NULL DEFAULT ''
+    CHECK (status IN ('', 'success', 'retry', 'error', 'cancelled', 'other'));
 ALTER TABLE tally.usage_windows_hourly DROP CONSTRAINT usage_windows_hourly_pkey;
 ALTER TABLE tally.usage_windows_hourly ADD PRIMARY KEY (customer_id, window_start, model, feature, provider, environment, status);
 
