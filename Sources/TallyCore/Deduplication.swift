@@ -102,10 +102,27 @@ public struct PositionedEvent: DedupCandidate, Equatable {
     public let keyFingerprint: DedupKeyCache.Fingerprint
 
     public init(event: UsageEvent, position: LogPosition) {
+        self.init(event: event, position: position, identity: Self.identity(of: event))
+    }
+
+    /// What `init(event:position:)` works out from the event, apart so a consumer can work it
+    /// out for many events on several threads.
+    public struct Identity: Sendable {
+        let contentHash: UInt64
+        let keyFingerprint: DedupKeyCache.Fingerprint
+    }
+
+    public static func identity(of event: UsageEvent) -> Identity {
+        Identity(contentHash: ContentHash.of(event),
+                 keyFingerprint: DedupKeyCache.fingerprint(DedupKey(customerID: event.subject, source: event.source, eventID: event.id)))
+    }
+
+    /// - Parameter identity: `identity(of: event)`.
+    public init(event: UsageEvent, position: LogPosition, identity: Identity) {
         self.box = Box(event)
         self.position = position
-        self.contentHash = ContentHash.of(event)
-        self.keyFingerprint = DedupKeyCache.fingerprint(DedupKey(customerID: event.subject, source: event.source, eventID: event.id))
+        self.contentHash = identity.contentHash
+        self.keyFingerprint = identity.keyFingerprint
     }
 
     public static func == (a: PositionedEvent, b: PositionedEvent) -> Bool {

@@ -65,9 +65,15 @@ public struct ConsumerStats: Sendable, CustomStringConvertible {
     /// Time spent in PostgreSQL transactions and in preparing batches (decode, dedup input).
     public var commitTime = Duration.zero
     public var prepareTime = Duration.zero
+    /// Time the loop spent in `poll` and waiting for the batch in flight to commit, and in the
+    /// store's idle upkeep (the aggregator's folds): with the two above, where a run's time went.
+    public var pollTime = Duration.zero
+    public var waitTime = Duration.zero
+    public var upkeepTime = Duration.zero
 
     public var description: String {
-        "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) grants=\(grants) unpriced=\(unpriced) unrateable=\(unrateable) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.totalMilliseconds) prepare_ms=\(prepareTime.totalMilliseconds)"
+        "records=\(records) accepted=\(accepted) duplicates=\(duplicates) conflicts=\(conflicts) dead_letters=\(deadLetters) grants=\(grants) unpriced=\(unpriced) unrateable=\(unrateable) batches=\(batches) fenced=\(fencedBatches) commit_ms=\(commitTime.totalMilliseconds) prepare_ms=\(prepareTime.totalMilliseconds) "
+            + "poll_ms=\(pollTime.totalMilliseconds) wait_ms=\(waitTime.totalMilliseconds) upkeep_ms=\(upkeepTime.totalMilliseconds)"
     }
 }
 
@@ -210,7 +216,9 @@ public final class ConsumerLoop: @unchecked Sendable {
             logger.info("stopped: \(stats)")
         }
         while !stopFlag.isSet {
+            let polled = ContinuousClock.now
             let records = consumer.poll(maxRecords: settings.batchSize, timeout: settings.batchTimeout)
+            stats.pollTime += ContinuousClock.now - polled
             if let error = deferredError { throw error }
             if try stopReadingPartitionsPastTheLogEnd(records) { return }
             if !records.isEmpty {
@@ -267,6 +275,8 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// nothing and stops nothing: it is tried again at the next idle poll.
     private func runIdleUpkeep() {
         guard ContinuousClock.now >= nextUpkeepAttempt else { return }
+        let started = ContinuousClock.now
+        defer { stats.upkeepTime += ContinuousClock.now - started }
         do {
             try store.idleUpkeep()
         } catch {
@@ -282,6 +292,12 @@ public final class ConsumerLoop: @unchecked Sendable {
         batch.events.reserveCapacity(records.count)
         let recordsBefore = stats.records
         let classified = Self.classify(records, partitions: partitionCount, partitioner: settings.partitioner)
+        // Content hashes and key fingerprints, on both threads as the decoding: this thread's
+        // loop below is the consumer's critical path.
+        let identities = Self.inHalves(classified.count) { index -> PositionedEvent.Identity? in
+            guard case .event(.usage(let event)) = classified[index] else { return nil }
+            return PositionedEvent.identity(of: event)
+        }
         // By index, reading fields in place: copying each record would retain its arrays.
         for index in records.indices {
             let partition = records[index].partition
@@ -302,7 +318,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             }
             switch classified[index] {
             case .event(.usage(let event)):
-                batch.events.append(PositionedEvent(event: event, position: logPosition))
+                batch.events.append(PositionedEvent(event: event, position: logPosition, identity: identities[index]!))
                 if !records[index].headers.isEmpty, records[index].header(rateUnpricedHeader) != nil { batch.rateUnpricedAt.insert(logPosition) }
             case .event(.grant(let grant)):
                 if let refusal = creditRefusal(records[index]) {
@@ -337,19 +353,24 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// Decoding is most of what this thread does per record: the second half of a large poll is
     /// decoded on another thread while this one decodes the first. Results keep the records' order.
     public static func classify(_ records: [ConsumerRecord], partitions: Int32, partitioner: KeyPartitioner) -> [ClassifiedRecord] {
-        func classify(_ record: ConsumerRecord) -> ClassifiedRecord { record.classified(partitions: partitions, partitioner: partitioner) }
-        guard records.count >= 1_000 else { return records.map(classify) }
-        let middle = records.count / 2
+        inHalves(records.count) { records[$0].classified(partitions: partitions, partitioner: partitioner) }
+    }
+
+    /// `(0..<count).map(body)`, the second half on another thread once there are 1,000 or more.
+    static func inHalves<Element>(_ count: Int, _ body: @escaping (Int) -> Element) -> [Element] {
+        guard count >= 1_000 else { return (0..<count).map(body) }
+        let middle = count / 2
         // Both halves are written straight into one array, each thread into its own range:
-        // joining two arrays afterwards would copy (and retain) every decoded event again.
-        return [ClassifiedRecord](unsafeUninitializedCapacity: records.count) { buffer, initialized in
+        // joining two arrays afterwards would copy (and retain) every element again.
+        return [Element](unsafeUninitializedCapacity: count) { buffer, initialized in
             nonisolated(unsafe) let start = buffer.baseAddress!
+            nonisolated(unsafe) let body = body
             let secondHalf = BackgroundJob {
-                for index in middle..<records.count { (start + index).initialize(to: classify(records[index])) }
+                for index in middle..<count { (start + index).initialize(to: body(index)) }
             }
-            for index in 0..<middle { (start + index).initialize(to: classify(records[index])) }
-            if case .failure = secondHalf.wait() { fatalError("classifying records cannot throw") }
-            initialized = records.count
+            for index in 0..<middle { (start + index).initialize(to: body(index)) }
+            if case .failure = secondHalf.wait() { fatalError("the work of a half cannot throw") }
+            initialized = count
         }
     }
 
@@ -390,7 +411,9 @@ public final class ConsumerLoop: @unchecked Sendable {
     private func awaitInFlight() throws -> BatchOutcome {
         guard let flight = inFlight else { return BatchOutcome() }
         inFlight = nil
+        let waited = ContinuousClock.now
         flight.done.wait()
+        stats.waitTime += ContinuousClock.now - waited
         let outcome = try flight.outcome.result.get()
         stats.commitTime += outcome.commitTime
         // Not written (abandoned): these partitions are read again from their committed offsets.
