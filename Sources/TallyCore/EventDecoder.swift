@@ -228,6 +228,8 @@ private struct UsageDataState {
             return
         }
         var count = 0
+        // One allocation (8 buckets) for the usual handful of properties instead of a rehash at 2 and 4.
+        properties.reserveCapacity(6)
         try reader.readObject { (reader: inout JSONReader, key: String) throws(JSONSyntaxError) in
             count += 1
             // Built only when a violation needs it: most events have none.
@@ -263,6 +265,7 @@ private struct UsageDataState {
         }
         sawMeters = true
         var count = 0
+        meters.reserveCapacity(3)
         try reader.readObject { (reader: inout JSONReader, name: String) throws(JSONSyntaxError) in
             count += 1
             let path = { "data.meters." + name }

@@ -75,19 +75,19 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
             // 2. Dedup against stored keys, then decide (pure) which events count.
             let stored = try tables.storedHashes(of: batch.events, table: "usage_event_keys")
             let decision = Deduplicator.decide(batch.events, stored: stored)
-            // 3. Store the keys of the events that count while (4.) their hourly window deltas
-            //    are summed (daily and monthly are views over them); then append the deltas.
-            let hourly = try tables.storeKeys(decision.accepted, table: "usage_event_keys") {
+            let hasMeters = try meterWriter.loadCatalog(for: decision.accepted)
+            // 3. Store the keys of the events that count while (4.) their hourly token and meter
+            //    window deltas are summed (daily and monthly are views over them); then append them.
+            let (hourly, meters) = try tables.storeKeys(decision.accepted, table: "usage_event_keys") {
                 var deltas = WindowDeltas(granularities: [.hour])
                 // A batch of many customers' events has a window for every second event or so.
                 deltas.reserveCapacity(decision.accepted.count / 2)
                 for positioned in decision.accepted { deltas.add(positioned.event) }
-                return deltas.windows[.hour] ?? [:]
+                return (deltas.windows[.hour] ?? [:], hasMeters ? meterWriter.fold(decision.accepted) : nil)
             }
             try appendDeltas(hourly)
             appendedRows = hourly.count
-            // 4b. The counted events' meter readings, into hourly window deltas (views derive the rest).
-            appendedRows += try meterWriter.commit(decision.accepted)
+            if let meters { appendedRows += try meterWriter.append(meters) }
             // 5. Conflicts and dead letters, idempotent by position.
             try tables.insertConflicts(decision.conflicts)
             try tables.insertDeadLetters(batch.deadLetters)
@@ -106,45 +106,62 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
     /// Folds whatever deltas are waiting: the loop calls this when a poll found nothing.
     public func idleUpkeep() throws {
         guard mayHaveDeltas else { return }
-        // A fold still running would hold the lock, and this one would move nothing.
-        folder.wait()
-        if try Self.fold(on: connection) { mayHaveDeltas = false }
+        // Waits for a fold still running (which would hold the lock, so this one would move
+        // nothing), then folds meters on the folder's connection beside the tokens on this one.
+        if try folder.fold(beside: connection) { mayHaveDeltas = false }
     }
 
-    /// Moves every committed delta row into `usage_windows_hourly`, summed per window, in one
-    /// transaction: readers of `usage_windows` see the same sums before and after. Returns false,
-    /// moving nothing, while another fold (any instance's) or a promotion holds the lock.
-    static func fold(on connection: PostgresConnection) throws -> Bool {
-        // Taken before the transaction's snapshot, so a fold always sees the previous one's work.
+    /// Moves every committed delta row into `usage_windows_hourly` and the meter windows, summed
+    /// per window. Returns false, moving nothing, while another fold (any instance's) or a
+    /// promotion holds the lock. Tokens and meters are tables apart, each folded whole in a
+    /// transaction of its own, so readers of either see the same sums before and after; given
+    /// `meterConnection`, the server folds the two side by side.
+    static func fold(on connection: PostgresConnection, metersOn meterConnection: PostgresConnection? = nil) throws -> Bool {
+        // Taken before the transactions' snapshots, so a fold always sees the previous one's work.
         guard try connection.query("SELECT pg_try_advisory_lock($1)", [Self.foldLock]).scalar == "t" else { return false }
         defer { _ = try? connection.query("SELECT pg_advisory_unlock($1)", [Self.foldLock]) }
+        if let meterConnection {
+            let meters = BackgroundJob { try inSnapshot(meterConnection, MeterWindowWriter.foldDeltas) }
+            let tokens = Result { try inSnapshot(connection, foldTokenDeltas) }
+            try meters.wait().get()
+            try tokens.get()
+        } else {
+            try inSnapshot(connection, foldTokenDeltas)
+            try inSnapshot(connection, MeterWindowWriter.foldDeltas)
+        }
+        return true
+    }
+
+    /// Runs a fold's statements in one REPEATABLE READ transaction: its DELETEs remove exactly
+    /// the rows its INSERTs summed, and rows appended meanwhile wait for the next fold. Should
+    /// two folds ever overlap (the lock lost with a dropped connection), the second fails to
+    /// serialize rather than moving rows twice.
+    private static func inSnapshot(_ connection: PostgresConnection, _ fold: (PostgresConnection) throws -> Void) throws {
         try connection.transaction { connection in
-            // One snapshot for both statements: the DELETE removes exactly the rows the INSERT
-            // summed, and rows appended meanwhile wait for the next fold. Should two folds ever
-            // overlap (the lock lost with a dropped connection), the second fails to serialize
-            // rather than moving rows twice.
             try connection.query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             // Room to group a few hundred thousand rows in memory; the default 4 MB sorts them on disk.
             try connection.query("SET LOCAL work_mem = '256MB'")
-            try connection.query("""
-                INSERT INTO usage_windows_hourly AS w (\(keyColumns), input_tokens,
-                    output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count)
-                SELECT \(keyColumns), sum(input_tokens), sum(output_tokens),
-                       sum(cache_read_input_tokens), sum(cache_write_input_tokens), sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
-                FROM usage_window_deltas GROUP BY \(keyColumns)
-                ON CONFLICT (\(keyColumns)) DO UPDATE SET
-                    input_tokens = w.input_tokens + EXCLUDED.input_tokens,
-                    output_tokens = w.output_tokens + EXCLUDED.output_tokens,
-                    cache_read_input_tokens = w.cache_read_input_tokens + EXCLUDED.cache_read_input_tokens,
-                    cache_write_input_tokens = w.cache_write_input_tokens + EXCLUDED.cache_write_input_tokens,
-                    reasoning_output_tokens = w.reasoning_output_tokens + EXCLUDED.reasoning_output_tokens,
-                    total_tokens = w.total_tokens + EXCLUDED.total_tokens,
-                    event_count = w.event_count + EXCLUDED.event_count
-                """)
-            try connection.query("DELETE FROM usage_window_deltas")
-            try MeterWindowWriter.foldDeltas(on: connection)
+            try fold(connection)
         }
-        return true
+    }
+
+    private static func foldTokenDeltas(on connection: PostgresConnection) throws {
+        try connection.query("""
+            INSERT INTO usage_windows_hourly AS w (\(keyColumns), input_tokens,
+                output_tokens, cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count)
+            SELECT \(keyColumns), sum(input_tokens), sum(output_tokens),
+                   sum(cache_read_input_tokens), sum(cache_write_input_tokens), sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
+            FROM usage_window_deltas GROUP BY \(keyColumns)
+            ON CONFLICT (\(keyColumns)) DO UPDATE SET
+                input_tokens = w.input_tokens + EXCLUDED.input_tokens,
+                output_tokens = w.output_tokens + EXCLUDED.output_tokens,
+                cache_read_input_tokens = w.cache_read_input_tokens + EXCLUDED.cache_read_input_tokens,
+                cache_write_input_tokens = w.cache_write_input_tokens + EXCLUDED.cache_write_input_tokens,
+                reasoning_output_tokens = w.reasoning_output_tokens + EXCLUDED.reasoning_output_tokens,
+                total_tokens = w.total_tokens + EXCLUDED.total_tokens,
+                event_count = w.event_count + EXCLUDED.event_count
+            """)
+        try connection.query("DELETE FROM usage_window_deltas")
     }
 
     /// Every hourly window in `schema`, folded or not, as the view `tally.usage_windows` has
@@ -240,6 +257,9 @@ public final class WindowFolder: @unchecked Sendable {
         }
     }
 
-    /// Returns once no fold runs.
-    func wait() { queue.sync {} }
+    /// Once no fold runs, folds on `connection` with the meters on this folder's connection,
+    /// which nothing else uses meanwhile: see `AggregatorStore.fold`.
+    func fold(beside connection: PostgresConnection) throws -> Bool {
+        try queue.sync { try AggregatorStore.fold(on: connection, metersOn: self.connection) }
+    }
 }

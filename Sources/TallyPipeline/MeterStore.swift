@@ -124,13 +124,19 @@ public final class MeterWindowWriter {
 
     public init(connection: PostgresConnection) { self.connection = connection }
 
-    /// Called inside the batch's transaction after its offset rows are locked, so the catalog
-    /// read is the one no `tally meters apply` can change before the batch commits. Returns the
-    /// delta rows it appended.
-    func commit(_ accepted: [PositionedEvent]) throws -> Int {
+    /// A batch's meter windows, folded by `fold` and written by `append`.
+    struct FoldedBatch {
+        var windows: [MeterWindowKey: MeterWindowValue]
+        let undeclared: [(reading: MeterReading, eventID: String)]
+    }
+
+    /// Step one of a batch with meters, called inside the batch's transaction after its offset
+    /// rows are locked, so the catalog read is the one no `tally meters apply` can change before
+    /// the batch commits. Returns false, reading nothing, for a token-only batch.
+    func loadCatalog(for accepted: [PositionedEvent]) throws -> Bool {
         pendingUniques.removeAll()
         // Token-only batches pay nothing for meters.
-        guard accepted.contains(where: { !$0.event.meters.isEmpty }) else { return 0 }
+        guard accepted.contains(where: { !$0.event.meters.isEmpty }) else { return false }
         // Released at COMMIT: no apply changes the catalog between this read and this batch's commit.
         try connection.query("SELECT pg_advisory_xact_lock_shared($1)", [MeterCatalogStore.catalogLock])
         let version = try MeterCatalogStore(connection: connection).latestVersion()
@@ -138,6 +144,13 @@ public final class MeterWindowWriter {
             catalog = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
             catalogVersion = version
         }
+        return true
+    }
+
+    /// Step two: the counted events' readings folded into hourly windows, less the unique values
+    /// committed batches stored. Uses no connection, so it runs while the server stores the
+    /// batch's keys.
+    func fold(_ accepted: [PositionedEvent]) -> FoldedBatch {
         var (windows, undeclared) = MeterWindows.foldHours(accepted, catalog: catalog)
         for (key, value) in windows {
             guard case .unique(let values) = value else { continue }
@@ -145,12 +158,18 @@ public final class MeterWindowWriter {
             if new.count < values.count { windows[key] = new.isEmpty ? nil : .unique(new) }
             pendingUniques += new.map { StoredUniqueValue(window: key, value: $0) }
         }
-        let appended = try Self.appendDeltas(windows, catalog: catalog, on: connection)
-        if !undeclared.isEmpty { try Self.storeUndeclared(undeclared, on: connection) }
+        return FoldedBatch(windows: windows, undeclared: undeclared)
+    }
+
+    /// Step three, in the batch's transaction: appends the folded windows as delta rows and keeps
+    /// undeclared readings aside. Returns the delta rows it appended.
+    func append(_ folded: FoldedBatch) throws -> Int {
+        let appended = try Self.appendDeltas(folded.windows, catalog: catalog, on: connection)
+        if !folded.undeclared.isEmpty { try Self.storeUndeclared(folded.undeclared, on: connection) }
         return appended
     }
 
-    /// The batch `commit` wrote has committed: its unique values are stored.
+    /// The batch `fold` saw has committed: its unique values are stored.
     func batchCommitted() {
         if storedUniques.count + pendingUniques.count > Self.storedUniquesLimit { storedUniques.removeAll() }
         storedUniques.formUnion(pendingUniques)
@@ -231,8 +250,8 @@ public final class MeterWindowWriter {
         }
     }
 
-    /// Moves every meter delta row into the hourly tables, merged per window; run by
-    /// `AggregatorStore.fold` in its REPEATABLE READ transaction, before it deletes the rows.
+    /// Moves every meter delta row into the hourly tables, merged per window, then deletes them;
+    /// run by `AggregatorStore.fold` in a REPEATABLE READ transaction of its own.
     static func foldDeltas(on connection: PostgresConnection) throws {
         try connection.query("""
             INSERT INTO meter_windows_hourly AS w (customer_id, meter, window_start, dimensions, aggregation, value)

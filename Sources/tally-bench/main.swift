@@ -61,10 +61,30 @@ func benchDecode() {
         precondition(valid == datas.count)
         return datas.count
     }
+    // The stream of `scripts/bench meters`: the same events with meters and four properties.
+    var metered = LoadGenerator(seed: 7, customers: 1000, duplicateRate: 0, startMicroseconds: 1_790_000_000_000_000)
+    metered.meters = true
+    let meterEvents = (0..<20_000).map { _ in EventEncoder.encode(metered.next().event) }
+    let meterBytes = meterEvents.reduce(0) { $0 + $1.count } / meterEvents.count
+    // Alternating one-second passes, the median of each: the ratio is what this line is for.
+    func decodeAll(_ events: [[UInt8]]) -> Int {
+        var valid = 0
+        for event in events { if case .success = EventDecoder.decode(event) { valid += 1 } }
+        precondition(valid == events.count)
+        return events.count
+    }
+    var plainRates: [Double] = [], meterRates: [Double] = []
+    for _ in 0..<5 {
+        plainRates.append(measure("tally", seconds: 1) { decodeAll(events) })
+        meterRates.append(measure("tally meters", seconds: 1) { decodeAll(meterEvents) })
+    }
+    let plainMedian = plainRates.sorted()[2], withMeters = meterRates.sorted()[2]
     print("decode+validate (one core, \(events.count) distinct events of ~\(averageBytes) bytes):")
     print(String(format: "  tally EventDecoder        %10.0f events/s", tally))
     print(String(format: "  Foundation JSONDecoder    %10.0f events/s   (baseline, decode only)", foundation))
     print(String(format: "  ratio                     %10.1fx", tally / foundation))
+    print(String(format: "  tally, events with meters %10.0f events/s   (~%d bytes; %.2f of the events without, %.0f/s, in alternating passes)",
+                 withMeters, meterBytes, withMeters / plainMedian, plainMedian))
 }
 
 /// The consumers' floor: the topic read through our librdkafka wrapper from offset zero with no
