@@ -133,7 +133,7 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     let loop = try ConsumerLoop(kafka: kafkaConfiguration, store: store, settings: settings, logger: logger, stop: stop)
 
     var services = try helpers(kafkaConfiguration, logger).map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
-    let endpoint = try ops.endpoint(registry: registry, logger: logger, ready: { loop.isReady })
+    let endpoint = try ops.endpoint(service: description.service, registry: registry, logger: logger, ready: { loop.isReady })
     if let endpoint {
         // It returns early only when it failed after serving (logged): the consumer goes on.
         services.append(.init(service: endpoint, successTerminationBehavior: .ignore))

@@ -6,7 +6,7 @@ import Prometheus
 /// Where a service serves `/livez`, `/readyz` and `/metrics`.
 public struct OpsOptions: ParsableArguments {
     @Option(name: .customLong("ops-address"),
-            help: "host:port for /livez, /readyz and /metrics (port 0 picks a free one; 'off' disables). Env: TALLY_OPS_ADDRESS. Default: 0.0.0.0:9464.")
+            help: "host:port for /livez, /readyz and /metrics (port 0 picks a free one; 'off' disables). Env: TALLY_AGGREGATOR_OPS_ADDRESS or TALLY_RATER_OPS_ADDRESS (the service's own), else TALLY_OPS_ADDRESS. Default: 0.0.0.0:9464.")
     var opsAddressFlag: String?
 
     public init() {}
@@ -19,10 +19,13 @@ public struct OpsOptions: ParsableArguments {
         return registry
     }
 
-    /// The ops endpoint serving `registry`, as a service; nil when disabled.
+    /// The ops endpoint of `service` (`tally-aggregator`) serving `registry`, as a service; nil
+    /// when disabled. The service's own variable (`TALLY_AGGREGATOR_OPS_ADDRESS`) comes before
+    /// the shared one, so services on one host (the local stack) each get a port Prometheus knows.
     /// - Throws: `ValidationError` when the address is no host:port.
-    func endpoint(registry: PrometheusCollectorRegistry, logger: Logger, ready: @escaping @Sendable () -> Bool) throws -> OpsEndpoint? {
-        let address = opsAddressFlag ?? environment("TALLY_OPS_ADDRESS") ?? "0.0.0.0:9464"
+    func endpoint(service: String, registry: PrometheusCollectorRegistry, logger: Logger, ready: @escaping @Sendable () -> Bool) throws -> OpsEndpoint? {
+        let ownVariable = service.uppercased().replacingOccurrences(of: "-", with: "_") + "_OPS_ADDRESS"
+        let address = opsAddressFlag ?? environment(ownVariable) ?? environment("TALLY_OPS_ADDRESS") ?? "0.0.0.0:9464"
         if address == "off" { return nil }
         guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]), (0...65535).contains(port) else {
             throw ValidationError("--ops-address \(address): expected host:port")

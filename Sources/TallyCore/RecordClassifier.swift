@@ -5,6 +5,11 @@ public struct PoisonReason: Sendable, Equatable, CustomStringConvertible {
     public let code: String
     public let detail: String
 
+    /// Every code a record can be set aside with: metrics start each at zero, so the first dead
+    /// letter of a kind is an increase a rate or `increase()` sees.
+    public static let codes = ["empty", "oversize", "malformed_json", "schema_invalid", "unknown_type",
+                               "key_mismatch", "wrong_partition", "unsigned_credit"]
+
     public init(code: String, detail: String) {
         self.code = code
         self.detail = detail

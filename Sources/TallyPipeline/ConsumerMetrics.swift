@@ -1,5 +1,6 @@
 import Foundation
 import Metrics
+import TallyCore
 
 /// A consumer loop's metrics (`tally_aggregator_*` or `tally_rater_*`), created once.
 /// Labels are never customer ids.
@@ -33,6 +34,9 @@ final class ConsumerMetrics: @unchecked Sendable {
         fencedBatches = Counter(label: "\(prefix)_fenced_batches_total")
         batchRecords = Recorder(label: "\(prefix)_batch_records")
         transactionSeconds = Metrics.Timer(label: "\(prefix)_transaction_seconds")
+        // Exported at zero from the start: Prometheus's increase() cannot see a series' first sample
+        // as an increase, so a counter made at the first dead letter would hide that one.
+        for code in PoisonReason.codes { _ = deadLetters(reason: code) }
     }
 
     /// Records set aside as poison, per reason code (`PoisonReason.code`, e.g. `wrong_partition`).

@@ -246,5 +246,11 @@ final class AggregationTests: XCTestCase {
         guard case .poison(let unkeyed) = ClassifiedRecord.classify(valid, key: .some(nil)) else { return XCTFail() }
         XCTAssertEqual(unkeyed.code, "key_mismatch")
         XCTAssertEqual(type.code, "unknown_type")
+        guard case .poison(let invalid) = ClassifiedRecord.classify(Array(#"{"specversion":"1.0","type":"llm.usage"}"#.utf8)) else { return XCTFail() }
+        XCTAssertEqual(invalid.code, "schema_invalid")
+        // The consumers export a dead-letter counter per listed code from the start.
+        for code in ["empty", oversize.code, malformed.code, type.code, misKeyed.code, invalid.code, "wrong_partition", "unsigned_credit"] {
+            XCTAssertTrue(PoisonReason.codes.contains(code), code)
+        }
     }
 }

@@ -3,6 +3,8 @@ import TallyCore
 import TallyKafka
 import XCTest
 
+/// The real tally-aggregator against the real broker and PostgreSQL.
+final class AggregatorIntegrationTests: XCTestCase {
     /// An ops address already in use ends a consumer with an error naming it before it claims
     /// any partition: no offset row of its group, no epoch bumped, no rebalance caused.
     func testAnOpsAddressInUseEndsTheConsumerBeforeItClaims() async throws {
@@ -21,8 +23,6 @@ import XCTest
         XCTAssertEqual(first.wait(timeout: .seconds(30)), 0, first.log)
     }
 
-/// The real tally-aggregator against the real broker and PostgreSQL.
-final class AggregatorIntegrationTests: XCTestCase {
     /// Duplicates in one batch, at later offsets and re-sent after a restart, plus conflicts:
     /// windows equal a recount of the distinct events; conflicts are recorded, first by offset wins.
     func testDuplicatesAndConflictsAreCountedOnce() async throws {

@@ -18,7 +18,9 @@ final class DurableStackTests: XCTestCase {
             try FileManager.default.createSymbolicLink(atPath: directory + "/" + shared, withDestinationPath: main + "/" + shared)
         }
         environment = ["TALLY_STACK_DIR": directory, "TALLY_PG_PORT": "55442", "TALLY_KAFKA_PORT": "19102", "TALLY_S3_PORT": "18433",
-                       "TALLY_BROKER_STORAGE": "s3", "TALLY_STACK_SKIP_BUILD": "1"]
+                       "TALLY_BROKER_STORAGE": "s3", "TALLY_STACK_SKIP_BUILD": "1",
+                       // The main stack's Prometheus has the port.
+                       "TALLY_STACK_PROMETHEUS": "off"]
     }
 
     override func tearDown() {

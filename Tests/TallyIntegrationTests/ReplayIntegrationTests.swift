@@ -356,6 +356,20 @@ final class ReplayIntegrationTests: XCTestCase {
                        [["30.0000000000000000", "t"]])
         XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.dashboard_wallets WHERE below_threshold AND customer_id <> 'cust-0'").scalar, "0",
                        "customers without thresholds are never below one")
+        // Unpriced usage (amazon.nova-pro-v1 has no price), per day and customer, recounted here.
+        var unpriced: [String: (events: Int64, input: Int64)] = [:]
+        for event in distinct where event.model == "amazon.nova-pro-v1" {
+            let key = "\(event.time.text.prefix(10))|\(event.subject)"
+            unpriced[key] = ((unpriced[key]?.events ?? 0) + 1, (unpriced[key]?.input ?? 0) + event.inputTokens)
+        }
+        XCTAssertFalse(unpriced.isEmpty)
+        let unpricedRows = try harness.connection.query("SELECT day::text, customer_id, model, events, input_tokens FROM tally.dashboard_unpriced_usage")
+        var storedUnpriced: [String: (events: Int64, input: Int64)] = [:]
+        for row in 0..<unpricedRows.rowCount {
+            XCTAssertEqual(unpricedRows.string(row, 2), "amazon.nova-pro-v1")
+            storedUnpriced["\(unpricedRows.string(row, 0)!)|\(unpricedRows.string(row, 1)!)"] = (try unpricedRows.int64(row, 3)!, try unpricedRows.int64(row, 4)!)
+        }
+        XCTAssertEqual(storedUnpriced.mapValues { "\($0.events)/\($0.input)" }, unpriced.mapValues { "\($0.events)/\($0.input)" })
         // The poison record, once per consumer group.
         XCTAssertEqual(try harness.connection.query("SELECT sum(records) FROM tally.dashboard_rejections WHERE kind = 'dead_letter' AND reason = 'malformed_json'").scalar, "2")
         XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.dashboard_consumer_positions WHERE topic = $1 AND seconds_since_commit >= 0", [harness.topic]).scalar, "8")
