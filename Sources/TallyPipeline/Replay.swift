@@ -109,7 +109,7 @@ public struct TableChecksum: Sendable, Equatable {
 }
 
 public enum StateChecksum {
-    static let volatileColumns = ["committed_at", "recorded_at", "published_at", "owner_epoch", "owner_instance", "state_version", "consumer_group", "id"]
+    static let volatileColumns = ["committed_at", "recorded_at", "published_at", "webhook_at", "owner_epoch", "owner_instance", "state_version", "consumer_group", "id"]
 
     /// Checksums of a consumer's tables in `schema`, per table and, where a table has a
     /// partition column, per partition. `group` selects the rows of shared tables.
@@ -313,8 +313,11 @@ extension ShadowSchema {
                         DELETE FROM \(SQLIdentifier.tally.qualifying(table)) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)
                           AND \(id) NOT IN (SELECT \(id) FROM \(schema.qualifying(table)))
                         """)
+                    // Those the replay adds are past crossings re-rated, not news: stamped, so no
+                    // webhook tells a payment system to act on them (the topic still gets them).
+                    let selected = columns.map { $0 == "webhook_at" ? "now()" : SQLIdentifier($0).description }.joined(separator: ", ")
                     try connection.query("""
-                        INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(list) FROM \(schema.qualifying(table))
+                        INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(selected) FROM \(schema.qualifying(table))
                         WHERE customer_id IN (SELECT customer_id FROM promoted_customers) ON CONFLICT DO NOTHING
                         """)
                 } else {
