@@ -159,6 +159,8 @@ public final class WebhookSender: @unchecked Sendable {
     private let delivered = Counter(label: "tally_webhook_deliveries_total", dimensions: [("outcome", "delivered")])
     private let retried = Counter(label: "tally_webhook_deliveries_total", dimensions: [("outcome", "retry")])
     private let gaveUp = Counter(label: "tally_webhook_deliveries_total", dimensions: [("outcome", "failed")])
+    /// Per enabled endpoint, how long its oldest pending delivery's message has waited (0: none).
+    private var oldestPending: [String: Gauge] = [:]
 
     public init(connection: PostgresConnection, policy: WebhookRetryPolicy, timeout: Duration, width: Int = 8, logger: Logger) {
         self.connection = connection
@@ -182,6 +184,7 @@ public final class WebhookSender: @unchecked Sendable {
             do {
                 while !stop.isSet, try outbox.enqueue() > 0 {}
                 while !stop.isSet, try deliverDue() > 0 {}
+                try measureBacklog()
             } catch {
                 logger.warning("webhooks: \(error); retrying")
             }
@@ -191,6 +194,29 @@ public final class WebhookSender: @unchecked Sendable {
                 waited += .milliseconds(100)
             }
         }
+    }
+
+    /// Sets `tally_webhook_oldest_pending_seconds{endpoint}`: an endpoint that answers nothing
+    /// shows here long before its deliveries fail, whatever the other endpoints do.
+    func measureBacklog() throws {
+        let rows = try connection.query("""
+            SELECT e.endpoint_id, coalesce(extract(epoch FROM now() - min(m.created_at)), 0)::bigint
+            FROM webhook_endpoints e
+            LEFT JOIN webhook_deliveries d ON d.endpoint_id = e.endpoint_id AND d.delivered_at IS NULL AND d.failed_at IS NULL
+            LEFT JOIN webhook_messages m ON m.message_id = d.message_id
+            WHERE NOT e.disabled GROUP BY e.endpoint_id
+            """)
+        var seen = Set<String>()
+        for row in 0..<rows.rowCount {
+            let endpoint = try rows.value(row, 0, as: String.self)
+            seen.insert(endpoint)
+            if oldestPending[endpoint] == nil {
+                oldestPending[endpoint] = Gauge(label: "tally_webhook_oldest_pending_seconds", dimensions: [("endpoint", endpoint)])
+            }
+            oldestPending[endpoint]!.record(try rows.value(row, 1, as: Int64.self))
+        }
+        // Disabled or removed since: nothing waits for them any more.
+        for (endpoint, gauge) in oldestPending where !seen.contains(endpoint) { gauge.record(0) }
     }
 
     /// Attempts up to `width` due deliveries at once; returns how many it attempted.

@@ -72,6 +72,10 @@ final class WebhookIntegrationTests: XCTestCase {
         }, first.log + ((try? harness.tally(["webhooks", "deliveries"])) ?? ""))
         XCTAssertEqual(try scalar("SELECT count(*) FROM tally.webhook_messages"), "4")
         XCTAssertEqual(try scalar("SELECT count(DISTINCT endpoint_id) FROM tally.webhook_deliveries"), "1", "only the endpoint of every type")
+        // The endpoint's backlog shows in the rater's metrics (what TallyWebhookEndpointBehind watches).
+        let backlogSample = "tally_webhook_oldest_pending_seconds{endpoint=\"\(endpoint)\"}"
+        let behind = try MetricsScrape.waiting(port: try XCTUnwrap(first.opsPort, first.log)) { ($0.sample(backlogSample) ?? 0) >= 1 }
+        XCTAssertGreaterThanOrEqual(behind.sample(backlogSample) ?? 0, 1, behind.text)
         first.signal(SIGKILL)
         XCTAssertEqual(first.wait(timeout: .seconds(10)), 128 + SIGKILL)
 
@@ -84,6 +88,9 @@ final class WebhookIntegrationTests: XCTestCase {
         XCTAssertTrue(TestStack.eventually(timeout: .seconds(60)) {
             (try? scalar("SELECT count(*) FROM tally.webhook_deliveries WHERE delivered_at IS NOT NULL")) == "4"
         }, second.log + receiver.log + ((try? harness.tally(["webhooks", "deliveries"])) ?? ""))
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(30)) { second.opsPort != nil }, second.log)
+        let caughtUp = try MetricsScrape.waiting(port: try XCTUnwrap(second.opsPort, second.log)) { $0.sample(backlogSample) == 0 }
+        XCTAssertEqual(caughtUp.sample(backlogSample), 0, caughtUp.text)
         func lines() throws -> [[String: Any]] {
             try String(contentsOfFile: received, encoding: .utf8).split(separator: "\n").map {
                 try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
