@@ -10,6 +10,8 @@ public struct DedupKey: Hashable, Sendable, Comparable {
     public static let grantSource = ""
     /// The source of every grant void's key (a control character: no event's source holds one).
     public static let grantVoidSource = "\u{2}"
+    /// The source of every budget declaration's key (a namespace of its own, like voids).
+    public static let budgetSource = "\u{3}"
     /// The source of a key stored before identities included it (migration 0014): it stands for
     /// the id from every source, as it did then. No valid source holds a control character.
     public static let anySource = "\u{1}"
@@ -164,6 +166,21 @@ public struct PositionedGrantVoid: DedupCandidate, Equatable {
     public var key: DedupKey { DedupKey(customerID: void.subject, source: DedupKey.grantVoidSource, eventID: void.id) }
 }
 
+/// A decoded budget declaration and where it came from.
+public struct PositionedBudget: DedupCandidate, Equatable {
+    public let budget: BudgetEvent
+    public let position: LogPosition
+    public let contentHash: UInt64
+
+    public init(budget: BudgetEvent, position: LogPosition) {
+        self.budget = budget
+        self.position = position
+        self.contentHash = ContentHash.of(budget)
+    }
+
+    public var key: DedupKey { DedupKey(customerID: budget.subject, source: DedupKey.budgetSource, eventID: budget.id) }
+}
+
 /// An event id seen again with different content: the first (by offset) counts, this one is recorded.
 public struct EventConflict: Sendable, Equatable {
     public let key: DedupKey
@@ -284,6 +301,15 @@ public enum ContentHash {
         var hasher = FNV()
         hasher.add(UInt8(0x04))
         for text in [void.id, void.subject, void.grantID] { hasher.add(text) }
+        return hasher.value
+    }
+
+    public static func of(_ budget: BudgetEvent) -> UInt64 {
+        var hasher = FNV()
+        hasher.add(UInt8(0x05))
+        var data = JSONWriter()
+        EventEncoder.writeBudgetData(&data, name: budget.name, definition: budget.definition)
+        for text in [budget.id, budget.subject, String(decoding: data.bytes, as: UTF8.self)] { hasher.add(text) }
         return hasher.value
     }
 

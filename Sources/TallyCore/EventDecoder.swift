@@ -88,6 +88,9 @@ public enum EventDecoder {
                 case .walletGrantVoid:
                     try state.void.decode(&reader, &state.violations)
                     state.dataDecoded = true
+                case .budget:
+                    // Rare and irregular: read as a tree once the envelope is complete.
+                    state.dataRange = try reader.skipValue()
                 case nil:
                     // Type not known yet: keep the span, decode it once the envelope is read.
                     state.dataRange = try reader.skipValue()
@@ -115,6 +118,7 @@ private struct EnvelopeState {
     var usage = UsageDataState()
     var grant = GrantDataState()
     var void = GrantVoidDataState()
+    var budget: (name: String, definition: BudgetDefinition?)?
     var extensions: [String: String] = [:]
     var missing: [String] = []
 
@@ -132,6 +136,12 @@ private struct EnvelopeState {
             case .usage: try? usage.decode(&reader, &violations)
             case .walletGrant: try? grant.decode(&reader, &violations)
             case .walletGrantVoid: try? void.decode(&reader, &violations)
+            case .budget:
+                do throws(JSONSyntaxError) {
+                    budget = BudgetEvent.decodeData(try JSONValue.read(&reader, depth: 1), prefix: "data.", violations: &violations)
+                } catch {
+                    violations.append(FieldViolation("data", error.description))
+                }
             }
             dataDecoded = true
         }
@@ -149,7 +159,7 @@ private struct EnvelopeState {
             case .usage: usage.finish(&violations)
             case .walletGrant: grant.finish(&violations, eventTime: time)
             case .walletGrantVoid: void.finish(&violations)
-            case nil: break
+            case .budget, nil: break
             }
         }
         guard violations.isEmpty, let id, let source, let subject, let time else { return .failure(.invalid(violations)) }
@@ -166,6 +176,11 @@ private struct EnvelopeState {
             guard let grantID = void.grantID else { return .failure(.invalid(violations)) }
             return .success(.grantVoid(GrantVoidEvent(id: id, source: source, subject: subject, time: time, grantID: grantID,
                                                       reason: void.reason, extensions: extensions)))
+        }
+        if type == .budget {
+            guard let budget else { return .failure(.invalid(violations)) }
+            return .success(.budget(BudgetEvent(id: id, source: source, subject: subject, time: time, name: budget.name,
+                                                definition: budget.definition, extensions: extensions)))
         }
         guard type == .usage else { return .failure(.invalid(violations)) }
         // A meter-only event (checked in `finish`) has no model and no tokens.

@@ -86,6 +86,8 @@ public struct IngestBatchParser: Sendable {
                 return .rejected([FieldViolation("type", "tally.wallet.grant events are posted to /v1/wallets/{customer}/grants")])
             case .success(.grantVoid):
                 return .rejected([FieldViolation("type", "tally.wallet.grant.void events are posted to /v1/wallets/{customer}/grants/{grant}/void")])
+            case .success(.budget):
+                return .rejected([FieldViolation("type", "tally.budget events are put to /v1/customers/{customer}/budgets/{budget}")])
             case .success(.usage(let event)):
                 if let violation = timeViolation(event.time, nowMicroseconds: nowMicroseconds) { return .rejected([violation]) }
                 let key = DedupKey(customerID: event.subject, source: event.source, eventID: event.id)

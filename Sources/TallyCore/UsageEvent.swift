@@ -4,6 +4,7 @@ public enum EventType: String, Sendable, CaseIterable {
     case usage = "llm.usage"
     case walletGrant = "tally.wallet.grant"
     case walletGrantVoid = "tally.wallet.grant.void"
+    case budget = "tally.budget"
 }
 
 /// One model call's token usage, its meter quantities, or both: schema v1
@@ -89,12 +90,14 @@ public enum TallyEvent: Hashable, Sendable {
     case usage(UsageEvent)
     case grant(GrantEvent)
     case grantVoid(GrantVoidEvent)
+    case budget(BudgetEvent)
 
     public var id: String {
         switch self {
         case .usage(let event): event.id
         case .grant(let grant): grant.id
         case .grantVoid(let void): void.id
+        case .budget(let budget): budget.id
         }
     }
 
@@ -103,6 +106,7 @@ public enum TallyEvent: Hashable, Sendable {
         case .usage(let event): event.subject
         case .grant(let grant): grant.subject
         case .grantVoid(let void): void.subject
+        case .budget(let budget): budget.subject
         }
     }
 }

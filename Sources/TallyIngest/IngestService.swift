@@ -95,6 +95,16 @@ final class IngestService: Sendable {
                 return try await self.voidGrant(request, customer: customer, grantID: grantID, key: key)
             }
         }
+        for removed in [false, true] {
+            let handler: @Sendable (Request, BasicRequestContext) async throws -> Response = { request, context in
+                try await self.authenticated(request) { key in
+                    guard let customer = Self.pathSegment(context.parameters.get("customer")),
+                          let budget = Self.pathSegment(context.parameters.get("budget")) else { return self.badPath() }
+                    return try await self.declareBudget(request, customer: customer, budget: budget, removed: removed, key: key)
+                }
+            }
+            if removed { router.delete("v1/customers/:customer/budgets/:budget", use: handler) } else { router.put("v1/customers/:customer/budgets/:budget", use: handler) }
+        }
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
         router.get("readyz") { _, _ in
             // Ready when the broker answers for our topic and the key database answers.
@@ -132,17 +142,17 @@ final class IngestService: Sendable {
     }
 
     /// A grant key limited to a customer (`tally keys create --grants --customer C`) grants to C only.
-    func mayGrant(_ key: APIKeyRecord?, to customer: String) -> Response? {
+    func mayGrant(_ key: APIKeyRecord?, to customer: String, what: String = "grant or void credit") -> Response? {
         guard creditKeyring != nil else {
             return problem(.serviceUnavailable, "credit signing not configured",
                            "this tally-ingest holds no credit signing key, and the rater applies only signed credit: start it with --credit-keys-file (docs/security.md)")
         }
         guard let key else { return nil }
         if !key.mayGrant {
-            return problem(.forbidden, "forbidden", "this API key may not grant or void credit; create one with: tally keys create --grants")
+            return problem(.forbidden, "forbidden", "this API key may not \(what); create one with: tally keys create --grants")
         }
         if let owner = key.customerID, owner != customer {
-            return problem(.forbidden, "forbidden", "this API key may only grant or void credit of customer \"\(owner)\"")
+            return problem(.forbidden, "forbidden", "this API key may only \(what) of customer \"\(owner)\"")
         }
         return nil
     }
@@ -335,6 +345,40 @@ final class IngestService: Sendable {
                 headers[.retryAfter] = "5"
                 return problem(.serviceUnavailable, "broker unavailable",
                                "the void was \(error.code == .deliveryUnknown ? "perhaps not" : "not") written (\(error)); resend it: its id makes that safe",
+                               headers: headers)
+            }
+        }
+    }
+
+    /// Publishes a `tally.budget` declaring (PUT) or removing (DELETE) a budget; answers 202 once
+    /// the broker acknowledged it. The rater counts the customer's usage after it in the log.
+    func declareBudget(_ request: Request, customer: String, budget: String, removed: Bool, key: APIKeyRecord?) async throws -> Response {
+        requests.increment()
+        if let refusal = mayGrant(key, to: customer, what: "set budgets") { return refusal }
+        guard let body = try await body(request, limit: 16 * 1024) else {
+            return problem(.contentTooLarge, "request body too large", "a budget's body is at most 16 KiB")
+        }
+        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        switch BudgetRequest.event(customerID: customer, budget: budget, body: body, removed: removed, nowMicroseconds: now) {
+        case .failure(let error):
+            return fieldErrors("invalid budget", error.description, error.violations)
+        case .success(let (event, bytes)):
+            if let violation = parser.timeViolation(event.time, nowMicroseconds: now) {
+                return fieldErrors("invalid budget", violation.description, [violation])
+            }
+            if let meters, case .meter(let meter)? = event.definition?.measure, let refusal = await meters.undeclared(meter) {
+                return fieldErrors("invalid budget", refusal, [FieldViolation("meter", refusal)])
+            }
+            switch await publishOne(signedCredit(customer, bytes)) {
+            case .success(let report):
+                logger.info("budget \(budget) of \(customer) \(removed ? "removed" : "declared") (\(event.id))")
+                return json(.accepted, .object([("id", .string(event.id)), ("budget", .string(budget)), ("status", .string(removed ? "removed" : "accepted")),
+                                                 ("partition", .number(Int64(report.partition))), ("offset", .number(report.offset))]))
+            case .failure(let error):
+                var headers = HTTPFields()
+                headers[.retryAfter] = "5"
+                return problem(.serviceUnavailable, "broker unavailable",
+                               "the budget was \(error.code == .deliveryUnknown ? "perhaps not" : "not") written (\(error)); resend it with an id to make that safe",
                                headers: headers)
             }
         }

@@ -38,6 +38,12 @@ final class MeterRegistry: @unchecked Sendable {
         }
     }
 
+    /// Why `meter` may not be named (it is not declared), or nil (declared, or the catalog is unreadable).
+    func undeclared(_ meter: String) async -> String? {
+        guard let declared = await declaredMeters(), !declared.contains(meter) else { return nil }
+        return "\(meter) is not a declared meter; declare it first (tally meters apply) or see tally meters list"
+    }
+
     private func declaredMeters() async -> Set<String>? {
         await withCheckedContinuation { continuation in
             queue.async { [self] in

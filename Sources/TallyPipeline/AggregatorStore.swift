@@ -96,7 +96,7 @@ public final class AggregatorStore: ConsumerStore, @unchecked Sendable {
                 try connection.query("""
                     INSERT INTO ingest_latency (consumer_group, records, oldest_record_at, newest_record_at)
                     VALUES ($1, $2, to_timestamp($3::bigint / 1000.0), to_timestamp($4::bigint / 1000.0))
-                    """, [tables.group, batch.events.count + batch.grants.count + batch.voids.count + batch.deadLetters.count, times.oldest, times.newest])
+                    """, [tables.group, batch.events.count + batch.grants.count + batch.voids.count + batch.budgets.count + batch.deadLetters.count, times.oldest, times.newest])
             }
             return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates,
                                 conflicts: decision.conflicts, deadLetters: batch.deadLetters.count)

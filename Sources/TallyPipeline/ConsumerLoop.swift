@@ -332,6 +332,13 @@ public final class ConsumerLoop: @unchecked Sendable {
                 } else {
                     batch.voids.append(PositionedGrantVoid(void: void, position: logPosition))
                 }
+            case .event(.budget(let budget)):
+                // Signed like credit: a budget decides what a customer may spend.
+                if let refusal = creditRefusal(records[index]) {
+                    batch.deadLetters.append(DeadLetter(position: logPosition, reason: refusal, key: records[index].key, value: records[index].value))
+                } else {
+                    batch.budgets.append(PositionedBudget(budget: budget, position: logPosition))
+                }
             case .poison(let reason):
                 batch.deadLetters.append(DeadLetter(position: logPosition, reason: reason, key: records[index].key, value: records[index].value))
             }
@@ -438,7 +445,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             metrics.unpriced.increment(by: outcome.summary.unpriced)
             metrics.unrateable.increment(by: outcome.summary.unrateable.count)
             for line in outcome.summary.unrateable { logger.error("record kept aside in tally.unrateable_records: \(line)") }
-            metrics.batchRecords.record(flight.batch.events.count + flight.batch.grants.count + flight.batch.voids.count + flight.batch.deadLetters.count)
+            metrics.batchRecords.record(flight.batch.events.count + flight.batch.grants.count + flight.batch.voids.count + flight.batch.budgets.count + flight.batch.deadLetters.count)
             metrics.transactionSeconds.recordNanoseconds(outcome.commitTime.totalNanoseconds)
             for (partition, next) in outcome.commit.committed {
                 if let high = consumer.cachedWatermarks(TopicPartition(settings.topic, partition))?.high {

@@ -30,6 +30,8 @@ public struct PreparedBatch: Sendable {
     public var grants: [PositionedGrant] = []
     /// Grant voids: the rater writes off what is left of the grant; the aggregator moves past them.
     public var voids: [PositionedGrantVoid] = []
+    /// Budget declarations: the rater counts usage against them; the aggregator moves past them.
+    public var budgets: [PositionedBudget] = []
     /// Usage events sent again by `tally pricing rate-unpriced` (header `tally-rate-unpriced`): the
     /// rater rates those still kept unpriced once a price exists; to every other rule they are
     /// ordinary duplicates.
@@ -49,6 +51,7 @@ public struct PreparedBatch: Sendable {
         copy.deadLetters.removeAll { partitions.contains($0.position.partition) }
         copy.grants.removeAll { partitions.contains($0.position.partition) }
         copy.voids.removeAll { partitions.contains($0.position.partition) }
+        copy.budgets.removeAll { partitions.contains($0.position.partition) }
         copy.rateUnpricedAt = copy.rateUnpricedAt.filter { !partitions.contains($0.partition) }
         for partition in partitions { copy.moves.removeValue(forKey: partition) }
         return copy

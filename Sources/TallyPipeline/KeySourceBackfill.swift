@@ -63,7 +63,7 @@ public struct KeySourceBackfill {
                 case .event(.grant(let grant)):
                     sources[LogPosition(partition: record.partition, offset: record.offset)] =
                         (grant.subject, grant.id, DedupKey.grantSource, ContentHash.of(grant))
-                case .event(.grantVoid), .poison: break
+                case .event(.grantVoid), .event(.budget), .poison: break
                 }
             }
         }

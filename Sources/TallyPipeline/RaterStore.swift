@@ -36,6 +36,9 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     private var unpricedLogged = Set<String>()
     /// Pricing descriptions, computed once each.
     private var pricingText: [PriceItem: String] = [:]
+    /// Budgets and their usage of the customers in `budgetCustomers` (with or without budgets).
+    private var budgets = BudgetState()
+    private var budgetCustomers = Set<String>()
     /// Past this many cached charge totals the cache starts over (it refills from PostgreSQL).
     private let maxCachedCharges = 2_000_000
 
@@ -87,6 +90,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         stateVersions.removeAll()
         storedCharges.removeAll()
         cachedCustomers.removeAll()
+        budgets = BudgetState()
+        budgetCustomers.removeAll()
     }
 
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
@@ -116,7 +121,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     private func apply(_ batch: PreparedBatch) throws -> DedupSummary {
         // 2. Dedup usage and grants together, in log order.
         let grants = batch.grants
-        let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant) + batch.voids.map(RaterRecord.grantVoid))
+        let records = (batch.events.map(RaterRecord.usage) + grants.map(RaterRecord.grant) + batch.voids.map(RaterRecord.grantVoid)
+                       + batch.budgets.map(RaterRecord.budget))
             .sorted { $0.position < $1.position }
         let stored = try tables.storedHashes(of: records, table: "rater_event_keys")
         let decision = Deduplicator.decide(records, stored: stored)
@@ -124,13 +130,19 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let rated = retried.isEmpty ? decision.accepted : (decision.accepted + retried).sorted { $0.position < $1.position }
         // 3. Load what is not cached yet; then rate (pure) while the keys go in; write the
         //    changed state back. A failed key COPY discards the rated state (`discardAttempt`).
-        try loadCustomers(Set(rated.map(\.customerID)).subtracting(cachedCustomers))
+        let customers = Set(rated.map(\.customerID))
+        try loadCustomers(customers.subtracting(cachedCustomers))
+        try loadBudgets(customers.subtracting(budgetCustomers), accepted: decision.accepted)
         let priced = engine.price(rated, profiles: state.profiles)
         try loadCharges(engine.missingChargeKeys(priced, in: state))
         let result = try tables.storeKeys(decision.accepted, table: "rater_event_keys") { engine.apply(priced, to: &state) }
         try writeCharges(result.touchedCharges)
         try appendLedger(result.ledger)
         try writeWallets(result.touchedWallets)
+        // Budgets count the batch's first sightings (a rate-unpriced copy was counted when first read).
+        let budgetResult = BudgetEngine.apply(decision.accepted, charges: result.charged, skipped: Set(result.unrateable.map(\.record.position)),
+                                              profiles: state.profiles, to: &budgets)
+        try writeBudgets(budgetResult)
         // 4. Alerts, top-up requests and unpriced usage: ids derive from log positions,
         //    so a batch that is re-applied after a lost COMMIT reply cannot add them twice.
         try insertAlerts(result.alerts)
@@ -145,6 +157,100 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         return DedupSummary(accepted: decision.accepted.count, duplicates: decision.duplicates, conflicts: decision.conflicts,
                             deadLetters: batch.deadLetters.count, grants: result.grantsCredited, unpriced: result.unpriced.count,
                             unrateable: result.unrateable.map { "\($0.record.customerID) \($0.record.key.eventID) at \($0.record.position.partition)-\($0.record.position.offset): \($0.reason)" })
+    }
+
+    /// Reads the budgets of `customers` and the usage the batch's records may touch.
+    private func loadBudgets(_ customers: Set<String>, accepted: [RaterRecord]) throws {
+        if !customers.isEmpty {
+            let list = Array(customers)
+            let rows = try connection.query("""
+                SELECT \(BudgetRow.columns) FROM budgets WHERE customer_id = ANY($1::text[])
+                """, [PostgresArray(list)])
+            for customer in list where budgets.budgets[customer] == nil { budgets.budgets[customer] = [:] }
+            for row in 0..<rows.rowCount {
+                let declared = try BudgetRow.decode(rows, row: row)
+                budgets.budgets[declared.customerID, default: [:]][declared.budget.definition.name] = declared.budget
+            }
+            budgetCustomers.formUnion(customers)
+        }
+        // Charges are listed for customers with budgets, or about to have one.
+        var budgeted = Set(budgets.budgets.compactMap { $0.value.isEmpty ? nil : $0.key })
+        for case .budget(let positioned) in accepted { budgeted.insert(positioned.budget.subject) }
+        state.budgetedCustomers = budgeted
+        guard !budgeted.isEmpty else { return }
+        let missing = BudgetEngine.usageKeys(accepted, state: budgets, profiles: state.profiles).filter { budgets.usage[$0] == nil }
+        guard !missing.isEmpty else { return }
+        let keys = Array(missing)
+        let rows = try connection.query("""
+            SELECT k.i, u.used FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS k(c, b, p, i)
+            JOIN budget_usage u ON u.customer_id = k.c AND u.budget = k.b AND u.period_start = \(microsecondsToTimestamp) k.p
+            """, [PostgresArray(keys.map(\.budget.customerID)), PostgresArray(keys.map(\.budget.name)), PostgresArray(keys.map(\.period.start))])
+        for key in keys { budgets.usage[key] = 0 }
+        for row in 0..<rows.rowCount {
+            budgets.usage[keys[Int(try rows.value(row, 0, as: Int64.self)) - 1]] = try rows.value(row, 1, as: Int64.self)
+        }
+    }
+
+    private func writeBudgets(_ result: BudgetResult) throws {
+        let touched = result.touchedBudgets.sorted()
+        let kept = touched.compactMap { key in budgets.budgets[key.customerID]?[key.name].map { (key, $0) } }
+        let removed = touched.filter { budgets.budgets[$0.customerID]?[$0.name] == nil }
+        if !removed.isEmpty {
+            try connection.query("""
+                DELETE FROM budgets b USING unnest($1::text[], $2::text[]) AS k(c, n) WHERE b.customer_id = k.c AND b.budget = k.n
+                """, [PostgresArray(removed.map(\.customerID)), PostgresArray(removed.map(\.name))])
+        }
+        if !kept.isEmpty {
+            let definitions = kept.map(\.1.definition)
+            try connection.query("""
+                INSERT INTO budgets (customer_id, budget, period, measure, unit, limit_value, alert_at, enforced, dimensions, event_id,
+                    declared_partition, declared_offset, declared_at)
+                SELECT c, n, pe, m, u, l, string_to_array(a, ',')::int[], en, d::jsonb, e, dp, o, \(microsecondsToTimestamp) t
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::bool[], $9::text[],
+                            $10::text[], $11::int[], $12::bigint[], $13::bigint[]) AS x(c, n, pe, m, u, l, a, en, d, e, dp, o, t)
+                ON CONFLICT (customer_id, budget) DO UPDATE SET period = EXCLUDED.period, measure = EXCLUDED.measure, unit = EXCLUDED.unit,
+                    limit_value = EXCLUDED.limit_value, alert_at = EXCLUDED.alert_at, enforced = EXCLUDED.enforced, dimensions = EXCLUDED.dimensions,
+                    event_id = EXCLUDED.event_id, declared_partition = EXCLUDED.declared_partition, declared_offset = EXCLUDED.declared_offset,
+                    declared_at = EXCLUDED.declared_at
+                """, [PostgresArray(kept.map(\.0.customerID)), PostgresArray(kept.map(\.0.name)), PostgresArray(definitions.map(\.period.rawValue)),
+                      PostgresArray(definitions.map(\.measure.kind)), PostgresArray(definitions.map(\.measure.unit)), PostgresArray(definitions.map(\.limit)),
+                      PostgresArray(definitions.map { $0.alertAt.map(String.init).joined(separator: ",") }),
+                      PostgresArray(definitions.map { $0.enforced ? "t" : "f" }), PostgresArray(definitions.map(BudgetRow.dimensionsJSON)),
+                      PostgresArray(kept.map(\.1.eventID)), PostgresArray(kept.map(\.1.declaredAt.partition)),
+                      PostgresArray(kept.map(\.1.declaredAt.offset)), PostgresArray(kept.map(\.1.declaredTime.microseconds))])
+        }
+        if !result.clearedUsage.isEmpty {
+            let cleared = result.clearedUsage.sorted()
+            try connection.query("""
+                DELETE FROM budget_usage u USING unnest($1::text[], $2::text[]) AS k(c, n) WHERE u.customer_id = k.c AND u.budget = k.n
+                """, [PostgresArray(cleared.map(\.customerID)), PostgresArray(cleared.map(\.name))])
+        }
+        if !result.touchedUsage.isEmpty {
+            let keys = result.touchedUsage.sorted()
+            try connection.query("""
+                INSERT INTO budget_usage (customer_id, budget, period_start, period_end, used)
+                SELECT c, n, \(microsecondsToTimestamp) s, \(microsecondsToTimestamp) e, u
+                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS x(c, n, s, e, u)
+                ON CONFLICT (customer_id, budget, period_start) DO UPDATE SET used = EXCLUDED.used
+                """, [PostgresArray(keys.map(\.budget.customerID)), PostgresArray(keys.map(\.budget.name)), PostgresArray(keys.map(\.period.start)),
+                      PostgresArray(keys.map(\.period.end)), PostgresArray(keys.map { budgets.usage[$0] ?? 0 })])
+        }
+        guard !result.alerts.isEmpty else { return }
+        let alerts = result.alerts
+        try connection.query("""
+            INSERT INTO budget_alerts (alert_id, customer_id, budget, kind, percent, measure, unit, used, limit_value, enforced, dimensions,
+                period_start, period_end, crossed_at, partition, record_offset)
+            SELECT id, c, n, k, pc, m, u, us, l, en, d::jsonb, \(microsecondsToTimestamp) s, \(microsecondsToTimestamp) e, \(microsecondsToTimestamp) t, p, o
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bool[],
+                        $11::text[], $12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::bigint[])
+                AS x(id, c, n, k, pc, m, u, us, l, en, d, s, e, t, p, o)
+            ON CONFLICT DO NOTHING
+            """, [PostgresArray(alerts.map(\.alertID)), PostgresArray(alerts.map(\.budget.customerID)), PostgresArray(alerts.map(\.budget.name)),
+                  PostgresArray(alerts.map(\.kind.rawValue)), PostgresArray(alerts.map(\.percent)), PostgresArray(alerts.map(\.definition.measure.kind)),
+                  PostgresArray(alerts.map(\.definition.measure.unit)), PostgresArray(alerts.map(\.used)), PostgresArray(alerts.map(\.definition.limit)),
+                  PostgresArray(alerts.map { $0.definition.enforced ? "t" : "f" }), PostgresArray(alerts.map { BudgetRow.dimensionsJSON($0.definition) }),
+                  PostgresArray(alerts.map(\.period.start)), PostgresArray(alerts.map(\.period.end)), PostgresArray(alerts.map(\.crossedAt)),
+                  PostgresArray(alerts.map(\.position.partition)), PostgresArray(alerts.map(\.position.offset))])
     }
 
     /// Settings changed by `tally customers set` apply from the next batch on.
@@ -363,6 +469,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             case .usage: "usage"
             case .grant: "grant"
             case .grantVoid: "void"
+            case .budget: "budget"
             }
             return (kind, record.record.time.microseconds)
         }

@@ -91,6 +91,10 @@ public struct Reconciler {
                 if record.offset < snapshot.raterOffsets[record.partition] ?? 0 {
                     raterRecords.append(.grantVoid(PositionedGrantVoid(void: void, position: position)))
                 }
+            case .budget(let budget):
+                if record.offset < snapshot.raterOffsets[record.partition] ?? 0 {
+                    raterRecords.append(.budget(PositionedBudget(budget: budget, position: position)))
+                }
             }
         }
         // With one partition, stored rows of customers it does not hold are not this run's business;

@@ -15,6 +15,10 @@ public enum WebhookEventType: String, CaseIterable, Sendable {
     case topUpRequested = "wallet.topup_requested"
     /// A billing period was closed into an invoice.
     case invoiceClosed = "invoice.closed"
+    /// A budget's usage crossed one of its alert percentages (`alert_at`).
+    case budgetThreshold = "budget.threshold"
+    /// A budget's usage reached its limit (100 %); an enforced budget now refuses calls.
+    case budgetLimitReached = "budget.limit_reached"
 }
 
 /// The webhook outbox: makes a message of every alert, top-up request and closed invoice (once:
@@ -31,12 +35,14 @@ public struct WebhookOutbox {
     public func enqueue(limit: Int = 500) throws -> Int {
         try connection.transaction { connection in
             var messages: [(id: String, type: WebhookEventType, customer: String, occurred: String, payload: String)] = []
-            func add(_ type: WebhookEventType, source: String, customer: String, occurred: String, data: [(String, String)]) {
+            /// `data` members are strings; `raw` members are JSON written as they are.
+            func add(_ type: WebhookEventType, source: String, customer: String, occurred: String, data: [(String, String)], raw: [(String, String)] = []) {
                 var json = JSONWriter(capacity: 256)
                 json.raw("{"); json.key("type", first: true); json.string(type.rawValue)
                 json.key("timestamp", first: false); json.string(occurred)
                 json.key("data", first: false); json.raw("{")
                 for (index, (name, value)) in data.enumerated() { json.key(name, first: index == 0); json.string(value) }
+                for (name, value) in raw { json.key(name, first: false); json.raw(value) }
                 json.raw("}}")
                 let payload = String(decoding: json.bytes, as: UTF8.self)
                 messages.append((StandardWebhook.messageID(type: type.rawValue, sourceID: source, payload: payload), type, customer, occurred, payload))
@@ -79,6 +85,29 @@ public struct WebhookOutbox {
                     ("period_start", try invoices.value(row, 5, as: String.self)), ("period_end", try invoices.value(row, 6, as: String.self)),
                 ])
             }
+            let budgetAlerts = try connection.query("""
+                SELECT alert_id, customer_id, budget, kind, percent, measure, unit, used, limit_value, enforced, dimensions::text,
+                       \(time("period_start")), \(time("period_end")), \(time("crossed_at"))
+                FROM budget_alerts WHERE webhook_at IS NULL ORDER BY crossed_at, alert_id LIMIT $1 FOR UPDATE SKIP LOCKED
+                """, [limit])
+            for row in 0..<budgetAlerts.rowCount {
+                let id = try budgetAlerts.value(row, 0, as: String.self)
+                let measure: BudgetMeasure = switch try budgetAlerts.value(row, 5, as: String.self) {
+                case "money": .money(try budgetAlerts.value(row, 6, parsedBy: Currency.init))
+                case "meter": .meter(try budgetAlerts.value(row, 6, as: String.self))
+                default: .tokens
+                }
+                let kind = try budgetAlerts.value(row, 3, parsedBy: WebhookEventType.init(rawValue:))
+                add(kind, source: id, customer: try budgetAlerts.value(row, 1, as: String.self), occurred: try budgetAlerts.value(row, 13, as: String.self), data: [
+                    ("alert_id", id), ("customer", try budgetAlerts.value(row, 1, as: String.self)), ("budget", try budgetAlerts.value(row, 2, as: String.self)),
+                    ("measure", measure.kind), ("unit", measure.unit),
+                    ("used", measure.format(try budgetAlerts.value(row, 7, as: Int64.self))),
+                    ("limit", measure.format(try budgetAlerts.value(row, 8, as: Int64.self))),
+                    ("period_start", try budgetAlerts.value(row, 11, as: String.self)), ("period_end", try budgetAlerts.value(row, 12, as: String.self)),
+                ], raw: [("percent", String(try budgetAlerts.value(row, 4, as: Int64.self))),
+                         ("enforced", try budgetAlerts.value(row, 9, as: Bool.self) ? "true" : "false"),
+                         ("dimensions", try budgetAlerts.value(row, 10, as: String.self))])
+            }
             guard !messages.isEmpty else { return 0 }
             try connection.query("""
                 INSERT INTO webhook_messages (message_id, event_type, customer_id, occurred_at, payload)
@@ -91,7 +120,8 @@ public struct WebhookOutbox {
                 JOIN webhook_endpoints e ON NOT e.disabled AND (e.event_types = '{}' OR m.type = ANY(e.event_types))
                 ON CONFLICT DO NOTHING
                 """, [PostgresArray(messages.map { $0.id }), PostgresArray(messages.map { $0.type.rawValue })])
-            for (table, column, rows) in [("balance_alerts", "alert_id", alerts), ("topup_requests", "request_id", topUps), ("invoices", "invoice_id", invoices)]
+            for (table, column, rows) in [("balance_alerts", "alert_id", alerts), ("topup_requests", "request_id", topUps), ("invoices", "invoice_id", invoices),
+                                              ("budget_alerts", "alert_id", budgetAlerts)]
             where rows.rowCount > 0 {
                 try connection.query("UPDATE \(table) SET webhook_at = now() WHERE \(column) = ANY($1::text[])",
                                      [PostgresArray(try (0..<rows.rowCount).map { try rows.value($0, 0, as: String.self) })])

@@ -12,7 +12,7 @@ struct Tally: AsyncParsableCommand {
         commandName: "tally",
         abstract: "Tally's operator tool: migrations, topics, API keys, events, load generation, usage, pricing, wallets, invoices and replay.",
         subcommands: [Migrate.self, Topics.self, Events.self, LoadGen.self, Emit.self, Usage.self, Keys.self,
-                      Pricing.self, Meters.self, Customers.self, Grant.self, VoidGrant.self, CreditKeys.self, Balance.self, Invoices.self, Webhooks.self, Replay.self, Checksum.self, Reconcile.self, BackfillKeySources.self, Status.self, CheckLog.self, Report.self])
+                      Pricing.self, Meters.self, Customers.self, Grant.self, VoidGrant.self, CreditKeys.self, Balance.self, Budgets.self, Invoices.self, Webhooks.self, Replay.self, Checksum.self, Reconcile.self, BackfillKeySources.self, Status.self, CheckLog.self, Report.self])
 }
 
 func makeLogger(_ options: LoggingOptions, label: String) -> Logger {

@@ -92,7 +92,7 @@ final class CreditSignatureTests: XCTestCase {
         XCTAssertNil(verifier.refusal(topic: "tally.usage", partition: 2, offset: 99, signature: nil, key: nil, value: grantValue, binaryMode: false))
         let refused = try XCTUnwrap(verifier.refusal(topic: "tally.usage", partition: 2, offset: 100, signature: nil, key: nil, value: grantValue, binaryMode: false))
         XCTAssertEqual(refused.code, "unsigned_credit")
-        XCTAssertTrue(refused.detail.hasSuffix("Nothing was credited or voided"), refused.detail)
+        XCTAssertTrue(refused.detail.hasSuffix("Nothing of it was applied (no credit, void or budget)"), refused.detail)
         XCTAssertNotNil(verifier.refusal(topic: "tally.usage", partition: 1, offset: 0, signature: nil, key: nil, value: grantValue, binaryMode: false), "no horizon on partition 1")
         let key = Array("cust-a".utf8)
         let signature = verifier.keyring.signature(topic: "tally.usage", key: key, value: grantValue)

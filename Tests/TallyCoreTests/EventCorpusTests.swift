@@ -51,6 +51,14 @@ final class EventCorpusTests: XCTestCase {
         try checkJSONSchemaAgreesWithSwiftValidator()
     }
 
+    func testBudgetCorpus() throws {
+        corpus = Self.fixtures.appendingPathComponent("budgets")
+        schema = "schemas/budget.v1.json"
+        try checkValidExamplesAreAccepted(atLeast: 6)
+        try checkInvalidExamplesAreRejectedAtTheExpectedPath()
+        try checkJSONSchemaAgreesWithSwiftValidator()
+    }
+
     func testGrantCorpus() throws {
         useGrantCorpus()
         try checkValidExamplesAreAccepted(atLeast: 5)

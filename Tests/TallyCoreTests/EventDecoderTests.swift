@@ -41,7 +41,7 @@ final class EventDecoderTests: XCTestCase {
                        ["data.input_tokens: must be at most 9007199254740991"])
         XCTAssertEqual(violations(minimal.replacingOccurrences(of: #""subject":"c1","#, with: "")), ["subject: is required"])
         XCTAssertEqual(violations(minimal.replacingOccurrences(of: "llm.usage", with: "llm.other")),
-                       [#"type: unknown event type; expected one of "llm.usage", "tally.wallet.grant", "tally.wallet.grant.void""#])
+                       [#"type: unknown event type; expected one of "llm.usage", "tally.wallet.grant", "tally.wallet.grant.void", "tally.budget""#])
         XCTAssertEqual(violations("{\"a\":1,}"), ["malformed JSON at byte 7: expected a string key"])
         XCTAssertEqual(violations("[]"), ["an event must be a JSON object"])
         // Several problems are all reported at once.

@@ -25,12 +25,12 @@ enum TestStack {
         return keyring
     }()
 
-    /// A record keyed by `key`; grants and voids are signed as tally-ingest signs them.
+    /// A record keyed by `key`; grants, voids and budgets are signed as tally-ingest signs them.
     static func record(topic: String, key: String, value: [UInt8], partition: Int32? = nil) -> ProducerRecord {
         let keyBytes = Array(key.utf8)
         var headers: [KafkaHeader] = []
         switch EventDecoder.decode(value) {
-        case .success(.grant), .success(.grantVoid):
+        case .success(.grant), .success(.grantVoid), .success(.budget):
             headers = [KafkaHeader(CreditKeyring.headerName, creditKeyring.signature(topic: topic, key: keyBytes, value: value))]
         default: break
         }

@@ -160,7 +160,7 @@ public struct CreditVerifier: Sendable {
         } else {
             detail = keyring.refusal(signature: signature, topic: topic, key: key ?? [], value: value ?? [])
         }
-        return detail.map { PoisonReason(code: "unsigned_credit", detail: "\($0). Nothing was credited or voided") }
+        return detail.map { PoisonReason(code: "unsigned_credit", detail: "\($0). Nothing of it was applied (no credit, void or budget)") }
     }
 }
 

@@ -208,12 +208,14 @@ public enum RaterRecord: DedupCandidate, Equatable {
     case usage(PositionedEvent)
     case grant(PositionedGrant)
     case grantVoid(PositionedGrantVoid)
+    case budget(PositionedBudget)
 
     public var key: DedupKey {
         switch self {
         case .usage(let event): event.key
         case .grant(let grant): grant.key
         case .grantVoid(let void): void.key
+        case .budget(let budget): budget.key
         }
     }
 
@@ -222,6 +224,7 @@ public enum RaterRecord: DedupCandidate, Equatable {
         case .usage(let event): event.position
         case .grant(let grant): grant.position
         case .grantVoid(let void): void.position
+        case .budget(let budget): budget.position
         }
     }
 
@@ -230,6 +233,7 @@ public enum RaterRecord: DedupCandidate, Equatable {
         case .usage(let event): event.contentHash
         case .grant(let grant): grant.contentHash
         case .grantVoid(let void): void.contentHash
+        case .budget(let budget): budget.contentHash
         }
     }
 
@@ -238,6 +242,7 @@ public enum RaterRecord: DedupCandidate, Equatable {
         case .usage(let event): event.keyFingerprint
         case .grant(let grant): grant.keyFingerprint
         case .grantVoid(let void): void.keyFingerprint
+        case .budget(let budget): budget.keyFingerprint
         }
     }
 
@@ -247,6 +252,7 @@ public enum RaterRecord: DedupCandidate, Equatable {
         case .usage(let positioned): positioned.event.time
         case .grant(let positioned): positioned.grant.time
         case .grantVoid(let positioned): positioned.void.time
+        case .budget(let positioned): positioned.budget.time
         }
     }
 
@@ -280,6 +286,8 @@ public struct RatingState: Sendable {
     public var charges: [ChargeKey: ChargeTotal] = [:]
     public private(set) var wallets: [WalletKey: WalletState] = [:]
     public var profiles: [String: BillingProfile] = [:]
+    /// Customers whose events' charges `RatingResult.charged` lists (those with budgets).
+    public var budgetedCustomers = Set<String>()
     /// Each customer's wallet currencies, so a record finds its customer's wallets without a scan.
     private var currencies: [String: [Currency]] = [:]
 
@@ -320,6 +328,8 @@ public struct RatingResult: Sendable {
     public var touchedCharges = Set<ChargeKey>()
     public var touchedWallets = Set<WalletKey>()
     public var grantsCredited = 0
+    /// What each usage event of `RatingState.budgetedCustomers` was charged (nothing when 0).
+    public var charged: [LogPosition: (currency: Currency, nanos: Int64)] = [:]
 }
 
 /// Prices usage and keeps wallets: pure, deterministic, no I/O.
@@ -474,6 +484,7 @@ public struct RatingEngine: Sendable {
                 switch record {
                 case .grant(let positioned): try credit(positioned, effects: &effects)
                 case .grantVoid(let positioned): try voidGrant(positioned, effects: &effects)
+                case .budget: break  // Counted by `BudgetEngine`, after rating.
                 case .usage(let positioned):
                     if let charge = pricedRecord.charge {
                         if let refusal = charge.refusal { throw RatingRefusal(refusal) }
@@ -488,6 +499,7 @@ public struct RatingEngine: Sendable {
                 continue
             }
             effects.land(in: &state, result: &result)
+            if let charged = effects.charged, state.budgetedCustomers.contains(record.customerID) { result.charged[record.position] = charged }
         }
         return result
     }
@@ -593,6 +605,7 @@ public struct RatingEngine: Sendable {
             effects.charges.append((key, total))
         }
         guard delta != 0 else { return }
+        effects.charged = (charge.currency, delta)
         let key = WalletKey(customerID: event.subject, currency: charge.currency)
         var wallet = effects.wallets[key] ?? WalletState()
         let before = wallet.balanceNanos
@@ -676,6 +689,7 @@ private struct RecordEffects {
     var touchedWallets: Set<WalletKey> = []
     var grantsCredited = 0
     var seq: Int32 = 0
+    var charged: (currency: Currency, nanos: Int64)?
 
     /// Starts on a record of `customerID`, forgetting the last one's effects (keeping capacity).
     /// Holds no reference to `state`'s tables: landing must not copy them.
@@ -691,6 +705,7 @@ private struct RecordEffects {
         touchedWallets.removeAll(keepingCapacity: true)
         grantsCredited = 0
         seq = 0
+        charged = nil
     }
 
     /// The total as this record has moved it so far, else as stored.

@@ -1,0 +1,95 @@
+import TallyCore
+import TallyPostgres
+
+/// How budgets are stored in `tally.budgets` (migration 0023), read back by the rater, the
+/// gateway's budget guard and the CLI.
+public enum BudgetRow {
+    /// The columns `decode` reads, in its order (unqualified).
+    public static let columns = """
+        customer_id, budget, period, measure, unit, limit_value, array_to_string(alert_at, ','), enforced, dimensions::text, event_id, \
+        declared_partition, declared_offset, \(microseconds("declared_at"))
+        """
+
+    /// The budget in the `columns` of `row`, starting at column `first`.
+    public static func decode(_ result: PostgresResult, row: Int, from first: Int = 0) throws -> (customerID: String, budget: DeclaredBudget) {
+        let name = try result.value(row, first + 1, as: String.self)
+        let unit = try result.value(row, first + 4, as: String.self)
+        let measure: BudgetMeasure
+        switch try result.value(row, first + 3, as: String.self) {
+        case "tokens": measure = .tokens
+        case "money": measure = .money(try result.value(row, first + 4, parsedBy: Currency.init))
+        default: measure = .meter(unit)
+        }
+        var dimensions: [String: String] = [:]
+        if case .success(.object(let members)) = JSONValue.parse(Array(try result.value(row, first + 8, as: String.self).utf8)) {
+            for (key, value) in members { dimensions[key] = value.string }
+        }
+        let definition = BudgetDefinition(
+            name: name, period: try result.value(row, first + 2, parsedBy: BudgetPeriod.init(rawValue:)), measure: measure,
+            limit: try result.value(row, first + 5, as: Int64.self),
+            alertAt: (result.string(row, first + 6) ?? "").split(separator: ",").compactMap { Int($0) },
+            enforced: try result.value(row, first + 7, as: Bool.self), dimensions: dimensions)
+        let declared = DeclaredBudget(
+            definition: definition, eventID: try result.value(row, first + 9, as: String.self),
+            declaredAt: LogPosition(partition: Int32(try result.value(row, first + 10, as: Int64.self)), offset: try result.value(row, first + 11, as: Int64.self)),
+            declaredTime: EventTime(microseconds: try result.value(row, first + 12, as: Int64.self)))
+        return (try result.value(row, first, as: String.self), declared)
+    }
+
+    /// The dimensions as a JSON object with sorted keys (stored as jsonb).
+    public static func dimensionsJSON(_ definition: BudgetDefinition) -> String {
+        var json = JSONWriter(capacity: 64)
+        json.raw("{")
+        for (index, (key, value)) in definition.dimensions.sorted(by: { $0.key < $1.key }).enumerated() {
+            json.key(key, first: index == 0); json.string(value)
+        }
+        json.raw("}")
+        return String(decoding: json.bytes, as: UTF8.self)
+    }
+}
+
+/// A budget and where it stands in one period.
+public struct BudgetStanding: Sendable, Equatable {
+    public let customerID: String
+    public let budget: DeclaredBudget
+    public let period: BillingPeriod
+    /// Counted by the rater so far in `period` (same units as the limit).
+    public let used: Int64
+
+    public init(customerID: String, budget: DeclaredBudget, period: BillingPeriod, used: Int64) {
+        self.customerID = customerID
+        self.budget = budget
+        self.period = period
+        self.used = used
+    }
+
+    public var definition: BudgetDefinition { budget.definition }
+    /// What is left before the limit (negative once past it).
+    public var remaining: Int64 { Money.saturatingAdd(definition.limit, -used) }
+}
+
+/// Reads budgets and their usage (the rater's tables) for tools and the gateway.
+public struct BudgetStore {
+    public let connection: PostgresConnection
+
+    public init(connection: PostgresConnection) { self.connection = connection }
+
+    /// Every budget of `customerID` (all customers when nil) with its usage in the period holding
+    /// `now` (microseconds since the epoch), ordered by customer and name.
+    public func standings(customerID: String?, at now: Int64) throws -> [BudgetStanding] {
+        let rows = try connection.query("""
+            SELECT \(BudgetRow.columns) FROM budgets WHERE $1::text IS NULL OR customer_id = $1 ORDER BY customer_id, budget
+            """, [customerID])
+        let budgets = try (0..<rows.rowCount).map { try BudgetRow.decode(rows, row: $0) }
+        guard !budgets.isEmpty else { return [] }
+        let profiles = try BillingCatalogStore(connection: connection).profiles(Array(Set(budgets.map(\.customerID))))
+        let periods = budgets.map { $0.budget.definition.period.containing(now, profile: profiles[$0.customerID] ?? BillingProfile(customerID: $0.customerID)) }
+        let used = try connection.query("""
+            SELECT k.i, u.used FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS k(c, b, p, i)
+            JOIN budget_usage u ON u.customer_id = k.c AND u.budget = k.b AND u.period_start = \(microsecondsToTimestamp) k.p
+            """, [PostgresArray(budgets.map(\.customerID)), PostgresArray(budgets.map(\.budget.definition.name)), PostgresArray(periods.map(\.start))])
+        var usage: [Int: Int64] = [:]
+        for row in 0..<used.rowCount { usage[Int(try used.value(row, 0, as: Int64.self)) - 1] = try used.value(row, 1, as: Int64.self) }
+        return budgets.indices.map { BudgetStanding(customerID: budgets[$0].customerID, budget: budgets[$0].budget, period: periods[$0], used: usage[$0] ?? 0) }
+    }
+}

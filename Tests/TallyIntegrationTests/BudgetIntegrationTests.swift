@@ -1,0 +1,108 @@
+import Foundation
+import TallyCore
+import XCTest
+
+/// Budgets end to end: declared through tally-ingest's API, counted by the real rater from the
+/// log, alerted once per crossing (also as webhook messages), listed by the CLI, and rebuilt
+/// exactly by a replay from offset zero.
+final class BudgetIntegrationTests: XCTestCase {
+    /// One gpt-4o call of 600 input and 400 output tokens: 1,000 tokens, and at $2.50 and $10.00
+    /// per million, 0.0015 + 0.004 = $0.0055.
+    static func call(_ id: String, customer: String = "acme", team: String, user: String, at time: EventTime) -> UsageEvent {
+        UsageEvent(id: id, source: "app", subject: customer, time: time, model: "gpt-4o", inputTokens: 600, outputTokens: 400,
+                   properties: ["team": team, "end_user": user])
+    }
+
+    func testTeamAndEndUserBudgetsAlertOncePerCrossingAndReplayTheSame() async throws {
+        let harness = try AggregatorHarness()
+        try RaterIntegrationTests.applyPrices(harness)
+        _ = try harness.tally(["webhooks", "add", "https://hooks.example.com/budgets", "--types", "budget.threshold,budget.limit_reached"])
+        let (ingest, base, usageKey) = try harness.startIngest()
+        defer { ingest.signal(SIGKILL); ingest.wait() }
+        let adminKey = try harness.createKey(["--grants"])
+        func put(_ budget: String, _ body: String, key: String? = nil) throws -> HTTPResponse {
+            try http("PUT", "\(base)/v1/customers/acme/budgets/\(budget)", body: body, authorization: "Bearer \(key ?? adminKey)")
+        }
+
+        // Refused: a usage key; a zero limit and an unknown field, each named.
+        XCTAssertEqual(try put("search-team", #"{"period": "month", "measure": "tokens", "limit": "10000"}"#, key: usageKey).status, 403)
+        let invalid = try put("search-team", #"{"period": "month", "measure": "tokens", "limit": "0", "owner": "x"}"#)
+        XCTAssertEqual(invalid.status, 400, invalid.body)
+        XCTAssertTrue(invalid.body.contains(#""field":"limit""#) && invalid.body.contains(#""field":"owner""#), invalid.body)
+
+        // The search team: 10,000 tokens a month, alerts at 50 and 80 %. End user u1: $0.02 a day, alert at 50 %.
+        let team = try put("search-team", #"{"period": "month", "measure": "tokens", "limit": "10000", "alert_at": [50, 80], "dimensions": {"team": "search"}}"#)
+        XCTAssertEqual(team.status, 202, team.body)
+        let user = try put("u1-daily", #"{"id": "u1-v1", "period": "day", "measure": "money", "currency": "USD", "limit": "0.02", "alert_at": [50], "dimensions": {"end_user": "u1"}}"#)
+        XCTAssertEqual(user.status, 202, user.body)
+        XCTAssertTrue(user.body.contains(#""id":"u1-v1""#), user.body)
+
+        // Calls e1…e15: e1–e12 of the search team, e13–e15 of ads; odd ones by u1 (8 calls), even by u2.
+        let now = EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000))
+        var calls = (1...15).map { Self.call("e\($0)", team: $0 <= 12 ? "search" : "ads", user: $0 % 2 == 1 ? "u1" : "u2", at: now) }
+        calls.append(Self.call("other", customer: "beta", team: "search", user: "u1", at: now))  // another customer's budgets are its own
+        try await harness.publish(calls)
+        let rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+
+        func alerts() throws -> [String] {
+            try harness.connection.query("""
+                SELECT budget || ' ' || kind || ' ' || percent || ' ' || used || ' ' || e.event_id
+                FROM tally.budget_alerts a
+                JOIN tally.rater_event_keys e ON e.partition = a.partition AND e.record_offset = a.record_offset
+                ORDER BY a.partition, a.record_offset, budget, percent
+                """).rows.map { $0[0]! }
+        }
+        // Team: 1,000 tokens a call, so 5,000 at e5, 8,000 at e8, 10,000 at e10. u1: $0.0055 a call,
+        // so $0.011 ≥ $0.01 at its 2nd call (e3) and $0.022 ≥ $0.02 at its 4th (e7).
+        let expected = ["u1-daily budget.threshold 50 11000000 e3", "search-team budget.threshold 50 5000 e5",
+                        "u1-daily budget.limit_reached 100 22000000 e7", "search-team budget.threshold 80 8000 e8",
+                        "search-team budget.limit_reached 100 10000 e10"]
+        XCTAssertTrue(try TestStack.eventually { try alerts() == expected }, "\((try? alerts()) ?? []) \(rater.log.suffix(3000))")
+        let listed = try harness.tally(["budgets", "list", "--customer", "acme", "--format", "csv"])
+        XCTAssertTrue(listed.contains("acme,search-team,month,tokens,10000,12000,0,120%"), listed)
+        XCTAssertTrue(listed.contains("acme,u1-daily,day,USD,0.02,0.044,0.00,220%"), listed)
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.budget_usage WHERE customer_id = 'beta'").scalar, "0")
+
+        // Every alert became a webhook message of its kind, with what it compared.
+        XCTAssertTrue(TestStack.eventually { (try? harness.connection.query("SELECT count(*) FROM tally.webhook_messages").scalar) == "5" })
+        let messages = try harness.connection.query("SELECT event_type, payload FROM tally.webhook_messages ORDER BY occurred_at, message_id").rows
+        XCTAssertEqual(messages.filter { $0[0] == "budget.threshold" }.count, 3)
+        XCTAssertEqual(messages.filter { $0[0] == "budget.limit_reached" }.count, 2)
+        let reached = try XCTUnwrap(messages.first { $0[1]!.contains(#""budget":"search-team""#) && $0[0] == "budget.limit_reached" }?[1])
+        let payload = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(reached.utf8)) as? [String: Any])
+        let data = try XCTUnwrap(payload["data"] as? [String: Any])
+        XCTAssertEqual(data["used"] as? String, "10000")
+        XCTAssertEqual(data["limit"] as? String, "10000")
+        XCTAssertEqual(data["unit"] as? String, "tokens")
+        XCTAssertEqual(data["percent"] as? Int, 100)
+        XCTAssertEqual(data["dimensions"] as? [String: String], ["team": "search"])
+
+        // A raised limit keeps the 12,000 counted; its 80 % (16,000) and 100 % (20,000) alert anew,
+        // its 50 % (10,000) was behind it already. The end user's budget is removed.
+        XCTAssertEqual(try put("search-team", #"{"period": "month", "measure": "tokens", "limit": "20000", "alert_at": [50, 80], "dimensions": {"team": "search"}}"#).status, 202)
+        let removed = try http("DELETE", "\(base)/v1/customers/acme/budgets/u1-daily", authorization: "Bearer \(adminKey)")
+        XCTAssertEqual(removed.status, 202, removed.body)
+        // Published after the two declarations (one partition per customer): the rater reads them first.
+        try await harness.publish((16...23).map { Self.call("e\($0)", team: "search", user: "u1", at: now) })
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        XCTAssertTrue(try TestStack.eventually { try alerts().count == 7 }, "\((try? alerts()) ?? [])")
+        XCTAssertEqual(Array(try alerts().suffix(2)), ["search-team budget.threshold 80 16000 e19", "search-team budget.limit_reached 100 20000 e23"])
+        let after = try harness.tally(["budgets", "list", "--customer", "acme", "--format", "csv"])
+        XCTAssertTrue(after.contains("acme,search-team,month,tokens,20000,20000,0,100%"), after)
+        XCTAssertFalse(after.contains("u1-daily"), after)
+        XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.budget_usage WHERE budget = 'u1-daily'").scalar, "0")
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+
+        // A replay from offset zero rebuilds budgets, usage and alerts exactly.
+        let (replayStatus, replayOutput) = try ChildProcess.run(TestStack.executable("tally"), [
+            "replay", "--consumer", "rater", "--dry-run", "--live-group", harness.group, "--topic", harness.topic, "--database-url", harness.databaseURL,
+        ])
+        XCTAssertEqual(replayStatus, 0, replayOutput)
+        let sums = replayOutput.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
+        for (table, rows) in [("budgets", "1"), ("budget_usage", "1"), ("budget_alerts", "7")] {
+            XCTAssertTrue(sums.contains { $0.first == table && $0.count == 6 && $0[1] == rows && $0[3] == rows && $0[5] == "yes" }, "\(table): \(replayOutput)")
+        }
+    }
+}
