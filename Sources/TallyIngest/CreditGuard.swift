@@ -93,6 +93,14 @@ final class CreditGuard: @unchecked Sendable {
         }
     }
 
+    /// What `counts` of `call` cost at the prices in force (nil for an unpriced model): the
+    /// amount money budgets hold for an answered call until the rater has counted it.
+    func charge(_ counts: TokenCounts, call: UsageEvent, profile: BillingProfile) -> Int64? {
+        lock.withLock {
+            CallChargeEstimate.nanos(counts, model: call.model, customer: profile, catalog: catalog, at: EventTime(microseconds: Self.nowMicroseconds()), call: call)
+        }
+    }
+
     func published(_ hold: Int?, at position: LogPosition) {
         guard let hold else { return }
         lock.withLock { reservations.published(hold, at: position) }

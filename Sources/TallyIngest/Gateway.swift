@@ -126,15 +126,23 @@ final class Gateway: Sendable {
         if let retries = request.headers[HTTPField.Name("x-stainless-retry-count")!].flatMap({ Int($0) }), (0..<1000).contains(retries) {
             event.properties[CallStatus.attemptProperty] = String(retries + 1)
         }
+        // Dimensions budgets pick usage by: the calling key, and the caller's own properties.
+        if let key { event.properties["api_key"] = key.keyID }
+        for field in request.headers where field.name.canonicalName.hasPrefix(Self.propertyHeaderPrefix) {
+            let name = String(field.name.canonicalName.dropFirst(Self.propertyHeaderPrefix.count))
+            if !name.isEmpty && !Self.reservedProperties.contains(name) { event.properties[name] = field.value }
+        }
         if case .rejected(let violations) = validate(event) {
             return service.problem(.badRequest, "call cannot be metered", violations.map(\.description).joined(separator: "; "), vendor: api.vendor)
         }
         let expected = TokenCounts(input: call.inputTokenEstimate, output: call.maxOutputTokens ?? settings.defaultOutputTokens)
         let hold: Int?
+        let estimateNanos: Int64
         let profile: BillingProfile
         switch await credit.admit(customerID: customerID, model: call.model, expected: expected) {
-        case .admitted(let id, _, let admittedProfile):
+        case .admitted(let id, let estimate, let admittedProfile):
             hold = id
+            estimateNanos = estimate
             profile = admittedProfile
         case .refused(let available, let refusedProfile):
             counters[api]!.refused.increment()
@@ -158,6 +166,24 @@ final class Gateway: Sendable {
             var headers = HTTPFields()
             headers[.retryAfter] = "5"
             return service.problem(.serviceUnavailable, "credit check unavailable", "the wallet database does not answer; retry", headers: headers, vendor: api.vendor)
+        }
+
+        // Budgets after credit: a call either budget refuses holds nothing.
+        let budgetHold: Int
+        switch await service.budgets?.admit(event, route: .gateway, hold: true, estimate: { [expected] definition in
+            Self.budgetAmount(definition, counts: expected, chargeNanos: estimateNanos, currency: profile.currency)
+        }) ?? .unbudgeted {
+        case .unbudgeted: budgetHold = 0
+        case .admitted(let id, _): budgetHold = id
+        case .refused(let budget, _):
+            credit.release(hold)
+            counters[api]!.refused.increment()
+            return budgetRefusal(budget, customerID: customerID, vendor: api.vendor)
+        case .unavailable:
+            credit.release(hold)
+            var headers = HTTPFields()
+            headers[.retryAfter] = "5"
+            return service.problem(.serviceUnavailable, "budget check unavailable", "the budget database does not answer; retry", headers: headers, vendor: api.vendor)
         }
 
         var upstreamRequest = URLRequest(url: URL(string: upstream.baseURL + api.path)!)
@@ -187,6 +213,7 @@ final class Gateway: Sendable {
         } catch {
             // No response: nothing was reported used, so nothing is metered.
             credit.release(hold)
+            service.budgets?.release(budgetHold)
             if UpstreamClient.isTimeout(error) {
                 counters[api]!.timeouts.increment()
                 return service.problem(.gatewayTimeout, "upstream timed out", "\(upstream.displayURL) did not answer in time", vendor: api.vendor)
@@ -206,7 +233,7 @@ final class Gateway: Sendable {
             if name.lowercased() == "content-type" && value.lowercased().hasPrefix("text/event-stream") { isEventStream = true }
         }
         headers[HTTPField.Name("x-tally-event-id")!] = event.id
-        let meter = CallMeter(api: api, hold: hold, profile: profile, upstreamStatus: head.status)
+        let meter = CallMeter(api: api, hold: hold, budgetHold: budgetHold, profile: profile, upstreamStatus: head.status)
         let removeUsageChunk = call.addedUsageChunk
         let streamed = isEventStream
         let callEvent = event
@@ -242,6 +269,38 @@ final class Gateway: Sendable {
         })
     }
 
+    /// `x-tally-property-team: search` sets the call's property `team` (names are lower-case:
+    /// HTTP header names are case-insensitive). Properties the gateway sets itself stay its own.
+    static let propertyHeaderPrefix = "x-tally-property-"
+    static let reservedProperties: Set<String> = [CallStatus.property, CallStatus.attemptProperty, "api_key", "gateway_api", "upstream_status",
+                                                  "response_id", "stream", "incomplete", "caller_left", StandardProperty.serviceTier]
+
+    /// What a call of `counts` adds to a budget: its tokens, its charge (in the customer's
+    /// currency; a money budget in another currency holds nothing), or its meter's quantity.
+    static func budgetAmount(_ definition: BudgetDefinition, counts: TokenCounts, chargeNanos: Int64?, currency: Currency) -> Int64 {
+        switch definition.measure {
+        case .tokens: return Money.saturatingAdd(counts.input, counts.output)
+        case .money(let budgetCurrency): return budgetCurrency == currency ? chargeNanos ?? 0 : 0
+        case .meter(let name): return counts.meters[name] ?? 0
+        }
+    }
+
+    /// 429 in the API's own error shape: which budget, its period and when it resets.
+    func budgetRefusal(_ budget: BudgetAvailability, customerID: String, vendor: GatewayAPI.Vendor) -> Response {
+        let definition = budget.definition, measure = definition.measure
+        let resets = EventTime.format(microseconds: budget.period.end)
+        var headers = HTTPFields()
+        headers[.retryAfter] = String(max(1, (budget.period.end - CreditGuard.nowMicroseconds() + 999_999) / 1_000_000))
+        let scope = definition.dimensions.isEmpty ? "" : " for \(definition.dimensionsText)"
+        return service.problem(.tooManyRequests, "budget exhausted",
+                               "the budget \(definition.name) (\(measure.format(definition.limit)) \(measure.unit) a \(definition.period == .billingPeriod ? "billing period" : definition.period.rawValue)\(scope)) "
+                               + "is used up until \(resets); calls can be made again then, or once the budget is raised",
+                               extra: [("customer", .string(customerID)), ("budget", .string(definition.name)), ("period", .string(definition.period.rawValue)),
+                                       ("limit", .string(measure.format(definition.limit))), ("used", .string(measure.format(budget.used))),
+                                       ("held", .string(measure.format(budget.held))), ("unit", .string(measure.unit)), ("resets_at", .string(resets))],
+                               headers: headers, vendor: vendor)
+    }
+
     /// The event as ingest validates any event (lengths, ids, time window).
     func validate(_ event: UsageEvent) -> IngestOutcome {
         switch service.parser.parse(EventEncoder.encode(event), format: .json, nowMicroseconds: CreditGuard.nowMicroseconds()) {
@@ -255,6 +314,7 @@ final class Gateway: Sendable {
     struct CallMeter: Sendable {
         let api: GatewayAPI
         let hold: Int?
+        let budgetHold: Int
         let profile: BillingProfile
         let upstreamStatus: Int
 
@@ -264,6 +324,7 @@ final class Gateway: Sendable {
             let metadata: Logger.Metadata = ["event_id": "\(event.id)", "customer_id": "\(event.subject)", "upstream_status": "\(upstreamStatus)"]
             guard let reported = scanner.counts() else {
                 gateway.credit.release(hold)
+                gateway.service.budgets?.release(budgetHold)
                 gateway.counters[api]!.unmetered.increment()
                 if (200..<300).contains(upstreamStatus) {
                     gateway.logger.warning("the upstream reported no usage for a call\(complete ? "" : " that broke off"); it is not metered", metadata: metadata)
@@ -275,6 +336,7 @@ final class Gateway: Sendable {
             case .success(let value): counts = value
             case .failure(let error):
                 gateway.credit.release(hold)
+                gateway.service.budgets?.release(budgetHold)
                 gateway.counters[api]!.unmetered.increment()
                 gateway.logger.error("the upstream's usage could not be read (\(error)); the call is not metered", metadata: metadata)
                 return
@@ -297,20 +359,25 @@ final class Gateway: Sendable {
             if scanner.isEventStream { event.properties["stream"] = "true" }
             if !complete || scanner.sawErrorEvent { event.properties["incomplete"] = "true" }
             let overshoot = gateway.credit.settle(hold, counts: counts, call: event, profile: profile)
+            if budgetHold != 0 {
+                let charge = gateway.credit.charge(counts, call: event, profile: profile)
+                gateway.service.budgets?.settle(budgetHold) { Gateway.budgetAmount($0, counts: counts, chargeNanos: charge, currency: profile.currency) }
+            }
             if overshoot > 0 {
                 gateway.overshootNanos.increment(by: overshoot)
                 gateway.overshotCalls.increment()
             }
             guard case .valid(let valid, let bytes) = gateway.validate(event) else {
                 gateway.credit.release(hold)
+                gateway.service.budgets?.release(budgetHold)
                 gateway.counters[api]!.unmetered.increment()
                 gateway.logger.error("the call's usage event is invalid; not metered: \(String(decoding: EventEncoder.encode(event), as: UTF8.self))", metadata: metadata)
                 return
             }
-            let hold = hold
+            let hold = hold, budgetHold = budgetHold
             gateway.publishing.add(1)
             Task {
-                await gateway.publish(valid, bytes: bytes, hold: hold)
+                await gateway.publish(valid, bytes: bytes, hold: hold, budgetHold: budgetHold)
                 gateway.publishing.add(-1)
             }
         }
@@ -318,12 +385,13 @@ final class Gateway: Sendable {
 
     /// Publishes a call's event, retrying for about two minutes; an event that still cannot
     /// be written is logged whole, so it can be re-sent (its id keeps that safe).
-    func publish(_ event: UsageEvent, bytes: [UInt8], hold: Int?) async {
+    func publish(_ event: UsageEvent, bytes: [UInt8], hold: Int?, budgetHold: Int) async {
         var delay = Duration.seconds(1)
         for attempt in 1...7 {
             switch await service.publishOne(ProducerRecord(topic: service.topic, key: Array(event.subject.utf8), value: bytes)) {
             case .success(let report):
                 credit.published(hold, at: LogPosition(partition: report.partition, offset: report.offset))
+                service.budgets?.published(budgetHold, at: LogPosition(partition: report.partition, offset: report.offset))
                 return
             case .failure(let error):
                 logger.warning("usage event not written (attempt \(attempt)): \(error)", metadata: ["event_id": "\(event.id)"])
@@ -332,6 +400,7 @@ final class Gateway: Sendable {
             }
         }
         credit.release(hold)
+        service.budgets?.release(budgetHold)
         eventsNotWritten.increment()
         logger.error("usage event could not be written; re-send it to POST /v1/events", metadata: [
             "event_id": "\(event.id)", "event": "\(String(decoding: bytes, as: UTF8.self))",

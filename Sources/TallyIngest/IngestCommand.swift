@@ -69,7 +69,8 @@ public struct IngestCommand: AsyncParsableCommand {
     @Option(help: "Gateway: forward /v1/messages to this Anthropic-compatible base URL (e.g. https://api.anthropic.com). Env: TALLY_ANTHROPIC_UPSTREAM; its key: TALLY_ANTHROPIC_API_KEY.")
     var anthropicUpstream: String?
     @Option(help: "Gateway: a header naming the customer, trusted from keys that name no customer themselves.") var customerHeader: String?
-    @Option(help: "Gateway: the rater's consumer group, whose offsets say which calls its balances already hold.") var raterGroup = "tally-rater"
+    @Option(help: "The rater's consumer group, whose offsets say which calls its balances and budgets already hold (gateway, /v1/check).")
+    var raterGroup = "tally-rater"
     @Option(help: "Gateway: output tokens reserved for a call whose request sets no maximum.") var defaultOutputTokens: Int64 = 4096
     @Option(help: "Gateway: for a customer whose overage policy can refuse, a call to a model no price book prices holds its tokens at this price per million tokens (the customer's currency), so it is never free. The usage itself is kept unbilled until the model is priced.")
     var unpricedModelPrice = "75"
@@ -124,7 +125,11 @@ public struct IngestCommand: AsyncParsableCommand {
                                             : MeterRegistry(connection: try PostgresConnection(url: try database.databaseURL, logger: logger, searchPath: "tally"),
                                                             logger: logger),
                                         rateLimiter: KeyRateLimiter(perSecond: maxRequestsPerKeyPerSecond),
-                                        creditKeyring: try creditKeyring(logger: logger), logger: logger)
+                                        creditKeyring: try creditKeyring(logger: logger),
+                                        budgets: allowAnonymous ? nil
+                                            : BudgetGuard(connection: try PostgresConnection(url: try database.databaseURL, logger: logger, searchPath: "tally"),
+                                                          topic: kafka.topic, raterGroup: raterGroup, logger: logger),
+                                        logger: logger)
         let router = Router()
         decorate(router)
         service.register(on: router, publicMetrics: publicMetrics, metrics: { registry.emitToString() })

@@ -28,6 +28,8 @@ final class IngestService: Sendable {
     let rateLimiter: KeyRateLimiter?
     /// Signs grants and voids (nil: this instance publishes no credit; see `CreditKeyring`).
     let creditKeyring: CreditKeyring?
+    /// Budgets for `/v1/check` and the gateway (nil without a database: --allow-anonymous).
+    let budgets: BudgetGuard?
 
     let requests = Counter(label: "tally_ingest_requests_total")
     let accepted = Counter(label: "tally_ingest_events_accepted_total")
@@ -57,8 +59,9 @@ final class IngestService: Sendable {
 
     init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int,
          authenticator: Authenticator?, grants: GrantRegistry?, meters: MeterRegistry? = nil, rateLimiter: KeyRateLimiter?,
-         creditKeyring: CreditKeyring?, logger: Logger) throws {
+         creditKeyring: CreditKeyring?, budgets: BudgetGuard? = nil, logger: Logger) throws {
         self.kafkaConfiguration = kafkaConfiguration
+        self.budgets = budgets
         self.creditKeyring = creditKeyring
         self.authenticator = authenticator
         self.grants = grants
@@ -105,6 +108,7 @@ final class IngestService: Sendable {
             }
             if removed { router.delete("v1/customers/:customer/budgets/:budget", use: handler) } else { router.put("v1/customers/:customer/budgets/:budget", use: handler) }
         }
+        registerBudgetRoutes(on: router)
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
         router.get("readyz") { _, _ in
             // Ready when the broker answers for our topic and the key database answers.
@@ -406,7 +410,7 @@ final class IngestService: Sendable {
     }
 
     /// A 400 whose `errors` name each field and why: `[{"field": …, "reason": …}]`.
-    private func fieldErrors(_ title: String, _ detail: String, _ violations: [FieldViolation], vendor: GatewayAPI.Vendor? = nil) -> Response {
+    func fieldErrors(_ title: String, _ detail: String, _ violations: [FieldViolation], vendor: GatewayAPI.Vendor? = nil) -> Response {
         let errors = violations.map { JSONField.object([("field", .string($0.path)), ("reason", .string($0.reason))]) }
         return problem(.badRequest, title, detail, extra: [("errors", .array(errors))], vendor: vendor)
     }
@@ -455,6 +459,14 @@ final class IngestService: Sendable {
         }
         var delivery: [Int: Result<DeliveryReport, KafkaError>] = [:]
         for (position, index) in recordIndex.enumerated() { delivery[index] = deliveries[position] }
+        // Events that settle a `/v1/check` hold: it now lasts until the rater has counted them.
+        if let budgets, budgets.holdsEvents {
+            for (index, result) in delivery {
+                if case .valid(let event, _) = outcomes[index], case .success(let report) = result {
+                    budgets.accepted(event, at: LogPosition(partition: report.partition, offset: report.offset))
+                }
+            }
+        }
 
         // Results are written straight to JSON: a batch answers thousands of them.
         var results = JSONWriter(capacity: outcomes.count * 96)
@@ -559,7 +571,7 @@ final class IngestService: Sendable {
         Task { await used.close(flushTimeout: .seconds(5)) }
     }
 
-    private func json(_ status: HTTPResponse.Status, _ value: JSONField, contentType: String = "application/json", headers extra: HTTPFields = [:]) -> Response {
+    func json(_ status: HTTPResponse.Status, _ value: JSONField, contentType: String = "application/json", headers extra: HTTPFields = [:]) -> Response {
         var writer = JSONWriter()
         value.write(to: &writer)
         var headers = extra

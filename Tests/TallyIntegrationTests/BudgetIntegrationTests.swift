@@ -91,6 +91,13 @@ final class BudgetIntegrationTests: XCTestCase {
         let after = try harness.tally(["budgets", "list", "--customer", "acme", "--format", "csv"])
         XCTAssertTrue(after.contains("acme,search-team,month,tokens,20000,20000,0,100%"), after)
         XCTAssertFalse(after.contains("u1-daily"), after)
+        // The dashboard views say the same.
+        XCTAssertEqual(try harness.connection.query("""
+            SELECT budget, limit_value::text, used::text, used_percent::text, enforced::text, dimensions FROM tally.dashboard_budgets
+            """).rows, [["search-team", "20000", "20000", "100.0", "true", #"{"team": "search"}"#]])
+        XCTAssertEqual(try harness.connection.query("""
+            SELECT kind, percent::text AS p, used::text, limit_value::text FROM tally.dashboard_budget_alerts WHERE budget = 'u1-daily' ORDER BY percent
+            """).rows, [["budget.threshold", "50", "0.011000000", "0.020000000"], ["budget.limit_reached", "100", "0.022000000", "0.020000000"]])
         XCTAssertEqual(try harness.connection.query("SELECT count(*) FROM tally.budget_usage WHERE budget = 'u1-daily'").scalar, "0")
         rater.signal(SIGTERM)
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
@@ -104,5 +111,68 @@ final class BudgetIntegrationTests: XCTestCase {
         for (table, rows) in [("budgets", "1"), ("budget_usage", "1"), ("budget_alerts", "7")] {
             XCTAssertTrue(sums.contains { $0.first == table && $0.count == 6 && $0[1] == rows && $0[3] == rows && $0[5] == "yes" }, "\(table): \(replayOutput)")
         }
+    }
+
+    /// `POST /v1/check` for applications that call models themselves: holds reserve estimates
+    /// until the usage event with the same id is counted (or the hold lapses), so checks made
+    /// at once cannot all spend the same remainder.
+    func testCheckHoldsAreSettledByTheirEventOrLapse() async throws {
+        let harness = try AggregatorHarness()
+        // The rater's group: its offsets say which settled holds it has counted.
+        let (ingest, base, usageKey) = try harness.startIngest(extra: ["--rater-group", harness.group])
+        defer { ingest.signal(SIGKILL); ingest.wait() }
+        let declared = try http("PUT", "\(base)/v1/customers/acme/budgets/summaries",
+                                body: #"{"period": "day", "measure": "tokens", "limit": "1000", "dimensions": {"feature": "summaries"}}"#,
+                                authorization: "Bearer \(try harness.createKey(["--grants"]))")
+        XCTAssertEqual(declared.status, 202, declared.body)
+        let rater = try harness.startRater()
+        XCTAssertTrue(try TestStack.eventually { try harness.connection.query("SELECT count(*) FROM tally.budgets").scalar == "1" }, rater.log)
+
+        func check(_ body: String) throws -> [String: Any] {
+            let response = try http("POST", "\(base)/v1/check", body: body, authorization: "Bearer \(usageKey)")
+            XCTAssertEqual(response.status, 200, response.body)
+            return try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(response.body.utf8)) as? [String: Any], response.body)
+        }
+        func standing(_ answer: [String: Any]) throws -> [String: String] {
+            let budget = try XCTUnwrap((answer["budgets"] as? [[String: Any]])?.first, "\(answer)")
+            return budget.compactMapValues { $0 as? String }
+        }
+        let asked = #"{"customer": "acme", "dimensions": {"feature": "summaries", "model": "gpt-4o"}, "tokens": 600, "hold": true, "event_id": "#
+        // 1,000 left: the first two holds of 600 are admitted (something was left), the third is not.
+        let first = try check(asked + #""e-1"}"#)
+        XCTAssertEqual(first["allowed"] as? Bool, true)
+        XCTAssertEqual((first["hold"] as? [String: Any])?["event_id"] as? String, "e-1")
+        XCTAssertEqual(try check(asked + #""e-2", "hold_seconds": 10}"#)["allowed"] as? Bool, true)
+        let third = try check(asked + #""e-3"}"#)
+        XCTAssertEqual(third["allowed"] as? Bool, false)
+        XCTAssertEqual(third["refused_by"] as? String, "summaries")
+        XCTAssertEqual(try standing(third)["held"], "1200")
+        XCTAssertEqual(try standing(third)["remaining"], "-200")
+        // Another feature is under no budget.
+        let other = try check(#"{"customer": "acme", "dimensions": {"feature": "search"}, "tokens": 5000}"#)
+        XCTAssertEqual(other["allowed"] as? Bool, true)
+        XCTAssertEqual((other["budgets"] as? [Any])?.count, 0)
+
+        // e-1 arrives using 300 tokens: its hold becomes 300 until the rater has counted it; e-2
+        // never comes and lapses after 10 s. Then only what was counted is left: 1,000 − 300.
+        let event = UsageEvent(id: "e-1", source: "app", subject: "acme", time: EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1e6)),
+                               model: "gpt-4o", feature: "summaries", inputTokens: 200, outputTokens: 100)
+        let posted = try http("POST", "\(base)/v1/events", body: String(decoding: EventEncoder.encode(event), as: UTF8.self), authorization: "Bearer \(usageKey)")
+        XCTAssertEqual(posted.status, 202, posted.body)
+        let settled = try standing(try check(#"{"customer": "acme", "dimensions": {"feature": "summaries"}}"#))
+        XCTAssertEqual((Int(settled["used"] ?? "") ?? -1) + (Int(settled["held"] ?? "") ?? -1), 900, "\(settled)")
+        XCTAssertTrue(try TestStack.eventually(timeout: .seconds(30)) {
+            try standing(try check(#"{"customer": "acme", "dimensions": {"feature": "summaries"}}"#)) .filter { ["used", "held", "remaining"].contains($0.key) }
+                == ["used": "300", "held": "0", "remaining": "700"]
+        }, rater.log.suffix(2000) + "\((try? check(#"{"customer": "acme"}"#)) ?? [:])")
+        // The same figures from the read endpoint.
+        let listed = try http("GET", "\(base)/v1/customers/acme/budgets", authorization: "Bearer \(usageKey)")
+        XCTAssertEqual(listed.status, 200, listed.body)
+        XCTAssertTrue(listed.body.contains(#""used":"300""#) && listed.body.contains(#""remaining":"700""#), listed.body)
+
+        // Bad requests name each field.
+        let invalid = try http("POST", "\(base)/v1/check", body: #"{"tokens": -1, "hold": true, "colour": "red"}"#, authorization: "Bearer \(usageKey)")
+        XCTAssertEqual(invalid.status, 400, invalid.body)
+        for field in ["customer", "tokens", "event_id", "colour"] { XCTAssertTrue(invalid.body.contains(#""field":"\#(field)""#), "\(field): \(invalid.body)") }
     }
 }

@@ -472,6 +472,61 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertEqual(after.first?.status, balance > 0 ? 200 : 402)
     }
 
+    /// A team's token budget, enforced: 50 concurrent calls of the team pass its limit by less
+    /// than one call's estimate once the rater has counted them all; the rest get 429 in the
+    /// API's own error shape, naming the budget and when it resets; another team's calls and
+    /// `/v1/check` agree. Declared through the API with a grants key, as an application would.
+    func testATeamBudgetRefusesAtTheGatewayWithinOneEstimate() async throws {
+        try startGateway()
+        let admin = try harness.createKey(["--grants"])
+        let declared = try http("PUT", gatewayURL + "/v1/customers/gw-team/budgets/search-daily",
+                                body: #"{"period": "day", "measure": "tokens", "limit": "500", "dimensions": {"team": "search"}}"#,
+                                authorization: "Bearer \(admin)")
+        XCTAssertEqual(declared.status, 202, declared.body)
+        let rater = try harness.startRater(["--batch-size", "10"])
+        // The declaration is counted from the log; the guard reads budgets again within 2 s.
+        XCTAssertTrue(try TestStack.eventually { try harness.connection.query("SELECT count(*) FROM tally.budgets").scalar == "1" }, rater.log)
+        try await Task.sleep(for: .seconds(2.5))
+        let key = try customerKey("gw-team")
+        let body = body(.chatCompletions, stream: false, maxTokens: 20)
+        // The fake upstream uses 10 + bytes/8 input tokens and min(max_tokens, 40) output; the
+        // gateway estimates input at a token per 4 bytes (rounded up) plus max_tokens.
+        let perCall = 10 + Int64(body.utf8.count / 8) + 20
+        let estimate = Int64((body.utf8.count + 3) / 4) + 20
+        let upstreamBefore = try upstreamCalls()
+        let results = try calls(gatewayURL + "/v1/chat/completions", key: key, body: body, count: 50, concurrency: 50, headers: ["x-tally-property-team: search"])
+        let admitted = results.filter { $0.status == 200 }
+        let refused = results.filter { $0.status == 429 }
+        XCTAssertEqual(admitted.count + refused.count, 50, results.map { "\($0.status) \($0.body)" }.joined(separator: "\n"))
+        XCTAssertGreaterThan(admitted.count, 0)
+        XCTAssertGreaterThan(refused.count, 0)
+        let error = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(refused[0].body.utf8)) as? [String: Any])?["error"] as? [String: Any], refused[0].body)
+        XCTAssertEqual(error["type"] as? String, "rate_limit_exceeded")
+        XCTAssertTrue((error["message"] as? String)?.hasPrefix("the budget search-daily (500 tokens a day for team=search) is used up until ") ?? false, refused[0].body)
+        XCTAssertTrue(refused[0].body.contains(#""budget":"search-daily""#) && refused[0].body.contains(#""resets_at":""#), refused[0].body)
+        XCTAssertNotNil(refused[0].headers["retry-after"], "\(refused[0].headers)")
+        // Once the rater has counted every admitted call: past the limit by less than one estimate.
+        func used() throws -> Int64 { try harness.connection.query("SELECT coalesce(sum(used), 0) FROM tally.budget_usage").int64(0, 0) ?? 0 }
+        XCTAssertTrue(try TestStack.eventually { try used() == Int64(admitted.count) * perCall }, "\((try? used()) ?? 0) \(rater.log.suffix(2000))")
+        XCTAssertLessThan(try used() - 500, estimate, "\(admitted.count) calls of \(perCall) tokens, estimate \(estimate)")
+        // Refused calls never reached the upstream, and the refusals are counted.
+        XCTAssertEqual(try upstreamCalls(), upstreamBefore + admitted.count)
+        XCTAssertTrue(try metricsScrape().contains("tally_budget_refusals_total{route=\"gateway\"} \(refused.count)"))
+        // Another team's calls are under no budget.
+        XCTAssertEqual(try calls(gatewayURL + "/v1/chat/completions", key: key, body: body, headers: ["x-tally-property-team: ads"]).first?.status, 200)
+        // /v1/check answers the same for the search team, with where the budget stands.
+        let check = try http("POST", gatewayURL + "/v1/check", body: #"{"customer": "gw-team", "dimensions": {"team": "search"}, "tokens": 10}"#,
+                             authorization: "Bearer \(key)")
+        XCTAssertEqual(check.status, 200, check.body)
+        let answer = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(check.body.utf8)) as? [String: Any])
+        XCTAssertEqual(answer["allowed"] as? Bool, try used() >= 500 ? false : true, check.body)
+        let standing = try XCTUnwrap((answer["budgets"] as? [[String: Any]])?.first, check.body)
+        XCTAssertEqual(standing["used"] as? String, String(try used()))
+        XCTAssertEqual(standing["limit"] as? String, "500")
+        // A customer's key checks its own customer only.
+        XCTAssertEqual(try http("POST", gatewayURL + "/v1/check", body: #"{"customer": "someone-else", "tokens": 1}"#, authorization: "Bearer \(key)").status, 403)
+    }
+
     /// Upstream failures: errors pass back unchanged and meter nothing; a stream that used tokens
     /// before failing or breaking off is metered by what it reported; a timeout is a 504.
     func testUpstreamFailuresAreMeteredByWhatTheyUsed() throws {
