@@ -63,9 +63,9 @@ final class BudgetGuard: @unchecked Sendable {
                 do {
                     let now = Self.nowMicroseconds()
                     guard try includeSoft || hasEnforcedBudgets(call.subject) else { return continuation.resume(returning: .unbudgeted) }
-                    let snapshot = try snapshot(call.subject, at: now)
+                    let snapshot = try snapshot(call.subject, at: now, call: call)
                     var estimates: [BudgetKey: Int64] = [:]
-                    for budget in snapshot.budgets where budget.definition.matches(call) && (includeSoft || budget.definition.enforced) {
+                    for budget in snapshot.budgets where budget.definition.counter(of: call) != nil && (includeSoft || budget.definition.enforced) {
                         estimates[budget.key] = estimate(budget.definition)
                     }
                     guard !estimates.isEmpty else { return continuation.resume(returning: .unbudgeted) }
@@ -94,7 +94,7 @@ final class BudgetGuard: @unchecked Sendable {
             queue.async { [self] in
                 do {
                     let now = Self.nowMicroseconds()
-                    let snapshot = try snapshot(call.subject, at: now)
+                    let snapshot = try snapshot(call.subject, at: now, call: nil)
                     continuation.resume(returning: .success(lock.withLock { reservations.availability(snapshot, now: now) }))
                 } catch {
                     continuation.resume(returning: .failure(error))
@@ -137,7 +137,7 @@ final class BudgetGuard: @unchecked Sendable {
             for key in amounts.keys {
                 guard let definition = definitions[key] else { continue }
                 switch definition.measure {
-                case .tokens, .meter: actual[key] = definition.amount(of: event, charge: nil)
+                case .tokens, .meter, .calls: actual[key] = definition.amount(of: event, charge: nil)
                 case .money: break
                 }
             }
@@ -168,11 +168,11 @@ final class BudgetGuard: @unchecked Sendable {
 
     /// The customer's budgets with their usage this period and the rater's offsets, in one
     /// REPEATABLE READ snapshot (the rater commits both in one transaction).
-    private func snapshot(_ customerID: String, at now: Int64) throws -> BudgetSnapshot {
+    private func snapshot(_ customerID: String, at now: Int64, call: UsageEvent?) throws -> BudgetSnapshot {
         let (standings, offsets) = try connection.retrying(timeout: .seconds(2)) { connection in
             try connection.transaction { connection in
                 try connection.query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                let standings = try BudgetStore(connection: connection).standings(customerID: customerID, at: now)
+                let standings = try BudgetStore(connection: connection).standings(customerID: customerID, at: now, call: call)
                 let offsets = try connection.query("SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2",
                                                    [raterGroup, topic])
                 var next: [Int32: Int64] = [:]
@@ -182,10 +182,14 @@ final class BudgetGuard: @unchecked Sendable {
         }
         lock.withLock {
             if definitions.count > 100_000 { definitions.removeAll() }
-            for standing in standings { definitions[BudgetKey(customerID: customerID, name: standing.definition.name)] = standing.definition }
+            for standing in standings { definitions[Self.key(standing)] = standing.definition }
         }
-        return BudgetSnapshot(budgets: standings.map { (BudgetKey(customerID: customerID, name: $0.definition.name), $0.definition, $0.period, $0.used) },
-                              raterNextOffsets: offsets)
+        return BudgetSnapshot(budgets: standings.map { (Self.key($0), $0.definition, $0.period, $0.value, $0.used) }, raterNextOffsets: offsets)
+    }
+
+    /// What holds are kept under: the budget, and for a budget per value the value (each run holds apart).
+    static func key(_ standing: BudgetStanding) -> BudgetKey {
+        BudgetKey(customerID: standing.customerID, name: standing.definition.per == nil ? standing.definition.name : standing.definition.name + "\u{0}" + standing.value)
     }
 
     static func nowMicroseconds() -> Int64 { Int64(Date().timeIntervalSince1970 * 1_000_000) }

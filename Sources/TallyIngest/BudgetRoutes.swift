@@ -119,6 +119,7 @@ extension IngestService {
         func estimate(_ definition: BudgetDefinition) -> Int64 {
             switch definition.measure {
             case .tokens: return tokens
+            case .calls: return 1  // a check stands for one call
             case .money(let budgetCurrency): return amount.flatMap { ($0.currency ?? budgetCurrency) == budgetCurrency ? $0.nanos : nil } ?? 0
             case .meter(let name): return meters[name] ?? 0
             }
@@ -195,6 +196,6 @@ extension IngestService {
             ("resets_at", .string(EventTime.format(microseconds: budget.period.end))),
             ("enforced", .raw(Array((definition.enforced ? "true" : "false").utf8))),
             ("dimensions", .object(definition.dimensions.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) })),
-        ])
+        ] + (definition.per.map { [("per", .string($0)), ("value", .string(budget.value))] } ?? []))
     }
 }

@@ -282,6 +282,7 @@ final class Gateway: Sendable {
         case .tokens: return Money.saturatingAdd(counts.input, counts.output)
         case .money(let budgetCurrency): return budgetCurrency == currency ? chargeNanos ?? 0 : 0
         case .meter(let name): return counts.meters[name] ?? 0
+        case .calls: return 1
         }
     }
 
@@ -291,13 +292,22 @@ final class Gateway: Sendable {
         let resets = EventTime.format(microseconds: budget.period.end)
         var headers = HTTPFields()
         headers[.retryAfter] = String(max(1, (budget.period.end - CreditGuard.nowMicroseconds() + 999_999) / 1_000_000))
-        let scope = definition.dimensions.isEmpty ? "" : " for \(definition.dimensionsText)"
+        var scopes = definition.dimensions.isEmpty ? [] : [definition.dimensionsText]
+        if let per = definition.per { scopes.append("\(per)=\(budget.value)") }
+        let scope = scopes.isEmpty ? "" : " for " + scopes.joined(separator: ", ")
+        let period = switch definition.period {
+        case .billingPeriod: " a billing period"
+        case .total: " in all"
+        default: " a " + definition.period.rawValue
+        }
         return service.problem(.tooManyRequests, "budget exhausted",
-                               "the budget \(definition.name) (\(measure.format(definition.limit)) \(measure.unit) a \(definition.period == .billingPeriod ? "billing period" : definition.period.rawValue)\(scope)) "
-                               + "is used up until \(resets); calls can be made again then, or once the budget is raised",
+                               "the budget \(definition.name) (\(measure.format(definition.limit)) \(measure.unit)\(period)\(scope)) "
+                               + (definition.period == .total ? "is used up; calls can be made again once the budget is raised"
+                                  : "is used up until \(resets); calls can be made again then, or once the budget is raised"),
                                extra: [("customer", .string(customerID)), ("budget", .string(definition.name)), ("period", .string(definition.period.rawValue)),
                                        ("limit", .string(measure.format(definition.limit))), ("used", .string(measure.format(budget.used))),
-                                       ("held", .string(measure.format(budget.held))), ("unit", .string(measure.unit)), ("resets_at", .string(resets))],
+                                       ("held", .string(measure.format(budget.held))), ("unit", .string(measure.unit)), ("resets_at", .string(resets))]
+                                       + (definition.per.map { [("per", .string($0)), ("value", .string(budget.value))] } ?? []),
                                headers: headers, vendor: vendor)
     }
 

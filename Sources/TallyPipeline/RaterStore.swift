@@ -182,9 +182,10 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         guard !missing.isEmpty else { return }
         let keys = Array(missing)
         let rows = try connection.query("""
-            SELECT k.i, u.used FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS k(c, b, p, i)
-            JOIN budget_usage u ON u.customer_id = k.c AND u.budget = k.b AND u.period_start = \(microsecondsToTimestamp) k.p
-            """, [PostgresArray(keys.map(\.budget.customerID)), PostgresArray(keys.map(\.budget.name)), PostgresArray(keys.map(\.period.start))])
+            SELECT k.i, u.used FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) WITH ORDINALITY AS k(c, b, p, v, i)
+            JOIN budget_usage u ON u.customer_id = k.c AND u.budget = k.b AND u.period_start = \(microsecondsToTimestamp) k.p AND u.value = k.v
+            """, [PostgresArray(keys.map(\.budget.customerID)), PostgresArray(keys.map(\.budget.name)), PostgresArray(keys.map(\.period.start)),
+                  PostgresArray(keys.map(\.value))])
         for key in keys { budgets.usage[key] = 0 }
         for row in 0..<rows.rowCount {
             budgets.usage[keys[Int(try rows.value(row, 0, as: Int64.self)) - 1]] = try rows.value(row, 1, as: Int64.self)
@@ -204,20 +205,21 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             let definitions = kept.map(\.1.definition)
             try connection.query("""
                 INSERT INTO budgets (customer_id, budget, period, measure, unit, limit_value, alert_at, enforced, dimensions, event_id,
-                    declared_partition, declared_offset, declared_at)
-                SELECT c, n, pe, m, u, l, string_to_array(a, ',')::int[], en, d::jsonb, e, dp, o, \(microsecondsToTimestamp) t
+                    declared_partition, declared_offset, declared_at, per)
+                SELECT c, n, pe, m, u, l, string_to_array(a, ',')::int[], en, d::jsonb, e, dp, o, \(microsecondsToTimestamp) t, pr
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::bool[], $9::text[],
-                            $10::text[], $11::int[], $12::bigint[], $13::bigint[]) AS x(c, n, pe, m, u, l, a, en, d, e, dp, o, t)
+                            $10::text[], $11::int[], $12::bigint[], $13::bigint[], $14::text[]) AS x(c, n, pe, m, u, l, a, en, d, e, dp, o, t, pr)
                 ON CONFLICT (customer_id, budget) DO UPDATE SET period = EXCLUDED.period, measure = EXCLUDED.measure, unit = EXCLUDED.unit,
                     limit_value = EXCLUDED.limit_value, alert_at = EXCLUDED.alert_at, enforced = EXCLUDED.enforced, dimensions = EXCLUDED.dimensions,
-                    event_id = EXCLUDED.event_id, declared_partition = EXCLUDED.declared_partition, declared_offset = EXCLUDED.declared_offset,
+                    per = EXCLUDED.per, event_id = EXCLUDED.event_id, declared_partition = EXCLUDED.declared_partition, declared_offset = EXCLUDED.declared_offset,
                     declared_at = EXCLUDED.declared_at
                 """, [PostgresArray(kept.map(\.0.customerID)), PostgresArray(kept.map(\.0.name)), PostgresArray(definitions.map(\.period.rawValue)),
                       PostgresArray(definitions.map(\.measure.kind)), PostgresArray(definitions.map(\.measure.unit)), PostgresArray(definitions.map(\.limit)),
                       PostgresArray(definitions.map { $0.alertAt.map(String.init).joined(separator: ",") }),
                       PostgresArray(definitions.map { $0.enforced ? "t" : "f" }), PostgresArray(definitions.map(BudgetRow.dimensionsJSON)),
                       PostgresArray(kept.map(\.1.eventID)), PostgresArray(kept.map(\.1.declaredAt.partition)),
-                      PostgresArray(kept.map(\.1.declaredAt.offset)), PostgresArray(kept.map(\.1.declaredTime.microseconds))])
+                      PostgresArray(kept.map(\.1.declaredAt.offset)), PostgresArray(kept.map(\.1.declaredTime.microseconds)),
+                      PostgresArray(definitions.map(\.per))])
         }
         if !result.clearedUsage.isEmpty {
             let cleared = result.clearedUsage.sorted()
@@ -228,29 +230,30 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         if !result.touchedUsage.isEmpty {
             let keys = result.touchedUsage.sorted()
             try connection.query("""
-                INSERT INTO budget_usage (customer_id, budget, period_start, period_end, used)
-                SELECT c, n, \(microsecondsToTimestamp) s, \(microsecondsToTimestamp) e, u
-                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS x(c, n, s, e, u)
-                ON CONFLICT (customer_id, budget, period_start) DO UPDATE SET used = EXCLUDED.used
+                INSERT INTO budget_usage (customer_id, budget, period_start, value, period_end, used)
+                SELECT c, n, \(microsecondsToTimestamp) s, v, \(microsecondsToTimestamp) e, u
+                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[]) AS x(c, n, s, v, e, u)
+                ON CONFLICT (customer_id, budget, period_start, value) DO UPDATE SET used = EXCLUDED.used
                 """, [PostgresArray(keys.map(\.budget.customerID)), PostgresArray(keys.map(\.budget.name)), PostgresArray(keys.map(\.period.start)),
-                      PostgresArray(keys.map(\.period.end)), PostgresArray(keys.map { budgets.usage[$0] ?? 0 })])
+                      PostgresArray(keys.map(\.value)), PostgresArray(keys.map(\.period.end)), PostgresArray(keys.map { budgets.usage[$0] ?? 0 })])
         }
         guard !result.alerts.isEmpty else { return }
         let alerts = result.alerts
         try connection.query("""
             INSERT INTO budget_alerts (alert_id, customer_id, budget, kind, percent, measure, unit, used, limit_value, enforced, dimensions,
-                period_start, period_end, crossed_at, partition, record_offset)
-            SELECT id, c, n, k, pc, m, u, us, l, en, d::jsonb, \(microsecondsToTimestamp) s, \(microsecondsToTimestamp) e, \(microsecondsToTimestamp) t, p, o
+                period_start, period_end, crossed_at, partition, record_offset, per, value)
+            SELECT id, c, n, k, pc, m, u, us, l, en, d::jsonb, \(microsecondsToTimestamp) s, \(microsecondsToTimestamp) e, \(microsecondsToTimestamp) t, p, o, pr, v
             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bool[],
-                        $11::text[], $12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::bigint[])
-                AS x(id, c, n, k, pc, m, u, us, l, en, d, s, e, t, p, o)
+                        $11::text[], $12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::bigint[], $17::text[], $18::text[])
+                AS x(id, c, n, k, pc, m, u, us, l, en, d, s, e, t, p, o, pr, v)
             ON CONFLICT DO NOTHING
             """, [PostgresArray(alerts.map(\.alertID)), PostgresArray(alerts.map(\.budget.customerID)), PostgresArray(alerts.map(\.budget.name)),
                   PostgresArray(alerts.map(\.kind.rawValue)), PostgresArray(alerts.map(\.percent)), PostgresArray(alerts.map(\.definition.measure.kind)),
                   PostgresArray(alerts.map(\.definition.measure.unit)), PostgresArray(alerts.map(\.used)), PostgresArray(alerts.map(\.definition.limit)),
                   PostgresArray(alerts.map { $0.definition.enforced ? "t" : "f" }), PostgresArray(alerts.map { BudgetRow.dimensionsJSON($0.definition) }),
                   PostgresArray(alerts.map(\.period.start)), PostgresArray(alerts.map(\.period.end)), PostgresArray(alerts.map(\.crossedAt)),
-                  PostgresArray(alerts.map(\.position.partition)), PostgresArray(alerts.map(\.position.offset))])
+                  PostgresArray(alerts.map(\.position.partition)), PostgresArray(alerts.map(\.position.offset)),
+                  PostgresArray(alerts.map(\.definition.per)), PostgresArray(alerts.map(\.value))])
     }
 
     /// Settings changed by `tally customers set` apply from the next batch on.

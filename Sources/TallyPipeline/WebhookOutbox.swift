@@ -19,6 +19,8 @@ public enum WebhookEventType: String, CaseIterable, Sendable {
     case budgetThreshold = "budget.threshold"
     /// A budget's usage reached its limit (100 %); an enforced budget now refuses calls.
     case budgetLimitReached = "budget.limit_reached"
+    /// One value of a budget per value (a run, a workflow: `per`) reached the limit.
+    case usageRunaway = "usage.runaway"
 }
 
 /// The webhook outbox: makes a message of every alert, top-up request and closed invoice (once:
@@ -87,7 +89,7 @@ public struct WebhookOutbox {
             }
             let budgetAlerts = try connection.query("""
                 SELECT alert_id, customer_id, budget, kind, percent, measure, unit, used, limit_value, enforced, dimensions::text,
-                       \(time("period_start")), \(time("period_end")), \(time("crossed_at"))
+                       \(time("period_start")), \(time("period_end")), \(time("crossed_at")), per, value
                 FROM budget_alerts WHERE webhook_at IS NULL ORDER BY crossed_at, alert_id LIMIT $1 FOR UPDATE SKIP LOCKED
                 """, [limit])
             for row in 0..<budgetAlerts.rowCount {
@@ -95,8 +97,11 @@ public struct WebhookOutbox {
                 let measure: BudgetMeasure = switch try budgetAlerts.value(row, 5, as: String.self) {
                 case "money": .money(try budgetAlerts.value(row, 6, parsedBy: Currency.init))
                 case "meter": .meter(try budgetAlerts.value(row, 6, as: String.self))
+                case "calls": .calls
                 default: .tokens
                 }
+                // A budget per value names the value (the run) that reached it.
+                let scope = budgetAlerts.string(row, 14).map { [("per", $0), ("value", budgetAlerts.string(row, 15) ?? "")] } ?? []
                 let kind = try budgetAlerts.value(row, 3, parsedBy: WebhookEventType.init(rawValue:))
                 add(kind, source: id, customer: try budgetAlerts.value(row, 1, as: String.self), occurred: try budgetAlerts.value(row, 13, as: String.self), data: [
                     ("alert_id", id), ("customer", try budgetAlerts.value(row, 1, as: String.self)), ("budget", try budgetAlerts.value(row, 2, as: String.self)),
@@ -104,7 +109,7 @@ public struct WebhookOutbox {
                     ("used", measure.format(try budgetAlerts.value(row, 7, as: Int64.self))),
                     ("limit", measure.format(try budgetAlerts.value(row, 8, as: Int64.self))),
                     ("period_start", try budgetAlerts.value(row, 11, as: String.self)), ("period_end", try budgetAlerts.value(row, 12, as: String.self)),
-                ], raw: [("percent", String(try budgetAlerts.value(row, 4, as: Int64.self))),
+                ] + scope, raw: [("percent", String(try budgetAlerts.value(row, 4, as: Int64.self))),
                          ("enforced", try budgetAlerts.value(row, 9, as: Bool.self) ? "true" : "false"),
                          ("dimensions", try budgetAlerts.value(row, 10, as: String.self))])
             }

@@ -30,8 +30,9 @@ struct Budgets: ParsableCommand {
         @OptionGroup var creditKeys: CreditKeyOptions
         @Option(help: "Customer id.") var customer: String
         @Option(help: "The budget's name: lower-case letters, digits, _ and -.") var budget: String
-        @Option(help: "day, week (from Monday, UTC), month (UTC) or billing_period.") var period = "month"
+        @Option(help: "day, week (from Monday, UTC), month (UTC), billing_period, or total (never resets).") var period = "month"
         @Option(help: "A limit in tokens (input plus output).") var tokens: String?
+        @Option(help: "A limit in model calls.") var calls: String?
         @Option(help: "A limit in money, e.g. 50.00 (with --currency).") var amount: String?
         @Option(help: "ISO 4217 currency of --amount.") var currency = "USD"
         @Option(help: "A limit in units of this meter (with --quantity).") var meter: String?
@@ -40,18 +41,20 @@ struct Budgets: ParsableCommand {
         @Flag(help: "Alerts only: the gateway and /v1/check do not refuse past the limit.") var soft = false
         @Option(help: "A dimension value the usage must have, name=value (repeatable): team=search, end_user=u1, model=gpt-4o.")
         var dimension: [String] = []
+        @Option(help: "A dimension each value of which gets the limit on its own, e.g. run_id: a run past it is a runaway.") var per: String?
         @Option(help: "The declaration's id (idempotency key). Default: a new one.") var id: String?
         @Option(help: "Event time (RFC 3339). Default: now.") var time: String?
 
         func run() async throws {
             var fields: [(String, String)] = [("period", "\"\(period)\"")]
-            switch (tokens, amount, meter) {
-            case (let tokens?, nil, nil): fields += [("measure", "\"tokens\""), ("limit", quoted(tokens))]
-            case (nil, let amount?, nil): fields += [("measure", "\"money\""), ("currency", quoted(currency)), ("limit", quoted(amount))]
-            case (nil, nil, let meter?):
+            switch (tokens, amount, meter, calls) {
+            case (let tokens?, nil, nil, nil): fields += [("measure", "\"tokens\""), ("limit", quoted(tokens))]
+            case (nil, nil, nil, let calls?): fields += [("measure", "\"calls\""), ("limit", quoted(calls))]
+            case (nil, let amount?, nil, nil): fields += [("measure", "\"money\""), ("currency", quoted(currency)), ("limit", quoted(amount))]
+            case (nil, nil, let meter?, nil):
                 guard let quantity else { throw ValidationError("--meter needs --quantity: the limit in the meter's units") }
                 fields += [("measure", "\"meter\""), ("meter", quoted(meter)), ("limit", quoted(quantity))]
-            default: throw ValidationError("give one limit: --tokens N, --amount A (with --currency) or --meter M --quantity N")
+            default: throw ValidationError("give one limit: --tokens N, --calls N, --amount A (with --currency) or --meter M --quantity N")
             }
             if let alertAt {
                 let percents = alertAt.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
@@ -67,6 +70,7 @@ struct Budgets: ParsableCommand {
                 }
                 fields.append(("dimensions", "{" + pairs.joined(separator: ",") + "}"))
             }
+            if let per { fields.append(("per", quoted(per))) }
             if let id { fields.append(("id", quoted(id))) }
             if let time { fields.append(("time", quoted(time))) }
             try await publish(kafka: kafka, logging: logging, creditKeys: creditKeys, customer: customer, budget: budget, removed: false,
@@ -88,7 +92,9 @@ struct Budgets: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List budgets with what they counted in the current period and what is left.")
+        static let configuration = CommandConfiguration(
+            abstract: "List budgets with what they counted in the current period and what is left.",
+            discussion: "A budget per value (--per) shows its most used value (\"most used\") and the figures of that value.")
         @OptionGroup var database: DatabaseOptions
         @Option(help: "Only this customer's budgets.") var customer: String?
         @Option(help: "table, json or csv.") var format = "table"
@@ -102,10 +108,11 @@ struct Budgets: ParsableCommand {
                 return [standing.customerID, definition.name, definition.period.rawValue, definition.measure.unit,
                         definition.measure.format(definition.limit), definition.measure.format(standing.used),
                         definition.measure.format(max(0, standing.remaining)), "\(percent)%", EventTime.format(microseconds: standing.period.end),
-                        definition.enforced ? "hard" : "soft", definition.alertAt.map(String.init).joined(separator: ","), definition.dimensionsText]
+                        definition.enforced ? "hard" : "soft", definition.alertAt.map(String.init).joined(separator: ","), definition.dimensionsText,
+                        definition.per.map { "\($0)=\(standing.value)" } ?? ""]
             }
             print(TableRenderer.render(header: ["customer", "budget", "period", "unit", "limit", "used", "left", "used %", "resets_at", "limit kind",
-                                                "alert_at", "dimensions"], rows: rows, format: format, numericFrom: 4), terminator: "")
+                                                "alert_at", "dimensions", "most used"], rows: rows, format: format, numericFrom: 4), terminator: "")
         }
     }
 
@@ -126,6 +133,7 @@ struct Budgets: ParsableCommand {
                 let measure: BudgetMeasure = switch try result.value(row, 5, as: String.self) {
                 case "money": .money(try result.value(row, 6, parsedBy: Currency.init))
                 case "meter": .meter(try result.value(row, 6, as: String.self))
+                case "calls": .calls
                 default: .tokens
                 }
                 return [try result.value(row, 0, as: String.self), try result.value(row, 1, as: String.self), try result.value(row, 2, as: String.self),

@@ -171,4 +171,24 @@ final class BudgetEngineTests: XCTestCase {
         XCTAssertEqual(alerts.map { "\($0.percent)@\($0.position.offset)" }, ["1@1", "100@1", "1000@5"])
         XCTAssertEqual(used(state, "max", periodStart: "2026-03-01T00:00:00Z"), Int64.max)
     }
+
+    /// A budget per value: each run counts apart; the run that passes the limit raises one
+    /// runaway alert; usage without a run is under no counter.
+    func testABudgetPerRunAlertsOnceForTheRunThatRunsAway() {
+        let guardRuns = BudgetDefinition(name: "run-guard", period: .total, measure: .calls, limit: 50, alertAt: [80], enforced: false, per: "run_id")
+        var records = [budget(0, guardRuns)]
+        var offset: Int64 = 1
+        for run in ["r1", "r2", "r3"] {
+            for _ in 0..<10 { records.append(usage(offset, input: 5, properties: ["run_id": run])); offset += 1 }
+        }
+        for _ in 0..<200 { records.append(usage(offset, input: 5, properties: ["run_id": "loop"])); offset += 1 }
+        records.append(usage(offset, input: 5))                                                  // no run: not counted
+        records.append(usage(offset + 1, input: 0, properties: ["run_id": "r1"], meters: ["x": 1], model: ""))  // no model call
+        let (state, alerts) = apply([records])
+        // The loop's calls are offsets 31…230: 80 % (40 calls) at its 40th, 100 % at its 50th.
+        XCTAssertEqual(alerts.map { "\($0.kind.rawValue) \($0.value) \($0.position.offset)" }, ["budget.threshold loop 70", "usage.runaway loop 80"])
+        XCTAssertEqual(Dictionary(uniqueKeysWithValues: state.usage.map { ($0.key.value, $0.value) }), ["r1": 10, "r2": 10, "r3": 10, "loop": 200])
+        XCTAssertEqual(BudgetPeriod.total.containing(-5, profile: BillingProfile(customerID: "acme")), BudgetPeriod.total.containing(Int64.max, profile: BillingProfile(customerID: "acme")))
+    }
 }
+

@@ -8,8 +8,8 @@ final class BudgetReservationsTests: XCTestCase {
 
     func snapshot(used: Int64 = 0, limit: Int64 = 500, softUsed: Int64 = 0, offsets: [Int32: Int64] = [:]) -> BudgetSnapshot {
         BudgetSnapshot(budgets: [
-            (team, BudgetDefinition(name: "team", period: .day, measure: .tokens, limit: limit), day, used),
-            (soft, BudgetDefinition(name: "soft", period: .day, measure: .tokens, limit: 100, enforced: false), day, softUsed),
+            (team, BudgetDefinition(name: "team", period: .day, measure: .tokens, limit: limit), day, "", used),
+            (soft, BudgetDefinition(name: "soft", period: .day, measure: .tokens, limit: 100, enforced: false), day, "", softUsed),
         ], raterNextOffsets: offsets)
     }
 

@@ -175,4 +175,46 @@ final class BudgetIntegrationTests: XCTestCase {
         XCTAssertEqual(invalid.status, 400, invalid.body)
         for field in ["customer", "tokens", "event_id", "colour"] { XCTAssertTrue(invalid.body.contains(#""field":"\#(field)""#), "\(field): \(invalid.body)") }
     }
+
+    /// An agent stuck in a loop: 200 calls under one run_id against a budget of 50 calls per run
+    /// raise one runaway alert naming the run (and its webhook message); runs of 10 calls raise
+    /// none; a replay raises the same.
+    func testAnAgentLoopRaisesOneRunawayAlert() async throws {
+        let harness = try AggregatorHarness()
+        _ = try harness.tally(["webhooks", "add", "https://hooks.example.com/runaways", "--types", "usage.runaway"])
+        let now = EventTime(microseconds: Int64(Date().timeIntervalSince1970 * 1_000_000))
+        let guardRuns = BudgetEvent(id: "run-guard-1", source: "test", subject: "acme", time: now, name: "run-guard",
+                                    definition: BudgetDefinition(name: "run-guard", period: .total, measure: .calls, limit: 50, enforced: false,
+                                                                 dimensions: ["feature": "agent"], per: "run_id"))
+        var records: [(key: String, value: [UInt8])] = [("acme", EventEncoder.encode(guardRuns))]
+        func call(_ id: String, run: String) -> (key: String, value: [UInt8]) {
+            ("acme", EventEncoder.encode(UsageEvent(id: id, source: "agent", subject: "acme", time: now, model: "gpt-4o", feature: "agent",
+                                                    inputTokens: 900, outputTokens: 100, properties: ["run_id": run])))
+        }
+        for run in 1...3 { for step in 1...10 { records.append(call("r\(run)-\(step)", run: "run-\(run)")) } }
+        for step in 1...200 { records.append(call("loop-\(step)", run: "run-loop")) }
+        try await harness.publish(records)
+        let rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        let alerts = try harness.connection.query("""
+            SELECT a.kind, a.value, a.used::text, e.event_id FROM tally.budget_alerts a
+            JOIN tally.rater_event_keys e ON e.partition = a.partition AND e.record_offset = a.record_offset
+            """).rows
+        XCTAssertEqual(alerts, [["usage.runaway", "run-loop", "50", "loop-50"]])
+        XCTAssertEqual(try harness.connection.query("SELECT value, used::text FROM tally.budget_usage ORDER BY value").rows,
+                       [["run-1", "10"], ["run-2", "10"], ["run-3", "10"], ["run-loop", "200"]])
+        XCTAssertTrue(TestStack.eventually { (try? harness.connection.query("SELECT count(*) FROM tally.webhook_messages").scalar) == "1" })
+        let payload = try XCTUnwrap(try harness.connection.query("SELECT event_type, payload FROM tally.webhook_messages").rows.first)
+        XCTAssertEqual(payload[0], "usage.runaway")
+        XCTAssertTrue(payload[1]!.contains(#""per":"run_id","value":"run-loop""#) && payload[1]!.contains(#""used":"50","limit":"50""#), payload[1]!)
+        let listed = try harness.tally(["budgets", "list", "--format", "csv"])
+        XCTAssertTrue(listed.contains("acme,run-guard,total,calls,50,200,0,400%,10000-01-01T00:00:00Z,soft,,feature=agent,run_id=run-loop"), listed)
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+        let (replayStatus, replayOutput) = try ChildProcess.run(TestStack.executable("tally"), [
+            "replay", "--consumer", "rater", "--dry-run", "--live-group", harness.group, "--topic", harness.topic, "--database-url", harness.databaseURL,
+        ])
+        XCTAssertEqual(replayStatus, 0, replayOutput)
+    }
 }
+

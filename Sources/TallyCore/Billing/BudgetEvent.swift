@@ -3,6 +3,11 @@ public enum BudgetPeriod: String, Sendable, CaseIterable {
     case day, week, month
     /// The customer's billing period (`BillingProfile.anchorDay`).
     case billingPeriod = "billing_period"
+    /// One period for all time: the budget never resets (suits a budget per run or workflow).
+    case total
+
+    /// Where `total` ends: 10000-01-01T00:00:00Z, after any event time Tally accepts.
+    static let endOfTime: Int64 = 253_402_300_800_000_000
 
     /// The period `[start, end)` (microseconds since the epoch) holding `microseconds`.
     /// Weeks start on Monday (ISO 8601); months on the 1st.
@@ -17,6 +22,7 @@ public enum BudgetPeriod: String, Sendable, CaseIterable {
             return BillingPeriod(start: monday * day, end: (monday + 7) * day)
         case .month: return BillingPeriod.containing(microseconds, anchorDay: 1)
         case .billingPeriod: return profile.period(containing: microseconds)
+        case .total: return BillingPeriod(start: 0, end: Self.endOfTime)
         }
     }
 }
@@ -30,6 +36,8 @@ public enum BudgetMeasure: Hashable, Sendable {
     case money(Currency)
     /// The quantity of one meter (`UsageEvent.meters`).
     case meter(String)
+    /// Model calls (events with a model), one each.
+    case calls
 
     /// "tokens", "USD", "meter web_search_requests": how amounts of it are labelled.
     public var unit: String {
@@ -37,6 +45,7 @@ public enum BudgetMeasure: Hashable, Sendable {
         case .tokens: "tokens"
         case .money(let currency): currency.code
         case .meter(let name): name
+        case .calls: "calls"
         }
     }
 
@@ -45,6 +54,7 @@ public enum BudgetMeasure: Hashable, Sendable {
         case .tokens: "tokens"
         case .money: "money"
         case .meter: "meter"
+        case .calls: "calls"
         }
     }
 
@@ -69,9 +79,12 @@ public struct BudgetDefinition: Hashable, Sendable {
     public var enforced: Bool
     /// Dimension → value the usage must have: `model`, `feature`, `environment`, `provider`, or a property name.
     public var dimensions: [String: String]
+    /// A dimension whose every value has a budget of its own (`run_id`: each run may use the
+    /// limit); usage without the dimension is not under the budget. Nil: one budget for all.
+    public var per: String?
 
     public init(name: String, period: BudgetPeriod, measure: BudgetMeasure, limit: Int64, alertAt: [Int] = [], enforced: Bool = true,
-                dimensions: [String: String] = [:]) {
+                dimensions: [String: String] = [:], per: String? = nil) {
         self.name = name
         self.period = period
         self.measure = measure
@@ -79,6 +92,7 @@ public struct BudgetDefinition: Hashable, Sendable {
         self.alertAt = alertAt
         self.enforced = enforced
         self.dimensions = dimensions
+        self.per = per
     }
 
     public static let maxDimensions = 8
@@ -111,18 +125,27 @@ public struct BudgetDefinition: Hashable, Sendable {
         dimensions.allSatisfy { Self.value(of: $0.key, in: event) == $0.value }
     }
 
+    /// Which of the budget's counters `event` falls under: `""` for a budget of all its usage,
+    /// the value of `per` for a budget per value; nil when it is not under the budget.
+    public func counter(of event: UsageEvent) -> String? {
+        guard matches(event) else { return nil }
+        guard let per else { return "" }
+        return Self.value(of: per, in: event)
+    }
+
     /// What `event` adds to the budget; `charge` is what the rater charged it in that currency.
     public func amount(of event: UsageEvent, charge: (currency: Currency, nanos: Int64)?) -> Int64 {
         switch measure {
         case .tokens: return Money.saturatingAdd(event.inputTokens, event.outputTokens)
         case .money(let currency): return charge.flatMap { $0.currency == currency ? $0.nanos : nil } ?? 0
         case .meter(let name): return event.meters[name] ?? 0
+        case .calls: return event.isModelCall ? 1 : 0
         }
     }
 
-    /// The same usage is counted (period, measure and dimensions unchanged): usage so far carries over.
+    /// The same usage is counted (period, measure, dimensions and `per` unchanged): usage so far carries over.
     public func countsLike(_ other: BudgetDefinition) -> Bool {
-        period == other.period && measure == other.measure && dimensions == other.dimensions
+        period == other.period && measure == other.measure && dimensions == other.dimensions && per == other.per
     }
 
     /// `"team=search, end_user=u1"`, sorted; empty for a whole-customer budget.
@@ -156,7 +179,7 @@ public struct BudgetEvent: Hashable, Sendable {
 
     public var customerID: String { subject }
 
-    static let fields: Set<String> = ["budget", "period", "measure", "meter", "currency", "limit", "alert_at", "enforce", "dimensions", "removed"]
+    static let fields: Set<String> = ["budget", "period", "measure", "meter", "currency", "limit", "alert_at", "enforce", "dimensions", "per", "removed"]
 
     /// Reads `data` (already parsed); violations name `prefix` + the field.
     static func decodeData(_ value: JSONValue, prefix: String, violations: inout [FieldViolation]) -> (name: String, definition: BudgetDefinition?)? {
@@ -205,6 +228,8 @@ public struct BudgetEvent: Hashable, Sendable {
         switch text("measure") {
         case "tokens":
             measure = .tokens
+        case "calls":
+            measure = .calls
         case "money":
             if let code = text("currency") {
                 if let currency = Currency(code) { measure = .money(currency) } else { fail("currency", "must be an ISO 4217 code such as USD") }
@@ -218,9 +243,9 @@ public struct BudgetEvent: Hashable, Sendable {
                 fail("meter", "is required for a meter budget: the meter's name")
             }
         case nil:
-            if data["measure"] == nil { fail("measure", "is required: tokens, money or meter") }
+            if data["measure"] == nil { fail("measure", "is required: tokens, calls, money or meter") }
         case let other?:
-            fail("measure", "\"\(other)\" is not a measure: tokens, money or meter")
+            fail("measure", "\"\(other)\" is not a measure: tokens, calls, money or meter")
         }
         if measure?.kind != "money", data["currency"] != nil, data["measure"]?.string != "money" { fail("currency", "is only for money budgets") }
         if measure?.kind != "meter", data["meter"] != nil, data["measure"]?.string != "meter" { fail("meter", "is only for meter budgets") }
@@ -277,9 +302,19 @@ public struct BudgetEvent: Hashable, Sendable {
                 fail("dimensions", "must be an object of at most \(BudgetDefinition.maxDimensions) dimension values, e.g. {\"team\": \"search\"}")
             }
         }
+        var per: String?
+        if let value = data["per"] {
+            if let key = value.string, EventLimits.propertyKeyLength.contains(key.utf8.count),
+               !key.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) {
+                if dimensions[key] != nil { fail("per", "\(key) is also one of the dimensions: a budget per value of it is counted per value already") }
+                per = key
+            } else {
+                fail("per", "must be a dimension name (1 to \(EventLimits.propertyKeyLength.upperBound) bytes), e.g. \"run_id\"")
+            }
+        }
         guard violations.count == before, let name, let period, let measure, let limit else { return nil }
         return (name, BudgetDefinition(name: name, period: period, measure: measure, limit: limit, alertAt: alertAt, enforced: enforced,
-                                       dimensions: dimensions))
+                                       dimensions: dimensions, per: per))
     }
 }
 
@@ -305,7 +340,7 @@ extension EventEncoder {
         json.key("period"); json.string(definition.period.rawValue)
         json.key("measure"); json.string(definition.measure.kind)
         switch definition.measure {
-        case .tokens: break
+        case .tokens, .calls: break
         case .money(let currency): json.key("currency"); json.string(currency.code)
         case .meter(let meter): json.key("meter"); json.string(meter)
         }
@@ -321,6 +356,7 @@ extension EventEncoder {
             }
             json.raw("}")
         }
+        if let per = definition.per { json.key("per"); json.string(per) }
         json.raw("}")
     }
 }

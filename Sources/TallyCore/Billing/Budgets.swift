@@ -27,17 +27,22 @@ public struct BudgetKey: Hashable, Sendable, Comparable {
     public static func < (a: BudgetKey, b: BudgetKey) -> Bool { (a.customerID, a.name) < (b.customerID, b.name) }
 }
 
-/// Where a budget's usage of one period lives.
+/// Where a budget's usage of one period (and, for a budget per value, one value) lives.
 public struct BudgetUsageKey: Hashable, Sendable, Comparable {
     public let budget: BudgetKey
     public let period: BillingPeriod
+    /// The value of the budget's `per` dimension; `""` for a budget of all its usage.
+    public let value: String
 
-    public init(budget: BudgetKey, period: BillingPeriod) {
+    public init(budget: BudgetKey, period: BillingPeriod, value: String = "") {
         self.budget = budget
         self.period = period
+        self.value = value
     }
 
-    public static func < (a: BudgetUsageKey, b: BudgetUsageKey) -> Bool { (a.budget, a.period.start) < (b.budget, b.period.start) }
+    public static func < (a: BudgetUsageKey, b: BudgetUsageKey) -> Bool {
+        (a.budget, a.period.start, a.value) < (b.budget, b.period.start, b.value)
+    }
 }
 
 /// An alert percentage of a budget crossed upwards (once per period and limit: its id says which).
@@ -45,6 +50,9 @@ public struct BudgetAlert: Hashable, Sendable {
     public enum Kind: String, Sendable, CaseIterable {
         case threshold = "budget.threshold"
         case limitReached = "budget.limit_reached"
+        /// The limit of a budget per value (`per`, such as a run) reached by one value: a run or
+        /// workflow that ran away.
+        case runaway = "usage.runaway"
     }
 
     public let budget: BudgetKey
@@ -56,12 +64,15 @@ public struct BudgetAlert: Hashable, Sendable {
     public let crossedAt: Int64
     public let position: LogPosition
     public let declaredAt: LogPosition
+    /// The value of the budget's `per` dimension that crossed it (`""` for a budget of all usage).
+    public let value: String
 
-    public var kind: Kind { percent == 100 ? .limitReached : .threshold }
+    public var kind: Kind { percent != 100 ? .threshold : definition.per == nil ? .limitReached : .runaway }
 
     /// Deterministic: a re-applied batch or a replay cannot raise it twice.
     public var alertID: String {
-        "\(budget.customerID)/budget/\(budget.name)/\(EventTime.format(microseconds: period.start))/\(percent)%/\(declaredAt.partition)-\(declaredAt.offset)"
+        let scope = definition.per == nil ? "" : "/\(value.utf8.count):\(value)"
+        return "\(budget.customerID)/budget/\(budget.name)/\(EventTime.format(microseconds: period.start))/\(percent)%\(scope)/\(declaredAt.partition)-\(declaredAt.offset)"
     }
 }
 
@@ -110,8 +121,9 @@ public enum BudgetEngine {
             guard !definitions.isEmpty else { continue }
             let profile = profiles[customer] ?? BillingProfile(customerID: customer)
             for definition in definitions {
+                guard let value = definition.counter(of: positioned.event) else { continue }
                 keys.insert(BudgetUsageKey(budget: BudgetKey(customerID: customer, name: definition.name),
-                                           period: definition.period.containing(positioned.event.time.microseconds, profile: profile)))
+                                           period: definition.period.containing(positioned.event.time.microseconds, profile: profile), value: value))
             }
         }
         return keys
@@ -179,12 +191,12 @@ public enum BudgetEngine {
         let event = positioned.event
         for declared in budgets.values.sorted(by: { $0.definition.name < $1.definition.name }) {
             let definition = declared.definition
-            guard definition.matches(event) else { continue }
+            guard let value = definition.counter(of: event) else { continue }
             let amount = definition.amount(of: event, charge: charge)
             guard amount != 0 else { continue }
             let profile = profiles[event.subject] ?? BillingProfile(customerID: event.subject)
             let key = BudgetUsageKey(budget: BudgetKey(customerID: event.subject, name: definition.name),
-                                     period: definition.period.containing(event.time.microseconds, profile: profile))
+                                     period: definition.period.containing(event.time.microseconds, profile: profile), value: value)
             let before = state.usage[key] ?? 0
             let after = Money.saturatingAdd(before, amount)
             state.usage[key] = after
@@ -194,7 +206,8 @@ public enum BudgetEngine {
             for percent in Set(definition.alertAt + [100]).sorted()
             where Int128(before) * 100 < Int128(percent) * limit && Int128(percent) * limit <= Int128(after) * 100 {
                 result.alerts.append(BudgetAlert(budget: key.budget, definition: definition, percent: percent, used: after, period: key.period,
-                                                 crossedAt: event.time.microseconds, position: positioned.position, declaredAt: declared.declaredAt))
+                                                 crossedAt: event.time.microseconds, position: positioned.position, declaredAt: declared.declaredAt,
+                                                 value: value))
             }
         }
     }

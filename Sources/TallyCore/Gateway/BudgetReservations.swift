@@ -2,12 +2,14 @@
 /// rater's offsets (it commits both in one transaction), so the usage reflects exactly the
 /// records before those offsets.
 public struct BudgetSnapshot: Sendable {
-    /// Each budget with what it counted in the period holding now.
-    public let budgets: [(key: BudgetKey, definition: BudgetDefinition, period: BillingPeriod, used: Int64)]
+    /// Each budget with what it counted in the period holding now (a budget per value: at the
+    /// value `value`; the key then tells the values apart).
+    public let budgets: [(key: BudgetKey, definition: BudgetDefinition, period: BillingPeriod, value: String, used: Int64)]
     /// partition → the rater's next offset.
     public let raterNextOffsets: [Int32: Int64]
 
-    public init(budgets: [(key: BudgetKey, definition: BudgetDefinition, period: BillingPeriod, used: Int64)], raterNextOffsets: [Int32: Int64]) {
+    public init(budgets: [(key: BudgetKey, definition: BudgetDefinition, period: BillingPeriod, value: String, used: Int64)],
+                raterNextOffsets: [Int32: Int64]) {
         self.budgets = budgets
         self.raterNextOffsets = raterNextOffsets
     }
@@ -20,6 +22,8 @@ public struct BudgetAvailability: Sendable, Equatable {
     public let key: BudgetKey
     public let definition: BudgetDefinition
     public let period: BillingPeriod
+    /// The value of the budget's `per` dimension it stands at (`""` for a budget of all usage).
+    public let value: String
     public let used: Int64
     public let held: Int64
 
@@ -73,7 +77,9 @@ public struct BudgetReservations: Sendable {
                 for (key, amount) in hold.amounts where wanted.contains(key) { held[key] = Money.saturatingAdd(held[key] ?? 0, amount) }
             }
         }
-        return snapshot.budgets.map { BudgetAvailability(key: $0.key, definition: $0.definition, period: $0.period, used: $0.used, held: held[$0.key] ?? 0) }
+        return snapshot.budgets.map {
+            BudgetAvailability(key: $0.key, definition: $0.definition, period: $0.period, value: $0.value, used: $0.used, held: held[$0.key] ?? 0)
+        }
     }
 
     /// Admits a call whose estimate on each budget it falls under is `estimates` (budgets not

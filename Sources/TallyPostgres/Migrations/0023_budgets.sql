@@ -5,15 +5,17 @@
 CREATE TABLE tally.budgets (
     customer_id text NOT NULL,
     budget text NOT NULL,
-    period text NOT NULL CHECK (period IN ('day', 'week', 'month', 'billing_period')),
-    measure text NOT NULL CHECK (measure IN ('tokens', 'money', 'meter')),
-    -- "tokens", the currency code (money) or the meter's name.
+    period text NOT NULL CHECK (period IN ('day', 'week', 'month', 'billing_period', 'total')),
+    measure text NOT NULL CHECK (measure IN ('tokens', 'calls', 'money', 'meter')),
+    -- "tokens", "calls", the currency code (money) or the meter's name.
     unit text NOT NULL,
     -- Nano-units of the currency for money; tokens or meter units otherwise.
     limit_value bigint NOT NULL CHECK (limit_value > 0),
     alert_at integer[] NOT NULL,
     enforced boolean NOT NULL,
     dimensions jsonb NOT NULL,
+    -- A dimension each value of which has a budget of its own (run_id), or NULL.
+    per text,
     event_id text NOT NULL,
     -- The declaration that set the limit: alerts of this limit carry its position in their ids.
     declared_partition integer NOT NULL,
@@ -22,14 +24,16 @@ CREATE TABLE tally.budgets (
     PRIMARY KEY (customer_id, budget)
 );
 
--- What each budget counted in each of its periods (same units as its limit).
+-- What each budget counted in each of its periods (same units as its limit), per value of its
+-- `per` dimension ('' for a budget of all its usage).
 CREATE TABLE tally.budget_usage (
     customer_id text NOT NULL,
     budget text NOT NULL,
     period_start timestamptz NOT NULL,
+    value text NOT NULL,
     period_end timestamptz NOT NULL,
     used bigint NOT NULL,
-    PRIMARY KEY (customer_id, budget, period_start)
+    PRIMARY KEY (customer_id, budget, period_start, value)
 ) WITH (fillfactor = 70);
 
 -- One row per crossing of an alert percentage (100: the limit itself) in a period.
@@ -37,7 +41,7 @@ CREATE TABLE tally.budget_alerts (
     alert_id text PRIMARY KEY,
     customer_id text NOT NULL,
     budget text NOT NULL,
-    kind text NOT NULL CHECK (kind IN ('budget.threshold', 'budget.limit_reached')),
+    kind text NOT NULL CHECK (kind IN ('budget.threshold', 'budget.limit_reached', 'usage.runaway')),
     percent integer NOT NULL,
     measure text NOT NULL,
     unit text NOT NULL,
@@ -45,6 +49,8 @@ CREATE TABLE tally.budget_alerts (
     limit_value bigint NOT NULL,
     enforced boolean NOT NULL,
     dimensions jsonb NOT NULL,
+    per text,
+    value text NOT NULL,
     period_start timestamptz NOT NULL,
     period_end timestamptz NOT NULL,
     crossed_at timestamptz NOT NULL,
