@@ -184,7 +184,9 @@ final class BudgetGuard: @unchecked Sendable {
             if definitions.count > 100_000 { definitions.removeAll() }
             for standing in standings { definitions[Self.key(standing)] = standing.definition }
         }
-        return BudgetSnapshot(budgets: standings.map { (Self.key($0), $0.definition, $0.period, $0.value, $0.used) }, raterNextOffsets: offsets)
+        // Anomaly watches alert; they are no limit to check or hold against.
+        return BudgetSnapshot(budgets: standings.filter { $0.definition.anomaly == nil }.map { (Self.key($0), $0.definition, $0.period, $0.value, $0.used) },
+                              raterNextOffsets: offsets)
     }
 
     /// What holds are kept under: the budget, and for a budget per value the value (each run holds apart).

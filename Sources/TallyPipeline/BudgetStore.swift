@@ -7,7 +7,7 @@ public enum BudgetRow {
     /// The columns `decode` reads, in its order (unqualified).
     public static let columns = """
         customer_id, budget, period, measure, unit, limit_value, array_to_string(alert_at, ','), enforced, dimensions::text, event_id, \
-        declared_partition, declared_offset, \(microseconds("declared_at")), per
+        declared_partition, declared_offset, \(microseconds("declared_at")), per, anomaly_factor_percent, baseline_hours
         """
 
     /// The budget in the `columns` of `row`, starting at column `first`.
@@ -29,7 +29,8 @@ public enum BudgetRow {
             name: name, period: try result.value(row, first + 2, parsedBy: BudgetPeriod.init(rawValue:)), measure: measure,
             limit: try result.value(row, first + 5, as: Int64.self),
             alertAt: (result.string(row, first + 6) ?? "").split(separator: ",").compactMap { Int($0) },
-            enforced: try result.value(row, first + 7, as: Bool.self), dimensions: dimensions, per: result.string(row, first + 13))
+            enforced: try result.value(row, first + 7, as: Bool.self), dimensions: dimensions, per: result.string(row, first + 13),
+            anomaly: try result.int64(row, first + 14).map { AnomalyRule(factorPercent: Int($0), baselineHours: Int(try result.int64(row, first + 15) ?? 24)) })
         let declared = DeclaredBudget(
             definition: definition, eventID: try result.value(row, first + 9, as: String.self),
             declaredAt: LogPosition(partition: Int32(try result.value(row, first + 10, as: Int64.self)), offset: try result.value(row, first + 11, as: Int64.self)),

@@ -1,4 +1,5 @@
 import Logging
+import Metrics
 import TallyCore
 import TallyPostgres
 
@@ -39,6 +40,10 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     /// Budgets and their usage of the customers in `budgetCustomers` (with or without budgets).
     private var budgets = BudgetState()
     private var budgetCustomers = Set<String>()
+    /// Budget alerts raised, by kind; made at zero, so the first of a kind is an increase Prometheus sees.
+    private let budgetAlertCounters = Dictionary(uniqueKeysWithValues: BudgetAlert.Kind.allCases.map {
+        ($0, Counter(label: "tally_budget_alerts_total", dimensions: [("kind", $0.rawValue)]))
+    })
     /// Past this many cached charge totals the cache starts over (it refills from PostgreSQL).
     private let maxCachedCharges = 2_000_000
 
@@ -97,7 +102,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
     public func commit(_ batch: PreparedBatch) throws -> CommitOutcome {
         try forgetProfilesIfChanged()
-        if state.charges.count > maxCachedCharges { forgetState() }
+        if state.charges.count > maxCachedCharges || budgets.usage.count > maxCachedCharges { forgetState() }
         do {
             let outcome = try tables.commit(batch, discardAttempt: forgetState) { _, versions in
                 // A replay promoted new state under us: what is cached is stale.
@@ -205,13 +210,15 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
             let definitions = kept.map(\.1.definition)
             try connection.query("""
                 INSERT INTO budgets (customer_id, budget, period, measure, unit, limit_value, alert_at, enforced, dimensions, event_id,
-                    declared_partition, declared_offset, declared_at, per)
-                SELECT c, n, pe, m, u, l, string_to_array(a, ',')::int[], en, d::jsonb, e, dp, o, \(microsecondsToTimestamp) t, pr
+                    declared_partition, declared_offset, declared_at, per, anomaly_factor_percent, baseline_hours)
+                SELECT c, n, pe, m, u, l, string_to_array(a, ',')::int[], en, d::jsonb, e, dp, o, \(microsecondsToTimestamp) t, pr, af, bh
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::bool[], $9::text[],
-                            $10::text[], $11::int[], $12::bigint[], $13::bigint[], $14::text[]) AS x(c, n, pe, m, u, l, a, en, d, e, dp, o, t, pr)
+                            $10::text[], $11::int[], $12::bigint[], $13::bigint[], $14::text[], $15::int[], $16::int[])
+                    AS x(c, n, pe, m, u, l, a, en, d, e, dp, o, t, pr, af, bh)
                 ON CONFLICT (customer_id, budget) DO UPDATE SET period = EXCLUDED.period, measure = EXCLUDED.measure, unit = EXCLUDED.unit,
                     limit_value = EXCLUDED.limit_value, alert_at = EXCLUDED.alert_at, enforced = EXCLUDED.enforced, dimensions = EXCLUDED.dimensions,
-                    per = EXCLUDED.per, event_id = EXCLUDED.event_id, declared_partition = EXCLUDED.declared_partition, declared_offset = EXCLUDED.declared_offset,
+                    per = EXCLUDED.per, anomaly_factor_percent = EXCLUDED.anomaly_factor_percent, baseline_hours = EXCLUDED.baseline_hours,
+                    event_id = EXCLUDED.event_id, declared_partition = EXCLUDED.declared_partition, declared_offset = EXCLUDED.declared_offset,
                     declared_at = EXCLUDED.declared_at
                 """, [PostgresArray(kept.map(\.0.customerID)), PostgresArray(kept.map(\.0.name)), PostgresArray(definitions.map(\.period.rawValue)),
                       PostgresArray(definitions.map(\.measure.kind)), PostgresArray(definitions.map(\.measure.unit)), PostgresArray(definitions.map(\.limit)),
@@ -219,7 +226,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                       PostgresArray(definitions.map { $0.enforced ? "t" : "f" }), PostgresArray(definitions.map(BudgetRow.dimensionsJSON)),
                       PostgresArray(kept.map(\.1.eventID)), PostgresArray(kept.map(\.1.declaredAt.partition)),
                       PostgresArray(kept.map(\.1.declaredAt.offset)), PostgresArray(kept.map(\.1.declaredTime.microseconds)),
-                      PostgresArray(definitions.map(\.per))])
+                      PostgresArray(definitions.map(\.per)), PostgresArray(definitions.map { $0.anomaly.map { String($0.factorPercent) } }),
+                      PostgresArray(definitions.map { $0.anomaly.map { String($0.baselineHours) } })])
         }
         if !result.clearedUsage.isEmpty {
             let cleared = result.clearedUsage.sorted()
@@ -239,13 +247,17 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         }
         guard !result.alerts.isEmpty else { return }
         let alerts = result.alerts
+        // Counted when written (a batch applied again after a lost COMMIT reply may count twice).
+        for alert in alerts { budgetAlertCounters[alert.kind]!.increment() }
         try connection.query("""
             INSERT INTO budget_alerts (alert_id, customer_id, budget, kind, percent, measure, unit, used, limit_value, enforced, dimensions,
-                period_start, period_end, crossed_at, partition, record_offset, per, value)
-            SELECT id, c, n, k, pc, m, u, us, l, en, d::jsonb, \(microsecondsToTimestamp) s, \(microsecondsToTimestamp) e, \(microsecondsToTimestamp) t, p, o, pr, v
+                period_start, period_end, crossed_at, partition, record_offset, per, value, baseline, anomaly_factor_percent, baseline_hours)
+            SELECT id, c, n, k, pc, m, u, us, l, en, d::jsonb, \(microsecondsToTimestamp) s, \(microsecondsToTimestamp) e, \(microsecondsToTimestamp) t, p, o,
+                   pr, v, b, af, bh
             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bool[],
-                        $11::text[], $12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::bigint[], $17::text[], $18::text[])
-                AS x(id, c, n, k, pc, m, u, us, l, en, d, s, e, t, p, o, pr, v)
+                        $11::text[], $12::bigint[], $13::bigint[], $14::bigint[], $15::int[], $16::bigint[], $17::text[], $18::text[],
+                        $19::bigint[], $20::int[], $21::int[])
+                AS x(id, c, n, k, pc, m, u, us, l, en, d, s, e, t, p, o, pr, v, b, af, bh)
             ON CONFLICT DO NOTHING
             """, [PostgresArray(alerts.map(\.alertID)), PostgresArray(alerts.map(\.budget.customerID)), PostgresArray(alerts.map(\.budget.name)),
                   PostgresArray(alerts.map(\.kind.rawValue)), PostgresArray(alerts.map(\.percent)), PostgresArray(alerts.map(\.definition.measure.kind)),
@@ -253,7 +265,9 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                   PostgresArray(alerts.map { $0.definition.enforced ? "t" : "f" }), PostgresArray(alerts.map { BudgetRow.dimensionsJSON($0.definition) }),
                   PostgresArray(alerts.map(\.period.start)), PostgresArray(alerts.map(\.period.end)), PostgresArray(alerts.map(\.crossedAt)),
                   PostgresArray(alerts.map(\.position.partition)), PostgresArray(alerts.map(\.position.offset)),
-                  PostgresArray(alerts.map(\.definition.per)), PostgresArray(alerts.map(\.value))])
+                  PostgresArray(alerts.map(\.definition.per)), PostgresArray(alerts.map(\.value)), PostgresArray(alerts.map { $0.baseline.map(String.init) }),
+                  PostgresArray(alerts.map { $0.definition.anomaly.map { String($0.factorPercent) } }),
+                  PostgresArray(alerts.map { $0.definition.anomaly.map { String($0.baselineHours) } })])
     }
 
     /// Settings changed by `tally customers set` apply from the next batch on.

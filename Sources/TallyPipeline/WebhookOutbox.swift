@@ -21,6 +21,8 @@ public enum WebhookEventType: String, CaseIterable, Sendable {
     case budgetLimitReached = "budget.limit_reached"
     /// One value of a budget per value (a run, a workflow: `per`) reached the limit.
     case usageRunaway = "usage.runaway"
+    /// An hour of an anomaly watch reached its factor times the mean of the hours before it.
+    case usageAnomaly = "usage.anomaly"
 }
 
 /// The webhook outbox: makes a message of every alert, top-up request and closed invoice (once:
@@ -89,7 +91,7 @@ public struct WebhookOutbox {
             }
             let budgetAlerts = try connection.query("""
                 SELECT alert_id, customer_id, budget, kind, percent, measure, unit, used, limit_value, enforced, dimensions::text,
-                       \(time("period_start")), \(time("period_end")), \(time("crossed_at")), per, value
+                       \(time("period_start")), \(time("period_end")), \(time("crossed_at")), per, value, baseline, anomaly_factor_percent, baseline_hours
                 FROM budget_alerts WHERE webhook_at IS NULL ORDER BY crossed_at, alert_id LIMIT $1 FOR UPDATE SKIP LOCKED
                 """, [limit])
             for row in 0..<budgetAlerts.rowCount {
@@ -101,7 +103,14 @@ public struct WebhookOutbox {
                 default: .tokens
                 }
                 // A budget per value names the value (the run) that reached it.
-                let scope = budgetAlerts.string(row, 14).map { [("per", $0), ("value", budgetAlerts.string(row, 15) ?? "")] } ?? []
+                var scope = budgetAlerts.string(row, 14).map { [("per", $0), ("value", budgetAlerts.string(row, 15) ?? "")] } ?? []
+                // An anomaly names what it compared: the hour with the mean of the hours before, and the factor.
+                var compared: [(String, String)] = []
+                if let factor = try budgetAlerts.int64(row, 17) {
+                    scope.append(("baseline", measure.format(try budgetAlerts.int64(row, 16) ?? 0)))
+                    scope.append(("factor", AnomalyRule(factorPercent: Int(factor), baselineHours: 0).factorText))
+                    compared.append(("baseline_hours", String(try budgetAlerts.int64(row, 18) ?? 0)))
+                }
                 let kind = try budgetAlerts.value(row, 3, parsedBy: WebhookEventType.init(rawValue:))
                 add(kind, source: id, customer: try budgetAlerts.value(row, 1, as: String.self), occurred: try budgetAlerts.value(row, 13, as: String.self), data: [
                     ("alert_id", id), ("customer", try budgetAlerts.value(row, 1, as: String.self)), ("budget", try budgetAlerts.value(row, 2, as: String.self)),
@@ -109,7 +118,7 @@ public struct WebhookOutbox {
                     ("used", measure.format(try budgetAlerts.value(row, 7, as: Int64.self))),
                     ("limit", measure.format(try budgetAlerts.value(row, 8, as: Int64.self))),
                     ("period_start", try budgetAlerts.value(row, 11, as: String.self)), ("period_end", try budgetAlerts.value(row, 12, as: String.self)),
-                ] + scope, raw: [("percent", String(try budgetAlerts.value(row, 4, as: Int64.self))),
+                ] + scope, raw: compared + [("percent", String(try budgetAlerts.value(row, 4, as: Int64.self))),
                          ("enforced", try budgetAlerts.value(row, 9, as: Bool.self) ? "true" : "false"),
                          ("dimensions", try budgetAlerts.value(row, 10, as: String.self))])
             }

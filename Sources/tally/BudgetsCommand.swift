@@ -42,6 +42,9 @@ struct Budgets: ParsableCommand {
         @Option(help: "A dimension value the usage must have, name=value (repeatable): team=search, end_user=u1, model=gpt-4o.")
         var dimension: [String] = []
         @Option(help: "A dimension each value of which gets the limit on its own, e.g. run_id: a run past it is a runaway.") var per: String?
+        @Option(help: "An anomaly watch instead of a budget: an hour at this factor times the mean of the hours before it (e.g. 5 or 2.5) alerts; the limit given is the least usage such an hour needs.")
+        var anomalyFactor: String?
+        @Option(help: "How many hours before an hour an anomaly watch compares it with (1 to 168).") var baselineHours = 24
         @Option(help: "The declaration's id (idempotency key). Default: a new one.") var id: String?
         @Option(help: "Event time (RFC 3339). Default: now.") var time: String?
 
@@ -61,7 +64,12 @@ struct Budgets: ParsableCommand {
                 guard percents.allSatisfy({ Int($0) != nil }) else { throw ValidationError("--alert-at: whole percentages, e.g. 50,80") }
                 fields.append(("alert_at", "[" + percents.joined(separator: ",") + "]"))
             }
-            fields.append(("enforce", soft ? "false" : "true"))
+            if let anomalyFactor {
+                fields[0] = ("period", "\"hour\"")
+                fields.append(("anomaly", "{\"factor\":\(quoted(anomalyFactor)),\"baseline_hours\":\(baselineHours)}"))
+                if alertAt != nil { throw ValidationError("--alert-at is not for an anomaly watch: it alerts when an hour is anomalous") }
+            }
+            fields.append(("enforce", soft || anomalyFactor != nil ? "false" : "true"))
             if !dimension.isEmpty {
                 var pairs: [String] = []
                 for item in dimension {
@@ -108,7 +116,7 @@ struct Budgets: ParsableCommand {
                 return [standing.customerID, definition.name, definition.period.rawValue, definition.measure.unit,
                         definition.measure.format(definition.limit), definition.measure.format(standing.used),
                         definition.measure.format(max(0, standing.remaining)), "\(percent)%", EventTime.format(microseconds: standing.period.end),
-                        definition.enforced ? "hard" : "soft", definition.alertAt.map(String.init).joined(separator: ","), definition.dimensionsText,
+                        definition.anomaly.map { "anomaly \($0.factorText)× over \($0.baselineHours) h" } ?? (definition.enforced ? "hard" : "soft"), definition.alertAt.map(String.init).joined(separator: ","), definition.dimensionsText,
                         definition.per.map { "\($0)=\(standing.value)" } ?? ""]
             }
             print(TableRenderer.render(header: ["customer", "budget", "period", "unit", "limit", "used", "left", "used %", "resets_at", "limit kind",

@@ -190,5 +190,40 @@ final class BudgetEngineTests: XCTestCase {
         XCTAssertEqual(Dictionary(uniqueKeysWithValues: state.usage.map { ($0.key.value, $0.value) }), ["r1": 10, "r2": 10, "r3": 10, "loop": 200])
         XCTAssertEqual(BudgetPeriod.total.containing(-5, profile: BillingProfile(customerID: "acme")), BudgetPeriod.total.containing(Int64.max, profile: BillingProfile(customerID: "acme")))
     }
+
+    /// An anomaly watch: 24 steady hours of 1,000 tokens, then an hour of 20 calls of 1,000.
+    /// At factor 5 (and a floor of 2,000) the spike hour is anomalous at its 5,000th token, once;
+    /// any cut of the log into batches alerts the same.
+    func testAnAnomalyWatchAlertsOncePerAnomalousHour() {
+        let watch = BudgetDefinition(name: "spikes", period: .hour, measure: .tokens, limit: 2_000, enforced: false,
+                                     anomaly: AnomalyRule(factorPercent: 500, baselineHours: 24))
+        var records = [budget(0, watch)]
+        let start = EventTime("2026-03-09T00:00:00Z")!.microseconds
+        var offset: Int64 = 1
+        for hour in 0..<24 {
+            records.append(usage(offset, input: 1_000, time: EventTime.format(microseconds: start + Int64(hour) * 3_600_000_000 + 60_000_000)))
+            offset += 1
+        }
+        for minute in 0..<20 {
+            records.append(usage(offset, input: 1_000, time: EventTime.format(microseconds: start + 24 * 3_600_000_000 + Int64(minute) * 60_000_000)))
+            offset += 1
+        }
+        let (state, alerts) = apply([records])
+        // Mean of the 24 hours before: 1,000; 5 × 1,000 = 5,000 is reached by the spike's 5th call (offset 29).
+        XCTAssertEqual(alerts.map { "\($0.kind.rawValue) \($0.position.offset) \($0.used) \($0.baseline ?? -1) \($0.percent)" }, ["usage.anomaly 29 5000 1000 500"])
+        XCTAssertEqual(used(state, "spikes", periodStart: "2026-03-10T00:00:00Z"), 20_000)
+        // The first hour had no baseline: 1,000 is under the floor of 2,000, so it is no anomaly.
+        var generator = SeededGenerator(seed: 11)
+        for _ in 0..<10 {
+            var batches: [[RaterRecord]] = []
+            var rest = records[...]
+            while !rest.isEmpty {
+                let size = Int.random(in: 1...7, using: &generator)
+                batches.append(Array(rest.prefix(size)))
+                rest = rest.dropFirst(size)
+            }
+            XCTAssertEqual(apply(batches).alerts, alerts)
+        }
+    }
 }
 

@@ -216,5 +216,55 @@ final class BudgetIntegrationTests: XCTestCase {
         ])
         XCTAssertEqual(replayStatus, 0, replayOutput)
     }
+
+    /// A usage spike: a day of steady hours, then an hour at more than five times their mean.
+    /// The watch per feature raises one anomaly alert naming what it compared (and its webhook
+    /// message); the steady feature raises none; a replay raises the same.
+    func testAUsageSpikeRaisesOneAnomalyAlertAndAReplayTheSame() async throws {
+        let harness = try AggregatorHarness()
+        _ = try harness.tally(["webhooks", "add", "https://hooks.example.com/anomalies", "--types", "usage.anomaly"])
+        let hour: Int64 = 3_600_000_000
+        let thisHour = Int64(Date().timeIntervalSince1970 * 1_000_000) / hour * hour
+        let declaredAt = EventTime(microseconds: thisHour - 30 * hour)
+        let watch = BudgetEvent(id: "spikes-1", source: "test", subject: "acme", time: declaredAt, name: "token-spikes",
+                                definition: BudgetDefinition(name: "token-spikes", period: .hour, measure: .tokens, limit: 5_000, enforced: false,
+                                                             per: "feature", anomaly: AnomalyRule(factorPercent: 500, baselineHours: 24)))
+        var records: [(key: String, value: [UInt8])] = [("acme", EventEncoder.encode(watch))]
+        func call(_ id: String, feature: String, at time: Int64) -> (key: String, value: [UInt8]) {
+            ("acme", EventEncoder.encode(UsageEvent(id: id, source: "app", subject: "acme", time: EventTime(microseconds: time), model: "gpt-4o",
+                                                    feature: feature, inputTokens: 800, outputTokens: 200)))
+        }
+        // 24 hours before this one: 2 calls (2,000 tokens) an hour of each feature.
+        for back in 1...24 {
+            for n in 0..<2 {
+                for feature in ["search", "chat"] { records.append(call("\(feature)-\(back)-\(n)", feature: feature, at: thisHour - Int64(back) * hour + Int64(n) * 60_000_000)) }
+            }
+        }
+        // This hour: search spikes to 15 calls; chat stays at 2.
+        for n in 0..<15 { records.append(call("spike-\(n)", feature: "search", at: thisHour + Int64(n) * 1_000_000)) }
+        for n in 0..<2 { records.append(call("chat-now-\(n)", feature: "chat", at: thisHour + Int64(n) * 1_000_000)) }
+        try await harness.publish(records)
+        let rater = try harness.startRater()
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        // Mean 2,000 tokens an hour; five times that, 10,000, is reached by the 10th spike call.
+        let alerts = try harness.connection.query("""
+            SELECT a.kind, a.value, a.used::text, a.baseline::text, a.percent::text, e.event_id FROM tally.budget_alerts a
+            JOIN tally.rater_event_keys e ON e.partition = a.partition AND e.record_offset = a.record_offset
+            """).rows
+        XCTAssertEqual(alerts, [["usage.anomaly", "search", "10000", "2000", "500", "spike-9"]])
+        XCTAssertTrue(TestStack.eventually { (try? harness.connection.query("SELECT count(*) FROM tally.webhook_messages").scalar) == "1" })
+        let payload = try XCTUnwrap(try harness.connection.query("SELECT payload FROM tally.webhook_messages").rows.first?[0] ?? nil)
+        for part in [#""used":"10000""#, #""baseline":"2000""#, #""factor":"5""#, #""baseline_hours":24"#, #""per":"feature","value":"search""#] {
+            XCTAssertTrue(payload.contains(part), "\(part): \(payload)")
+        }
+        rater.signal(SIGTERM)
+        XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
+        let (replayStatus, replayOutput) = try ChildProcess.run(TestStack.executable("tally"), [
+            "replay", "--consumer", "rater", "--dry-run", "--live-group", harness.group, "--topic", harness.topic, "--database-url", harness.databaseURL,
+        ])
+        XCTAssertEqual(replayStatus, 0, replayOutput)
+        let sums = replayOutput.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
+        XCTAssertTrue(sums.contains { $0.first == "budget_alerts" && $0.count == 6 && $0[1] == "1" && $0[3] == "1" && $0[5] == "yes" }, replayOutput)
+    }
 }
 

@@ -1,6 +1,6 @@
 /// The calendar period a budget counts over, in UTC.
 public enum BudgetPeriod: String, Sendable, CaseIterable {
-    case day, week, month
+    case hour, day, week, month
     /// The customer's billing period (`BillingProfile.anchorDay`).
     case billingPeriod = "billing_period"
     /// One period for all time: the budget never resets (suits a budget per run or workflow).
@@ -15,6 +15,10 @@ public enum BudgetPeriod: String, Sendable, CaseIterable {
         let day = BillingPeriod.microsecondsPerDay
         let days = microseconds >= 0 ? microseconds / day : (microseconds - day + 1) / day
         switch self {
+        case .hour:
+            let hour: Int64 = 3_600_000_000
+            let hours = microseconds >= 0 ? microseconds / hour : (microseconds - hour + 1) / hour
+            return BillingPeriod(start: hours * hour, end: (hours + 1) * hour)
         case .day: return BillingPeriod(start: days * day, end: (days + 1) * day)
         case .week:
             // 1970-01-01 was a Thursday: Monday-based weekday is (days + 3) mod 7.
@@ -65,8 +69,35 @@ public enum BudgetMeasure: Hashable, Sendable {
     }
 }
 
+/// How an anomaly watch compares an hour with the hours before it.
+public struct AnomalyRule: Hashable, Sendable {
+    /// An hour is anomalous once its usage reaches `factorPercent` / 100 times the mean of the
+    /// `baselineHours` hours before it (hours without usage count as 0), and the watch's floor.
+    public var factorPercent: Int
+    public var baselineHours: Int
+
+    public init(factorPercent: Int, baselineHours: Int) {
+        self.factorPercent = factorPercent
+        self.baselineHours = baselineHours
+    }
+
+    public static let factorRange = 101...100_000
+    public static let baselineRange = 1...168
+
+    /// "2.5" for 250.
+    public var factorText: String {
+        factorPercent % 100 == 0 ? String(factorPercent / 100) : Money.format(Int128(factorPercent), scale: 2, minimumFractionDigits: 0)
+    }
+
+    /// Whether `used` in an hour is anomalous against `baselineSum`, the usage of the `baselineHours` before it.
+    public func isAnomalous(_ used: Int64, baselineSum: Int64, floor: Int64) -> Bool {
+        used >= floor && Int128(used) * Int128(baselineHours) * 100 >= Int128(factorPercent) * Int128(baselineSum)
+    }
+}
+
 /// A budget: a limit on what a customer (or part of its usage, picked by dimension values) may
-/// use in each calendar period, with soft alerts at percentages of it.
+/// use in each calendar period, with soft alerts at percentages of it. With `anomaly`, an
+/// anomaly watch instead: hourly usage compared with the hours before it.
 public struct BudgetDefinition: Hashable, Sendable {
     public var name: String
     public var period: BudgetPeriod
@@ -82,9 +113,12 @@ public struct BudgetDefinition: Hashable, Sendable {
     /// A dimension whose every value has a budget of its own (`run_id`: each run may use the
     /// limit); usage without the dimension is not under the budget. Nil: one budget for all.
     public var per: String?
+    /// An anomaly watch (period `hour`, never enforced): `limit` is the least usage an hour
+    /// needs to count as anomalous.
+    public var anomaly: AnomalyRule?
 
     public init(name: String, period: BudgetPeriod, measure: BudgetMeasure, limit: Int64, alertAt: [Int] = [], enforced: Bool = true,
-                dimensions: [String: String] = [:], per: String? = nil) {
+                dimensions: [String: String] = [:], per: String? = nil, anomaly: AnomalyRule? = nil) {
         self.name = name
         self.period = period
         self.measure = measure
@@ -93,6 +127,7 @@ public struct BudgetDefinition: Hashable, Sendable {
         self.enforced = enforced
         self.dimensions = dimensions
         self.per = per
+        self.anomaly = anomaly
     }
 
     public static let maxDimensions = 8
@@ -145,7 +180,7 @@ public struct BudgetDefinition: Hashable, Sendable {
 
     /// The same usage is counted (period, measure, dimensions and `per` unchanged): usage so far carries over.
     public func countsLike(_ other: BudgetDefinition) -> Bool {
-        period == other.period && measure == other.measure && dimensions == other.dimensions && per == other.per
+        period == other.period && measure == other.measure && dimensions == other.dimensions && per == other.per && (anomaly == nil) == (other.anomaly == nil)
     }
 
     /// `"team=search, end_user=u1"`, sorted; empty for a whole-customer budget.
@@ -179,7 +214,7 @@ public struct BudgetEvent: Hashable, Sendable {
 
     public var customerID: String { subject }
 
-    static let fields: Set<String> = ["budget", "period", "measure", "meter", "currency", "limit", "alert_at", "enforce", "dimensions", "per", "removed"]
+    static let fields: Set<String> = ["budget", "period", "measure", "meter", "currency", "limit", "alert_at", "enforce", "dimensions", "per", "anomaly", "removed"]
 
     /// Reads `data` (already parsed); violations name `prefix` + the field.
     static func decodeData(_ value: JSONValue, prefix: String, violations: inout [FieldViolation]) -> (name: String, definition: BudgetDefinition?)? {
@@ -312,9 +347,37 @@ public struct BudgetEvent: Hashable, Sendable {
                 fail("per", "must be a dimension name (1 to \(EventLimits.propertyKeyLength.upperBound) bytes), e.g. \"run_id\"")
             }
         }
+        var anomaly: AnomalyRule?
+        if let value = data["anomaly"] {
+            if case .object(let rule) = value {
+                for key in rule.keys.sorted() where key != "factor" && key != "baseline_hours" {
+                    fail("anomaly.\(key)", "is not a field of an anomaly rule: factor and baseline_hours are")
+                }
+                var factor: Int?
+                if let text = rule["factor"]?.string, GrantEvent.isPlainDecimal(text), let nanos = Money.nanos(text), nanos % 10_000_000 == 0,
+                   AnomalyRule.factorRange.contains(Int(nanos / 10_000_000)) {
+                    factor = Int(nanos / 10_000_000)
+                } else {
+                    fail("anomaly.factor", "must be a decimal string above 1 and at most 1000 with at most 2 decimals, e.g. \"5\" or \"2.5\"")
+                }
+                var hours = 24
+                if let raw = rule["baseline_hours"] {
+                    if case .integer(.value(let number)) = raw, AnomalyRule.baselineRange.contains(Int(number)) { hours = Int(number) } else {
+                        fail("anomaly.baseline_hours", "must be a whole number of hours from 1 to 168 (default 24)")
+                    }
+                }
+                if let factor { anomaly = AnomalyRule(factorPercent: factor, baselineHours: hours) }
+                if let period, period != .hour { fail("period", "must be hour for an anomaly watch: each hour is compared with the hours before it") }
+                if data["enforce"] == .bool(true) { fail("enforce", "must be false for an anomaly watch: it alerts, it does not refuse") }
+                if data["alert_at"] != nil { fail("alert_at", "is not for an anomaly watch: it alerts when an hour is anomalous") }
+                enforced = false
+            } else {
+                fail("anomaly", "must be an object such as {\"factor\": \"5\", \"baseline_hours\": 24}")
+            }
+        }
         guard violations.count == before, let name, let period, let measure, let limit else { return nil }
         return (name, BudgetDefinition(name: name, period: period, measure: measure, limit: limit, alertAt: alertAt, enforced: enforced,
-                                       dimensions: dimensions, per: per))
+                                       dimensions: dimensions, per: per, anomaly: anomaly))
     }
 }
 
@@ -357,6 +420,12 @@ extension EventEncoder {
             json.raw("}")
         }
         if let per = definition.per { json.key("per"); json.string(per) }
+        if let anomaly = definition.anomaly {
+            json.key("anomaly"); json.raw("{")
+            json.key("factor", first: true); json.string(anomaly.factorText)
+            json.key("baseline_hours"); json.integer(Int64(anomaly.baselineHours))
+            json.raw("}")
+        }
         json.raw("}")
     }
 }

@@ -53,6 +53,8 @@ public struct BudgetAlert: Hashable, Sendable {
         /// The limit of a budget per value (`per`, such as a run) reached by one value: a run or
         /// workflow that ran away.
         case runaway = "usage.runaway"
+        /// An hour of an anomaly watch reached its factor times the hours before it.
+        case anomaly = "usage.anomaly"
     }
 
     public let budget: BudgetKey
@@ -66,13 +68,20 @@ public struct BudgetAlert: Hashable, Sendable {
     public let declaredAt: LogPosition
     /// The value of the budget's `per` dimension that crossed it (`""` for a budget of all usage).
     public let value: String
+    /// An anomaly watch's baseline: the mean usage of the hours before (rounded half up).
+    public let baseline: Int64?
 
-    public var kind: Kind { percent != 100 ? .threshold : definition.per == nil ? .limitReached : .runaway }
+    public var kind: Kind {
+        if definition.anomaly != nil { return .anomaly }
+        return percent != 100 ? .threshold : definition.per == nil ? .limitReached : .runaway
+    }
 
     /// Deterministic: a re-applied batch or a replay cannot raise it twice.
     public var alertID: String {
         let scope = definition.per == nil ? "" : "/\(value.utf8.count):\(value)"
-        return "\(budget.customerID)/budget/\(budget.name)/\(EventTime.format(microseconds: period.start))/\(percent)%\(scope)/\(declaredAt.partition)-\(declaredAt.offset)"
+        // An anomaly alerts once per hour (and value), whatever its ratio.
+        let crossing = definition.anomaly == nil ? "\(percent)%" : "anomaly"
+        return "\(budget.customerID)/budget/\(budget.name)/\(EventTime.format(microseconds: period.start))/\(crossing)\(scope)/\(declaredAt.partition)-\(declaredAt.offset)"
     }
 }
 
@@ -122,8 +131,10 @@ public enum BudgetEngine {
             let profile = profiles[customer] ?? BillingProfile(customerID: customer)
             for definition in definitions {
                 guard let value = definition.counter(of: positioned.event) else { continue }
-                keys.insert(BudgetUsageKey(budget: BudgetKey(customerID: customer, name: definition.name),
-                                           period: definition.period.containing(positioned.event.time.microseconds, profile: profile), value: value))
+                let key = BudgetUsageKey(budget: BudgetKey(customerID: customer, name: definition.name),
+                                         period: definition.period.containing(positioned.event.time.microseconds, profile: profile), value: value)
+                keys.insert(key)
+                if let anomaly = definition.anomaly { keys.formUnion(baselineKeys(of: key, anomaly)) }
             }
         }
         return keys
@@ -179,6 +190,15 @@ public enum BudgetEngine {
         result.touchedBudgets.insert(key)
     }
 
+    /// The hours an anomaly watch's hour is compared with.
+    static func baselineKeys(of key: BudgetUsageKey, _ rule: AnomalyRule) -> [BudgetUsageKey] {
+        let hour = key.period.end - key.period.start
+        return (1...rule.baselineHours).map {
+            BudgetUsageKey(budget: key.budget, period: BillingPeriod(start: key.period.start - Int64($0) * hour, end: key.period.end - Int64($0) * hour),
+                           value: key.value)
+        }
+    }
+
     private static func clearUsage(of key: BudgetKey, state: inout BudgetState, result: inout BudgetResult) {
         result.clearedUsage.insert(key)
         // Keys stay loaded, at 0: nothing stored survives the clearing.
@@ -201,13 +221,27 @@ public enum BudgetEngine {
             let after = Money.saturatingAdd(before, amount)
             state.usage[key] = after
             result.touchedUsage.insert(key)
+            if let rule = definition.anomaly {
+                // The hours before as they stand at this point of the log: a replay compares the same.
+                let baselineSum = baselineKeys(of: key, rule).reduce(Int64(0)) { Money.saturatingAdd($0, state.usage[$1] ?? 0) }
+                if !rule.isAnomalous(before, baselineSum: baselineSum, floor: definition.limit)
+                    && rule.isAnomalous(after, baselineSum: baselineSum, floor: definition.limit) {
+                    let hours = Int128(rule.baselineHours)
+                    let mean = Int64((Int128(baselineSum) * 2 + hours) / (hours * 2))
+                    let ratio = mean > 0 ? min(Int128(Int32.max), Int128(after) * 100 / Int128(mean)) : 0
+                    result.alerts.append(BudgetAlert(budget: key.budget, definition: definition, percent: Int(ratio), used: after, period: key.period,
+                                                     crossedAt: event.time.microseconds, position: positioned.position, declaredAt: declared.declaredAt,
+                                                     value: value, baseline: mean))
+                }
+                continue
+            }
             // Crossed upwards: before < p% of the limit <= after (in Int128: no overflow).
             let limit = Int128(definition.limit)
             for percent in Set(definition.alertAt + [100]).sorted()
             where Int128(before) * 100 < Int128(percent) * limit && Int128(percent) * limit <= Int128(after) * 100 {
                 result.alerts.append(BudgetAlert(budget: key.budget, definition: definition, percent: percent, used: after, period: key.period,
                                                  crossedAt: event.time.microseconds, position: positioned.position, declaredAt: declared.declaredAt,
-                                                 value: value))
+                                                 value: value, baseline: nil))
             }
         }
     }

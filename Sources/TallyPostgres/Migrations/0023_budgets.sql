@@ -5,7 +5,7 @@
 CREATE TABLE tally.budgets (
     customer_id text NOT NULL,
     budget text NOT NULL,
-    period text NOT NULL CHECK (period IN ('day', 'week', 'month', 'billing_period', 'total')),
+    period text NOT NULL CHECK (period IN ('hour', 'day', 'week', 'month', 'billing_period', 'total')),
     measure text NOT NULL CHECK (measure IN ('tokens', 'calls', 'money', 'meter')),
     -- "tokens", "calls", the currency code (money) or the meter's name.
     unit text NOT NULL,
@@ -16,6 +16,10 @@ CREATE TABLE tally.budgets (
     dimensions jsonb NOT NULL,
     -- A dimension each value of which has a budget of its own (run_id), or NULL.
     per text,
+    -- An anomaly watch: an hour at factor_percent / 100 times the mean of the baseline_hours
+    -- before it (and at least limit_value) is anomalous. NULL for a budget.
+    anomaly_factor_percent integer,
+    baseline_hours integer,
     event_id text NOT NULL,
     -- The declaration that set the limit: alerts of this limit carry its position in their ids.
     declared_partition integer NOT NULL,
@@ -41,7 +45,8 @@ CREATE TABLE tally.budget_alerts (
     alert_id text PRIMARY KEY,
     customer_id text NOT NULL,
     budget text NOT NULL,
-    kind text NOT NULL CHECK (kind IN ('budget.threshold', 'budget.limit_reached', 'usage.runaway')),
+    kind text NOT NULL CHECK (kind IN ('budget.threshold', 'budget.limit_reached', 'usage.runaway', 'usage.anomaly')),
+    -- Anomalies: the hour's usage as a percentage of its baseline (0 without one).
     percent integer NOT NULL,
     measure text NOT NULL,
     unit text NOT NULL,
@@ -51,6 +56,10 @@ CREATE TABLE tally.budget_alerts (
     dimensions jsonb NOT NULL,
     per text,
     value text NOT NULL,
+    -- Anomalies: what the hour was compared with (the mean of the hours before) and how.
+    baseline bigint,
+    anomaly_factor_percent integer,
+    baseline_hours integer,
     period_start timestamptz NOT NULL,
     period_end timestamptz NOT NULL,
     crossed_at timestamptz NOT NULL,
