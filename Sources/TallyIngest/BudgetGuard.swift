@@ -136,6 +136,11 @@ final class BudgetGuard: @unchecked Sendable {
             var actual: [BudgetKey: Int64] = [:]
             for key in amounts.keys {
                 guard let definition = definitions[key] else { continue }
+                // Usage outside the budget (or another run's) holds nothing on it.
+                guard let counter = definition.counter(of: event), Self.key(customerID: event.subject, definition, value: counter) == key else {
+                    actual[key] = 0
+                    continue
+                }
                 switch definition.measure {
                 case .tokens, .meter, .calls: actual[key] = definition.amount(of: event, charge: nil)
                 case .money: break
@@ -190,8 +195,10 @@ final class BudgetGuard: @unchecked Sendable {
     }
 
     /// What holds are kept under: the budget, and for a budget per value the value (each run holds apart).
-    static func key(_ standing: BudgetStanding) -> BudgetKey {
-        BudgetKey(customerID: standing.customerID, name: standing.definition.per == nil ? standing.definition.name : standing.definition.name + "\u{0}" + standing.value)
+    static func key(_ standing: BudgetStanding) -> BudgetKey { key(customerID: standing.customerID, standing.definition, value: standing.value) }
+
+    static func key(customerID: String, _ definition: BudgetDefinition, value: String) -> BudgetKey {
+        BudgetKey(customerID: customerID, name: definition.per == nil ? definition.name : definition.name + "\u{0}" + value)
     }
 
     static func nowMicroseconds() -> Int64 { Int64(Date().timeIntervalSince1970 * 1_000_000) }

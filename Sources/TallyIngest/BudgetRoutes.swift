@@ -45,18 +45,25 @@ extension IngestService {
             var violations: [FieldViolation] = []
             func fail(_ field: String, _ reason: String) { violations.append(FieldViolation(field, reason)) }
             for name in fields.keys.sorted() where !Self.fields.contains(name) { fail(name, "is not a field of a check: \(Self.fields.joined(separator: ", ")) are") }
-            if let customer = fields["customer"]?.string, EventLimits.subjectLength.contains(customer.utf8.count) {
+            func isLabel(_ text: String, _ length: ClosedRange<Int>) -> Bool {
+                length.contains(text.unicodeScalars.count) && !text.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7f }
+            }
+            if let customer = fields["customer"]?.string, isLabel(customer, EventLimits.subjectLength) {
                 request.customer = customer
             } else {
-                fail("customer", "is required: the customer id (1 to 256 bytes)")
+                fail("customer", "is required: the customer id (1 to 256 characters, no control characters)")
             }
             if let value = fields["dimensions"] {
                 if case .object(let members) = value, members.count <= EventLimits.maxProperties {
-                    for (name, member) in members {
-                        if let text = member.string, !text.isEmpty, text.utf8.count <= EventLimits.maxPropertyValueLength {
+                    for (name, member) in members.sorted(by: { $0.key < $1.key }) {
+                        guard isLabel(name, EventLimits.propertyKeyLength) else {
+                            fail("dimensions", "names are 1 to \(EventLimits.propertyKeyLength.upperBound) characters without control characters")
+                            continue
+                        }
+                        if let text = member.string, isLabel(text, 1...EventLimits.maxPropertyValueLength) {
                             request.dimensions[name] = text
                         } else {
-                            fail("dimensions.\(name)", "must be a non-empty string of at most \(EventLimits.maxPropertyValueLength) bytes")
+                            fail("dimensions.\(name)", "must be a non-empty string of at most \(EventLimits.maxPropertyValueLength) characters without control characters")
                         }
                     }
                 } else {
@@ -93,7 +100,7 @@ extension IngestService {
                 if case .bool(let flag) = value { request.hold = flag } else { fail("hold", "must be true or false") }
             }
             if let value = fields["event_id"] {
-                if let id = value.string, EventLimits.idLength.contains(id.utf8.count) { request.eventID = id } else { fail("event_id", "must be an event id (1 to 128 bytes)") }
+                if let id = value.string, isLabel(id, EventLimits.idLength) { request.eventID = id } else { fail("event_id", "must be an event id (1 to 128 characters)") }
             }
             if let value = fields["hold_seconds"] {
                 if case .integer(.value(let seconds)) = value, (1...3600).contains(seconds) { request.holdSeconds = seconds } else {
@@ -163,7 +170,7 @@ extension IngestService {
             }
         case .refused(let budget, let standing):
             fields = [("allowed", .raw(Array("false".utf8))), ("customer", .string(checked.customer)), ("refused_by", .string(budget.definition.name)),
-                      ("resets_at", .string(EventTime.format(microseconds: budget.period.end))), ("budgets", .array(standing.map(Self.budgetJSON)))]
+                      ("resets_at", Self.resetsAt(budget)), ("budgets", .array(standing.map(Self.budgetJSON)))]
         }
         return json(.ok, .object(fields))
     }
@@ -185,6 +192,11 @@ extension IngestService {
         }
     }
 
+    /// When the budget's period ends (RFC 3339); null for a `total` budget, which never resets.
+    static func resetsAt(_ budget: BudgetAvailability) -> JSONField {
+        budget.definition.period == .total ? .raw(Array("null".utf8)) : .string(EventTime.format(microseconds: budget.period.end))
+    }
+
     /// One budget as the API shows it: amounts as strings in the budget's units.
     static func budgetJSON(_ budget: BudgetAvailability) -> JSONField {
         let definition = budget.definition, measure = definition.measure
@@ -193,7 +205,7 @@ extension IngestService {
             ("unit", .string(measure.unit)), ("limit", .string(measure.format(definition.limit))), ("used", .string(measure.format(budget.used))),
             ("held", .string(measure.format(budget.held))), ("remaining", .string(measure.format(budget.remaining))),
             ("period_start", .string(EventTime.format(microseconds: budget.period.start))),
-            ("resets_at", .string(EventTime.format(microseconds: budget.period.end))),
+            ("resets_at", Self.resetsAt(budget)),
             ("enforced", .raw(Array((definition.enforced ? "true" : "false").utf8))),
             ("dimensions", .object(definition.dimensions.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) })),
         ] + (definition.per.map { [("per", .string($0)), ("value", .string(budget.value))] } ?? []))

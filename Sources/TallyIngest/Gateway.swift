@@ -272,8 +272,10 @@ final class Gateway: Sendable {
     /// `x-tally-property-team: search` sets the call's property `team` (names are lower-case:
     /// HTTP header names are case-insensitive). Properties the gateway sets itself stay its own.
     static let propertyHeaderPrefix = "x-tally-property-"
+    /// (`batch` and `service_tier` are facts the vendor reports: they pick discounted prices.)
     static let reservedProperties: Set<String> = [CallStatus.property, CallStatus.attemptProperty, "api_key", "gateway_api", "upstream_status",
-                                                  "response_id", "stream", "incomplete", "caller_left", StandardProperty.serviceTier]
+                                                  "response_id", "stream", "incomplete", "caller_left", StandardProperty.serviceTier,
+                                                  StandardProperty.batch, BudgetDefinition.requestedModelProperty]
 
     /// What a call of `counts` adds to a budget: its tokens, its charge (in the customer's
     /// currency; a money budget in another currency holds nothing), or its meter's quantity.
@@ -291,7 +293,7 @@ final class Gateway: Sendable {
         let definition = budget.definition, measure = definition.measure
         let resets = EventTime.format(microseconds: budget.period.end)
         var headers = HTTPFields()
-        headers[.retryAfter] = String(max(1, (budget.period.end - CreditGuard.nowMicroseconds() + 999_999) / 1_000_000))
+        if definition.period != .total { headers[.retryAfter] = String(max(1, (budget.period.end - CreditGuard.nowMicroseconds() + 999_999) / 1_000_000)) }
         var scopes = definition.dimensions.isEmpty ? [] : [definition.dimensionsText]
         if let per = definition.per { scopes.append("\(per)=\(budget.value)") }
         let scope = scopes.isEmpty ? "" : " for " + scopes.joined(separator: ", ")
@@ -306,7 +308,7 @@ final class Gateway: Sendable {
                                   : "is used up until \(resets); calls can be made again then, or once the budget is raised"),
                                extra: [("customer", .string(customerID)), ("budget", .string(definition.name)), ("period", .string(definition.period.rawValue)),
                                        ("limit", .string(measure.format(definition.limit))), ("used", .string(measure.format(budget.used))),
-                                       ("held", .string(measure.format(budget.held))), ("unit", .string(measure.unit)), ("resets_at", .string(resets))]
+                                       ("held", .string(measure.format(budget.held))), ("unit", .string(measure.unit)), ("resets_at", IngestService.resetsAt(budget))]
                                        + (definition.per.map { [("per", .string($0)), ("value", .string(budget.value))] } ?? []),
                                headers: headers, vendor: vendor)
     }
@@ -351,7 +353,11 @@ final class Gateway: Sendable {
                 gateway.logger.error("the upstream's usage could not be read (\(error)); the call is not metered", metadata: metadata)
                 return
             }
-            if let model = scanner.model { event.model = model }
+            if let model = scanner.model, model != event.model {
+                // Budgets on `model` were checked against the model asked for; they match it still.
+                event.properties[BudgetDefinition.requestedModelProperty] = event.model
+                event.model = model
+            }
             event.inputTokens = counts.input
             event.outputTokens = counts.output
             event.cacheReadInputTokens = counts.cacheRead

@@ -70,7 +70,7 @@ public struct BudgetStanding: Sendable, Equatable {
 
     public var definition: BudgetDefinition { budget.definition }
     /// What is left before the limit (negative once past it).
-    public var remaining: Int64 { Money.saturatingAdd(definition.limit, -used) }
+    public var remaining: Int64 { Int64(clamping: Int128(definition.limit) - Int128(used)) }
 }
 
 /// Reads budgets and their usage (the rater's tables) for tools and the gateway.

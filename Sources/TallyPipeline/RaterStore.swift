@@ -40,6 +40,8 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
     /// Budgets and their usage of the customers in `budgetCustomers` (with or without budgets).
     private var budgets = BudgetState()
     private var budgetCustomers = Set<String>()
+    /// Anomaly watches' hours whose baseline hours are all in `budgets.usage` (absent ones are 0).
+    private var loadedBaselines = Set<BudgetUsageKey>()
     /// Budget alerts raised, by kind; made at zero, so the first of a kind is an increase Prometheus sees.
     private let budgetAlertCounters = Dictionary(uniqueKeysWithValues: BudgetAlert.Kind.allCases.map {
         ($0, Counter(label: "tally_budget_alerts_total", dimensions: [("kind", $0.rawValue)]))
@@ -97,6 +99,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         cachedCustomers.removeAll()
         budgets = BudgetState()
         budgetCustomers.removeAll()
+        loadedBaselines.removeAll()
     }
 
     /// Applies a batch in one transaction; steps 1 and 6 are in `ConsumerTables.commit`.
@@ -148,6 +151,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         let budgetResult = BudgetEngine.apply(decision.accepted, charges: result.charged, skipped: Set(result.unrateable.map(\.record.position)),
                                               profiles: state.profiles, to: &budgets)
         try writeBudgets(budgetResult)
+        try insertUnrateable(budgetResult.refused)
         // 4. Alerts, top-up requests and unpriced usage: ids derive from log positions,
         //    so a batch that is re-applied after a lost COMMIT reply cannot add them twice.
         try insertAlerts(result.alerts)
@@ -183,18 +187,47 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
         for case .budget(let positioned) in accepted { budgeted.insert(positioned.budget.subject) }
         state.budgetedCustomers = budgeted
         guard !budgeted.isEmpty else { return }
-        let missing = BudgetEngine.usageKeys(accepted, state: budgets, profiles: state.profiles).filter { budgets.usage[$0] == nil }
+        let wanted = BudgetEngine.keysToLoad(accepted, state: budgets, profiles: state.profiles)
+        try loadBaselines(wanted.baselines.subtracting(loadedBaselines))
+        let missing = wanted.usage.filter { budgets.usage[$0] == nil }
         guard !missing.isEmpty else { return }
         let keys = Array(missing)
         let rows = try connection.query("""
             SELECT k.i, u.used FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) WITH ORDINALITY AS k(c, b, p, v, i)
-            JOIN budget_usage u ON u.customer_id = k.c AND u.budget = k.b AND u.period_start = \(microsecondsToTimestamp) k.p AND u.value = k.v
+            JOIN budget_usage u ON u.customer_id = k.c AND u.budget = k.b AND u.period_start = \(microsecondsToTimestamp) k.p
+             AND md5(u.value) = md5(k.v) AND u.value = k.v
             """, [PostgresArray(keys.map(\.budget.customerID)), PostgresArray(keys.map(\.budget.name)), PostgresArray(keys.map(\.period.start)),
                   PostgresArray(keys.map(\.value))])
         for key in keys { budgets.usage[key] = 0 }
         for row in 0..<rows.rowCount {
             budgets.usage[keys[Int(try rows.value(row, 0, as: Int64.self)) - 1]] = try rows.value(row, 1, as: Int64.self)
         }
+    }
+
+    /// The stored hours before each anomaly watch's hour in `hours` (one range query for all:
+    /// only hours with usage come back, so a watch per run costs what its runs used).
+    private func loadBaselines(_ hours: Set<BudgetUsageKey>) throws {
+        guard !hours.isEmpty else { return }
+        let list = Array(hours)
+        let spans = list.map { key -> Int64 in
+            let rule = budgets.budgets[key.budget.customerID]?[key.budget.name]?.definition.anomaly
+            return Int64(rule?.baselineHours ?? AnomalyRule.baselineRange.upperBound) * (key.period.end - key.period.start)
+        }
+        let rows = try connection.query("""
+            SELECT u.customer_id, u.budget, u.value, \(microseconds("u.period_start")), \(microseconds("u.period_end")), u.used
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS k(c, b, v, s, w)
+            JOIN budget_usage u ON u.customer_id = k.c AND u.budget = k.b AND md5(u.value) = md5(k.v) AND u.value = k.v
+             AND u.period_start >= \(microsecondsToTimestamp) (k.s - k.w) AND u.period_start < \(microsecondsToTimestamp) k.s
+            """, [PostgresArray(list.map(\.budget.customerID)), PostgresArray(list.map(\.budget.name)), PostgresArray(list.map(\.value)),
+                  PostgresArray(list.map(\.period.start)), PostgresArray(spans)])
+        for row in 0..<rows.rowCount {
+            let key = BudgetUsageKey(budget: BudgetKey(customerID: try rows.value(row, 0, as: String.self), name: try rows.value(row, 1, as: String.self)),
+                                     period: BillingPeriod(start: try rows.value(row, 3, as: Int64.self), end: try rows.value(row, 4, as: Int64.self)),
+                                     value: try rows.value(row, 2, as: String.self))
+            // What is in memory is what was committed (or this batch's own, newer) count.
+            if budgets.usage[key] == nil { budgets.usage[key] = try rows.value(row, 5, as: Int64.self) }
+        }
+        loadedBaselines.formUnion(hours)
     }
 
     private func writeBudgets(_ result: BudgetResult) throws {
@@ -241,7 +274,7 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                 INSERT INTO budget_usage (customer_id, budget, period_start, value, period_end, used)
                 SELECT c, n, \(microsecondsToTimestamp) s, v, \(microsecondsToTimestamp) e, u
                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[]) AS x(c, n, s, v, e, u)
-                ON CONFLICT (customer_id, budget, period_start, value) DO UPDATE SET used = EXCLUDED.used
+                ON CONFLICT (customer_id, budget, period_start, md5(value)) DO UPDATE SET used = EXCLUDED.used
                 """, [PostgresArray(keys.map(\.budget.customerID)), PostgresArray(keys.map(\.budget.name)), PostgresArray(keys.map(\.period.start)),
                       PostgresArray(keys.map(\.value)), PostgresArray(keys.map(\.period.end)), PostgresArray(keys.map { budgets.usage[$0] ?? 0 })])
         }

@@ -307,7 +307,7 @@ extension ShadowSchema {
                     try connection.query("DELETE FROM \(SQLIdentifier.tally.qualifying(table)) WHERE consumer_group = $2 AND partition = ANY($1::int[])", scope + [liveGroup])
                     try connection.query("INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(selected) FROM \(schema.qualifying(table)) WHERE partition = ANY($1::int[])",
                                          scope + [liveGroup])
-                } else if columns.contains("published_at"), let id = columns.first.map(SQLIdentifier.init) {
+                } else if columns.contains("published_at") || columns.contains("webhook_at"), let id = columns.first.map(SQLIdentifier.init) {
                     // Alerts and top-up requests already published keep their stamp: same id, same crossing.
                     try connection.query("""
                         DELETE FROM \(SQLIdentifier.tally.qualifying(table)) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)

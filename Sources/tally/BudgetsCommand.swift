@@ -30,7 +30,7 @@ struct Budgets: ParsableCommand {
         @OptionGroup var creditKeys: CreditKeyOptions
         @Option(help: "Customer id.") var customer: String
         @Option(help: "The budget's name: lower-case letters, digits, _ and -.") var budget: String
-        @Option(help: "day, week (from Monday, UTC), month (UTC), billing_period, or total (never resets).") var period = "month"
+        @Option(help: "hour, day, week (from Monday, UTC), month (UTC), billing_period, or total (never resets).") var period = "month"
         @Option(help: "A limit in tokens (input plus output).") var tokens: String?
         @Option(help: "A limit in model calls.") var calls: String?
         @Option(help: "A limit in money, e.g. 50.00 (with --currency).") var amount: String?
@@ -60,9 +60,9 @@ struct Budgets: ParsableCommand {
             default: throw ValidationError("give one limit: --tokens N, --calls N, --amount A (with --currency) or --meter M --quantity N")
             }
             if let alertAt {
-                let percents = alertAt.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
-                guard percents.allSatisfy({ Int($0) != nil }) else { throw ValidationError("--alert-at: whole percentages, e.g. 50,80") }
-                fields.append(("alert_at", "[" + percents.joined(separator: ",") + "]"))
+                let percents = alertAt.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+                guard percents.allSatisfy({ $0 != nil }) else { throw ValidationError("--alert-at: whole percentages, e.g. 50,80") }
+                fields.append(("alert_at", "[" + percents.map { String($0!) }.joined(separator: ",") + "]"))
             }
             if let anomalyFactor {
                 fields[0] = ("period", "\"hour\"")
@@ -134,7 +134,7 @@ struct Budgets: ParsableCommand {
         func run() throws {
             let result = try connect(database, label: "tally.budgets").query("""
                 SELECT to_char(crossed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), customer_id, budget, kind, percent, measure, unit, used,
-                       limit_value, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'), alert_id
+                       limit_value, to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI"Z"'), alert_id, coalesce(per || '=' || value, ''), baseline
                 FROM budget_alerts WHERE $1::text IS NULL OR customer_id = $1 ORDER BY crossed_at DESC, alert_id LIMIT $2
                 """, [customer, limit])
             let rows = try (0..<result.rowCount).map { row -> [String] in
@@ -147,9 +147,11 @@ struct Budgets: ParsableCommand {
                 return [try result.value(row, 0, as: String.self), try result.value(row, 1, as: String.self), try result.value(row, 2, as: String.self),
                         try result.value(row, 3, as: String.self), "\(try result.value(row, 4, as: Int64.self))%", measure.unit,
                         measure.format(try result.value(row, 7, as: Int64.self)), measure.format(try result.value(row, 8, as: Int64.self)),
-                        try result.value(row, 9, as: String.self), try result.value(row, 10, as: String.self)]
+                        try result.int64(row, 12).map(measure.format) ?? "", try result.value(row, 9, as: String.self),
+                        try result.value(row, 11, as: String.self), try result.value(row, 10, as: String.self)]
             }
-            print(TableRenderer.render(header: ["crossed_at", "customer", "budget", "kind", "percent", "unit", "used", "limit", "period", "alert"],
+            print(TableRenderer.render(header: ["crossed_at", "customer", "budget", "kind", "percent", "unit", "used", "limit", "baseline", "period",
+                                                "value", "alert"],
                                        rows: rows, format: format, numericFrom: 6), terminator: "")
         }
     }

@@ -225,5 +225,28 @@ final class BudgetEngineTests: XCTestCase {
             XCTAssertEqual(apply(batches).alerts, alerts)
         }
     }
+
+    /// At most 100 budgets a customer: the 101st declaration changes nothing and says why;
+    /// changing one of the 100 still works. A run without a value, or with an empty one, is under no counter.
+    func testLimitsOnBudgetsAndValues() {
+        var records = (0..<101).map { budget(Int64($0), BudgetDefinition(name: "b\($0)", period: .day, measure: .calls, limit: 5)) }
+        records.append(budget(101, BudgetDefinition(name: "b0", period: .day, measure: .calls, limit: 9)))
+        var state = BudgetState()
+        let result = BudgetEngine.apply(records, charges: [:], skipped: [], profiles: [:], to: &state)
+        XCTAssertEqual(state.budgets["acme"]?.count, 100)
+        XCTAssertEqual(state.budgets["acme"]?["b0"]?.definition.limit, 9)
+        XCTAssertEqual(result.refused.map(\.record.position.offset), [100])
+        XCTAssertTrue(result.refused.first?.reason.contains("has 100 budgets already") ?? false)
+
+        let perRun = BudgetDefinition(name: "runs", period: .total, measure: .calls, limit: 1, per: "run_id")
+        let long = String(repeating: "ü", count: 1_024)
+        let (counted, alerts) = apply([[budget(0, perRun), usage(1, input: 1, properties: ["run_id": ""]), usage(2, input: 1),
+                                        usage(3, input: 1, properties: ["run_id": long])]])
+        XCTAssertEqual(counted.usage.map(\.key.value), [long])
+        // The alert id carries the value's fingerprint, not the value.
+        XCTAssertEqual(alerts.count, 1)
+        XCTAssertLessThan(alerts[0].alertID.utf8.count, 120)
+        XCTAssertFalse(alerts[0].alertID.contains("ü"))
+    }
 }
 

@@ -92,4 +92,14 @@ final class BudgetReservationsTests: XCTestCase {
         XCTAssertLessThanOrEqual(standing.remaining, 0)
         guard case .refused = reservations.admit(snapshot(limit: Int64.max), estimates: [team: 1], now: 0) else { return XCTFail() }
     }
+
+    /// A hold is at most the budget's limit; what is left never traps, even at Int64.min used.
+    func testHoldsAreCappedAtTheLimit() {
+        var reservations = BudgetReservations()
+        guard case .admitted(let id, _) = reservations.admit(snapshot(), estimates: [team: 1_000_000], now: 0) else { return XCTFail() }
+        XCTAssertEqual(reservations.holds[id]?.amounts[team], 500)
+        let standing = reservations.availability(snapshot(used: Int64.min), now: 0).first { $0.key == team }!
+        XCTAssertEqual(standing.remaining, Int64.max)
+    }
 }
+

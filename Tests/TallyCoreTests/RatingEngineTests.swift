@@ -45,6 +45,16 @@ final class RatingEngineTests: XCTestCase {
         return (state, ledger, alerts, topUps, unpriced)
     }
 
+    /// A budget declaration is no wallet record: its time (whoever declared it chose it) expires no grant.
+    func testABudgetDeclarationExpiresNoGrant() {
+        let declaration = RaterRecord.budget(PositionedBudget(budget: BudgetEvent(
+            id: "b1", source: "t", subject: "acme", time: EventTime("2027-01-01T00:00:00Z")!, name: "monthly",
+            definition: BudgetDefinition(name: "monthly", period: .month, measure: .tokens, limit: 10)), position: LogPosition(partition: 0, offset: 1)))
+        let (state, ledger, _, _, _) = rate([[grant("g1", amount: "5", expires: "2026-06-01T00:00:00Z", offset: 0), declaration]])
+        XCTAssertEqual(ledger.map(\.kind), [.grant])
+        XCTAssertEqual(state[wallet: WalletKey(customerID: "acme", currency: Self.usd)]?.balanceNanos, Money.nanos("5")!)
+    }
+
     /// Invariant 5: whatever the batch boundaries, the charges add up to the rounded charge of
     /// each period's total quantity, and the ledger is the same entry for entry.
     func testChargesNeverDriftWhateverTheBatchSplit() {

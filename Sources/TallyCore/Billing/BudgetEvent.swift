@@ -155,9 +155,15 @@ public struct BudgetDefinition: Hashable, Sendable {
         }
     }
 
+    /// The property the gateway keeps the requested model in when the vendor reports another
+    /// (`gpt-4o` answered as `gpt-4o-2024-08-06`): a budget on `model` matches either.
+    public static let requestedModelProperty = "requested_model"
+
     /// Whether `event` has every dimension value the budget names.
     public func matches(_ event: UsageEvent) -> Bool {
-        dimensions.allSatisfy { Self.value(of: $0.key, in: event) == $0.value }
+        dimensions.allSatisfy { name, value in
+            Self.value(of: name, in: event) == value || (name == "model" && event.properties[Self.requestedModelProperty] == value)
+        }
     }
 
     /// Which of the budget's counters `event` falls under: `""` for a budget of all its usage,
@@ -165,7 +171,9 @@ public struct BudgetDefinition: Hashable, Sendable {
     public func counter(of event: UsageEvent) -> String? {
         guard matches(event) else { return nil }
         guard let per else { return "" }
-        return Self.value(of: per, in: event)
+        // An empty value names no run: such usage is not under a budget per run.
+        guard let value = Self.value(of: per, in: event), !value.isEmpty else { return nil }
+        return value
     }
 
     /// What `event` adds to the budget; `charge` is what the rater charged it in that currency.
@@ -229,9 +237,9 @@ public struct BudgetEvent: Hashable, Sendable {
         }
         func text(_ field: String) -> String? {
             guard let value = data[field] else { return nil }
-            guard let string = value.string, !string.isEmpty, string.utf8.count <= EventLimits.maxPropertyValueLength,
+            guard let string = value.string, !string.isEmpty, string.unicodeScalars.count <= EventLimits.maxPropertyValueLength,
                   !string.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
-                fail(field, "must be a non-empty string of at most \(EventLimits.maxPropertyValueLength) bytes without control characters")
+                fail(field, "must be a non-empty string of at most \(EventLimits.maxPropertyValueLength) characters without control characters")
                 return nil
             }
             return string
@@ -322,13 +330,13 @@ public struct BudgetEvent: Hashable, Sendable {
         if let value = data["dimensions"] {
             if case .object(let members) = value, members.count <= BudgetDefinition.maxDimensions {
                 for (key, member) in members.sorted(by: { $0.key < $1.key }) {
-                    guard EventLimits.propertyKeyLength.contains(key.utf8.count), !key.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
-                        fail("dimensions", "names are 1 to \(EventLimits.propertyKeyLength.upperBound) bytes without control characters")
+                    guard EventLimits.propertyKeyLength.contains(key.unicodeScalars.count), !key.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
+                        fail("dimensions", "names are 1 to \(EventLimits.propertyKeyLength.upperBound) characters without control characters")
                         continue
                     }
-                    guard let string = member.string, !string.isEmpty, string.utf8.count <= EventLimits.maxPropertyValueLength,
+                    guard let string = member.string, !string.isEmpty, string.unicodeScalars.count <= EventLimits.maxPropertyValueLength,
                           !string.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
-                        fail("dimensions.\(key)", "must be a non-empty string without control characters, at most \(EventLimits.maxPropertyValueLength) bytes")
+                        fail("dimensions.\(key)", "must be a non-empty string without control characters, at most \(EventLimits.maxPropertyValueLength) characters")
                         continue
                     }
                     dimensions[key] = string
@@ -339,12 +347,12 @@ public struct BudgetEvent: Hashable, Sendable {
         }
         var per: String?
         if let value = data["per"] {
-            if let key = value.string, EventLimits.propertyKeyLength.contains(key.utf8.count),
+            if let key = value.string, EventLimits.propertyKeyLength.contains(key.unicodeScalars.count),
                !key.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) {
                 if dimensions[key] != nil { fail("per", "\(key) is also one of the dimensions: a budget per value of it is counted per value already") }
                 per = key
             } else {
-                fail("per", "must be a dimension name (1 to \(EventLimits.propertyKeyLength.upperBound) bytes), e.g. \"run_id\"")
+                fail("per", "must be a dimension name (1 to \(EventLimits.propertyKeyLength.upperBound) characters), e.g. \"run_id\"")
             }
         }
         var anomaly: AnomalyRule?
@@ -468,7 +476,7 @@ public enum BudgetRequest {
         var data = JSONWriter()
         EventEncoder.writeBudgetData(&data, name: name, definition: definition)
         // Not derived from the content: declaring A, then B, then A again must be three declarations.
-        let id = envelope["id"] ?? "budget-\(name)-\(nowMicroseconds)"
+        let id = envelope["id"] ?? "budget-\(name)-\(nowMicroseconds)-\(UInt32.random(in: 0...UInt32.max))"
         var json = JSONWriter()
         EventEncoder.writeEnvelope(&json, id: id, source: "tally-ingest", type: EventType.budget.rawValue, subject: customerID,
                                    time: envelope["time"] ?? EventTime.format(microseconds: nowMicroseconds))

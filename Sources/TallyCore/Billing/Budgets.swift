@@ -78,7 +78,10 @@ public struct BudgetAlert: Hashable, Sendable {
 
     /// Deterministic: a re-applied batch or a replay cannot raise it twice.
     public var alertID: String {
-        let scope = definition.per == nil ? "" : "/\(value.utf8.count):\(value)"
+        // A value may be long (a property value, up to 1,024 characters): its fingerprint keeps the id short.
+        var hash = ContentHash.FNV()
+        hash.add(value)
+        let scope = definition.per == nil ? "" : "/v\(String(hash.value, radix: 16))"
         // An anomaly alerts once per hour (and value), whatever its ratio.
         let crossing = definition.anomaly == nil ? "\(percent)%" : "anomaly"
         return "\(budget.customerID)/budget/\(budget.name)/\(EventTime.format(microseconds: period.start))/\(crossing)\(scope)/\(declaredAt.partition)-\(declaredAt.offset)"
@@ -105,6 +108,8 @@ public struct BudgetResult: Sendable {
     public var touchedUsage = Set<BudgetUsageKey>()
     public var alerts: [BudgetAlert] = []
     public var declarations = 0
+    /// Declarations that changed nothing, with why (kept in `tally.unrateable_records`).
+    public var refused: [UnrateableRecord] = []
 }
 
 /// Counts usage against budgets, in log order: pure, deterministic, no I/O.
@@ -114,8 +119,15 @@ public struct BudgetResult: Sendable {
 /// percentages or enforcement keeps what was counted; one that changes what is counted (period,
 /// measure, dimensions) starts over, as does removing and declaring again.
 public enum BudgetEngine {
-    /// The usage keys `records` may touch, to load before `apply` (more than needed is harmless).
-    public static func usageKeys(_ records: [RaterRecord], state: BudgetState, profiles: [String: BillingProfile]) -> Set<BudgetUsageKey> {
+    /// Budgets (and anomaly watches) one customer may have: each is looked at for every usage
+    /// event of the customer, by the rater and by the gateway.
+    public static let maxBudgetsPerCustomer = 100
+
+    /// What `apply` reads, to load first (more than needed is harmless): the usage keys `records`
+    /// may touch (absent ones are 0), and the hours of anomaly watches whose baselines it
+    /// compares with (every stored hour of the `baselineHours` before each must be loaded).
+    public static func keysToLoad(_ records: [RaterRecord], state: BudgetState, profiles: [String: BillingProfile])
+        -> (usage: Set<BudgetUsageKey>, baselines: Set<BudgetUsageKey>) {
         var declared: [String: [BudgetDefinition]] = [:]
         for record in records {
             if case .budget(let positioned) = record, let definition = positioned.budget.definition {
@@ -123,6 +135,7 @@ public enum BudgetEngine {
             }
         }
         var keys = Set<BudgetUsageKey>()
+        var baselines = Set<BudgetUsageKey>()
         for record in records {
             guard case .usage(let positioned) = record else { continue }
             let customer = positioned.event.subject
@@ -134,10 +147,10 @@ public enum BudgetEngine {
                 let key = BudgetUsageKey(budget: BudgetKey(customerID: customer, name: definition.name),
                                          period: definition.period.containing(positioned.event.time.microseconds, profile: profile), value: value)
                 keys.insert(key)
-                if let anomaly = definition.anomaly { keys.formUnion(baselineKeys(of: key, anomaly)) }
+                if definition.anomaly != nil { baselines.insert(key) }
             }
         }
-        return keys
+        return (keys, baselines)
     }
 
     /// Applies accepted records in log order.
@@ -172,6 +185,11 @@ public enum BudgetEngine {
             return
         }
         if let existing, existing.definition == definition { return }
+        if existing == nil, (state.budgets[key.customerID]?.count ?? 0) >= maxBudgetsPerCustomer {
+            result.refused.append(UnrateableRecord(record: .budget(positioned), reason: "customer \(key.customerID) has \(maxBudgetsPerCustomer) budgets "
+                + "already, the most one may have: budget \(key.name) was not declared (remove one first)"))
+            return
+        }
         if let existing, existing.definition.countsLike(definition) {
             // Same usage counted: what was counted stays; a new limit gets alerts of its own.
             var changed = existing
@@ -191,7 +209,7 @@ public enum BudgetEngine {
     }
 
     /// The hours an anomaly watch's hour is compared with.
-    static func baselineKeys(of key: BudgetUsageKey, _ rule: AnomalyRule) -> [BudgetUsageKey] {
+    public static func baselineKeys(of key: BudgetUsageKey, _ rule: AnomalyRule) -> [BudgetUsageKey] {
         let hour = key.period.end - key.period.start
         return (1...rule.baselineHours).map {
             BudgetUsageKey(budget: key.budget, period: BillingPeriod(start: key.period.start - Int64($0) * hour, end: key.period.end - Int64($0) * hour),

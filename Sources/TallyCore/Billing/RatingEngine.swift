@@ -478,13 +478,16 @@ public struct RatingEngine: Sendable {
         var effects = RecordEffects()
         for pricedRecord in priced {
             let record = pricedRecord.record
+            // A budget declaration is no business of wallets (its time, set by whoever declared
+            // it, must not expire grants); `BudgetEngine` counts it.
+            if case .budget = record { continue }
             effects.start(customerID: record.customerID, state: state)
             do throws(RatingRefusal) {
                 try expireGrants(before: record.time.microseconds, position: record.position, effects: &effects)
                 switch record {
                 case .grant(let positioned): try credit(positioned, effects: &effects)
                 case .grantVoid(let positioned): try voidGrant(positioned, effects: &effects)
-                case .budget: break  // Counted by `BudgetEngine`, after rating.
+                case .budget: break  // Skipped above.
                 case .usage(let positioned):
                     if let charge = pricedRecord.charge {
                         if let refusal = charge.refusal { throw RatingRefusal(refusal) }

@@ -28,7 +28,10 @@ public struct BudgetAvailability: Sendable, Equatable {
     public let held: Int64
 
     /// Limit − used − held; ≤ 0 refuses.
-    public var remaining: Int64 { Money.saturatingAdd(Money.saturatingAdd(definition.limit, -used), -held) }
+    public var remaining: Int64 {
+        // In Int128: `used` may be as low as Int64.min (money budgets count negative deltas), whose negation traps.
+        Int64(clamping: Int128(definition.limit) - Int128(used) - Int128(held))
+    }
 }
 
 /// Holds against enforced budgets: estimates of calls in flight (the gateway's, and those
@@ -97,7 +100,10 @@ public struct BudgetReservations: Sendable {
         let id = nextID
         nextID += 1
         var amounts: [BudgetKey: Int64] = [:]
-        for budget in standing where budget.definition.enforced { amounts[budget.key] = max(0, estimates[budget.key] ?? 0) }
+        // No call holds more than the whole limit: a larger estimate would only shut others out longer.
+        for budget in standing where budget.definition.enforced {
+            amounts[budget.key] = min(max(0, estimates[budget.key] ?? 0), budget.definition.limit)
+        }
         let eventKey = eventID.map(Self.eventKey)
         if let eventKey {
             // A second check for the same event replaces the first hold.

@@ -29,16 +29,17 @@ CREATE TABLE tally.budgets (
 );
 
 -- What each budget counted in each of its periods (same units as its limit), per value of its
--- `per` dimension ('' for a budget of all its usage).
+-- `per` dimension ('' for a budget of all its usage). Values are keyed by their md5: a value
+-- may be longer than a btree index row holds.
 CREATE TABLE tally.budget_usage (
     customer_id text NOT NULL,
     budget text NOT NULL,
     period_start timestamptz NOT NULL,
     value text NOT NULL,
     period_end timestamptz NOT NULL,
-    used bigint NOT NULL,
-    PRIMARY KEY (customer_id, budget, period_start, value)
+    used bigint NOT NULL
 ) WITH (fillfactor = 70);
+CREATE UNIQUE INDEX budget_usage_key ON tally.budget_usage (customer_id, budget, period_start, md5(value));
 
 -- One row per crossing of an alert percentage (100: the limit itself) in a period.
 CREATE TABLE tally.budget_alerts (
