@@ -13,14 +13,7 @@ public enum BudgetRow {
     /// The budget in the `columns` of `row`, starting at column `first`.
     public static func decode(_ result: PostgresResult, row: Int, from first: Int = 0) throws -> (customerID: String, budget: DeclaredBudget) {
         let name = try result.value(row, first + 1, as: String.self)
-        let unit = try result.value(row, first + 4, as: String.self)
-        let measure: BudgetMeasure
-        switch try result.value(row, first + 3, as: String.self) {
-        case "tokens": measure = .tokens
-        case "calls": measure = .calls
-        case "money": measure = .money(try result.value(row, first + 4, parsedBy: Currency.init))
-        default: measure = .meter(unit)
-        }
+        let measure = try Self.measure(result, row: row, kind: first + 3, unit: first + 4)
         var dimensions: [String: String] = [:]
         if case .success(.object(let members)) = JSONValue.parse(Array(try result.value(row, first + 8, as: String.self).utf8)) {
             for (key, value) in members { dimensions[key] = value.string }
@@ -36,6 +29,12 @@ public enum BudgetRow {
             declaredAt: LogPosition(partition: Int32(try result.value(row, first + 10, as: Int64.self)), offset: try result.value(row, first + 11, as: Int64.self)),
             declaredTime: EventTime(microseconds: try result.value(row, first + 12, as: Int64.self)))
         return (try result.value(row, first, as: String.self), declared)
+    }
+
+    /// The measure in columns `kind` and `unit` of `row` (`measure`, `unit` of the budget tables).
+    public static func measure(_ result: PostgresResult, row: Int, kind: Int, unit: Int) throws -> BudgetMeasure {
+        let unitText = try result.value(row, unit, as: String.self)
+        return try result.value(row, kind) { BudgetMeasure(kind: $0, unit: unitText) }
     }
 
     /// The dimensions as a JSON object with sorted keys (stored as jsonb).

@@ -96,12 +96,7 @@ public struct WebhookOutbox {
                 """, [limit])
             for row in 0..<budgetAlerts.rowCount {
                 let id = try budgetAlerts.value(row, 0, as: String.self)
-                let measure: BudgetMeasure = switch try budgetAlerts.value(row, 5, as: String.self) {
-                case "money": .money(try budgetAlerts.value(row, 6, parsedBy: Currency.init))
-                case "meter": .meter(try budgetAlerts.value(row, 6, as: String.self))
-                case "calls": .calls
-                default: .tokens
-                }
+                let measure = try BudgetRow.measure(budgetAlerts, row: row, kind: 5, unit: 6)
                 // A budget per value names the value (the run) that reached it.
                 var scope = budgetAlerts.string(row, 14).map { [("per", $0), ("value", budgetAlerts.string(row, 15) ?? "")] } ?? []
                 // An anomaly names what it compared: the hour with the mean of the hours before, and the factor.

@@ -138,12 +138,7 @@ struct Budgets: ParsableCommand {
                 FROM budget_alerts WHERE $1::text IS NULL OR customer_id = $1 ORDER BY crossed_at DESC, alert_id LIMIT $2
                 """, [customer, limit])
             let rows = try (0..<result.rowCount).map { row -> [String] in
-                let measure: BudgetMeasure = switch try result.value(row, 5, as: String.self) {
-                case "money": .money(try result.value(row, 6, parsedBy: Currency.init))
-                case "meter": .meter(try result.value(row, 6, as: String.self))
-                case "calls": .calls
-                default: .tokens
-                }
+                let measure = try BudgetRow.measure(result, row: row, kind: 5, unit: 6)
                 return [try result.value(row, 0, as: String.self), try result.value(row, 1, as: String.self), try result.value(row, 2, as: String.self),
                         try result.value(row, 3, as: String.self), "\(try result.value(row, 4, as: Int64.self))%", measure.unit,
                         measure.format(try result.value(row, 7, as: Int64.self)), measure.format(try result.value(row, 8, as: Int64.self)),

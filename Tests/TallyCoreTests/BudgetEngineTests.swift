@@ -17,6 +17,18 @@ final class BudgetEngineTests: XCTestCase {
                                  position: LogPosition(partition: 0, offset: offset)))
     }
 
+    /// `records` cut into consecutive batches of 1 to `atMost` records, at random.
+    static func cut(_ records: [RaterRecord], atMost: Int, using generator: inout SeededGenerator) -> [[RaterRecord]] {
+        var batches: [[RaterRecord]] = []
+        var rest = records[...]
+        while !rest.isEmpty {
+            let size = Int.random(in: 1...atMost, using: &generator)
+            batches.append(Array(rest.prefix(size)))
+            rest = rest.dropFirst(size)
+        }
+        return batches
+    }
+
     /// Applies `batches` one after another, as the rater does, keeping the state between them.
     func apply(_ batches: [[RaterRecord]], charges: [LogPosition: (currency: Currency, nanos: Int64)] = [:],
                profiles: [String: BillingProfile] = [:]) -> (state: BudgetState, alerts: [BudgetAlert]) {
@@ -71,13 +83,7 @@ final class BudgetEngineTests: XCTestCase {
         let reference = apply([records])
         XCTAssertFalse(reference.alerts.isEmpty)
         for _ in 0..<20 {
-            var batches: [[RaterRecord]] = []
-            var rest = records[...]
-            while !rest.isEmpty {
-                let size = Int.random(in: 1...60, using: &generator)
-                batches.append(Array(rest.prefix(size)))
-                rest = rest.dropFirst(size)
-            }
+            let batches = Self.cut(records, atMost: 60, using: &generator)
             let split = apply(batches)
             XCTAssertEqual(split.state.usage.filter { $0.value != 0 }, reference.state.usage.filter { $0.value != 0 })
             XCTAssertEqual(split.alerts, reference.alerts)
@@ -215,13 +221,7 @@ final class BudgetEngineTests: XCTestCase {
         // The first hour had no baseline: 1,000 is under the floor of 2,000, so it is no anomaly.
         var generator = SeededGenerator(seed: 11)
         for _ in 0..<10 {
-            var batches: [[RaterRecord]] = []
-            var rest = records[...]
-            while !rest.isEmpty {
-                let size = Int.random(in: 1...7, using: &generator)
-                batches.append(Array(rest.prefix(size)))
-                rest = rest.dropFirst(size)
-            }
+            let batches = Self.cut(records, atMost: 7, using: &generator)
             XCTAssertEqual(apply(batches).alerts, alerts)
         }
     }

@@ -103,13 +103,20 @@ final class BudgetIntegrationTests: XCTestCase {
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
 
         // A replay from offset zero rebuilds budgets, usage and alerts exactly.
-        let (replayStatus, replayOutput) = try ChildProcess.run(TestStack.executable("tally"), [
+        try assertReplayEqual(harness, rows: ["budgets": 1, "budget_usage": 1, "budget_alerts": 7])
+    }
+
+    /// `tally replay --consumer rater --dry-run` finds nothing different, and the tables named
+    /// hold that many rows, live and replayed, with equal checksums.
+    func assertReplayEqual(_ harness: AggregatorHarness, rows: [String: Int], file: StaticString = #filePath, line: UInt = #line) throws {
+        let (status, output) = try ChildProcess.run(TestStack.executable("tally"), [
             "replay", "--consumer", "rater", "--dry-run", "--live-group", harness.group, "--topic", harness.topic, "--database-url", harness.databaseURL,
         ])
-        XCTAssertEqual(replayStatus, 0, replayOutput)
-        let sums = replayOutput.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
-        for (table, rows) in [("budgets", "1"), ("budget_usage", "1"), ("budget_alerts", "7")] {
-            XCTAssertTrue(sums.contains { $0.first == table && $0.count == 6 && $0[1] == rows && $0[3] == rows && $0[5] == "yes" }, "\(table): \(replayOutput)")
+        XCTAssertEqual(status, 0, output, file: file, line: line)
+        let sums = output.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
+        for (table, count) in rows {
+            XCTAssertTrue(sums.contains { $0.first == table && $0.count == 6 && $0[1] == String(count) && $0[3] == String(count) && $0[5] == "yes" },
+                          "\(table): \(output)", file: file, line: line)
         }
     }
 
@@ -211,10 +218,7 @@ final class BudgetIntegrationTests: XCTestCase {
         XCTAssertTrue(listed.contains("acme,run-guard,total,calls,50,200,0,400%,10000-01-01T00:00:00Z,soft,,feature=agent,run_id=run-loop"), listed)
         rater.signal(SIGTERM)
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
-        let (replayStatus, replayOutput) = try ChildProcess.run(TestStack.executable("tally"), [
-            "replay", "--consumer", "rater", "--dry-run", "--live-group", harness.group, "--topic", harness.topic, "--database-url", harness.databaseURL,
-        ])
-        XCTAssertEqual(replayStatus, 0, replayOutput)
+        try assertReplayEqual(harness, rows: ["budget_usage": 4, "budget_alerts": 1])
     }
 
     /// A usage spike: a day of steady hours, then an hour at more than five times their mean.
@@ -259,12 +263,7 @@ final class BudgetIntegrationTests: XCTestCase {
         }
         rater.signal(SIGTERM)
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
-        let (replayStatus, replayOutput) = try ChildProcess.run(TestStack.executable("tally"), [
-            "replay", "--consumer", "rater", "--dry-run", "--live-group", harness.group, "--topic", harness.topic, "--database-url", harness.databaseURL,
-        ])
-        XCTAssertEqual(replayStatus, 0, replayOutput)
-        let sums = replayOutput.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
-        XCTAssertTrue(sums.contains { $0.first == "budget_alerts" && $0.count == 6 && $0[1] == "1" && $0[3] == "1" && $0[5] == "yes" }, replayOutput)
+        try assertReplayEqual(harness, rows: ["budget_alerts": 1])
     }
 }
 

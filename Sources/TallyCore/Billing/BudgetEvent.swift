@@ -53,6 +53,19 @@ public enum BudgetMeasure: Hashable, Sendable {
         }
     }
 
+    /// The measure stored as its `kind` and `unit` (as the budget tables keep it); nil for neither.
+    public init?(kind: String, unit: String) {
+        switch kind {
+        case "tokens": self = .tokens
+        case "calls": self = .calls
+        case "money":
+            guard let currency = Currency(unit) else { return nil }
+            self = .money(currency)
+        case "meter": self = .meter(unit)
+        default: return nil
+        }
+    }
+
     public var kind: String {
         switch self {
         case .tokens: "tokens"
