@@ -477,7 +477,7 @@ private func readString(_ reader: inout JSONReader, _ path: @autoclosure () -> S
     return value
 }
 
-private func containsControl(_ value: String) -> Bool {
+func containsControl(_ value: String) -> Bool {
     var value = value
     // Over the contiguous bytes: a tight loop, where the UTF-8 view iterates a byte at a time.
     return value.withUTF8 { $0.contains { $0 < 0x20 || $0 == 0x7f } }

@@ -156,6 +156,12 @@ public enum EventDecodingError: Error, Hashable, Sendable, CustomStringConvertib
 
 /// The limits of schema v1, shared by the validator, the JSON Schema and the docs.
 public enum EventLimits {
+    /// Whether `text` is a label the schemas accept: `length` characters (Unicode scalars, as
+    /// JSON Schema's `maxLength` counts them) and no control character.
+    public static func isLabel(_ text: String, length: ClosedRange<Int>) -> Bool {
+        length.contains(text.unicodeScalars.count) && !containsControl(text)
+    }
+
     public static let idLength = 1...128
     public static let subjectLength = 1...256
     public static let sourceLength = 1...1024

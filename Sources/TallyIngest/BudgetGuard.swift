@@ -61,7 +61,7 @@ final class BudgetGuard: @unchecked Sendable {
         await withCheckedContinuation { continuation in
             queue.async { [self] in
                 do {
-                    let now = Self.nowMicroseconds()
+                    let now = CreditGuard.nowMicroseconds()
                     guard try includeSoft || hasEnforcedBudgets(call.subject) else { return continuation.resume(returning: .unbudgeted) }
                     let snapshot = try snapshot(call.subject, at: now, call: call)
                     var estimates: [BudgetKey: Int64] = [:]
@@ -93,7 +93,7 @@ final class BudgetGuard: @unchecked Sendable {
         await withCheckedContinuation { continuation in
             queue.async { [self] in
                 do {
-                    let now = Self.nowMicroseconds()
+                    let now = CreditGuard.nowMicroseconds()
                     let snapshot = try snapshot(call.subject, at: now, call: nil)
                     continuation.resume(returning: .success(lock.withLock { reservations.availability(snapshot, now: now) }))
                 } catch {
@@ -200,6 +200,4 @@ final class BudgetGuard: @unchecked Sendable {
     static func key(customerID: String, _ definition: BudgetDefinition, value: String) -> BudgetKey {
         BudgetKey(customerID: customerID, name: definition.per == nil ? definition.name : definition.name + "\u{0}" + value)
     }
-
-    static func nowMicroseconds() -> Int64 { Int64(Date().timeIntervalSince1970 * 1_000_000) }
 }

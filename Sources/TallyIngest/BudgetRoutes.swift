@@ -45,10 +45,7 @@ extension IngestService {
             var violations: [FieldViolation] = []
             func fail(_ field: String, _ reason: String) { violations.append(FieldViolation(field, reason)) }
             for name in fields.keys.sorted() where !Self.fields.contains(name) { fail(name, "is not a field of a check: \(Self.fields.joined(separator: ", ")) are") }
-            func isLabel(_ text: String, _ length: ClosedRange<Int>) -> Bool {
-                length.contains(text.unicodeScalars.count) && !text.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7f }
-            }
-            if let customer = fields["customer"]?.string, isLabel(customer, EventLimits.subjectLength) {
+            if let customer = fields["customer"]?.string, EventLimits.isLabel(customer, length: EventLimits.subjectLength) {
                 request.customer = customer
             } else {
                 fail("customer", "is required: the customer id (1 to 256 characters, no control characters)")
@@ -56,11 +53,11 @@ extension IngestService {
             if let value = fields["dimensions"] {
                 if case .object(let members) = value, members.count <= EventLimits.maxProperties {
                     for (name, member) in members.sorted(by: { $0.key < $1.key }) {
-                        guard isLabel(name, EventLimits.propertyKeyLength) else {
+                        guard EventLimits.isLabel(name, length: EventLimits.propertyKeyLength) else {
                             fail("dimensions", "names are 1 to \(EventLimits.propertyKeyLength.upperBound) characters without control characters")
                             continue
                         }
-                        if let text = member.string, isLabel(text, 1...EventLimits.maxPropertyValueLength) {
+                        if let text = member.string, EventLimits.isLabel(text, length: 1...EventLimits.maxPropertyValueLength) {
                             request.dimensions[name] = text
                         } else {
                             fail("dimensions.\(name)", "must be a non-empty string of at most \(EventLimits.maxPropertyValueLength) characters without control characters")
@@ -100,7 +97,7 @@ extension IngestService {
                 if case .bool(let flag) = value { request.hold = flag } else { fail("hold", "must be true or false") }
             }
             if let value = fields["event_id"] {
-                if let id = value.string, isLabel(id, EventLimits.idLength) { request.eventID = id } else { fail("event_id", "must be an event id (1 to 128 characters)") }
+                if let id = value.string, EventLimits.isLabel(id, length: EventLimits.idLength) { request.eventID = id } else { fail("event_id", "must be an event id (1 to 128 characters)") }
             }
             if let value = fields["hold_seconds"] {
                 if case .integer(.value(let seconds)) = value, (1...3600).contains(seconds) { request.holdSeconds = seconds } else {
@@ -117,7 +114,7 @@ extension IngestService {
         var call: UsageEvent {
             var properties = dimensions
             let labels = ["model", "feature", "environment", "provider"].map { properties.removeValue(forKey: $0) }
-            return UsageEvent(id: eventID ?? "check", source: "check", subject: customer, time: EventTime(microseconds: BudgetGuard.nowMicroseconds()),
+            return UsageEvent(id: eventID ?? "check", source: "check", subject: customer, time: EventTime(microseconds: CreditGuard.nowMicroseconds()),
                               model: labels[0] ?? "", provider: labels[3], feature: labels[1], environment: labels[2],
                               inputTokens: 0, outputTokens: 0, properties: properties)
         }
@@ -152,7 +149,7 @@ extension IngestService {
         if let owner = key?.customerID, owner != checked.customer {
             return problem(.forbidden, "forbidden", "this API key may only check the budgets of customer \"\(owner)\"")
         }
-        let expiresAt = BudgetGuard.nowMicroseconds() + checked.holdSeconds * 1_000_000
+        let expiresAt = CreditGuard.nowMicroseconds() + checked.holdSeconds * 1_000_000
         let decision = await budgets.admit(checked.call, route: .check, hold: checked.hold, includeSoft: true, eventID: checked.hold ? checked.eventID : nil,
                                            expiresAt: expiresAt, estimate: { [checked] in checked.estimate($0) })
         var fields: [(String, JSONField)]
@@ -180,7 +177,7 @@ extension IngestService {
         guard let budgets else {
             return problem(.serviceUnavailable, "budgets unavailable", "this tally-ingest reads no database (--allow-anonymous), so it knows no budgets")
         }
-        let call = UsageEvent(id: "list", source: "list", subject: customer, time: EventTime(microseconds: BudgetGuard.nowMicroseconds()), model: "",
+        let call = UsageEvent(id: "list", source: "list", subject: customer, time: EventTime(microseconds: CreditGuard.nowMicroseconds()), model: "",
                               inputTokens: 0, outputTokens: 0)
         switch await budgets.standing(of: call) {
         case .failure:

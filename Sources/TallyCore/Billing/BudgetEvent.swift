@@ -250,8 +250,7 @@ public struct BudgetEvent: Hashable, Sendable {
         }
         func text(_ field: String) -> String? {
             guard let value = data[field] else { return nil }
-            guard let string = value.string, !string.isEmpty, string.unicodeScalars.count <= EventLimits.maxPropertyValueLength,
-                  !string.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
+            guard let string = value.string, EventLimits.isLabel(string, length: 1...EventLimits.maxPropertyValueLength) else {
                 fail(field, "must be a non-empty string of at most \(EventLimits.maxPropertyValueLength) characters without control characters")
                 return nil
             }
@@ -343,12 +342,11 @@ public struct BudgetEvent: Hashable, Sendable {
         if let value = data["dimensions"] {
             if case .object(let members) = value, members.count <= BudgetDefinition.maxDimensions {
                 for (key, member) in members.sorted(by: { $0.key < $1.key }) {
-                    guard EventLimits.propertyKeyLength.contains(key.unicodeScalars.count), !key.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
+                    guard EventLimits.isLabel(key, length: EventLimits.propertyKeyLength) else {
                         fail("dimensions", "names are 1 to \(EventLimits.propertyKeyLength.upperBound) characters without control characters")
                         continue
                     }
-                    guard let string = member.string, !string.isEmpty, string.unicodeScalars.count <= EventLimits.maxPropertyValueLength,
-                          !string.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
+                    guard let string = member.string, EventLimits.isLabel(string, length: 1...EventLimits.maxPropertyValueLength) else {
                         fail("dimensions.\(key)", "must be a non-empty string without control characters, at most \(EventLimits.maxPropertyValueLength) characters")
                         continue
                     }
@@ -360,8 +358,7 @@ public struct BudgetEvent: Hashable, Sendable {
         }
         var per: String?
         if let value = data["per"] {
-            if let key = value.string, EventLimits.propertyKeyLength.contains(key.unicodeScalars.count),
-               !key.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) {
+            if let key = value.string, EventLimits.isLabel(key, length: EventLimits.propertyKeyLength) {
                 if dimensions[key] != nil { fail("per", "\(key) is also one of the dimensions: a budget per value of it is counted per value already") }
                 per = key
             } else {
