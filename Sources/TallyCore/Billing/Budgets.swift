@@ -107,7 +107,6 @@ public struct BudgetResult: Sendable {
     public var clearedUsage = Set<BudgetKey>()
     public var touchedUsage = Set<BudgetUsageKey>()
     public var alerts: [BudgetAlert] = []
-    public var declarations = 0
     /// Declarations that changed nothing, with why (kept in `tally.unrateable_records`).
     public var refused: [UnrateableRecord] = []
 }
@@ -175,7 +174,6 @@ public enum BudgetEngine {
     private static func declare(_ positioned: PositionedBudget, state: inout BudgetState, result: inout BudgetResult) {
         let event = positioned.budget
         let key = BudgetKey(customerID: event.subject, name: event.name)
-        result.declarations += 1
         let existing = state.budgets[key.customerID]?[key.name]
         guard let definition = event.definition else {
             guard existing != nil else { return }
