@@ -79,7 +79,10 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-            ]),
+                .product(name: "Yams", package: "Yams"),
+            ],
+            // The OpenAPI document served at /openapi.json (docs/api.md).
+            resources: [.copy("openapi.yaml")]),
         .executableTarget(name: "tally-ingest", dependencies: ["TallyCLI", "TallyIngest"]),
         .executableTarget(
             name: "tally-aggregator",

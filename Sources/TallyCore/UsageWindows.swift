@@ -16,6 +16,17 @@ public enum Granularity: String, Sendable, CaseIterable {
             return Int64(EventTime.daysFromCivil(year: year, month: month, day: 1)) * day
         }
     }
+
+    /// End (exclusive) of the window holding `microseconds`: the next window's start.
+    public func windowEnd(_ microseconds: Int64) -> Int64 {
+        let start = windowStart(microseconds)
+        switch self {
+        case .hour: return start + 3_600_000_000
+        case .day: return start + 86_400_000_000
+        // 32 days after the first of a month always lies in the next month.
+        case .month: return windowStart(start + 32 * 86_400_000_000)
+        }
+    }
 }
 
 /// What usage is grouped by. Missing optional labels are the empty string.

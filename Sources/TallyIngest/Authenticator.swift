@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import TallyCore
 import TallyPostgres
 
 /// Checks `Authorization: Bearer` keys against `tally.api_keys`, with a short cache.
@@ -37,20 +38,27 @@ final class Authenticator: @unchecked Sendable {
             queue.async { [self] in
                 let now = ContinuousClock.now
                 if let cached = cache[key], cached.until > now {
-                    continuation.resume(returning: cached.record.map(Outcome.allowed) ?? .denied)
+                    continuation.resume(returning: Self.outcome(cached.record))
                     return
                 }
                 do {
                     let record = try connection.retrying(timeout: .seconds(2)) { _ in try store.authenticate(key) }
                     if cache.count > 10_000 { cache.removeAll() }
                     cache[key] = (record, now + cacheTTL)
-                    continuation.resume(returning: record.map(Outcome.allowed) ?? .denied)
+                    continuation.resume(returning: Self.outcome(record))
                 } catch {
                     logger.error("API key check failed: \(error)")
                     continuation.resume(returning: .unavailable)
                 }
             }
         }
+    }
+
+    /// A key that lapsed while cached is refused at once, not when the cache entry ends.
+    private static func outcome(_ record: APIKeyRecord?) -> Outcome {
+        guard let record else { return .denied }
+        if let text = record.expiresAt, let expiry = EventTime(text), expiry.microseconds <= CreditGuard.nowMicroseconds() { return .denied }
+        return .allowed(record)
     }
 
     /// True when the database answers.

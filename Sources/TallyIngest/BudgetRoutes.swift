@@ -10,10 +10,10 @@ import TallyPostgres
 extension IngestService {
     func registerBudgetRoutes(on router: Router<BasicRequestContext>) {
         router.post("v1/check") { request, _ in
-            try await self.authenticated(request) { key in try await self.check(request, key: key) }
+            try await self.authenticated(request, scopes: [.ingest]) { key in try await self.check(request, key: key) }
         }
         router.get("v1/customers/:customer/budgets") { request, context in
-            try await self.authenticated(request) { key in
+            try await self.authenticated(request, scopes: [.ingest, .read]) { key in
                 guard let customer = Self.pathSegment(context.parameters.get("customer")) else { return self.badPath() }
                 if let owner = key?.customerID, owner != customer {
                     return self.problem(.forbidden, "forbidden", "this API key may only read the budgets of customer \"\(owner)\"")

@@ -80,7 +80,7 @@ final class Gateway: Sendable {
     func register(on router: Router<BasicRequestContext>) {
         for api in GatewayAPI.allCases {
             router.post(RouterPath(stringLiteral: String(api.path.dropFirst()))) { request, _ in
-                try await self.service.authenticated(request, vendor: api.vendor) { key in try await self.proxy(request, api: api, key: key) }
+                try await self.service.authenticated(request, scopes: [.ingest], vendor: api.vendor) { key in try await self.proxy(request, api: api, key: key) }
             }
         }
     }

@@ -60,6 +60,7 @@ public struct IngestCommand: AsyncParsableCommand {
 
     public func validate() throws {
         guard idleTimeoutSeconds > 0, maxConnections > 0 else { throw ValidationError("--idle-timeout-seconds and --max-connections must be positive") }
+        guard (1...64).contains(readConnections) else { throw ValidationError("--read-connections: 1 to 64") }
     }
     @Option(help: "How long the broker may take to acknowledge an event before it is answered `unknown` (503, resend with the same id). The default outlasts a Kafka controller fail-over (11–13 s measured).")
     var deliveryTimeoutMs = 30_000
@@ -78,6 +79,8 @@ public struct IngestCommand: AsyncParsableCommand {
     var refuseUnpricedModels = false
     @Option(help: "Gateway: the longest wait for the upstream's response head or its next chunk.") var upstreamTimeoutSeconds = 600
     @Option(help: "Gateway: largest request body in bytes.") var gatewayMaxBodyBytes = 32 << 20
+    @Option(help: "PostgreSQL connections for the read API (usage, balances, invoices…); reads beyond them wait their turn.")
+    var readConnections = 4
 
     /// Grants and voids are signed with the keyring's `sign` key; without a keyring they are refused (503).
     func creditKeyring(logger: Logger) throws -> CreditKeyring? {
@@ -86,6 +89,18 @@ public struct IngestCommand: AsyncParsableCommand {
             return nil
         }
         return try creditKeys.signingKeyring(logger: logger)
+    }
+
+    /// The read API's connections; none without a database URL (its routes then answer 503). With
+    /// --allow-anonymous, a database that does not answer leaves the ingest API running without them.
+    func readPool(logger: Logger) throws -> ReadPool? {
+        guard let url = try? database.databaseURL else { return nil }
+        do {
+            return try ReadPool(url: url, count: readConnections, logger: logger)
+        } catch where allowAnonymous {
+            logger.warning("the read API is off: \(error)")
+            return nil
+        }
     }
 
     public func run() async throws { try await run(decorate: { _ in }) }
@@ -129,6 +144,7 @@ public struct IngestCommand: AsyncParsableCommand {
                                         budgets: allowAnonymous ? nil
                                             : BudgetGuard(connection: try PostgresConnection(url: try database.databaseURL, logger: logger, searchPath: "tally"),
                                                           topic: kafka.topic, raterGroup: raterGroup, logger: logger),
+                                        readPool: try readPool(logger: logger),
                                         logger: logger)
         let router = Router()
         decorate(router)

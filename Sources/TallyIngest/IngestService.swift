@@ -30,6 +30,8 @@ final class IngestService: Sendable {
     let creditKeyring: CreditKeyring?
     /// Budgets for `/v1/check` and the gateway (nil without a database: --allow-anonymous).
     let budgets: BudgetGuard?
+    /// Connections for the read API (nil without a database URL: read routes answer 503).
+    let readPool: ReadPool?
 
     let requests = Counter(label: "tally_ingest_requests_total")
     let accepted = Counter(label: "tally_ingest_events_accepted_total")
@@ -59,8 +61,9 @@ final class IngestService: Sendable {
 
     init(kafkaConfiguration: KafkaConfiguration, admin: KafkaAdmin, topic: String, parser: IngestBatchParser, maxBodyBytes: Int,
          authenticator: Authenticator?, grants: GrantRegistry?, meters: MeterRegistry? = nil, rateLimiter: KeyRateLimiter?,
-         creditKeyring: CreditKeyring?, budgets: BudgetGuard? = nil, logger: Logger) throws {
+         creditKeyring: CreditKeyring?, budgets: BudgetGuard? = nil, readPool: ReadPool? = nil, logger: Logger) throws {
         self.kafkaConfiguration = kafkaConfiguration
+        self.readPool = readPool
         self.budgets = budgets
         self.creditKeyring = creditKeyring
         self.authenticator = authenticator
@@ -78,10 +81,10 @@ final class IngestService: Sendable {
     /// - Parameter publicMetrics: serve `/metrics` without an API key (otherwise a scrape needs one).
     func register(on router: Router<BasicRequestContext>, publicMetrics: Bool, metrics: @escaping @Sendable () -> String) {
         router.post("v1/events") { request, _ in
-            try await self.authenticated(request) { key in try await self.events(request, key: key) }
+            try await self.authenticated(request, scopes: [.ingest]) { key in try await self.events(request, key: key) }
         }
         router.post("v1/usage/:provider") { request, context in
-            try await self.authenticated(request) { key in
+            try await self.authenticated(request, scopes: [.ingest]) { key in
                 try await self.providerUsage(request, provider: context.parameters.get("provider") ?? "", key: key)
             }
         }
@@ -109,6 +112,7 @@ final class IngestService: Sendable {
             if removed { router.delete("v1/customers/:customer/budgets/:budget", use: handler) } else { router.put("v1/customers/:customer/budgets/:budget", use: handler) }
         }
         registerBudgetRoutes(on: router)
+        registerReadRoutes(on: router)
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
         router.get("readyz") { _, _ in
             // Ready when the broker answers for our topic and the key database answers.
@@ -161,8 +165,9 @@ final class IngestService: Sendable {
         return nil
     }
 
-    /// Runs `handler` for a request with a live API key (or any request with --allow-anonymous).
-    func authenticated(_ request: Request, vendor: GatewayAPI.Vendor? = nil,
+    /// Runs `handler` for a request with a live API key holding one of `scopes` (any scope when
+    /// empty; admin keys hold every scope), or any request with --allow-anonymous.
+    func authenticated(_ request: Request, scopes: [APIScope] = [], vendor: GatewayAPI.Vendor? = nil,
                        _ handler: (APIKeyRecord?) async throws -> Response) async throws -> Response {
         guard let authenticator else { return try await handler(nil) }
         // Anthropic's clients send their key as x-api-key.
@@ -175,6 +180,11 @@ final class IngestService: Sendable {
                 headers[.retryAfter] = String(max(1, Int(wait.totalSeconds.rounded(.up))))
                 return problem(.tooManyRequests, "too many requests", "this API key is limited to its share of requests per second; retry after the Retry-After seconds",
                                headers: headers, vendor: vendor)
+            }
+            if !scopes.isEmpty && !scopes.contains(where: key.allows) {
+                let names = scopes.map(\.rawValue).joined(separator: " or ")
+                return problem(.forbidden, "forbidden", "this API key lacks the \(names) scope; create one with: tally keys create --scope \(scopes[0].rawValue)",
+                               extra: [("required_scopes", .array(scopes.map { .string($0.rawValue) }))], vendor: vendor)
             }
             return try await handler(key)
         case .denied:

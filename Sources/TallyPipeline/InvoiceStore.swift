@@ -76,8 +76,40 @@ public struct InvoiceStore {
         return try (0..<result.rowCount).map { try result.value($0, 0, as: String.self) }
     }
 
+    /// The invoices the customer's current billing period (the one holding `now`, microseconds)
+    /// would have if it closed now, one per currency with something on it: the running total.
+    /// Stores nothing. A period already closed early is not drafted again.
+    public func draft(customerID: String, now: Int64) throws -> (period: BillingPeriod, invoices: [Invoice]) {
+        let profile = try catalog.profiles([customerID])[customerID] ?? BillingProfile(customerID: customerID)
+        let period = profile.period(containing: now)
+        var invoices: [Invoice] = []
+        for case .success(let invoice) in try build(customer: customerID, profile: profile, period: period, catalog: try catalog.loadCatalog(),
+                                                    skippingClosed: { _ in }) where !invoice.isEmpty {
+            invoices.append(invoice)
+        }
+        return (period, invoices)
+    }
+
     private func close(customer: String, profile: BillingProfile, period: BillingPeriod, catalog: PriceCatalog,
                        into closing: inout InvoiceClosing) throws {
+        var closed: [String] = []
+        let built = try build(customer: customer, profile: profile, period: period, catalog: catalog, skippingClosed: { closed.append($0) })
+        closing.alreadyClosed += closed
+        for outcome in built {
+            switch outcome {
+            case .failure(let error): closing.refused.append(error.message)
+            case .success(let invoice):
+                if invoice.isEmpty { continue }
+                if try store(invoice) { closing.closed.append(invoice) } else { closing.alreadyClosed.append(invoice.invoiceID) }
+            }
+        }
+    }
+
+    /// The period's invoice in each currency the customer was rated in (and its own), built from
+    /// what is stored; currencies whose period is already invoiced are skipped and named to `skippingClosed`.
+    private func build(customer: String, profile: BillingProfile, period: BillingPeriod, catalog: PriceCatalog,
+                       skippingClosed: (String) -> Void) throws -> [Result<Invoice, InvoiceError>] {
+        var built: [Result<Invoice, InvoiceError>] = []
         let currencies = try connection.query("""
             SELECT DISTINCT currency FROM rated_usage WHERE customer_id = $1 AND period_start <= \(microsecondsToTimestamp) $2::bigint
             """, [customer, period.start])
@@ -94,20 +126,17 @@ public struct InvoiceStore {
                 SELECT invoice_id FROM invoices WHERE customer_id = $1 AND currency = $2 AND period_start = \(microsecondsToTimestamp) $3::bigint
                 """, [customer, currency.code, period.start])
             if existing.rowCount > 0 {
-                closing.alreadyClosed.append(try existing.value(0, 0, as: String.self))
+                skippingClosed(try existing.value(0, 0, as: String.self))
                 continue
             }
             try load(&inputs)
-            let invoice: Invoice
             do {
-                invoice = try InvoiceBuilder.build(inputs)
+                built.append(.success(try InvoiceBuilder.build(inputs)))
             } catch {
-                closing.refused.append(error.message)
-                continue
+                built.append(.failure(error))
             }
-            if invoice.isEmpty { continue }
-            if try store(invoice) { closing.closed.append(invoice) } else { closing.alreadyClosed.append(invoice.invoiceID) }
         }
+        return built
     }
 
     /// Usage and credits of the period, plus those of earlier periods already invoiced (for adjustments).
@@ -206,10 +235,19 @@ public struct InvoiceStore {
 
     /// The stored invoice of a customer's period, rebuilt from its lines.
     public func invoice(customerID: String, periodLabel: String) throws -> Invoice? {
+        try invoice(customerID: customerID, matching: "to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') = $2", periodLabel)
+    }
+
+    /// The stored invoice with this id, if it is the customer's.
+    public func invoice(customerID: String, invoiceID: String) throws -> Invoice? {
+        try invoice(customerID: customerID, matching: "invoice_id = $2", invoiceID)
+    }
+
+    private func invoice(customerID: String, matching condition: String, _ value: String) throws -> Invoice? {
         let header = try connection.query("""
             SELECT invoice_id, \(microseconds("period_start")), \(microseconds("period_end")), currency FROM invoices
-            WHERE customer_id = $1 AND to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM') = $2 ORDER BY currency LIMIT 1
-            """, [customerID, periodLabel])
+            WHERE customer_id = $1 AND \(condition) ORDER BY currency LIMIT 1
+            """, [customerID, value])
         guard header.rowCount == 1 else { return nil }
         let invoiceID = try header.value(0, 0, as: String.self)
         let lines = try connection.query("""

@@ -1,18 +1,43 @@
 import Foundation
 
 /// An ingest API key as stored (never the key itself).
+/// What an API key may do (docs/api.md#keys-and-scopes).
+public enum APIScope: String, Sendable, CaseIterable, Comparable {
+    /// Send usage: `/v1/events`, `/v1/usage/{provider}`, the gateway routes, `/v1/check`.
+    case ingest
+    /// Grant and void credit, declare budgets.
+    case grants
+    /// Read usage, balances, invoices and alerts (a customer's key: its own customer only).
+    case read
+    /// Everything, for every customer: customer lists, price books, consumer positions.
+    case admin
+
+    public static func < (a: APIScope, b: APIScope) -> Bool {
+        allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
+    }
+}
+
 public struct APIKeyRecord: Sendable, Equatable {
     public let keyID: String
     public let name: String
     public let environment: String?
     public let createdAt: String
     public let revokedAt: String?
-    /// May post wallet grants.
-    public let mayGrant: Bool
+    /// What the key may do; `admin` may do everything.
+    public let scopes: Set<APIScope>
+    /// May post wallet grants and budgets.
+    public var mayGrant: Bool { allows(.grants) }
     /// The customer a gateway call with this key is metered for, when the key is a customer's.
     public let customerID: String?
     /// May name whom a gateway call is for in the gateway's customer header (keys without a customer only).
     public let mayNameCustomer: Bool
+    /// When the key lapses (RFC 3339 text from PostgreSQL), nil for never.
+    public let expiresAt: String?
+
+    /// True when the key has `scope` or is an admin key.
+    public func allows(_ scope: APIScope) -> Bool {
+        scopes.contains(scope) || scopes.contains(.admin)
+    }
 }
 
 /// Ingest API keys in `tally.api_keys`: created, listed, revoked, and checked by hash.
@@ -27,8 +52,11 @@ public struct APIKeyStore {
     }
 
     /// Creates a key and returns it; this is the only time it is visible.
-    public func create(name: String, environment: String?, mayGrant: Bool = false, customerID: String? = nil,
-                       mayNameCustomer: Bool = false) throws -> (key: String, record: APIKeyRecord) {
+    /// - Parameters:
+    ///   - scopes: what the key may do (at least one).
+    ///   - expiresAt: microseconds since the epoch after which the key is refused (portal tokens), nil for never.
+    public func create(name: String, environment: String?, scopes: Set<APIScope> = [.ingest], customerID: String? = nil,
+                       mayNameCustomer: Bool = false, expiresAt: Int64? = nil) throws -> (key: String, record: APIKeyRecord) {
         var generator = SystemRandomNumberGenerator()
         func hex(_ count: Int) -> String {
             (0..<count).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
@@ -36,10 +64,12 @@ public struct APIKeyStore {
         let keyID = hex(4)
         let key = "tally_\(keyID)_\(hex(24))"
         let result = try connection.query("""
-            INSERT INTO tally.api_keys (key_id, key_hash, name, environment, may_grant, customer_id, may_name_customer)
-            VALUES ($1, sha256(convert_to($2, 'UTF8')), $3, $4, $5, $6, $7)
+            INSERT INTO tally.api_keys (key_id, key_hash, name, environment, may_grant, customer_id, may_name_customer, scopes, expires_at)
+            VALUES ($1, sha256(convert_to($2, 'UTF8')), $3, $4, $5, $6, $7, string_to_array($8, ','),
+                    to_timestamp($9::bigint / 1000000.0))
             RETURNING \(Self.columns)
-            """, [keyID, key, name, environment, mayGrant, customerID, mayNameCustomer])
+            """, [keyID, key, name, environment, scopes.contains(.grants), customerID, mayNameCustomer,
+                  scopes.sorted().map(\.rawValue).joined(separator: ","), expiresAt])
         return (key, Self.record(result, 0))
     }
 
@@ -65,16 +95,20 @@ public struct APIKeyStore {
     public func authenticate(_ key: String) throws -> APIKeyRecord? {
         let result = try connection.query("""
             SELECT \(Self.columns) FROM tally.api_keys
-            WHERE key_hash = sha256(convert_to($1, 'UTF8')) AND revoked_at IS NULL
+            WHERE key_hash = sha256(convert_to($1, 'UTF8')) AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
             """, [key])
         return result.rowCount == 1 ? Self.record(result, 0) : nil
     }
 
-    private static let columns = "key_id, name, environment, created_at::text, revoked_at::text, may_grant, customer_id, may_name_customer"
+    private static let columns = """
+        key_id, name, environment, created_at::text, revoked_at::text, array_to_string(scopes, ','), customer_id, may_name_customer,
+        to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+        """
 
     private static func record(_ result: PostgresResult, _ row: Int) -> APIKeyRecord {
         APIKeyRecord(keyID: result.string(row, 0) ?? "", name: result.string(row, 1) ?? "", environment: result.string(row, 2),
-                     createdAt: result.string(row, 3) ?? "", revokedAt: result.string(row, 4), mayGrant: result.bool(row, 5) ?? false,
-                     customerID: result.string(row, 6), mayNameCustomer: result.bool(row, 7) ?? false)
+                     createdAt: result.string(row, 3) ?? "", revokedAt: result.string(row, 4),
+                     scopes: Set((result.string(row, 5) ?? "").split(separator: ",").compactMap { APIScope(rawValue: String($0)) }),
+                     customerID: result.string(row, 6), mayNameCustomer: result.bool(row, 7) ?? false, expiresAt: result.string(row, 8))
     }
 }

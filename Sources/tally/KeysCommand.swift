@@ -6,7 +6,7 @@ import TallyPostgres
 
 struct Keys: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Manage ingest API keys (stored hashed in tally.api_keys).",
+        abstract: "Manage API keys and portal tokens (stored hashed in tally.api_keys).",
         subcommands: [Create.self, List.self, Revoke.self])
 
     struct Create: ParsableCommand {
@@ -14,21 +14,40 @@ struct Keys: ParsableCommand {
         @OptionGroup var database: DatabaseOptions
         @Option(help: "What the key is for.") var name: String
         @Option(help: "Limit the key to events of this data.environment.") var environment: String?
-        @Flag(help: "Allow the key to grant wallet credit (POST /v1/wallets/{customer}/grants).") var grants = false
+        @Option(help: "Comma-separated scopes: ingest (send usage), grants (credit and budgets), read (the read API), admin (all, every customer). A read key with --customer is a customer portal token.")
+        var scope = "ingest"
+        @Flag(help: "Also allow the key to grant wallet credit and set budgets (the grants scope).") var grants = false
+        @Option(help: "The key lapses after this many hours (portal tokens).") var expiresInHours: Int?
         @Option(help: "Make it a customer's key: gateway calls with it are metered for, and checked against the credit of, this customer.") var customer: String?
         @Flag(help: "Allow the key (of no customer) to name whom a gateway call is for in tally-ingest's --customer-header: an application trusted to say so.")
         var namesCustomers = false
 
         func validate() throws {
             if namesCustomers && customer != nil { throw ValidationError("--names-customers is for keys of no customer: a customer's key pays for its own calls") }
+            _ = try scopes()
+            if let expiresInHours, !(1...24 * 366).contains(expiresInHours) { throw ValidationError("--expires-in-hours: 1 to \(24 * 366)") }
+        }
+
+        func scopes() throws -> Set<APIScope> {
+            var scopes: Set<APIScope> = grants ? [.grants] : []
+            for name in scope.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !name.isEmpty {
+                guard let parsed = APIScope(rawValue: name) else {
+                    throw ValidationError("--scope \(name): expected some of \(APIScope.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                scopes.insert(parsed)
+            }
+            if scopes.isEmpty { throw ValidationError("--scope: name at least one scope") }
+            if scopes.contains(.admin) && customer != nil { throw ValidationError("--scope admin is for keys of no customer: an admin key acts for every customer") }
+            return scopes
         }
 
         func run() throws {
             let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
-            let (key, record) = try store.create(name: name, environment: environment, mayGrant: grants, customerID: customer,
-                                                 mayNameCustomer: namesCustomers)
+            let expiresAt = expiresInHours.map { Int64(Date().timeIntervalSince1970) * 1_000_000 + Int64($0) * 3_600_000_000 }
+            let (key, record) = try store.create(name: name, environment: environment, scopes: try scopes(), customerID: customer,
+                                                 mayNameCustomer: namesCustomers, expiresAt: expiresAt)
             print(key)
-            print("key id \(record.keyID)\(record.customerID.map { " of customer \($0)" } ?? "")\(record.environment.map { ", limited to environment \($0)" } ?? "")\(grants ? ", may grant credit" : "")\(namesCustomers ? ", may name customers in the gateway" : ""): store it now, it is not shown again", to: &standardError)
+            print("key id \(record.keyID)\(record.customerID.map { " of customer \($0)" } ?? "")\(record.environment.map { ", limited to environment \($0)" } ?? ""), scopes \(record.scopes.sorted().map(\.rawValue).joined(separator: ","))\(record.expiresAt.map { ", lapses at \($0)" } ?? "")\(namesCustomers ? ", may name customers in the gateway" : ""): store it now, it is not shown again", to: &standardError)
         }
     }
 
@@ -38,8 +57,12 @@ struct Keys: ParsableCommand {
 
         func run() throws {
             let store = APIKeyStore(connection: try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.keys")))
-            let rows = try store.list().map { [$0.keyID, $0.name, $0.customerID ?? "", $0.environment ?? "", $0.mayGrant ? "yes" : "no", $0.createdAt, $0.revokedAt ?? ""] }
-            print(TableRenderer.render(header: ["key_id", "name", "customer", "environment", "grants", "created_at", "revoked_at"], rows: rows, format: "table", numericFrom: 7),
+            let rows = try store.list().map {
+                [$0.keyID, $0.name, $0.customerID ?? "", $0.environment ?? "", $0.scopes.sorted().map(\.rawValue).joined(separator: ","), $0.createdAt,
+                 $0.expiresAt ?? "", $0.revokedAt ?? ""]
+            }
+            print(TableRenderer.render(header: ["key_id", "name", "customer", "environment", "scopes", "created_at", "expires_at", "revoked_at"], rows: rows,
+                                       format: "table", numericFrom: 8),
                   terminator: "")
         }
     }

@@ -7,16 +7,15 @@ import TallyPostgres
 
 struct Usage: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show usage from the materialized windows (views tally.usage_hourly/daily/monthly).")
+        abstract: "Show usage from the materialized windows (the exact hourly windows, rolled up to days or months).")
 
     enum Granularity: String, ExpressibleByArgument, CaseIterable { case hour, day, month }
     enum Format: String, ExpressibleByArgument, CaseIterable { case table, json, csv }
-    static let dimensions = ["customer", "model", "feature", "provider", "environment", "status"]
 
     @OptionGroup var database: DatabaseOptions
     @Option(help: "Only this customer (default: every customer, one row each).") var customer: String?
-    @Option(help: "Windows starting at or after this time (RFC 3339).") var from: String?
-    @Option(help: "Windows starting before this time (RFC 3339).") var to: String?
+    @Option(help: "Windows overlapping [--from, --to), each whole (RFC 3339).") var from: String?
+    @Option(help: "End of the range (RFC 3339, exclusive).") var to: String?
     @Option(help: "Window size: hour, day or month.") var granularity: Granularity = .day
     @Option(help: "Comma-separated dimensions to split by: model, feature, provider, environment, status (how calls ended).") var groupBy = ""
     @Option(help: "table, json or csv.") var format: Format = .table
@@ -26,7 +25,7 @@ struct Usage: ParsableCommand {
         let names = Set(groupByList)
         // A meter's dimensions are checked against its declaration when the catalog is read.
         guard meter == nil else { return names }
-        for name in names where !Self.dimensions.dropFirst().contains(name) {
+        for name in names where !UsageQuery.dimensions.contains(name) {
             throw ValidationError("--group-by \(name): expected some of model, feature, provider, environment, status")
         }
         return names
@@ -48,36 +47,17 @@ struct Usage: ParsableCommand {
         let split = try parsedGroupBy()
         let connection = try PostgresConnection(url: try database.databaseURL, logger: .init(label: "tally.usage"), searchPath: "tally")
         if let meter { return try runMeter(meter, connection: connection) }
-        // The view is one of three fixed names; the grouping is switched by bound booleans.
-        let view = switch granularity {
-        case .hour: "tally.usage_hourly"
-        case .day: "tally.usage_daily"
-        case .month: "tally.usage_monthly"
+        let rows = try UsageQuery.run(connection, customerID: customer, granularity: TallyCore.Granularity(rawValue: granularity.rawValue)!,
+                                      from: from.flatMap { EventTime($0)?.microseconds }, to: to.flatMap { EventTime($0)?.microseconds }, groupBy: split)
+        let shown = UsageQuery.dimensions.filter(split.contains)
+        let header = ["window_start", "customer"] + shown + ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens",
+                                                             "reasoning_output_tokens", "total_tokens", "event_count"]
+        let table: [[String]] = rows.map { row in
+            [EventTime.format(microseconds: row.windowStart), row.customerID] + shown.map { (row.dimensions[$0] ?? nil) ?? "" }
+                + [row.inputTokens, row.outputTokens, row.cacheReadInputTokens, row.cacheWriteInputTokens, row.reasoningOutputTokens,
+                   row.totalTokens, row.eventCount].map { String($0) }
         }
-        let result = try connection.query("""
-            SELECT to_char(window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS window_start,
-                   CASE WHEN $4 THEN customer_id END AS customer,
-                   CASE WHEN $5 THEN model END AS model, CASE WHEN $6 THEN feature END AS feature,
-                   CASE WHEN $7 THEN provider END AS provider, CASE WHEN $8 THEN environment END AS environment,
-                   CASE WHEN $9 THEN status END AS status,
-                   sum(input_tokens), sum(output_tokens), sum(cache_read_input_tokens), sum(cache_write_input_tokens),
-                   sum(reasoning_output_tokens), sum(total_tokens), sum(event_count)
-            FROM \(view)
-            WHERE ($1::text IS NULL OR customer_id = $1)
-              AND ($2::timestamptz IS NULL OR window_start >= $2) AND ($3::timestamptz IS NULL OR window_start < $3)
-            GROUP BY 1, 2, 3, 4, 5, 6, 7
-            ORDER BY 2, 1, 3, 4, 5, 6, 7
-            """, [customer, from, to, true, split.contains("model"), split.contains("feature"),
-                  split.contains("provider"), split.contains("environment"), split.contains("status")])
-        let shown = ["window_start"] + Self.dimensions.filter { $0 == "customer" || split.contains($0) }
-        let measures = ["input_tokens", "output_tokens", "cache_read_input_tokens", "cache_write_input_tokens",
-                        "reasoning_output_tokens", "total_tokens", "event_count"]
-        let columnIndex = ["window_start": 0, "customer": 1, "model": 2, "feature": 3, "provider": 4, "environment": 5, "status": 6]
-        let header = shown + measures
-        let rows: [[String]] = (0..<result.rowCount).map { row in
-            shown.map { result.string(row, columnIndex[$0]!) ?? "" } + (7..<14).map { result.string(row, $0) ?? "0" }
-        }
-        print(TableRenderer.render(header: header, rows: rows, format: format.rawValue, numericFrom: shown.count), terminator: "")
+        print(TableRenderer.render(header: header, rows: table, format: format.rawValue, numericFrom: 2 + shown.count), terminator: "")
     }
 
     private func runMeter(_ meter: String, connection: PostgresConnection) throws {

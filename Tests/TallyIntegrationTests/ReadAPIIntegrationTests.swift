@@ -1,0 +1,212 @@
+import Foundation
+import TallyCore
+import XCTest
+
+/// The read and management API of the real tally-ingest over what the real aggregator and rater
+/// made of known events, its scopes, and schemathesis checking the running server against the
+/// OpenAPI document. Expected figures are worked out by hand below, not read from Tally.
+final class ReadAPIIntegrationTests: XCTestCase {
+    var harness: AggregatorHarness!
+    var processes: [ChildProcess] = []
+
+    override func tearDown() {
+        for process in processes { process.signal(SIGKILL); process.wait() }
+        harness = nil
+    }
+
+    /// No minimum, so invoices carry usage and credits only.
+    static let priceBook = """
+        book: default
+        effective_from: 2026-01-01T00:00:00Z
+        currency: USD
+        models:
+          - { model: gpt-4o, input: "2.50", output: "10.00" }
+          - { model: gpt-4o-mini, input: "0.15", output: "0.60" }
+        """
+
+    func json(_ response: HTTPResponse, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
+        XCTAssertEqual(response.status, 200, response.body, file: file, line: line)
+        return try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(response.body.utf8)) as? [String: Any], response.body, file: file, line: line)
+    }
+
+    func data(_ object: [String: Any]) -> [[String: Any]] { object["data"] as? [[String: Any]] ?? [] }
+
+    func testReadEndpointsScopesAndTheOpenAPIDocument() async throws {
+        harness = try AggregatorHarness()
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent(TestStack.unique("prices") + ".yaml")
+        try Self.priceBook.write(to: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: file) }
+        _ = try harness.tally(["pricing", "apply", file.path])
+        _ = try harness.tally(["meters", "apply", TestStack.root.appendingPathComponent("examples/meters/agent-meters.yaml").path])
+        _ = try harness.tally(["customers", "set", "acme", "--low-balance", "6.00"])
+
+        let upstream = try ChildProcess(TestStack.root.appendingPathComponent("scripts/fake-llm-upstream").path, ["--port", "0", "--key", "sk-upstream"])
+        processes.append(upstream)
+        XCTAssertTrue(TestStack.eventually(timeout: .seconds(10)) { upstream.log.contains("listening on") }, upstream.log)
+        let upstreamURL = "http://127.0.0.1:" + upstream.log.split(separator: " ").last!.trimmingCharacters(in: .whitespacesAndNewlines)
+        let (ingest, base, usageKey) = try harness.startIngest(extra: [
+            "--openai-upstream", upstreamURL, "--anthropic-upstream", upstreamURL, "--rater-group", harness.group + "-rater",
+        ])
+        processes.append(ingest)
+        let admin = "Bearer " + (try harness.createKey(["--scope", "admin"]))
+        let reader = "Bearer " + (try harness.createKey(["--scope", "read"]))
+        func get(_ path: String, _ authorization: String) throws -> HTTPResponse { try http("GET", base + path, authorization: authorization) }
+
+        // $10.00 of credit, then three calls a minute apart in this hour:
+        //   e1 gpt-4o, chat:        1,000,000 in, 100,000 out: 2.50 + 1.00 = $3.50 (balance 6.50)
+        //   e2 gpt-4o, search:        200,000 in,  50,000 out: 0.50 + 0.50 = $1.00 (balance 5.50 < 6.00: a low-balance alert)
+        //   e3 gpt-4o-mini, chat:   1,000,000 in, 500,000 out: 0.15 + 0.30 = $0.45 (balance 5.05)
+        // A budget of 2,000,000 tokens a month alerting at 50 %: 1,100,000 at e1 (50 %), 2,850,000 at e3 (100 %).
+        let granted = try http("POST", base + "/v1/wallets/acme/grants", body: #"{"id": "welcome", "amount": "10.00", "currency": "USD", "source": "promotion"}"#, authorization: admin)
+        XCTAssertEqual(granted.status, 202, granted.body)
+        let budget = try http("PUT", base + "/v1/customers/acme/budgets/tokens", body: #"{"period": "month", "measure": "tokens", "limit": "2000000", "alert_at": [50]}"#,
+                              authorization: admin)
+        XCTAssertEqual(budget.status, 202, budget.body)
+        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        let hour = Granularity.hour.windowStart(now)
+        let events = [
+            UsageEvent(id: "e1", source: "app", subject: "acme", time: EventTime(microseconds: hour), model: "gpt-4o", feature: "chat",
+                       inputTokens: 1_000_000, outputTokens: 100_000, properties: ["team": "search"], meters: ["web_search_requests": 2]),
+            UsageEvent(id: "e2", source: "app", subject: "acme", time: EventTime(microseconds: hour + 60_000_000), model: "gpt-4o", feature: "search",
+                       inputTokens: 200_000, outputTokens: 50_000, properties: ["team": "support"], meters: ["web_search_requests": 3]),
+            UsageEvent(id: "e3", source: "app", subject: "acme", time: EventTime(microseconds: hour + 120_000_000), model: "gpt-4o-mini", feature: "chat",
+                       inputTokens: 1_000_000, outputTokens: 500_000, properties: ["team": "search"], meters: ["web_search_requests": 1]),
+            UsageEvent(id: "b1", source: "app", subject: "beta", time: EventTime(microseconds: hour), model: "gpt-4o", inputTokens: 1000, outputTokens: 1000),
+        ]
+        try await harness.publish(events)
+        processes.append(try harness.startAggregator())
+        let rater = try harness.startRater(["--group", harness.group + "-rater"])
+        processes.append(rater)
+        XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
+        XCTAssertTrue(try harness.waitUntilConsumed(group: harness.group + "-rater"), rater.log)
+
+        // Usage by model in hours: gpt-4o 1,200,000 in and 150,000 out in 2 calls; gpt-4o-mini 1,000,000 and 500,000 in 1.
+        let byModel = try json(try get("/v1/customers/acme/usage?granularity=hour&group_by=model", reader))
+        let hourText = EventTime.format(microseconds: hour)
+        XCTAssertEqual(byModel["granularity"] as? String, "hour")
+        XCTAssertEqual(data(byModel).map { "\($0["window_start"]!) \($0["model"]!) \($0["input_tokens"]!) \($0["output_tokens"]!) \($0["total_tokens"]!) \($0["event_count"]!)" },
+                       ["\(hourText) gpt-4o 1200000 150000 1350000 2", "\(hourText) gpt-4o-mini 1000000 500000 1500000 1"])
+        // A day window is whole: asked from mid-day, it still holds all three calls (2,200,000 in).
+        let day = try json(try get("/v1/customers/acme/usage?granularity=day&from=\(EventTime.format(microseconds: hour + 1_800_000_000))", reader))
+        XCTAssertEqual(data(day).map { "\($0["window_start"]!) \($0["input_tokens"]!) \($0["event_count"]!)" },
+                       ["\(EventTime.format(microseconds: Granularity.day.windowStart(now))) 2200000 3"])
+        XCTAssertEqual(day["from"] as? String, EventTime.format(microseconds: Granularity.day.windowStart(hour)))
+        // By feature and model (rows in the order model, feature…, whatever the order asked): chat has both models.
+        let byFeature = try json(try get("/v1/customers/acme/usage?granularity=month&group_by=feature,model", reader))
+        XCTAssertEqual(data(byFeature).map { "\($0["feature"]!)/\($0["model"]!) \($0["total_tokens"]!)" },
+                       ["chat/gpt-4o 1100000", "search/gpt-4o 250000", "chat/gpt-4o-mini 1500000"])
+        // A meter by its declared dimension: web searches 2 + 1 for search, 3 for support.
+        let searches = try json(try get("/v1/customers/acme/usage?meter=web_search_requests&group_by=team", reader))
+        XCTAssertEqual(data(searches).map { "\($0["team"]!) \($0["value"]!)" }, ["search 3", "support 3"])
+        let badMeter = try get("/v1/customers/acme/usage?meter=web_search_requests&group_by=model", reader)
+        XCTAssertEqual(badMeter.status, 400, badMeter.body)
+        XCTAssertTrue(badMeter.body.contains(#""field":"group_by""#), badMeter.body)
+        let badTime = try get("/v1/customers/acme/usage?from=yesterday", reader)
+        XCTAssertTrue(badTime.status == 400 && badTime.body.contains(#""field":"from""#), badTime.body)
+
+        // Balance: 10.00 − 3.50 − 1.00 − 0.45 = 5.05, all of it left on the grant.
+        let balance = try json(try get("/v1/customers/acme/balance", reader))
+        let wallet = try XCTUnwrap((balance["balances"] as? [[String: Any]])?.first)
+        XCTAssertEqual(wallet["currency"] as? String, "USD")
+        XCTAssertEqual(wallet["balance"] as? String, "5.05")
+        XCTAssertEqual(wallet["grants_remaining"] as? String, "5.05")
+        let grants = data(try json(try get("/v1/customers/acme/grants", reader)))
+        XCTAssertEqual(grants.map { "\($0["grant_id"]!) \($0["amount"]!) \($0["remaining"]!)" }, ["welcome 10.00 5.05"])
+
+        // The ledger newest first, two a page: e3, e2, then e1 and the grant.
+        let first = try json(try get("/v1/customers/acme/ledger?limit=2", reader))
+        XCTAssertEqual(data(first).map { "\($0["kind"]!) \($0["amount"]!) \($0["event_id"]!) \($0["grant_id"]!)" },
+                       ["usage -0.45 e3 welcome", "usage -1.00 e2 welcome"])
+        let cursor = try XCTUnwrap(first["next_cursor"] as? String)
+        let second = try json(try get("/v1/customers/acme/ledger?limit=2&cursor=\(cursor)", reader))
+        XCTAssertEqual(data(second).map { "\($0["kind"]!) \($0["amount"]!) \($0["event_id"]!)" }, ["usage -3.50 e1", "grant 10.00 welcome"])
+        XCTAssertTrue(second["next_cursor"] is NSNull)
+        let badCursor = try get("/v1/customers/acme/ledger?cursor=nonsense", reader)
+        XCTAssertTrue(badCursor.status == 400 && badCursor.body.contains(#""field":"cursor""#), badCursor.body)
+
+        // Alerts newest first: the limit at e3, the low balance at e2 (5.50 under 6.00), 50 % at e1.
+        let alerts = data(try json(try get("/v1/customers/acme/alerts", reader)))
+        XCTAssertEqual(alerts.map { "\($0["kind"]!) \($0["used"] ?? $0["balance"]!)" },
+                       ["budget.limit_reached 2850000", "balance.low 5.50", "budget.threshold 1100000"])
+
+        // The running total: usage lines of 3.00 + 1.50 + 0.15 + 0.30 = 4.95, paid from credit, 0.00 due.
+        let current = try json(try get("/v1/customers/acme/invoices/current", reader))
+        XCTAssertEqual(current["status"] as? String, "draft")
+        let draft = try XCTUnwrap((current["invoices"] as? [[String: Any]])?.first)
+        let lines = try XCTUnwrap(draft["lines"] as? [[String: Any]])
+        XCTAssertEqual(lines.filter { $0["kind"] as? String == "usage" }.map { "\($0["model"]!) \($0["token_type"]!) \($0["quantity"]!) \($0["amount"]!)" }.sorted(),
+                       ["gpt-4o input 1200000 3.00", "gpt-4o output 150000 1.50", "gpt-4o-mini input 1000000 0.15", "gpt-4o-mini output 500000 0.30"])
+        XCTAssertEqual(draft["total_due"] as? String, "0.00")
+
+        // Closed early, the same invoice is listed and shown, in JSON and HTML; the draft is then empty.
+        let period = try XCTUnwrap(current["period"] as? String)
+        _ = try harness.tally(["invoices", "close", "--period", period, "--customer", "acme", "--force"])
+        let invoices = data(try json(try get("/v1/customers/acme/invoices", reader)))
+        XCTAssertEqual(invoices.map { "\($0["period"]!) \($0["total_due"]!)" }, ["\(period) 0.00"])
+        let invoiceID = try XCTUnwrap(invoices.first?["invoice_id"] as? String)
+        let shown = try json(try get("/v1/customers/acme/invoices/\(invoiceID)", reader))
+        XCTAssertEqual((shown["lines"] as? [[String: Any]])?.count, lines.count)
+        let html = try http("GET", base + "/v1/customers/acme/invoices/\(invoiceID)", authorization: reader, headers: ["Accept": "text/html"])
+        XCTAssertTrue(html.contentType.hasPrefix("text/html") && html.body.contains("<html"), html.body)
+        XCTAssertEqual(try get("/v1/customers/acme/invoices/no-such", reader).status, 404)
+        XCTAssertEqual((try json(try get("/v1/customers/acme/invoices/current", reader))["invoices"] as? [Any])?.count, 0)
+
+        // Customers (admin): acme with its settings, beta with the defaults; one a page.
+        let customers = try json(try get("/v1/customers?limit=1", admin))
+        XCTAssertEqual(data(customers).map { "\($0["customer"]!) \($0["configured"] as? Bool == true) \(($0["low_balance_thresholds"] as? [String]) ?? [])" },
+                       [#"acme true ["6.00"]"#])
+        let rest = try json(try get("/v1/customers?limit=1&cursor=\(try XCTUnwrap(customers["next_cursor"] as? String))", admin))
+        XCTAssertEqual(data(rest).map { "\($0["customer"]!) \($0["configured"] as? Bool == true)" }, ["beta false"])
+
+        // Price books: the version, a dry run that stores nothing, then version 2 with its changes.
+        let books = data(try json(try get("/v1/price-books", reader)))
+        XCTAssertEqual(books.map { "\($0["book"]!) \($0["version"]!)" }, ["default 1"])
+        let cheaper = Self.priceBook.replacingOccurrences(of: #"input: "2.50""#, with: #"input: "2.00""#)
+        let dry = try http("POST", base + "/v1/price-books?dry_run=true", contentType: "application/yaml", body: cheaper, authorization: admin)
+        XCTAssertEqual(dry.status, 200, dry.body)
+        XCTAssertTrue(dry.body.contains(#""version":2"#) && dry.body.contains("gpt-4o input") && dry.body.contains(#""created":false"#), dry.body)
+        XCTAssertEqual(data(try json(try get("/v1/price-books", reader))).count, 1)
+        let applied = try http("POST", base + "/v1/price-books", contentType: "application/yaml", body: cheaper, authorization: admin)
+        XCTAssertEqual(applied.status, 201, applied.body)
+        let version2 = try json(try get("/v1/price-books/default/versions/2", reader))
+        XCTAssertEqual((version2["changes_from_previous"] as? [String])?.count, 1, "\(version2)")
+        XCTAssertEqual(try get("/v1/price-books/default/versions/3", reader).status, 404)
+
+        // Consumers (admin): the rater's positions at the log end, no lag.
+        let consumers = data(try json(try get("/v1/consumers", admin))).filter { $0["group"] as? String == harness.group + "-rater" }
+        XCTAssertFalse(consumers.isEmpty)
+        XCTAssertTrue(consumers.allSatisfy { $0["lag"] as? Int == 0 }, "\(consumers)")
+
+        // Scopes. A usage key reads nothing; a reader is no admin; a portal token reads its customer only.
+        XCTAssertEqual(try get("/v1/customers/acme/usage", "Bearer " + usageKey).status, 403)
+        XCTAssertEqual(try get("/v1/customers", reader).status, 403)
+        XCTAssertEqual(try http("POST", base + "/v1/price-books", contentType: "application/yaml", body: cheaper, authorization: reader).status, 403)
+        XCTAssertEqual(try http("POST", base + "/v1/customers/acme/portal-tokens", body: "{}", authorization: reader).status, 403)
+        let issued = try http("POST", base + "/v1/customers/acme/portal-tokens", body: #"{"expires_in_hours": 2}"#, authorization: admin)
+        XCTAssertEqual(issued.status, 201, issued.body)
+        let portal = "Bearer " + (try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(issued.body.utf8)) as? [String: Any])?["token"] as? String))
+        XCTAssertEqual(try get("/v1/customers/acme/balance", portal).status, 200)
+        XCTAssertEqual(try get("/v1/customers/beta/balance", portal).status, 403)
+        XCTAssertEqual(try get("/v1/price-books", portal).status, 403)
+        XCTAssertEqual(try get("/v1/consumers", portal).status, 403)
+        let send = try http("POST", base + "/v1/events", body: "{}", authorization: portal)
+        XCTAssertTrue(send.status == 403 && send.body.contains("ingest"), send.body)
+        // A lapsed portal token is refused like a revoked key.
+        let lapsing = try harness.createKey(["--scope", "read", "--customer", "acme", "--expires-in-hours", "1"])
+        let lapsingID = String(lapsing.split(separator: "_")[1])
+        XCTAssertEqual(try harness.connection.query("UPDATE tally.api_keys SET expires_at = now() - interval '1 second' WHERE key_id = $1", [lapsingID]).affectedRows, 1)
+        XCTAssertEqual(try get("/v1/customers/acme/balance", "Bearer " + lapsing).status, 401)
+
+        // The document is served, and schemathesis finds the running server true to it on every
+        // route: no 5xx, documented statuses and content types, bodies matching their schemas.
+        XCTAssertTrue(try get("/openapi.json", "").body.contains(#""openapi":"3.1.0""#))
+        let tools = try XCTUnwrap(ProcessInfo.processInfo.environment["TALLY_API_TOOLS"], "run under scripts/test (eval \"$(scripts/stack env)\")")
+        let (status, output) = try ChildProcess.run("/usr/bin/env", [
+            "PYTHONPATH=\(tools)", "python3", tools + "/bin/schemathesis", "run", base + "/openapi.json", "--url", base,
+            "-H", "Authorization: \(admin)", "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples", "25", "--seed", "1", "--no-color",
+        ])
+        XCTAssertEqual(status, 0, String(output.suffix(6000)))
+        XCTAssertTrue(output.contains("Tested: 29"), String(output.suffix(3000)))
+    }
+}
