@@ -113,6 +113,7 @@ final class IngestService: Sendable {
         }
         registerBudgetRoutes(on: router)
         registerReadRoutes(on: router)
+        registerConsoleRoutes(on: router)
         router.get("livez") { _, _ in Response(status: .ok, headers: [.contentType: "text/plain"], body: .init(byteBuffer: ByteBuffer(string: "ok\n"))) }
         router.get("readyz") { _, _ in
             // Ready when the broker answers for our topic and the key database answers.

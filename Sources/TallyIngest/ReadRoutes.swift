@@ -67,7 +67,7 @@ extension IngestService {
             Response(status: .ok, headers: [.contentType: "application/json", .cacheControl: "no-cache"],
                      body: .init(byteBuffer: ByteBuffer(bytes: OpenAPIDocument.json)))
         }
-        read(router, "v1/customers", .admin) { call in
+        read(router, "v1/customers", .operators) { call in
             let limit = try call.limit(), after = try call.cursor(1)?[0]
             return try await self.reads(call) { connection in
                 let page = try AccountReader(connection: connection).customers(after: after, limit: limit)
@@ -435,17 +435,8 @@ extension IngestService {
     func consumers(_ call: ReadCall) async throws -> Response {
         let includeReplays = call.parameter("include_replays") == "true"
         let positions = try await reads(call) { connection in try AccountReader(connection: connection).consumerPositions(includeReplays: includeReplays) }
-        let admin = self.admin
-        // One watermark query per partition; an unreachable broker leaves the log end null.
-        let ends: [TopicPartition: Int64] = await withCheckedContinuation { continuation in
-            DispatchQueue.global().async {
-                var ends: [TopicPartition: Int64] = [:]
-                for partition in Set(positions.map { TopicPartition($0.topic, $0.partition) }) {
-                    if let marks = try? admin.queryWatermarks(partition, timeout: .seconds(2)) { ends[partition] = marks.high }
-                }
-                continuation.resume(returning: ends)
-            }
-        }
+        // An unreachable broker leaves the log end null.
+        let ends = await logEnds(positions)
         return json(.ok, .object([("data", .array(positions.map { position in
             let end = ends[TopicPartition(position.topic, position.partition)]
             return .object([("group", .string(position.group)), ("topic", .string(position.topic)), ("partition", .number(Int64(position.partition))),

@@ -86,7 +86,7 @@ public struct AccountReader {
 
     public init(connection: PostgresConnection) { self.connection = connection }
 
-    public struct Page<Row> {
+    public struct Page<Row: Sendable>: Sendable {
         public let rows: [Row]
         /// Pass back as `cursor` for the next page; nil on the last page.
         public let nextCursor: String?
@@ -99,7 +99,7 @@ public struct AccountReader {
 
     // MARK: Customers
 
-    /// Customers with settings, a wallet or rated usage, by id; each with its settings (defaults when it has no row).
+    /// Customers with settings or a wallet, by id; each with its settings (defaults when it has no row).
     public func customers(after: String?, limit: Int) throws -> Page<(profile: BillingProfile, configured: Bool)> {
         let result = try connection.query("""
             SELECT customer_id FROM (SELECT customer_id FROM customers UNION SELECT customer_id FROM wallets) c
