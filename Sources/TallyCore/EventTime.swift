@@ -9,6 +9,10 @@ public struct EventTime: Hashable, Sendable, Comparable, CustomStringConvertible
 
     public static func < (lhs: EventTime, rhs: EventTime) -> Bool { lhs.microseconds < rhs.microseconds }
 
+    /// 0001-01-01T00:00:00Z through 9999-12-31T23:59:59.999999Z: the times four-digit RFC 3339
+    /// years write, and the ones PostgreSQL's `timestamptz` and every window around them hold.
+    public static let supportedRange: ClosedRange<Int64> = -62_135_596_800_000_000...253_402_300_799_999_999
+
     public init(microseconds: Int64) {
         self.microseconds = microseconds
         self.text = EventTime.format(microseconds: microseconds)

@@ -23,12 +23,12 @@ extension IngestService {
     }
 
     func registerConsoleRoutes(on router: Router<BasicRequestContext>) {
-        router.get("console/login") { request, _ in self.loginPage(error: nil, next: request.uri.queryParameters["next"].map(String.init)) }
+        router.get("console/login") { request, _ in self.loginPage(error: nil, next: Self.safeNext(request.uri.queryParameters["next"].map(String.init))) }
         router.post("console/login") { request, _ in try await self.login(request) }
         router.get("console/logout") { _, _ in
             var headers = HTTPFields()
             headers[.location] = "/console/login"
-            headers[.setCookie] = "\(Self.consoleCookie)=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+            headers[.setCookie] = "\(Self.consoleCookie)=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
             return Response(status: .seeOther, headers: headers)
         }
         console(router, "console") { viewer, _, _ in try await self.overviewPage(viewer) }
@@ -61,7 +61,7 @@ extension IngestService {
 
     private func viewer(_ request: Request) async -> Access {
         guard let authenticator else { return .viewer(.operatorKey) }
-        guard let (key, fromURL) = consoleKey(request) else { return .answer(redirect("/console/login?next=\(Self.percentEncoded(request.uri.path))")) }
+        guard let (key, fromURL) = consoleKey(request) else { return .answer(redirect("/console/login?next=\(Self.percentEncoded(Self.ownPath(request)))")) }
         switch await authenticator.check(authorization: "Bearer " + key) {
         case .allowed(let record):
             guard record.allows(.read) else {
@@ -69,16 +69,16 @@ extension IngestService {
             }
             if fromURL {
                 // The token leaves the address bar and the history; the cookie carries it from here.
-                var cleaned = request.uri.path
+                var cleaned = Self.ownPath(request)
                 let others = request.uri.queryParameters.filter { $0.key != "token" }
-                if !others.isEmpty { cleaned += "?" + others.map { "\($0.key)=\(Self.percentEncoded(String($0.value)))" }.joined(separator: "&") }
+                if !others.isEmpty { cleaned += "?" + others.map { "\(Self.percentEncoded(String($0.key)))=\(Self.percentEncoded(String($0.value)))" }.joined(separator: "&") }
                 var response = redirect(cleaned)
-                response.headers[.setCookie] = Self.sessionCookie(key)
+                response.headers[.setCookie] = Self.sessionCookie(key, request)
                 return .answer(response)
             }
             return .viewer(record.customerID.map(Viewer.customer) ?? .operatorKey)
         case .denied:
-            return .answer(redirect("/console/login?next=\(Self.percentEncoded(request.uri.path))"))
+            return .answer(redirect("/console/login?next=\(Self.percentEncoded(Self.ownPath(request)))"))
         case .unavailable:
             return .answer(page(.serviceUnavailable, "Database unavailable", "<p>API keys cannot be checked right now; reload in a few seconds.</p>"))
         }
@@ -109,7 +109,7 @@ extension IngestService {
                 switch viewer {
                 case .customer(let own): customer = own
                 case .operatorKey:
-                    guard let named = request.uri.queryParameters["customer"].map(String.init), EventLimits.isLabel(named, length: EventLimits.subjectLength) else {
+                    guard let named = request.uri.queryParameters["customer"].map(String.init), Self.isCustomerID(named) else {
                         return self.page(.badRequest, "Which customer?", "<p>An operator previews a customer's portal with <code>?customer=ID</code>.</p>")
                     }
                     customer = named
@@ -123,8 +123,15 @@ extension IngestService {
     private func rendering(_ body: () async throws -> Response) async throws -> Response {
         do {
             return try await body()
-        } catch let unavailable as ReadUnavailable {
-            return page(.serviceUnavailable, "Database unavailable", "<p>\(ConsoleHTML.escape(unavailable.detail))</p>")
+        } catch let failure as ReadFailure {
+            switch failure {
+            case .unavailable(let detail): return page(.serviceUnavailable, "Database unavailable", "<p>\(ConsoleHTML.escape(detail)) Reload in a few seconds.</p>")
+            case .refused(let detail): return page(.badRequest, "Invalid request", "<p>\(ConsoleHTML.escape(detail))</p>")
+            case .failed: return page(.internalServerError, "Internal error", "<p>The page failed on the server; it is logged.</p>")
+            }
+        } catch {
+            logger.error("console page failed: \(error)")
+            return page(.internalServerError, "Internal error", "<p>The page failed on the server; it is logged.</p>")
         }
     }
 
@@ -137,8 +144,25 @@ extension IngestService {
         return named
     }
 
-    static func sessionCookie(_ key: String) -> String {
-        "\(consoleCookie)=\(key); Path=/; HttpOnly; SameSite=Strict; Max-Age=28800"
+    /// Lax, not Strict: a customer arriving from its application's site with `?token=` must keep
+    /// the cookie across the redirect. Every console route that changes nothing is a GET, and the
+    /// one POST (sign-in) checks where it came from. Secure behind TLS.
+    static func sessionCookie(_ key: String, _ request: Request) -> String {
+        let secure = request.uri.scheme == .https || request.headers[HTTPField.Name("X-Forwarded-Proto")!]?.lowercased() == "https"
+        return "\(consoleCookie)=\(key); Path=/; HttpOnly; SameSite=Lax; Max-Age=28800\(secure ? "; Secure" : "")"
+    }
+
+    /// The request's path with its leading slashes made one: `//console` is a path here, but in a
+    /// Location header it would name another host.
+    static func ownPath(_ request: Request) -> String {
+        "/" + request.uri.path.drop { $0 == "/" }
+    }
+
+    /// Where sign-in may send a browser afterwards: a console or portal path of this server only.
+    static func safeNext(_ next: String?) -> String {
+        guard let next, next.unicodeScalars.allSatisfy({ $0.value > 0x20 && $0.value < 0x7f && $0 != "\\" }) else { return "/console" }
+        let allowed = ["/console", "/portal"].contains(next) || ["/console/", "/console?", "/portal/", "/portal?"].contains { next.hasPrefix($0) }
+        return allowed && !next.contains("//") ? next : "/console"
     }
 
     static func percentEncoded(_ text: String) -> String {
@@ -169,8 +193,7 @@ extension IngestService {
 
     // MARK: Login
 
-    private func loginPage(error: String?, next: String?) -> Response {
-        let target = next.flatMap { $0.hasPrefix("/") && !$0.hasPrefix("//") ? $0 : nil } ?? "/console"
+    private func loginPage(error: String?, next target: String) -> Response {
         let body = """
             \(error.map { "<p class=\"warn\" role=\"alert\">\(ConsoleHTML.escape($0))</p>" } ?? "")
             <form method="post" action="/console/login">
@@ -184,19 +207,23 @@ extension IngestService {
     }
 
     private func login(_ request: Request) async throws -> Response {
-        guard let body = try await self.body(request, limit: 4096) else { return loginPage(error: "The form is too large.", next: nil) }
+        // A sign-in posted from another site would swap the browser's session for the sender's.
+        if let site = request.headers[HTTPField.Name("Sec-Fetch-Site")!], !["same-origin", "none"].contains(site) {
+            return page(.forbidden, "Not allowed", "<p>Sign in from this server's own form.</p>")
+        }
+        guard let body = try await self.body(request, limit: 4096) else { return loginPage(error: "The form is too large.", next: "/console") }
         var fields: [String: String] = [:]
         for pair in String(decoding: body, as: UTF8.self).split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1).map { $0.replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? "" }
             if parts.count == 2 { fields[parts[0]] = parts[1] }
         }
         let key = (fields["token"] ?? "").trimmingCharacters(in: .whitespaces)
-        let next = fields["next"].flatMap { $0.hasPrefix("/") && !$0.hasPrefix("//") ? $0 : nil } ?? "/console"
+        let next = Self.safeNext(fields["next"])
         guard let authenticator else { return redirect(next) }
         switch await authenticator.check(authorization: "Bearer " + key) {
         case .allowed(let record) where record.allows(.read):
             var response = redirect(record.customerID == nil ? next : "/portal")
-            response.headers[.setCookie] = Self.sessionCookie(key)
+            response.headers[.setCookie] = Self.sessionCookie(key, request)
             return response
         case .allowed: return loginPage(error: "This key lacks the read scope.", next: next)
         case .denied: return loginPage(error: "That key is not a live key.", next: next)
@@ -206,16 +233,6 @@ extension IngestService {
 
     // MARK: Pages
 
-    /// Runs `body` on a read connection; a database that does not answer becomes a 503 page.
-    private func consoleRead<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) throws -> T) async throws -> T {
-        guard let readPool else { throw ReadUnavailable(detail: "this tally-ingest has no database (--database-url) to read from") }
-        do {
-            return try await readPool.run(body)
-        } catch let error as PostgresError {
-            logger.error("console read failed: \(error)")
-            throw ReadUnavailable(detail: "The database did not answer; reload in a few seconds.")
-        }
-    }
 
     /// Money per currency as `USD 1.00 · EUR 2.00`, each a figure named `name-CODE`.
     static func moneyFigures(_ name: String, _ amounts: [(Currency, Int128)]) -> String {
@@ -259,10 +276,11 @@ extension IngestService {
             var health = ConsoleReader.Health()
             var positions: [AccountReader.ConsumerPosition] = []
         }
-        let data = try await consoleRead { connection -> Overview in
+        let data = try await database { connection -> Overview in
             let reader = ConsoleReader(connection: connection)
             var overview = Overview()
-            overview.days = try reader.dailyTokens(from: since)
+            // From the month's start when that is earlier: on the 31st, 30 days miss the 1st.
+            overview.days = try reader.dailyTokens(from: min(since, month))
             overview.revenue = try reader.monthlyRevenue(from: yearAgo)
             overview.top = try reader.topCustomers(from: month, limit: 10)
             overview.active = Int(try reader.activeCustomers(from: month))
@@ -348,21 +366,19 @@ extension IngestService {
     }
 
     private func customersPage(_ viewer: Viewer, _ request: Request) async throws -> Response {
-        if let wanted = request.uri.queryParameters["customer"].map(String.init), EventLimits.isLabel(wanted, length: EventLimits.subjectLength) {
+        // A form's spaces come as `+`.
+        if let wanted = request.uri.queryParameters["customer"].map({ $0.replacingOccurrences(of: "+", with: " ") }), Self.isCustomerID(wanted) {
             return redirect("/console/customers/" + Self.pathEncoded(wanted))
         }
         let after = request.uri.queryParameters["after"].map(String.init)
-        let page = try await consoleRead { connection in try AccountReader(connection: connection).customers(after: after, limit: 100) }
+        let page = try await database { connection in try AccountReader(connection: connection).customers(after: after, limit: 100) }
         var body = """
             <form method="get" action="/console/customers"><p><label for="customer">Go to customer</label>
             <input id="customer" name="customer" required> <button type="submit">Show</button></p></form>
             """
         body += ConsoleHTML.table(caption: "Customers with settings or a wallet", headers: ["Customer", "Plan", "Currency", "Overage policy", "Settings"],
                                   rows: page.rows.map { row in
-                                      let policy: String = switch row.profile.overage {
-                                      case .allow(let limit): limit.map { "allow down to -\(ConsoleHTML.money(Int128($0), row.profile.currency))" } ?? "allow"
-                                      case .stop: "stop at zero"
-                                      }
+                                      let policy = row.profile.overage.name + (row.profile.overage.limitNanos.map { " down to -\(ConsoleHTML.money(Int128($0), row.profile.currency))" } ?? "")
                                       return ["<a href=\"/console/customers/\(Self.pathEncoded(row.profile.customerID))\">\(ConsoleHTML.escape(row.profile.customerID))</a>",
                                               ConsoleHTML.escape(row.profile.plan), row.profile.currency.code, ConsoleHTML.escape(policy), row.configured ? "set" : "defaults"]
                                   })
@@ -374,7 +390,7 @@ extension IngestService {
 
     /// A customer's page for operators, or its own portal.
     private func customerPage(_ viewer: Viewer, customer: String, portal: Bool) async throws -> Response {
-        guard EventLimits.isLabel(customer, length: EventLimits.subjectLength) else { return page(.badRequest, "Invalid customer", "<p>A customer id is 1 to 256 characters without control characters.</p>") }
+        guard Self.isCustomerID(customer) else { return page(.badRequest, "Invalid customer", "<p>A customer id is 1 to 256 characters without control characters.</p>") }
         let now = CreditGuard.nowMicroseconds()
         let month = Granularity.month.windowStart(now), monthEnd = Granularity.month.windowEnd(now)
         let since = Granularity.day.windowStart(now) - 29 * 86_400_000_000
@@ -390,7 +406,7 @@ extension IngestService {
             var draft: (period: BillingPeriod, invoices: [Invoice])?
             var alerts: [AccountReader.Alert] = []
         }
-        let data = try await consoleRead { connection -> Account in
+        let data = try await database { connection -> Account in
             let reader = AccountReader(connection: connection)
             var account = Account()
             account.profile = try reader.customer(customer).profile
@@ -443,6 +459,8 @@ extension IngestService {
                  ConsoleHTML.escape(meter.unit)]
             }, id: "meters")
         }
+        // An operator previewing the portal keeps naming the customer.
+        let preview = if portal, case .operatorKey = viewer { "?customer=" + Self.percentEncoded(customer) } else { "" }
         let invoiceBase = portal ? "/portal/invoices/" : "/console/customers/\(Self.pathEncoded(customer))/invoices/"
         body += "<div class=\"cols\"><div>"
         body += ConsoleHTML.table(caption: "Credit grants", headers: ["Grant", "Amount", "Left", "Expires"], numeric: [1, 2], rows: data.grants.map { grant in
@@ -451,7 +469,7 @@ extension IngestService {
         }, id: "grants")
         body += "</div><div>"
         body += ConsoleHTML.table(caption: "Invoices", headers: ["Period", "Total due", "Closed"], numeric: [1], rows: data.invoices.map { invoice in
-            ["<a href=\"\(invoiceBase)\(Self.pathEncoded(invoice.invoiceID))\">\(BillingPeriod(start: invoice.periodStart, end: invoice.periodEnd).label)</a>",
+            ["<a href=\"\(invoiceBase)\(Self.pathEncoded(invoice.invoiceID))\(preview)\">\(BillingPeriod(start: invoice.periodStart, end: invoice.periodEnd).label)</a>",
              ConsoleHTML.money(Int128(invoice.totalDueNanos), invoice.currency), Self.day(invoice.closedAt)]
         }, id: "invoices")
         body += "</div></div>"
@@ -468,19 +486,19 @@ extension IngestService {
                 ["Low-balance alerts at", profile.lowBalanceThresholdsNanos.map { ConsoleHTML.money(Int128($0), profile.currency) }.joined(separator: ", ")],
             ])
         }
-        let navigation = portal ? [("/portal", "Usage and credit"), ("/console/logout", "Sign out")] : Self.operatorNavigation
+        let navigation = portal ? [("/portal" + preview, "Usage and credit"), ("/console/logout", "Sign out")] : Self.operatorNavigation
         return html(.ok, ConsoleHTML.page(title: portal ? "Your usage" : "Customer \(customer)", navigation: navigation, current: portal ? "/portal" : "", body: body))
     }
 
     private func invoicePage(customer: String, invoice: String) async throws -> Response {
-        guard let found = try await consoleRead({ connection in try InvoiceStore(connection: connection).invoice(customerID: customer, invoiceID: invoice) }) else {
+        guard let found = try await database({ connection in try InvoiceStore(connection: connection).invoice(customerID: customer, invoiceID: invoice) }) else {
             return page(.notFound, "No such invoice", "<p>\(ConsoleHTML.escape(customer)) has no invoice \(ConsoleHTML.escape(invoice)).</p>")
         }
         return html(.ok, InvoiceBuilder.html(found))
     }
 
     private func priceBooksPage() async throws -> Response {
-        let versions = try await consoleRead { connection in try BillingCatalogStore(connection: connection).versions() }
+        let versions = try await database { connection in try BillingCatalogStore(connection: connection).versions() }
         var chains: [String: [PriceBookVersion]] = [:]
         for version in versions { chains[version.name + "\u{1}" + (version.customerID ?? ""), default: []].append(version) }
         var body = ConsoleHTML.table(caption: "Price books", headers: ["Book", "Override for", "Versions", "Latest in force from"], numeric: [2],

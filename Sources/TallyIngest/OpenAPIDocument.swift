@@ -40,7 +40,8 @@ enum OpenAPIDocument {
             guard scalar.style == .plain else { return writer.string(text) }
             if text == "true" || text == "false" || text == "null" {
                 writer.raw(text)
-            } else if Int64(text) != nil || (Double(text)?.isFinite == true && text.allSatisfy({ "0123456789.-+eE".contains($0) })) {
+            } else if text.range(of: #"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?$"#, options: .regularExpression) != nil {
+                // Only what JSON's own number grammar allows goes out bare.
                 writer.raw(text)
             } else {
                 writer.string(text)

@@ -45,19 +45,33 @@ extension IngestService {
             return value
         }
 
-        /// `cursor`: a `next_cursor` of the same list, in `count` parts.
-        func cursor(_ count: Int) throws -> [String]? {
+        /// What each part of a list's cursor holds.
+        enum CursorPart { case text, time, int32, int64 }
+
+        /// `cursor`: a `next_cursor` of the same list, its parts as `parts` say (a time within
+        /// the years 1 to 9999, whole numbers in range); anything else is refused, never read as
+        /// the first page.
+        func cursor(_ parts: [CursorPart]) throws -> [String]? {
             guard let text = parameter("cursor") else { return nil }
-            guard let parts = PageCursor.decode(text, count: count) else {
-                throw InvalidParameter(name: "cursor", reason: "is not a next_cursor of this list; pass it back unchanged")
+            let refused = InvalidParameter(name: "cursor", reason: "is not a next_cursor of this list; pass it back unchanged")
+            guard let values = PageCursor.decode(text, count: parts.count) else { throw refused }
+            for (part, value) in zip(parts, values) {
+                switch part {
+                case .text: continue
+                case .time: guard let time = Int64(value), EventTime.supportedRange.contains(time) else { throw refused }
+                case .int32: guard Int32(value) != nil else { throw refused }
+                case .int64: guard Int64(value) != nil else { throw refused }
+                }
             }
-            return parts
+            return values
         }
 
         /// An RFC 3339 time with offset, in microseconds.
         func time(_ name: String) throws -> Int64? {
             guard let text = parameter(name) else { return nil }
-            guard let time = EventTime(text) else { throw InvalidParameter(name: name, reason: "must be an RFC 3339 time with offset, e.g. 2026-11-01T00:00:00Z") }
+            guard let time = EventTime(text), EventTime.supportedRange.contains(time.microseconds) else {
+                throw InvalidParameter(name: name, reason: "must be an RFC 3339 time with offset in the years 1 to 9999, e.g. 2026-11-01T00:00:00Z")
+            }
             return time.microseconds
         }
     }
@@ -68,21 +82,22 @@ extension IngestService {
                      body: .init(byteBuffer: ByteBuffer(bytes: OpenAPIDocument.json)))
         }
         read(router, "v1/customers", .operators) { call in
-            let limit = try call.limit(), after = try call.cursor(1)?[0]
-            return try await self.reads(call) { connection in
+            let limit = try call.limit(), after = try call.cursor([.text])?[0]
+            return try await self.answer { connection in
                 let page = try AccountReader(connection: connection).customers(after: after, limit: limit)
                 return Self.page(page.rows.map { Self.customerJSON($0.profile, configured: $0.configured) }, next: page.nextCursor)
             }
         }
         read(router, "v1/customers/:customer", .customer) { call in
-            try await self.reads(call) { connection in
+            try await self.answer { connection in
                 let (profile, configured) = try AccountReader(connection: connection).customer(call.customer)
                 return Self.customerJSON(profile, configured: configured)
             }
         }
+        read(router, "v1/customers/:customer", .admin, method: .patch) { call in try await self.changeSettings(call) }
         read(router, "v1/customers/:customer/usage", .customer) { call in try await self.usage(call) }
         read(router, "v1/customers/:customer/balance", .customer) { call in
-            try await self.reads(call) { connection in
+            try await self.answer { connection in
                 let balances = try AccountReader(connection: connection).balances(call.customer)
                 return .object([("customer", .string(call.customer)), ("balances", .array(balances.map { balance in
                     .object([("currency", .string(balance.currency.code)), ("balance", .string(Money.format(nanos: balance.balanceNanos))),
@@ -92,8 +107,8 @@ extension IngestService {
             }
         }
         read(router, "v1/customers/:customer/grants", .customer) { call in
-            let limit = try call.limit(), cursor = try call.cursor(2)
-            return try await self.reads(call) { connection in
+            let limit = try call.limit(), cursor = try call.cursor([.time, .text])
+            return try await self.answer { connection in
                 let page = try AccountReader(connection: connection).grants(call.customer, cursor: cursor, limit: limit)
                 let now = CreditGuard.nowMicroseconds()
                 return Self.page(page.rows.map { grant in
@@ -105,8 +120,8 @@ extension IngestService {
             }
         }
         read(router, "v1/customers/:customer/ledger", .customer) { call in
-            let limit = try call.limit(), cursor = try call.cursor(3)
-            return try await self.reads(call) { connection in
+            let limit = try call.limit(), cursor = try call.cursor([.int32, .int64, .int32])
+            return try await self.answer { connection in
                 let page = try AccountReader(connection: connection).ledger(call.customer, cursor: cursor, limit: limit)
                 return Self.page(page.rows.map { entry in
                     .object([("kind", .string(entry.kind)), ("currency", .string(entry.currency.code)), ("amount", .string(Money.format(nanos: entry.amountNanos))),
@@ -117,8 +132,8 @@ extension IngestService {
             }
         }
         read(router, "v1/customers/:customer/invoices", .customer) { call in
-            let limit = try call.limit(), cursor = try call.cursor(2)
-            return try await self.reads(call) { connection in
+            let limit = try call.limit(), cursor = try call.cursor([.time, .text])
+            return try await self.answer { connection in
                 let page = try AccountReader(connection: connection).invoices(call.customer, cursor: cursor, limit: limit)
                 return Self.page(page.rows.map { invoice in
                     .object([("invoice_id", .string(invoice.invoiceID)), ("period", .string(BillingPeriod(start: invoice.periodStart, end: invoice.periodEnd).label)),
@@ -129,7 +144,7 @@ extension IngestService {
             }
         }
         read(router, "v1/customers/:customer/invoices/current", .customer) { call in
-            try await self.reads(call) { connection in
+            try await self.answer { connection in
                 let (period, invoices) = try InvoiceStore(connection: connection).draft(customerID: call.customer, now: CreditGuard.nowMicroseconds())
                 return .object([("customer", .string(call.customer)), ("status", .string("draft")), ("period", .string(period.label)),
                                 ("period_start", .time(period.start)), ("period_end", .time(period.end)),
@@ -140,7 +155,7 @@ extension IngestService {
             guard let invoiceID = call.path["invoice"] else { return self.badPath() }
             let format = call.parameter("format") ?? (Self.prefersHTML(call.request) ? "html" : "json")
             guard ["json", "html"].contains(format) else { throw InvalidParameter(name: "format", reason: "must be json or html") }
-            guard let invoice = try await self.reads(call, { connection in
+            guard let invoice = try await self.database({ connection in
                 try InvoiceStore(connection: connection).invoice(customerID: call.customer, invoiceID: invoiceID)
             }) else {
                 return self.problem(.notFound, "no such invoice", "customer \"\(call.customer)\" has no invoice \"\(invoiceID)\"")
@@ -152,22 +167,22 @@ extension IngestService {
             return self.json(.ok, .raw(Array(InvoiceBuilder.json(invoice).utf8)))
         }
         read(router, "v1/customers/:customer/alerts", .customer) { call in
-            let limit = try call.limit(), cursor = try call.cursor(2)
-            return try await self.reads(call) { connection in
+            let limit = try call.limit(), cursor = try call.cursor([.time, .text])
+            return try await self.answer { connection in
                 let page = try AccountReader(connection: connection).alerts(call.customer, cursor: cursor, limit: limit)
                 return Self.page(page.rows.map(Self.alertJSON), next: page.nextCursor)
             }
         }
         read(router, "v1/customers/:customer/portal-tokens", .admin, method: .post) { call in try await self.portalToken(call) }
         read(router, "v1/price-books", .operators) { call in
-            try await self.reads(call) { connection in
+            try await self.answer { connection in
                 let versions = try BillingCatalogStore(connection: connection).versions()
                 return .object([("data", .array(versions.map(Self.priceBookJSON)))])
             }
         }
         read(router, "v1/price-books/:book/versions/:version", .operators) { call in
             guard let book = call.path["book"] else { return self.badPath() }
-            guard let version = call.path["version"].flatMap({ Int($0) }), version > 0 else {
+            guard let version = call.path["version"].flatMap({ Int32($0) }).map(Int.init), version > 0 else {
                 return self.problem(.badRequest, "invalid path", "the version must be a whole number from 1")
             }
             return try await self.priceBookVersion(call, book: book, version: version)
@@ -181,15 +196,15 @@ extension IngestService {
                       _ handler: @escaping @Sendable (ReadCall) async throws -> Response) {
         router.on(RouterPath(stringLiteral: path), method: method) { request, context in
             try await self.authenticated(request, scopes: access == .admin ? [.admin] : [.read]) { key in
-                var customer = ""
-                var named: [String: String] = [:]
-                for (name, value) in context.parameters where name != "customer" {
-                    guard let decoded = Self.pathSegment(String(value)) else { return self.badPath() }
-                    named[String(name)] = decoded
+                // Without keys (--allow-anonymous) anyone could mint portal tokens or change prices.
+                if access == .admin && self.authenticator == nil {
+                    return self.problem(.forbidden, "forbidden", "admin routes need API keys; this tally-ingest runs with --allow-anonymous")
                 }
+                var customer = ""
+                guard let named = Self.pathParameters(context) else { return self.badPath() }
                 if path.contains(":customer") {
                     guard let named = Self.pathSegment(context.parameters.get("customer")) else { return self.badPath() }
-                    guard EventLimits.isLabel(named, length: EventLimits.subjectLength) else {
+                    guard Self.isCustomerID(named) else {
                         return self.problem(.badRequest, "invalid path", "a customer id is 1 to \(EventLimits.subjectLength.upperBound) characters without control characters")
                     }
                     customer = named
@@ -205,32 +220,58 @@ extension IngestService {
                     return try await handler(ReadCall(request: request, key: key, customer: customer, path: named, parameters: parameters))
                 } catch let invalid as InvalidParameter {
                     return self.fieldErrors("invalid request", "\(invalid.name) \(invalid.reason)", [FieldViolation(invalid.name, invalid.reason)])
-                } catch let unavailable as ReadUnavailable {
-                    var headers = HTTPFields()
-                    headers[.retryAfter] = "5"
-                    return self.problem(.serviceUnavailable, "database unavailable", unavailable.detail, headers: headers)
+                } catch let failure as ReadFailure {
+                    return self.problem(failure)
+                } catch {
+                    self.logger.error("\(request.method) \(request.uri.path) failed: \(error)")
+                    return self.problem(ReadFailure.failed)
                 }
             }
         }
     }
 
-    /// The database could not answer.
-    struct ReadUnavailable: Error { let detail: String }
+    /// Why the database gave no answer, as the client should hear it.
+    enum ReadFailure: Error {
+        /// No connection, or it was lost: 503, retry.
+        case unavailable(String)
+        /// PostgreSQL refused a value the request carried (SQLSTATE class 22, data exceptions): 400.
+        case refused(String)
+        /// Anything else is Tally's fault: 500, logged.
+        case failed
+    }
 
-    /// Runs `body` on a read connection; a database that does not answer becomes 503.
-    func reads<T: Sendable>(_ call: ReadCall, _ body: @escaping @Sendable (PostgresConnection) throws -> T) async throws -> T {
-        guard let readPool else { throw ReadUnavailable(detail: "this tally-ingest has no database (--database-url) to read from") }
-        do {
-            return try await readPool.run(body)
-        } catch let error as PostgresError {
-            logger.error("read \(call.request.uri.path) failed: \(error)")
-            throw ReadUnavailable(detail: "the database did not answer; retry")
+    func problem(_ failure: ReadFailure) -> Response {
+        switch failure {
+        case .unavailable(let detail):
+            var headers = HTTPFields()
+            headers[.retryAfter] = "5"
+            return problem(.serviceUnavailable, "database unavailable", detail, headers: headers)
+        case .refused(let detail): return problem(.badRequest, "invalid request", detail)
+        case .failed: return problem(.internalServerError, "internal error", "the request failed on the server; it is logged")
         }
     }
 
-    func reads(_ call: ReadCall, _ body: @escaping @Sendable (PostgresConnection) throws -> JSONField) async throws -> Response {
-        json(.ok, try await reads(call, body) as JSONField)
+    /// Runs `body` on a read connection, answering its failure as `ReadFailure`. Reads retry on a
+    /// lost connection; writes (`retrying: false`) do not, so nothing is done twice.
+    func database<T: Sendable>(retrying: Bool = true, _ body: @escaping @Sendable (PostgresConnection) throws -> T) async throws -> T {
+        guard let readPool else { throw ReadFailure.unavailable("this tally-ingest has no database (--database-url) to read from") }
+        do {
+            return try await readPool.run(retrying: retrying, body)
+        } catch let error as PostgresError {
+            logger.error("database request failed: \(error)")
+            if error.code == .connectionFailed || error.code == .connectionLost { throw ReadFailure.unavailable("the database did not answer; retry") }
+            if error.sqlState?.hasPrefix("22") == true { throw ReadFailure.refused("a value is out of the range the database can hold: \(error.message)") }
+            if error.sqlState == "57014" { throw ReadFailure.unavailable("the read took longer than \(ReadPool.settings[1].value); narrow it, or retry") }
+            throw ReadFailure.failed
+        }
     }
+
+    /// `body`'s JSON, answered 200.
+    func answer(_ body: @escaping @Sendable (PostgresConnection) throws -> JSONField) async throws -> Response {
+        json(.ok, try await database(body) as JSONField)
+    }
+
+    static func isCustomerID(_ text: String) -> Bool { EventLimits.isLabel(text, length: EventLimits.subjectLength) }
 
     /// A page of a list: `{"data": [...], "next_cursor": "..." | null}`.
     static func page(_ rows: [JSONField], next: String?) -> JSONField {
@@ -245,10 +286,7 @@ extension IngestService {
     }
 
     static func customerJSON(_ profile: BillingProfile, configured: Bool) -> JSONField {
-        let (policy, limit): (String, Int64?) = switch profile.overage {
-        case .allow(let limit): ("allow", limit)
-        case .stop: ("stop", nil)
-        }
+        let policy = profile.overage.name, limit = profile.overage.limitNanos
         return .object([
             ("customer", .string(profile.customerID)), ("configured", .bool(configured)), ("plan", .string(profile.plan)),
             ("currency", .string(profile.currency.code)), ("billing_anchor_day", .number(Int64(profile.anchorDay))),
@@ -288,9 +326,16 @@ extension IngestService {
         let granularityText = call.parameter("granularity") ?? "day"
         guard let granularity = Granularity(rawValue: granularityText) else { throw InvalidParameter(name: "granularity", reason: "must be hour, day or month") }
         let now = CreditGuard.nowMicroseconds()
-        let from = granularity.windowStart(try call.time("from") ?? Granularity.month.windowStart(now))
-        let to = try call.time("to") ?? Granularity.month.windowEnd(now)
+        let asked = (from: try call.time("from"), to: try call.time("to"))
+        // Without bounds, this calendar month; with `to` alone, the month before it.
+        let to = asked.to ?? Granularity.month.windowEnd(now)
+        let from = granularity.windowStart(asked.from ?? Granularity.month.windowStart(asked.to.map { $0 - 1 } ?? now))
         guard from < to else { throw InvalidParameter(name: "to", reason: "must be after from") }
+        guard EventTime.supportedRange.contains(from) else { throw InvalidParameter(name: "from", reason: "must lie in the years 1 to 9999 once rounded down to its window") }
+        let span: Int64 = granularity == .hour ? 3_600_000_000 : granularity == .day ? 86_400_000_000 : 28 * 86_400_000_000
+        guard (to - from) / span <= 10_000 else {
+            throw InvalidParameter(name: "to", reason: "spans more than 10,000 windows of a \(granularity.rawValue): narrow from and to, or ask for a larger granularity")
+        }
         var groupBy: [String] = []
         for name in (call.parameter("group_by") ?? "").split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !name.isEmpty {
             if !groupBy.contains(name) { groupBy.append(name) }
@@ -310,7 +355,7 @@ extension IngestService {
         if let meter {
             let rows: [MeterUsageRow]
             do {
-                rows = try await reads(call) { connection in
+                rows = try await database { connection in
                     try MeterUsageQuery.run(connection, meter: meter, granularity: granularity, customerID: call.customer,
                                             from: EventTime.format(microseconds: from), to: EventTime.format(microseconds: to), groupBy: dimensions)
                 }
@@ -323,7 +368,7 @@ extension IngestService {
                     + [("value", Int128(row.value) != nil ? .raw(Array(row.value.utf8)) : .string(row.value))])
             }))]))
         }
-        let rows = try await reads(call) { connection in
+        let rows = try await database { connection in
             try UsageQuery.run(connection, customerID: call.customer, granularity: granularity, from: from, to: to, groupBy: Set(dimensions))
         }
         return json(.ok, .object(header + [("data", .array(rows.map { row in
@@ -334,6 +379,31 @@ extension IngestService {
                 ("event_count", .integer(row.eventCount)),
             ])
         }))]))
+    }
+
+    /// `PATCH /v1/customers/{customer}`: changes the billing settings given, keeps the others;
+    /// answers the settings as stored.
+    func changeSettings(_ call: ReadCall) async throws -> Response {
+        guard let body = try await body(call.request, limit: 16 * 1024) else {
+            return problem(.contentTooLarge, "request body too large", "billing settings are at most 16 KiB")
+        }
+        let outcome = try await database { connection -> Result<BillingProfile, InvalidSettings> in
+            try connection.transaction { connection in
+                let store = BillingCatalogStore(connection: connection)
+                // Read and written in one transaction, under the row's lock, so concurrent changes do not undo each other.
+                try connection.query("SELECT pg_advisory_xact_lock(hashtext('tally.customers'), hashtext($1))", [call.customer])
+                let stored = try store.profiles([call.customer])[call.customer] ?? BillingProfile(customerID: call.customer)
+                let changed = BillingSettingsChange.apply(json: body, to: stored)
+                if case .success(let profile) = changed { try store.setProfile(profile) }
+                return changed
+            }
+        }
+        switch outcome {
+        case .failure(let invalid): return fieldErrors("invalid billing settings", invalid.violations.map(\.description).joined(separator: "; "), invalid.violations)
+        case .success(let profile):
+            logger.info("billing settings of \(call.customer) changed")
+            return json(.ok, Self.customerJSON(profile, configured: true))
+        }
     }
 
     /// `POST /v1/customers/{customer}/portal-tokens`: a read-only key of the customer that lapses.
@@ -362,7 +432,8 @@ extension IngestService {
             }
         }
         let expiresAt = CreditGuard.nowMicroseconds() + hours * 3_600_000_000
-        let (token, record) = try await reads(call) { [name] connection in
+        // Not retried: after a lost reply the key may exist, and a second one would be minted.
+        let (token, record) = try await database(retrying: false) { [name] connection in
             try APIKeyStore(connection: connection).create(name: name, environment: nil, scopes: [.read], customerID: call.customer, expiresAt: expiresAt)
         }
         logger.info("portal token \(record.keyID) for \(call.customer), lapses at \(record.expiresAt ?? "?")")
@@ -372,9 +443,10 @@ extension IngestService {
 
     /// `GET /v1/price-books/{book}/versions/{version}`: the stored document and what changed from the version before.
     func priceBookVersion(_ call: ReadCall, book: String, version: Int) async throws -> Response {
-        let versions = try await reads(call) { connection in try BillingCatalogStore(connection: connection).versions(name: book) }
-        let overrides = versions.filter { $0.customerID == book }
-        let chain = overrides.isEmpty ? versions.filter { $0.name == book && $0.customerID == nil } : overrides
+        // One book: the plan, or with `customer=` that customer's override of it.
+        let owner = call.parameter("customer")
+        let versions = try await database { connection in try BillingCatalogStore(connection: connection).versions() }
+        let chain = versions.filter { $0.name == book && $0.customerID == owner }
         guard let index = chain.firstIndex(where: { $0.version == version }) else {
             return problem(.notFound, "no such price book version", "price book \"\(book)\" has no version \(version)")
         }
@@ -406,12 +478,19 @@ extension IngestService {
             return fieldErrors("invalid price book", "\(error)", [FieldViolation("body", "\(error)")])
         }
         enum Outcome: Sendable { case refused(String), done(version: Int, created: Bool, changes: [String], losing: [String]) }
-        let outcome = try await reads(call) { connection -> Outcome in
+        // Not retried: after a lost reply a stored version would be answered as "identical".
+        let outcome = try await database(retrying: false) { connection -> Outcome in
             let store = BillingCatalogStore(connection: connection)
             let chain = try store.versions(name: book.customerID ?? book.name).filter { $0.name == book.name && $0.customerID == book.customerID }
-            let changes = try chain.last.map { PriceBookDiff.lines(from: try PriceBookDocument.parse($0.document), to: book) } ?? ["new price book"]
+            let latest = try chain.last.map { try PriceBookDocument.parse($0.document) }
+            let changes = latest.map { PriceBookDiff.lines(from: $0, to: book) } ?? ["new price book"]
             let losing = try store.modelsLosingPrice(book)
-            if dryRun { return .done(version: (chain.last?.version ?? 0) + 1, created: false, changes: changes, losing: losing) }
+            if dryRun {
+                do { try store.check(book) } catch let refusal as PriceBookRefusal { return .refused(refusal.description) }
+                // What apply would do: an identical book stores nothing and stays the latest version.
+                let identical = latest.map { PriceBookDocument.canonicalJSON($0) == PriceBookDocument.canonicalJSON(book) } ?? false
+                return .done(version: (chain.last?.version ?? 0) + (identical ? 0 : 1), created: false, changes: changes, losing: losing)
+            }
             do {
                 let (version, created) = try store.apply(book)
                 return .done(version: version, created: created, changes: created ? changes : ["no differences"], losing: losing)
@@ -425,7 +504,7 @@ extension IngestService {
         case .done(let version, let created, let changes, let losing):
             return json(created ? .created : .ok, .object([
                 ("book", .string(book.name)), ("customer", book.customerID.map(JSONField.string) ?? .null), ("version", .number(Int64(version))),
-                ("dry_run", .bool(dryRun)), ("created", .bool(created)), ("effective_from", .string(book.effectiveFrom.description)),
+                ("dry_run", .bool(dryRun)), ("created", .bool(created)), ("effective_from", .time(book.effectiveFrom.microseconds)),
                 ("changes", .array(changes.map(JSONField.string))), ("models_losing_price", .array(losing.map(JSONField.string))),
             ]))
         }
@@ -433,8 +512,13 @@ extension IngestService {
 
     /// `GET /v1/consumers`: each consumer group's stored position per partition, the log end and the lag.
     func consumers(_ call: ReadCall) async throws -> Response {
-        let includeReplays = call.parameter("include_replays") == "true"
-        let positions = try await reads(call) { connection in try AccountReader(connection: connection).consumerPositions(includeReplays: includeReplays) }
+        let includeReplays: Bool
+        switch call.parameter("include_replays") {
+        case nil, "false": includeReplays = false
+        case "true": includeReplays = true
+        default: throw InvalidParameter(name: "include_replays", reason: "must be true or false")
+        }
+        let positions = try await database { connection in try AccountReader(connection: connection).consumerPositions(includeReplays: includeReplays) }
         // An unreachable broker leaves the log end null.
         let ends = await logEnds(positions)
         return json(.ok, .object([("data", .array(positions.map { position in

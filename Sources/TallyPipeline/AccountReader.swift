@@ -34,6 +34,19 @@ public struct UsageRow: Sendable, Equatable {
 /// Token usage at any granularity from the exact hourly windows (folded rows and the deltas not
 /// folded yet): a window is whole or absent, never part of one.
 public enum UsageQuery {
+    /// The hourly rows and the deltas not folded yet, as one relation `w`: every sum over it is
+    /// exact. Read directly rather than through the `usage_windows` view, whose own grouping
+    /// would aggregate a customer's month twice.
+    public static let exactRows = """
+        (SELECT customer_id, window_start, model, feature, provider, environment, status, input_tokens, output_tokens,
+                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count
+         FROM usage_windows_hourly
+         UNION ALL
+         SELECT customer_id, window_start, model, feature, provider, environment, status, input_tokens, output_tokens,
+                cache_read_input_tokens, cache_write_input_tokens, reasoning_output_tokens, total_tokens, event_count
+         FROM usage_window_deltas) w
+        """
+
     /// What usage may be grouped by.
     public static let dimensions = ["model", "feature", "provider", "environment", "status"]
 
@@ -49,19 +62,24 @@ public enum UsageQuery {
         let grouped = dimensions.map { groupBy.contains($0) }
         // The hour bounds let the (customer_id, window_start) key narrow the scan; the
         // truncated bounds make windows whole.
+        // Grouped on the window's timestamp, converted to microseconds once per group, not per row.
         let query: PostgresQuery = """
-            SELECT \(unescaped: microseconds("date_trunc(\(quoted(unit)), window_start, 'UTC')")), customer_id,
-                   CASE WHEN \(grouped[0]) THEN model END, CASE WHEN \(grouped[1]) THEN NULLIF(feature, '') END,
-                   CASE WHEN \(grouped[2]) THEN NULLIF(provider, '') END, CASE WHEN \(grouped[3]) THEN NULLIF(environment, '') END,
-                   CASE WHEN \(grouped[4]) THEN NULLIF(status, '') END,
-                   sum(input_tokens)::text, sum(output_tokens)::text, sum(cache_read_input_tokens)::text, sum(cache_write_input_tokens)::text,
-                   sum(reasoning_output_tokens)::text, sum(total_tokens)::text, sum(event_count)::text
-            FROM usage_windows
-            WHERE (\(customerID)::text IS NULL OR customer_id = \(customerID)::text)
-              AND (\(from)::bigint IS NULL OR (window_start >= date_trunc(\(unit)::text, \(unescaped: microsecondsToTimestamp) \(from)::bigint, 'UTC')))
-              AND (\(to)::bigint IS NULL OR (window_start < \(unescaped: microsecondsToTimestamp) \(to)::bigint + ('1 ' || \(unit)::text)::interval
-                   AND date_trunc(\(unit)::text, window_start, 'UTC') < \(unescaped: microsecondsToTimestamp) \(to)::bigint))
-            GROUP BY 1, 2, 3, 4, 5, 6, 7
+            SELECT \(unescaped: microseconds("g.window_at")), g.customer_id, g.model, g.feature, g.provider, g.environment, g.status,
+                   g.input::text, g.output::text, g.cache_read::text, g.cache_write::text, g.reasoning::text, g.total::text, g.events::text
+            FROM (SELECT date_trunc(\(unit)::text, window_start, 'UTC') AS window_at, customer_id,
+                         CASE WHEN \(grouped[0]) THEN model END AS model, CASE WHEN \(grouped[1]) THEN NULLIF(feature, '') END AS feature,
+                         CASE WHEN \(grouped[2]) THEN NULLIF(provider, '') END AS provider,
+                         CASE WHEN \(grouped[3]) THEN NULLIF(environment, '') END AS environment,
+                         CASE WHEN \(grouped[4]) THEN NULLIF(status, '') END AS status,
+                         sum(input_tokens) AS input, sum(output_tokens) AS output, sum(cache_read_input_tokens) AS cache_read,
+                         sum(cache_write_input_tokens) AS cache_write, sum(reasoning_output_tokens) AS reasoning, sum(total_tokens) AS total,
+                         sum(event_count) AS events
+                  FROM \(unescaped: exactRows)
+                  WHERE (\(customerID)::text IS NULL OR customer_id = \(customerID)::text)
+                    AND (\(from)::bigint IS NULL OR (window_start >= date_trunc(\(unit)::text, \(unescaped: microsecondsToTimestamp) \(from)::bigint, 'UTC')))
+                    AND (\(to)::bigint IS NULL OR (window_start < \(unescaped: microsecondsToTimestamp) \(to)::bigint + ('1 ' || \(unit)::text)::interval
+                         AND date_trunc(\(unit)::text, window_start, 'UTC') < \(unescaped: microsecondsToTimestamp) \(to)::bigint))
+                  GROUP BY 1, 2, 3, 4, 5, 6, 7) g
             ORDER BY 2, 1, 3, 4, 5, 6, 7
             """
         let result = try connection.query(bound: query)
@@ -75,8 +93,6 @@ public enum UsageQuery {
                             customerID: try result.value(row, 1, as: String.self))
         }
     }
-
-    private static func quoted(_ unit: String) -> String { "'\(unit)'" }
 }
 
 /// What the read API shows of one customer's account: wallets, grants, ledger, invoices,

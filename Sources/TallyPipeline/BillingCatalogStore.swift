@@ -42,6 +42,22 @@ public struct BillingCatalogStore {
         return try (0..<usage.rowCount).map { try usage.value($0, 0, as: String.self) }.filter { previous.prices(for: $0) != nil && book.prices(for: $0) == nil }
     }
 
+    /// Throws `PriceBookRefusal` for what `apply` would refuse, storing nothing (dry runs ask this).
+    public func check(_ book: PriceBook) throws {
+        guard !book.meters.isEmpty else { return }
+        let declared = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
+        for price in book.meters {
+            guard let meter = declared.meters[price.meter] else {
+                throw PriceBookRefusal(description: "meters: \(price.meter) is not a declared meter (tally meters apply, tally meters list)")
+            }
+            switch meter.aggregation {
+            case .sum, .count: break
+            default:
+                throw PriceBookRefusal(description: "meters: \(price.meter) is a \(meter.aggregation.name) meter; only sum and count meters are priced")
+            }
+        }
+    }
+
     /// Stores a book as the next version of its (name, customer); returns that version, or the
     /// latest one when it is identical (applying the same file twice changes nothing).
     ///
@@ -49,19 +65,7 @@ public struct BillingCatalogStore {
     /// declare as a SUM or COUNT meter: those are charged per unit over a billing period
     /// (a MAX, LATEST or UNIQUE_COUNT figure is no sum of events' quantities).
     public func apply(_ book: PriceBook) throws -> (version: Int, created: Bool) {
-        if !book.meters.isEmpty {
-            let declared = try MeterCatalogStore(connection: connection).latest()?.catalog ?? MeterCatalog([])
-            for price in book.meters {
-                guard let meter = declared.meters[price.meter] else {
-                    throw PriceBookRefusal(description: "meters: \(price.meter) is not a declared meter (tally meters apply, tally meters list)")
-                }
-                switch meter.aggregation {
-                case .sum, .count: break
-                default:
-                    throw PriceBookRefusal(description: "meters: \(price.meter) is a \(meter.aggregation.name) meter; only sum and count meters are priced")
-                }
-            }
-        }
+        try check(book)
         let document = PriceBookDocument.canonicalJSON(book)
         return try connection.transaction { connection in
             // Serializes concurrent applies of the same book (any constant prefix works).

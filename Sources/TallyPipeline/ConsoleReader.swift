@@ -12,7 +12,7 @@ public struct ConsoleReader {
     public func dailyTokens(from: Int64) throws -> [(day: Int64, tokens: Int128, calls: Int128)] {
         let result = try connection.query("""
             SELECT \(microseconds("date_trunc('day', window_start, 'UTC')")), sum(total_tokens)::text, sum(event_count)::text
-            FROM usage_windows WHERE window_start >= \(microsecondsToTimestamp) $1::bigint GROUP BY 1 ORDER BY 1
+            FROM \(UsageQuery.exactRows) WHERE window_start >= \(microsecondsToTimestamp) $1::bigint GROUP BY 1 ORDER BY 1
             """, [from])
         return try (0..<result.rowCount).map { row in
             (try result.value(row, 0, as: Int64.self), try result.int128(row, 1) ?? 0, try result.int128(row, 2) ?? 0)
@@ -39,7 +39,7 @@ public struct ConsoleReader {
                     FROM (SELECT currency, sum(amount_nanos) AS nanos FROM rated_usage
                           WHERE customer_id = t.customer_id AND period_start >= date_trunc('month', \(microsecondsToTimestamp) $1::bigint, 'UTC')
                           GROUP BY currency) r)
-            FROM (SELECT customer_id, sum(total_tokens) AS tokens, sum(event_count) AS calls FROM usage_windows
+            FROM (SELECT customer_id, sum(total_tokens) AS tokens, sum(event_count) AS calls FROM \(UsageQuery.exactRows)
                   WHERE window_start >= \(microsecondsToTimestamp) $1::bigint GROUP BY customer_id ORDER BY 2 DESC, 1 LIMIT $2) t
             ORDER BY t.tokens DESC, t.customer_id
             """, [from, limit])
@@ -67,7 +67,7 @@ public struct ConsoleReader {
     /// Customers with usage from `from` on.
     public func activeCustomers(from: Int64) throws -> Int64 {
         try connection.query("""
-            SELECT count(DISTINCT customer_id) FROM usage_windows WHERE window_start >= \(microsecondsToTimestamp) $1::bigint
+            SELECT count(DISTINCT customer_id) FROM \(UsageQuery.exactRows) WHERE window_start >= \(microsecondsToTimestamp) $1::bigint
             """, [from]).int64(0, 0) ?? 0
     }
 

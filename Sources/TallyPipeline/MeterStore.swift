@@ -381,7 +381,7 @@ public enum MeterUsageQuery {
 
     /// - Parameters:
     ///   - granularity: window size; windows start at UTC hour, day or month boundaries.
-    ///   - from, to: RFC 3339 bounds on the window start (inclusive, exclusive).
+    ///   - from, to: RFC 3339; windows overlapping [from, to), each whole.
     ///   - groupBy: dimension names the meter declares; the others are collapsed.
     /// - Throws: `Failure` for an undeclared meter or dimension, `PostgresError`.
     public static func run(_ connection: PostgresConnection, meter name: String, granularity: Granularity, customerID: String? = nil,
@@ -416,7 +416,7 @@ public enum MeterUsageQuery {
                    \(unescaped: figure)::text
             FROM \(unescaped: source)
             WHERE meter = \(name) AND (\(customerID)::text IS NULL OR customer_id = \(customerID)::text)
-              AND (\(from)::timestamptz IS NULL OR date_trunc(\(unit)::text, window_start, 'UTC') >= \(from)::timestamptz)
+              AND (\(from)::timestamptz IS NULL OR date_trunc(\(unit)::text, window_start, 'UTC') >= date_trunc(\(unit)::text, \(from)::timestamptz, 'UTC'))
               AND (\(to)::timestamptz IS NULL OR date_trunc(\(unit)::text, window_start, 'UTC') < \(to)::timestamptz)
             GROUP BY 1, 2, 3 ORDER BY 2, 1, 3
             """

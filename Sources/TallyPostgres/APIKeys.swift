@@ -1,6 +1,5 @@
 import Foundation
 
-/// An ingest API key as stored (never the key itself).
 /// What an API key may do (docs/api.md#keys-and-scopes).
 public enum APIScope: String, Sendable, CaseIterable, Comparable {
     /// Send usage: `/v1/events`, `/v1/usage/{provider}`, the gateway routes, `/v1/check`.
@@ -17,6 +16,7 @@ public enum APIScope: String, Sendable, CaseIterable, Comparable {
     }
 }
 
+/// An API key as stored (never the key itself).
 public struct APIKeyRecord: Sendable, Equatable {
     public let keyID: String
     public let name: String

@@ -27,15 +27,19 @@ public final class PostgresConnection: @unchecked Sendable {
     /// The schema unqualified table names resolve to, set on every (re)connect.
     /// Bound as a parameter (`set_config`), never spliced into SQL.
     public let searchPath: String?
+    public let settings: [(name: String, value: String)]
 
     /// Connects, retrying with backoff until `connectTimeout` runs out.
     ///
     /// - Parameter url: a `postgresql://` URI or a `key=value` conninfo string.
-    public init(url: String, logger: Logger, connectTimeout: Duration = .seconds(30), searchPath: String? = nil) throws(PostgresError) {
+    /// - Parameter settings: session settings (`work_mem`, `statement_timeout`…) made on every (re)connection.
+    public init(url: String, logger: Logger, connectTimeout: Duration = .seconds(30), searchPath: String? = nil,
+                settings: [(name: String, value: String)] = []) throws(PostgresError) {
         conninfo = url
         self.logger = logger
         self.connectTimeout = connectTimeout
         self.searchPath = searchPath
+        self.settings = settings
         try connect()
     }
 
@@ -57,6 +61,7 @@ public final class PostgresConnection: @unchecked Sendable {
                 if let searchPath {
                     try query("SELECT set_config('search_path', $1, false)", [searchPath])
                 }
+                for setting in settings { try query("SELECT set_config($1, $2, false)", [setting.name, setting.value]) }
                 return
             }
             lastError = candidate.map { String(cString: PQerrorMessage($0)) } ?? "out of memory"

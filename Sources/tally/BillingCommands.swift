@@ -229,40 +229,36 @@ struct Customers: ParsableCommand {
 
         func run() throws {
             let store = BillingCatalogStore(connection: try connect(database, label: "tally.customers"))
-            var profile = try store.profiles([customer])[customer] ?? BillingProfile(customerID: customer)
-            if let plan { profile.plan = plan }
-            if let currency {
-                guard let code = Currency(currency) else { throw ValidationError("--currency \(currency): expected an ISO 4217 code") }
-                profile.currency = code
-            }
-            if let anchorDay {
-                guard (1...28).contains(anchorDay) else { throw ValidationError("--anchor-day must be 1 to 28") }
-                profile.anchorDay = anchorDay
-            }
-            if let subscriptionFee { profile.subscriptionFeeNanos = try amountNanos(subscriptionFee, option: "--subscription-fee", allowZero: true) }
-            var limit: Int64?
-            if case .allow(let current) = profile.overage { limit = current }
-            if let overageLimit { limit = overageLimit == "none" ? nil : try amountNanos(overageLimit, option: "--overage-limit", allowZero: true) }
-            switch overage {
-            case nil: if case .allow = profile.overage { profile.overage = .allow(limitNanos: limit) }
-            case "allow": profile.overage = .allow(limitNanos: limit)
-            case "stop": profile.overage = .stop
-            case let other?: throw ValidationError("--overage \(other): expected allow or stop")
-            }
-            if let lowBalance {
-                profile.lowBalanceThresholdsNanos = lowBalance == "none" ? [] : try lowBalance.split(separator: ",").map {
-                    try amountNanos(String($0), option: "--low-balance", allowZero: true)
-                }
-            }
+            let stored = try store.profiles([customer])[customer] ?? BillingProfile(customerID: customer)
+            var change = BillingSettingsChange()
+            change.plan = plan
+            change.currency = currency
+            change.anchorDay = anchorDay.map(Int64.init)
+            change.subscriptionFee = subscriptionFee
+            change.overagePolicy = overage
+            change.overageLimit = overageLimit.map { $0 == "none" ? nil : $0 }
+            change.lowBalanceThresholds = lowBalance.map { $0 == "none" ? [] : $0.split(separator: ",").map(String.init) }
             if autoTopupBelow == "none" {
-                profile.autoTopUp = nil
+                change.autoTopUp = .some(nil)
             } else if autoTopupBelow != nil || autoTopupAmount != nil {
-                guard let below = autoTopupBelow ?? profile.autoTopUp.map({ Money.format(nanos: $0.belowNanos) }),
-                      let amount = autoTopupAmount ?? profile.autoTopUp.map({ Money.format(nanos: $0.amountNanos) }) else {
+                // One of the two keeps the stored other.
+                guard let below = autoTopupBelow ?? stored.autoTopUp.map({ Money.format(nanos: $0.belowNanos) }),
+                      let amount = autoTopupAmount ?? stored.autoTopUp.map({ Money.format(nanos: $0.amountNanos) }) else {
                     throw ValidationError("auto top-up needs both --auto-topup-below and --auto-topup-amount")
                 }
-                profile.autoTopUp = AutoTopUpRule(belowNanos: try amountNanos(below, option: "--auto-topup-below", allowZero: true),
-                                                  amountNanos: try amountNanos(amount, option: "--auto-topup-amount"))
+                change.autoTopUp = .some(.init(below: below, amount: amount))
+            }
+            let profile: BillingProfile
+            switch change.applied(to: stored) {
+            case .success(let changed): profile = changed
+            case .failure(let invalid):
+                // The JSON form's names, said as this command's options.
+                let options = ["billing_anchor_day": "--anchor-day", "overage_policy": "--overage", "low_balance_thresholds": "--low-balance",
+                               "auto_topup": "--auto-topup-below/--auto-topup-amount"]
+                throw ValidationError(invalid.violations.map { violation in
+                    let field = String(violation.path.split(separator: ".").first ?? "")
+                    return "\(options[field] ?? "--" + field.replacingOccurrences(of: "_", with: "-")): \(violation.reason)"
+                }.joined(separator: "; "))
             }
             try store.setProfile(profile)
             print(describe(profile))

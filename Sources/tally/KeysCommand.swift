@@ -38,6 +38,10 @@ struct Keys: ParsableCommand {
             }
             if scopes.isEmpty { throw ValidationError("--scope: name at least one scope") }
             if scopes.contains(.admin) && customer != nil { throw ValidationError("--scope admin is for keys of no customer: an admin key acts for every customer") }
+            // --environment limits what a key sends, not what it reads.
+            if environment != nil && !scopes.isSubset(of: [.ingest, .grants]) {
+                throw ValidationError("--environment limits the events a key sends; a key that reads sees every environment: make it without --environment")
+            }
             return scopes
         }
 

@@ -141,6 +141,16 @@ final class ReadAPIIntegrationTests: XCTestCase {
         XCTAssertTrue(second["next_cursor"] is NSNull)
         let badCursor = try get("/v1/customers/acme/ledger?cursor=nonsense", reader)
         XCTAssertTrue(badCursor.status == 400 && badCursor.body.contains(#""field":"cursor""#), badCursor.body)
+        // A cursor of the right shape holding a time past year 9999 is refused too, never read as page one.
+        let farCursor = Data("\(Int64.max)\u{1f}welcome".utf8).base64EncodedString()
+            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        let far = try get("/v1/customers/acme/grants?cursor=\(farCursor)", reader)
+        XCTAssertTrue(far.status == 400 && far.body.contains(#""field":"cursor""#), far.body)
+        // Times the database cannot hold are the client's to fix (400), not a retry (503).
+        let yearZero = try get("/v1/customers/acme/usage?meter=web_search_requests&granularity=month&from=0001-01-01T00:00:00%2B01:00", reader)
+        XCTAssertTrue(yearZero.status == 400 && yearZero.body.contains(#""field":"from""#), yearZero.body)
+        let tooWide = try get("/v1/customers/acme/usage?granularity=hour&from=2020-01-01T00:00:00Z&to=2026-01-01T00:00:00Z", reader)
+        XCTAssertTrue(tooWide.status == 400 && tooWide.body.contains(#""field":"to""#), tooWide.body)
 
         // Alerts newest first: the limit at e3, the low balance at e2 (5.50 under 6.00), 50 % at e1.
         let alerts = data(try json(try get("/v1/customers/acme/alerts", reader)))
@@ -176,6 +186,16 @@ final class ReadAPIIntegrationTests: XCTestCase {
         let rest = try json(try get("/v1/customers?limit=1&cursor=\(try XCTUnwrap(customers["next_cursor"] as? String))", admin))
         XCTAssertEqual(data(rest).map { "\($0["customer"]!) \($0["configured"] as? Bool == true)" }, ["beta false"])
 
+        // Settings (admin): the fields given change, the rest stay; bad fields are named; a reader may not.
+        let patched = try http("PATCH", base + "/v1/customers/beta", body: #"{"subscription_fee": "49", "low_balance_thresholds": ["10", "2.5"]}"#, authorization: admin)
+        XCTAssertEqual(patched.status, 200, patched.body)
+        XCTAssertTrue(patched.body.contains(#""configured":true"#) && patched.body.contains(#""subscription_fee":"49.00""#)
+                      && patched.body.contains(#""low_balance_thresholds":["10.00","2.50"]"#) && patched.body.contains(#""plan":"default""#), patched.body)
+        XCTAssertTrue(try harness.tally(["customers", "show", "beta"]).contains("49.00"))
+        let refused = try http("PATCH", base + "/v1/customers/beta", body: #"{"billing_anchor_day": 31, "owner": "x"}"#, authorization: admin)
+        XCTAssertTrue(refused.status == 400 && refused.body.contains(#""field":"billing_anchor_day""#) && refused.body.contains(#""field":"owner""#), refused.body)
+        XCTAssertEqual(try http("PATCH", base + "/v1/customers/beta", body: "{}", authorization: reader).status, 403)
+
         // Price books: the version, a dry run that stores nothing, then version 2 with its changes.
         let books = data(try json(try get("/v1/price-books", reader)))
         XCTAssertEqual(books.map { "\($0["book"]!) \($0["version"]!)" }, ["default 1"])
@@ -191,6 +211,7 @@ final class ReadAPIIntegrationTests: XCTestCase {
         XCTAssertEqual(try get("/v1/price-books/default/versions/3", reader).status, 404)
 
         // Consumers (admin): the rater's positions at the log end, no lag.
+        XCTAssertEqual(try get("/v1/consumers?include_replays=perhaps", admin).status, 400)
         let consumers = data(try json(try get("/v1/consumers", admin))).filter { $0["group"] as? String == harness.group + "-rater" }
         XCTAssertFalse(consumers.isEmpty)
         XCTAssertTrue(consumers.allSatisfy { $0["lag"] as? Int == 0 }, "\(consumers)")
@@ -313,5 +334,38 @@ final class ReadAPIIntegrationTests: XCTestCase {
         XCTAssertEqual(portal["running-total-USD"].map { Money.nanos($0) }, ((draft["invoices"] as? [[String: Any]])?.first?["total_due"] as? String).map { Money.nanos($0) })
         let (_, sent) = try ChildProcess.run("/usr/bin/env", ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", base + "/console/customers/beta?token=" + token])
         XCTAssertTrue(sent.contains("Your usage") && !sent.contains("beta"), String(sent.prefix(3000)))
+
+        // Redirects stay on this server: sign-in's `next` only names console and portal pages, and
+        // a token cleaned from `//console` does not become a link to the host "console".
+        let signIn = try Self.unfollowed("POST", base + "/console/login", body: "token=\(adminToken)&next=%2F%5Cevil.example",
+                                         headers: ["Content-Type": "application/x-www-form-urlencoded"])
+        XCTAssertEqual(signIn.status, 303)
+        XCTAssertEqual(signIn.location, "/console")
+        XCTAssertTrue(signIn.cookie.contains("HttpOnly") && signIn.cookie.contains("SameSite=Lax"), signIn.cookie)
+        XCTAssertEqual(try Self.unfollowed("POST", base + "/console/login", body: "token=\(adminToken)&next=%2Fportal",
+                                           headers: ["Content-Type": "application/x-www-form-urlencoded"]).location, "/portal")
+        let crossSite = try Self.unfollowed("POST", base + "/console/login", body: "token=\(adminToken)",
+                                            headers: ["Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "cross-site"])
+        XCTAssertEqual(crossSite.status, 403)
+        let doubled = try Self.unfollowed("GET", base + "//console?token=\(adminToken)")
+        XCTAssertEqual(doubled.status, 303)
+        XCTAssertEqual(doubled.location, "/console")
+    }
+
+    /// One request whose redirect is not followed: the status, Location and Set-Cookie.
+    static func unfollowed(_ method: String, _ url: String, body: String? = nil, headers: [String: String] = [:]) throws -> (status: Int, location: String, cookie: String) {
+        let (status, output) = try ChildProcess.run("/usr/bin/env", ["python3", "-c", """
+            import http.client, json, sys, urllib.parse
+            method, url, body, headers = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+            parts = urllib.parse.urlsplit(url)
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            # The path as given, leading slashes and all.
+            connection.request(method, url[len(parts.scheme) + 3 + len(parts.netloc):], body=body or None, headers=headers)
+            response = connection.getresponse()
+            print(response.status); print(response.getheader("Location") or ""); print(response.getheader("Set-Cookie") or "")
+            """, method, url, body ?? "", String(decoding: try JSONSerialization.data(withJSONObject: headers), as: UTF8.self)])
+        let lines = output.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        guard status == 0, lines.count >= 3, let code = Int(lines[0]) else { throw NSError(domain: "http", code: Int(status), userInfo: [NSLocalizedDescriptionKey: output]) }
+        return (code, lines[1], lines[2])
     }
 }

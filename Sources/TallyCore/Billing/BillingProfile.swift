@@ -6,6 +6,20 @@ public enum OveragePolicy: Hashable, Sendable {
     /// Calls are refused as soon as the balance is zero or below (usage that still arrives is charged).
     case stop
 
+    /// `allow` or `stop`, as settings name it.
+    public var name: String {
+        switch self {
+        case .allow: "allow"
+        case .stop: "stop"
+        }
+    }
+
+    /// How far below zero `allow` lets a balance go (nil: no limit, or `stop`).
+    public var limitNanos: Int64? {
+        if case .allow(let limit) = self { return limit }
+        return nil
+    }
+
     /// Whether a gateway should refuse calls at this balance.
     public func blocks(balanceNanos: Int64) -> Bool {
         switch self {
@@ -86,5 +100,157 @@ public struct BillingPeriod: Hashable, Sendable, Comparable {
         guard parts.count == 2, parts[0].count == 4, parts[1].count == 2, let year = Int(parts[0]), let month = Int(parts[1]),
               (1...12).contains(month), year >= 1970 else { return nil }
         return starting(year: year, month: month, anchorDay: anchorDay)
+    }
+}
+
+/// Billing settings refused: every field at fault with the reason.
+public struct InvalidSettings: Error, Sendable, Equatable {
+    public let violations: [FieldViolation]
+}
+
+/// A change to a customer's billing settings: each field given replaces the stored one, the rest
+/// stay. The API's `PATCH /v1/customers/{customer}` reads it from JSON, `tally customers set`
+/// from its options; both validate it here, so both refuse the same values with the same reasons.
+public struct BillingSettingsChange: Sendable, Equatable {
+    /// The price book (plan) the customer is rated with.
+    public var plan: String?
+    /// ISO 4217 code.
+    public var currency: String?
+    /// 1 to 28.
+    public var anchorDay: Int64?
+    /// Decimal amounts (at most 9 decimals), at least 0.
+    public var subscriptionFee: String?
+    /// `allow` or `stop`.
+    public var overagePolicy: String?
+    /// How far below zero `allow` lets a balance go; `.some(nil)` for no limit.
+    public var overageLimit: String??
+    public var lowBalanceThresholds: [String]?
+    /// `.some(nil)` removes the rule.
+    public var autoTopUp: AutoTopUp??
+
+    public struct AutoTopUp: Sendable, Equatable {
+        public var below: String
+        public var amount: String
+        public init(below: String, amount: String) {
+            self.below = below
+            self.amount = amount
+        }
+    }
+
+    public init() {}
+
+    /// The fields of the JSON form, as `PATCH /v1/customers/{customer}` takes them.
+    public static let fields = ["plan", "currency", "billing_anchor_day", "subscription_fee", "overage_policy", "overage_limit",
+                                "low_balance_thresholds", "auto_topup"]
+
+    /// Reads the JSON form: `{"plan": "pro", "overage_limit": null, "auto_topup": {"below": "5", "amount": "50"}, …}`.
+    /// Every field at fault is named; unknown fields are refused.
+    public static func parse(json bytes: [UInt8]) -> Result<BillingSettingsChange, InvalidSettings> {
+        let (change, violations) = read(bytes)
+        return violations.isEmpty ? .success(change) : .failure(InvalidSettings(violations: violations))
+    }
+
+    /// `profile` with the JSON form's change, or every field at fault: those the form gets
+    /// wrong and those whose values are out of range, together.
+    public static func apply(json bytes: [UInt8], to profile: BillingProfile) -> Result<BillingProfile, InvalidSettings> {
+        let (change, violations) = read(bytes)
+        switch change.applied(to: profile) {
+        case .success(let changed): return violations.isEmpty ? .success(changed) : .failure(InvalidSettings(violations: violations))
+        case .failure(let more): return .failure(InvalidSettings(violations: violations + more.violations))
+        }
+    }
+
+    /// The change the fields that are well formed make, and the others' violations.
+    private static func read(_ bytes: [UInt8]) -> (BillingSettingsChange, [FieldViolation]) {
+        guard case .success(.object(let members)) = JSONValue.parse(bytes) else {
+            return (BillingSettingsChange(), [FieldViolation("", "the body must be a JSON object of billing settings")])
+        }
+        var change = BillingSettingsChange()
+        var violations: [FieldViolation] = []
+        func text(_ name: String) -> String? {
+            guard let value = members[name] else { return nil }
+            guard let string = value.string else { violations.append(FieldViolation(name, "must be a string")); return nil }
+            return string
+        }
+        for name in members.keys.sorted() where !fields.contains(name) {
+            violations.append(FieldViolation(name, "is not a billing setting: \(fields.joined(separator: ", ")) are"))
+        }
+        change.plan = text("plan")
+        change.currency = text("currency")
+        if let value = members["billing_anchor_day"] {
+            if case .integer(.value(let day)) = value { change.anchorDay = day } else { violations.append(FieldViolation("billing_anchor_day", "must be a whole number from 1 to 28")) }
+        }
+        change.subscriptionFee = text("subscription_fee")
+        change.overagePolicy = text("overage_policy")
+        if let value = members["overage_limit"] {
+            if case .null = value { change.overageLimit = .some(nil) } else { change.overageLimit = text("overage_limit").map { .some($0) } }
+        }
+        if let value = members["low_balance_thresholds"] {
+            if case .array(let items) = value, items.count <= 16, items.allSatisfy({ $0.string != nil }) {
+                change.lowBalanceThresholds = items.compactMap(\.string)
+            } else {
+                violations.append(FieldViolation("low_balance_thresholds", "must be an array of at most 16 decimal strings"))
+            }
+        }
+        if let value = members["auto_topup"] {
+            switch value {
+            case .null: change.autoTopUp = .some(nil)
+            case .object(let rule):
+                if let below = rule["below"]?.string, let amount = rule["amount"]?.string, rule.count == 2 {
+                    change.autoTopUp = .some(AutoTopUp(below: below, amount: amount))
+                } else {
+                    violations.append(FieldViolation("auto_topup", "must be null or {\"below\": \"5.00\", \"amount\": \"50.00\"}"))
+                }
+            default: violations.append(FieldViolation("auto_topup", "must be null or {\"below\": \"5.00\", \"amount\": \"50.00\"}"))
+            }
+        }
+        return (change, violations)
+    }
+
+    /// `profile` with the change, or every field at fault (named as in the JSON form).
+    public func applied(to profile: BillingProfile) -> Result<BillingProfile, InvalidSettings> {
+        var profile = profile
+        var violations: [FieldViolation] = []
+        func amount(_ text: String, _ field: String, positive: Bool = false) -> Int64? {
+            guard GrantEvent.isPlainDecimal(text), let nanos = Money.nanos(text), positive ? nanos > 0 : nanos >= 0 else {
+                violations.append(FieldViolation(field, "must be a decimal amount\(positive ? " above 0" : "") with at most 9 decimals, e.g. \"25.00\""))
+                return nil
+            }
+            return nanos
+        }
+        if let plan {
+            if EventLimits.isLabel(plan, length: EventLimits.labelLength) { profile.plan = plan } else {
+                violations.append(FieldViolation("plan", "must be a price book name: 1 to \(EventLimits.labelLength.upperBound) characters without control characters"))
+            }
+        }
+        if let currency {
+            if let code = Currency(currency) { profile.currency = code } else { violations.append(FieldViolation("currency", "must be an ISO 4217 code such as USD")) }
+        }
+        if let anchorDay {
+            if (1...28).contains(anchorDay) { profile.anchorDay = Int(anchorDay) } else { violations.append(FieldViolation("billing_anchor_day", "must be a whole number from 1 to 28")) }
+        }
+        if let subscriptionFee, let nanos = amount(subscriptionFee, "subscription_fee") { profile.subscriptionFeeNanos = nanos }
+        var limit: Int64?
+        if case .allow(let current) = profile.overage { limit = current }
+        if let overageLimit { limit = overageLimit.flatMap { amount($0, "overage_limit") } }
+        switch overagePolicy {
+        case nil: if case .allow = profile.overage { profile.overage = .allow(limitNanos: limit) }
+        case "allow": profile.overage = .allow(limitNanos: limit)
+        case "stop": profile.overage = .stop
+        case let other?: violations.append(FieldViolation("overage_policy", "must be allow or stop, not \(other)"))
+        }
+        if let lowBalanceThresholds {
+            profile.lowBalanceThresholdsNanos = lowBalanceThresholds.enumerated().compactMap { amount($1, "low_balance_thresholds.\($0)") }
+        }
+        if let autoTopUp {
+            if let rule = autoTopUp {
+                if let below = amount(rule.below, "auto_topup.below"), let topUp = amount(rule.amount, "auto_topup.amount", positive: true) {
+                    profile.autoTopUp = AutoTopUpRule(belowNanos: below, amountNanos: topUp)
+                }
+            } else {
+                profile.autoTopUp = nil
+            }
+        }
+        return violations.isEmpty ? .success(profile) : .failure(InvalidSettings(violations: violations))
     }
 }
