@@ -403,7 +403,7 @@ extension IngestService {
             var daily: [UsageRow] = []
             var meters: [(name: String, unit: String, value: String)] = []
             var invoices: [AccountReader.InvoiceSummary] = []
-            var draft: (period: BillingPeriod, invoices: [Invoice])?
+            var draft: (period: BillingPeriod, invoices: [Invoice], refused: [String])?
             var alerts: [AccountReader.Alert] = []
         }
         let data = try await database { connection -> Account in
@@ -429,7 +429,8 @@ extension IngestService {
         }
         let monthTokens = data.byModel.reduce(Int128(0)) { $0 + $1.totalTokens }, monthCalls = data.byModel.reduce(Int128(0)) { $0 + $1.eventCount }
         let draftDue = data.draft?.invoices.map { ($0.currency, Int128($0.totalDueNanos)) } ?? []
-        var body = portal ? "<p>Usage and credit of <strong>\(ConsoleHTML.escape(customer))</strong>. Figures are this calendar month (UTC) unless they say otherwise.</p>" : ""
+        var body = (data.draft?.refused ?? []).map { "<p class=\"warn\" role=\"alert\">The running total leaves out an invoice that could not be built: \(ConsoleHTML.escape($0))</p>" }.joined()
+        body += portal ? "<p>Usage and credit of <strong>\(ConsoleHTML.escape(customer))</strong>. Figures are this calendar month (UTC) unless they say otherwise.</p>" : ""
         body += Self.tiles([
             (portal ? "Credit balance" : "Balance", Self.moneyFigures("balance", data.balances.map { ($0.currency, Int128($0.balanceNanos)) })),
             ("Credit left on grants", Self.moneyFigures("grants-remaining", data.balances.map { ($0.currency, $0.grantsRemainingNanos) })),

@@ -145,10 +145,11 @@ extension IngestService {
         }
         read(router, "v1/customers/:customer/invoices/current", .customer) { call in
             try await self.answer { connection in
-                let (period, invoices) = try InvoiceStore(connection: connection).draft(customerID: call.customer, now: CreditGuard.nowMicroseconds())
+                let (period, invoices, refused) = try InvoiceStore(connection: connection).draft(customerID: call.customer, now: CreditGuard.nowMicroseconds())
                 return .object([("customer", .string(call.customer)), ("status", .string("draft")), ("period", .string(period.label)),
                                 ("period_start", .time(period.start)), ("period_end", .time(period.end)),
-                                ("invoices", .array(invoices.map { .raw(Array(InvoiceBuilder.json($0).utf8)) }))])
+                                ("invoices", .array(invoices.map { .raw(Array(InvoiceBuilder.json($0).utf8)) })),
+                                ("not_built", .array(refused.map(JSONField.string)))])
             }
         }
         read(router, "v1/customers/:customer/invoices/:invoice", .customer) { call in

@@ -79,15 +79,19 @@ public struct InvoiceStore {
     /// The invoices the customer's current billing period (the one holding `now`, microseconds)
     /// would have if it closed now, one per currency with something on it: the running total.
     /// Stores nothing. A period already closed early is not drafted again.
-    public func draft(customerID: String, now: Int64) throws -> (period: BillingPeriod, invoices: [Invoice]) {
+    /// `refused` says why a currency's invoice could not be built (as closing would refuse it), so a
+    /// running total is never silently short.
+    public func draft(customerID: String, now: Int64) throws -> (period: BillingPeriod, invoices: [Invoice], refused: [String]) {
         let profile = try catalog.profiles([customerID])[customerID] ?? BillingProfile(customerID: customerID)
         let period = profile.period(containing: now)
-        var invoices: [Invoice] = []
-        for case .success(let invoice) in try build(customer: customerID, profile: profile, period: period, catalog: try catalog.loadCatalog(),
-                                                    skippingClosed: { _ in }) where !invoice.isEmpty {
-            invoices.append(invoice)
+        var invoices: [Invoice] = [], refused: [String] = []
+        for outcome in try build(customer: customerID, profile: profile, period: period, catalog: try catalog.loadCatalog(), skippingClosed: { _ in }) {
+            switch outcome {
+            case .success(let invoice): if !invoice.isEmpty { invoices.append(invoice) }
+            case .failure(let error): refused.append(error.message)
+            }
         }
-        return (period, invoices)
+        return (period, invoices, refused)
     }
 
     private func close(customer: String, profile: BillingProfile, period: BillingPeriod, catalog: PriceCatalog,

@@ -48,13 +48,15 @@ final class BillingSettingsTests: XCTestCase {
             return XCTFail("applied")
         }
         XCTAssertEqual(both.violations.map(\.path), ["owner", "billing_anchor_day"])
-        // Amounts follow the grant schema's pattern: at most 9 whole digits and 9 decimals.
-        XCTAssertEqual(try change(#"{"subscription_fee": "999999999.999999999"}"#).get().applied(to: BillingProfile(customerID: "a")).get().subscriptionFeeNanos,
-                       999_999_999_999_999_999)
-        guard case .failure(let tooLarge) = try change(#"{"subscription_fee": "9223372036.854775807"}"#).get().applied(to: BillingProfile(customerID: "a")) else {
-            return XCTFail("applied")
+        // Amounts go up to what a stored amount holds: Int64.max nano-units, and not one past it.
+        XCTAssertEqual(try change(#"{"subscription_fee": "9223372036.854775807"}"#).get().applied(to: BillingProfile(customerID: "a")).get().subscriptionFeeNanos,
+                       Int64.max)
+        for text in ["9223372036.854775808", "1e3", "+1", "1.", ".5", "1.0000000001", " 1"] {
+            guard case .failure(let refused) = try change(#"{"subscription_fee": "\#(text)"}"#).get().applied(to: BillingProfile(customerID: "a")) else {
+                return XCTFail("applied \(text)")
+            }
+            XCTAssertEqual(refused.violations.map(\.path), ["subscription_fee"], text)
         }
-        XCTAssertEqual(tooLarge.violations.map(\.path), ["subscription_fee"])
         // Whole numbers past any day, in range of Int64 or not, are named.
         for day in ["29", "-1", "9223372036854775807", "99999999999999999999999"] {
             let refused: InvalidSettings? = switch change(#"{"billing_anchor_day": \#(day)}"#) {

@@ -212,8 +212,10 @@ public struct BillingSettingsChange: Sendable, Equatable {
         var profile = profile
         var violations: [FieldViolation] = []
         func amount(_ text: String, _ field: String, positive: Bool = false) -> Int64? {
-            guard GrantEvent.isPlainDecimal(text), let nanos = Money.nanos(text), positive ? nanos > 0 : nanos >= 0 else {
-                violations.append(FieldViolation(field, "must be a decimal amount\(positive ? " above 0" : "") with at most 9 decimals, e.g. \"25.00\""))
+            // Digits with at most 9 decimals, up to what a stored amount holds (Int64 nano-units).
+            let plain = text.range(of: #"^[0-9]+(\.[0-9]{1,9})?$"#, options: .regularExpression) != nil
+            guard plain, let nanos = Money.nanos(text), positive ? nanos > 0 : nanos >= 0 else {
+                violations.append(FieldViolation(field, "must be a decimal amount\(positive ? " above 0" : "") with at most 9 decimals, at most 9,223,372,036.854775807, e.g. \"25.00\""))
                 return nil
             }
             return nanos

@@ -294,7 +294,7 @@ public enum InvoiceBuilder {
     /// The invoice as a standalone, printable HTML document.
     public static func html(_ invoice: Invoice) -> String {
         let currency = invoice.currency
-        let escape = UsageReportRenderer.escape
+        let escape = ConsoleHTML.escape
         var rows = ""
         for line in invoice.lines {
             rows += "<tr class=\"\(line.kind.rawValue)\"><td>\(escape(line.description))</td><td class=\"n\">\(line.quantity.map(String.init) ?? "")</td>"

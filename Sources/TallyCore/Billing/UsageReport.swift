@@ -128,26 +128,9 @@ public enum UsageReportRenderer {
         return frame(title, low: 0, high: high, labels: labels, format: { Money.format(nanos: $0) }, bars)
     }
 
-    /// One decimal place is plenty for pixel coordinates.
-    static func format(_ value: Double) -> String {
-        let tenths = Int64((value * 10).rounded())
-        return "\(tenths / 10).\(abs(tenths % 10))"
-    }
+    static func format(_ value: Double) -> String { ConsoleHTML.format(value) }
 
-    /// Text for HTML content and attribute values.
-    static func escape(_ text: String) -> String {
-        var out = ""
-        for character in text {
-            switch character {
-            case "&": out += "&amp;"
-            case "<": out += "&lt;"
-            case ">": out += "&gt;"
-            case "\"": out += "&quot;"
-            default: out.append(character)
-            }
-        }
-        return out
-    }
+    static func escape(_ text: String) -> String { ConsoleHTML.escape(text) }
 }
 
 private extension String {
