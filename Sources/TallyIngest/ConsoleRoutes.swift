@@ -10,7 +10,7 @@ import TallyPostgres
 /// The web console (docs/console.md): pages rendered here with inline SVG charts, no JavaScript.
 /// Operators (a `read` or `admin` key of no customer) get `/console`: the overview, customers,
 /// price books; a customer's portal token gets `/portal`: its own usage, credit and invoices.
-/// The key comes as `?token=` once (kept in an HttpOnly, SameSite=Strict cookie, and the URL
+/// The key comes as `?token=` once (kept in an HttpOnly, SameSite=Lax cookie, and the URL
 /// cleaned by a redirect), from the login form, or in `Authorization`. Every figure is read with
 /// the same queries as the read API, so the two agree.
 extension IngestService {
@@ -411,7 +411,7 @@ extension IngestService {
             var account = Account()
             account.profile = try reader.customer(customer).profile
             account.balances = try reader.balances(customer)
-            account.grants = try reader.grants(customer, cursor: nil, limit: 50).rows
+            account.grants = try reader.grants(customer, cursor: nil, limit: 1000).rows
             account.byModel = try UsageQuery.run(connection, customerID: customer, granularity: .month, from: month, to: monthEnd, groupBy: ["model"])
             account.byFeature = try UsageQuery.run(connection, customerID: customer, granularity: .month, from: month, to: monthEnd, groupBy: ["feature"])
             account.daily = try UsageQuery.run(connection, customerID: customer, granularity: .day, from: since, to: monthEnd, groupBy: [])
