@@ -27,10 +27,9 @@ extension IngestService {
         let reason: String
     }
 
-    /// What a read handler gets: the key, the customer of the path, the query parameters.
+    /// What a read handler gets: the request, the customer of the path, the query parameters.
     struct ReadCall: Sendable {
         let request: Request
-        let key: APIKeyRecord?
         let customer: String
         /// Path parameters other than the customer (`invoice`, `book`, `version`), percent-decoded once.
         let path: [String: String]
@@ -218,7 +217,7 @@ extension IngestService {
                 var parameters: [String: String] = [:]
                 for (name, value) in request.uri.queryParameters where parameters[String(name)] == nil { parameters[String(name)] = String(value) }
                 do {
-                    return try await handler(ReadCall(request: request, key: key, customer: customer, path: named, parameters: parameters))
+                    return try await handler(ReadCall(request: request, customer: customer, path: named, parameters: parameters))
                 } catch let invalid as InvalidParameter {
                     return self.fieldErrors("invalid request", "\(invalid.name) \(invalid.reason)", [FieldViolation(invalid.name, invalid.reason)])
                 } catch let failure as ReadFailure {

@@ -54,12 +54,11 @@ public struct ConsoleReader {
     }
 
     /// What the consumers kept aside or could not count: dead letters per group and reason,
-    /// conflicting re-sends, unpriced events per model, unrateable records.
+    /// conflicting re-sends, unpriced events per model.
     public struct Health: Sendable {
         public var deadLetters: [(group: String, reason: String, records: Int64)] = []
         public var conflicts: Int64 = 0
         public var unpriced: [(model: String, events: Int64)] = []
-        public var unrateable: Int64 = 0
 
         public init() {}
     }
@@ -78,7 +77,6 @@ public struct ConsoleReader {
         health.conflicts = try connection.query("SELECT count(*) FROM event_conflicts").int64(0, 0) ?? 0
         let unpriced = try connection.query("SELECT model, count(*) FROM unpriced_usage GROUP BY 1 ORDER BY 2 DESC, 1")
         health.unpriced = try (0..<unpriced.rowCount).map { (try unpriced.value($0, 0, as: String.self), try unpriced.value($0, 1, as: Int64.self)) }
-        health.unrateable = try connection.query("SELECT count(*) FROM unrateable_records").int64(0, 0) ?? 0
         return health
     }
 }
