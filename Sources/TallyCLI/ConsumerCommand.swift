@@ -100,6 +100,7 @@ public func runConsumer(_ description: ConsumerDescription, options: ConsumerOpt
     settings.topic = kafka.topic
     settings.deadLetterTopic = kafka.deadLetterTopic
     settings.partitioner = try kafka.partitioner
+    settings.dedupHorizon = try kafka.dedupHorizon
     settings.batchSize = options.batchSize ?? description.defaultBatchSize
     settings.batchTimeout = .milliseconds(options.batchTimeoutMs)
     settings.statsInterval = .seconds(options.statsIntervalSeconds)

@@ -51,7 +51,22 @@ public struct KafkaOptions: ParsableArguments {
             help: "How record keys pick partitions, for Tally's producers and its consumers' check: murmur2 (Kafka's Java default) or crc32 (a log written by librdkafka's old default). Env: TALLY_PARTITIONER. Default: murmur2.")
     var partitionerFlag: String?
 
+    @Option(name: .customLong("dedup-horizon-days"),
+            help: "How many days late (event time before the partition's log time) an event may reach the topic and still count; later ones are dead-lettered as past_dedup_horizon. Recorded with the topic on first use; every process must agree. Env: TALLY_DEDUP_HORIZON_DAYS. Default: 35.")
+    var dedupHorizonFlag: String?
+
     public init() {}
+
+    /// The topic's dedup horizon (see `DedupHorizon`), checked against the recorded one.
+    public var dedupHorizon: DedupHorizon {
+        get throws {
+            guard let text = dedupHorizonFlag ?? environment("TALLY_DEDUP_HORIZON_DAYS") else { return DedupHorizon(days: DedupHorizon.defaultDays) }
+            guard let days = Int(text), (1...DedupHorizon.maxDays).contains(days) else {
+                throw ValidationError("--dedup-horizon-days \(text): expected whole days from 1 to \(DedupHorizon.maxDays)")
+            }
+            return DedupHorizon(days: days)
+        }
+    }
 
     /// The key partitioner producers use and consumers check (see `KeyPartitioner`). An explicit
     /// `--kafka-property partitioner=…` must name one the consumers can check.

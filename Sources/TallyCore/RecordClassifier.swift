@@ -1,14 +1,15 @@
 /// Why a record in the topic is poison: it goes to the dead-letter topic, never stalls the consumer.
 public struct PoisonReason: Sendable, Equatable, CustomStringConvertible {
     /// Stable short code: `empty`, `oversize`, `malformed_json`, `schema_invalid`, `unknown_type`,
-    /// `key_mismatch`, `wrong_partition`, `unsigned_credit` (see `CreditVerifier`).
+    /// `key_mismatch`, `wrong_partition`, `unsigned_credit` (see `CreditVerifier`), `past_dedup_horizon`
+    /// (see `DedupHorizon`).
     public let code: String
     public let detail: String
 
     /// Every code a record can be set aside with: metrics start each at zero, so the first dead
     /// letter of a kind is an increase a rate or `increase()` sees.
     public static let codes = ["empty", "oversize", "malformed_json", "schema_invalid", "unknown_type",
-                               "key_mismatch", "wrong_partition", "unsigned_credit"]
+                               "key_mismatch", "wrong_partition", "unsigned_credit", DedupHorizon.reasonCode]
 
     public init(code: String, detail: String) {
         self.code = code

@@ -115,6 +115,11 @@ public struct IngestCommand: AsyncParsableCommand {
         properties["message.timeout.ms"] = properties["message.timeout.ms"] ?? String(deliveryTimeoutMs)
         let kafkaConfiguration = KafkaConfiguration(brokers: try kafka.brokers, properties: properties)
         let admin = try KafkaAdmin(configuration: kafkaConfiguration, logger: logger)
+        // An event the API accepts must not be one every consumer then refuses as too late.
+        let horizon = try kafka.dedupHorizon
+        guard maxEventAgeDays <= horizon.days else {
+            throw ValidationError("--max-event-age-days \(maxEventAgeDays) accepts events the consumers refuse: the topic's dedup horizon is \(horizon) (--dedup-horizon-days)")
+        }
         let parser = IngestBatchParser(maxEvents: maxBatchEvents,
                                        maxAgeMicroseconds: Int64(maxEventAgeDays) * 86_400_000_000,
                                        maxFutureMicroseconds: Int64(maxEventFutureMinutes) * 60_000_000)
@@ -126,7 +131,7 @@ public struct IngestCommand: AsyncParsableCommand {
             // would split customers (see `TopicLayout`); an unreachable broker is readiness's concern.
             do {
                 let partitions = Int32(try admin.partitionCount(of: kafka.topic, timeout: .seconds(10)))
-                try TopicLayout(partitioner: try kafka.partitioner, partitions: partitions)
+                try TopicLayout(partitioner: try kafka.partitioner, partitions: partitions, dedupHorizon: horizon)
                     .check(topic: kafka.topic, on: try PostgresConnection(url: try database.databaseURL, logger: logger))
             } catch let error as KafkaError {
                 logger.warning("the layout of \(kafka.topic) could not be checked (\(error)); consumers check it when they start")

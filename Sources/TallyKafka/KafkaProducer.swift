@@ -10,13 +10,18 @@ public struct ProducerRecord: Sendable {
     public var headers: [KafkaHeader]
     /// nil lets the partitioner choose from the key (murmur2 unless configured otherwise, as the Java client does).
     public var partition: Int32?
+    /// The record's CreateTime in ms since the epoch; nil stamps it with the time it is produced.
+    /// A topic with `message.timestamp.type=LogAppendTime` replaces either with the broker's.
+    public var timestampMilliseconds: Int64?
 
-    public init(topic: String, key: [UInt8]?, value: [UInt8], headers: [KafkaHeader] = [], partition: Int32? = nil) {
+    public init(topic: String, key: [UInt8]?, value: [UInt8], headers: [KafkaHeader] = [], partition: Int32? = nil,
+                timestampMilliseconds: Int64? = nil) {
         self.topic = topic
         self.key = key
         self.value = value
         self.headers = headers
         self.partition = partition
+        self.timestampMilliseconds = timestampMilliseconds
     }
 }
 
@@ -178,7 +183,7 @@ public final class KafkaProducer: @unchecked Sendable {
             withOptionalBytes(record.key) { key in
                 tally_rd_kafka_produce(handle.pointer, record.topic, partition,
                                        key?.baseAddress, key?.count ?? 0,
-                                       value.baseAddress, value.count, headers, opaque)
+                                       value.baseAddress, value.count, headers, record.timestampMilliseconds ?? 0, opaque)
             }
         }
         // librdkafka owns the headers only when produce succeeded.

@@ -53,7 +53,7 @@ public final class CommitLanes: ConsumerStore, @unchecked Sendable {
         landed = landed.filter { index, _ in !work.contains { $0.lane == index } }
         let results = runConcurrently(work.map { item in { try self.lanes[item.lane].commit(item.batch) } })
         var fenced = Set<Int32>()
-        var resync: [Int32: Int64] = [:]
+        var resync: [Int32: PartitionClaim] = [:]
         var failure: (any Error)?
         for (item, result) in zip(work, results) {
             switch result {

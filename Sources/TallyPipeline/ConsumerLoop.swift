@@ -37,8 +37,11 @@ public struct ConsumerSettings: Sendable {
     /// that applies no credit (the aggregator).
     public var creditVerifier: CreditVerifier?
 
-    /// Called once at start with the topic's layout (the partitioner above, the broker's partition
-    /// count); throwing stops the loop before it consumes anything (see `TopicLayout`).
+    /// How late an event may reach the log and still count (see `DedupHorizon`); part of the
+    /// topic's layout, so every consumer of the topic decides alike.
+    public var dedupHorizon = DedupHorizon(days: DedupHorizon.defaultDays)
+    /// Called once at start with the topic's layout (the partitioner and horizon above, the
+    /// broker's partition count); throwing stops the loop before it consumes anything (see `TopicLayout`).
     public var checkLayout: (@Sendable (TopicLayout) throws -> Void)?
 
     /// Called on the consumer thread after each committed batch (replay shows its progress with it).
@@ -205,7 +208,7 @@ public final class ConsumerLoop: @unchecked Sendable {
     /// Consumes until stopped (or caught up, with `exitWhenCaughtUp`), then leaves the group.
     public func run() throws {
         partitionCount = try readPartitionCount()
-        try settings.checkLayout?(TopicLayout(partitioner: settings.partitioner, partitions: partitionCount))
+        try settings.checkLayout?(TopicLayout(partitioner: settings.partitioner, partitions: partitionCount, dedupHorizon: settings.dedupHorizon))
         // The handler runs inside poll on this thread; the source lives no longer than the loop.
         try consumer.subscribe([settings.topic]) { [unowned self] event in rebalanced(event) }
         var lastStats = ContinuousClock.now
@@ -316,8 +319,20 @@ public final class ConsumerLoop: @unchecked Sendable {
             if let time = records[index].timestampMilliseconds {
                 batch.recordTimes = (min(batch.recordTimes?.oldest ?? time, time), max(batch.recordTimes?.newest ?? time, time))
             }
+            // The partition's log clock up to and including this record, and whether a usage event
+            // came too late (see `DedupHorizon`).
+            let usageTime: EventTime? = if case .event(.usage(let event)) = classified[index] { event.time } else { nil }
+            let judged = settings.dedupHorizon.judge(offset: offset, fromOffset: claim.horizonFromOffset,
+                                                     clock: batch.logClocks[partition] ?? owner.logClock,
+                                                     recordMilliseconds: records[index].timestampMilliseconds, eventTime: usageTime)
+            if let clock = judged.clock { batch.logClocks[partition] = clock }
             switch classified[index] {
             case .event(.usage(let event)):
+                // A copy sent by `tally pricing rate-unpriced` is judged by its first copy, counted already.
+                if let refusal = judged.refusal, records[index].header(rateUnpricedHeader) == nil {
+                    batch.deadLetters.append(DeadLetter(position: logPosition, reason: refusal, key: records[index].key, value: records[index].value))
+                    break
+                }
                 batch.events.append(PositionedEvent(event: event, position: logPosition, identity: identities[index]!))
                 if !records[index].headers.isEmpty, records[index].header(rateUnpricedHeader) != nil { batch.rateUnpricedAt.insert(logPosition) }
             case .event(.grant(let grant)):
@@ -345,7 +360,7 @@ public final class ConsumerLoop: @unchecked Sendable {
             batch.moves[partition] = (expected: start, next: offset + 1, epoch: claim.epoch)
         }
         metrics.records.increment(by: stats.records - recordsBefore)
-        ownership.prepared(batch.moves)
+        ownership.prepared(batch.moves, logClocks: batch.logClocks)
         return batch
     }
 
@@ -487,7 +502,10 @@ public final class ConsumerLoop: @unchecked Sendable {
                 switch try store.commit(pending) {
                 case .committed(let summary):
                     readiness.set(true)
-                    for (partition, move) in pending.moves { outcome.commit.committed[partition] = move.next }
+                    for (partition, move) in pending.moves {
+                        outcome.commit.committed[partition] = move.next
+                        if let clock = pending.logClocks[partition] { outcome.commit.committedClocks[partition] = clock }
+                    }
                     outcome.summary = summary
                     outcome.commitTime = ContinuousClock.now - started
                     return outcome

@@ -6,10 +6,17 @@ import TallyPostgres
 public struct PartitionClaim: Sendable, Equatable {
     public var epoch: Int64
     public var nextOffset: Int64
+    /// The partition's log clock at `nextOffset` (see `DedupHorizon`); nil before any timestamp.
+    public var logClock: Int64?
+    /// Where the topic's partition stood when the horizon was introduced (`tally.dedup_horizon_start`):
+    /// records below it were counted without one and are not judged.
+    public var horizonFromOffset: Int64
 
-    public init(epoch: Int64, nextOffset: Int64) {
+    public init(epoch: Int64, nextOffset: Int64, logClock: Int64? = nil, horizonFromOffset: Int64 = 0) {
         self.epoch = epoch
         self.nextOffset = nextOffset
+        self.logClock = logClock
+        self.horizonFromOffset = horizonFromOffset
     }
 }
 
@@ -40,6 +47,9 @@ public struct PreparedBatch: Sendable {
     public var recordTimes: (oldest: Int64, newest: Int64)?
     /// partition → (expected current next_offset, new next_offset, claimed epoch)
     public var moves: [Int32: (expected: Int64, next: Int64, epoch: Int64)] = [:]
+    /// partition → its log clock after the batch, where the batch read a timestamp or the
+    /// partition had one (see `DedupHorizon`); stored with the offset.
+    public var logClocks: [Int32: Int64] = [:]
 
     public init() {}
 
@@ -53,7 +63,10 @@ public struct PreparedBatch: Sendable {
         copy.voids.removeAll { partitions.contains($0.position.partition) }
         copy.budgets.removeAll { partitions.contains($0.position.partition) }
         copy.rateUnpricedAt = copy.rateUnpricedAt.filter { !partitions.contains($0.partition) }
-        for partition in partitions { copy.moves.removeValue(forKey: partition) }
+        for partition in partitions {
+            copy.moves.removeValue(forKey: partition)
+            copy.logClocks.removeValue(forKey: partition)
+        }
         return copy
     }
 }
@@ -64,8 +77,8 @@ public enum CommitOutcome: Sendable, Equatable {
     /// Another instance claimed these partitions since we did: nothing was written.
     case fenced(Set<Int32>)
     /// Our own epoch, but the stored offset moved (an earlier COMMIT whose reply was lost
-    /// succeeded after all): nothing was written; resume from the stored offsets.
-    case resync([Int32: Int64])
+    /// succeeded after all): nothing was written; resume from the stored positions.
+    case resync([Int32: PartitionClaim])
 }
 
 public struct DedupSummary: Sendable, Equatable {
@@ -157,16 +170,22 @@ public final class ConsumerTables: @unchecked Sendable {
         lookUpStoredKeys = true
         keysOfAnySource.removeAll()
         return try connection.transaction { connection in
+            // The horizon's start is the topic's (schema tally, a replay's too): every group decides alike.
             let result = try connection.query("""
-                INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, owner_instance)
-                SELECT $1, $2, p, 0, 1, $3 FROM unnest($4::int[]) AS p
-                ON CONFLICT (consumer_group, topic, partition)
-                DO UPDATE SET owner_epoch = o.owner_epoch + 1, owner_instance = EXCLUDED.owner_instance
-                RETURNING partition, next_offset, owner_epoch
+                WITH claimed AS (
+                    INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, owner_instance)
+                    SELECT $1, $2, p, 0, 1, $3 FROM unnest($4::int[]) AS p
+                    ON CONFLICT (consumer_group, topic, partition)
+                    DO UPDATE SET owner_epoch = o.owner_epoch + 1, owner_instance = EXCLUDED.owner_instance
+                    RETURNING partition, next_offset, owner_epoch, log_clock_ms)
+                SELECT c.partition, c.next_offset, c.owner_epoch, c.log_clock_ms, coalesce(s.from_offset, 0)
+                FROM claimed c LEFT JOIN tally.dedup_horizon_start s ON s.topic = $2 AND s.partition = c.partition
                 """, [group, topic, instanceID, PostgresArray(partitions.sorted())])
             var claims: [Int32: PartitionClaim] = [:]
             for row in 0..<result.rowCount {
-                claims[Int32(try result.value(row, 0, as: Int64.self))] = PartitionClaim(epoch: try result.value(row, 2, as: Int64.self), nextOffset: try result.value(row, 1, as: Int64.self))
+                claims[Int32(try result.value(row, 0, as: Int64.self))] = PartitionClaim(
+                    epoch: try result.value(row, 2, as: Int64.self), nextOffset: try result.value(row, 1, as: Int64.self),
+                    logClock: try result.int64(row, 3), horizonFromOffset: try result.value(row, 4, as: Int64.self))
             }
             try alsoInTransaction(connection, claims)
             return claims
@@ -209,14 +228,17 @@ public final class ConsumerTables: @unchecked Sendable {
                 //    Crash from here to COMMIT: the server rolls everything back; the batch is
                 //    re-read from the old offsets.
                 let partitions = batch.moves.keys.sorted()
+                //    The log clock moves with the offset (GREATEST ignores the NULL of a batch
+                //    that read no timestamp).
                 let moved = try connection.query("""
-                    UPDATE consumer_offsets AS o SET next_offset = m.next, committed_at = now()
-                    FROM unnest($3::int[], $4::bigint[], $5::bigint[], $6::bigint[]) AS m(partition, expected, next, epoch)
+                    UPDATE consumer_offsets AS o SET next_offset = m.next, committed_at = now(), log_clock_ms = GREATEST(o.log_clock_ms, m.clock)
+                    FROM unnest($3::int[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[]) AS m(partition, expected, next, epoch, clock)
                     WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition
                       AND o.next_offset = m.expected AND o.owner_epoch = m.epoch
                     RETURNING o.partition, o.state_version
                     """, [group, topic, PostgresArray(partitions), PostgresArray(partitions.map { batch.moves[$0]!.expected }),
-                          PostgresArray(partitions.map { batch.moves[$0]!.next }), PostgresArray(partitions.map { batch.moves[$0]!.epoch })])
+                          PostgresArray(partitions.map { batch.moves[$0]!.next }), PostgresArray(partitions.map { batch.moves[$0]!.epoch }),
+                          PostgresArray(partitions.map { batch.logClocks[$0].map(String.init) })])
                 var movedPartitions = Set<Int32>()
                 var stateVersions: [Int32: Int64] = [:]
                 for row in 0..<moved.rowCount {
@@ -246,16 +268,17 @@ public final class ConsumerTables: @unchecked Sendable {
 
     private func diagnoseFailedMove(_ partitions: Set<Int32>, batch: PreparedBatch) throws -> CommitOutcome {
         let result = try connection.query("""
-            SELECT partition, next_offset, owner_epoch FROM consumer_offsets
+            SELECT partition, next_offset, owner_epoch, log_clock_ms FROM consumer_offsets
             WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])
             """, [group, topic, PostgresArray(partitions.sorted())])
         var fenced = Set(partitions)
-        var resync: [Int32: Int64] = [:]
+        var resync: [Int32: PartitionClaim] = [:]
         for row in 0..<result.rowCount {
             let partition = Int32(try result.value(row, 0, as: Int64.self))
             let epoch = try result.value(row, 2, as: Int64.self)
             if epoch == batch.moves[partition]?.epoch {
-                resync[partition] = try result.value(row, 1, as: Int64.self)
+                resync[partition] = PartitionClaim(epoch: epoch, nextOffset: try result.value(row, 1, as: Int64.self),
+                                                   logClock: try result.int64(row, 3))
                 fenced.remove(partition)
             }
         }

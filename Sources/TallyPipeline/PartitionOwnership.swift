@@ -11,6 +11,8 @@ public struct PartitionOwnership: Sendable, Equatable {
     public private(set) var claims: [Int32: PartitionClaim] = [:]
     /// Where the next prepared batch starts, per owned partition.
     public private(set) var readPositions: [Int32: Int64] = [:]
+    /// The log clock at each read position (see `DedupHorizon`); absent before any timestamp.
+    public private(set) var readClocks: [Int32: Int64] = [:]
 
     public init() {}
 
@@ -26,14 +28,18 @@ public struct PartitionOwnership: Sendable, Equatable {
         public var committed: [Int32: Int64] = [:]
         /// Partitions another instance claimed since: their records are not ours to write.
         public var fenced: Set<Int32> = []
+        /// The log clocks the committed partitions moved to, where they have one.
+        public var committedClocks: [Int32: Int64] = [:]
         /// Partitions whose stored offset moved under our own epoch (an earlier commit whose
-        /// reply was lost landed after all), with the stored offset.
-        public var resync: [Int32: Int64] = [:]
+        /// reply was lost landed after all), with the stored position.
+        public var resync: [Int32: PartitionClaim] = [:]
         /// Not written at all (the loop stopped while the database or broker was away).
         public var abandoned = false
 
-        public init(committed: [Int32: Int64] = [:], fenced: Set<Int32> = [], resync: [Int32: Int64] = [:], abandoned: Bool = false) {
+        public init(committed: [Int32: Int64] = [:], committedClocks: [Int32: Int64] = [:], fenced: Set<Int32> = [],
+                    resync: [Int32: PartitionClaim] = [:], abandoned: Bool = false) {
             self.committed = committed
+            self.committedClocks = committedClocks
             self.fenced = fenced
             self.resync = resync
             self.abandoned = abandoned
@@ -46,6 +52,7 @@ public struct PartitionOwnership: Sendable, Equatable {
         for (partition, claim) in newClaims {
             claims[partition] = claim
             readPositions[partition] = claim.nextOffset
+            readClocks[partition] = claim.logClock
         }
         return .seek(newClaims.mapValues(\.nextOffset))
     }
@@ -55,20 +62,23 @@ public struct PartitionOwnership: Sendable, Equatable {
         for partition in partitions {
             claims.removeValue(forKey: partition)
             readPositions.removeValue(forKey: partition)
+            readClocks.removeValue(forKey: partition)
         }
     }
 
-    /// Where a batch taking records of `partition` starts, with the claim it commits under;
-    /// nil when the partition is not owned (its records are skipped, never committed).
+    /// Where a batch taking records of `partition` starts, with the claim it commits under and
+    /// the log clock there; nil when the partition is not owned (its records are skipped, never
+    /// committed).
     @inline(__always)
-    public func start(of partition: Int32) -> (claim: PartitionClaim, offset: Int64)? {
+    public func start(of partition: Int32) -> (claim: PartitionClaim, offset: Int64, logClock: Int64?)? {
         guard let claim = claims[partition], let offset = readPositions[partition] else { return nil }
-        return (claim, offset)
+        return (claim, offset, readClocks[partition])
     }
 
-    /// A batch was prepared with these moves: the next one starts where it ends.
-    public mutating func prepared(_ moves: [Int32: (expected: Int64, next: Int64, epoch: Int64)]) {
+    /// A batch was prepared with these moves and log clocks: the next one starts where it ends.
+    public mutating func prepared(_ moves: [Int32: (expected: Int64, next: Int64, epoch: Int64)], logClocks: [Int32: Int64] = [:]) {
         for (partition, move) in moves { readPositions[partition] = move.next }
+        for (partition, clock) in logClocks where moves[partition] != nil { readClocks[partition] = clock }
     }
 
     /// Applies a batch's commit. Committed partitions move their committed position; fenced
@@ -77,17 +87,25 @@ public struct PartitionOwnership: Sendable, Equatable {
     /// - Parameter partitions: the partitions the batch moved.
     public mutating func applied(_ result: CommitResult, partitions: some Sequence<Int32>) -> Action? {
         if result.abandoned {
-            for partition in partitions { readPositions[partition] = claims[partition]?.nextOffset }
+            for partition in partitions {
+                readPositions[partition] = claims[partition]?.nextOffset
+                readClocks[partition] = claims[partition]?.logClock
+            }
             return nil
         }
-        for (partition, next) in result.committed { claims[partition]?.nextOffset = next }
+        for (partition, next) in result.committed {
+            claims[partition]?.nextOffset = next
+            if let clock = result.committedClocks[partition] { claims[partition]?.logClock = clock }
+        }
         revoked(result.fenced)
         guard !result.resync.isEmpty else { return nil }
-        for (partition, offset) in result.resync {
-            claims[partition]?.nextOffset = offset
-            readPositions[partition] = offset
+        for (partition, stored) in result.resync where claims[partition] != nil {
+            claims[partition]?.nextOffset = stored.nextOffset
+            claims[partition]?.logClock = stored.logClock
+            readPositions[partition] = stored.nextOffset
+            readClocks[partition] = stored.logClock
         }
-        return .seek(result.resync)
+        return .seek(result.resync.mapValues(\.nextOffset))
     }
 
 }

@@ -46,6 +46,9 @@ public struct Reconciler {
     }
 
     private struct Snapshot {
+        /// The topic's recorded dedup horizon and where each partition's started.
+        var horizon = DedupHorizon(days: DedupHorizon.defaultDays)
+        var horizonFrom: [Int32: Int64] = [:]
         var aggregatorOffsets: [Int32: Int64] = [:]
         var raterOffsets: [Int32: Int64] = [:]
         /// Display key → (customer, measures).
@@ -72,8 +75,16 @@ public struct Reconciler {
         var usage: [PositionedEvent] = []
         var raterRecords: [RaterRecord] = []
         var result = ReconcileResult()
+        var clocks: [Int32: Int64] = [:]
         result.logStarts = try read(targets) { record in
-            guard case .event(let event) = record.classified(partitions: partitionCount, partitioner: partitioner),
+            let classified = record.classified(partitions: partitionCount, partitioner: partitioner)
+            // The consumers' dedup horizon, judged along every record of the partition as they do.
+            let usageTime: EventTime? = if case .event(.usage(let event)) = classified { event.time } else { nil }
+            let judged = snapshot.horizon.judge(offset: record.offset, fromOffset: snapshot.horizonFrom[record.partition] ?? 0,
+                                                clock: clocks[record.partition], recordMilliseconds: record.timestampMilliseconds,
+                                                eventTime: usageTime, exempt: record.header(rateUnpricedHeader) != nil)
+            clocks[record.partition] = judged.clock
+            guard judged.refusal == nil, case .event(let event) = classified,
                   customerID == nil || event.customerID == customerID else { return }
             result.records += 1
             let position = LogPosition(partition: record.partition, offset: record.offset)
@@ -112,6 +123,15 @@ public struct Reconciler {
         try connection.transaction { connection in
             try connection.query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             var snapshot = Snapshot()
+            // The column's CHECK keeps it in DedupHorizon's range; no row: nothing recorded the topic yet.
+            if let days = try connection.query("SELECT dedup_horizon_days FROM tally.topic_layouts WHERE topic = $1", [topic]).rows.first?[0]
+                .flatMap({ Int($0 ?? "") }) {
+                snapshot.horizon = DedupHorizon(days: days)
+            }
+            let starts = try connection.query("SELECT partition, from_offset FROM tally.dedup_horizon_start WHERE topic = $1", [topic])
+            for row in 0..<starts.rowCount {
+                snapshot.horizonFrom[Int32(try starts.value(row, 0, as: Int64.self))] = try starts.value(row, 1, as: Int64.self)
+            }
             for (group, isAggregator) in [(aggregatorGroup, true), (raterGroup, false)] {
                 let result = try connection.query("SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2", [group, topic])
                 for row in 0..<result.rowCount {

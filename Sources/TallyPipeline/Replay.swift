@@ -328,12 +328,16 @@ extension ShadowSchema {
             if consumer == .rater, try connection.query("SELECT to_regclass($1)", ["\(schema).price_books"]).scalar != nil {
                 try connection.query("INSERT INTO tally.price_books SELECT * FROM \(schema).price_books ON CONFLICT DO NOTHING")
             }
+            // The replay's log clocks go with its offsets: the live group goes on deciding the
+            // dedup horizon from where the replay stood.
             try connection.query("""
-                INSERT INTO tally.consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, state_version)
-                SELECT $1, $2, p, n, 0, 1 FROM unnest($3::int[], $4::bigint[]) AS x(p, n)
+                INSERT INTO tally.consumer_offsets AS o (consumer_group, topic, partition, next_offset, owner_epoch, state_version, log_clock_ms)
+                SELECT $1, $2, p, n, 0, 1, (SELECT r.log_clock_ms FROM \(schema).consumer_offsets r
+                                            WHERE r.consumer_group = $5 AND r.topic = $2 AND r.partition = x.p)
+                FROM unnest($3::int[], $4::bigint[]) AS x(p, n)
                 ON CONFLICT (consumer_group, topic, partition)
-                DO UPDATE SET next_offset = EXCLUDED.next_offset, state_version = o.state_version + 1
-                """, [liveGroup, topic, PostgresArray(chosen), PostgresArray(chosen.map { replayed[$0] ?? 0 })])
+                DO UPDATE SET next_offset = EXCLUDED.next_offset, state_version = o.state_version + 1, log_clock_ms = EXCLUDED.log_clock_ms
+                """, [liveGroup, topic, PostgresArray(chosen), PostgresArray(chosen.map { replayed[$0] ?? 0 }), replayGroup])
             try LogLoss.clearGaps(group: liveGroup, topic: topic, partitions: chosen, on: connection)
             try LogLoss.lowerCreditHorizon(topic: topic, resumeAt: Dictionary(uniqueKeysWithValues: pastLogEnd.map { ($0, replayed[$0] ?? 0) }),
                                            on: connection)

@@ -9,11 +9,14 @@ public final class InMemoryDatabase: @unchecked Sendable {
     public struct StoredOffset: Equatable, Sendable {
         public var next: Int64
         public var epoch: Int64
+        public var logClock: Int64?
     }
 
     /// Everything a replay must rebuild identically (`==` compares them all).
     public struct Snapshot: Equatable, Sendable {
         public var offsets: [Int32: Int64]
+        /// Each partition's log clock (`DedupHorizon`), where it has one.
+        public var logClocks: [Int32: Int64]
         public var keys: [DedupKey: UInt64]
         public var windows: WindowDeltas
         public var deadLetters: [LogPosition: String]
@@ -33,7 +36,7 @@ public final class InMemoryDatabase: @unchecked Sendable {
 
     public var snapshot: Snapshot {
         lock.withLock {
-            Snapshot(offsets: offsets.mapValues(\.next), keys: keys, windows: windows, deadLetters: deadLetters, conflicts: conflicts)
+            Snapshot(offsets: offsets.mapValues(\.next), logClocks: offsets.compactMapValues(\.logClock), keys: keys, windows: windows, deadLetters: deadLetters, conflicts: conflicts)
         }
     }
 
@@ -71,7 +74,7 @@ public final class InMemoryDatabase: @unchecked Sendable {
                 var stored = offsets[partition] ?? StoredOffset(next: 0, epoch: 0)
                 stored.epoch += 1
                 offsets[partition] = stored
-                claims[partition] = PartitionClaim(epoch: stored.epoch, nextOffset: stored.next)
+                claims[partition] = PartitionClaim(epoch: stored.epoch, nextOffset: stored.next, logClock: stored.logClock)
             }
             return claims
         }
@@ -83,10 +86,14 @@ public final class InMemoryDatabase: @unchecked Sendable {
     func commit(_ batch: PreparedBatch) -> CommitOutcome {
         lock.withLock {
             var fenced = Set<Int32>()
-            var resync: [Int32: Int64] = [:]
+            var resync: [Int32: PartitionClaim] = [:]
             for (partition, move) in batch.moves {
                 let stored = offsets[partition] ?? StoredOffset(next: 0, epoch: 0)
-                if stored.epoch != move.epoch { fenced.insert(partition) } else if stored.next != move.expected { resync[partition] = stored.next }
+                if stored.epoch != move.epoch {
+                    fenced.insert(partition)
+                } else if stored.next != move.expected {
+                    resync[partition] = PartitionClaim(epoch: stored.epoch, nextOffset: stored.next, logClock: stored.logClock)
+                }
             }
             if !fenced.isEmpty { return .fenced(fenced) }
             if !resync.isEmpty { return .resync(resync) }
@@ -102,7 +109,11 @@ public final class InMemoryDatabase: @unchecked Sendable {
             for conflict in decision.conflicts { conflicts[conflict.position] = conflict.key }
             for letter in batch.deadLetters { deadLetters[letter.position] = letter.reason.code }
             summary.deadLetters = batch.deadLetters.count
-            for (partition, move) in batch.moves { offsets[partition]!.next = move.next }
+            for (partition, move) in batch.moves {
+                offsets[partition]!.next = move.next
+                // As PostgreSQL's GREATEST, which ignores NULL.
+                if let clock = batch.logClocks[partition] { offsets[partition]!.logClock = max(offsets[partition]!.logClock ?? clock, clock) }
+            }
             transactions += 1
             return .committed(summary)
         }

@@ -20,20 +20,24 @@ public final class InMemoryTopic: @unchecked Sendable {
 
     /// Appends a record keyed by `key`, on the partition Kafka's murmur2 partitioner gives it
     /// unless `partition` says otherwise (a producer that placed it elsewhere); returns its position.
+    /// Its timestamp is `timestampMilliseconds`, or by default 2026-11-01T00:00:00Z plus its offset in ms.
     @discardableResult
-    public func append(key: String, value: [UInt8], partition: Int32? = nil, headers: [KafkaHeader] = []) -> LogPosition {
+    public func append(key: String, value: [UInt8], partition: Int32? = nil, headers: [KafkaHeader] = [],
+                       timestampMilliseconds: Int64? = nil) -> LogPosition {
         let target = partition ?? KeyPartitioner.murmur2.partition(of: Array(key.utf8), partitions: partitionCount)
         return lock.withLock {
             let offset = Int64(logs[Int(target)].count)
             logs[Int(target)].append(ConsumerRecord(topic: name, partition: target, offset: offset, key: Array(key.utf8), value: value,
-                                                    headers: headers, timestampMilliseconds: 1_793_491_200_000 + offset))
+                                                    headers: headers, timestampMilliseconds: timestampMilliseconds ?? 1_793_491_200_000 + offset))
             return LogPosition(partition: target, offset: offset)
         }
     }
 
     /// Appends a usage event keyed by its customer.
     @discardableResult
-    public func append(_ event: UsageEvent) -> LogPosition { append(key: event.subject, value: EventEncoder.encode(event)) }
+    public func append(_ event: UsageEvent, timestampMilliseconds: Int64? = nil) -> LogPosition {
+        append(key: event.subject, value: EventEncoder.encode(event), timestampMilliseconds: timestampMilliseconds)
+    }
 
     /// The log end of `partition`: the offset the next record gets.
     public func end(_ partition: Int32) -> Int64 { lock.withLock { Int64(logs[Int(partition)].count) } }

@@ -104,6 +104,14 @@ struct CheckLog: ParsableCommand {
                         WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND next_offset > $4
                         """, [finding.group, topic, finding.partition, finding.resumeAt])
                     try LogLoss.clearGaps(group: finding.group, topic: topic, partitions: [finding.partition], on: connection)
+                    // Groups that had read the lost log to different offsets hold different log
+                    // clocks: all resume from the latest, so they judge the new records alike.
+                    try connection.query("""
+                        UPDATE consumer_offsets SET log_clock_ms = (
+                            SELECT max(log_clock_ms) FROM consumer_offsets
+                            WHERE topic = $1 AND partition = $2 AND consumer_group NOT LIKE 'tally-replay-%')
+                        WHERE topic = $1 AND partition = $2 AND consumer_group NOT LIKE 'tally-replay-%'
+                        """, [topic, finding.partition])
                 }
                 // Where two groups resume differently on a partition, the lower offset: least() keeps it either way.
                 try LogLoss.lowerCreditHorizon(topic: topic, resumeAt: findings.reduce(into: [:]) { lowest, finding in

@@ -69,6 +69,7 @@ struct Replay: ParsableCommand {
         settings.topic = kafka.topic
         settings.deadLetterTopic = kafka.deadLetterTopic
         settings.partitioner = try kafka.partitioner
+        settings.dedupHorizon = try kafka.dedupHorizon
         let liveConnection = connection
         let topic = kafka.topic
         settings.checkLayout = { layout in try layout.check(topic: topic, on: liveConnection) }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import TallyCLI
+import TallyCore
 import TallyKafka
 import TallyPostgres
 
@@ -22,14 +23,16 @@ struct Status: ParsableCommand {
         let connection = try connect(database, label: "tally.status")
         let rows = try connection.query("""
             SELECT consumer_group, partition, next_offset,
-                   coalesce(to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), ''), coalesce(owner_instance, '')
+                   coalesce(to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), ''), coalesce(owner_instance, ''),
+                   coalesce(to_char(to_timestamp(log_clock_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '')
             FROM consumer_offsets WHERE topic = $1 AND ($2::text IS NULL OR consumer_group = $2)
               AND ($3 OR consumer_group NOT LIKE 'tally-replay-%')
             ORDER BY consumer_group, partition
             """, [kafka.topic, group, includeReplays])
-        var positions: [(group: String, partition: Int32, next: Int64, committed: String, owner: String)] = []
+        var positions: [(group: String, partition: Int32, next: Int64, committed: String, owner: String, logTime: String)] = []
         for row in 0..<rows.rowCount {
-            positions.append((try rows.value(row, 0, as: String.self), Int32(try rows.value(row, 1, as: Int64.self)), try rows.value(row, 2, as: Int64.self), try rows.value(row, 3, as: String.self), try rows.value(row, 4, as: String.self)))
+            positions.append((try rows.value(row, 0, as: String.self), Int32(try rows.value(row, 1, as: Int64.self)), try rows.value(row, 2, as: Int64.self),
+                              try rows.value(row, 3, as: String.self), try rows.value(row, 4, as: String.self), try rows.value(row, 5, as: String.self)))
         }
         let ends = try kafka.logEnds(Set(positions.map(\.partition)), logger: logger)
         var worst: Int64 = 0
@@ -38,9 +41,10 @@ struct Status: ParsableCommand {
             let lag = end.map { max(0, $0 - position.next) }
             worst = max(worst, lag ?? 0)
             return [position.group, String(position.partition), String(position.next), end.map(String.init) ?? "?", lag.map(String.init) ?? "?",
-                    position.committed, position.owner]
+                    position.committed, position.owner, position.logTime]
         }
-        print(TableRenderer.render(header: ["group", "partition", "stored_offset", "log_end", "lag", "last_commit", "owner"], rows: table,
+        // log_time: the partition's log clock, which the dedup horizon is measured on (docs/scaling.md).
+        print(TableRenderer.render(header: ["group", "partition", "stored_offset", "log_end", "lag", "last_commit", "owner", "log_time"], rows: table,
                                    format: format, numericFrom: 1), terminator: "")
         try printKeptAside(connection)
         if let maxLag, worst > maxLag {
@@ -80,6 +84,10 @@ struct Status: ParsableCommand {
             text += TableRenderer.render(header: ["group", "reason", "records", "e.g."], rows: setAside.rows.map { row in
                 row.enumerated().map { $0.offset == 3 ? String(($0.element ?? "").prefix(160)) : $0.element ?? "" }
             }, format: "table", numericFrom: 2)
+            if setAside.rows.contains(where: { $0[1] == DedupHorizon.reasonCode }) {
+                let days = try connection.query("SELECT dedup_horizon_days::text FROM topic_layouts WHERE topic = $1", [kafka.topic]).scalar ?? "?"
+                text += "past_dedup_horizon: events whose time lay more than the topic's dedup horizon (\(days) days) before their partition's log time; produce them sooner (docs/scaling.md)\n"
+            }
         }
         if unpriced.rowCount > 0 {
             text += "\nunpriced usage (no price book prices the model at the event time; in tally.unpriced_usage):\n"

@@ -61,7 +61,11 @@ struct Topics: ParsableCommand {
         @Option(help: "retention.ms of the usage and dead-letter topics. Default -1, kept forever: the log is what replays rebuild every bill from.")
         var retentionMs: Int64 = -1
 
+        @Option(help: "message.timestamp.type of the usage topic: LogAppendTime (default: the broker stamps each record, so no producer's clock moves the dedup horizon's log clock) or CreateTime.")
+        var timestampType = "LogAppendTime"
+
         func validate() throws {
+            guard ["LogAppendTime", "CreateTime"].contains(timestampType) else { throw ValidationError("--timestamp-type is LogAppendTime or CreateTime") }
             guard partitions > 0 else { throw ValidationError("--partitions must be positive") }
             if let replicationFactor, replicationFactor <= 0 { throw ValidationError("--replication-factor must be positive") }
             guard retentionMs >= -1 else { throw ValidationError("--retention-ms is -1 (forever) or a number of milliseconds") }
@@ -74,13 +78,15 @@ struct Topics: ParsableCommand {
             // broker's retention suits it. Every topic is tried even when one fails.
             var failed: [String] = []
             for (topic, retained) in [(kafka.topic, true), (kafka.deadLetterTopic, true), ("tally.alerts", false)] {
+                var config = retained ? ["retention.ms": String(retentionMs)] : [:]
+                if topic == kafka.topic { config["message.timestamp.type"] = timestampType }
                 do {
-                    let created = try admin.createTopic(topic, partitions: partitions, replicationFactor: replicationFactor ?? -1,
-                                                        config: retained ? ["retention.ms": String(retentionMs)] : [:])
+                    let created = try admin.createTopic(topic, partitions: partitions, replicationFactor: replicationFactor ?? -1, config: config)
                     // Right after a creation another broker may not know the topic yet: ask again.
                     let count = try Self.retrying { () throws(KafkaError) in try admin.partitionCount(of: topic) }
                     print("\(topic): \(created ? "created" : "exists"), \(count) partitions"
-                          + (created && retained ? ", retention.ms=\(retentionMs)" : ""))
+                          + (created && retained ? ", retention.ms=\(retentionMs)" : "")
+                          + (created && topic == kafka.topic ? ", message.timestamp.type=\(timestampType)" : ""))
                 } catch {
                     print("\(topic): \(error)", to: &standardError)
                     failed.append(topic)

@@ -57,6 +57,13 @@ final class AggregatorHarness: @unchecked Sendable {
         }))
     }
 
+    /// Publishes events with the record timestamps (CreateTime, ms) given beside them.
+    func publish(_ events: [(event: UsageEvent, timestamp: Int64)]) async throws {
+        try await record(producer.send(events.map {
+            ProducerRecord(topic: topic, key: Array($0.event.subject.utf8), value: EventEncoder.encode($0.event), timestampMilliseconds: $0.timestamp)
+        }))
+    }
+
     private func record(_ results: [Result<DeliveryReport, KafkaError>]) throws {
         for result in results {
             let report = try result.get()

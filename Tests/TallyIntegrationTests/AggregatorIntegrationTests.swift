@@ -123,7 +123,7 @@ final class AggregatorIntegrationTests: XCTestCase {
     /// or a topic whose partition count changed, would split customers between partitions.
     func testAConsumerRefusesATopicPlacedOtherwise() async throws {
         let harness = try AggregatorHarness(partitions: 4)
-        try harness.connection.query("INSERT INTO tally.topic_layouts (topic, partitioner, partitions) VALUES ($1, 'crc32', 4)", [harness.topic])
+        try harness.connection.query("INSERT INTO tally.topic_layouts (topic, partitioner, partitions, dedup_horizon_days) VALUES ($1, 'crc32', 4, 36500)", [harness.topic])
         let murmur = try harness.startAggregator()
         XCTAssertEqual(murmur.wait(timeout: .seconds(60)), 1, murmur.log)
         XCTAssertTrue(murmur.log.contains("was written with the crc32 partitioner"), murmur.log)

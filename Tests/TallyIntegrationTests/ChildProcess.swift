@@ -22,6 +22,9 @@ final class ChildProcess: @unchecked Sendable {
         posix_spawn_file_actions_addopen(&fileActions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&fileActions, 1, 2)
         var merged = ProcessInfo.processInfo.environment
+        // The fixtures' events carry fixed dates months back, and the broker stamps records with
+        // today: a horizon of a century keeps them counted. The horizon's own test sets 35 days.
+        merged["TALLY_DEDUP_HORIZON_DAYS"] = merged["TALLY_DEDUP_HORIZON_DAYS"] ?? "36500"
         for (key, value) in environment { merged[key] = value }
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         let envp = merged.map { strdup("\($0.key)=\($0.value)") } + [nil]

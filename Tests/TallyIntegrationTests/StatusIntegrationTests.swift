@@ -6,7 +6,7 @@ import XCTest
 final class StatusIntegrationTests: XCTestCase {
     func rows(_ output: String) -> [[String]] {
         output.split(separator: "\n").map { $0.split(separator: ",", omittingEmptySubsequences: false).map(String.init) }
-            .filter { $0.count == 7 && $0[0] != "group" }
+            .filter { $0.count == 8 && $0[0] != "group" }
     }
 
     func testStatusShowsPositionsLogEndsAndLag() async throws {
@@ -25,6 +25,7 @@ final class StatusIntegrationTests: XCTestCase {
             XCTAssertEqual(row[4], "0")
             XCTAssertFalse(row[5].isEmpty, "last commit time")
             XCTAssertFalse(row[6].isEmpty, "owning instance")
+            XCTAssertTrue(row[7].hasPrefix("20"), "the partition's log clock, a time\n\(caughtUp.output)")
         }
         aggregator.signal(SIGTERM)
         XCTAssertEqual(aggregator.wait(timeout: .seconds(30)), 0)

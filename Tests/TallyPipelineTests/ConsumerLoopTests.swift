@@ -219,4 +219,80 @@ final class ConsumerLoopTests: XCTestCase {
                            "\(perPoll) records per poll, \(lanes) lanes, rebalance \(rebalance)")
         }
     }
+
+    /// The dedup horizon (35 days): once a partition's log time has moved 40 days on, copies of
+    /// its first events, and a new event carrying a 40-day-old time under a backdated record
+    /// timestamp, are dead-lettered as past_dedup_horizon; an event 34 days late still counts.
+    /// The same decisions in one run over the whole log and in runs that stop after the clocks
+    /// moved and go on later (the clocks read back by a claim), with lost commit replies (read
+    /// back by a resync), rebalances, lanes and any batch size.
+    func testEventsPastTheDedupHorizonAreRefusedAlikeInEveryRun() throws {
+        let day: Int64 = 86_400_000
+        let base: Int64 = 1_793_491_200_000  // 2026-11-01T00:00:00Z, the generated events' first time
+        let topic = InMemoryTopic()
+        // The same records up to each partition's jump: what a first run reads before it stops.
+        let firstTopic = InMemoryTopic()
+        var inFirstPart = true
+        var clocks: [Int32: Int64] = [:]
+        func append(_ event: UsageEvent, at timestamp: Int64) -> LogPosition {
+            if inFirstPart { firstTopic.append(event, timestampMilliseconds: timestamp) }
+            let position = topic.append(event, timestampMilliseconds: timestamp)
+            clocks[position.partition] = max(clocks[position.partition] ?? timestamp, timestamp)
+            return position
+        }
+        let sent = events(300, seed: 11)
+        for (index, event) in sent.enumerated() { _ = append(event, at: base + Int64(index) * 1000) }
+        // Every customer's partition moves 40 days on, with an event of that day.
+        var jumps: [UsageEvent] = []
+        for customer in Set(sent.map(\.subject)).sorted() {
+            var jump = sent.first { $0.subject == customer }!
+            jump.id = "jump-\(customer)"
+            jump.time = EventTime(microseconds: (base + 40 * day) * 1000)
+            jumps.append(jump)
+            _ = append(jump, at: base + 40 * day)
+        }
+        inFirstPart = false
+        // From here on, only the clocks stored or carried from the first part refuse these.
+        var refused = Set<LogPosition>()
+        var backdated = sent[0]
+        backdated.id = "backdated"
+        refused.insert(append(backdated, at: base))  // a producer clock 40 days behind: the partition's clock stands
+        for event in sent.prefix(50) { refused.insert(append(event, at: base)) }
+        // A copy `tally pricing rate-unpriced` sent: judged by its first copy (a duplicate), not refused.
+        topic.append(key: sent[2].subject, value: EventEncoder.encode(sent[2]), headers: [KafkaHeader(rateUnpricedHeader, Array("1".utf8))],
+                     timestampMilliseconds: base)
+        var late = sent[1]
+        late.id = "late-34-days"
+        late.time = EventTime(microseconds: (base + 6 * day) * 1000)
+        _ = append(late, at: base)
+
+        /// The first part (`firstTopic`) in one run, then the whole log in another with the given
+        /// faults, from the offsets and clocks the first stored; or, with `whole`, everything in one run.
+        func consume(whole: Bool = false, recordsPerPoll: Int = .max, lanes: Int = 1, rebalance: Bool = false,
+                     loseReply: Bool = false) throws -> InMemoryDatabase.Snapshot {
+            let database = InMemoryDatabase()
+            if !whole { try run(firstTopic, store: InMemoryConsumerStore(database: database)) }
+            let stores: [any ConsumerStore] = (0..<lanes).map { lane in
+                let store = InMemoryConsumerStore(database: database)
+                return loseReply && lane == 0 ? FaultyStore(store, faults: [1: .loseCommitReply]) : store
+            }
+            let source = ScriptedRecordSource(topic: topic, recordsPerPoll: recordsPerPoll)
+            if rebalance {
+                source.schedule(.revoked([TopicPartition(topic.name, 2)], lost: true), atPoll: 2)
+                source.schedule(.assigned([TopicPartition(topic.name, 2)]), atPoll: 3)
+            }
+            try run(topic, store: lanes == 1 ? stores[0] : CommitLanes(stores), source: source)
+            XCTAssertEqual(database.monthlyTotals, recount(sent + jumps + [late]), "\(recordsPerPoll) per poll, \(lanes) lanes")
+            return database.snapshot
+        }
+        let reference = try consume(whole: true)
+        XCTAssertEqual(Set(reference.deadLetters.keys), refused)
+        XCTAssertTrue(reference.deadLetters.values.allSatisfy { $0 == "past_dedup_horizon" })
+        XCTAssertEqual(reference.logClocks, clocks, "each partition's clock is its greatest record timestamp")
+        for (perPoll, lanes, rebalance, loseReply) in [(Int.max, 1, false, false), (1, 1, false, true), (7, 2, false, true),
+                                                       (3, 1, true, false), (5, 2, true, true)] {
+            XCTAssertEqual(try consume(recordsPerPoll: perPoll, lanes: lanes, rebalance: rebalance, loseReply: loseReply), reference,
+                           "\(perPoll) records per poll, \(lanes) lanes, rebalance \(rebalance), lost reply \(loseReply)")
+        }
+    }
 }

@@ -37,9 +37,29 @@ final class PartitionOwnershipTests: XCTestCase {
         var ownership = owning([0: PartitionClaim(epoch: 2, nextOffset: 40)])
         ownership.prepared([0: (expected: 40, next: 90, epoch: 2)] as [Int32: Move])
         // An earlier commit whose reply was lost landed: the stored offset is 60, not 40.
-        XCTAssertEqual(ownership.applied(.init(resync: [0: 60]), partitions: [0]), .seek([0: 60]))
-        XCTAssertEqual(ownership.claims[0], PartitionClaim(epoch: 2, nextOffset: 60))
+        XCTAssertEqual(ownership.applied(.init(resync: [0: PartitionClaim(epoch: 2, nextOffset: 60, logClock: 7_000)]), partitions: [0]),
+                       .seek([0: 60]))
+        XCTAssertEqual(ownership.claims[0], PartitionClaim(epoch: 2, nextOffset: 60, logClock: 7_000))
         XCTAssertEqual(ownership.start(of: 0)?.offset, 60)
+        XCTAssertEqual(ownership.start(of: 0)?.logClock, 7_000, "the log clock stored with that offset")
+    }
+
+    /// The log clock (`DedupHorizon`) travels with the position: ahead while a batch is in
+    /// flight, committed with it, back to the committed one when a batch is abandoned.
+    func testTheLogClockMovesWithThePosition() {
+        var ownership = owning([0: PartitionClaim(epoch: 1, nextOffset: 10, logClock: 1_000), 1: PartitionClaim(epoch: 1, nextOffset: 0)])
+        XCTAssertEqual(ownership.start(of: 0)?.logClock, 1_000)
+        XCTAssertNil(ownership.start(of: 1)?.logClock, "no timestamp read yet")
+        ownership.prepared([0: (expected: 10, next: 20, epoch: 1), 1: (expected: 0, next: 5, epoch: 1)] as [Int32: Move], logClocks: [0: 2_000])
+        XCTAssertEqual(ownership.start(of: 0)?.logClock, 2_000, "the next batch starts from the clock the one in flight ends with")
+        XCTAssertNil(ownership.start(of: 1)?.logClock, "a batch of records without timestamps leaves the clock unset")
+        XCTAssertEqual(ownership.claims[0]?.logClock, 1_000)
+        XCTAssertNil(ownership.applied(.init(committed: [0: 20, 1: 5], committedClocks: [0: 2_000]), partitions: [0, 1]))
+        XCTAssertEqual(ownership.claims[0], PartitionClaim(epoch: 1, nextOffset: 20, logClock: 2_000))
+        ownership.prepared([0: (expected: 20, next: 30, epoch: 1)] as [Int32: Move], logClocks: [0: 3_000])
+        XCTAssertNil(ownership.applied(.init(abandoned: true), partitions: [0]))
+        XCTAssertEqual(ownership.start(of: 0)?.logClock, 2_000, "an abandoned batch is read again from the committed clock")
+        XCTAssertEqual(ownership.start(of: 0)?.offset, 20)
     }
 
     func testAnAbandonedBatchIsReadAgainFromTheCommittedPosition() {
