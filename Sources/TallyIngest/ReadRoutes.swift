@@ -130,6 +130,19 @@ extension IngestService {
                 }, next: page.nextCursor)
             }
         }
+        read(router, "v1/customers/:customer/overage", .customer) { call in
+            let limit = try call.limit(), cursor = try call.cursor([.int64, .text, .time, .int32])
+            return try await self.answer { connection in
+                let page = try AccountReader(connection: connection).overage(call.customer, cursor: cursor, limit: limit)
+                return Self.page(page.rows.map { entry in
+                    .object([("day", .string(EventTime.format(microseconds: entry.day * 86_400_000_000).prefix(10).description)),
+                             ("currency", .string(entry.currency.code)), ("amount", .string(Money.format(nanos: entry.amountNanos))),
+                             ("period_start", .time(entry.periodStart)), ("partition", .number(Int64(entry.partition))),
+                             ("events", .number(entry.entries)), ("first_offset", .number(entry.firstOffset)), ("last_offset", .number(entry.lastOffset)),
+                             ("last_effective_at", .time(entry.lastEffectiveAt))])
+                }, next: page.nextCursor)
+            }
+        }
         read(router, "v1/customers/:customer/invoices", .customer) { call in
             let limit = try call.limit(), cursor = try call.cursor([.time, .text])
             return try await self.answer { connection in

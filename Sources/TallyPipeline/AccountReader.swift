@@ -200,6 +200,8 @@ public struct AccountReader {
         public let currency: Currency
         /// Signed: credit positive, debits negative.
         public let amountNanos: Int64
+        /// The grant credited, drawn on or written off. Usage beyond every grant is not here but
+        /// in the day's overage entry (`overage(_:cursor:limit:)`).
         public let grantID: String?
         /// The usage event charged (a usage entry) or the grant's id.
         public let eventID: String
@@ -228,6 +230,45 @@ public struct AccountReader {
                         effectiveAt: try result.value(row, 8, as: Int64.self), periodStart: try result.int64(row, 9))
         }
         return page(rows, limit: limit) { [String($0.partition), String($0.offset), String($0.sequence)] }
+    }
+
+    /// One `wallet_overage` entry: a day's charges beyond every grant (migration 0027).
+    public struct OverageEntry: Sendable {
+        /// Days since 1970-01-01 (UTC) of the events charged.
+        public let day: Int64
+        public let currency: Currency
+        public let periodStart: Int64
+        public let partition: Int32
+        /// Signed like ledger entries: charges negative. A day's sum of `Int64` amounts: 128 bits.
+        public let amountNanos: Int128
+        /// How many charges it folds, and the offsets of the first and last record charged.
+        public let entries: Int64
+        public let firstOffset, lastOffset: Int64
+        public let lastEffectiveAt: Int64
+    }
+
+    /// Overage entries, newest day first.
+    public func overage(_ customer: String, cursor: [String]?, limit: Int) throws -> Page<OverageEntry> {
+        let after = cursor.flatMap { parts -> (Int64, String, Int64, Int32)? in
+            guard let day = Int64(parts[0]), let period = Int64(parts[2]), let partition = Int32(parts[3]) else { return nil }
+            return (day, parts[1], period, partition)
+        }
+        let result = try connection.query("""
+            SELECT day - date '1970-01-01', currency, \(microseconds("period_start")), partition, amount_nanos, entries, first_offset, last_offset,
+                   \(microseconds("last_effective_at"))
+            FROM wallet_overage
+            WHERE customer_id = $1 AND ($2::bigint IS NULL OR (day - date '1970-01-01', currency, period_start, partition)
+                                        < ($2::bigint, $3::text, \(microsecondsToTimestamp) $4::bigint, $5::int))
+            ORDER BY day DESC, currency DESC, period_start DESC, partition DESC LIMIT $6
+            """, [customer, after?.0, after?.1, after?.2, after?.3, limit + 1])
+        let rows = try (0..<result.rowCount).map { row in
+            OverageEntry(day: try result.value(row, 0, as: Int64.self), currency: try result.value(row, 1, parsedBy: Currency.init),
+                         periodStart: try result.value(row, 2, as: Int64.self), partition: Int32(try result.value(row, 3, as: Int64.self)),
+                         amountNanos: try result.value(row, 4, as: Int128.self), entries: try result.value(row, 5, as: Int64.self),
+                         firstOffset: try result.value(row, 6, as: Int64.self), lastOffset: try result.value(row, 7, as: Int64.self),
+                         lastEffectiveAt: try result.value(row, 8, as: Int64.self))
+        }
+        return page(rows, limit: limit) { [String($0.day), $0.currency.code, String($0.periodStart), String($0.partition)] }
     }
 
     // MARK: Invoices

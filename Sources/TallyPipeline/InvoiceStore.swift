@@ -45,7 +45,7 @@ public struct InvoiceStore {
     /// has seen: periods close by event time, never by the wall clock (determinism).
     public func closeDue(grace: Duration) throws -> InvoiceClosing {
         let watermark = try connection.query("""
-            SELECT \(microseconds("greatest((SELECT max(effective_at) FROM wallet_ledger), (SELECT max(event_time) FROM unpriced_usage))"))
+            SELECT \(microseconds("greatest((SELECT max(effective_at) FROM wallet_ledger), (SELECT max(last_effective_at) FROM wallet_overage), (SELECT max(event_time) FROM unpriced_usage))"))
             """)
         guard let latest = try watermark.int64(0, 0) else { return InvoiceClosing() }
         let cutoff = latest - grace.totalMicroseconds

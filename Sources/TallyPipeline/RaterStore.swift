@@ -464,7 +464,22 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                   PostgresArray(grants.map(\.1.grantedAt))])
     }
 
-    private func appendLedger(_ entries: [LedgerEntry]) throws {
+    /// Appends the credit movements to `wallet_ledger` and adds the charges no grant covered to
+    /// their day's `wallet_overage` entry (migration 0027).
+    private func appendLedger(_ all: [LedgerEntry]) throws {
+        var entries: [LedgerEntry] = []
+        var overage: [OverageDay: OverageTotal] = [:]
+        entries.reserveCapacity(all.count)
+        for entry in all {
+            guard entry.kind == .usage, entry.grantID == nil, let periodStart = entry.periodStart else {
+                entries.append(entry)
+                continue
+            }
+            let day = OverageDay(wallet: entry.wallet, periodStart: periodStart, partition: entry.position.partition,
+                                 day: Granularity.day.windowStart(entry.effectiveAt.microseconds) / OverageDay.microsecondsPerDay)
+            overage[day, default: OverageTotal()].add(entry)
+        }
+        try addOverage(overage)
         guard !entries.isEmpty else { return }
         // COPY: entries are new by construction (their positions were never committed).
         try connection.copyIn("""
@@ -483,6 +498,26 @@ public final class RaterStore: ConsumerStore, @unchecked Sendable {
                 fields.add(timestampMicroseconds: entry.effectiveAt.microseconds)
                 fields.add(timestampMicroseconds: entry.periodStart)
             }
+    }
+
+    private func addOverage(_ overage: [OverageDay: OverageTotal]) throws {
+        guard !overage.isEmpty else { return }
+        let days = overage.keys.sorted()
+        let totals = days.map { overage[$0]! }
+        // Added, not written absolute: the sum over any split of the log into batches is the same.
+        try connection.query("""
+            INSERT INTO wallet_overage AS o (customer_id, currency, period_start, day, partition, amount_nanos, entries, first_offset, last_offset, last_effective_at)
+            SELECT c, cur, \(microsecondsToTimestamp) ps, date '1970-01-01' + d, p, a, n, f, l, \(microsecondsToTimestamp) e
+            FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::int[], $6::numeric[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[])
+                AS x(c, cur, ps, d, p, a, n, f, l, e)
+            ON CONFLICT (customer_id, currency, period_start, day, partition) DO UPDATE SET
+                amount_nanos = o.amount_nanos + EXCLUDED.amount_nanos, entries = o.entries + EXCLUDED.entries,
+                first_offset = least(o.first_offset, EXCLUDED.first_offset), last_offset = greatest(o.last_offset, EXCLUDED.last_offset),
+                last_effective_at = greatest(o.last_effective_at, EXCLUDED.last_effective_at)
+            """, [PostgresArray(days.map(\.wallet.customerID)), PostgresArray(days.map(\.wallet.currency.code)), PostgresArray(days.map(\.periodStart)),
+                  PostgresArray(days.map(\.day)), PostgresArray(days.map(\.partition)), PostgresArray(totals.map { String($0.amountNanos) }),
+                  PostgresArray(totals.map(\.entries)), PostgresArray(totals.map(\.firstOffset)), PostgresArray(totals.map(\.lastOffset)),
+                  PostgresArray(totals.map(\.lastEffectiveAt))])
     }
 
     private func insertAlerts(_ alerts: [BalanceAlert]) throws {
@@ -620,5 +655,38 @@ extension CreditVerifier {
             unsignedBefore[Int32(partition)] = offset
         }
         return CreditVerifier(keyring: keyring, horizon: CreditSigningHorizon(unsignedBefore))
+    }
+}
+
+/// One `wallet_overage` entry's key: a wallet's charges beyond its grants in one billing period,
+/// UTC day of the event and partition.
+private struct OverageDay: Hashable, Comparable {
+    static let microsecondsPerDay: Int64 = 86_400_000_000
+    let wallet: WalletKey
+    let periodStart: Int64
+    let partition: Int32
+    /// Days since 1970-01-01 (UTC).
+    let day: Int64
+
+    static func < (a: OverageDay, b: OverageDay) -> Bool {
+        (a.wallet.customerID, a.wallet.currency.code, a.periodStart, a.day, a.partition)
+            < (b.wallet.customerID, b.wallet.currency.code, b.periodStart, b.day, b.partition)
+    }
+}
+
+/// What one batch adds to an overage entry.
+private struct OverageTotal {
+    var amountNanos: Int128 = 0
+    var entries: Int64 = 0
+    var firstOffset = Int64.max
+    var lastOffset = Int64.min
+    var lastEffectiveAt = Int64.min
+
+    mutating func add(_ entry: LedgerEntry) {
+        amountNanos += Int128(entry.amountNanos)
+        entries += 1
+        firstOffset = min(firstOffset, entry.position.offset)
+        lastOffset = max(lastOffset, entry.position.offset)
+        lastEffectiveAt = max(lastEffectiveAt, entry.effectiveAt.microseconds)
     }
 }

@@ -125,7 +125,7 @@ public struct Reconciler {
             var snapshot = Snapshot()
             // The column's CHECK keeps it in DedupHorizon's range; no row: nothing recorded the topic yet.
             if let days = try connection.query("SELECT dedup_horizon_days FROM tally.topic_layouts WHERE topic = $1", [topic]).rows.first?[0]
-                .flatMap({ Int($0 ?? "") }) {
+                .flatMap({ Int($0) }) {
                 snapshot.horizon = DedupHorizon(days: days)
             }
             let starts = try connection.query("SELECT partition, from_offset FROM tally.dedup_horizon_start WHERE topic = $1", [topic])

@@ -18,7 +18,7 @@ public enum ReplayedConsumer: String, Sendable, CaseIterable {
         switch self {
         case .aggregator: return shared + ["usage_event_keys", "usage_windows_hourly", "usage_window_deltas", "meter_windows_hourly",
                                            "meter_window_deltas", "meter_unique_values_hourly", "meter_unique_value_deltas", "meter_undeclared_readings"]
-        case .rater: return shared + ["rater_event_keys", "rated_usage", "unpriced_usage", "unrateable_records", "wallet_ledger", "wallet_grants", "wallets",
+        case .rater: return shared + ["rater_event_keys", "rated_usage", "unpriced_usage", "unrateable_records", "wallet_ledger", "wallet_overage", "wallet_grants", "wallets",
                                       "balance_alerts", "topup_requests", "budgets", "budget_usage", "budget_alerts"]
         }
     }

@@ -375,7 +375,7 @@ struct VoidGrant: AsyncParsableCommand {
 
 struct Balance: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show a customer's wallet: balance, grants with what is left and their expiry, recent ledger entries.")
+        abstract: "Show a customer's wallet: balance, grants with what is left and their expiry, recent ledger and overage entries.")
     @OptionGroup var database: DatabaseOptions
     @Option(help: "Customer id.") var customer: String
     @Option(help: "Ledger entries to show.") var entries = 10
@@ -383,7 +383,8 @@ struct Balance: ParsableCommand {
     func run() throws {
         let connection = try connect(database, label: "tally.balance")
         let balances = try connection.query("""
-            SELECT b.currency, b.balance_nanos, b.blocked, (SELECT sum(amount_nanos) FROM wallet_ledger l WHERE l.customer_id = b.customer_id AND l.currency = b.currency)
+            SELECT b.currency, b.balance_nanos, b.blocked, (SELECT sum(amount_nanos) FROM wallet_ledger l WHERE l.customer_id = b.customer_id AND l.currency = b.currency),
+                   (SELECT sum(amount_nanos) FROM wallet_overage o WHERE o.customer_id = b.customer_id AND o.currency = b.currency)
             FROM wallets b WHERE b.customer_id = $1 ORDER BY b.currency
             """, [customer])
         guard balances.rowCount > 0 else { print("\(customer): no wallet yet (no grant or priced usage rated)"); return }
@@ -391,7 +392,8 @@ struct Balance: ParsableCommand {
             let currency = try balances.value(row, 0, parsedBy: Currency.init)
             let balance = try balances.value(row, 1, as: Int64.self)
             print("\(customer) \(currency): balance \(Money.format(nanos: balance))\(try balances.value(row, 2, as: Bool.self) ? "  (calls refused: credit exhausted)" : "")")
-            if try balances.int64(row, 3) != balance { print("  warning: ledger sum \(balances.string(row, 3) ?? "0") differs from the running balance") }
+            let entries = (try balances.int128(row, 3) ?? 0) + (try balances.int128(row, 4) ?? 0)
+            if entries != Int128(balance) { print("  warning: the sum of ledger and overage entries \(Money.format(nanos: entries)) differs from the running balance") }
         }
         let grants = try connection.query("""
             SELECT grant_id, source, priority, currency, amount_nanos, remaining_nanos,
@@ -413,6 +415,17 @@ struct Balance: ParsableCommand {
                                    rows: try (0..<ledger.rowCount).map { row in
                                        [try ledger.value(row, 0, as: String.self), try ledger.value(row, 1, as: String.self), try ledger.value(row, 2, as: String.self),
                                         Money.format(nanos: try ledger.value(row, 3, as: Int64.self)), try ledger.value(row, 4, as: String.self), try ledger.value(row, 5, as: String.self)]
+                                   }, format: "table", numericFrom: 6), terminator: "")
+        let overage = try connection.query("""
+            SELECT day::text, currency, amount_nanos, entries, partition, first_offset, last_offset
+            FROM wallet_overage WHERE customer_id = $1 ORDER BY day DESC, currency, partition LIMIT $2
+            """, [customer, entries])
+        print("\nrecent overage entries (usage beyond every grant, one per day):")
+        print(TableRenderer.render(header: ["day", "currency", "amount", "events", "partition", "offsets"],
+                                   rows: try (0..<overage.rowCount).map { row in
+                                       [try overage.value(row, 0, as: String.self), try overage.value(row, 1, as: String.self),
+                                        Money.format(nanos: try overage.value(row, 2, as: Int128.self)), try overage.value(row, 3, as: String.self),
+                                        try overage.value(row, 4, as: String.self), "\(try overage.value(row, 5, as: String.self))..\(try overage.value(row, 6, as: String.self))"]
                                    }, format: "table", numericFrom: 6), terminator: "")
     }
 }

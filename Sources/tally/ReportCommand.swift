@@ -21,7 +21,8 @@ struct Report: ParsableCommand {
     func run() throws {
         let connection = try connect(database, label: "tally.report")
         let customers = try customer.map { [$0] } ?? connection.query("""
-            SELECT DISTINCT customer_id FROM usage_windows UNION SELECT DISTINCT customer_id FROM wallet_ledger ORDER BY 1
+            SELECT DISTINCT customer_id FROM usage_windows UNION SELECT DISTINCT customer_id FROM wallet_ledger
+            UNION SELECT DISTINCT customer_id FROM wallet_overage ORDER BY 1
             """).rows.compactMap { $0[0] }
         let profiles = try BillingCatalogStore(connection: connection).profiles(customers)
         try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true)
@@ -55,9 +56,14 @@ struct Report: ParsableCommand {
         let currency = range + [profile.currency.code]
         var spend = Array(repeating: Int128(0), count: days.count)
         var change = Array(repeating: Int128(0), count: days.count)
+        // The ledger's entries and the overage entries (one per day, dated at its start).
+        let entries = """
+            (SELECT customer_id, currency, kind, amount_nanos::numeric AS amount_nanos, effective_at FROM wallet_ledger
+             UNION ALL SELECT customer_id, currency, 'usage', amount_nanos, day::timestamp AT TIME ZONE 'UTC' FROM wallet_overage) e
+            """
         let ledger = try connection.query("""
             SELECT (effective_at AT TIME ZONE 'UTC')::date::text, -sum(amount_nanos) FILTER (WHERE kind = 'usage'), sum(amount_nanos)
-            FROM wallet_ledger WHERE customer_id = $1 AND currency = $4 AND effective_at >= $2::timestamptz AND effective_at < $3::timestamptz
+            FROM \(entries) WHERE customer_id = $1 AND currency = $4 AND effective_at >= $2::timestamptz AND effective_at < $3::timestamptz
             GROUP BY 1
             """, currency)
         for row in 0..<ledger.rowCount {
@@ -66,7 +72,7 @@ struct Report: ParsableCommand {
             change[day] = try ledger.int128(row, 2) ?? 0
         }
         let opening = try connection.query("""
-            SELECT coalesce(sum(amount_nanos), 0) FROM wallet_ledger WHERE customer_id = $1 AND currency = $3 AND effective_at < $2::timestamptz
+            SELECT coalesce(sum(amount_nanos), 0) FROM \(entries) WHERE customer_id = $1 AND currency = $3 AND effective_at < $2::timestamptz
             """, [profile.customerID, EventTime.format(microseconds: period.start), profile.currency.code]).int128(0, 0) ?? 0
         var balance: [Int128] = []
         var running = opening

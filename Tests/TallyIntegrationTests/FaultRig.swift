@@ -309,20 +309,21 @@ final class FaultRig: @unchecked Sendable {
             if letters != Int64(poison) { report.failures.append("dead letters: \(group) holds \(letters), \(poison) poison records were injected") }
         }
 
-        // Wallets: balance = sum of its ledger = grants − charges computed here.
+        // Wallets: balance = sum of its ledger and overage entries = grants − charges computed here.
         var grants: [String: Int64] = [:]
         for (grant, _) in firstGrant.values { grants[grant.subject, default: 0] += grant.amountNanos }
         var charges: [String: Int64] = [:]
         for line in RaterIntegrationTests.expectedLineCharges(counted) { charges[line.customer, default: 0] += line.nanos }
         let wallets = try harness.connection.query("""
             SELECT w.customer_id, w.balance_nanos, (SELECT coalesce(sum(amount_nanos), 0) FROM tally.wallet_ledger l WHERE l.customer_id = w.customer_id)
+                   + (SELECT coalesce(sum(amount_nanos), 0) FROM tally.wallet_overage o WHERE o.customer_id = w.customer_id)
             FROM tally.wallets w
             """)
         var balances: [String: Int64] = [:]
         for row in 0..<wallets.rowCount {
             let customer = wallets.string(row, 0)!
             balances[customer] = try wallets.int64(row, 1)!
-            if try wallets.int64(row, 1)! != wallets.int64(row, 2)! { report.failures.append("wallet: \(customer)'s balance is not the sum of its ledger") }
+            if try wallets.int64(row, 1)! != wallets.int64(row, 2)! { report.failures.append("wallet: \(customer)'s balance is not the sum of its ledger and overage entries") }
         }
         for customer in Set(grants.keys).union(charges.keys) {
             let want = (grants[customer] ?? 0) - (charges[customer] ?? 0)

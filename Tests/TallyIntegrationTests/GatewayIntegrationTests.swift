@@ -459,9 +459,13 @@ final class GatewayIntegrationTests: XCTestCase {
         XCTAssertLessThanOrEqual(admitted.count, Int(500_000_000 / ((10 + Int64(body.utf8.count / 8)) * 1_000_000 + 40_000_000)) + 1)
         // The rater debits every admitted call; then the balance is what the calls cost, exactly.
         let debited = try TestStack.eventually(timeout: .seconds(60)) {
-            try harness.connection.query("SELECT count(DISTINCT event_id) FROM tally.wallet_ledger WHERE customer_id = 'gw-small' AND kind = 'usage'").int64(0, 0) == Int64(admitted.count)
+            // The grant and each admitted call: the rater's keys of the customer.
+            try harness.connection.query("SELECT count(*) FROM tally.rater_event_keys WHERE customer_id = 'gw-small'").int64(0, 0) == Int64(admitted.count) + 1
         }
-        let ledger = try harness.connection.query("SELECT kind, count(*), sum(amount_nanos) FROM tally.wallet_ledger GROUP BY 1").rows
+        let ledger = try harness.connection.query("""
+            SELECT kind, count(*), sum(amount_nanos) FROM tally.wallet_ledger GROUP BY 1
+            UNION ALL SELECT 'overage', sum(entries), sum(amount_nanos) FROM tally.wallet_overage
+            """).rows
         XCTAssertTrue(debited, "\(admitted.count) calls admitted; ledger: \(ledger)\n\(rater.log.suffix(3000))")
         let balance = try XCTUnwrap(try harness.connection.query("SELECT balance_nanos FROM tally.wallets WHERE customer_id = 'gw-small'").int64(0, 0))
         let perCall = (10 + Int64(body.utf8.count / 8)) * 1_000_000 + 20 * 2_000_000

@@ -157,4 +157,46 @@ final class PostgresIntegrationTests: XCTestCase {
         let recorded = try connection.query("SELECT count(*) FROM tally.schema_migrations").scalar
         XCTAssertEqual(recorded, String(migrations.count))
     }
+
+    /// Migration 0027 folds the ledger's per-event overage entries (usage beyond every grant, and
+    /// a volume tier's credit back) into one entry per customer, currency, period, UTC day and
+    /// partition, and leaves every balance as it was.
+    func testTheOverageMigrationFoldsOverageEntriesByDay() throws {
+        let name = TestStack.unique("tally_test")
+        let admin = try PostgresConnection(url: try TestStack.databaseURL, logger: TestStack.logger)
+        try admin.query("CREATE DATABASE \(name)")
+        defer { _ = try? admin.query("DROP DATABASE \(name) WITH (FORCE)") }
+        let base = try TestStack.databaseURL
+        let slash = try XCTUnwrap(base.lastIndex(of: "/"))
+        let url = String(base[...slash]) + name + (base[slash...].firstIndex(of: "?").map { String(base[$0...]) } ?? "")
+        let database = try PostgresConnection(url: url, logger: TestStack.logger)
+        let migrator = Migrator(connection: database, logger: TestStack.logger)
+        let migrations = try Migrator.bundled()
+        XCTAssertEqual(try migrator.migrate(migrations.filter { $0.version < 27 }).last, 26)
+        // A grant of 10.00; e1 draws 3.00 on it; then overage: e2 2.00 and e5 0.70 on Nov 1 (e5 read
+        // later), e3 0.50 on Nov 2 and a credit back of 0.10 on Nov 2. Balance 10 − 3 − 2 − 0.5 + 0.1 − 0.7 = 3.90.
+        try database.execute(script: """
+            INSERT INTO tally.wallet_ledger (customer_id, currency, partition, record_offset, seq, kind, amount_nanos, grant_id, event_id, effective_at, period_start) VALUES
+            ('c', 'USD', 1, 0, 0, 'grant', 10000000000, 'g1', 'g1', '2026-11-01T00:00:00Z', NULL),
+            ('c', 'USD', 1, 1, 0, 'usage', -3000000000, 'g1', 'e1', '2026-11-01T10:00:00Z', '2026-11-01T00:00:00Z'),
+            ('c', 'USD', 1, 2, 0, 'usage', -2000000000, NULL, 'e2', '2026-11-01T23:59:59.999999Z', '2026-11-01T00:00:00Z'),
+            ('c', 'USD', 1, 3, 0, 'usage', -500000000, NULL, 'e3', '2026-11-02T00:00:00Z', '2026-11-01T00:00:00Z'),
+            ('c', 'USD', 1, 5, 0, 'usage', 100000000, NULL, 'e4', '2026-11-02T05:00:00Z', '2026-11-01T00:00:00Z'),
+            ('c', 'USD', 1, 7, 0, 'usage', -700000000, NULL, 'e5', '2026-11-01T12:00:00Z', '2026-11-01T00:00:00Z');
+            """)
+        // Charged: 3 + 2 + 0.5 − 0.1 + 0.7 = 6.10.
+        let balance = """
+            SELECT balance = 3.9, granted = 10, charged = 6.1, expired IS NULL, last_entry_at = '2026-11-02T05:00:00Z'
+            FROM tally.wallet_balances WHERE customer_id = 'c'
+            """
+        XCTAssertEqual(try database.query(balance).rows, [["t", "t", "t", "t", "t"]])
+        XCTAssertEqual(try migrator.migrate(migrations), [27])
+        XCTAssertEqual(try database.query(balance).rows, [["t", "t", "t", "t", "t"]], "the view sums both kinds of entries")
+        XCTAssertEqual(try database.query("SELECT event_id FROM tally.wallet_ledger ORDER BY record_offset").rows, [["g1"], ["e1"]])
+        XCTAssertEqual(try database.query("""
+            SELECT day::text, partition, amount_nanos::text, entries, first_offset, last_offset, to_char(last_effective_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US')
+            FROM tally.wallet_overage ORDER BY day
+            """).rows, [["2026-11-01", "1", "-2700000000", "2", "2", "7", "2026-11-01T23:59:59.999999"],
+                        ["2026-11-02", "1", "-400000000", "2", "3", "5", "2026-11-02T05:00:00.000000"]])
+    }
 }

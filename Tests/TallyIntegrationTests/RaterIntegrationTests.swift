@@ -126,16 +126,27 @@ final class RaterIntegrationTests: XCTestCase {
             let granted = Money.nanos("\(10 + number).25")!
             let charged = charges[customer]?.values.reduce(0, +) ?? 0
             XCTAssertEqual(try balances.int64(row, 1), granted - charged, "\(customer): grants minus charges")
-            // Balance = sum of entries, and the view says the same exactly.
-            XCTAssertEqual(try int64(harness, "SELECT sum(amount_nanos) FROM tally.wallet_ledger WHERE customer_id = $1", [customer]), granted - charged)
+            // Balance = sum of the ledger's and the overage entries, and the view says the same exactly.
+            XCTAssertEqual(try int64(harness, """
+                SELECT (SELECT sum(amount_nanos) FROM tally.wallet_ledger WHERE customer_id = $1)
+                       + (SELECT coalesce(sum(amount_nanos), 0) FROM tally.wallet_overage WHERE customer_id = $1)
+                """, [customer]), granted - charged)
             XCTAssertEqual(try harness.connection.query("SELECT balance = ($2::bigint)::numeric / 1000000000 FROM tally.wallet_balances WHERE customer_id = $1",
                                                         [customer, granted - charged]).scalar, "t", "\(customer): wallet_balances view")
         }
         XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.wallet_ledger WHERE kind = 'grant'"), Int64(customers), "each grant credited once")
         XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.wallet_ledger l WHERE kind = 'usage' AND NOT EXISTS (SELECT 1 FROM tally.rater_event_keys k WHERE k.customer_id = l.customer_id AND k.event_id = l.event_id)"), 0,
                        "every debit references a counted usage event")
-        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE kind = 'usage'"),
-                       try int64(harness, "SELECT sum(amount_nanos) FROM tally.rated_usage"), "debits add up to the rated totals")
+        XCTAssertEqual(try int64(harness, """
+            SELECT count(*) FROM tally.wallet_overage o WHERE NOT EXISTS (SELECT 1 FROM tally.rater_event_keys k
+                WHERE k.customer_id = o.customer_id AND k.partition = o.partition AND k.record_offset = o.first_offset)
+               OR NOT EXISTS (SELECT 1 FROM tally.rater_event_keys k
+                WHERE k.customer_id = o.customer_id AND k.partition = o.partition AND k.record_offset = o.last_offset)
+            """), 0, "every overage entry names counted usage events")
+        XCTAssertGreaterThan(try int64(harness, "SELECT count(*) FROM tally.wallet_overage"), 0, "some usage went past its credit")
+        XCTAssertEqual(try int64(harness, """
+            SELECT -(SELECT sum(amount_nanos) FROM tally.wallet_ledger WHERE kind = 'usage') - (SELECT sum(amount_nanos) FROM tally.wallet_overage)
+            """), try int64(harness, "SELECT sum(amount_nanos) FROM tally.rated_usage"), "debits add up to the rated totals")
         let unpriced = Set((events + more).filter { $0.model == "amazon.nova-pro-v1" }.map(\.id)).count
         XCTAssertGreaterThan(unpriced, 0)
         XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.unpriced_usage WHERE model = 'amazon.nova-pro-v1'"), Int64(unpriced))
@@ -175,9 +186,12 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
         rater.signal(SIGTERM)
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
-        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id = 'long'"), 640_000_000)
+        XCTAssertEqual(try int64(harness, "SELECT sum(amount_nanos) FROM tally.rated_usage WHERE model LIKE 'gemini%'"), 640_000_000)
         XCTAssertEqual(try harness.connection.query("SELECT DISTINCT context_above FROM tally.rated_usage WHERE model LIKE 'gemini%'").rows, [["200000"]])
-        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id = 'batch'"), 1_250_000_000)
+        XCTAssertEqual(try int64(harness, "SELECT sum(amount_nanos) FROM tally.rated_usage WHERE model = 'gpt-4o'"), 1_250_000_000)
+        // No credit: both charges are acme's overage of 2026-03-01, one entry of two events.
+        XCTAssertEqual(try harness.connection.query("SELECT day::text, amount_nanos::text, entries FROM tally.wallet_overage WHERE customer_id = 'acme'").rows,
+                       [["2026-03-01", "-1890000000", "2"]])
         XCTAssertEqual(try harness.connection.query("SELECT price_rule FROM tally.rated_usage WHERE model = 'gpt-4o'").rows, [["batch"]])
     }
 
@@ -238,13 +252,16 @@ final class RaterIntegrationTests: XCTestCase {
             try self.int64(harness, "SELECT count(*) FROM tally.unpriced_usage") == 0
         }, rater.log)
         // 1,000,000 × 1.00 + 100,000 × 2.00 per 1M = 1.20; 10 × 1.00 per 1M = 0.00001.
-        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id IN ('n1', 'n2')"), 1_200_010_000)
+        XCTAssertEqual(try int64(harness, "SELECT sum(amount_nanos) FROM tally.rated_usage WHERE model = 'brand-new'"), 1_200_010_000)
+        // With p1's 1,000 gpt-4o tokens at 2.50 per 1M (0.0025): dana has no credit, all of it is overage.
+        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_overage WHERE customer_id = 'dana'"), 1_202_510_000)
         XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.event_conflicts"), 0, "the copy has the original's content")
         // Sent again: the copies are duplicates with nothing kept aside, and charge nothing more.
         XCTAssertTrue(try harness.tally(["pricing", "rate-unpriced", "--topic", harness.topic]).contains("sent 0 unpriced events"))
         try await harness.publish([usage("p2", "gpt-4o", input: 1_000, output: 0)])
         XCTAssertTrue(try harness.waitUntilConsumed(), rater.log)
-        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_ledger WHERE event_id IN ('n1', 'n2')"), 1_200_010_000)
+        XCTAssertEqual(try int64(harness, "SELECT sum(amount_nanos) FROM tally.rated_usage WHERE model = 'brand-new'"), 1_200_010_000)
+        XCTAssertEqual(try int64(harness, "SELECT -sum(amount_nanos) FROM tally.wallet_overage WHERE customer_id = 'dana'"), 1_205_010_000, "and p2's 0.0025")
         rater.signal(SIGTERM)
         XCTAssertEqual(rater.wait(timeout: .seconds(30)), 0, rater.log)
 
@@ -295,7 +312,7 @@ final class RaterIntegrationTests: XCTestCase {
         let reference = try clean.startRater(["--batch-size", "5000"])
         XCTAssertTrue(try crashed.waitUntilConsumed(timeout: .seconds(180)), "crashed run consumed\n\(finisher.log)")
         XCTAssertTrue(try clean.waitUntilConsumed(timeout: .seconds(180)), "clean run consumed\n\(reference.log)")
-        for table in ["wallet_ledger", "rated_usage", "wallet_grants", "wallets", "balance_alerts", "topup_requests", "unpriced_usage",
+        for table in ["wallet_ledger", "wallet_overage", "rated_usage", "wallet_grants", "wallets", "balance_alerts", "topup_requests", "unpriced_usage",
                       "unrateable_records"] {
             // Published-at and webhook stamps are wall-clock and ids come from a sequence that rolled-back
             // transactions also draw on; everything else must match row for row.
@@ -312,7 +329,10 @@ final class RaterIntegrationTests: XCTestCase {
         XCTAssertEqual(keptAside.map { $0[0]! }, ["huge-10000", "huge-30000", "huge-50000"], "each once, whatever the crashes")
         XCTAssertTrue(keptAside.allSatisfy { $0[1]!.contains("9007199254740991 input tokens of gpt-4o cost 22517998136.8524775 USD") }, "\(keptAside)")
         XCTAssertEqual(try int64(crashed, "SELECT count(*) FROM tally.wallet_ledger WHERE event_id LIKE 'huge-%'"), 0, "they charged nothing")
-        XCTAssertGreaterThan(try int64(crashed, "SELECT count(*) FROM tally.wallet_ledger WHERE customer_id = 'cust-3' AND kind = 'usage'"), 0,
+        XCTAssertGreaterThan(try int64(crashed, """
+            SELECT (SELECT count(*) FROM tally.wallet_ledger WHERE customer_id = 'cust-3' AND kind = 'usage')
+                   + (SELECT count(*) FROM tally.wallet_overage WHERE customer_id = 'cust-3')
+            """), 0,
                              "the same customer's other usage is rated")
         XCTAssertEqual(try crashed.tally(["invoices", "close", "--period", "2026-11", "--force"]).components(separatedBy: "\n").filter { $0.hasPrefix("INV-") }.sorted(),
                        try clean.tally(["invoices", "close", "--period", "2026-11", "--force"]).components(separatedBy: "\n").filter { $0.hasPrefix("INV-") }.sorted())

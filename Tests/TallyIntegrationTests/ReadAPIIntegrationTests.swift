@@ -139,6 +139,13 @@ final class ReadAPIIntegrationTests: XCTestCase {
         let second = try json(try get("/v1/customers/acme/ledger?limit=2&cursor=\(cursor)", reader))
         XCTAssertEqual(data(second).map { "\($0["kind"]!) \($0["amount"]!) \($0["event_id"]!)" }, ["usage -3.50 e1", "grant 10.00 welcome"])
         XCTAssertTrue(second["next_cursor"] is NSNull)
+        // beta has no credit: its one call ($0.0125) is its day's overage entry, and no ledger entry.
+        let overage = data(try json(try get("/v1/customers/beta/overage", reader)))
+        XCTAssertEqual(overage.map { "\($0["day"]!) \($0["currency"]!) \($0["amount"]!) \($0["events"]!)" },
+                       ["\(EventTime.format(microseconds: Granularity.day.windowStart(hour)).prefix(10)) USD -0.0125 1"])
+        XCTAssertEqual(overage.first?["first_offset"] as? Int, overage.first?["last_offset"] as? Int, "one record charged")
+        XCTAssertTrue(data(try json(try get("/v1/customers/beta/ledger", reader))).isEmpty)
+        XCTAssertTrue(data(try json(try get("/v1/customers/acme/overage", reader))).isEmpty, "acme's credit covered all")
         let badCursor = try get("/v1/customers/acme/ledger?cursor=nonsense", reader)
         XCTAssertTrue(badCursor.status == 400 && badCursor.body.contains(#""field":"cursor""#), badCursor.body)
         // A cursor of the right shape holding a time past year 9999 is refused too, never read as page one.
