@@ -135,7 +135,7 @@ final class RaterIntegrationTests: XCTestCase {
                                                         [customer, granted - charged]).scalar, "t", "\(customer): wallet_balances view")
         }
         XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.wallet_ledger WHERE kind = 'grant'"), Int64(customers), "each grant credited once")
-        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.wallet_ledger l WHERE kind = 'usage' AND NOT EXISTS (SELECT 1 FROM tally.rater_event_keys k WHERE k.customer_id = l.customer_id AND k.event_id = l.event_id)"), 0,
+        XCTAssertEqual(try int64(harness, "SELECT count(*) FROM tally.wallet_ledger l WHERE kind = 'usage' AND NOT EXISTS (SELECT 1 FROM tally.rater_event_keys k WHERE k.customer_id = l.customer_id AND k.partition = l.partition AND k.record_offset = l.record_offset)"), 0,
                        "every debit references a counted usage event")
         XCTAssertEqual(try int64(harness, """
             SELECT count(*) FROM tally.wallet_overage o WHERE NOT EXISTS (SELECT 1 FROM tally.rater_event_keys k
