@@ -14,7 +14,7 @@
 /// silently. Every consumer of a topic decides with the same horizon, recorded per topic in
 /// `tally.topic_layouts` (default 35 days, the oldest event the ingest API accepts).
 public struct DedupHorizon: Sendable, Equatable, CustomStringConvertible {
-    /// The default, in days: `IngestLimits`' oldest acceptable event.
+    /// The default, in days: the oldest event the ingest API accepts (`IngestBatchParser.maxAgeMicroseconds`).
     public static let defaultDays = 35
     /// The longest horizon: a century, far past any retention, well inside Int64 milliseconds.
     public static let maxDays = 36_500

@@ -332,7 +332,8 @@ public final class ConsumerTables: @unchecked Sendable {
     /// Whether `table` still holds keys stored before identities had sources; asked once per claim.
     private func hasKeysWithoutSource(_ table: String) throws -> Bool {
         if let known = keysWithoutSource[table] { return known }
-        let found = try connection.query("SELECT EXISTS (SELECT 1 FROM tally.dedup_keys_without_source WHERE key_table = $1)", [table]).rows[0][0] == "t"
+        // Unqualified: a replay's schema has its own list, empty.
+        let found = try connection.query("SELECT EXISTS (SELECT 1 FROM dedup_keys_without_source WHERE key_table = $1)", [table]).rows[0][0] == "t"
         keysWithoutSource[table] = found
         return found
     }

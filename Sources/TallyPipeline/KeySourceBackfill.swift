@@ -35,12 +35,15 @@ public struct KeySourceBackfill {
     private static let keyTables = ["usage_event_keys", "rater_event_keys"]
 
     public func run() throws -> Outcome {
-        // Every position to read: keys without a source, and unpriced events kept without one.
+        // Every position to read: keys without a source, unpriced events kept without one, and the
+        // keys of credited grants (stored before 0014, their content fingerprint covered time and source).
         var wanted: [Int32: Set<Int64>] = [:]
         let rows = try connection.query("""
             SELECT partition, record_offset FROM tally.dedup_keys_without_source
             UNION SELECT partition, record_offset FROM tally.unpriced_usage WHERE event_source = $1
-            """, [DedupKey.anySource])
+            UNION SELECT k.partition, k.record_offset FROM tally.rater_event_keys k
+                  JOIN tally.wallet_grants g ON k.key_fingerprint = tally.dedup_key_fingerprint(g.customer_id, $2, g.grant_id)
+            """, [DedupKey.anySource, DedupKey.grantSource])
         for row in 0..<rows.rowCount { wanted[Int32(try rows.value(row, 0, as: Int64.self)), default: []].insert(try rows.value(row, 1, as: Int64.self)) }
         var outcome = Outcome()
         guard !wanted.isEmpty else { return outcome }
@@ -90,6 +93,13 @@ public struct KeySourceBackfill {
                     FROM filled f WHERE k.key_fingerprint = tally.dedup_key_fingerprint(f.customer_id, $5, f.event_id)
                     """, parameters + [table]).affectedRows
             }
+            // Grant keys read from their own record: today's content fingerprint.
+            outcome.filled["rater_event_keys grant fingerprints"] = try connection.query("""
+                UPDATE tally.rater_event_keys k SET content_hash = u.h::bigint
+                FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $6::text[], $7::text[]) AS u(p, o, s, h, c, e)
+                WHERE u.h IS NOT NULL AND k.key_fingerprint = tally.dedup_key_fingerprint(u.c, u.s, u.e) AND k.partition = u.p
+                  AND k.record_offset = u.o AND k.content_hash <> u.h::bigint AND $5::text IS NOT NULL  -- $5 (anySource) unused: typed, not left unknown
+                """, parameters).affectedRows
             outcome.filled["unpriced_usage"] = try connection.query("""
                 UPDATE tally.unpriced_usage k SET event_source = u.s
                 FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $6::text[], $7::text[]) AS u(p, o, s, h, c, e)

@@ -3,8 +3,9 @@
 -- charges no grant covers were one ledger entry per rated event, most of the rater's bytes
 -- for customers who never buy credit. They are folded here into one entry per customer,
 -- currency, billing period, UTC day of the event and partition, which says which usage it
--- charges: that customer's events of that day at offsets first_offset..last_offset of that
--- partition. A wallet's balance is the sum of its ledger entries and overage entries
+-- charges: that customer's charged events of that day, read from that partition between
+-- first_offset and last_offset (the log holds them; the rated totals and windows sum them).
+-- A wallet's balance is the sum of its ledger entries and overage entries
 -- (`tally.wallet_balances`). The rater adds each batch's amounts in the batch's transaction,
 -- so the totals are the same whatever the batches were (invariant 4).
 CREATE TABLE tally.wallet_overage (
@@ -26,9 +27,9 @@ CREATE TABLE tally.wallet_overage (
 INSERT INTO tally.wallet_overage (customer_id, currency, period_start, day, partition, amount_nanos, entries, first_offset, last_offset, last_effective_at)
 SELECT customer_id, currency, period_start, (effective_at AT TIME ZONE 'UTC')::date, partition, sum(amount_nanos), count(*),
        min(record_offset), max(record_offset), max(effective_at)
-FROM tally.wallet_ledger WHERE kind = 'usage' AND grant_id IS NULL
+FROM tally.wallet_ledger WHERE kind = 'usage' AND grant_id IS NULL AND period_start IS NOT NULL
 GROUP BY customer_id, currency, period_start, (effective_at AT TIME ZONE 'UTC')::date, partition;
-DELETE FROM tally.wallet_ledger WHERE kind = 'usage' AND grant_id IS NULL;
+DELETE FROM tally.wallet_ledger WHERE kind = 'usage' AND grant_id IS NULL AND period_start IS NOT NULL;
 
 -- Balance = sum of ledger entries and overage entries, exact.
 CREATE OR REPLACE VIEW tally.wallet_balances AS

@@ -5,7 +5,7 @@
 -- shared by two keys (about n² / 2^129 for n keys) shows as a conflict, not a silent drop.
 -- Fixed-width columns first: no padding between them.
 CREATE FUNCTION tally.dedup_key_fingerprint(customer_id text, event_source text, event_id text) RETURNS uuid
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE sql STABLE STRICT PARALLEL SAFE AS $$  -- STABLE as convert_to is: inlined into the queries using it
     SELECT encode(substring(sha256(
         int4send(octet_length(convert_to(customer_id, 'UTF8'))) || convert_to(customer_id, 'UTF8') ||
         int4send(octet_length(convert_to(event_source, 'UTF8'))) || convert_to(event_source, 'UTF8') ||
