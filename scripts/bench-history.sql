@@ -16,14 +16,14 @@ SELECT i, 'cust-' || (i % 1000) AS customer_id, 'hist-' || i AS event_id, (i % 4
 FROM generate_series(1, :'events'::bigint) AS i;
 
 ALTER TABLE usage_event_keys DROP CONSTRAINT usage_event_keys_pkey;
-INSERT INTO usage_event_keys (key_fingerprint, content_hash, record_offset, partition, customer_id)
-SELECT dedup_key_fingerprint(customer_id, 'tally://loadgen', event_id), i * 7919, -i, partition, customer_id FROM history;
-ALTER TABLE usage_event_keys ADD PRIMARY KEY (key_fingerprint);
+INSERT INTO usage_event_keys (customer_id, event_id, event_source, content_hash, partition, record_offset)
+SELECT customer_id, event_id, 'tally://loadgen', i * 7919, partition, -i FROM history;
+ALTER TABLE usage_event_keys ADD PRIMARY KEY (customer_id, event_id, event_source);
 
 ALTER TABLE rater_event_keys DROP CONSTRAINT rater_event_keys_pkey;
-INSERT INTO rater_event_keys (key_fingerprint, content_hash, record_offset, partition, customer_id)
-SELECT dedup_key_fingerprint(customer_id, 'tally://loadgen', event_id), i * 7919, -i, partition, customer_id FROM history;
-ALTER TABLE rater_event_keys ADD PRIMARY KEY (key_fingerprint);
+INSERT INTO rater_event_keys (customer_id, event_id, event_source, content_hash, partition, record_offset)
+SELECT customer_id, event_id, 'tally://loadgen', i * 7919, partition, -i FROM history;
+ALTER TABLE rater_event_keys ADD PRIMARY KEY (customer_id, event_id, event_source);
 
 INSERT INTO wallet_overage (customer_id, currency, period_start, day, partition, amount_nanos, entries, first_offset, last_offset, last_effective_at)
 SELECT customer_id, 'USD', date_trunc('month', at, 'UTC'), (at AT TIME ZONE 'UTC')::date, partition, sum(-1500000), count(*), min(-i), max(-i), max(at)

@@ -1,5 +1,3 @@
-import Crypto
-
 /// The dedup key (invariant 2): an event's CloudEvents identity, `source` + `id`, scoped to its
 /// customer. Independent of event time. Wallet grants are identified by their id alone.
 public struct DedupKey: Hashable, Sendable, Comparable {
@@ -26,50 +24,6 @@ public struct DedupKey: Hashable, Sendable, Comparable {
 
     public static func < (a: DedupKey, b: DedupKey) -> Bool {
         (a.customerID, a.eventID, a.source) < (b.customerID, b.eventID, b.source)
-    }
-
-    /// The key as the key tables store it (migration 0028): the first 16 bytes of SHA-256 over
-    /// the customer, source and id, each as its UTF-8 byte count (4 bytes, big-endian) and bytes,
-    /// so no two keys share an input. `tally.dedup_key_fingerprint(customer, source, id)`
-    /// computes the same in SQL.
-    ///
-    /// Two different keys with one fingerprint would make the later event a duplicate or, with
-    /// other content (all but certain), a recorded conflict. Among n stored keys the chance of
-    /// any such pair is about n² / 2^129: 1.5 × 10^-15 for 10^12 keys. Finding a pair on purpose
-    /// takes about 2^64 SHA-256 evaluations.
-    public var storedFingerprint: StoredKeyFingerprint {
-        var input: [UInt8] = []
-        input.reserveCapacity(12 + customerID.utf8.count + source.utf8.count + eventID.utf8.count)
-        for part in [customerID, source, eventID] {
-            let count = UInt32(part.utf8.count)
-            input.append(contentsOf: [UInt8(count >> 24), UInt8(truncatingIfNeeded: count >> 16), UInt8(truncatingIfNeeded: count >> 8), UInt8(truncatingIfNeeded: count)])
-            input.append(contentsOf: part.utf8)
-        }
-        return StoredKeyFingerprint(bytes: Array(SHA256.hash(data: input).prefix(16)))
-    }
-}
-
-/// A dedup key's stored form (`DedupKey.storedFingerprint`): 16 bytes, a `uuid` column.
-public struct StoredKeyFingerprint: Hashable, Sendable, CustomStringConvertible {
-    public let bytes: [UInt8]
-
-    public init(bytes: [UInt8]) {
-        precondition(bytes.count == 16)
-        self.bytes = bytes
-    }
-
-    /// PostgreSQL's uuid text form (8-4-4-4-12 lowercase hex digits).
-    public var description: String {
-        let hex = bytes.map { byte -> String in
-            let digits = String(byte, radix: 16)
-            return digits.count == 1 ? "0" + digits : digits
-        }.joined()
-        var text = ""
-        for (index, character) in hex.enumerated() {
-            if [8, 12, 16, 20].contains(index) { text.append("-") }
-            text.append(character)
-        }
-        return text
     }
 }
 
@@ -98,6 +52,36 @@ public protocol DedupCandidate: Sendable {
 
 extension DedupCandidate {
     public var keyFingerprint: DedupKeyCache.Fingerprint { DedupKeyCache.fingerprint(key) }
+}
+
+extension Array where Element: DedupCandidate {
+    /// The candidates' indices sorted by key, nearly the order of a keys table's primary key
+    /// (bytewise, as COLLATE "C" compares): a server storing them inserts each key next to the one
+    /// before it in the index, on pages it has at hand, instead of all over it. Only that cost
+    /// depends on this order. It compares the first 16 bytes of the customer and 8 of the event
+    /// id, packed into integers: several times cheaper than comparing strings, and as good for
+    /// the index. Indices rather than the candidates themselves: copying a million events into a
+    /// sorted array cost as much as sorting them.
+    public func keyOrder() -> [Int] {
+        var order = indices.map { index in
+            let key = self[index].key
+            let customer = Self.bigEndianPrefix(key.customerID)
+            return (customer.high, customer.low, Self.bigEndianPrefix(key.eventID).high, index)
+        }
+        order.sort { ($0.0, $0.1, $0.2) < ($1.0, $1.1, $1.2) }
+        return order.map(\.3)
+    }
+
+    /// The first 16 UTF-8 bytes of `text` as two big-endian integers, zero-padded, so the
+    /// integers order as the bytes do.
+    private static func bigEndianPrefix(_ text: String) -> (high: UInt64, low: UInt64) {
+        var high: UInt64 = 0
+        var low: UInt64 = 0
+        for (count, byte) in text.utf8.prefix(16).enumerated() {
+            if count < 8 { high |= UInt64(byte) << (56 - 8 * count) } else { low |= UInt64(byte) << (56 - 8 * (count - 8)) }
+        }
+        return (high, low)
+    }
 }
 
 /// A decoded usage event, where it came from, and the fingerprint of its content.

@@ -145,7 +145,7 @@ public final class ConsumerTables: @unchecked Sendable {
     /// cleared by a look-up that finds nothing the cache lacked.
     private var lookUpStoredKeys = true
     /// Per keys table: whether keys without sources (`DedupKey.anySource`) remain; nil until asked.
-    private var keysWithoutSource: [String: Bool] = [:]
+    private var keysOfAnySource: [String: Bool] = [:]
     private let logger = Logger(label: "tally.consumer-store")
 
     public init(connection: PostgresConnection, group: String, topic: String, instanceID: String) {
@@ -168,7 +168,7 @@ public final class ConsumerTables: @unchecked Sendable {
         // Their previous owner stored keys this cache never saw (and a promoted replay may have
         // replaced keys without sources).
         lookUpStoredKeys = true
-        keysWithoutSource.removeAll()
+        keysOfAnySource.removeAll()
         return try connection.transaction { connection in
             // The horizon's start is the topic's (schema tally, a replay's too): every group decides alike.
             let result = try connection.query("""
@@ -301,19 +301,15 @@ public final class ConsumerTables: @unchecked Sendable {
             return stored
         }
         let keys = Deduplicator.keys(of: candidates)
-        let exact = PostgresArray(keys.map { $0.storedFingerprint.description })
-        // A key stored before identities had sources (`DedupKey.anySource`, listed in
-        // `dedup_keys_without_source`) answers for its id from every source; an exact key wins over it.
-        let result = try hasKeysWithoutSource(table)
-            ? connection.query("""
-                SELECT DISTINCT ON (u.i) u.i, k.content_hash FROM \(SQLIdentifier(table)) k
-                JOIN unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS u(exact, any_source, i) ON k.key_fingerprint IN (u.exact, u.any_source)
-                ORDER BY u.i, k.key_fingerprint <> u.exact
-                """, [exact, PostgresArray(keys.map { DedupKey(customerID: $0.customerID, source: DedupKey.anySource, eventID: $0.eventID).storedFingerprint.description })])
-            : connection.query("""
-                SELECT u.i, k.content_hash FROM \(SQLIdentifier(table)) k
-                JOIN unnest($1::uuid[]) WITH ORDINALITY AS u(exact, i) ON k.key_fingerprint = u.exact
-                """, [exact])
+        // A key stored before identities had sources (`DedupKey.anySource`) answers for its id
+        // from every source; an exact key wins over it.
+        let result = try connection.query("""
+            SELECT DISTINCT ON (u.i) u.i, k.content_hash FROM \(SQLIdentifier(table)) k
+            JOIN unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(customer_id, event_source, event_id, i)
+              ON k.customer_id = u.customer_id AND k.event_id = u.event_id AND k.event_source IN (u.event_source, $4)
+            ORDER BY u.i, k.event_source = $4
+            """, [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.source)), PostgresArray(keys.map(\.eventID)),
+                  DedupKey.anySource])
         var cacheLacked = false
         for row in 0..<result.rowCount {
             let key = keys[Int(try result.value(row, 0, as: Int64.self)) - 1]
@@ -325,16 +321,15 @@ public final class ConsumerTables: @unchecked Sendable {
         }
         // While keys without sources remain, the cache cannot answer for them: a key it lacks may
         // be one of those under another source, which no unique constraint would catch.
-        if try !cacheLacked && !hasKeysWithoutSource(table) { lookUpStoredKeys = false }
+        if try !cacheLacked && !hasKeysOfAnySource(table) { lookUpStoredKeys = false }
         return stored
     }
 
     /// Whether `table` still holds keys stored before identities had sources; asked once per claim.
-    private func hasKeysWithoutSource(_ table: String) throws -> Bool {
-        if let known = keysWithoutSource[table] { return known }
-        // Unqualified: a replay's schema has its own list, empty.
-        let found = try connection.query("SELECT EXISTS (SELECT 1 FROM dedup_keys_without_source WHERE key_table = $1)", [table]).rows[0][0] == "t"
-        keysWithoutSource[table] = found
+    private func hasKeysOfAnySource(_ table: String) throws -> Bool {
+        if let known = keysOfAnySource[table] { return known }
+        let found = try connection.query("SELECT EXISTS (SELECT 1 FROM \(SQLIdentifier(table)) WHERE event_source = $1)", [DedupKey.anySource]).rows[0][0] == "t"
+        keysOfAnySource[table] = found
         return found
     }
 
@@ -343,17 +338,15 @@ public final class ConsumerTables: @unchecked Sendable {
     public func storeKeys<Candidate: DedupCandidate>(_ accepted: [Candidate], table: String) throws {
         guard !accepted.isEmpty else { return }
         do {
-            // In fingerprint order, the primary key's: the server inserts each key after the one
-            // before it in the index instead of all over it.
-            let fingerprints = accepted.map { $0.key.storedFingerprint.bytes }
-            let order = fingerprints.indices.sorted { fingerprints[$0].lexicographicallyPrecedes(fingerprints[$1]) }
-            try connection.copyIn("COPY \(SQLIdentifier(table)) (key_fingerprint, content_hash, record_offset, partition, customer_id) FROM STDIN WITH (FORMAT binary)",
-                                  format: .binary, rows: order) { index, fields in
-                fields.add(uuid: fingerprints[index])
+            try connection.copyIn("COPY \(SQLIdentifier(table)) (customer_id, event_id, event_source, content_hash, partition, record_offset) FROM STDIN WITH (FORMAT binary)",
+                                  format: .binary, rows: accepted.keyOrder()) { index, fields in
+                let key = accepted[index].key
+                fields.add(key.customerID)
+                fields.add(key.eventID)
+                fields.add(key.source)
                 fields.add(ContentHash.signed(accepted[index].contentHash))
-                fields.add(accepted[index].position.offset)
                 fields.add(accepted[index].position.partition)
-                fields.add(accepted[index].key.customerID)
+                fields.add(accepted[index].position.offset)
             }
         } catch {
             if error.sqlState == "23505" { throw StoredKeyMissedByCache() }

@@ -4,11 +4,10 @@ import TallyKafka
 import TallyPostgres
 
 /// Fills in the sources of dedup keys stored before event identities included them (migration
-/// 0014 marked them `DedupKey.anySource`; migration 0028 lists them in
-/// `tally.dedup_keys_without_source`), by reading each key's record from the log at the
-/// partition and offset the key keeps. Grant keys among them get their content fingerprint
-/// recomputed, which no longer covers time and source. After it, the live tables decide as a
-/// replay from offset zero does, and the consumers stop looking keys up on every batch.
+/// 0014 marked them `DedupKey.anySource`), by reading each key's record from the log at the
+/// partition and offset the key keeps. Grant keys get their fingerprint recomputed, which no
+/// longer covers time and source. After it, the live tables decide as a replay from offset zero
+/// does, and the consumers stop looking keys up on every batch.
 ///
 /// Safe while the consumers run: a key only narrows from "this id from any source" to the
 /// source its record has. Keys whose record the log no longer holds keep `anySource`.
@@ -32,19 +31,17 @@ public struct KeySourceBackfill {
         public var unreadable = 0
     }
 
-    private static let keyTables = ["usage_event_keys", "rater_event_keys"]
+    private static let tables = ["usage_event_keys", "rater_event_keys", "unpriced_usage"]
 
     public func run() throws -> Outcome {
-        // Every position to read: keys without a source, unpriced events kept without one, and the
-        // keys of credited grants (stored before 0014, their content fingerprint covered time and source).
+        // Every position to read: keys without a source, and grant keys (their fingerprint changed).
         var wanted: [Int32: Set<Int64>] = [:]
-        let rows = try connection.query("""
-            SELECT partition, record_offset FROM tally.dedup_keys_without_source
-            UNION SELECT partition, record_offset FROM tally.unpriced_usage WHERE event_source = $1
-            UNION SELECT k.partition, k.record_offset FROM tally.rater_event_keys k
-                  JOIN tally.wallet_grants g ON k.key_fingerprint = tally.dedup_key_fingerprint(g.customer_id, $2, g.grant_id)
-            """, [DedupKey.anySource, DedupKey.grantSource])
-        for row in 0..<rows.rowCount { wanted[Int32(try rows.value(row, 0, as: Int64.self)), default: []].insert(try rows.value(row, 1, as: Int64.self)) }
+        for table in Self.tables {
+            let grants = table == "rater_event_keys" ? " OR event_source = ''" : ""
+            let rows = try connection.query("SELECT partition, record_offset FROM \(SQLIdentifier.tally.qualifying(table)) WHERE event_source = $1\(grants)",
+                                            [DedupKey.anySource])
+            for row in 0..<rows.rowCount { wanted[Int32(try rows.value(row, 0, as: Int64.self)), default: []].insert(try rows.value(row, 1, as: Int64.self)) }
+        }
         var outcome = Outcome()
         guard !wanted.isEmpty else { return outcome }
         // What each record says: its customer and id (a key is filled only from its own record), source, grant fingerprint.
@@ -79,32 +76,16 @@ public struct KeySourceBackfill {
             DedupKey.anySource, PostgresArray(positions.map { sources[$0]!.customer }), PostgresArray(positions.map { sources[$0]!.id }),
         ]
         try connection.transaction { connection in
-            for table in Self.keyTables {
-                // A listed key leaves the list and takes its exact fingerprint.
+            for table in Self.tables {
+                let hash = table == "unpriced_usage" ? "" : ", content_hash = coalesce(u.h::bigint, k.content_hash)"
+                let grants = table == "rater_event_keys" ? " OR k.event_source = ''" : ""
                 outcome.filled[table] = try connection.query("""
-                    WITH filled AS (
-                        DELETE FROM tally.dedup_keys_without_source l
-                        USING unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $6::text[], $7::text[]) AS u(p, o, s, h, c, e)
-                        WHERE l.key_table = $8 AND l.partition = u.p AND l.record_offset = u.o AND l.customer_id = u.c AND l.event_id = u.e
-                        RETURNING l.customer_id, l.event_id, u.s, u.h
-                    )
-                    UPDATE \(SQLIdentifier.tally.qualifying(table)) k
-                    SET key_fingerprint = tally.dedup_key_fingerprint(f.customer_id, f.s, f.event_id), content_hash = coalesce(f.h::bigint, k.content_hash)
-                    FROM filled f WHERE k.key_fingerprint = tally.dedup_key_fingerprint(f.customer_id, $5, f.event_id)
-                    """, parameters + [table]).affectedRows
+                    UPDATE \(SQLIdentifier.tally.qualifying(table)) k SET event_source = u.s\(hash)
+                    FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $6::text[], $7::text[]) AS u(p, o, s, h, c, e)
+                    WHERE k.partition = u.p AND k.record_offset = u.o AND k.customer_id = u.c AND k.event_id = u.e
+                      AND (k.event_source = $5\(grants))
+                    """, parameters).affectedRows
             }
-            // Grant keys read from their own record: today's content fingerprint.
-            outcome.filled["rater_event_keys grant fingerprints"] = try connection.query("""
-                UPDATE tally.rater_event_keys k SET content_hash = u.h::bigint
-                FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $6::text[], $7::text[]) AS u(p, o, s, h, c, e)
-                WHERE u.h IS NOT NULL AND k.key_fingerprint = tally.dedup_key_fingerprint(u.c, u.s, u.e) AND k.partition = u.p
-                  AND k.record_offset = u.o AND k.content_hash <> u.h::bigint AND $5::text IS NOT NULL  -- $5 (anySource) unused: typed, not left unknown
-                """, parameters).affectedRows
-            outcome.filled["unpriced_usage"] = try connection.query("""
-                UPDATE tally.unpriced_usage k SET event_source = u.s
-                FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $6::text[], $7::text[]) AS u(p, o, s, h, c, e)
-                WHERE k.partition = u.p AND k.record_offset = u.o AND k.customer_id = u.c AND k.event_id = u.e AND k.event_source = $5
-                """, parameters).affectedRows
         }
         return outcome
     }

@@ -47,8 +47,7 @@ public struct ShadowSchema: Sendable {
         try connection.transaction { connection in
             try connection.execute(script: "CREATE SCHEMA \(schema)")
             // Operational tables too, so a replay's rows vanish with its schema.
-            // The list of keys stored without a source, empty: a replay stores every key with its source.
-            for table in consumer.tables + ["dedup_keys_without_source"] + (consumer == .aggregator ? ["ingest_latency"] : []) {
+            for table in consumer.tables + (consumer == .aggregator ? ["ingest_latency"] : []) {
                 try connection.execute(script: "CREATE TABLE \(schema.qualifying(table)) (LIKE \(SQLIdentifier.tally.qualifying(table)) INCLUDING ALL)")
                 // LIKE leaves storage parameters behind; the fill factors that keep updates HOT
                 // matter as much to a replay as to the live consumer.
@@ -321,14 +320,6 @@ extension ShadowSchema {
                         INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(selected) FROM \(schema.qualifying(table))
                         WHERE customer_id IN (SELECT customer_id FROM promoted_customers) ON CONFLICT DO NOTHING
                         """)
-                } else if table == consumer.keysTable {
-                    // By partition: the key's primary key is its fingerprint, and a customer's keys are all on its partition.
-                    try connection.query("DELETE FROM \(SQLIdentifier.tally.qualifying(table)) WHERE partition = ANY($1::int[])", scope)
-                    try connection.query("INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(list) FROM \(schema.qualifying(table)) WHERE partition = ANY($1::int[])", scope)
-                    // The replayed keys all have their sources.
-                    try connection.query("""
-                        DELETE FROM tally.dedup_keys_without_source WHERE key_table = $2 AND (partition = ANY($1::int[]) OR customer_id IN (SELECT customer_id FROM promoted_customers))
-                        """, scope + [table])
                 } else {
                     try connection.query("DELETE FROM \(SQLIdentifier.tally.qualifying(table)) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)")
                     try connection.query("INSERT INTO \(SQLIdentifier.tally.qualifying(table)) (\(list)) SELECT \(list) FROM \(schema.qualifying(table)) WHERE customer_id IN (SELECT customer_id FROM promoted_customers)")

@@ -296,14 +296,6 @@ public struct CopyFields {
         add(value.map { $0 - Self.postgresEpochMicroseconds })
     }
 
-    /// A uuid column (binary format only): its 16 bytes.
-    public mutating func add(uuid bytes: [UInt8]) {
-        precondition(format == .binary && bytes.count == 16, "uuids are written in binary COPY only, 16 bytes each")
-        beginField()
-        append(Int32(16))
-        buffer.append(contentsOf: bytes)
-    }
-
     public mutating func addNull() {
         beginField()
         switch format {

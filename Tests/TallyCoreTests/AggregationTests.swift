@@ -201,13 +201,20 @@ final class AggregationTests: XCTestCase {
         XCTAssertNil(FingerprintTable()[DedupKeyCache.Fingerprint(high: 0, low: 0)])
     }
 
-    func testStoredKeyFingerprintsAreSHA256OfTheLengthPrefixedParts() {
-        // Expected values from Python: hashlib.sha256(b"".join(len(p).to_bytes(4, "big") + p for p in parts)).hexdigest()[:32].
-        XCTAssertEqual(DedupKey(customerID: "acme", source: "app", eventID: "evt-1").storedFingerprint.description, "15dfb57f-b61a-a43e-3fa5-fd6e012ff984")
-        XCTAssertEqual(DedupKey(customerID: "cé", source: "", eventID: "").storedFingerprint.description, "6cf9eeab-0fe7-f7c6-9b55-2267c958c41e")
-        // Moving a byte from one part to the next makes another key.
-        XCTAssertNotEqual(DedupKey(customerID: "ab", source: "c", eventID: "d").storedFingerprint,
-                          DedupKey(customerID: "a", source: "bc", eventID: "d").storedFingerprint)
+    func testKeysAreWrittenInTheKeyIndexOrder() {
+        // Customers differing after 8 bytes, ids differing after "evt-", prefixes of each other, non-ASCII.
+        let keys = [("customer-00000002", "evt-9"), ("customer-00000010", "evt-10"), ("customer-00000002", "evt-10"),
+                    ("c", "b"), ("cé", "a"), ("c", "a"), ("customer-00000002", "evt-1"), ("cz", "a")]
+        let candidates = keys.enumerated().map { offset, key in
+            PositionedEvent(event: event(key.1, customer: key.0), position: LogPosition(partition: 0, offset: Int64(offset)))
+        }
+        let bytewise = candidates.sorted { a, b in
+            a.key.customerID.utf8.elementsEqual(b.key.customerID.utf8)
+                ? a.key.eventID.utf8.lexicographicallyPrecedes(b.key.eventID.utf8)
+                : a.key.customerID.utf8.lexicographicallyPrecedes(b.key.customerID.utf8)
+        }
+        XCTAssertEqual(candidates.keyOrder().map { candidates[$0].position.offset }, bytewise.map(\.position.offset))
+        XCTAssertEqual(candidates.keyOrder().map { candidates[$0].position.offset }, [5, 3, 6, 2, 0, 1, 7, 4])
     }
 
     func testRollupsAgreeWithHourlyRows() {

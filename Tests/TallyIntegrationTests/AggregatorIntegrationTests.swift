@@ -84,13 +84,12 @@ final class AggregatorIntegrationTests: XCTestCase {
         func event(_ id: String, _ source: String, _ input: Int64, customer: String = "ce-acme") -> UsageEvent {
             UsageEvent(id: id, source: source, subject: customer, time: time, model: "gpt-4o", inputTokens: input, outputTokens: 0)
         }
-        // A key as an upgraded deployment holds it (migration 0028): the old event's id, no source, listed.
+        // A key as an upgraded deployment holds it: the old event's id, no source.
         let old = event("legacy-7", "app://before-upgrade", 50)
         try harness.connection.query("""
-            INSERT INTO tally.usage_event_keys (key_fingerprint, content_hash, record_offset, partition, customer_id)
-            VALUES (tally.dedup_key_fingerprint($1, chr(1), $2), $3, 0, 0, $1)
+            INSERT INTO tally.usage_event_keys (customer_id, event_id, event_source, content_hash, partition, record_offset)
+            VALUES ($1, $2, chr(1), $3, 0, 0)
             """, [old.subject, old.id, ContentHash.signed(ContentHash.of(old))])
-        try harness.connection.query("INSERT INTO tally.dedup_keys_without_source VALUES ('usage_event_keys', 0, 0, $1, $2)", [old.subject, old.id])
         try await harness.publish([event("1", "app://chat", 100), event("1", "app://search", 200), event("1", "app://search", 200), old])
         let aggregator = try harness.startAggregator()
         XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
@@ -111,21 +110,12 @@ final class AggregatorIntegrationTests: XCTestCase {
         // tally backfill-key-sources gives an old key its record's source: the key of id 1 from
         // app://chat, as a pre-0014 deployment holds it, gets app://chat back. legacy-7's key points
         // at another event's record (written by hand above), so it keeps standing for any source.
-        try harness.connection.query("""
-            WITH made AS (
-                UPDATE tally.usage_event_keys SET key_fingerprint = tally.dedup_key_fingerprint('ce-acme', chr(1), '1')
-                WHERE key_fingerprint = tally.dedup_key_fingerprint('ce-acme', 'app://chat', '1') RETURNING partition, record_offset
-            )
-            INSERT INTO tally.dedup_keys_without_source SELECT 'usage_event_keys', partition, record_offset, 'ce-acme', '1' FROM made
-            """)
+        try harness.connection.query("UPDATE tally.usage_event_keys SET event_source = chr(1) WHERE event_id = '1' AND event_source = 'app://chat'")
         let output = try harness.tally(["backfill-key-sources", "--topic", harness.topic])
         XCTAssertTrue(output.contains("usage_event_keys: 1 filled in"), output)
-        let fingerprints = [("1", "app://chat"), ("1", "app://search"), ("2", "app://chat"), ("legacy-7", DedupKey.anySource)]
-            .map { DedupKey(customerID: "ce-acme", source: $0.1, eventID: $0.0).storedFingerprint.description }
-        XCTAssertEqual(try harness.connection.query("SELECT key_fingerprint::text FROM tally.usage_event_keys WHERE customer_id = 'ce-acme' ORDER BY 1").rows,
-                       fingerprints.sorted().map { [$0] })
-        XCTAssertEqual(try harness.connection.query("SELECT event_id FROM tally.dedup_keys_without_source").rows, [["legacy-7"]],
-                       "its record is another event's: it keeps standing for any source")
+        XCTAssertEqual(try harness.connection.query("""
+            SELECT event_id, event_source = chr(1) FROM tally.usage_event_keys WHERE customer_id = 'ce-acme' ORDER BY 1, 2
+            """).rows, [["1", "f"], ["1", "f"], ["2", "f"], ["legacy-7", "t"]])
     }
 
     /// Review of #20: a topic's layout is recorded, and a process placing records otherwise does not
@@ -169,8 +159,7 @@ final class AggregatorIntegrationTests: XCTestCase {
         try await harness.publish(more)
         XCTAssertTrue(try harness.waitUntilConsumed(), aggregator.log)
         try harness.assertTotals(equal: AggregatorHarness.recount(warmUp + resent + more))
-        XCTAssertEqual(try harness.connection.query("SELECT partition FROM tally.usage_event_keys WHERE key_fingerprint = tally.dedup_key_fingerprint($1, $2, $3)",
-                                                    [resent[0].subject, resent[0].source, resent[0].id]).rows,
+        XCTAssertEqual(try harness.connection.query("SELECT partition FROM tally.usage_event_keys WHERE event_id = $1", [resent[0].id]).rows,
                        [[String(home)]], "the copy on the customer's partition is the one counted")
         let letters = try harness.connection.query("SELECT partition, reason_code, reason FROM tally.dead_letters").rows
         XCTAssertEqual(letters.count, 1)

@@ -1,5 +1,4 @@
 import Foundation
-import TallyCore
 import TallyPostgres
 import XCTest
 
@@ -159,27 +158,10 @@ final class PostgresIntegrationTests: XCTestCase {
         XCTAssertEqual(recorded, String(migrations.count))
     }
 
-    /// The key tables' fingerprint is the same in SQL (`tally.dedup_key_fingerprint`, which
-    /// migrations and operators use) as in Swift (`DedupKey.storedFingerprint`, which the
-    /// consumers write), for awkward text: empty parts, non-ASCII, quotes, parts that run into
-    /// each other, long ids.
-    func testStoredKeyFingerprintsAgreeBetweenSQLAndSwift() throws {
-        let keys = [DedupKey(customerID: "acme", source: "app", eventID: "evt-1"), DedupKey(customerID: "", source: "", eventID: ""),
-                    DedupKey(customerID: "cé", source: "app://ü", eventID: "🧾"), DedupKey(customerID: "ab", source: "c", eventID: "d"),
-                    DedupKey(customerID: "a", source: "bc", eventID: "d"), DedupKey(customerID: "O'Brien \"x\"", source: DedupKey.anySource, eventID: "1"),
-                    DedupKey(customerID: "c", source: DedupKey.grantSource, eventID: String(repeating: "x", count: 5000))]
-        let result = try connection.query("""
-            SELECT tally.dedup_key_fingerprint(c, s, e)::text FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(c, s, e, i) ORDER BY i
-            """, [PostgresArray(keys.map(\.customerID)), PostgresArray(keys.map(\.source)), PostgresArray(keys.map(\.eventID))])
-        XCTAssertEqual(result.rows.map { $0[0]! }, keys.map(\.storedFingerprint.description))
-        XCTAssertEqual(Set(keys.map(\.storedFingerprint)).count, keys.count)
-    }
-
-    /// An upgrade over migrations 0027 and 0028. 0027 folds the ledger's per-event overage
-    /// entries (usage beyond every grant, and a volume tier's credit back) into one entry per
-    /// customer, currency, period, UTC day and partition, and leaves every balance as it was.
-    /// 0028 turns each dedup key into its fingerprint, and lists the keys stored without a source.
-    func testTheOverageAndCompactKeyMigrationsKeepWhatTheyConvert() throws {
+    /// Migration 0027 folds the ledger's per-event overage entries (usage beyond every grant, and
+    /// a volume tier's credit back) into one entry per customer, currency, period, UTC day and
+    /// partition, and leaves every balance as it was.
+    func testTheOverageMigrationFoldsOverageEntriesByDay() throws {
         let name = TestStack.unique("tally_test")
         let admin = try PostgresConnection(url: try TestStack.databaseURL, logger: TestStack.logger)
         try admin.query("CREATE DATABASE \(name)")
@@ -201,10 +183,6 @@ final class PostgresIntegrationTests: XCTestCase {
             ('c', 'USD', 1, 3, 0, 'usage', -500000000, NULL, 'e3', '2026-11-02T00:00:00Z', '2026-11-01T00:00:00Z'),
             ('c', 'USD', 1, 5, 0, 'usage', 100000000, NULL, 'e4', '2026-11-02T05:00:00Z', '2026-11-01T00:00:00Z'),
             ('c', 'USD', 1, 7, 0, 'usage', -700000000, NULL, 'e5', '2026-11-01T12:00:00Z', '2026-11-01T00:00:00Z');
-            INSERT INTO tally.usage_event_keys (customer_id, event_id, event_source, content_hash, partition, record_offset) VALUES
-            ('c', 'e1', 'app', 11, 1, 1), ('c', 'e0', chr(1), 10, 1, 0);
-            INSERT INTO tally.rater_event_keys (customer_id, event_id, event_source, content_hash, partition, record_offset) VALUES
-            ('c', 'g1', '', -5, 1, 0), ('c', 'e1', 'app', 11, 1, 1);
             """)
         // Charged: 3 + 2 + 0.5 − 0.1 + 0.7 = 6.10.
         let balance = """
@@ -212,7 +190,7 @@ final class PostgresIntegrationTests: XCTestCase {
             FROM tally.wallet_balances WHERE customer_id = 'c'
             """
         XCTAssertEqual(try database.query(balance).rows, [["t", "t", "t", "t", "t"]])
-        XCTAssertEqual(try migrator.migrate(migrations), [27, 28])
+        XCTAssertEqual(try migrator.migrate(migrations), [27])
         XCTAssertEqual(try database.query(balance).rows, [["t", "t", "t", "t", "t"]], "the view sums both kinds of entries")
         XCTAssertEqual(try database.query("SELECT event_id FROM tally.wallet_ledger ORDER BY record_offset").rows, [["g1"], ["e1"]])
         XCTAssertEqual(try database.query("""
@@ -220,12 +198,5 @@ final class PostgresIntegrationTests: XCTestCase {
             FROM tally.wallet_overage ORDER BY day
             """).rows, [["2026-11-01", "1", "-2700000000", "2", "2", "7", "2026-11-01T23:59:59.999999"],
                         ["2026-11-02", "1", "-400000000", "2", "3", "5", "2026-11-02T05:00:00.000000"]])
-        func keys(_ table: String) throws -> [[String?]] {
-            try database.query("SELECT key_fingerprint::text, content_hash, record_offset, partition, customer_id FROM tally.\(table) ORDER BY record_offset").rows
-        }
-        func fingerprint(_ source: String, _ id: String) -> String { DedupKey(customerID: "c", source: source, eventID: id).storedFingerprint.description }
-        XCTAssertEqual(try keys("usage_event_keys"), [[fingerprint(DedupKey.anySource, "e0"), "10", "0", "1", "c"], [fingerprint("app", "e1"), "11", "1", "1", "c"]])
-        XCTAssertEqual(try keys("rater_event_keys"), [[fingerprint(DedupKey.grantSource, "g1"), "-5", "0", "1", "c"], [fingerprint("app", "e1"), "11", "1", "1", "c"]])
-        XCTAssertEqual(try database.query("SELECT * FROM tally.dedup_keys_without_source").rows, [["usage_event_keys", "1", "0", "c", "e0"]])
     }
 }
